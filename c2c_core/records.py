@@ -1,0 +1,249 @@
+"""The JSONL record schema: field names, writing (append + flush per record) and reading.
+
+The seed's field names are a public contract (users' jq and pandas recipes read them): we add
+fields, never rename. One record = one generation of one prompt (one mode, one repeat).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import IO, Any, Iterable, Iterator
+
+from .errors import UserError
+
+# --- field names ---------------------------------------------------------------------------
+
+#: Top-level fields of the seed's format.
+SEED_TOP_FIELDS = ["id", "prompt", "response", "model_config", "timing", "decode_step_times_ms"]
+
+#: `timing` fields of the seed's format (units in the names; counts are plain ints).
+SEED_TIMING_FIELDS = [
+    "base_embedding_ms",
+    "base_prefill_ms",
+    "teacher_embedding_ms",
+    "teacher_prefill_ms",
+    "projector_total_ms",
+    "projector_avg_ms",
+    "projector_calls",
+    "decode_total_ms",
+    "decode_avg_ms",
+    "num_generated_tokens",
+    "tokens_per_second",
+]
+
+#: `timing` fields we add (MEASURE.md "Derived fields"), plus the baselines' sharer fields.
+EXT_TIMING_FIELDS = [
+    "prompt_tokens",
+    "ttft_ms",
+    "e2e_ms",
+    "other_ms",
+    "tpot_ms",
+    "e2e_tokens_per_second",
+    "decode_p50_ms",
+    "decode_p90_ms",
+    "decode_p99_ms",
+    "peak_memory_mb",
+    # text-to-text mode: the sharer writes a note before the receiver answers
+    "sharer_generated_tokens",
+    "sharer_decode_ms",
+]
+
+#: Stage fields whose sum, with `other_ms`, makes `e2e_ms`.
+STAGE_FIELDS = [
+    "base_embedding_ms",
+    "base_prefill_ms",
+    "teacher_embedding_ms",
+    "teacher_prefill_ms",
+    "projector_total_ms",
+    "sharer_decode_ms",
+    "decode_total_ms",
+]
+
+#: Top-level fields we add next to `id`.
+EXT_TOP_FIELDS = ["mode", "repeat", "run"]
+
+#: Keys of the flat `run` metadata object (MEASURE.md).
+RUN_FIELDS = [
+    "run_id", "started_at", "tool_version", "git_commit", "python", "torch", "transformers",
+    "device", "cuda", "cpu", "threads", "dtype", "attn_implementation", "timing_method", "warmup",
+    "preset", "receiver", "sharer", "weights", "fuser", "fuser_hash", "model_revisions",
+    "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+]
+
+MODES = ["c2c", "receiver", "sharer", "t2t"]
+
+
+# --- building ------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), 0.0 for an empty list."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def r3(x: float) -> float:
+    """Round to 3 decimals (µs resolution for ms fields) for a compact, stable file."""
+    return round(float(x), 3)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+class JsonlWriter:
+    """Writes one record per line, flushed (and fsynced) at once so a crash loses nothing."""
+
+    def __init__(self, path: str | os.PathLike, append: bool = False):
+        self.path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(d, exist_ok=True)
+        if append:
+            _ensure_ends_with_newline(self.path)
+        self._f: IO[str] = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        try:
+            os.fsync(self._f.fileno())
+        except OSError:  # pragma: no cover - e.g. a pipe
+            pass
+        self.count += 1
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _ensure_ends_with_newline(path: str) -> None:
+    """Appending after a line cut mid-way (a killed run) must not glue two records together:
+    drop the partial tail."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        f.seek(cut)
+        f.truncate()
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
+               bad_lines: list[int] | None = None, cut_tail_ok: bool = True) -> Iterator[dict]:
+    """Yield the JSON objects of a JSONL file.
+
+    A last line without its newline that does not parse is a record cut mid-write: with
+    `cut_tail_ok` (results files) it is skipped silently, everything before it being intact;
+    input files pass False, so a typo on their last line is reported. Any other malformed line is an error
+    naming its line number, unless `skip_bad_lines` (then its number goes to `bad_lines`).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"File not found: {path}; check the path.")
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    last = len(lines) - 1  # index of the text after the final newline ('' if none)
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if not s:
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError:
+            if i == last and cut_tail_ok:  # unterminated tail: a record cut mid-write
+                return
+            if skip_bad_lines:
+                if bad_lines is not None:
+                    bad_lines.append(i + 1)
+                continue
+            raise UserError(
+                f"{os.path.basename(path)} line {i + 1} is not valid JSON; fix or delete that line"
+                " (or pass --skip_bad_lines to skip it).")
+        if not isinstance(obj, dict):
+            if skip_bad_lines:
+                if bad_lines is not None:
+                    bad_lines.append(i + 1)
+                continue
+            raise UserError(
+                f"{os.path.basename(path)} line {i + 1} is not a JSON object; each line must be"
+                " one {...} record.")
+        yield obj
+
+
+def read_records(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[dict]:
+    return list(iter_jsonl(path, skip_bad_lines=skip_bad_lines))
+
+
+def done_keys(path: str | os.PathLike) -> set[tuple]:
+    """(id, mode, repeat) of the records already in a file, for --resume."""
+    if not os.path.exists(path):
+        return set()
+    keys = set()
+    for r in iter_jsonl(path, skip_bad_lines=True):
+        keys.add((str(r.get("id")), r.get("mode", "c2c"), int(r.get("repeat", 0) or 0)))
+    return keys
+
+
+# --- validation (used by tests and by `analyze`) -------------------------------------------
+
+def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
+    """Return the invariants a record breaks (empty list = valid)."""
+    problems = []
+    for k in SEED_TOP_FIELDS:
+        if k not in rec:
+            problems.append(f"missing top-level field {k}")
+    t = rec.get("timing", {})
+    for k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS:
+        if k not in t:
+            problems.append(f"missing timing.{k}")
+        elif t[k] is None:
+            problems.append(f"timing.{k} is null")
+    if problems:
+        return problems
+    steps = rec["decode_step_times_ms"]
+    n = t["num_generated_tokens"]
+    if len(steps) != max(n - 1, 0):
+        problems.append(f"{len(steps)} decode steps for {n} tokens (want N-1)")
+    if abs(sum(steps) - t["decode_total_ms"]) > tol_ms:
+        problems.append("decode_total_ms != sum(decode_step_times_ms)")
+    stage_sum = sum(t[k] for k in STAGE_FIELDS)
+    if stage_sum > t["e2e_ms"] + tol_ms:
+        problems.append(f"stages sum {stage_sum:.3f} ms > e2e {t['e2e_ms']:.3f} ms")
+    if t["ttft_ms"] > t["e2e_ms"] + tol_ms:
+        problems.append("ttft_ms > e2e_ms")
+    if t["other_ms"] < -tol_ms:
+        problems.append("other_ms < 0")
+    return problems
+
+
+def flatten(rec: dict) -> dict:
+    """One flat row per record: top-level scalars plus `timing.*` and `run.*` keys."""
+    row: dict[str, Any] = {}
+    for k, v in rec.items():
+        if k in ("timing", "run", "model_config") and isinstance(v, dict):
+            for kk, vv in v.items():
+                row[f"{k}.{kk}"] = vv
+        elif not isinstance(v, (list, dict)):
+            row[k] = v
+    return row
+
+
+def write_all(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    with JsonlWriter(path) as w:
+        for r in records:
+            w.write(r)

@@ -1,0 +1,380 @@
+"""Timed generation: run_one / run_many(pipeline, config, items) -> records.
+
+Modes (every record says which):
+- c2c: sectioned prefill of receiver and sharer, projection into the receiver cache, receiver
+  decode;
+- receiver: the same path with the sharer and projection skipped (= gate-closed c2c);
+- sharer: the sharer alone (its decode goes into the decode fields);
+- t2t: the sharer writes a short note, then the receiver answers with it in its prompt.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import platform
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from . import __version__
+from .config import RunConfig
+from .errors import OutOfMemory, UserError
+from .fusion import c2c_prefill, decode_step, plain_prefill, sample
+from .loading import Pipeline
+from .records import MODES, JsonlWriter, percentile, r3
+from .timing import STAGES, Timer, now_ns, sync
+
+T2T_NOTE_INSTRUCTION = (
+    "Write a short background note with facts that would help someone answer the question"
+    " below. Do not answer the question itself.\n\nQuestion: {question}")
+T2T_ANSWER_TEMPLATE = "Background note:\n{note}\n\nQuestion: {question}"
+
+
+@dataclass
+class Item:
+    """A prompt to run; `input_ids` (no chat template) is for exact-length synthetic prompts."""
+    id: object
+    prompt: str
+    answer: str | None = None
+    answer_kind: str | None = None
+    input_ids: list[int] | None = None
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stages: dict[str, list[float]]
+    ttft_ns: int
+    e2e_ns: int
+    prompt_tokens: int
+    projector_calls: int = 0
+    sharer_tokens: list[int] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+def chat_ids(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True,
+                                            enable_thinking=False)
+        if hasattr(out, "keys"):  # BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _ids_tensor(ids: list[int], device) -> torch.Tensor:
+    return torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
+
+
+# --- generation ----------------------------------------------------------------------------
+
+def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig,
+                 generator, timer: Timer, stage: str, on_first=None) -> list[int]:
+    """Sample the first token from prefill logits, then one decode step per further token.
+
+    Decode steps = tokens - 1: no forward whose logits would be thrown away."""
+    g = cfg.gen
+    tok = sample(logits, g.do_sample, g.temperature, g.top_p, g.top_k, generator)  # [1, 1]
+    tid = int(tok.item())
+    if on_first is not None:
+        on_first()
+    tokens = [tid]
+    while len(tokens) < n_max and (g.ignore_eos or tid not in eos):
+        with timer.span(stage):
+            logits = decode_step(model, tok, cache)
+            tok = sample(logits, g.do_sample, g.temperature, g.top_p, g.top_k, generator)
+        tid = int(tok.item())
+        tokens.append(tid)
+    return tokens
+
+
+def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer) -> Generation:
+    """One timed generation of `item` in `mode`. The clock starts before tokenization."""
+    dev = pipe.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss0 = _rss()
+    generator = None
+    if cfg.gen.do_sample:
+        generator = torch.Generator(device=dev).manual_seed(cfg.gen.seed)
+    eos = pipe.eos_ids
+    ttft: list[int] = []
+    mark_first = lambda: ttft.append(now_ns())  # noqa: E731
+
+    t0 = now_ns()
+    if item.input_ids is not None:
+        ids = list(item.input_ids)
+    elif mode == "t2t":
+        ids = chat_ids(pipe.tokenizer, T2T_NOTE_INSTRUCTION.format(question=item.prompt), cfg.chat_template)
+    else:
+        ids = chat_ids(pipe.tokenizer, item.prompt, cfg.chat_template)
+    if not ids:
+        raise UserError(f"Prompt {item.id} encodes to no tokens; give it some text.")
+    x = _ids_tensor(ids, dev)
+    calls, sharer_tokens = 0, []
+    with torch.inference_mode():
+        if mode in ("c2c", "receiver"):
+            sharer = pipe.sharer if mode == "c2c" else None
+            cache, logits, calls = c2c_prefill(pipe.receiver, sharer, pipe.fuser, x, timer)
+            tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
+                                  generator, timer, "decode", mark_first)
+        elif mode == "sharer":
+            cache, logits = plain_prefill(pipe.sharer, x, timer, "teacher_embedding", "teacher_prefill")
+            tokens = _decode_loop(pipe.sharer, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
+                                  generator, timer, "decode", mark_first)
+        elif mode == "t2t":
+            cache, logits = plain_prefill(pipe.sharer, x, timer, "teacher_embedding", "teacher_prefill")
+            sharer_tokens = _decode_loop(pipe.sharer, cache, logits, cfg.gen.t2t_note_tokens,
+                                         eos, _no_ignore_eos(cfg), generator, timer, "sharer_decode")
+            del cache
+            note = pipe.tokenizer.decode(sharer_tokens, skip_special_tokens=True).strip()
+            ids2 = chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(note=note, question=item.prompt),
+                            cfg.chat_template)
+            x2 = _ids_tensor(ids2, dev)
+            cache, logits, _ = c2c_prefill(pipe.receiver, None, None, x2, timer)
+            tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
+                                  generator, timer, "decode", mark_first)
+            ids = ids2  # prompt_tokens = what the receiver read
+        else:
+            raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
+    t_end = now_ns()
+    stages = timer.finish()
+    peak = None
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    elif rss0 is not None:
+        peak = max(_rss() - rss0, 0) / 2**20
+    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak)
+
+
+def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
+    """The T2T note always stops at EOS (it is capped by t2t_note_tokens)."""
+    if not cfg.gen.ignore_eos:
+        return cfg
+    from dataclasses import replace
+    return replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
+
+
+def _rss() -> int | None:
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss
+    except Exception:  # noqa: BLE001 - memory is optional information
+        return None
+
+
+# --- records -------------------------------------------------------------------------------
+
+def timing_fields(g: Generation) -> tuple[dict, list[float]]:
+    """The seed's timing fields plus the derived ones (MEASURE.md), and the decode steps."""
+    s = g.stages
+    steps = s["decode"]
+    n = len(g.tokens)
+    dec_total = sum(steps)
+    dec_avg = dec_total / len(steps) if steps else 0.0
+    proj_total = sum(s["projection"])
+    e2e = g.e2e_ns / 1e6
+    ttft = g.ttft_ns / 1e6
+    t = {
+        "base_embedding_ms": sum(s["base_embedding"]),
+        "base_prefill_ms": sum(s["base_prefill"]),
+        "teacher_embedding_ms": sum(s["teacher_embedding"]),
+        "teacher_prefill_ms": sum(s["teacher_prefill"]),
+        "projector_total_ms": proj_total,
+        "projector_avg_ms": proj_total / g.projector_calls if g.projector_calls else 0.0,
+        "projector_calls": g.projector_calls,
+        "decode_total_ms": dec_total,
+        "decode_avg_ms": dec_avg,
+        "num_generated_tokens": n,
+        "tokens_per_second": 1000.0 / dec_avg if dec_avg > 0 else 0.0,
+        "prompt_tokens": g.prompt_tokens,
+        "ttft_ms": ttft,
+        "e2e_ms": e2e,
+        "other_ms": e2e - sum(sum(v) for v in s.values()),
+        "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else 0.0,
+        "e2e_tokens_per_second": n / (e2e / 1000.0) if e2e > 0 else 0.0,
+        "decode_p50_ms": percentile(steps, 50),
+        "decode_p90_ms": percentile(steps, 90),
+        "decode_p99_ms": percentile(steps, 99),
+        "peak_memory_mb": g.peak_memory_mb if g.peak_memory_mb is not None else 0.0,
+        "sharer_generated_tokens": len(g.sharer_tokens),
+        "sharer_decode_ms": sum(s["sharer_decode"]),
+    }
+    ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
+    t = {k: (v if k in ints else r3(v)) for k, v in t.items()}
+    return t, [r3(x) for x in steps]
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
+    """The flat `run` object written into every record of one invocation."""
+    import transformers
+    dev = pipe.device
+    g = cfg.gen
+    return {
+        "run_id": uuid.uuid4().hex[:12],
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "cuda": torch.version.cuda if dev.type == "cuda" else None,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "attn_implementation": pipe.info["attn_implementation"],
+        "timing_method": timer_method,
+        "warmup": cfg.warmup,
+        "preset": cfg.preset,
+        "receiver": pipe.info["receiver"],
+        "sharer": pipe.info["sharer"],
+        "weights": pipe.info["weights"],
+        "fuser": pipe.info["fuser"],
+        "fuser_hash": pipe.info["fuser_hash"],
+        "model_revisions": pipe.info["model_revisions"],
+        "max_new_tokens": g.max_new_tokens,
+        "do_sample": g.do_sample,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "top_k": g.top_k,
+        "seed": g.seed,
+        "ignore_eos": g.ignore_eos,
+    }
+
+
+def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generation,
+                meta: dict) -> dict:
+    timing, steps = timing_fields(g)
+    rec = {
+        "id": item.id,
+        "mode": mode,
+        "repeat": repeat,
+        "prompt": item.prompt,
+        "response": pipe.tokenizer.decode(g.tokens, skip_special_tokens=True),
+        "model_config": {"base_model": pipe.info["receiver"], "teacher_model": pipe.info["sharer"]},
+        "timing": timing,
+        "decode_step_times_ms": steps,
+        "run": meta,
+    }
+    if mode == "t2t":
+        rec["sharer_note"] = pipe.tokenizer.decode(g.sharer_tokens, skip_special_tokens=True)
+        rec["sharer_decode_step_times_ms"] = [r3(x) for x in g.stages["sharer_decode"]]
+    if item.answer is not None:
+        from .prompts import score
+        rec["answer"] = item.answer
+        rec["correct"] = score(rec["response"], item.answer, item.answer_kind)
+    return rec
+
+
+# --- driving -------------------------------------------------------------------------------
+
+def modes_of(cfg: RunConfig) -> list[str]:
+    return list(MODES) if cfg.mode == "all" else [cfg.mode]
+
+
+def run_one(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str = "c2c", repeat: int = 0,
+            meta: dict | None = None, annotate: bool = False) -> dict:
+    timer = Timer(pipe.device, cfg.timing, annotate=annotate)
+    g = generate(pipe, cfg, item, mode, timer)
+    return make_record(pipe, item, mode, repeat, g,
+                       meta if meta is not None else run_metadata(pipe, cfg, timer.method_name))
+
+
+def warm_up(pipe: Pipeline, cfg: RunConfig, item: Item, modes: Iterable[str]) -> None:
+    """`cfg.warmup` full generations per mode with the same shapes; never recorded."""
+    for mode in modes:
+        for _ in range(cfg.warmup):
+            generate(pipe, cfg, item, mode, Timer(pipe.device, cfg.timing))
+
+
+def to_item(x) -> Item:
+    if isinstance(x, Item):
+        return x
+    if isinstance(x, str):
+        return Item(id=None, prompt=x)
+    return Item(id=x.id, prompt=x.prompt, answer=getattr(x, "answer", None),
+                answer_kind=getattr(x, "answer_kind", None),
+                input_ids=getattr(x, "input_ids", None))
+
+
+def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWriter | None = None,
+             on_progress: Callable[[int, int, dict | None], None] | None = None,
+             should_stop: Callable[[], bool] | None = None,
+             skip: set[tuple] | None = None) -> list[dict]:
+    """Every item x repeat x mode (modes interleaved per prompt so drift hits them equally).
+
+    Each record is written (and flushed) as soon as it exists. `skip` holds (id, mode, repeat)
+    keys already done (--resume). A CUDA OOM ends the run with the seed's advice; what was
+    written stays."""
+    items = [to_item(x) for x in items]
+    for i, it in enumerate(items):
+        if it.id is None:
+            it.id = i + 1
+    modes = modes_of(cfg)
+    jobs = [(it, r, m) for it in items for r in range(cfg.repeats) for m in modes
+            if not skip or (str(it.id), m, r) not in skip]
+    meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
+    out: list[dict] = []
+    total = len(jobs)
+    if on_progress:
+        on_progress(0, total, None)
+    try:
+        if jobs and cfg.warmup:
+            warm_up(pipe, cfg, jobs[0][0], modes)
+        for k, (it, r, m) in enumerate(jobs):
+            if should_stop and should_stop():
+                break
+            rec = run_one(pipe, cfg, it, m, r, meta)
+            if writer:
+                writer.write(rec)
+            out.append(rec)
+            if on_progress:
+                on_progress(k + 1, total, rec)
+    except torch.OutOfMemoryError:
+        sync_safe(pipe)
+        raise OutOfMemory(
+            f"CUDA out of memory after {len(out)} record(s); reduce --max_new_tokens or use"
+            " shorter prompts (records already written are kept).") from None
+    return out
+
+
+def sync_safe(pipe: Pipeline) -> None:
+    if pipe.device.type == "cuda":
+        torch.cuda.empty_cache()
+        try:
+            sync(pipe.device)
+        except RuntimeError:
+            pass
+

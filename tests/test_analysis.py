@@ -1,0 +1,213 @@
+"""analysis.py and plots.py on records built here: current shape and the seed's legacy shapes."""
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from c2c_core import analysis as A
+from c2c_core import plots as P
+from c2c_core.records import EXT_TIMING_FIELDS, SEED_TIMING_FIELDS
+
+
+def rec(id_, mode="c2c", steps=(10.0, 12.0, 14.0, 16.0), ttft=100.0, repeat=0, correct=None,
+        prompt_tokens=20, scale=1.0):
+    """A current-shape record; `scale` multiplies every time (a uniform slowdown)."""
+    steps = [s * scale for s in steps]
+    stages = {"base_embedding_ms": 1.0, "base_prefill_ms": 30.0, "teacher_embedding_ms": 2.0,
+              "teacher_prefill_ms": 40.0, "projector_total_ms": 20.0, "sharer_decode_ms": 0.0}
+    stages = {k: v * scale for k, v in stages.items()}
+    ttft *= scale
+    dec = sum(steps)
+    e2e = ttft + dec + 1.0
+    timing = {**stages, "projector_avg_ms": stages["projector_total_ms"] / 28,
+              "projector_calls": 28,
+              "decode_total_ms": dec, "decode_avg_ms": dec / len(steps),
+              "num_generated_tokens": len(steps) + 1, "tokens_per_second": 1000 * len(steps) / dec,
+              "prompt_tokens": prompt_tokens, "ttft_ms": ttft, "e2e_ms": e2e,
+              "other_ms": e2e - sum(stages.values()) - dec, "tpot_ms": (e2e - ttft) / len(steps),
+              "e2e_tokens_per_second": (len(steps) + 1) / e2e * 1000,
+              "decode_p50_ms": 13.0, "decode_p90_ms": 15.4, "decode_p99_ms": 15.94,
+              "peak_memory_mb": 100.0, "sharer_generated_tokens": 0}
+    return {"id": id_, "mode": mode, "repeat": repeat, "prompt": f"prompt {id_}",
+            "response": "ok", "model_config": {"base_model": "r", "teacher_model": "s"},
+            "timing": timing, "decode_step_times_ms": steps, "run": {"device": "cpu"},
+            "correct": correct}
+
+
+#: The fork's profiler output: steps in seconds under timing.decode_steps, no id, no run.
+SEED_STYLE = {
+    "prompt": "What is 25 * 17?", "response": "425",
+    "model_config": {"base_model": "Qwen/Qwen3-0.6B", "teacher_model": "Qwen/Qwen3-4B-Base"},
+    "timing": {"base_embedding_ms": 0.5, "base_prefill_ms": 20.0, "teacher_embedding_ms": 0.2,
+               "teacher_prefill_ms": 30.0, "projector_total_ms": 10.0, "projector_calls": 28,
+               "num_generated_tokens": 3, "decode_steps": [0.05, 0.06, 0.07]},
+    "timing_breakdown_ms": [50.0, 60.0, 70.0],
+}
+
+#: A flat variant: legacy names at top level, no step list.
+FLAT_STYLE = {
+    "id": 7, "prompt": "Say hello.", "response": "Hello!", "prompt_length": 10,
+    "response_length": 6, "projector_ms": 5.0, "total_ms": 300.0, "num_decode_steps": 4,
+    "throughput_tokens_per_sec": 20.0,
+}
+
+
+def test_normalize_seed_style():
+    n = A.normalize(SEED_STYLE, 3)
+    assert n["id"] == 3 and n["mode"] == "c2c" and n["repeat"] == 0
+    assert n["decode_step_times_ms"] == pytest.approx([50.0, 60.0, 70.0])
+    t = n["timing"]
+    assert t["decode_total_ms"] == pytest.approx(180.0)
+    assert t["decode_avg_ms"] == pytest.approx(60.0)
+    assert t["tokens_per_second"] == pytest.approx(1000 / 60)
+    assert t["decode_p50_ms"] == pytest.approx(60.0)
+    assert t["projector_avg_ms"] == pytest.approx(10.0 / 28)
+    assert t["num_generated_tokens"] == 4  # the seed counted decode steps; we count tokens
+    assert "decode_steps" not in t
+
+
+def test_normalize_flat_legacy_names():
+    n = A.normalize(FLAT_STYLE, 0)
+    t = n["timing"]
+    assert n["id"] == 7
+    assert t["projector_total_ms"] == 5.0 and t["e2e_ms"] == 300.0
+    assert t["tokens_per_second"] == 20.0
+    assert t["num_generated_tokens"] == 5 and "num_decode_steps" not in t
+    assert n["decode_step_times_ms"] == [] and n["prompt_chars"] == 10 and n["response_chars"] == 6
+
+
+def test_normalize_current_is_unchanged_and_breakdown_list_in_ms():
+    r = rec("a")
+    n = A.normalize(r, 0)
+    assert n["timing"] == r["timing"] and n["decode_step_times_ms"] == r["decode_step_times_ms"]
+    legacy = {"prompt": "p", "timing_breakdown_ms": [2.0, 4.0]}
+    assert A.normalize(legacy, 0)["timing"]["decode_avg_ms"] == pytest.approx(3.0)
+    assert A.normalize({}, 5)["id"] == 5  # empty record: no crash
+
+
+def test_to_frame_columns_and_nan():
+    df = A.to_frame([rec("a"), SEED_STYLE, FLAT_STYLE, {}], source="f.jsonl")
+    assert len(df) == 4
+    for k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS + ["source", "id", "mode", "repeat", "prompt",
+                                                       "correct", "n_steps"]:
+        assert k in df.columns
+    assert list(df["id"]) == ["a", "1", "7", "3"]
+    assert (df["source"] == "f.jsonl").all() and (df["mode"] == "c2c").all()
+    assert math.isnan(df.loc[1, "ttft_ms"]) and math.isnan(df.loc[3, "decode_avg_ms"])
+    assert list(df["n_steps"]) == [4, 3, 4, 0]
+    assert df.loc[0, "ttft_other_ms"] == pytest.approx(100 - 93)
+    assert df["correct"].isna().all()
+
+
+def test_steps_frame():
+    s = A.steps_frame([rec("a"), SEED_STYLE], source="x")
+    assert list(s.columns) == ["source", "id", "mode", "repeat", "step", "ms"]
+    assert list(s["step"]) == [1, 2, 3, 4, 1, 2, 3]
+    assert s[s["id"] == "1"]["ms"].tolist() == pytest.approx([50.0, 60.0, 70.0])
+
+
+def test_summarize_numbers():
+    recs = [rec(str(i), steps=[float(v)] * 4, ttft=float(10 * v), correct=c)
+            for i, (v, c) in enumerate([(10, True), (20, False), (30, None), (40, True)])]
+    s = A.summarize(A.to_frame(recs, source="s"))
+    assert len(s) == 1
+    row = s.iloc[0]
+    assert row["count"] == 4
+    assert row[A.column("decode_avg_ms", "p50")] == 25.0
+    assert row["decode ms/token p50"] == 25.0
+    assert row["decode ms/token p90"] == pytest.approx(37.0)
+    assert row["TTFT ms mean"] == 250.0
+    assert row["decode tok/s p50"] == pytest.approx(round((50 + 100 / 3) / 2, 1))
+    assert row["accuracy"] == pytest.approx(0.667) and row["n_scored"] == 3
+    # unscored group → NaN accuracy; empty frame → empty summary with the columns
+    assert math.isnan(A.summarize(A.to_frame([rec("a")])).iloc[0]["accuracy"])
+    assert A.summarize(A.to_frame([])).empty
+
+
+def test_slowest():
+    df = A.to_frame([rec("a"), rec("b", scale=3), rec("c", scale=2), SEED_STYLE])
+    top = A.slowest(df, n=3)  # decode totals: a 52, b 156, c 104, seed record 180
+    assert list(top["id"]) == ["3", "b", "c"]
+    assert list(A.slowest(df, n=10, by="ttft_ms")["id"])[-1] == "3"  # NaN last
+
+
+def test_compare_modes_ratios():
+    recs = []
+    for i in range(3):
+        recs += [rec(str(i), "c2c", ttft=100.0), rec(str(i), "t2t", ttft=400.0, steps=[20.0] * 4),
+                 rec(str(i), "receiver", ttft=50.0)]
+    table, ratios = A.compare_modes(A.to_frame(recs))
+    assert list(table["mode"]) == ["c2c", "receiver", "t2t"]
+    assert ratios["c2c_over_t2t"]["ttft_ms"] == pytest.approx(0.25)
+    assert ratios["c2c_over_t2t"]["decode_avg_ms"] == pytest.approx(13 / 20, abs=1e-3)
+    assert ratios["c2c_over_t2t"]["n"] == 3 and ratios["c2c_over_t2t"]["paired"]
+    assert ratios["c2c_over_receiver"]["ttft_ms"] == pytest.approx(2.0)
+    _, only = A.compare_modes(A.to_frame([rec("a"), rec("a", "receiver")]))
+    assert set(only) == {"c2c_over_receiver"}
+
+
+def test_compare_runs_flags_slowdown_only():
+    def run(scale):
+        return [rec(str(i), steps=[10.0 + i, 11.0, 12.0, 13.0], ttft=100.0 + i, scale=scale)
+                for i in range(8)]
+    base, slow = run(1), run(2)
+    a = A.to_frame(base)
+    same = A.compare_runs(a, A.to_frame(base))
+    assert not same["beyond_spread"].any() and not same["regression"].any()
+    out = A.compare_runs(a, A.to_frame(slow)).set_index("field")
+    assert out["regression"].all()
+    assert out.loc["decode_avg_ms", "change %"] == pytest.approx(100.0)
+    assert out.loc["tokens_per_second", "change %"] == pytest.approx(-50.0, abs=0.5)
+    faster = A.compare_runs(A.to_frame(slow), a).set_index("field")
+    assert faster["beyond_spread"].all() and not faster["regression"].any()
+
+
+def _mixed_frame():
+    recs = [rec(str(i), m, prompt_tokens=p, ttft=float(p), correct=True)
+            for i, p in enumerate([16, 64, 256, 1024]) for m in ("c2c", "t2t")]
+    return pd.concat([A.to_frame(recs, "a.jsonl"), A.to_frame([SEED_STYLE], "seed.jsonl")],
+                     ignore_index=True), recs
+
+
+def _has_data(fig):
+    return isinstance(fig, go.Figure) and len(fig.data) > 0
+
+
+def _is_empty(fig):
+    notes = [a.text for a in fig.layout.annotations]
+    return isinstance(fig, go.Figure) and not fig.data and "No data" in notes
+
+
+def test_plots_return_figures():
+    df, recs = _mixed_frame()
+    assert _has_data(P.stage_breakdown_fig(recs[0]))
+    assert _has_data(P.stage_breakdown_fig(SEED_STYLE))
+    many = [rec(str(i)) for i in range(30)]
+    steps_fig = P.decode_steps_fig(A.steps_frame(many))
+    assert len(steps_fig.data) == 20 and len(steps_fig.layout.shapes) == 2
+    assert _has_data(P.decode_steps_fig(A.steps_frame([SEED_STYLE])))
+    hist = P.decode_hist_fig(df)
+    assert len(hist.data) == 2  # one per source
+    assert _has_data(P.stage_bars_fig(df))
+    figs = P.mode_compare_figs(df)
+    assert set(figs) == {"ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second"}
+    assert all(_has_data(f) for f in figs.values())
+    sweep = P.sweep_fig(A.to_frame(recs))
+    assert _has_data(sweep) and sweep.layout.xaxis.type == "log"
+    for fig in [P.stage_breakdown_fig(recs[0]), hist, sweep, *figs.values()]:
+        assert fig.layout.template.layout.paper_bgcolor is not None  # plotly_white applied
+    assert "ms" in P.stage_bars_fig(df).layout.yaxis.title.text
+
+
+def test_plots_empty_input():
+    empty = A.to_frame([])
+    assert _is_empty(P.stage_breakdown_fig({}))
+    assert _is_empty(P.decode_steps_fig(A.steps_frame([])))
+    assert _is_empty(P.decode_hist_fig(empty))
+    assert _is_empty(P.stage_bars_fig(empty))
+    assert all(_is_empty(f) for f in P.mode_compare_figs(empty).values())
+    assert _is_empty(P.sweep_fig(empty))
+    # legacy rows without the field swept over
+    assert _is_empty(P.sweep_fig(A.to_frame([SEED_STYLE])))
