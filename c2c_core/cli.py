@@ -1,0 +1,245 @@
+"""`python -m c2c_core <profile|batch|dataset|overhead>`: each subcommand is
+`add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
+
+Input errors are found before any model loads; every UserError is one line on stderr and a
+non-zero exit, with the records already written left intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PRESETS
+from .errors import UserError
+from .prompts import BUILTIN_PROMPTS
+
+DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_timing_results.jsonl"}
+
+
+# --- shared flags --------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default smollm2-demo)")
+    g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, or dummy:<config>")
+    g.add_argument("--teacher_model", help="sharer: same forms as --base_model")
+    g.add_argument("--fuser", help="fuser folder, hub:<repo>/<subfolder>, or 'untrained'")
+    g.add_argument("--hidden_dim", type=int, help="untrained fuser hidden size (default 1024)")
+    g.add_argument("--intermediate_dim", type=int, help="untrained fuser FFN size (default 1024)")
+    g.add_argument("--num_layers", type=int, help="untrained fuser depth (default 3)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--attn_implementation", help="eager, sdpa, flash_attention_2 (default: transformers' choice)")
+
+
+def add_run_args(p: argparse.ArgumentParser, output_default: str | None) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--mode", default="c2c", help="c2c, receiver, sharer, t2t, or all")
+    g.add_argument("--max_new_tokens", type=int, default=64)
+    g.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens")
+    g.add_argument("--do_sample", action="store_true", help="sample (default greedy)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--t2t_note_tokens", type=int, default=64, help="t2t: cap on the sharer's note")
+    g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
+    g.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up generations")
+    g.add_argument("--repeats", type=int, default=1, help="records per prompt")
+    g.add_argument("--timing", default="event", choices=["event", "sync"],
+                   help="event: CUDA events / perf_counter (default); sync: the seed's sync-per-stage")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", default=output_default, help="JSONL file (overwritten unless --append)")
+    o.add_argument("--append", action="store_true", help="append to --output")
+    o.add_argument("--resume", action="store_true", help="append, skipping ids already in --output")
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument("--dataset", help="Hugging Face dataset, e.g. gsm8k or cais/mmlu")
+    g.add_argument("--dataset_config", help="dataset config (gsm8k: main; mmlu: all)")
+    g.add_argument("--split", default="test")
+    g.add_argument("--dataset_file", help="local .jsonl/.csv/.parquet with prompt/question/text")
+    g.add_argument("--field", help="text field to read")
+    g.add_argument("--num_samples", type=int, help="first N rows after --offset")
+    g.add_argument("--offset", type=int, default=0, help="rows to skip first")
+    g.add_argument("--shard", help="i/n: contiguous block i of n of the selection")
+    g.add_argument("--skip_bad_lines", action="store_true", help="skip malformed rows instead of stopping")
+
+
+def run_config(args):
+    from .config import build_run_config
+    keys = ["device", "dtype", "threads", "attn_implementation", "warmup", "repeats", "timing",
+            "mode", "max_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
+            "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers"]
+    kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    kw["chat_template"] = not args.no_chat_template
+    return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser, **kw)
+
+
+# --- running -------------------------------------------------------------------------------
+
+def _load(cfg):
+    from .loading import check_sources, load_pipeline
+    check_sources(cfg)
+    print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {cfg.sharer.source} ...", file=sys.stderr)
+    pipe = load_pipeline(cfg)
+    print(f"Loaded: {pipe.describe()}", file=sys.stderr)
+    if pipe.info.get("fuser_note"):
+        print(f"Note: {pipe.info['fuser_note']}.", file=sys.stderr)
+    return pipe
+
+
+def _writer_and_skip(args):
+    from .records import JsonlWriter, done_keys
+    skip = done_keys(args.output) if args.resume else None
+    return JsonlWriter(args.output, append=args.append or args.resume), skip
+
+
+def _run_with_bar(pipe, cfg, items, writer, skip):
+    from tqdm import tqdm
+
+    from .runner import run_many
+    bar = tqdm(total=0, unit="gen", dynamic_ncols=True, file=sys.stderr)
+
+    def on_progress(done, total, rec):
+        bar.total = total
+        if rec is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"id={rec['id']} {rec['mode']} "
+                                f"{rec['timing']['decode_avg_ms']:.1f} ms/tok")
+        bar.refresh()
+
+    try:
+        return run_many(pipe, cfg, items, writer=writer, on_progress=on_progress, skip=skip)
+    finally:
+        bar.close()
+
+
+def print_summary(records: list[dict], out=sys.stdout) -> None:
+    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode."""
+    import pandas as pd
+
+    from .analysis import to_frame
+    if not records:
+        print("No records.", file=out)
+        return
+    df = to_frame(records)
+    rows = []
+    for mode, g in df.groupby("mode", sort=False):
+        row = {"mode": mode, "count": len(g)}
+        for col, name in (("decode_avg_ms", "decode ms/tok"), ("tokens_per_second", "tok/s"),
+                          ("ttft_ms", "ttft ms")):
+            s = g[col].dropna()
+            row[f"{name} mean"] = s.mean()
+            row[f"{name} p50"] = s.quantile(0.5)
+            row[f"{name} p90"] = s.quantile(0.9)
+        rows.append(row)
+    print(pd.DataFrame(rows).round(2).to_string(index=False), file=out)
+
+
+def cmd_profile(args) -> int:
+    from .profiling import profile_item, profile_paths
+    from .prompts import resolve_prompts
+    items = resolve_prompts(prompt=args.prompt)
+    cfg = run_config(args)
+    paths = profile_paths(args.output, gz=args.trace_gz)
+    pipe = _load(cfg)
+    rec, _ = profile_item(pipe, cfg, items[0], paths, append=args.append)
+    print(f"Response: {rec['response']}")
+    print_summary([rec])
+    print(f"Wrote {paths.jsonl}, {paths.tsv}, {paths.trace} (open in ui.perfetto.dev or"
+          f" chrome://tracing), {paths.stats}")
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .prompts import resolve_prompts
+    items = resolve_prompts(prompts=args.prompts or None)
+    return _run_items(args, items)
+
+
+def cmd_dataset(args) -> int:
+    from .prompts import resolve_prompts
+    if not args.dataset and not args.dataset_file:
+        raise UserError("dataset needs --dataset NAME or --dataset_file PATH.")
+    items = resolve_prompts(dataset=args.dataset, dataset_config=args.dataset_config,
+                            split=args.split, dataset_file=args.dataset_file, field=args.field,
+                            offset=args.offset, num_samples=args.num_samples, shard=args.shard,
+                            skip_bad_lines=args.skip_bad_lines)
+    print(f"{len(items)} prompt(s) selected.", file=sys.stderr)
+    return _run_items(args, items)
+
+
+def _run_items(args, items) -> int:
+    cfg = run_config(args)
+    pipe = _load(cfg)
+    writer, skip = _writer_and_skip(args)
+    with writer:
+        recs = _run_with_bar(pipe, cfg, items, writer, skip)
+    print_summary(recs)
+    print(f"Wrote {len(recs)} record(s) to {args.output}")
+    return 0
+
+
+def cmd_overhead(args) -> int:
+    from .bench import overhead
+    cfg = run_config(args)
+    pipe = _load(cfg)
+    overhead(pipe, cfg, repeats=args.bench_repeats, prompt=args.prompt)
+    return 0
+
+
+# --- entry ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m c2c_core",
+                                 description="Time C2C (Cache-to-Cache) inference stage by stage.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="one prompt in detail: JSONL, TSV, Chrome trace, op stats")
+    p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
+    p.add_argument("--trace_gz", action="store_true", help="write the trace as .json.gz")
+    add_model_args(p)
+    add_run_args(p, None)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("batch", help="the 5 built-in prompts (or --prompts) -> JSONL")
+    p.add_argument("--prompts", nargs="+", help="prompts to run instead of the built-in five")
+    add_model_args(p)
+    add_run_args(p, DEFAULT_OUTPUTS["batch"])
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("dataset", help="prompts from a HF dataset or a local file -> JSONL")
+    add_source_args(p)
+    add_model_args(p)
+    add_run_args(p, DEFAULT_OUTPUTS["dataset"])
+    p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")
+    p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats per variant (>= 5)")
+    p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
+    add_model_args(p)
+    add_run_args(p, None)
+    p.set_defaults(func=cmd_overhead)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "output", None)
+        print(f"\nInterrupted; records already written{f' to {out}' if out else ''} are kept.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

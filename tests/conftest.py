@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny real models saved as Hugging Face folders (built in seconds), so tests
+use the real loading and generation code paths without any download."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CORPUS = [
+    "Say hello in one short sentence.", "What is the capital of France?",
+    "Explain machine learning in simple terms.", "Write a haiku about coding.",
+    "What is 25 * 17?", "Paris is the capital of France. Hello there, friend!",
+    "The quick brown fox jumps over the lazy dog 0123456789 + - * / = ? ! .",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_tokenizer(folder: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tk.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>",
+                                  pad_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_model(folder: str, kind: str, vocab: int, eos_id: int, layers: int, seed: int):
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, eos_token_id=eos_id, bos_token_id=eos_id,
+                  tie_word_embeddings=True)
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    cfg = cls[0](**common, **({"head_dim": 16} if kind == "qwen3" else {}))
+    torch.manual_seed(seed)
+    model = cls[1](cfg)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{'receiver': path, 'sharer': path}: a 2-layer Llama receiver and a 3-layer Qwen2 sharer
+    sharing one tokenizer (C2C needs one tokenizer family)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rdir, sdir = str(root / "receiver"), str(root / "sharer")
+    tok = build_tokenizer(rdir)
+    tok.save_pretrained(sdir)
+    build_model(rdir, "llama", len(tok), tok.eos_token_id, layers=2, seed=1)
+    build_model(sdir, "qwen2", len(tok), tok.eos_token_id, layers=3, seed=2)
+    return {"receiver": rdir, "sharer": sdir}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_kwargs(tiny_models):
+    """Keyword arguments for build_run_config: the tiny pair with a small untrained fuser."""
+    return dict(base_model=tiny_models["receiver"], teacher_model=tiny_models["sharer"],
+                hidden_dim=32, intermediate_dim=32, device="cpu", dtype="float32", warmup=0,
+                max_new_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_cfg_kwargs):
+    from c2c_core.config import build_run_config
+    from c2c_core.loading import load_pipeline
+    cfg = build_run_config(**tiny_cfg_kwargs)
+    return load_pipeline(cfg), cfg
