@@ -118,9 +118,10 @@ def _run_with_bar(pipe, cfg, items, writer, skip):
         bar.close()
 
 
-def print_summary(records: list[dict], out=sys.stdout) -> None:
+def print_summary(records: list[dict], out=None) -> None:
     """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode."""
     import pandas as pd
+    out = out or sys.stdout
 
     from .analysis import to_frame
     if not records:

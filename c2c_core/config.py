@@ -154,7 +154,8 @@ def build_run_config(preset: str | None = None, base_model: str | None = None,
     fuser_sizes = {k: rest.pop(k) for k in ("hidden_dim", "intermediate_dim", "num_layers") if k in rest}
     if fuser_sizes:
         fspec = replace(fspec, **fuser_sizes)
-    cfg = RunConfig(receiver=receiver, sharer=sharer, fuser=fspec, preset=name, gen=gen,
+    label = "custom" if base_model or teacher_model else name
+    cfg = RunConfig(receiver=receiver, sharer=sharer, fuser=fspec, preset=label, gen=gen,
                     cpu_dtype=p.cpu_dtype, **rest)
     validate_run_config(cfg)
     return cfg

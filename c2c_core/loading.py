@@ -279,6 +279,14 @@ def check_sources(cfg: RunConfig) -> None:
                         " projector_config.json, hub:<repo>/<subfolder>, or untrained.")
 
 
+def _same_model(trained: str | None, loaded: str) -> bool:
+    """Hub id vs hub id or local folder of that name (case-insensitive last path part)."""
+    if not trained:
+        return True
+    name = lambda s: os.path.basename(s.rstrip("/")).lower()  # noqa: E731
+    return name(trained) == name(loaded)
+
+
 def load_pipeline(cfg: RunConfig) -> Pipeline:
     """Load everything a run needs. Identical receiver and sharer sources share one model."""
     _quiet()
@@ -302,10 +310,10 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     note = ""
     if fuser.trained_for:
         tb, tt = fuser.trained_for.get("base_model"), fuser.trained_for.get("teacher_model")
-        if (tb and tb != rinfo["name"]) or (tt and tt != sinfo["name"]):
+        if not (_same_model(tb, rinfo["name"]) and _same_model(tt, sinfo["name"])):
             note = (f"the fuser was trained for {tb} <- {tt}, not for the loaded"
                     f" {rinfo['name']} <- {sinfo['name']}")
-            warnings.warn(note.capitalize() + ".")
+            warnings.warn(f"The{note[3:]}.")
     params = {id(p): p for m in (receiver, sharer) for p in m.parameters()}
     info = {
         "preset": cfg.preset,
