@@ -25,6 +25,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, or dummy:<config>")
     g.add_argument("--teacher_model", help="sharer: same forms as --base_model")
     g.add_argument("--fuser", help="fuser folder, hub:<repo>/<subfolder>, or 'untrained'")
+    g.add_argument("--tokenizer", help="tokenizer for dummy weights: hub id, local folder, or smollm2")
     g.add_argument("--hidden_dim", type=int, help="untrained fuser hidden size (default 1024)")
     g.add_argument("--intermediate_dim", type=int, help="untrained fuser FFN size (default 1024)")
     g.add_argument("--num_layers", type=int, help="untrained fuser depth (default 3)")
@@ -76,7 +77,8 @@ def run_config(args):
             "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers"]
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     kw["chat_template"] = not args.no_chat_template
-    return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser, **kw)
+    return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser,
+                            tokenizer=args.tokenizer, **kw)
 
 
 # --- running -------------------------------------------------------------------------------

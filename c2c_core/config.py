@@ -131,10 +131,11 @@ def default_preset() -> str:
 
 def build_run_config(preset: str | None = None, base_model: str | None = None,
                      teacher_model: str | None = None, fuser: str | None = None,
-                     **overrides) -> RunConfig:
+                     tokenizer: str | None = None, **overrides) -> RunConfig:
     """A preset (default smollm2-demo) with --base_model/--teacher_model/--fuser overrides.
 
-    A hand-picked pair without --fuser gets an untrained fuser. `fuser="untrained"` forces one."""
+    A hand-picked pair without --fuser gets an untrained fuser. `fuser="untrained"` forces one.
+    `tokenizer` replaces the tokenizer that dummy weights use."""
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UserError(f"Unknown preset '{name}'; choose one of: {', '.join(PRESETS)}.")
@@ -144,6 +145,8 @@ def build_run_config(preset: str | None = None, base_model: str | None = None,
         receiver = ModelSpec(base_model)
     if teacher_model:
         sharer = ModelSpec(teacher_model)
+    if tokenizer:
+        receiver = replace(receiver, tokenizer=tokenizer)
     if (base_model or teacher_model) and fuser is None and fspec.source:
         fspec = replace(fspec, source=None)  # the preset's fuser belongs to the preset's pair
     if fuser is not None:

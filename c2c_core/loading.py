@@ -222,8 +222,8 @@ def load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dt
     elif kind == "dummy":
         cfg_path = _dummy_config_path(spec.source, role)
         config = AutoConfig.from_pretrained(cfg_path)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+            torch.manual_seed(0)  # built on the target device: a 4B model inits in seconds on a GPU
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
         name = spec.source
         rev = "random-init-seed0"
@@ -298,7 +298,7 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     tok, tok_src = load_tokenizer(cfg.receiver)
     try:
         receiver, rinfo = load_model(cfg.receiver, "Receiver", device, dtype, cfg.attn_implementation)
-        if cfg.sharer == cfg.receiver:
+        if (cfg.sharer.source, cfg.sharer.revision) == (cfg.receiver.source, cfg.receiver.revision):
             sharer, sinfo = receiver, rinfo
         else:
             sharer, sinfo = load_model(cfg.sharer, "Sharer", device, dtype, cfg.attn_implementation)

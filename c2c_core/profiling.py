@@ -125,12 +125,22 @@ def op_stats(prof, top: int = 30) -> dict:
 
     by_cpu = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     by_dev = sorted((e for e in ops if _device_us(e) > 0), key=_device_us, reverse=True)[:top]
-    stages = {}
-    for e in avgs:
-        if e.key.startswith("c2c/") and e.key[4:] in STAGES:
-            stages[e.key[4:]] = {"count": e.count, "cpu_total_ms": round(e.cpu_time_total / 1000, 3),
-                                 "device_total_ms": round(
-                                     float(getattr(e, "device_time_total", 0) or 0) / 1000, 3)}
+    # Stage ranges: the host range (CPU event) and, on a GPU, its device-side mirror, summed
+    # from the raw events so the result does not depend on how key_averages merges them.
+    stages: dict[str, dict] = {}
+    for e in prof.events():
+        if not e.name.startswith("c2c/") or e.name[4:] not in STAGES:
+            continue
+        st = stages.setdefault(e.name[4:], {"count": 0, "cpu_total_ms": 0.0, "device_total_ms": 0.0})
+        us = e.time_range.elapsed_us()
+        if str(e.device_type).endswith("CPU"):
+            st["count"] += 1
+            st["cpu_total_ms"] += us / 1000
+        else:
+            st["device_total_ms"] += us / 1000
+    for st in stages.values():
+        st["cpu_total_ms"] = round(st["cpu_total_ms"], 3)
+        st["device_total_ms"] = round(st["device_total_ms"], 3)
     return {"top_ops_by_self_cpu": [row(e) for e in by_cpu],
             "top_ops_by_device": [row(e) for e in by_dev],
             "stages": stages}

@@ -1,0 +1,144 @@
+"""The Gradio web app: the only package that imports gradio.
+
+`build_app()` creates the Blocks (model panel and run settings in a sidebar; Profile, Batch,
+Dataset and Results tabs) and wires every event in one place; `launch_kwargs()` holds what
+`launch()` needs (theme, css, upload limit). Model work shares one queue slot
+(`concurrency_limit=1`); each tab's run is also a named API endpoint (`profile`, `batch`,
+`dataset`, `analyze`) for `gradio_client`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+
+from ..config import build_run_config, default_preset
+from . import batch_tab, dataset_tab, model_panel, profile_tab, results_tab
+from .common import MAX_UPLOAD, MODEL_QUEUE, MODELS, end_session, gpu, purge_old_sessions
+
+TITLE = "C2C timing workbench"
+INTRO = ("Time **Cache-to-Cache** inference stage by stage: the receiver and the sharer prefill"
+         " the prompt, projectors write the sharer's KV cache into the receiver's, and the"
+         " receiver decodes. Pick models on the left, then profile one prompt, run a batch or a"
+         " dataset, and compare result files.")
+
+CSS = """
+.c2c-header h1 { margin-bottom: 0.1em; }
+.c2c-header p { margin-top: 0; color: var(--body-text-color-subdued); }
+.c2c-status { min-height: 1.6em; }
+.c2c-models { padding: 0.45em 0.8em; border-radius: var(--radius-md);
+              background: var(--background-fill-secondary); font-size: 0.95em; }
+.c2c-models p { margin: 0; }
+.c2c-note { font-size: 0.92em; color: var(--body-text-color-subdued); }
+.c2c-note p { margin: 0.2em 0; }
+footer { display: none !important; }
+/* a failed run says why in its status line and in a toast: no "Error" badge over the line */
+:is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
+  > [data-testid="status-tracker"]:has(> .error) { display: none !important; }
+"""
+
+
+def launch_kwargs() -> dict:
+    """Keyword arguments for `demo.launch()` (host and port stay with gradio's settings)."""
+    return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
+            "max_file_size": MAX_UPLOAD}
+
+
+def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
+    """Load the default models now (in a thread unless `background` is False)."""
+    d = dict(defaults or {})
+    fixed = {k: d.pop(k) for k in ("preset", "base_model", "teacher_model", "fuser") if k in d}
+    cfg = build_run_config(fixed.get("preset") or default_preset(), fixed.get("base_model"),
+                           fixed.get("teacher_model"), fixed.get("fuser"),
+                           **{k: v for k, v in d.items() if k in (
+                               "device", "dtype", "hidden_dim", "intermediate_dim",
+                               "num_layers")})
+
+    def work():
+        try:
+            MODELS.get(cfg)
+        except Exception as e:  # noqa: BLE001 - the first run reports it in the page
+            print(f"Preloading {cfg.preset} failed: {e}")
+
+    if not background:
+        work()
+        return None
+    t = threading.Thread(target=work, daemon=True, name="c2c-preload")
+    t.start()
+    return t
+
+
+def build_app(defaults: dict | None = None) -> gr.Blocks:
+    """The Blocks app. `defaults` pre-fills the model panel and run settings, using
+    build_run_config's keyword names (preset, base_model, teacher_model, fuser, device, dtype,
+    hidden_dim, intermediate_dim, num_layers, mode, max_new_tokens, warmup, repeats, ...)."""
+    defaults = dict(defaults or {})
+    purge_old_sessions()
+    with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes=["c2c-header"])
+        with gr.Sidebar(width=370, label="Settings"):
+            panel = model_panel.build_model_panel(defaults)
+            settings = model_panel.build_run_settings(defaults)
+        panel.status = gr.Markdown(MODELS.status(), elem_id="model-status",
+                                   elem_classes=["c2c-models"])
+        with gr.Tabs():
+            with gr.Tab("Profile", id="profile"):
+                prof = profile_tab.build_profile_tab()
+            with gr.Tab("Batch", id="batch"):
+                batch = batch_tab.build_batch_tab()
+            with gr.Tab("Dataset", id="dataset"):
+                data = dataset_tab.build_dataset_tab()
+            with gr.Tab("Results", id="results") as results_tab_item:
+                res = results_tab.build_results_tab()
+        _wire(demo, panel, settings, prof, batch, data, res, results_tab_item)
+    demo.queue(default_concurrency_limit=4)
+    return demo
+
+
+def _wire(demo, panel, settings, prof, batch, data, res, results_tab_item) -> None:
+    """Every event of the app, in one place."""
+    model_kw = {**panel.inputs(), **settings.inputs()}
+    model_job = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE)
+
+    panel.preset.change(model_panel.on_preset, panel.preset,
+                        [panel.receiver, panel.sharer, panel.fuser, panel.note],
+                        api_visibility="private", queue=False)
+    panel.load.click(gpu()(model_panel.load_models), inputs_kwargs=panel.inputs(),
+                     outputs=panel.status, api_name="load_models", show_progress_on=panel.status,
+                     **model_job)
+    demo.load(model_panel.model_status, None, panel.status, api_visibility="private",
+              queue=False)
+
+    ev_prof = prof.run.click(gpu()(profile_tab.run_profile), inputs=[prof.prompt],
+                             inputs_kwargs=model_kw, outputs=prof.outputs(), api_name="profile",
+                             show_progress_on=[prof.status], **model_job)
+    ev_batch = batch.run.click(gpu()(batch_tab.run_batch), inputs=[batch.prompts],
+                               inputs_kwargs=model_kw, outputs=batch.outputs(), api_name="batch",
+                               show_progress_on=[batch.status], **model_job)
+    ev_data = data.run.click(gpu(600)(dataset_tab.run_dataset),
+                             inputs=list(data.inputs().values()), inputs_kwargs=model_kw,
+                             outputs=data.outputs(), api_name="dataset",
+                             show_progress_on=[data.status], **model_job)
+    data.stop.click(dataset_tab.stop_run, None, data.status, queue=False,
+                    api_visibility="private")
+    data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
+                            api_visibility="private")
+
+    # after each run: the status line (memory) and the Results tab's list of session runs
+    for ev in (ev_prof, ev_batch, ev_data):
+        ev.then(model_panel.model_status, None, panel.status, api_visibility="private",
+                queue=False)
+        ev.then(results_tab.refresh_runs, None, res.runs, api_visibility="private", queue=False)
+    results_tab_item.select(results_tab.refresh_runs, None, res.runs, api_visibility="private",
+                            queue=False)
+
+    res.analyze.click(results_tab.analyze, res.inputs(), res.outputs(), api_name="analyze",
+                      show_progress_on=[res.status])
+    for dd in (res.file_a, res.file_b):
+        dd.input(results_tab.compare_pair, [*res.inputs(), res.file_a, res.file_b],
+                 res.compare_outputs(), api_visibility="private")
+    demo.unload(end_session)
+
+
+__all__ = ["build_app", "launch_kwargs", "preload"]

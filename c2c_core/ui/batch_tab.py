@@ -1,0 +1,59 @@
+"""Batch tab: an editable prompt list (the 5 built-in prompts by default) → a results table that
+fills in as records arrive, per-sample stage bars, and the JSONL download."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from .. import analysis, plots
+from ..errors import UserError
+from ..prompts import BUILTIN_PROMPTS, resolve_prompts
+from .common import (error_outputs, new_run_path, plot, records_table, run_config, sized,
+                     stream_records, user_error)
+
+
+@dataclass
+class BatchTab:
+    prompts: gr.Textbox
+    run: gr.Button
+    status: gr.Markdown
+    table: gr.Dataframe
+    plot: gr.Plot
+    file: gr.File
+
+    def outputs(self) -> list:
+        return [self.status, self.table, self.plot, self.file]
+
+
+def build_batch_tab() -> BatchTab:
+    prompts = gr.Textbox("\n".join(BUILTIN_PROMPTS), lines=6, max_lines=20,
+                         label="Prompts, one per line", elem_id="batch-prompts")
+    run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+    status = gr.Markdown("Each prompt × repeat × mode is one record (one JSONL line).",
+                         elem_id="batch-status", elem_classes=["c2c-status"])
+    table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
+                         interactive=False, elem_id="batch-table", max_height=360)
+    file = gr.File(label="Download JSONL", interactive=False, elem_id="batch-file", height=80)
+    fig = plot(plots.stage_bars_fig(pd.DataFrame()), "batch-plot")
+    return BatchTab(prompts, run, status, table, fig, file)
+
+
+def render(recs: list[dict], status: str, file):
+    fig = sized(plots.stage_bars_fig(analysis.to_frame(recs) if recs else pd.DataFrame()))
+    return status, records_table(recs), fig, file
+
+
+def run_batch(prompts: str, request: gr.Request, progress=gr.Progress(), **settings):
+    """Run the prompt list (one per line); yields status, table, figure, JSONL as it goes."""
+    try:
+        lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        items = resolve_prompts(prompts=lines)
+        cfg = run_config(settings)
+    except UserError as e:
+        yield error_outputs(e, 4)
+        raise user_error(e) from None
+    path = new_run_path(request, "batch")
+    yield from stream_records(cfg, items, path, progress, render, unit="generation")

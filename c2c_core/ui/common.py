@@ -1,0 +1,525 @@
+"""Shared pieces of the web app: the model manager (load once, serve every tab), per-session
+folders, the background job that maps `run_many`'s `on_progress` onto `gr.Progress`, display
+tables with units, and error messages said in the page.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from .. import analysis
+from ..config import RunConfig, build_run_config
+from ..errors import UserError
+
+#: Largest upload accepted (gradio checks it before our code sees the file).
+MAX_UPLOAD = "50mb"
+#: Every model job shares one queue slot: one generation at a time on the device.
+MODEL_QUEUE = "model"
+#: From this many new tokens on, progress also moves per token (a forward hook counts them).
+LONG_GENERATION = 128
+#: Minimum seconds between table refreshes / file snapshots while a run streams records.
+TABLE_EVERY_S = 0.5
+FILE_EVERY_S = 10.0
+#: Keep session folders at most this long (API clients never send "tab closed").
+SESSION_MAX_AGE_S = 24 * 3600
+
+SESSION_ROOT = os.path.join(tempfile.gettempdir(), "c2c-workbench-sessions")
+
+#: Model panel fields (keyword names of the API endpoints) → build_run_config keyword.
+MODEL_FIELDS = {
+    "preset": "preset", "receiver": "base_model", "sharer": "teacher_model", "fuser": "fuser",
+    "device": "device", "dtype": "dtype", "fuser_hidden_dim": "hidden_dim",
+    "fuser_intermediate_dim": "intermediate_dim", "fuser_layers": "num_layers",
+}
+#: Run settings fields (same names as build_run_config's overrides).
+RUN_FIELDS = ["mode", "max_new_tokens", "ignore_eos", "warmup", "repeats", "timing",
+              "chat_template", "do_sample", "temperature", "top_p", "top_k", "seed"]
+INT_FIELDS = {"max_new_tokens", "warmup", "repeats", "top_k", "seed", "hidden_dim",
+              "intermediate_dim", "num_layers"}
+
+#: CLI spellings in core messages → what the page calls the same setting.
+UI_WORDS = {
+    "pass --skip_bad_lines to skip such rows": "tick 'skip malformed lines' to skip such rows",
+    "(or pass --skip_bad_lines to skip it)": "(or tick 'skip malformed lines')",
+    "--skip_bad_lines": "'skip malformed lines'",
+    "--max_new_tokens": "'new tokens'", "--num_samples": "'number of samples'",
+    "--dataset_config": "'config'", "--dataset_file": "an uploaded file",
+    "--dataset": "'dataset'", "--split": "'split'", "--field": "'text field'",
+    "--offset": "'offset'", "--warmup": "'warm-up'", "--repeats": "'repeats'",
+    "--device": "device", "--dtype": "dtype", "--mode": "mode", "--timing": "timing",
+    "--fuser": "fuser", "--base_model": "receiver", "--teacher_model": "sharer",
+    "--prompts": "the prompt list", "--prompt": "the prompt",
+}
+
+
+# --- messages ------------------------------------------------------------------------------
+
+def ui_message(err: BaseException | str) -> str:
+    """A core UserError's sentence with the CLI flag names replaced by the page's labels."""
+    msg = str(err)
+    for flag, words in UI_WORDS.items():
+        msg = msg.replace(flag, words)
+    return msg
+
+
+def status_md(text: str, kind: str = "info") -> str:
+    """A status line; words rather than emoji (not every browser font has them)."""
+    lead = {"info": "", "ok": "", "warn": "**Note:** ", "error": "**Error:** ", "run": ""}[kind]
+    return f"{lead}{text}"
+
+
+def error_outputs(err: BaseException, n_outputs: int) -> tuple:
+    """Outputs for a failed run: the message in the status line (the first output), every
+    other output left as it was. Callers yield this, then raise gr.Error with the same text
+    (a toast in the page, an exception for gradio_client)."""
+    return (status_md(ui_message(err), "error"),) + tuple(gr.skip() for _ in range(n_outputs - 1))
+
+
+def user_error(err: BaseException) -> gr.Error:
+    return gr.Error(ui_message(err), print_exception=False)
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+def session_id(request: gr.Request | None) -> str:
+    sid = getattr(request, "session_hash", None) or "anonymous"
+    return re.sub(r"[^A-Za-z0-9_-]", "", str(sid))[:64] or "anonymous"
+
+
+def session_dir(request: gr.Request | None) -> str:
+    """This browser session's own folder: runs are written and listed only here."""
+    d = os.path.join(SESSION_ROOT, session_id(request))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def new_run_path(request: gr.Request | None, kind: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(session_dir(request), f"{kind}-{stamp}")
+    path, n = f"{base}.jsonl", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}.jsonl"
+    return path
+
+
+def session_runs(request: gr.Request | None) -> list[tuple[str, str]]:
+    """(label, file name) of the JSONL files this session wrote, newest first."""
+    d = session_dir(request)
+    files = sorted((f for f in os.listdir(d) if f.endswith(".jsonl")),
+                   key=lambda f: os.path.getmtime(os.path.join(d, f)), reverse=True)
+    out = []
+    for f in files:
+        with open(os.path.join(d, f), "rb") as fh:
+            n = sum(1 for line in fh if line.strip())
+        out.append((f"{f} ({n} record{'s' if n != 1 else ''})", f))
+    return out
+
+
+def session_run_path(request: gr.Request | None, name: str) -> str:
+    """The path of one of this session's runs; never a file outside its folder."""
+    base = os.path.basename(name)
+    path = os.path.join(session_dir(request), base)
+    if base != name or not base.endswith(".jsonl") or not os.path.isfile(path):
+        raise UserError(f"'{name}' is not a run of this session; pick one from the list.")
+    return path
+
+
+def purge_old_sessions(max_age_s: float = SESSION_MAX_AGE_S) -> None:
+    if not os.path.isdir(SESSION_ROOT):
+        return
+    cutoff = time.time() - max_age_s
+    for name in os.listdir(SESSION_ROOT):
+        p = os.path.join(SESSION_ROOT, name)
+        try:
+            if os.path.getmtime(p) < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+# --- stop flags (Stop button; closing the tab) ---------------------------------------------
+
+_STOPS: dict[str, threading.Event] = {}
+_STOPS_LOCK = threading.Lock()
+
+
+def stop_flag(request: gr.Request | None) -> threading.Event:
+    """A fresh stop flag for the session's new run."""
+    ev = threading.Event()
+    with _STOPS_LOCK:
+        _STOPS[session_id(request)] = ev
+    return ev
+
+
+def request_stop(request: gr.Request | None) -> bool:
+    with _STOPS_LOCK:
+        ev = _STOPS.get(session_id(request))
+    if ev is None:
+        return False
+    ev.set()
+    return True
+
+
+def end_session(request: gr.Request | None) -> None:
+    """The tab was closed: stop its run and remove its folder."""
+    request_stop(request)
+    with _STOPS_LOCK:
+        _STOPS.pop(session_id(request), None)
+    shutil.rmtree(os.path.join(SESSION_ROOT, session_id(request)), ignore_errors=True)
+
+
+# --- configuration -------------------------------------------------------------------------
+
+def _clean(key: str, v: Any) -> Any:
+    if isinstance(v, str):
+        v = v.strip()
+        return v or None
+    if isinstance(v, float) and key in INT_FIELDS:
+        if v != int(v):
+            raise UserError(f"{key.replace('_', ' ')} must be a whole number, not {v}.")
+        return int(v)
+    return v
+
+
+def run_config(settings: dict, **fixed) -> RunConfig:
+    """Model panel + run settings (API keyword names) → RunConfig via build_run_config."""
+    kw: dict[str, Any] = {}
+    for ui_key, cfg_key in MODEL_FIELDS.items():
+        if ui_key in settings:
+            kw[cfg_key] = _clean(cfg_key, settings[ui_key])
+    for k in RUN_FIELDS:
+        if k in settings:
+            kw[k] = _clean(k, settings[k])
+    kw.update(fixed)
+    preset = kw.pop("preset", None)
+    base, teacher, fuser = kw.pop("base_model", None), kw.pop("teacher_model", None), kw.pop("fuser", None)
+    return build_run_config(preset, base, teacher, fuser, **kw)
+
+
+# --- the loaded models ---------------------------------------------------------------------
+
+class ModelManager:
+    """Holds one Pipeline for the whole app; reloads only when the model settings change."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self.pipe = None
+        self.key: str | None = None
+        self.load_s: float | None = None
+        self.loading: str | None = None
+
+    @staticmethod
+    def key_of(cfg: RunConfig) -> str:
+        from ..loading import resolve_device, resolve_dtype
+        dev = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, dev, cfg.cpu_dtype)
+        return json.dumps([asdict(cfg.receiver), asdict(cfg.sharer), asdict(cfg.fuser), str(dev),
+                           str(dtype), cfg.threads, cfg.attn_implementation], sort_keys=True)
+
+    def get(self, cfg: RunConfig):
+        """The pipeline for cfg's models, loading it first when needed (under the lock)."""
+        from ..loading import check_sources, load_pipeline
+        check_sources(cfg)  # a typo fails in milliseconds, before dropping what is loaded
+        key = self.key_of(cfg)
+        with self._lock:
+            if self.pipe is not None and self.key == key:
+                return self.pipe
+            self.loading = f"{cfg.receiver.source} ← {cfg.sharer.source}"
+            try:
+                self.pipe, self.key = None, None
+                _free_memory()
+                t0 = time.perf_counter()
+                self.pipe = load_pipeline(cfg)
+                self.key, self.load_s = key, time.perf_counter() - t0
+            finally:
+                self.loading = None
+            return self.pipe
+
+    def status(self) -> str:
+        if self.loading:
+            return f"**Models:** loading {self.loading} …"
+        if self.pipe is None:
+            return ("**Models:** none loaded yet; they load on the first run (or press"
+                    " *Load models*).")
+        note = self.pipe.info.get("fuser_note")
+        took = f" · loaded in {self.load_s:.1f} s" if self.load_s is not None else ""
+        text = f"**Models:** {self.pipe.describe()}{took}"
+        return text + (f"  \n**Note:** {note}." if note else "")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - freeing memory is best effort
+        pass
+
+
+MODELS = ModelManager()
+
+
+# --- background job with progress ---------------------------------------------------------
+
+@contextmanager
+def token_counter(pipe, enabled: bool) -> Iterator[list[int]]:
+    """Counts top-level forwards of the receiver and sharer (= tokens produced) for per-token
+    progress of long generations. Prefill sections call the decoder body, so they do not count.
+    The hook costs about a microsecond per token; it is only installed for long generations."""
+    counter = [0]
+    handles = []
+    if enabled:
+        def hook(*_):
+            counter[0] += 1
+        for m in {id(m): m for m in (pipe.receiver, pipe.sharer)}.values():
+            handles.append(m.register_forward_hook(hook))
+    try:
+        yield counter
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Job:
+    """Runs `work(job)` in a worker thread so a callback can keep yielding (records as they
+    arrive, progress ticks) while the model works. `work` passes `job.on_progress` and
+    `job.stop.is_set` to `run_many`, and may point `job.tokens` at a token counter."""
+
+    _END = object()
+
+    def __init__(self, work: Callable[["Job"], Any], stop: threading.Event | None = None,
+                 warmup: int = 0):
+        self.work = work
+        self.stop = stop or threading.Event()
+        self.warmup = warmup
+        self.q: queue.Queue = queue.Queue()
+        self.done, self.total = 0, 0
+        self.phase = "loading models"
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.record_at: list[float] = []   # when each record arrived (for the ETA)
+        self.tokens = [0]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def on_progress(self, done: int, total: int, rec: dict | None) -> None:
+        self.done, self.total = done, total
+        self.tokens[0] = 0
+        if rec is None:  # run_many starts: the models are loaded
+            self.phase = "warming up" if self.warmup else "running"
+            self.started = time.perf_counter()
+        else:
+            self.phase = "running"
+            self.record_at.append(time.perf_counter())
+            self.q.put(rec)
+
+    def _run(self) -> None:
+        try:
+            self.result = self.work(self)
+        except BaseException as e:  # noqa: BLE001 - handed to the callback's thread
+            self.error = e
+        finally:
+            self.q.put(self._END)
+
+    def events(self, tick: float = 0.25) -> Iterator[list[dict]]:
+        """Yields lists of new records (empty lists as ticks); re-raises the worker's error."""
+        self._thread.start()
+        while True:
+            try:
+                item = self.q.get(timeout=tick)
+            except queue.Empty:
+                yield []
+                continue
+            batch = []
+            while item is not self._END:
+                batch.append(item)
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
+            if item is self._END:
+                break
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def fraction(self, per_item_tokens: int | None) -> float | None:
+        """Share done (None while loading or warming up: gradio shows a spinner and a clock)."""
+        if not self.total or self.phase != "running":
+            return None
+        part = min(self.tokens[0] / per_item_tokens, 0.99) if per_item_tokens else 0.0
+        return min((self.done + part) / self.total, 1.0)
+
+    def describe(self, unit: str = "generation") -> str:
+        if self.phase == "loading models":
+            return "Loading models…"
+        if self.phase == "warming up":
+            return "Warm-up (not recorded)…"
+        text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
+        if self.tokens[0]:
+            text += f", token {self.tokens[0]}"
+        if self.record_at and self.done < self.total:
+            t = self.record_at
+            # seconds per record from the records seen (the first one also paid the warm-up)
+            per = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else t[0] - self.started
+            eta = per * (self.total - self.done) - (time.perf_counter() - t[-1])
+            text += f" · ETA {fmt_seconds(max(eta, 0))}"
+        return text
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 10:
+        return f"{max(s, 0):.1f} s"
+    s = int(round(s))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def tokens_per_item(cfg: RunConfig) -> int | None:
+    """Forwards per record for per-token progress; None for short generations (no hook)."""
+    if cfg.gen.max_new_tokens < LONG_GENERATION:
+        return None
+    n = cfg.gen.max_new_tokens
+    return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", "all") else n
+
+
+# --- tables --------------------------------------------------------------------------------
+
+#: Columns of the live results table: raw key → heading with unit.
+RESULT_COLUMNS = ["id", "mode", "repeat", "prompt_tokens", "num_generated_tokens", "ttft_ms",
+                  "decode_avg_ms", "tokens_per_second", "e2e_ms", "peak_memory_mb"]
+
+
+def _short(text: Any, n: int = 70) -> str:
+    s = " ".join(str(text or "").split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def records_table(records: list[dict]) -> pd.DataFrame:
+    """Records → display table (one row each) with units in the headings."""
+    heads = ["id", "mode", "repeat"] + [analysis.label(k) for k in RESULT_COLUMNS[3:]] + \
+        ["prompt", "response"]
+    if not records:
+        return pd.DataFrame(columns=heads)
+    df = analysis.to_frame(records)
+    out = pd.DataFrame({
+        "id": df["id"], "mode": df["mode"], "repeat": df["repeat"],
+        **{analysis.label(k): df[k].round(2) if k not in ("prompt_tokens", "num_generated_tokens")
+           else df[k].astype("Int64") for k in RESULT_COLUMNS[3:]},
+    })
+    out["prompt"] = [_short(r.get("prompt")) for r in records]
+    out["response"] = [_short(r.get("response")) for r in records]
+    return out
+
+
+def labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """Raw-key column names → display names with units (analysis.label)."""
+    out = df.rename(columns={c: analysis.label(c) for c in df.columns
+                             if c in analysis.FIELDS or c.endswith("_ms")})
+    for c in out.columns:
+        if out[c].dtype == float:
+            out[c] = out[c].round(2)
+    if "prompt" in out.columns:
+        out["prompt"] = out["prompt"].map(_short)
+    return out
+
+
+def sized(fig, height: int = 380):
+    """Plotly figure at a height that fits the page (a "No data" placeholder stays short)."""
+    empty = not fig.data
+    fig.update_layout(height=min(height, 240) if empty else height)
+    return fig
+
+
+def plot(fig, elem_id: str, height: int = 380, **kw) -> gr.Plot:
+    """A gr.Plot for a plotly figure; the figure carries its own title, so no label."""
+    return gr.Plot(sized(fig, height), show_label=False, elem_id=elem_id,
+                   elem_classes=["c2c-plot"], **kw)
+
+
+# --- ZeroGPU -------------------------------------------------------------------------------
+
+def gpu(duration: int = 120) -> Callable:
+    """`spaces.GPU(duration=...)` on a Hugging Face ZeroGPU Space; a no-op elsewhere."""
+    try:
+        import spaces  # type: ignore
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+def space_runtime() -> bool:
+    """True when the `spaces` package is importable (ZeroGPU hardware)."""
+    try:
+        import spaces  # type: ignore  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# --- streaming a run into the page ---------------------------------------------------------
+
+def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
+                   stop: threading.Event | None = None, unit: str = "generation"):
+    """Run `items` into `path` in a worker thread and yield `render(records, status, file)` as
+    records arrive (throttled), then once more at the end. A Stop ends the run after the
+    current generation; a UserError is said in the status line and raised as gr.Error. Every
+    record is in the file (written and flushed by run_many) whatever happens."""
+    from ..records import JsonlWriter
+    from ..runner import run_many
+    per_item = tokens_per_item(cfg)
+
+    def work(job: Job):
+        pipe = MODELS.get(cfg)
+        with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
+            job.tokens = counter
+            return run_many(pipe, cfg, items, writer=w, on_progress=job.on_progress,
+                            should_stop=job.stop.is_set)
+
+    job = Job(work, stop, cfg.warmup)
+    recs: list[dict] = []
+    last_table = last_file = time.perf_counter()
+    try:
+        for batch in job.events():
+            recs.extend(batch)
+            progress(job.fraction(per_item), desc=job.describe(unit))
+            now = time.perf_counter()
+            if batch and now - last_table >= TABLE_EVERY_S:
+                last_table = now
+                file = gr.skip()
+                if now - last_file >= FILE_EVERY_S:
+                    file, last_file = path, now
+                msg = f"Running: {len(recs)} of {job.total} record(s) done…"
+                yield render(recs, status_md(msg, "run"), file)
+    except UserError as e:
+        kept = f" {len(recs)} finished record(s) are in the download." if recs else ""
+        yield render(recs, status_md(ui_message(e) + kept, "error"), path if recs else None)
+        raise user_error(e) from None
+    except GeneratorExit:  # the page went away: let the worker finish its generation and stop
+        job.stop.set()
+        raise
+    if job.stop.is_set() and len(recs) < job.total:
+        msg = status_md(f"**Stopped** after {len(recs)} of {job.total} record(s); the"
+                        " finished ones are in the download.")
+    else:
+        secs = time.perf_counter() - job.started
+        msg = status_md(f"**Done:** {len(recs)} record(s) in {fmt_seconds(secs)}, written to"
+                        f" `{os.path.basename(path)}`.", "ok")
+    yield render(recs, msg, path)

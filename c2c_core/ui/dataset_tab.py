@@ -1,0 +1,122 @@
+"""Dataset tab: prompts from a Hugging Face dataset or an uploaded JSONL/CSV/Parquet file, a
+progress bar with ETA, a Stop button that keeps every finished record, and the JSONL download."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from .. import analysis, plots
+from ..errors import UserError
+from ..prompts import FILE_TYPES, resolve_prompts
+from .common import (error_outputs, new_run_path, plot, records_table, request_stop,
+                     run_config, sized, status_md, stop_flag, stream_records, user_error)
+
+SOURCES = [("Hugging Face dataset", "hf"), ("Uploaded file", "file")]
+
+
+@dataclass
+class DatasetTab:
+    source: gr.Radio
+    dataset_name: gr.Textbox
+    dataset_config: gr.Textbox
+    split: gr.Textbox
+    prompt_file: gr.File
+    num_samples: gr.Number
+    offset: gr.Number
+    text_field: gr.Textbox
+    skip_bad_lines: gr.Checkbox
+    run: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    table: gr.Dataframe
+    plot: gr.Plot
+    file: gr.File
+
+    def inputs(self) -> dict:
+        names = ["source", "dataset_name", "dataset_config", "split", "prompt_file",
+                 "num_samples", "offset", "text_field", "skip_bad_lines"]
+        return {n: getattr(self, n) for n in names}
+
+    def outputs(self) -> list:
+        return [self.status, self.table, self.plot, self.file]
+
+
+def build_dataset_tab() -> DatasetTab:
+    source = gr.Radio(SOURCES, value="hf", label="Prompts from", elem_id="dataset-source")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            with gr.Group():
+                with gr.Row():
+                    name = gr.Textbox("gsm8k", label="Hugging Face dataset",
+                                      info="e.g. gsm8k, cais/mmlu (cached or online)",
+                                      elem_id="dataset-name")
+                    config = gr.Textbox("", label="config", placeholder="gsm8k: main · mmlu: all")
+                    split = gr.Textbox("test", label="split")
+        with gr.Column(scale=2):
+            prompt_file = gr.File(label="…or a prompts file (lines with prompt / question / text)",
+                                  file_types=list(FILE_TYPES), elem_id="dataset-file", height=120)
+    with gr.Row():
+        num = gr.Number(10, label="number of samples", precision=0, minimum=1, min_width=120)
+        offset = gr.Number(0, label="offset (rows skipped)", precision=0, minimum=0,
+                           min_width=120)
+        field = gr.Textbox("", label="text field", placeholder="prompt / question / text",
+                           min_width=120)
+        skip = gr.Checkbox(False, label="skip malformed lines", min_width=120)
+    with gr.Row():
+        run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=3)
+        stop = gr.Button("Stop", variant="stop", elem_id="dataset-stop", scale=1)
+    status = gr.Markdown("Stop ends the run after the current generation; the finished records"
+                         " stay downloadable.", elem_id="dataset-status",
+                         elem_classes=["c2c-status"])
+    table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
+                         interactive=False, elem_id="dataset-table", max_height=360)
+    file = gr.File(label="Download JSONL", interactive=False, elem_id="dataset-file-out",
+                   height=80)
+    fig = plot(plots.decode_hist_fig(pd.DataFrame()), "dataset-plot")
+    return DatasetTab(source, name, config, split, prompt_file, num, offset, field, skip, run,
+                      stop, status, table, fig, file)
+
+
+def render(recs: list[dict], status: str, file):
+    fig = sized(plots.decode_hist_fig(analysis.to_frame(recs) if recs else pd.DataFrame()))
+    return status, records_table(recs), fig, file
+
+
+def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
+                prompt_file: str | None, num_samples: float | None, offset: float | None,
+                text_field: str, skip_bad_lines: bool, request: gr.Request,
+                progress=gr.Progress(), **settings):
+    """Run a dataset selection; yields status, table, histogram, JSONL as records arrive."""
+    try:
+        kw = dict(field=(text_field or "").strip() or None, offset=int(offset or 0),
+                  num_samples=int(num_samples) if num_samples else None,
+                  skip_bad_lines=bool(skip_bad_lines))
+        if source == "file":
+            if not prompt_file:
+                raise UserError("No prompts file uploaded; drop a .jsonl, .csv or .parquet file"
+                                " in the box, or choose 'Hugging Face dataset'.")
+            progress(None, desc="Reading the file…")
+            items = resolve_prompts(dataset_file=prompt_file, **kw)
+        else:
+            if not (dataset_name or "").strip():
+                raise UserError("No dataset name given; type one like gsm8k, or upload a file.")
+            progress(None, desc=f"Loading dataset {dataset_name}…")
+            items = resolve_prompts(dataset=dataset_name.strip(),
+                                    dataset_config=(dataset_config or "").strip() or None,
+                                    split=(split or "").strip() or "test", **kw)
+        cfg = run_config(settings)
+    except UserError as e:
+        yield error_outputs(e, 4)
+        raise user_error(e) from None
+    path = new_run_path(request, "dataset")
+    stop = stop_flag(request)
+    yield from stream_records(cfg, items, path, progress, render, stop=stop, unit="generation")
+
+
+def stop_run(request: gr.Request) -> str:
+    if request_stop(request):
+        return "**Stopping** after the current generation…"
+    return status_md("Nothing is running.")

@@ -1,0 +1,177 @@
+"""The model panel (preset or receiver / sharer / fuser by hand, device, dtype, Load, status)
+and the run settings shared by the Profile, Batch and Dataset tabs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import gradio as gr
+
+from ..config import PRESETS, FuserSpec, GenerationConfig, default_preset
+from ..records import MODES
+from ..timing import TIMING_METHODS
+from ..errors import UserError
+from .common import MODELS, error_outputs, run_config, status_md, user_error
+
+DEVICES = ["auto", "cpu", "cuda"]
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+MODE_CHOICES = [("c2c", "c2c"), ("receiver only", "receiver"), ("sharer only", "sharer"),
+                ("t2t (text to text)", "t2t"), ("all four, interleaved", "all")]
+MODE_INFO = ("c2c: receiver with the sharer's projected cache · t2t: the sharer writes a note,"
+             " the receiver answers with it")
+assert [v for _, v in MODE_CHOICES] == MODES + ["all"], "mode list out of sync with records.MODES"
+
+
+def preset_note(name: str) -> str:
+    p = PRESETS.get(name)
+    if p is None:
+        return ""
+    fuser = p.fuser.source or "untrained"
+    return (f"<small>**{name}**: {p.description}<br>receiver `{p.receiver.source}` · sharer"
+            f" `{p.sharer.source}` · fuser `{fuser}`</small>")
+
+
+@dataclass
+class ModelPanel:
+    preset: gr.Dropdown
+    receiver: gr.Textbox
+    sharer: gr.Textbox
+    fuser: gr.Textbox
+    device: gr.Dropdown
+    dtype: gr.Dropdown
+    fuser_hidden_dim: gr.Number
+    fuser_intermediate_dim: gr.Number
+    fuser_layers: gr.Number
+    note: gr.Markdown
+    load: gr.Button
+    status: gr.Markdown | None   # the line above the tabs; set by build_app
+
+    def inputs(self) -> dict:
+        """Keyword inputs of every model endpoint (the API's parameter names)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("note", "load", "status")}
+
+
+@dataclass
+class RunSettings:
+    mode: gr.Dropdown
+    max_new_tokens: gr.Number
+    ignore_eos: gr.Checkbox
+    warmup: gr.Number
+    repeats: gr.Number
+    timing: gr.Radio
+    chat_template: gr.Checkbox
+    do_sample: gr.Checkbox
+    temperature: gr.Slider
+    top_p: gr.Slider
+    top_k: gr.Number
+    seed: gr.Number
+
+    def inputs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def build_model_panel(defaults: dict) -> ModelPanel:
+    """Widgets of the model panel; `defaults` uses build_run_config's keyword names. The
+    status line is created by the caller (it sits above the tabs) and filled in later."""
+    preset = defaults.get("preset") or default_preset()
+    p = PRESETS[preset]
+    fs = FuserSpec()
+    gr.Markdown("### Models")
+    preset_dd = gr.Dropdown(list(PRESETS), value=preset, label="Preset", elem_id="preset")
+    note = gr.Markdown(preset_note(preset), elem_classes=["c2c-note"])
+    by_hand = bool(defaults.get("base_model") or defaults.get("teacher_model")
+                   or defaults.get("fuser"))
+    with gr.Accordion("Choose models by hand", open=by_hand):
+        receiver = gr.Textbox(value=defaults.get("base_model") or "", label="Receiver (base)",
+                              placeholder=f"preset: {p.receiver.source}", elem_id="receiver",
+                              info="blank = the preset's; hub id, local folder, .gguf, smollm2"
+                                   " or dummy:<config>")
+        sharer = gr.Textbox(value=defaults.get("teacher_model") or "", label="Sharer (teacher)",
+                            placeholder=f"preset: {p.sharer.source}", elem_id="sharer")
+        fuser = gr.Textbox(value=defaults.get("fuser") or "", label="Fuser",
+                           placeholder=f"preset: {p.fuser.source or 'untrained'}",
+                           elem_id="fuser", info="folder, hub:<repo>/<subfolder> or untrained")
+        gr.Markdown("Untrained fuser size", elem_classes=["c2c-note"])
+        with gr.Row():
+            hidden = gr.Number(defaults.get("hidden_dim") or fs.hidden_dim, label="hidden",
+                               precision=0, minimum=1, min_width=70)
+            inter = gr.Number(defaults.get("intermediate_dim") or fs.intermediate_dim,
+                              label="FFN", precision=0, minimum=1, min_width=70)
+            layers = gr.Number(defaults.get("num_layers") or fs.num_layers, label="layers",
+                               precision=0, minimum=1, min_width=70)
+    with gr.Row():
+        device = gr.Dropdown(DEVICES, value=defaults.get("device") or "auto", label="Device",
+                             allow_custom_value=True, min_width=100)
+        dtype = gr.Dropdown(DTYPES, value=defaults.get("dtype") or "auto", label="Dtype",
+                            min_width=100)
+    load = gr.Button("Load models", variant="secondary", elem_id="load-models", size="md")
+    return ModelPanel(preset_dd, receiver, sharer, fuser, device, dtype, hidden, inter, layers,
+                      note, load, None)  # type: ignore[arg-type]
+
+
+def build_run_settings(defaults: dict) -> RunSettings:
+    g = GenerationConfig()
+    d = lambda k, v: defaults.get(k, v)  # noqa: E731
+    gr.Markdown("### Run settings")
+    mode = gr.Dropdown(MODE_CHOICES, value=d("mode", "c2c"), label="Mode", elem_id="mode",
+                       info=MODE_INFO)
+    with gr.Row():
+        max_new = gr.Number(d("max_new_tokens", g.max_new_tokens), label="new tokens",
+                            precision=0, minimum=1, maximum=8192, min_width=90,
+                            elem_id="max-new-tokens")
+        warmup = gr.Number(d("warmup", 1), label="warm-up", precision=0, minimum=0,
+                           maximum=20, min_width=90, elem_id="warmup")
+        repeats = gr.Number(d("repeats", 1), label="repeats", precision=0, minimum=1,
+                            maximum=100, min_width=90)
+    gr.Markdown("<small>new tokens: at most, per generation · warm-up: unrecorded runs first ·"
+                " repeats: records per prompt (batch, dataset)</small>",
+                elem_classes=["c2c-note"])
+    timing = gr.Radio(list(TIMING_METHODS), value=d("timing", "event"), label="Timing",
+                      info="event: CUDA events / perf_counter · sync: synchronize around every"
+                           " stage, as the seed's scripts did")
+    ignore_eos = gr.Checkbox(d("ignore_eos", False), label="ignore EOS (always generate all new tokens)")
+    chat = gr.Checkbox(d("chat_template", True), label="apply the chat template")
+    with gr.Accordion("Sampling", open=False):
+        do_sample = gr.Checkbox(d("do_sample", False), label="sample (off = greedy)")
+        temperature = gr.Slider(0.05, 2.0, value=d("temperature", g.temperature), step=0.05,
+                                label="temperature")
+        top_p = gr.Slider(0.05, 1.0, value=d("top_p", g.top_p), step=0.05, label="top-p")
+        with gr.Row():
+            top_k = gr.Number(d("top_k", g.top_k), label="top-k (0 = off)", precision=0,
+                              minimum=0, min_width=80)
+            seed = gr.Number(d("seed", g.seed), label="seed", precision=0, min_width=80)
+    return RunSettings(mode, max_new, ignore_eos, warmup, repeats, timing, chat, do_sample,
+                       temperature, top_p, top_k, seed)
+
+
+# --- callbacks -----------------------------------------------------------------------------
+
+def on_preset(name: str):
+    p = PRESETS.get(name)
+    if p is None:
+        return gr.update(), gr.update(), gr.update(), ""
+    return (gr.update(placeholder=f"preset: {p.receiver.source}"),
+            gr.update(placeholder=f"preset: {p.sharer.source}"),
+            gr.update(placeholder=f"preset: {p.fuser.source or 'untrained'}"),
+            preset_note(name))
+
+
+def load_models(progress=gr.Progress(), **settings):
+    """Load (or keep) the models the panel names; yields the status line."""
+    try:
+        cfg = run_config(settings)
+        progress(None, desc="Loading models…")
+        MODELS.get(cfg)
+    except UserError as e:
+        yield error_outputs(e, 1)[0] + "  \n" + MODELS.status()
+        raise user_error(e) from None
+    yield MODELS.status()
+
+
+def model_status() -> str:
+    return MODELS.status()
+
+
+__all__ = ["ModelPanel", "RunSettings", "build_model_panel", "build_run_settings", "on_preset",
+           "load_models", "model_status", "status_md"]

@@ -1,0 +1,123 @@
+"""Profile tab: one prompt in detail — response, stage table, stage-breakdown chart, decode-step
+latency line, and the JSONL / TSV / Chrome trace / op-stats downloads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from .. import analysis, plots
+from ..errors import UserError
+from ..prompts import BUILTIN_PROMPTS, resolve_prompts
+from .common import (MODELS, Job, error_outputs, new_run_path, plot, run_config, sized,
+                     token_counter, tokens_per_item, user_error)
+
+TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
+              " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
+              " read .gz); the stages are the `c2c/…` ranges. Its times are inflated by the"
+              " profiler; the JSONL and the charts hold the clean run.")
+
+STAGE_HEADS = {"stage": "stage", "ms": "time (ms)", "pct_of_e2e": "% of E2E", "count": "count"}
+
+
+@dataclass
+class ProfileTab:
+    prompt: gr.Textbox
+    run: gr.Button
+    status: gr.Markdown
+    response: gr.Textbox
+    stages: gr.Dataframe
+    breakdown: gr.Plot
+    steps: gr.Plot
+    files: gr.File
+
+    def outputs(self) -> list:
+        return [self.status, self.response, self.stages, self.breakdown, self.steps, self.files]
+
+
+def build_profile_tab() -> ProfileTab:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(BUILTIN_PROMPTS[0], lines=3, max_lines=12, label="Prompt",
+                                elem_id="profile-prompt")
+        with gr.Column(scale=2, min_width=220):
+            gr.Examples([[p] for p in BUILTIN_PROMPTS], inputs=prompt, label="Built-in prompts")
+    run = gr.Button("Profile", variant="primary", elem_id="profile-run")
+    status = gr.Markdown("One warm-up (if set), the timed run, then a separate run under the"
+                         " profiler for the trace. Model jobs wait in one queue; the progress"
+                         " box shows your place.", elem_id="profile-status",
+                         elem_classes=["c2c-status"])
+    response = gr.Textbox(label="Response", lines=2, max_lines=12, interactive=False,
+                          elem_id="profile-response")
+    with gr.Row(equal_height=False):
+        stages = gr.Dataframe(pd.DataFrame(columns=list(STAGE_HEADS.values())),
+                              label="Stages of the timed run", interactive=False, scale=6,
+                              elem_id="profile-stages", min_width=380,
+                              column_widths=["48%", "20%", "18%", "14%"])
+        with gr.Column(scale=5):
+            breakdown = plot(plots.stage_breakdown_fig({}), "profile-breakdown", 360)
+    steps = plot(plots.decode_steps_fig(pd.DataFrame()), "profile-steps", 360)
+    files = gr.File(label="Downloads: JSONL · TSV stage table · Chrome trace · op stats",
+                    file_count="multiple", interactive=False, elem_id="profile-files",
+                    height=270)
+    gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
+    return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files)
+
+
+def stage_table(record: dict) -> pd.DataFrame:
+    from ..profiling import stage_rows
+    rows = pd.DataFrame(stage_rows(record))
+    return rows[list(STAGE_HEADS)].rename(columns=STAGE_HEADS)
+
+
+def summary_line(rec: dict, pipe) -> str:
+    t = rec["timing"]
+    return (f"**Done** ({rec.get('mode', 'c2c')}): TTFT {t['ttft_ms']:.1f} ms · decode"
+            f" {t['decode_avg_ms']:.2f} ms/token ({t['tokens_per_second']:.1f} tok/s) ·"
+            f" {t['num_generated_tokens']} tokens · E2E {t['e2e_ms']:.1f} ms · on {pipe.device.type}"
+            f" {str(pipe.dtype).removeprefix('torch.')}.")
+
+
+def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **settings):
+    """Profile one prompt: status, response, stage table, two figures and the 4 files (a
+    generator only so that a failure can say itself in the status line before raising)."""
+    from ..profiling import profile_item, profile_paths
+    try:
+        items = resolve_prompts(prompt=prompt or "")
+        cfg = run_config(settings, repeats=1)
+        path = new_run_path(request, "profile")
+        paths = profile_paths(path, gz=True)
+        per_item = tokens_per_item(cfg)
+        runs = cfg.warmup + 2  # warm-up(s), the timed run, the profiled run
+
+        def work(job):
+            pipe = MODELS.get(cfg)
+            job.phase, job.total = "profiling", 1
+            with token_counter(pipe, per_item is not None) as counter:
+                job.tokens = counter
+                return pipe, profile_item(pipe, cfg, items[0], paths)
+
+        job = Job(work)
+        for _ in job.events():
+            if job.phase == "profiling" and per_item:
+                frac = min(job.tokens[0] / (per_item * runs), 0.99)
+                progress(frac, desc=f"Profiling: token {job.tokens[0]} of about {per_item * runs}"
+                                    " (warm-up, timed run, profiled run)")
+            else:
+                progress(None, desc="Loading models…" if job.phase == "loading models" else
+                         "Profiling (warm-up, timed run, profiled run)…")
+        pipe, (rec, _stats) = job.result
+    except UserError as e:
+        yield error_outputs(e, 6)
+        raise user_error(e) from None
+    from ..records import read_records
+    recs = read_records(paths.jsonl)
+    steps = analysis.steps_frame(recs)
+    more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
+    status = summary_line(rec, pipe) + more
+    files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
+    yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
+            sized(plots.decode_steps_fig(steps), 360), files)

@@ -1,0 +1,212 @@
+"""Results tab: uploaded JSONL files and this session's runs → summary per file and mode,
+histogram of decode ms/token, per-sample stage bars, decode-step lines, the 10 slowest samples,
+modes compared, and two files side by side. Reads older (seed) records too."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from .. import analysis, plots
+from ..errors import UserError
+from ..records import read_records
+from .common import labelled, plot, session_run_path, session_runs, sized, status_md, ui_message
+
+COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
+
+
+@dataclass
+class ResultsTab:
+    files: gr.File
+    runs: gr.CheckboxGroup
+    skip_bad_lines: gr.Checkbox
+    analyze: gr.Button
+    status: gr.Markdown
+    summary: gr.Dataframe
+    hist: gr.Plot
+    stage_bars: gr.Plot
+    steps: gr.Plot
+    slowest: gr.Dataframe
+    modes: gr.Dataframe
+    mode_ttft: gr.Plot
+    mode_decode: gr.Plot
+    file_a: gr.Dropdown
+    file_b: gr.Dropdown
+    compare: gr.Dataframe
+    a_bars: gr.Plot
+    b_bars: gr.Plot
+    a_steps: gr.Plot
+    b_steps: gr.Plot
+
+    def inputs(self) -> list:
+        return [self.files, self.runs, self.skip_bad_lines]
+
+    def compare_outputs(self) -> list:
+        return [self.compare, self.a_bars, self.b_bars, self.a_steps, self.b_steps]
+
+    def outputs(self) -> list:
+        return [self.status, self.summary, self.hist, self.stage_bars, self.steps, self.slowest,
+                self.modes, self.mode_ttft, self.mode_decode, self.file_a, self.file_b,
+                *self.compare_outputs()]
+
+
+def _empty_df(cols: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(columns=cols)
+
+
+def build_results_tab() -> ResultsTab:
+    with gr.Row(equal_height=False):
+        files = gr.File(label="Upload JSONL result files", file_count="multiple",
+                        file_types=[".jsonl", ".json"], elem_id="results-files", height=150,
+                        scale=3)
+        with gr.Column(scale=2):
+            runs = gr.CheckboxGroup([], label="…and/or runs from this session",
+                                    elem_id="results-runs")
+            skip = gr.Checkbox(False, label="skip malformed lines")
+            analyze = gr.Button("Analyze", variant="primary", elem_id="results-analyze")
+    status = gr.Markdown("Files written by the seed scripts work too (what they lack is left out"
+                         " of the charts).", elem_id="results-status",
+                         elem_classes=["c2c-status"])
+    summary = gr.Dataframe(_empty_df(["source", "mode", "count"]),
+                           label="Summary per file and mode", interactive=False,
+                           elem_id="results-summary")
+    # full width: several files make long sample labels and legends
+    hist = plot(plots.decode_hist_fig(pd.DataFrame()), "results-hist", 340)
+    bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-bars", 420)
+    steps = plot(plots.decode_steps_fig(pd.DataFrame()), "results-steps", 400)
+    slowest = gr.Dataframe(_empty_df(["source", "id"]), label="10 slowest samples (by decode"
+                           " total)", interactive=False, elem_id="results-slowest")
+    with gr.Accordion("Modes compared", open=False):
+        modes = gr.Dataframe(_empty_df(["mode", "count"]), label="Per mode (all files)",
+                             interactive=False)
+        empty = plots.mode_compare_figs(pd.DataFrame(), ("ttft_ms", "decode_avg_ms"))
+        with gr.Row(equal_height=False):
+            mode_ttft = plot(empty["ttft_ms"], "results-mode-ttft", 320)
+            mode_decode = plot(empty["decode_avg_ms"], "results-mode-decode", 320)
+    with gr.Accordion("Two files side by side", open=False, elem_id="results-pair"):
+        with gr.Row():
+            file_a = gr.Dropdown([], label="File A", elem_id="results-a")
+            file_b = gr.Dropdown([], label="File B (compared with A)", elem_id="results-b")
+        compare = gr.Dataframe(_empty_df(["metric"]), label="B against A (medians; flagged when"
+                               " the change exceeds the spread)", interactive=False,
+                               elem_id="results-compare")
+        with gr.Row(equal_height=False):
+            a_bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-a-bars", 320)
+            b_bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-b-bars", 320)
+        with gr.Row(equal_height=False):
+            a_steps = plot(plots.decode_steps_fig(pd.DataFrame()), "results-a-steps", 320)
+            b_steps = plot(plots.decode_steps_fig(pd.DataFrame()), "results-b-steps", 320)
+    return ResultsTab(files, runs, skip, analyze, status, summary, hist, bars, steps, slowest,
+                      modes, mode_ttft, mode_decode, file_a, file_b, compare, a_bars, b_bars,
+                      a_steps, b_steps)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _paths(files) -> list[str]:
+    if not files:
+        return []
+    files = files if isinstance(files, list) else [files]
+    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+
+
+def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
+                 ) -> tuple[dict[str, list[dict]], list[str]]:
+    """{source name: records} of every readable file, and one message per unreadable one."""
+    found: list[tuple[str, str]] = [(os.path.basename(p), p) for p in _paths(files)]
+    errors: list[str] = []
+    for name in runs or []:
+        try:
+            found.append((name, session_run_path(request, name)))
+        except UserError as e:
+            errors.append(ui_message(e))
+    sources: dict[str, list[dict]] = {}
+    for name, path in found:
+        short = name[:-6] if name.endswith(".jsonl") else name  # shorter chart labels
+        key, n = short, 1
+        while key in sources:
+            n += 1
+            key = f"{short} ({n})"
+        try:
+            recs = read_records(path, skip_bad_lines=bool(skip_bad_lines))
+        except UserError as e:
+            errors.append(ui_message(e))
+            continue
+        if not recs:
+            errors.append(f"{name} has no records; pick a results file with one JSON object per"
+                          " line.")
+            continue
+        sources[key] = recs
+    return sources, errors
+
+
+def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    dfs = [analysis.to_frame(r, s) for s, r in sources.items()]
+    sfs = [analysis.steps_frame(r, s) for s, r in sources.items()]
+    df = pd.concat(dfs, ignore_index=True) if dfs else analysis.to_frame([])
+    sf = pd.concat(sfs, ignore_index=True) if sfs else analysis.steps_frame([])
+    return df, sf
+
+
+def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tuple:
+    ra, rb = sources.get(a or ""), sources.get(b or "")
+    table = _empty_df(["metric"])
+    if ra is not None and rb is not None:
+        table = analysis.compare_runs(analysis.to_frame(ra, a), analysis.to_frame(rb, b),
+                                      COMPARE_METRICS).drop(columns=["field"]).rename(
+            columns={"beyond_spread": "beyond spread", "regression": "regression"})
+    side = []
+    for recs, who in ((ra, a), (rb, b)):
+        df = analysis.to_frame(recs, who) if recs else pd.DataFrame()
+        bars = plots.stage_bars_fig(df)
+        bars.update_layout(title_text=f"{who}: stage times" if recs else "Stage times")
+        side.append(sized(bars, 320))
+    for recs, who in ((ra, a), (rb, b)):
+        fig = plots.decode_steps_fig(analysis.steps_frame(recs, who) if recs else pd.DataFrame())
+        if recs:
+            fig.update_layout(title_text=f"{who}: decode step latency")
+        side.append(sized(fig, 320))
+    return (table, side[0], side[1], side[2], side[3])
+
+
+def analyze(files, runs, skip_bad_lines, request: gr.Request):
+    """Summary table, histogram, stage bars, decode steps, 10 slowest, modes, and A vs B."""
+    sources, errors = load_sources(files, runs, skip_bad_lines, request)
+    if errors:
+        gr.Warning(" ".join(errors))
+    df, sf = _frames(sources)
+    names = list(sources)
+    if not sources:
+        msg = " ".join(errors) if errors else "Upload a JSONL file or pick a run of this session."
+        status = status_md(msg, "error" if errors else "info")
+    else:
+        n = sum(len(r) for r in sources.values())
+        status = f"**{n} record(s)** from {len(sources)} file(s): {', '.join(names)}."
+        if errors:
+            status += "  \n" + status_md(" ".join(errors), "error")
+    summary = analysis.summarize(df) if sources else _empty_df(["source", "mode", "count"])
+    slow = labelled(analysis.slowest(df, 10)) if sources else _empty_df(["source", "id"])
+    modes_table, _ratios = analysis.compare_modes(df) if sources else (_empty_df(["mode"]), {})
+    mode_figs = plots.mode_compare_figs(df if sources else pd.DataFrame(),
+                                        ("ttft_ms", "decode_avg_ms"))
+    a = names[0] if names else None
+    b = names[1] if len(names) > 1 else None
+    return (status, summary,
+            sized(plots.decode_hist_fig(df), 340), sized(plots.stage_bars_fig(df), 420),
+            sized(plots.decode_steps_fig(sf), 400), slow, modes_table,
+            sized(mode_figs["ttft_ms"], 320), sized(mode_figs["decode_avg_ms"], 320),
+            gr.update(choices=names, value=a), gr.update(choices=names, value=b),
+            *_compare(sources, a, b))
+
+
+def compare_pair(files, runs, skip_bad_lines, a, b, request: gr.Request):
+    sources, _ = load_sources(files, runs, skip_bad_lines, request)
+    return _compare(sources, a, b)
+
+
+def refresh_runs(request: gr.Request):
+    """This session's runs as choices (newest first), keeping nothing it no longer has."""
+    return gr.update(choices=session_runs(request))
