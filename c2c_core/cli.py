@@ -1,4 +1,4 @@
-"""`python -m c2c_core <profile|batch|dataset|overhead>`: each subcommand is
+"""`python -m c2c_core <profile|batch|dataset|sweep|report|compare|overhead>`: each subcommand is
 `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
@@ -8,6 +8,7 @@ non-zero exit, with the records already written left intact.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import PRESETS
@@ -195,6 +196,88 @@ def cmd_overhead(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import parse_lengths, run_sweep
+    ins = parse_lengths(args.input_lens, "--input_lens")
+    outs = parse_lengths(args.output_lens, "--output_lens")
+    cfg = run_config(args)
+    pipe = _load(cfg)
+    writer, _ = _writer_and_skip(args)
+    from tqdm import tqdm
+    with writer, tqdm(total=len(ins) * len(outs), unit="shape", file=sys.stderr) as bar:
+        recs = run_sweep(pipe, cfg, ins, outs, writer=writer,
+                         on_progress=lambda done, total, rec: bar.update(1))
+    print_summary(recs)
+    print(f"Wrote {len(recs)} record(s) to {args.output}")
+    if args.html:
+        from .plots import sweep_fig
+        from .analysis import to_frame
+        sweep_fig(to_frame(recs)).write_html(args.html, include_plotlyjs=True)
+        print(f"Wrote {args.html}")
+    return 0
+
+
+def _frames(paths: list[str], skip_bad_lines: bool):
+    import pandas as pd
+
+    from .analysis import to_frame
+    from .records import read_records
+    frames = []
+    for p in paths:
+        recs = read_records(p, skip_bad_lines=skip_bad_lines)
+        if not recs:
+            raise UserError(f"{p} holds no records; run a benchmark into it first.")
+        frames.append(to_frame(recs, source=os.path.basename(p)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def cmd_report(args) -> int:
+    """Per mode: ttft, e2e, decode ms/token, tok/s, accuracy; C2C over T2T and over receiver."""
+    import json
+
+    from .analysis import compare_modes
+    df = _frames(args.files, args.skip_bad_lines)
+    table, ratios = compare_modes(df)
+    print(table.to_string(index=False))
+    for name, r in ratios.items():
+        parts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("n", "paired"))
+        print(f"{name.replace('_', ' ')}: {parts} (n={r['n']}{', paired by id' if r['paired'] else ''})")
+    if args.html:
+        from .plots import mode_compare_figs, sweep_fig
+        figs = list(mode_compare_figs(df).values())
+        if df["id"].astype(str).str.match(r"in\d+-out\d+$").any():
+            figs.append(sweep_fig(df))
+        with open(args.html, "w", encoding="utf-8") as f:
+            for i, fig in enumerate(figs):
+                f.write(fig.to_html(full_html=i == 0, include_plotlyjs=i == 0))
+        print(f"Wrote {args.html}")
+    print(json.dumps({"ratios": ratios}, default=str))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Run B against run A: exit 1 when a metric got worse beyond the runs' own spread."""
+    from .analysis import compare_runs
+    a = _frames([args.a], args.skip_bad_lines)
+    b = _frames([args.b], args.skip_bad_lines)
+    import pandas as pd
+    modes = [args.mode] if args.mode else [m for m in dict.fromkeys(a["mode"]) if m in set(b["mode"])]
+    if not modes or any(a[a["mode"] == m].empty or b[b["mode"] == m].empty for m in modes):
+        raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
+                        " to compare; pick --mode from the modes both files hold.")
+    table = pd.concat([compare_runs(a[a["mode"] == m], b[b["mode"] == m], threshold=args.threshold)
+                       .assign(mode=m) for m in modes], ignore_index=True)
+    cols = ["mode"] + [c for c in table.columns if c not in ("mode", "field")]
+    print(table[cols].to_string(index=False))
+    bad = table[table["regression"]]
+    if len(bad):
+        worse = ", ".join(f"{m} {metric}" for m, metric in zip(bad["mode"], bad["metric"]))
+        print(f"REGRESSION: {worse} worse beyond the runs' spread.")
+        return 1
+    print("No regression beyond the runs' spread.")
+    return 0
+
+
 # --- entry ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +303,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_run_args(p, DEFAULT_OUTPUTS["dataset"])
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("sweep", help="exact-length synthetic prompts x fixed output lengths")
+    p.add_argument("--input_lens", default="16,64,256", help="prompt lengths in tokens, e.g. 16,64,256,1024")
+    p.add_argument("--output_lens", default="32", help="output lengths in tokens (EOS ignored)")
+    p.add_argument("--html", help="also write the stage-vs-length plot as HTML")
+    add_model_args(p)
+    add_run_args(p, "sweep_timing_results.jsonl")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="compare modes in JSONL files: table, ratios, charts")
+    p.add_argument("files", nargs="+", help="JSONL result files")
+    p.add_argument("--html", help="write the charts as one HTML file")
+    p.add_argument("--skip_bad_lines", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="run B vs run A; exit 1 on a regression beyond spread")
+    p.add_argument("a", help="baseline JSONL")
+    p.add_argument("b", help="candidate JSONL")
+    p.add_argument("--mode", help="compare only this mode")
+    p.add_argument("--threshold", type=float, default=0.05, help="minimum relative change that counts")
+    p.add_argument("--skip_bad_lines", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")
     p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats per variant (>= 5)")

@@ -22,6 +22,7 @@ STAGE_COLORS = {
     "sharer_decode_ms": "#a63603",
     "projector_total_ms": "#31a354",
     "decode_total_ms": "#756bb1",
+    "decode_avg_ms": "#756bb1",
     "ttft_other_ms": "#bdbdbd",
     "other_ms": "#bdbdbd",
 }
@@ -187,13 +188,19 @@ def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
     return figs
 
 
+# prefill-side stages grow with the prompt; decode is shown per token so output length drops out
+SWEEP_STAGES = ["base_embedding_ms", "teacher_embedding_ms", "base_prefill_ms",
+                "teacher_prefill_ms", "projector_total_ms", "sharer_decode_ms", "decode_avg_ms"]
+
+
 def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
-    """Median time of each stage against `x` (prompt length), one panel per mode."""
+    """Median time of each stage (decode: per token) against `x` (prompt length), one panel
+    per mode."""
     title = f"Stage times vs {name(x)}"
     if not _has(df, x):
         return _empty(title)
     d = df.assign(**{x: pd.to_numeric(df[x], errors="coerce")}).dropna(subset=[x])
-    stages = _stages_with_data(d, E2E_STAGES)
+    stages = _stages_with_data(d, SWEEP_STAGES)
     if not stages:
         return _empty(title)
     modes = ordered_modes(d["mode"]) if "mode" in d.columns else ["all"]

@@ -1,0 +1,58 @@
+"""Length sweeps: synthetic prompts of exact token lengths (the ids fed to the model, no chat
+template) x fixed output lengths (ignore EOS), like vLLM's --input-len/--output-len."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+from .runner import Item, run_many
+
+
+def parse_lengths(text: str, what: str) -> list[int]:
+    """'16,64,256' -> [16, 64, 256]."""
+    try:
+        vals = [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{what} '{text}' must be comma-separated integers, e.g. 16,64,256.") from None
+    if not vals or any(v < 1 for v in vals):
+        raise UserError(f"{what} '{text}' must list lengths >= 1.")
+    return vals
+
+
+def synthetic_ids(tokenizer, length: int, seed: int = 0) -> list[int]:
+    """`length` ordinary (non-special) token ids drawn with a fixed seed."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    vocab = len(tokenizer)
+    pool = torch.tensor([i for i in range(vocab) if i not in special])
+    g = torch.Generator().manual_seed(seed + length)
+    return pool[torch.randint(len(pool), (length,), generator=g)].tolist()
+
+
+def sweep_items(tokenizer, input_lens: list[int], seed: int = 0) -> list[Item]:
+    return [Item(id=f"in{n}", prompt=f"<{n} synthetic tokens>",
+                 input_ids=synthetic_ids(tokenizer, n, seed)) for n in input_lens]
+
+
+def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
+              on_progress: Callable | None = None, should_stop: Callable | None = None) -> list[dict]:
+    """Every input length x output length (x mode x repeat); each shape warms up first.
+
+    Record ids are 'in<N>-out<M>' so a shape's records share an id across modes."""
+    items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
+    out: list[dict] = []
+    total = len(items) * len(output_lens)
+    for j, m in enumerate(output_lens):
+        c = replace(cfg, gen=replace(cfg.gen, max_new_tokens=m, ignore_eos=True))
+        c.gen.validate()
+        for i, it in enumerate(items):
+            if should_stop and should_stop():
+                return out
+            shaped = replace(it, id=f"{it.id}-out{m}")
+            out += run_many(pipe, c, [shaped], writer=writer, should_stop=should_stop)
+            if on_progress:
+                on_progress(j * len(items) + i + 1, total, out[-1] if out else None)
+    return out
