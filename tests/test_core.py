@@ -231,3 +231,38 @@ def test_hub_model_fails_fast_when_offline(monkeypatch):
     with pytest.raises(UserError, match="Qwen/Qwen3-0.6B.*HF_HUB_OFFLINE"):
         load_pipeline(cfg)
     assert time.monotonic() - t < 10
+
+
+def test_out_of_memory_keeps_written_records(tmp_path, tiny_pipe, monkeypatch):
+    from c2c_core import runner
+    from c2c_core.errors import OutOfMemory
+    from c2c_core.records import JsonlWriter
+    pipe, cfg = tiny_pipe
+    real, calls = runner.generate, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "generate", flaky)
+    path = tmp_path / "oom.jsonl"
+    with pytest.raises(OutOfMemory, match="reduce --max_new_tokens or use shorter prompts"):
+        with JsonlWriter(path) as w:
+            runner.run_many(pipe, cfg, ["a", "b", "c", "d"], writer=w)
+    assert [r["id"] for r in read_records(path)] == [1, 2]
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
+    import time
+
+    from c2c_core import hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(hub, "_reachable_cache", {})
+    t = time.monotonic()
+    with pytest.raises(UserError, match="cannot be reached"):
+        hub.require_hub("Receiver model Qwen/Qwen3-0.6B")
+    assert time.monotonic() - t < 5
