@@ -15,7 +15,8 @@ import gradio as gr
 
 from ..config import build_run_config, default_preset
 from . import batch_tab, dataset_tab, model_panel, profile_tab, results_tab
-from .common import MAX_UPLOAD, MODEL_QUEUE, MODELS, end_session, gpu, purge_old_sessions
+from .common import (MAX_UPLOAD, MODEL_QUEUE, MODELS, WAITING_JS, enable_download, end_session,
+                     gpu, purge_old_sessions, show_files)
 
 TITLE = "C2C timing workbench"
 INTRO = ("Time **Cache-to-Cache** inference stage by stage: the receiver and the sharer prefill"
@@ -80,7 +81,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
         with gr.Sidebar(width=370, label="Settings"):
             panel = model_panel.build_model_panel(defaults)
             settings = model_panel.build_run_settings(defaults)
-        panel.status = gr.Markdown(MODELS.status(), elem_id="model-status",
+        panel.status = gr.Markdown(MODELS.status(), label="models", elem_id="model-status",
                                    elem_classes=["c2c-models"])
         with gr.Tabs():
             with gr.Tab("Profile", id="profile"):
@@ -107,25 +108,38 @@ def _wire(demo, panel, settings, prof, batch, data, res, results_tab_item) -> No
     panel.load.click(gpu()(model_panel.load_models), inputs_kwargs=panel.inputs(),
                      outputs=panel.status, api_name="load_models", show_progress_on=panel.status,
                      **model_job)
-    demo.load(model_panel.model_status, None, panel.status, api_visibility="private",
-              queue=False)
+    # the status line follows a background load (app start) until the models are in
+    poll = gr.Timer(2.0, active=False)
+    demo.load(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
+              queue=False, show_progress="hidden")
+    poll.tick(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
+              queue=False, show_progress="hidden")
 
-    ev_prof = prof.run.click(gpu()(profile_tab.run_profile), inputs=[prof.prompt],
-                             inputs_kwargs=model_kw, outputs=prof.outputs(), api_name="profile",
-                             show_progress_on=[prof.status], **model_job)
-    ev_batch = batch.run.click(gpu()(batch_tab.run_batch), inputs=[batch.prompts],
-                               inputs_kwargs=model_kw, outputs=batch.outputs(), api_name="batch",
-                               show_progress_on=[batch.status], **model_job)
-    ev_data = data.run.click(gpu(600)(dataset_tab.run_dataset),
-                             inputs=list(data.inputs().values()), inputs_kwargs=model_kw,
-                             outputs=data.outputs(), api_name="dataset",
-                             show_progress_on=[data.status], **model_job)
-    data.stop.click(dataset_tab.stop_run, None, data.status, queue=False,
-                    api_visibility="private")
+    # each run: first a browser-side "waiting" line, then the queued model job (the endpoint)
+    def waiting(button, status):
+        return button.click(None, None, status, js=WAITING_JS, api_visibility="private",
+                            queue=False, show_progress="hidden")
+
+    ev_prof = waiting(prof.run, prof.status).then(
+        gpu()(profile_tab.run_profile), inputs=[prof.prompt], inputs_kwargs=model_kw,
+        outputs=prof.outputs(), api_name="profile", show_progress_on=[prof.status], **model_job)
+    ev_batch = waiting(batch.run, batch.status).then(
+        gpu()(batch_tab.run_batch), inputs=[batch.prompts], inputs_kwargs=model_kw,
+        outputs=batch.outputs(), api_name="batch", show_progress_on=[batch.status], **model_job)
+    ev_data = waiting(data.run, data.status).then(
+        gpu(600)(dataset_tab.run_dataset), inputs=list(data.inputs().values()),
+        inputs_kwargs=model_kw, outputs=data.outputs(), api_name="dataset",
+        show_progress_on=[data.status], **model_job)
+    data.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
+                    concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
                             api_visibility="private")
 
-    # after each run: the status line (memory) and the Results tab's list of session runs
+    # after each run: its downloads, the status line (memory), the Results tab's run list
+    private = dict(api_visibility="private", queue=False, show_progress="hidden")
+    ev_prof.then(show_files, prof.files, prof.files, **private)
+    ev_batch.then(enable_download, batch.file, batch.file, **private)
+    ev_data.then(enable_download, data.file, data.file, **private)
     for ev in (ev_prof, ev_batch, ev_data):
         ev.then(model_panel.model_status, None, panel.status, api_visibility="private",
                 queue=False)

@@ -11,8 +11,8 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
-from .common import (error_outputs, new_run_path, plot, records_table, run_config, sized,
-                     stream_records, user_error)
+from .common import (download_button, error_outputs, new_run_path, plot,
+                     records_table, run_config, sized, stream_records, user_error)
 
 
 @dataclass
@@ -22,7 +22,7 @@ class BatchTab:
     status: gr.Markdown
     table: gr.Dataframe
     plot: gr.Plot
-    file: gr.File
+    file: gr.DownloadButton
 
     def outputs(self) -> list:
         return [self.status, self.table, self.plot, self.file]
@@ -31,12 +31,13 @@ class BatchTab:
 def build_batch_tab() -> BatchTab:
     prompts = gr.Textbox("\n".join(BUILTIN_PROMPTS), lines=6, max_lines=20,
                          label="Prompts, one per line", elem_id="batch-prompts")
-    run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+    with gr.Row():
+        run = gr.Button("Run batch", variant="primary", elem_id="batch-run", scale=4)
+        file = download_button("batch-file", scale=1, min_width=200)
     status = gr.Markdown("Each prompt × repeat × mode is one record (one JSONL line).",
-                         elem_id="batch-status", elem_classes=["c2c-status"])
+                         label="status", elem_id="batch-status", elem_classes=["c2c-status"], min_height=56)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="batch-table", max_height=360)
-    file = gr.File(label="Download JSONL", interactive=False, elem_id="batch-file", height=80)
     fig = plot(plots.stage_bars_fig(pd.DataFrame()), "batch-plot")
     return BatchTab(prompts, run, status, table, fig, file)
 

@@ -53,13 +53,17 @@ INT_FIELDS = {"max_new_tokens", "warmup", "repeats", "top_k", "seed", "hidden_di
 
 #: CLI spellings in core messages → what the page calls the same setting.
 UI_WORDS = {
+    "pass a local prompts file with --dataset_file": "upload a prompts file instead",
+    "pass --dataset_file with a local file": "upload a prompts file",
+    "pass --dataset_file with a local copy": "upload a local copy",
+    "use the offline preset smollm2-demo": "pick the offline preset smollm2-demo",
     "pass --skip_bad_lines to skip such rows": "tick 'skip malformed lines' to skip such rows",
     "(or pass --skip_bad_lines to skip it)": "(or tick 'skip malformed lines')",
     "--skip_bad_lines": "'skip malformed lines'",
-    "--max_new_tokens": "'new tokens'", "--num_samples": "'number of samples'",
+    "--max_new_tokens": "'max new tokens'", "--num_samples": "'number of samples'",
     "--dataset_config": "'config'", "--dataset_file": "an uploaded file",
     "--dataset": "'dataset'", "--split": "'split'", "--field": "'text field'",
-    "--offset": "'offset'", "--warmup": "'warm-up'", "--repeats": "'repeats'",
+    "--offset": "'offset'", "--warmup": "'warm-up runs'", "--repeats": "'repeats'",
     "--device": "device", "--dtype": "dtype", "--mode": "mode", "--timing": "timing",
     "--fuser": "fuser", "--base_model": "receiver", "--teacher_model": "sharer",
     "--prompts": "the prompt list", "--prompt": "the prompt",
@@ -91,6 +95,12 @@ def error_outputs(err: BaseException, n_outputs: int) -> tuple:
 
 def user_error(err: BaseException) -> gr.Error:
     return gr.Error(ui_message(err), print_exception=False)
+
+
+#: Said in a run's status line the moment its button is clicked (in the browser, so it shows
+#: while the job waits for the model queue; the queue box beside it gives the place).
+WAITING_JS = ("() => 'Waiting for the model: one job runs at a time (your place in the queue is"
+              " shown on the right).'")
 
 
 # --- sessions ------------------------------------------------------------------------------
@@ -166,6 +176,13 @@ def stop_flag(request: gr.Request | None) -> threading.Event:
     return ev
 
 
+def clear_stop(request: gr.Request | None, ev: threading.Event) -> None:
+    """The run that owned `ev` is over: a later Stop has nothing to stop."""
+    with _STOPS_LOCK:
+        if _STOPS.get(session_id(request)) is ev:
+            del _STOPS[session_id(request)]
+
+
 def request_stop(request: gr.Request | None) -> bool:
     with _STOPS_LOCK:
         ev = _STOPS.get(session_id(request))
@@ -207,8 +224,8 @@ def run_config(settings: dict, **fixed) -> RunConfig:
             kw[k] = _clean(k, settings[k])
     kw.update(fixed)
     preset = kw.pop("preset", None)
-    base, teacher, fuser = kw.pop("base_model", None), kw.pop("teacher_model", None), kw.pop("fuser", None)
-    return build_run_config(preset, base, teacher, fuser, **kw)
+    base, teacher = kw.pop("base_model", None), kw.pop("teacher_model", None)
+    return build_run_config(preset, base, teacher, kw.pop("fuser", None), **kw)
 
 
 # --- the loaded models ---------------------------------------------------------------------
@@ -448,9 +465,35 @@ def sized(fig, height: int = 380):
     return fig
 
 
+def integer_counts(fig, n: int):
+    """Histogram count axes in whole numbers when there are few samples (no 0.2 ticks)."""
+    if 0 < n <= 10:
+        fig.update_yaxes(tick0=0, dtick=1)
+    return fig
+
+
+def download_button(elem_id: str, **kw) -> gr.DownloadButton:
+    """A compact "Download JSONL" button, enabled once a run has written its file."""
+    return gr.DownloadButton("Download JSONL", value=None, interactive=False, elem_id=elem_id,
+                             **kw)
+
+
+def enable_download(path: str | None):
+    """After a run: the button is clickable when it holds a file. (A separate event, so the
+    API endpoints return plain file paths rather than component updates.)"""
+    return gr.DownloadButton(interactive=bool(path))
+
+
+def show_files(files):
+    """After a profile: the file list is shown once it holds files."""
+    return gr.File(visible=bool(files))
+
+
 def plot(fig, elem_id: str, height: int = 380, **kw) -> gr.Plot:
-    """A gr.Plot for a plotly figure; the figure carries its own title, so no label."""
-    return gr.Plot(sized(fig, height), show_label=False, elem_id=elem_id,
+    """A gr.Plot for a plotly figure; the figure carries its own title, so the label (the
+    output's name in the API) is not shown."""
+    label = kw.pop("label", elem_id.split("-", 1)[-1].replace("-", " "))
+    return gr.Plot(sized(fig, height), label=label, show_label=False, elem_id=elem_id,
                    elem_classes=["c2c-plot"], **kw)
 
 
@@ -496,6 +539,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     job = Job(work, stop, cfg.warmup)
     recs: list[dict] = []
     last_table = last_file = time.perf_counter()
+    yield render([], status_md("Started: loading models and warming up if needed…", "run"),
+                 gr.skip())
     try:
         for batch in job.events():
             recs.extend(batch)
@@ -508,6 +553,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                     file, last_file = path, now
                 msg = f"Running: {len(recs)} of {job.total} record(s) done…"
                 yield render(recs, status_md(msg, "run"), file)
+                # a yield turns the page's progress bar into a "generating" border: redraw it
+                progress(job.fraction(per_item), desc=job.describe(unit))
     except UserError as e:
         kept = f" {len(recs)} finished record(s) are in the download." if recs else ""
         yield render(recs, status_md(ui_message(e) + kept, "error"), path if recs else None)

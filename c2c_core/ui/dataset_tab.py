@@ -11,8 +11,9 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import FILE_TYPES, resolve_prompts
-from .common import (error_outputs, new_run_path, plot, records_table, request_stop,
-                     run_config, sized, status_md, stop_flag, stream_records, user_error)
+from .common import (clear_stop, download_button, integer_counts, error_outputs, new_run_path, plot,
+                     records_table, request_stop, run_config, sized, stop_flag,
+                     stream_records, user_error)
 
 SOURCES = [("Hugging Face dataset", "hf"), ("Uploaded file", "file")]
 
@@ -33,7 +34,7 @@ class DatasetTab:
     status: gr.Markdown
     table: gr.Dataframe
     plot: gr.Plot
-    file: gr.File
+    file: gr.DownloadButton
 
     def inputs(self) -> dict:
         names = ["source", "dataset_name", "dataset_config", "split", "prompt_file",
@@ -56,7 +57,7 @@ def build_dataset_tab() -> DatasetTab:
                     config = gr.Textbox("", label="config", placeholder="gsm8k: main · mmlu: all")
                     split = gr.Textbox("test", label="split")
         with gr.Column(scale=2):
-            prompt_file = gr.File(label="…or a prompts file (lines with prompt / question / text)",
+            prompt_file = gr.File(label="…or a prompts file (rows with prompt, question or text)",
                                   file_types=list(FILE_TYPES), elem_id="dataset-file", height=120)
     with gr.Row():
         num = gr.Number(10, label="number of samples", precision=0, minimum=1, min_width=120)
@@ -66,29 +67,29 @@ def build_dataset_tab() -> DatasetTab:
                            min_width=120)
         skip = gr.Checkbox(False, label="skip malformed lines", min_width=120)
     with gr.Row():
-        run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=3)
-        stop = gr.Button("Stop", variant="stop", elem_id="dataset-stop", scale=1)
+        run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=4)
+        stop = gr.Button("Stop", variant="stop", elem_id="dataset-stop", scale=1, min_width=110)
+        file = download_button("dataset-file-out", scale=1, min_width=200)
     status = gr.Markdown("Stop ends the run after the current generation; the finished records"
-                         " stay downloadable.", elem_id="dataset-status",
-                         elem_classes=["c2c-status"])
+                         " stay downloadable.", label="status", elem_id="dataset-status",
+                         elem_classes=["c2c-status"], min_height=56)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="dataset-table", max_height=360)
-    file = gr.File(label="Download JSONL", interactive=False, elem_id="dataset-file-out",
-                   height=80)
     fig = plot(plots.decode_hist_fig(pd.DataFrame()), "dataset-plot")
     return DatasetTab(source, name, config, split, prompt_file, num, offset, field, skip, run,
                       stop, status, table, fig, file)
 
 
 def render(recs: list[dict], status: str, file):
-    fig = sized(plots.decode_hist_fig(analysis.to_frame(recs) if recs else pd.DataFrame()))
+    fig = sized(integer_counts(plots.decode_hist_fig(analysis.to_frame(recs) if recs else
+                                                     pd.DataFrame()), len(recs)))
     return status, records_table(recs), fig, file
 
 
 def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
-                prompt_file: str | None, num_samples: float | None, offset: float | None,
-                text_field: str, skip_bad_lines: bool, request: gr.Request,
-                progress=gr.Progress(), **settings):
+                prompt_file: str | None = None, num_samples: float | None = 10,
+                offset: float | None = 0, text_field: str = "", skip_bad_lines: bool = False,
+                request: gr.Request = None, progress=gr.Progress(), **settings):
     """Run a dataset selection; yields status, table, histogram, JSONL as records arrive."""
     try:
         kw = dict(field=(text_field or "").strip() or None, offset=int(offset or 0),
@@ -113,10 +114,17 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
         raise user_error(e) from None
     path = new_run_path(request, "dataset")
     stop = stop_flag(request)
-    yield from stream_records(cfg, items, path, progress, render, stop=stop, unit="generation")
+    try:
+        yield from stream_records(cfg, items, path, progress, render, stop=stop,
+                                  unit="generation")
+    finally:
+        clear_stop(request, stop)
 
 
-def stop_run(request: gr.Request) -> str:
+def stop_run(request: gr.Request) -> None:
+    """Ask this session's dataset run to stop after its current generation. Said in a toast:
+    the run's own last update writes the status line (writing it here could land later)."""
     if request_stop(request):
-        return "**Stopping** after the current generation…"
-    return status_md("Nothing is running.")
+        gr.Info("Stopping after the current generation…")
+    else:
+        gr.Info("Nothing is running.")

@@ -117,20 +117,20 @@ def build_run_settings(defaults: dict) -> RunSettings:
     mode = gr.Dropdown(MODE_CHOICES, value=d("mode", "c2c"), label="Mode", elem_id="mode",
                        info=MODE_INFO)
     with gr.Row():
-        max_new = gr.Number(d("max_new_tokens", g.max_new_tokens), label="new tokens",
-                            precision=0, minimum=1, maximum=8192, min_width=90,
-                            elem_id="max-new-tokens")
-        warmup = gr.Number(d("warmup", 1), label="warm-up", precision=0, minimum=0,
-                           maximum=20, min_width=90, elem_id="warmup")
+        max_new = gr.Number(d("max_new_tokens", g.max_new_tokens), label="max new tokens",
+                            precision=0, minimum=1, maximum=8192, min_width=120,
+                            elem_id="max-new-tokens", info="per generation")
+        warmup = gr.Number(d("warmup", 1), label="warm-up runs", precision=0, minimum=0,
+                           maximum=20, min_width=120, elem_id="warmup",
+                           info="not recorded")
+    with gr.Row():
         repeats = gr.Number(d("repeats", 1), label="repeats", precision=0, minimum=1,
-                            maximum=100, min_width=90)
-    gr.Markdown("<small>new tokens: at most, per generation · warm-up: unrecorded runs first ·"
-                " repeats: records per prompt (batch, dataset)</small>",
-                elem_classes=["c2c-note"])
+                            maximum=100, min_width=120, info="records per prompt")
+        ignore_eos = gr.Checkbox(d("ignore_eos", False), label="ignore EOS",
+                                 info="always generate max new tokens", min_width=120)
     timing = gr.Radio(list(TIMING_METHODS), value=d("timing", "event"), label="Timing",
                       info="event: CUDA events / perf_counter · sync: synchronize around every"
                            " stage, as the seed's scripts did")
-    ignore_eos = gr.Checkbox(d("ignore_eos", False), label="ignore EOS (always generate all new tokens)")
     chat = gr.Checkbox(d("chat_template", True), label="apply the chat template")
     with gr.Accordion("Sampling", open=False):
         do_sample = gr.Checkbox(d("do_sample", False), label="sample (off = greedy)")
@@ -171,6 +171,11 @@ def load_models(progress=gr.Progress(), **settings):
 
 def model_status() -> str:
     return MODELS.status()
+
+
+def model_status_poll():
+    """The status line, and whether to keep polling (only while models are loading)."""
+    return MODELS.status(), gr.Timer(active=MODELS.loading is not None)
 
 
 __all__ = ["ModelPanel", "RunSettings", "build_model_panel", "build_run_settings", "on_preset",

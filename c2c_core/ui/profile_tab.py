@@ -12,14 +12,17 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
+from ..records import MODES
 from .common import (MODELS, Job, error_outputs, new_run_path, plot, run_config, sized,
-                     token_counter, tokens_per_item, user_error)
+                     status_md, token_counter, tokens_per_item, user_error)
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
               " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
               " read .gz); the stages are the `c2c/…` ranges. Its times are inflated by the"
               " profiler; the JSONL and the charts hold the clean run.")
 
+PROFILE_STEPS = ("Profiling: warm-up, the timed run, then a run under torch.profiler and its op"
+                 " statistics (that last step takes a while on a CPU)…")
 STAGE_HEADS = {"stage": "stage", "ms": "time (ms)", "pct_of_e2e": "% of E2E", "count": "count"}
 
 
@@ -48,8 +51,8 @@ def build_profile_tab() -> ProfileTab:
     run = gr.Button("Profile", variant="primary", elem_id="profile-run")
     status = gr.Markdown("One warm-up (if set), the timed run, then a separate run under the"
                          " profiler for the trace. Model jobs wait in one queue; the progress"
-                         " box shows your place.", elem_id="profile-status",
-                         elem_classes=["c2c-status"])
+                         " box shows your place.", label="status", elem_id="profile-status",
+                         elem_classes=["c2c-status"], min_height=56)
     response = gr.Textbox(label="Response", lines=2, max_lines=12, interactive=False,
                           elem_id="profile-response")
     with gr.Row(equal_height=False):
@@ -62,7 +65,7 @@ def build_profile_tab() -> ProfileTab:
     steps = plot(plots.decode_steps_fig(pd.DataFrame()), "profile-steps", 360)
     files = gr.File(label="Downloads: JSONL · TSV stage table · Chrome trace · op stats",
                     file_count="multiple", interactive=False, elem_id="profile-files",
-                    height=270)
+                    height=270, visible=False)
     gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
     return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files)
 
@@ -77,7 +80,8 @@ def summary_line(rec: dict, pipe) -> str:
     t = rec["timing"]
     return (f"**Done** ({rec.get('mode', 'c2c')}): TTFT {t['ttft_ms']:.1f} ms · decode"
             f" {t['decode_avg_ms']:.2f} ms/token ({t['tokens_per_second']:.1f} tok/s) ·"
-            f" {t['num_generated_tokens']} tokens · E2E {t['e2e_ms']:.1f} ms · on {pipe.device.type}"
+            f" {t['num_generated_tokens']} tokens · E2E {t['e2e_ms']:.1f} ms · on"
+            f" {pipe.device.type}"
             f" {str(pipe.dtype).removeprefix('torch.')}.")
 
 
@@ -91,24 +95,29 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         path = new_run_path(request, "profile")
         paths = profile_paths(path, gz=True)
         per_item = tokens_per_item(cfg)
-        runs = cfg.warmup + 2  # warm-up(s), the timed run, the profiled run
 
         def work(job):
             pipe = MODELS.get(cfg)
-            job.phase, job.total = "profiling", 1
+            job.phase = "profiling"
             with token_counter(pipe, per_item is not None) as counter:
                 job.tokens = counter
                 return pipe, profile_item(pipe, cfg, items[0], paths)
 
+        # tokens of all generations: warm-up(s) and timed run per mode, then the profiled run
+        modes = len(MODES) if cfg.mode == "all" else 1
+        about = per_item * (modes * (cfg.warmup + 1) + 1) if per_item else None
         job = Job(work)
+        said = None
         for _ in job.events():
-            if job.phase == "profiling" and per_item:
-                frac = min(job.tokens[0] / (per_item * runs), 0.99)
-                progress(frac, desc=f"Profiling: token {job.tokens[0]} of about {per_item * runs}"
-                                    " (warm-up, timed run, profiled run)")
-            else:
-                progress(None, desc="Loading models…" if job.phase == "loading models" else
-                         "Profiling (warm-up, timed run, profiled run)…")
+            if job.phase != said:  # the phase in the status line (a progress bar needs a share)
+                said = job.phase
+                text = "Loading models…" if said == "loading models" else \
+                    "" if about else PROFILE_STEPS  # long runs: the bar says it
+                yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
+            if about and job.phase == "profiling":
+                progress(min(job.tokens[0] / about, 0.99),
+                         desc=f"Profiling (warm-up, timed run, profiled run): token"
+                              f" {job.tokens[0]} of about {about}")
         pipe, (rec, _stats) = job.result
     except UserError as e:
         yield error_outputs(e, 6)

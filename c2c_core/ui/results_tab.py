@@ -13,7 +13,8 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..records import read_records
-from .common import labelled, plot, session_run_path, session_runs, sized, status_md, ui_message
+from .common import (integer_counts, labelled, plot, session_run_path, session_runs, sized,
+                     status_md, ui_message)
 
 COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 
@@ -68,8 +69,8 @@ def build_results_tab() -> ResultsTab:
             skip = gr.Checkbox(False, label="skip malformed lines")
             analyze = gr.Button("Analyze", variant="primary", elem_id="results-analyze")
     status = gr.Markdown("Files written by the seed scripts work too (what they lack is left out"
-                         " of the charts).", elem_id="results-status",
-                         elem_classes=["c2c-status"])
+                         " of the charts).", label="status", elem_id="results-status",
+                         elem_classes=["c2c-status"], min_height=56)
     summary = gr.Dataframe(_empty_df(["source", "mode", "count"]),
                            label="Summary per file and mode", interactive=False,
                            elem_id="results-summary")
@@ -195,7 +196,8 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
     a = names[0] if names else None
     b = names[1] if len(names) > 1 else None
     return (status, summary,
-            sized(plots.decode_hist_fig(df), 340), sized(plots.stage_bars_fig(df), 420),
+            sized(integer_counts(plots.decode_hist_fig(df), len(df)), 340),
+            sized(plots.stage_bars_fig(df), 420),
             sized(plots.decode_steps_fig(sf), 400), slow, modes_table,
             sized(mode_figs["ttft_ms"], 320), sized(mode_figs["decode_avg_ms"], 320),
             gr.update(choices=names, value=a), gr.update(choices=names, value=b),
