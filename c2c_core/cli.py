@@ -204,9 +204,11 @@ def cmd_sweep(args) -> int:
     pipe = _load(cfg)
     writer, _ = _writer_and_skip(args)
     from tqdm import tqdm
-    with writer, tqdm(total=len(ins) * len(outs), unit="shape", file=sys.stderr) as bar:
-        recs = run_sweep(pipe, cfg, ins, outs, writer=writer,
-                         on_progress=lambda done, total, rec: bar.update(1))
+    with writer, tqdm(unit="gen", file=sys.stderr) as bar:
+        def on_progress(done, total, rec):
+            bar.total = total
+            bar.update(done - bar.n)
+        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress)
     print_summary(recs)
     print(f"Wrote {len(recs)} record(s) to {args.output}")
     if args.html:

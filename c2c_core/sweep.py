@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
-from .runner import Item, run_many
+from .runner import Item, modes_of, run_many
 
 
 def parse_lengths(text: str, what: str) -> list[int]:
@@ -41,18 +41,23 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
               on_progress: Callable | None = None, should_stop: Callable | None = None) -> list[dict]:
     """Every input length x output length (x mode x repeat); each shape warms up first.
 
-    Record ids are 'in<N>-out<M>' so a shape's records share an id across modes."""
+    Record ids are 'in<N>-out<M>' so a shape's records share an id across modes. `on_progress`
+    gets (records done, records in the whole sweep, record | None) like run_many's."""
     items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
+    per_shape = len(modes_of(cfg)) * cfg.repeats
+    total = len(items) * len(output_lens) * per_shape
     out: list[dict] = []
-    total = len(items) * len(output_lens)
-    for j, m in enumerate(output_lens):
+    if on_progress:
+        on_progress(0, total, None)
+    for m in output_lens:
         c = replace(cfg, gen=replace(cfg.gen, max_new_tokens=m, ignore_eos=True))
         c.gen.validate()
-        for i, it in enumerate(items):
+        for it in items:
             if should_stop and should_stop():
                 return out
-            shaped = replace(it, id=f"{it.id}-out{m}")
-            out += run_many(pipe, c, [shaped], writer=writer, should_stop=should_stop)
-            if on_progress:
-                on_progress(j * len(items) + i + 1, total, out[-1] if out else None)
+            base = len(out)
+            report = None if on_progress is None else (
+                lambda done, _t, rec, base=base: rec is not None and on_progress(base + done, total, rec))
+            out += run_many(pipe, c, [replace(it, id=f"{it.id}-out{m}")], writer=writer,
+                            on_progress=report, should_stop=should_stop)
     return out

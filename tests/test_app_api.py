@@ -264,3 +264,30 @@ def test_dataset_not_cached_offline_fails_at_once(client):
     assert "no-such-owner/no-such-dataset" in msg and "upload a prompts file" in msg
     assert "--" not in msg
     assert time.perf_counter() - t0 < 30
+
+
+def test_analyze_compares_modes_with_ratios(client, tmp_path, tiny_pipe):
+    from dataclasses import replace
+
+    from c2c_core.records import write_all
+    from c2c_core.runner import run_many
+    pipe, cfg = tiny_pipe
+    recs = run_many(pipe, replace(cfg, mode="all", gen=replace(cfg.gen, t2t_note_tokens=3)),
+                    ["Say hello", "What is 25 * 17?"])
+    path = tmp_path / "all_modes.jsonl"
+    write_all(path, recs)
+    out = client.predict(files=[handle_file(str(path))], api_name="/analyze")
+    modes, ratios, sweep = out[6], out[-4], out[-1]
+    assert [row[0] for row in modes["data"]] == ["c2c", "receiver", "sharer", "t2t"]
+    assert "C2C ÷ T2T" in ratios and "C2C ÷ receiver" in ratios and "n=2 prompts" in ratios
+    assert sweep  # a figure comes back even for non-sweep records
+
+
+def test_sweep_endpoint_runs_the_length_grid(client):
+    status, table, fig, path = client.predict(input_lens="3,9", output_lens="2,4",
+                                              api_name="/sweep")
+    recs = valid_jsonl(path, 4)
+    got = sorted((r["timing"]["prompt_tokens"], r["timing"]["num_generated_tokens"]) for r in recs)
+    assert got == [(3, 2), (3, 4), (9, 2), (9, 4)]
+    with pytest.raises(Exception, match="Prompt lengths 'abc' must be comma-separated integers"):
+        client.predict(input_lens="abc", output_lens="2", api_name="/sweep")

@@ -14,7 +14,7 @@ import threading
 import gradio as gr
 
 from ..config import build_run_config, default_preset
-from . import batch_tab, dataset_tab, model_panel, profile_tab, results_tab
+from . import batch_tab, dataset_tab, model_panel, profile_tab, results_tab, sweep_tab
 from .common import (MAX_UPLOAD, MODEL_QUEUE, MODELS, WAITING_JS, enable_download, end_session,
                      gpu, purge_old_sessions, show_files)
 
@@ -90,14 +90,16 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
                 batch = batch_tab.build_batch_tab()
             with gr.Tab("Dataset", id="dataset"):
                 data = dataset_tab.build_dataset_tab()
+            with gr.Tab("Sweep", id="sweep"):
+                sweep = sweep_tab.build_sweep_tab()
             with gr.Tab("Results", id="results") as results_tab_item:
                 res = results_tab.build_results_tab()
-        _wire(demo, panel, settings, prof, batch, data, res, results_tab_item)
+        _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item)
     demo.queue(default_concurrency_limit=4)
     return demo
 
 
-def _wire(demo, panel, settings, prof, batch, data, res, results_tab_item) -> None:
+def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item) -> None:
     """Every event of the app, in one place."""
     model_kw = {**panel.inputs(), **settings.inputs()}
     model_job = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE)
@@ -130,6 +132,10 @@ def _wire(demo, panel, settings, prof, batch, data, res, results_tab_item) -> No
         gpu(600)(dataset_tab.run_dataset), inputs=list(data.inputs().values()),
         inputs_kwargs=model_kw, outputs=data.outputs(), api_name="dataset",
         show_progress_on=[data.status], **model_job)
+    ev_sweep = waiting(sweep.run, sweep.status).then(
+        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens],
+        inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
+        show_progress_on=[sweep.status], **model_job)
     data.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
                     concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
@@ -140,7 +146,8 @@ def _wire(demo, panel, settings, prof, batch, data, res, results_tab_item) -> No
     ev_prof.then(show_files, prof.files, prof.files, **private)
     ev_batch.then(enable_download, batch.file, batch.file, **private)
     ev_data.then(enable_download, data.file, data.file, **private)
-    for ev in (ev_prof, ev_batch, ev_data):
+    ev_sweep.then(enable_download, sweep.file, sweep.file, **private)
+    for ev in (ev_prof, ev_batch, ev_data, ev_sweep):
         ev.then(model_panel.model_status, None, panel.status, api_visibility="private",
                 queue=False)
         ev.then(results_tab.refresh_runs, None, res.runs, api_visibility="private", queue=False)

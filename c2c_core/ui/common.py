@@ -520,11 +520,13 @@ def space_runtime() -> bool:
 # --- streaming a run into the page ---------------------------------------------------------
 
 def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
-                   stop: threading.Event | None = None, unit: str = "generation"):
+                   stop: threading.Event | None = None, unit: str = "generation",
+                   runner: Callable | None = None):
     """Run `items` into `path` in a worker thread and yield `render(records, status, file)` as
     records arrive (throttled), then once more at the end. A Stop ends the run after the
     current generation; a UserError is said in the status line and raised as gr.Error. Every
-    record is in the file (written and flushed by run_many) whatever happens."""
+    record is in the file (written and flushed by run_many) whatever happens. `runner` replaces
+    run_many (same arguments after the items), e.g. a length sweep."""
     from ..records import JsonlWriter
     from ..runner import run_many
     per_item = tokens_per_item(cfg)
@@ -533,8 +535,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         pipe = MODELS.get(cfg)
         with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
             job.tokens = counter
-            return run_many(pipe, cfg, items, writer=w, on_progress=job.on_progress,
-                            should_stop=job.stop.is_set)
+            return (runner or run_many)(pipe, cfg, items, writer=w, on_progress=job.on_progress,
+                                        should_stop=job.stop.is_set)
 
     job = Job(work, stop, cfg.warmup)
     recs: list[dict] = []

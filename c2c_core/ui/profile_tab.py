@@ -21,8 +21,8 @@ TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run un
               " read .gz); the stages are the `c2c/…` ranges. Its times are inflated by the"
               " profiler; the JSONL and the charts hold the clean run.")
 
-PROFILE_STEPS = ("Profiling: warm-up, the timed run, then a run under torch.profiler and its op"
-                 " statistics (that last step takes a while on a CPU)…")
+PROFILE_STEPS = ("Profiling: warm-up, the timed run, then a run under torch.profiler for the"
+                 " trace and op statistics…")
 STAGE_HEADS = {"stage": "stage", "ms": "time (ms)", "pct_of_e2e": "% of E2E", "count": "count"}
 
 

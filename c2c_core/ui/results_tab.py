@@ -17,6 +17,24 @@ from .common import (integer_counts, labelled, plot, session_run_path, session_r
                      status_md, ui_message)
 
 COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
+MODE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
+NO_RATIOS = ("Run with mode **all** (or c2c and t2t / receiver on the same prompts) to see C2C's"
+             " speedup over text-to-text and its overhead over the receiver alone.")
+RATIO_TEXT = {"c2c_over_t2t": "C2C ÷ T2T (below 1 = C2C faster)",
+              "c2c_over_receiver": "C2C ÷ receiver alone (the cost of fusion)"}
+
+
+def ratios_md(ratios: dict) -> str:
+    """One line per ratio pair: medians' ratio per metric and the sample count."""
+    if not ratios:
+        return NO_RATIOS
+    lines = []
+    for key, r in ratios.items():
+        vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in
+                          ("ttft_ms", "e2e_ms", "decode_avg_ms") if r.get(m) == r.get(m))
+        lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} (n={r['n']}"
+                     f"{' prompts, paired by id' if r.get('paired') else ', unpaired'})")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -41,6 +59,10 @@ class ResultsTab:
     b_bars: gr.Plot
     a_steps: gr.Plot
     b_steps: gr.Plot
+    ratios: gr.Markdown
+    mode_e2e: gr.Plot
+    mode_tps: gr.Plot
+    sweep: gr.Plot
 
     def inputs(self) -> list:
         return [self.files, self.runs, self.skip_bad_lines]
@@ -51,7 +73,7 @@ class ResultsTab:
     def outputs(self) -> list:
         return [self.status, self.summary, self.hist, self.stage_bars, self.steps, self.slowest,
                 self.modes, self.mode_ttft, self.mode_decode, self.file_a, self.file_b,
-                *self.compare_outputs()]
+                *self.compare_outputs(), self.ratios, self.mode_e2e, self.mode_tps, self.sweep]
 
 
 def _empty_df(cols: list[str]) -> pd.DataFrame:
@@ -80,13 +102,21 @@ def build_results_tab() -> ResultsTab:
     steps = plot(plots.decode_steps_fig(pd.DataFrame()), "results-steps", 400)
     slowest = gr.Dataframe(_empty_df(["source", "id"]), label="10 slowest samples (by decode"
                            " total)", interactive=False, elem_id="results-slowest")
-    with gr.Accordion("Modes compared", open=False):
-        modes = gr.Dataframe(_empty_df(["mode", "count"]), label="Per mode (all files)",
-                             interactive=False)
-        empty = plots.mode_compare_figs(pd.DataFrame(), ("ttft_ms", "decode_avg_ms"))
+    with gr.Accordion("Modes compared: is C2C worth its cost?", open=True,
+                      elem_id="results-modes"):
+        ratios = gr.Markdown(NO_RATIOS, elem_id="results-ratios")
+        modes = gr.Dataframe(_empty_df(["mode", "count"]), label="Per mode (all files): latency"
+                             " and accuracy", interactive=False, elem_id="results-modes-table")
+        empty = plots.mode_compare_figs(pd.DataFrame(), MODE_METRICS)
         with gr.Row(equal_height=False):
             mode_ttft = plot(empty["ttft_ms"], "results-mode-ttft", 320)
+            mode_e2e = plot(empty["e2e_ms"], "results-mode-e2e", 320)
+        with gr.Row(equal_height=False):
             mode_decode = plot(empty["decode_avg_ms"], "results-mode-decode", 320)
+            mode_tps = plot(empty["tokens_per_second"], "results-mode-tps", 320)
+    with gr.Accordion("Stage time vs prompt length (length sweeps)", open=False,
+                      elem_id="results-sweep"):
+        sweep = plot(plots.sweep_fig(pd.DataFrame()), "results-sweep-plot", 380)
     with gr.Accordion("Two files side by side", open=False, elem_id="results-pair"):
         with gr.Row():
             file_a = gr.Dropdown([], label="File A", elem_id="results-a")
@@ -102,7 +132,7 @@ def build_results_tab() -> ResultsTab:
             b_steps = plot(plots.decode_steps_fig(pd.DataFrame()), "results-b-steps", 320)
     return ResultsTab(files, runs, skip, analyze, status, summary, hist, bars, steps, slowest,
                       modes, mode_ttft, mode_decode, file_a, file_b, compare, a_bars, b_bars,
-                      a_steps, b_steps)
+                      a_steps, b_steps, ratios, mode_e2e, mode_tps, sweep)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -190,9 +220,8 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
             status += "  \n" + status_md(" ".join(errors), "error")
     summary = analysis.summarize(df) if sources else _empty_df(["source", "mode", "count"])
     slow = labelled(analysis.slowest(df, 10)) if sources else _empty_df(["source", "id"])
-    modes_table, _ratios = analysis.compare_modes(df) if sources else (_empty_df(["mode"]), {})
-    mode_figs = plots.mode_compare_figs(df if sources else pd.DataFrame(),
-                                        ("ttft_ms", "decode_avg_ms"))
+    modes_table, ratios = analysis.compare_modes(df) if sources else (_empty_df(["mode"]), {})
+    mode_figs = plots.mode_compare_figs(df if sources else pd.DataFrame(), MODE_METRICS)
     a = names[0] if names else None
     b = names[1] if len(names) > 1 else None
     return (status, summary,
@@ -201,7 +230,9 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
             sized(plots.decode_steps_fig(sf), 400), slow, modes_table,
             sized(mode_figs["ttft_ms"], 320), sized(mode_figs["decode_avg_ms"], 320),
             gr.update(choices=names, value=a), gr.update(choices=names, value=b),
-            *_compare(sources, a, b))
+            *_compare(sources, a, b), ratios_md(ratios),
+            sized(mode_figs["e2e_ms"], 320), sized(mode_figs["tokens_per_second"], 320),
+            sized(plots.sweep_fig(df if sources else pd.DataFrame()), 380))
 
 
 def compare_pair(files, runs, skip_bad_lines, a, b, request: gr.Request):

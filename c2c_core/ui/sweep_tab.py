@@ -1,0 +1,75 @@
+"""Sweep tab: synthetic prompts of exact token lengths x fixed output lengths (EOS ignored), in
+any mode; the stage-vs-prompt-length plot shows where C2C's extra cost goes as prompts grow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import gradio as gr
+import pandas as pd
+
+from .. import analysis, plots
+from ..errors import UserError
+from ..sweep import parse_lengths, run_sweep
+from .common import (download_button, error_outputs, new_run_path, plot, records_table,
+                     run_config, sized, stream_records, user_error)
+
+
+@dataclass
+class SweepTab:
+    input_lens: gr.Textbox
+    output_lens: gr.Textbox
+    run: gr.Button
+    status: gr.Markdown
+    plot: gr.Plot
+    table: gr.Dataframe
+    file: gr.DownloadButton
+
+    def outputs(self) -> list:
+        return [self.status, self.table, self.plot, self.file]
+
+
+def build_sweep_tab() -> SweepTab:
+    with gr.Row():
+        ins = gr.Textbox("16,64,256", label="Prompt lengths (tokens)", elem_id="sweep-in",
+                         info="exact ids fed to the model, no chat template")
+        outs = gr.Textbox("32", label="Output lengths (tokens)", elem_id="sweep-out",
+                          info="EOS ignored: every run makes exactly this many")
+    with gr.Row():
+        run = gr.Button("Run sweep", variant="primary", elem_id="sweep-run", scale=4)
+        file = download_button("sweep-file", scale=1, min_width=200)
+    status = gr.Markdown("Each length pair × mode × repeat is one record; the mode and repeats"
+                         " come from the run settings on the left.", elem_id="sweep-status",
+                         elem_classes=["c2c-status"], min_height=56)
+    fig = plot(plots.sweep_fig(pd.DataFrame()), "sweep-plot", 420)
+    table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
+                         interactive=False, elem_id="sweep-table", max_height=300)
+    return SweepTab(ins, outs, run, status, fig, table, file)
+
+
+def render(recs: list[dict], status: str, file):
+    fig = sized(plots.sweep_fig(analysis.to_frame(recs) if recs else pd.DataFrame()), 420)
+    return status, records_table(recs), fig, file
+
+
+def run_sweep_ui(input_lens: str, output_lens: str, request: gr.Request, progress=gr.Progress(),
+                 **settings):
+    """Run the length grid; yields status, table, plot and the JSONL as records arrive."""
+    try:
+        ins = parse_lengths(input_lens, "Prompt lengths")
+        outs = parse_lengths(output_lens, "Output lengths")
+        cfg = run_config(settings)
+        for n in outs:
+            if n > 8192:
+                raise UserError(f"Output length {n} is out of range; use 1 to 8192.")
+    except UserError as e:
+        yield error_outputs(e, 4)
+        raise user_error(e) from None
+    path = new_run_path(request, "sweep")
+    runner = partial(_grid, ins=ins, outs=outs)
+    yield from stream_records(cfg, [], path, progress, render, unit="generation", runner=runner)
+
+
+def _grid(pipe, cfg, _items, *, ins, outs, **kw):
+    return run_sweep(pipe, cfg, ins, outs, **kw)
