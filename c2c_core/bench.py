@@ -8,8 +8,8 @@ import statistics
 from dataclasses import replace
 
 from .records import percentile
-from .runner import Item, Timer, generate, warm_up
-from .timing import now_ns, sync
+from .runner import Item, generate, warm_up
+from .timing import Timer, now_ns, sync
 
 
 def _spread(xs: list[float]) -> str:

@@ -52,6 +52,7 @@ class PromptItem:
     answer: str | None = None  # normalized gold answer: number text, letter, or free text
     answer_kind: str | None = None  # 'number' | 'choice' | 'text' | None
     source: str = ""  # "builtin", "prompts", "file:my.jsonl", "hf:openai/gsm8k/main/test"
+    input_ids: list[int] | None = None  # exact ids fed as is (length sweeps): no chat template
 
 
 def builtin_items(prompts: list[str] | None = None) -> list[PromptItem]:

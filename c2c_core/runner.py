@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -26,6 +26,8 @@ from .config import RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, plain_prefill, sample
 from .loading import Pipeline
+from .prompts import PromptItem as Item
+from .prompts import score
 from .records import MODES, JsonlWriter, percentile, r3
 from .timing import STAGES, Timer, now_ns, sync
 
@@ -33,16 +35,6 @@ T2T_NOTE_INSTRUCTION = (
     "Write a short background note with facts that would help someone answer the question"
     " below. Do not answer the question itself.\n\nQuestion: {question}")
 T2T_ANSWER_TEMPLATE = "Background note:\n{note}\n\nQuestion: {question}"
-
-
-@dataclass
-class Item:
-    """A prompt to run; `input_ids` (no chat template) is for exact-length synthetic prompts."""
-    id: object
-    prompt: str
-    answer: str | None = None
-    answer_kind: str | None = None
-    input_ids: list[int] | None = None
 
 
 @dataclass
@@ -159,7 +151,6 @@ def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
     """The T2T note always stops at EOS (it is capped by t2t_note_tokens)."""
     if not cfg.gen.ignore_eos:
         return cfg
-    from dataclasses import replace
     return replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
 
 
@@ -292,7 +283,6 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         rec["sharer_note"] = pipe.tokenizer.decode(g.sharer_tokens, skip_special_tokens=True)
         rec["sharer_decode_step_times_ms"] = [r3(x) for x in g.stages["sharer_decode"]]
     if item.answer is not None:
-        from .prompts import score
         rec["answer"] = item.answer
         rec["correct"] = score(rec["response"], item.answer, item.answer_kind)
     return rec
@@ -320,13 +310,8 @@ def warm_up(pipe: Pipeline, cfg: RunConfig, item: Item, modes: Iterable[str]) ->
 
 
 def to_item(x) -> Item:
-    if isinstance(x, Item):
-        return x
-    if isinstance(x, str):
-        return Item(id=None, prompt=x)
-    return Item(id=x.id, prompt=x.prompt, answer=getattr(x, "answer", None),
-                answer_kind=getattr(x, "answer_kind", None),
-                input_ids=getattr(x, "input_ids", None))
+    """A PromptItem, or a bare prompt string (its id is filled in by position)."""
+    return x if isinstance(x, Item) else Item(id=None, prompt=x)
 
 
 def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWriter | None = None,

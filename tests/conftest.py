@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -82,3 +84,36 @@ def tiny_pipe(tiny_cfg_kwargs):
     from c2c_core.loading import load_pipeline
     cfg = build_run_config(**tiny_cfg_kwargs)
     return load_pipeline(cfg), cfg
+
+
+#: A record as the seed fork's profiler script wrote it: no id, no run, step times in seconds
+#: under timing.decode_steps and in ms under timing_breakdown_ms.
+SEED_RECORD = {
+    "prompt": "What is 25 * 17?", "response": "425",
+    "model_config": {"base_model": "Qwen/Qwen3-0.6B", "teacher_model": "Qwen/Qwen3-4B-Base"},
+    "timing": {"base_embedding_ms": 0.5, "base_prefill_ms": 20.0, "teacher_embedding_ms": 0.2,
+               "teacher_prefill_ms": 30.0, "projector_total_ms": 10.0, "projector_calls": 28,
+               "num_generated_tokens": 3, "decode_steps": [0.05, 0.06, 0.07]},
+    "timing_breakdown_ms": [50.0, 60.0, 70.0],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_server(tiny_cfg_kwargs, tmp_path_factory):
+    """(demo, url): the web app on the tiny pair, in this process, with its own session root."""
+    pytest.importorskip("gradio")
+    from c2c_core.ui import build_app, common, launch_kwargs
+    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    demo = build_app(defaults=tiny_cfg_kwargs)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs())
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()
+    common.SESSION_ROOT = saved

@@ -5,6 +5,7 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from conftest import SEED_RECORD
 
 from c2c_core import analysis as A
 from c2c_core import plots as P
@@ -36,15 +37,7 @@ def rec(id_, mode="c2c", steps=(10.0, 12.0, 14.0, 16.0), ttft=100.0, repeat=0, c
             "correct": correct}
 
 
-#: The fork's profiler output: steps in seconds under timing.decode_steps, no id, no run.
-SEED_STYLE = {
-    "prompt": "What is 25 * 17?", "response": "425",
-    "model_config": {"base_model": "Qwen/Qwen3-0.6B", "teacher_model": "Qwen/Qwen3-4B-Base"},
-    "timing": {"base_embedding_ms": 0.5, "base_prefill_ms": 20.0, "teacher_embedding_ms": 0.2,
-               "teacher_prefill_ms": 30.0, "projector_total_ms": 10.0, "projector_calls": 28,
-               "num_generated_tokens": 3, "decode_steps": [0.05, 0.06, 0.07]},
-    "timing_breakdown_ms": [50.0, 60.0, 70.0],
-}
+SEED_STYLE = SEED_RECORD  # the fork's profiler output: steps in seconds, no id, no run
 
 #: A flat variant: legacy names at top level, no step list.
 FLAT_STYLE = {

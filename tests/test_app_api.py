@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import threading
 
 import pytest
@@ -17,34 +16,12 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from c2c_core.records import check_record, read_records  # noqa: E402
 
-#: A record as the seed's profiler script wrote it (no id/run; steps in seconds).
-SEED_RECORD = {
-    "prompt": "What is 25 * 17?", "response": "425",
-    "model_config": {"base_model": "Qwen/Qwen3-0.6B", "teacher_model": "Qwen/Qwen3-4B-Base"},
-    "timing": {"base_embedding_ms": 0.5, "base_prefill_ms": 20.0, "teacher_embedding_ms": 0.2,
-               "teacher_prefill_ms": 30.0, "projector_total_ms": 10.0, "projector_calls": 28,
-               "num_generated_tokens": 3, "decode_steps": [0.05, 0.06, 0.07]},
-    "timing_breakdown_ms": [50.0, 60.0, 70.0],
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import SEED_RECORD  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_cfg_kwargs, tmp_path_factory):
-    from c2c_core.ui import build_app, common, launch_kwargs
-    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
-    demo = build_app(defaults=tiny_cfg_kwargs)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs())
-    yield demo, f"http://127.0.0.1:{port}/"
-    demo.close()
-    common.SESSION_ROOT = saved
+def app_url(app_server):
+    return app_server
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,23 +27,9 @@ RUN_TIMEOUT_MS = 90_000
 pytestmark = pytest.mark.browser
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tiny_cfg_kwargs, tmp_path_factory):
-    from c2c_core.ui import build_app, common, launch_kwargs
-    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
-    demo = build_app(defaults=tiny_cfg_kwargs)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs())
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    common.SESSION_ROOT = saved
+def app_url(app_server):
+    return app_server[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +113,8 @@ def test_profile_renders_plots_and_downloads(page, tmp_path):
     assert "time (ms)" in page.inner_text("#profile-breakdown")
     assert "step time (ms)" in page.inner_text("#profile-steps")
     assert "receiver prefill" in page.inner_text("#profile-stages")
-    for suffix in (".tsv", "_trace.json.gz", "_stats.json"):
+    for suffix in (".tsv", "_trace.json.gz", "_stats.json"):  # the file list follows the run
+        page.wait_for_selector(f"#profile-files a[download$='{suffix}']", timeout=RUN_TIMEOUT_MS)
         assert page.locator(f"#profile-files a[download$='{suffix}']").count() == 1
     rec = valid_records(download(page, "#profile-files", ".jsonl", tmp_path), 1)[0]
     assert rec["prompt"] == "What is the capital of France?"
