@@ -7,6 +7,7 @@ import json
 import statistics
 from dataclasses import replace
 
+from .errors import UserError
 from .records import percentile
 from .runner import Item, generate, warm_up
 from .timing import Timer, now_ns, sync
@@ -23,13 +24,15 @@ def overhead(pipe, cfg, repeats: int = 5, prompt: str = "Say hello in one short 
     receiver-alone decode ms/token. Variants interleaved `repeats` times (>= 5); fixed length
     (--ignore_eos) so every repeat does the same work."""
     repeats = max(repeats, 5)
-    cfg = replace(cfg, gen=replace(cfg.gen, ignore_eos=True))
+    if cfg.gen.max_new_tokens < 2:
+        raise UserError("overhead needs --max_new_tokens >= 2 to have decode steps to compare.")
+    cfg = replace(cfg, warmup=max(cfg.warmup, 1), gen=replace(cfg.gen, ignore_eos=True))
     item = Item(1, prompt)
     warm_up(pipe, cfg, item, ["c2c", "receiver"])
     e2e = {"on": [], "off": []}
     dec = {"c2c": [], "receiver": []}
-    for _ in range(repeats):
-        for method in ("on", "off"):
+    for r in range(repeats):
+        for method in (("on", "off") if r % 2 == 0 else ("off", "on")):  # neither always first
             timer = Timer(pipe.device, cfg.timing if method == "on" else "off")
             sync(pipe.device)
             t0 = now_ns()

@@ -36,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn_implementation", help="eager, sdpa, flash_attention_2 (default: transformers' choice)")
 
 
-def add_run_args(p: argparse.ArgumentParser, output_default: str | None) -> None:
+def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--mode", default="c2c", help="c2c, receiver, sharer, t2t, or all")
     g.add_argument("--max_new_tokens", type=int, default=64)
@@ -52,6 +52,8 @@ def add_run_args(p: argparse.ArgumentParser, output_default: str | None) -> None
     g.add_argument("--repeats", type=int, default=1, help="records per prompt")
     g.add_argument("--timing", default="event", choices=["event", "sync"],
                    help="event: CUDA events / perf_counter (default); sync: the seed's sync-per-stage")
+    if not outputs:
+        return
     o = p.add_argument_group("output")
     o.add_argument("--output", default=output_default, help="JSONL file (overwritten unless --append)")
     o.add_argument("--append", action="store_true", help="append to --output")
@@ -85,8 +87,7 @@ def run_config(args):
 # --- running -------------------------------------------------------------------------------
 
 def _load(cfg):
-    from .loading import check_sources, load_pipeline
-    check_sources(cfg)
+    from .loading import load_pipeline
     print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {cfg.sharer.source} ...", file=sys.stderr)
     pipe = load_pipeline(cfg)
     print(f"Loaded: {pipe.describe()}", file=sys.stderr)
@@ -151,7 +152,7 @@ def cmd_profile(args) -> int:
     cfg = run_config(args)
     paths = profile_paths(args.output, gz=args.trace_gz)
     pipe = _load(cfg)
-    rec, _ = profile_item(pipe, cfg, items[0], paths, append=args.append)
+    rec, _ = profile_item(pipe, cfg, items[0], paths, append=args.append or args.resume)
     print(f"Response: {rec['response']}")
     print_summary([rec])
     print(f"Wrote {paths.jsonl}, {paths.tsv}, {paths.trace} (open in ui.perfetto.dev or"
@@ -202,13 +203,13 @@ def cmd_sweep(args) -> int:
     outs = parse_lengths(args.output_lens, "--output_lens")
     cfg = run_config(args)
     pipe = _load(cfg)
-    writer, _ = _writer_and_skip(args)
+    writer, skip = _writer_and_skip(args)
     from tqdm import tqdm
     with writer, tqdm(unit="gen", file=sys.stderr) as bar:
         def on_progress(done, total, rec):
             bar.total = total
             bar.update(done - bar.n)
-        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress)
+        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip)
     print_summary(recs)
     print(f"Wrote {len(recs)} record(s) to {args.output}")
     if args.html:
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats per variant (>= 5)")
     p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
     add_model_args(p)
-    add_run_args(p, None)
+    add_run_args(p, None, outputs=False)
     p.set_defaults(func=cmd_overhead)
     return ap
 

@@ -12,7 +12,7 @@ fresh untrained fuser.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 
@@ -79,9 +79,6 @@ class RunConfig:
     chat_template: bool = True
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     cpu_dtype: str = "float32"      # what "auto" means on a CPU (a preset may choose bfloat16)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

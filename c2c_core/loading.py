@@ -267,7 +267,11 @@ def _snapshot(repo: str, sub: str, what: str) -> str:
     except Exception:  # noqa: BLE001 - any miss in the local cache means "go online"
         pass
     require_hub(f"Fuser {what}")
-    return snapshot_download(repo, allow_patterns=pats)
+    try:
+        return snapshot_download(repo, allow_patterns=pats)
+    except Exception as e:  # noqa: BLE001 - hub errors (unknown repo, gated, network) vary
+        raise UserError(f"Fuser {what} could not be downloaded ({type(e).__name__}:"
+                        f" {str(e).splitlines()[0][:160]}); check the repo and subfolder.") from None
 
 
 def check_sources(cfg: RunConfig) -> None:
@@ -302,11 +306,11 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
             sharer, sinfo = receiver, rinfo
         else:
             sharer, sinfo = load_model(cfg.sharer, "Sharer", device, dtype, cfg.attn_implementation)
+        fuser = load_fuser_spec(cfg.fuser, receiver, sharer).to(device, dtype)
     except torch.OutOfMemoryError:
         from .errors import OutOfMemory
         raise OutOfMemory(f"The models do not fit in {device} memory; pick a smaller pair or"
                           " --dtype bfloat16.") from None
-    fuser = load_fuser_spec(cfg.fuser, receiver, sharer).to(device, dtype)
     note = ""
     if fuser.trained_for:
         tb, tt = fuser.trained_for.get("base_model"), fuser.trained_for.get("teacher_model")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .timing import STAGES
+from .records import STAGES
 
 SEED_NAMES = {
     "jsonl": "demo_timing_data.jsonl",
@@ -193,7 +193,8 @@ def profile_item(pipe, cfg, item, paths: ProfilePaths, append: bool = False) -> 
     """The profile job: clean timed run(s) -> JSONL + TSV; then one warm, annotated run under
     the profiler -> Chrome trace + op stats. Returns (first record, stats)."""
     from .records import JsonlWriter
-    from .runner import modes_of, run_many, run_one, to_item
+    from .runner import generate, modes_of, run_many, to_item
+    from .timing import Timer
     item = to_item(item)
     if item.id is None:
         item.id = 1
@@ -201,7 +202,8 @@ def profile_item(pipe, cfg, item, paths: ProfilePaths, append: bool = False) -> 
         recs = run_many(pipe, cfg, [item], writer=w)
     write_tsv(recs, paths.tsv)
     mode = modes_of(cfg)[0]
-    profiled_run(lambda: run_one(pipe, cfg, item, mode, annotate=True), pipe.device, paths.trace)
+    profiled_run(lambda: generate(pipe, cfg, item, mode, Timer(pipe.device, cfg.timing, annotate=True)),
+                 pipe.device, paths.trace)
     stats = op_stats(load_trace(paths.trace))
     stats["profiled"] = {"id": item.id, "mode": mode, "note": "separate warm run; its times are"
                          " inflated by the profiler and are not the JSONL's numbers"}

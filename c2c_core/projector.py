@@ -126,10 +126,6 @@ class Fuser:
     def untrained(self) -> bool:
         return self.source == "untrained"
 
-    @property
-    def num_calls(self) -> int:
-        return sum(len(v) for v in self.mapping.values())
-
     def to(self, device=None, dtype=None) -> "Fuser":
         self.projectors.to(device=device, dtype=dtype)
         return self
@@ -158,7 +154,9 @@ def untrained_fuser(receiver_config, sharer_config, hidden_dim: int = 1024,
                          num_layers=num_layers).eval()
             for _ in range(lr))
     mapping = {t: [(s, t)] for t, s in last_aligned(lr, ls).items()}
-    return Fuser(projs, mapping, "untrained", _hash_state(projs))
+    # a fresh fuser is fixed by its sizes and seed: hash those, not ~GBs of random weights
+    key = json.dumps([lr, hr, dr, ls, hs, ds, hidden_dim, intermediate_dim, num_layers, seed])
+    return Fuser(projs, mapping, "untrained", hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
 # --- the published folder format ---------------------------------------------------------
@@ -169,10 +167,21 @@ def _encode(v):
     return v
 
 
-def _decode(v):
+def _decode(v, where: str):
     if isinstance(v, dict) and v.get("__type__") == "torch.dtype":
-        return getattr(torch, v["value"])
+        dt = getattr(torch, str(v.get("value")), None)
+        if not isinstance(dt, torch.dtype):
+            raise UserError(f"{where} names an unknown dtype {v.get('value')!r}; use e.g. bfloat16.")
+        return dt
     return v
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the fuser folder is damaged.") from None
 
 
 def save_fuser(fuser: Fuser, folder: str | os.PathLike) -> None:
@@ -186,15 +195,6 @@ def save_fuser(fuser: Fuser, folder: str | os.PathLike) -> None:
     cfg = {"0": {"1": {str(t): [[s, i] for s, i in v] for t, v in fuser.mapping.items()}}}
     with open(os.path.join(folder, "projector_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-
-
-def _hash_state(projectors: nn.ModuleList) -> str:
-    h = hashlib.sha256()
-    for p in projectors:
-        for k, v in sorted(p.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 def _folder_hash(files: list[str]) -> str:
@@ -221,31 +221,37 @@ def load_fuser(folder: str, source: str | None = None) -> Fuser:
     """Load a published-format fuser folder strictly: every parameter present with its shape;
     the training-only `gate_temperature` buffer may be absent; extra keys are reported."""
     d = find_fuser_dir(folder)
-    with open(os.path.join(d, "projector_config.json")) as f:
-        raw = json.load(f)
+    cfg_path = os.path.join(d, "projector_config.json")
+    raw = _read_json(cfg_path)
     try:
         table = raw["0"]["1"]
-    except (KeyError, TypeError):
-        raise UserError(f"{d}/projector_config.json has no receiver 0 <- sharer 1 entry;"
-                        " this tool supports one receiver (0) and one sharer (1).") from None
-    mapping = {int(t): [(int(s), int(i)) for s, i in pairs] for t, pairs in table.items()}
-    n = max(i for v in mapping.values() for _, i in v) + 1
+        mapping = {int(t): [(int(s), int(i)) for s, i in pairs] for t, pairs in table.items()}
+        n = max(i for v in mapping.values() for _, i in v) + 1
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{cfg_path} has no usable receiver 0 <- sharer 1 map of"
+                        " {layer: [[sharer_layer, projector_index], ...]}; this tool supports one"
+                        " receiver (0) and one sharer (1).") from None
     projs, files, extras = [], [], []
     for i in range(n):
         jpath, ppath = os.path.join(d, f"projector_{i}.json"), os.path.join(d, f"projector_{i}.pt")
         for p in (jpath, ppath):
             if not os.path.isfile(p):
                 raise UserError(f"Fuser file {p} is missing; the folder is incomplete.")
-        with open(jpath) as f:
-            spec = json.load(f)
-        if spec.get("class", "C2CProjector") != "C2CProjector":
-            raise UserError(f"{jpath} describes a {spec.get('class')}; only C2CProjector is supported.")
-        args = {k: _decode(v) for k, v in spec.get("init_args", {}).items()}
+        spec = _read_json(jpath)
+        if not isinstance(spec, dict) or spec.get("class", "C2CProjector") != "C2CProjector":
+            raise UserError(f"{jpath} does not describe a C2CProjector; only C2CProjector is supported.")
+        args = {k: _decode(v, jpath) for k, v in spec.get("init_args", {}).items()}
         try:
             proj = C2CProjector(**args)
         except TypeError as e:
             raise UserError(f"{jpath} has init_args this C2CProjector does not take ({e}).") from None
-        state = torch.load(ppath, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ppath, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same sentence
+            raise UserError(f"{ppath} cannot be read as a state dict ({type(e).__name__});"
+                            " the fuser folder is damaged.") from None
+        if not isinstance(state, dict):
+            raise UserError(f"{ppath} holds no state dict; the fuser folder is damaged.")
         want = proj.state_dict()
         for k, v in want.items():
             if k == "gate_temperature":

@@ -50,16 +50,20 @@ EXT_TIMING_FIELDS = [
     "sharer_decode_ms",
 ]
 
+#: Timed stage -> the record field holding its total (ms). The one list of stages: the timer,
+#: the runner, the profiler ranges (c2c/<stage>) and the checks all read it.
+STAGES = {
+    "base_embedding": "base_embedding_ms",
+    "base_prefill": "base_prefill_ms",
+    "teacher_embedding": "teacher_embedding_ms",
+    "teacher_prefill": "teacher_prefill_ms",
+    "projection": "projector_total_ms",
+    "sharer_decode": "sharer_decode_ms",
+    "decode": "decode_total_ms",
+}
+
 #: Stage fields whose sum, with `other_ms`, makes `e2e_ms`.
-STAGE_FIELDS = [
-    "base_embedding_ms",
-    "base_prefill_ms",
-    "teacher_embedding_ms",
-    "teacher_prefill_ms",
-    "projector_total_ms",
-    "sharer_decode_ms",
-    "decode_total_ms",
-]
+STAGE_FIELDS = list(STAGES.values())
 
 #: Top-level fields we add next to `id`.
 EXT_TOP_FIELDS = ["mode", "repeat", "run"]
@@ -195,7 +199,7 @@ def done_keys(path: str | os.PathLike) -> set[tuple]:
         return set()
     keys = set()
     for r in iter_jsonl(path, skip_bad_lines=True):
-        keys.add((str(r.get("id")), r.get("mode", "c2c"), int(r.get("repeat", 0) or 0)))
+        keys.add((str(r.get("id")), r.get("mode", "c2c"), str(r.get("repeat", 0) or 0)))
     return keys
 
 
@@ -204,7 +208,7 @@ def done_keys(path: str | os.PathLike) -> set[tuple]:
 def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     """Return the invariants a record breaks (empty list = valid)."""
     problems = []
-    for k in SEED_TOP_FIELDS:
+    for k in SEED_TOP_FIELDS + EXT_TOP_FIELDS:
         if k not in rec:
             problems.append(f"missing top-level field {k}")
     t = rec.get("timing", {})
@@ -213,6 +217,7 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
             problems.append(f"missing timing.{k}")
         elif t[k] is None:
             problems.append(f"timing.{k} is null")
+    problems += [f"missing run.{k}" for k in RUN_FIELDS if k not in rec.get("run", {})]
     if problems:
         return problems
     steps = rec["decode_step_times_ms"]
@@ -229,18 +234,6 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     if t["other_ms"] < -tol_ms:
         problems.append("other_ms < 0")
     return problems
-
-
-def flatten(rec: dict) -> dict:
-    """One flat row per record: top-level scalars plus `timing.*` and `run.*` keys."""
-    row: dict[str, Any] = {}
-    for k, v in rec.items():
-        if k in ("timing", "run", "model_config") and isinstance(v, dict):
-            for kk, vv in v.items():
-                row[f"{k}.{kk}"] = vv
-        elif not isinstance(v, (list, dict)):
-            row[k] = v
-    return row
 
 
 def write_all(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -127,9 +127,12 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
             sharer_tokens = _decode_loop(pipe.sharer, cache, logits, cfg.gen.t2t_note_tokens,
                                          eos, _no_ignore_eos(cfg), generator, timer, "sharer_decode")
             del cache
-            note = pipe.tokenizer.decode(sharer_tokens, skip_special_tokens=True).strip()
-            ids2 = chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(note=note, question=item.prompt),
-                            cfg.chat_template)
+            if item.input_ids is not None:  # exact-length prompt: the note's ids, then the prompt's
+                ids2 = [t for t in sharer_tokens if t not in eos] + list(item.input_ids)
+            else:
+                note = pipe.tokenizer.decode(sharer_tokens, skip_special_tokens=True).strip()
+                ids2 = chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(
+                    note=note, question=item.prompt), cfg.chat_template)
             x2 = _ids_tensor(ids2, dev)
             cache, logits, _ = c2c_prefill(pipe.receiver, None, None, x2, timer)
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
@@ -166,19 +169,22 @@ def _rss() -> int | None:
 
 def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     """The seed's timing fields plus the derived ones (MEASURE.md), and the decode steps."""
-    s = g.stages
+    # Round the raw spans first and derive every sum from the rounded values, so the fields in
+    # the file add up exactly (decode_total = sum of steps; e2e = stages + other).
+    s = {k: [r3(x) for x in v] for k, v in g.stages.items()}
+    tot = {f: r3(sum(s[k])) for k, f in STAGES.items()}
     steps = s["decode"]
     n = len(g.tokens)
-    dec_total = sum(steps)
+    dec_total = tot["decode_total_ms"]
     dec_avg = dec_total / len(steps) if steps else 0.0
-    proj_total = sum(s["projection"])
-    e2e = g.e2e_ns / 1e6
+    proj_total = tot["projector_total_ms"]
+    e2e = r3(g.e2e_ns / 1e6)
     ttft = g.ttft_ns / 1e6
     t = {
-        "base_embedding_ms": sum(s["base_embedding"]),
-        "base_prefill_ms": sum(s["base_prefill"]),
-        "teacher_embedding_ms": sum(s["teacher_embedding"]),
-        "teacher_prefill_ms": sum(s["teacher_prefill"]),
+        "base_embedding_ms": tot["base_embedding_ms"],
+        "base_prefill_ms": tot["base_prefill_ms"],
+        "teacher_embedding_ms": tot["teacher_embedding_ms"],
+        "teacher_prefill_ms": tot["teacher_prefill_ms"],
         "projector_total_ms": proj_total,
         "projector_avg_ms": proj_total / g.projector_calls if g.projector_calls else 0.0,
         "projector_calls": g.projector_calls,
@@ -189,7 +195,7 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "prompt_tokens": g.prompt_tokens,
         "ttft_ms": ttft,
         "e2e_ms": e2e,
-        "other_ms": e2e - sum(sum(v) for v in s.values()),
+        "other_ms": e2e - sum(tot.values()),
         "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else 0.0,
         "e2e_tokens_per_second": n / (e2e / 1000.0) if e2e > 0 else 0.0,
         "decode_p50_ms": percentile(steps, 50),
@@ -197,11 +203,11 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "decode_p99_ms": percentile(steps, 99),
         "peak_memory_mb": g.peak_memory_mb if g.peak_memory_mb is not None else 0.0,
         "sharer_generated_tokens": len(g.sharer_tokens),
-        "sharer_decode_ms": sum(s["sharer_decode"]),
+        "sharer_decode_ms": tot["sharer_decode_ms"],
     }
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
     t = {k: (v if k in ints else r3(v)) for k, v in t.items()}
-    return t, [r3(x) for x in steps]
+    return t, steps
 
 
 @functools.lru_cache(maxsize=1)
@@ -317,20 +323,21 @@ def to_item(x) -> Item:
 def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWriter | None = None,
              on_progress: Callable[[int, int, dict | None], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             skip: set[tuple] | None = None) -> list[dict]:
+             skip: set[tuple] | None = None, meta: dict | None = None) -> list[dict]:
     """Every item x repeat x mode (modes interleaved per prompt so drift hits them equally).
 
     Each record is written (and flushed) as soon as it exists. `skip` holds (id, mode, repeat)
-    keys already done (--resume). A CUDA OOM ends the run with the seed's advice; what was
-    written stays."""
+    keys already done (--resume). `meta` is the `run` object (default: a new one). A CUDA OOM
+    ends the run with the seed's advice; what was written stays."""
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:
             it.id = i + 1
     modes = modes_of(cfg)
     jobs = [(it, r, m) for it in items for r in range(cfg.repeats) for m in modes
-            if not skip or (str(it.id), m, r) not in skip]
-    meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
+            if not skip or (str(it.id), m, str(r)) not in skip]
+    if meta is None:
+        meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
     total = len(jobs)
     if on_progress:

@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 from .errors import UserError
-from .runner import Item, modes_of, run_many
+from .runner import Item, modes_of, run_many, run_metadata
+from .timing import Timer
 
 
 def parse_lengths(text: str, what: str) -> list[int]:
@@ -38,14 +39,18 @@ def sweep_items(tokenizer, input_lens: list[int], seed: int = 0) -> list[Item]:
 
 
 def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
-              on_progress: Callable | None = None, should_stop: Callable | None = None) -> list[dict]:
+              on_progress: Callable | None = None, should_stop: Callable | None = None,
+              skip: set[tuple] | None = None) -> list[dict]:
     """Every input length x output length (x mode x repeat); each shape warms up first.
 
     Record ids are 'in<N>-out<M>' so a shape's records share an id across modes. `on_progress`
-    gets (records done, records in the whole sweep, record | None) like run_many's."""
+    gets (records done, records in the whole sweep, record | None) like run_many's. All
+    records share one `run` object (one run_id); only its max_new_tokens follows the shape."""
     items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
     per_shape = len(modes_of(cfg)) * cfg.repeats
     total = len(items) * len(output_lens) * per_shape
+    meta = run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)),
+                        Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
     if on_progress:
         on_progress(0, total, None)
@@ -59,5 +64,6 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
             report = None if on_progress is None else (
                 lambda done, _t, rec, base=base: rec is not None and on_progress(base + done, total, rec))
             out += run_many(pipe, c, [replace(it, id=f"{it.id}-out{m}")], writer=writer,
-                            on_progress=report, should_stop=should_stop)
+                            on_progress=report, should_stop=should_stop, skip=skip,
+                            meta={**meta, "max_new_tokens": m})
     return out

@@ -15,16 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# stage name -> record field that holds its total (ms)
-STAGES = {
-    "base_embedding": "base_embedding_ms",
-    "base_prefill": "base_prefill_ms",
-    "teacher_embedding": "teacher_embedding_ms",
-    "teacher_prefill": "teacher_prefill_ms",
-    "projection": "projector_total_ms",
-    "sharer_decode": "sharer_decode_ms",
-    "decode": "decode_total_ms",
-}
+from .records import STAGES  # noqa: F401 - re-exported: stage name -> record field
 
 TIMING_METHODS = ("event", "sync")
 
@@ -67,14 +58,16 @@ class Timer:
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
+        # events go on the model's device stream, not the current device's (--device cuda:1)
+        self.stream = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.method not in TIMING_METHODS + ("off",):
             raise ValueError(f"unknown timing method {self.method}")
 
     @property
     def method_name(self) -> str:
         """What the record says was used."""
-        if self.method == "sync":
-            return "sync"
+        if self.method in ("sync", "off"):
+            return self.method
         return "cuda_event" if self.cuda else "perf_counter"
 
     def span(self, stage: str) -> _Span:
@@ -89,7 +82,7 @@ class Timer:
             return now_ns()
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(self.stream)
             return ev
         return now_ns()
 
