@@ -165,7 +165,7 @@ def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
     """Per metric: median per mode (and source when several), error bars p10–p90."""
     figs = {}
     for m in metrics:
-        title = f"{name(m)} by mode (median, p10–p90)"
+        title = f"{label(m)} by mode (median, p10–p90)"
         if not _has(df, m) or "mode" not in df.columns:
             figs[m] = _empty(title)
             continue
@@ -193,10 +193,19 @@ SWEEP_STAGES = ["base_embedding_ms", "teacher_embedding_ms", "base_prefill_ms",
                 "teacher_prefill_ms", "projector_total_ms", "sharer_decode_ms", "decode_avg_ms"]
 
 
+SWEEP_ID = r"^in(\d+)-out\d+$"
+
+
 def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
-    """Median time of each stage (decode: per token) against `x` (prompt length), one panel
-    per mode."""
-    title = f"Stage times vs {name(x)}"
+    """Median time of each stage (decode: per token) against prompt length, one panel per mode.
+
+    When the frame holds sweep records (ids 'in<N>-out<M>'), only those are drawn and x is the
+    swept length N (a t2t receiver reads the note too, so its prompt_tokens is longer)."""
+    title = "Stage times vs prompt length"
+    if df is not None and "id" in df.columns:
+        n = df["id"].astype(str).str.extract(SWEEP_ID)[0]
+        if n.notna().any():
+            df, x = df.assign(sweep_len=pd.to_numeric(n))[n.notna()], "sweep_len"
     if not _has(df, x):
         return _empty(title)
     d = df.assign(**{x: pd.to_numeric(df[x], errors="coerce")}).dropna(subset=[x])
@@ -210,13 +219,17 @@ def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
     for col, mode in enumerate(modes, start=1):
         med = d[d["mode"] == mode].groupby(x)[stages].median().sort_index()
         for s in stages:
-            fig.add_scatter(x=med.index, y=med[s], mode="lines+markers", name=name(s),
+            legend = "decode (per token)" if s == "decode_avg_ms" else name(s)
+            fig.add_scatter(x=med.index, y=med[s], mode="lines+markers", name=legend,
                             legendgroup=s, showlegend=col == 1, line_color=STAGE_COLORS[s],
-                            hovertemplate=f"{name(s)}: %{{y:.2f}} ms at %{{x}}<extra></extra>",
+                            hovertemplate=f"{legend}: %{{y:.2f}} ms at %{{x}}<extra></extra>",
                             row=1, col=col)
     lo, hi = float(d[x].min()), float(d[x].max())
     if lo > 0 and hi / lo >= 20:
         fig.update_xaxes(type="log")
-    fig.update_xaxes(title_text=label(x))
+        ticks = sorted(d[x].unique())
+        if len(ticks) <= 12:  # label the lengths that were run, not log decades
+            fig.update_xaxes(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    fig.update_xaxes(title_text="prompt length (tokens)")
     fig.update_yaxes(title_text="time (ms)", row=1, col=1)
     return _style(fig, title)

@@ -204,3 +204,16 @@ def test_plots_empty_input():
     assert _is_empty(P.sweep_fig(empty))
     # legacy rows without the field swept over
     assert _is_empty(P.sweep_fig(A.to_frame([SEED_STYLE])))
+
+
+def test_sweep_fig_uses_the_swept_length_and_only_sweep_records():
+    recs = []
+    for mode, tokens in (("c2c", 16), ("t2t", 80)):  # t2t's receiver also reads the note
+        r = rec("in16-out8")
+        r["mode"], r["timing"]["prompt_tokens"] = mode, tokens
+        recs.append(r)
+    recs.append(rec("plain"))  # not a sweep record: left out when sweep records are present
+    fig = P.sweep_fig(A.to_frame(recs))
+    xs = {x for tr in fig.data for x in tr.x}
+    assert xs == {16}
+    assert fig.layout.xaxis.title.text == "prompt length (tokens)"
