@@ -268,3 +268,14 @@ def test_sweep_endpoint_runs_the_length_grid(client):
     assert got == [(3, 2), (3, 4), (9, 2), (9, 4)]
     with pytest.raises(Exception, match="Prompt lengths 'abc' must be comma-separated integers"):
         client.predict(input_lens="abc", output_lens="2", api_name="/sweep")
+
+
+def test_ratios_text_shows_accuracy_beside_latency():
+    import pandas as pd
+
+    from c2c_core.ui.results_tab import NO_RATIOS, ratios_md
+    table = pd.DataFrame({"mode": ["c2c", "t2t"], "accuracy": [0.5, 0.25], "n_scored": [4, 4]})
+    text = ratios_md({"c2c_over_t2t": {"ttft_ms": 0.5, "e2e_ms": 0.6, "decode_avg_ms": 1.0,
+                                       "n": 4, "paired": True}}, table)
+    assert "C2C ÷ T2T" in text and "TTFT **0.50×**" in text and "c2c **50%** (4 scored)" in text
+    assert ratios_md({}, None) == NO_RATIOS

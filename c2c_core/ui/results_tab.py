@@ -24,16 +24,23 @@ RATIO_TEXT = {"c2c_over_t2t": "C2C ÷ T2T (below 1 = C2C faster)",
               "c2c_over_receiver": "C2C ÷ receiver alone (the cost of fusion)"}
 
 
-def ratios_md(ratios: dict) -> str:
-    """One line per ratio pair: medians' ratio per metric and the sample count."""
-    if not ratios:
-        return NO_RATIOS
+def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
+    """One line per ratio pair: medians' ratio per metric and the sample count; then accuracy
+    per mode where the records were scored (what C2C buys beside what it costs)."""
     lines = []
     for key, r in ratios.items():
         vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in
                           ("ttft_ms", "e2e_ms", "decode_avg_ms") if r.get(m) == r.get(m))
         lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} (n={r['n']}"
                      f"{' prompts, paired by id' if r.get('paired') else ', unpaired'})")
+    if not ratios:
+        lines.append(NO_RATIOS)
+    if table is not None and "n_scored" in table.columns:
+        scored = table[table["n_scored"] > 0]
+        if len(scored):
+            lines.append("- Accuracy: " + " · ".join(
+                f"{m} **{a:.0%}** ({n} scored)" for m, a, n in
+                zip(scored["mode"], scored["accuracy"], scored["n_scored"])))
     return "\n".join(lines)
 
 
@@ -230,7 +237,7 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
             sized(plots.decode_steps_fig(sf), 400), slow, modes_table,
             sized(mode_figs["ttft_ms"], 320), sized(mode_figs["decode_avg_ms"], 320),
             gr.update(choices=names, value=a), gr.update(choices=names, value=b),
-            *_compare(sources, a, b), ratios_md(ratios),
+            *_compare(sources, a, b), ratios_md(ratios, modes_table if sources else None),
             sized(mode_figs["e2e_ms"], 320), sized(mode_figs["tokens_per_second"], 320),
             sized(plots.sweep_fig(df if sources else pd.DataFrame()), 380))
 
