@@ -106,7 +106,7 @@ def _run_with_bar(pipe, cfg, items, writer, skip):
     from tqdm import tqdm
 
     from .runner import run_many
-    bar = tqdm(total=0, unit="gen", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=0, unit="gen", dynamic_ncols=True, file=sys.stderr, delay=0.5)
 
     def on_progress(done, total, rec):
         bar.total = total
@@ -167,14 +167,14 @@ def cmd_batch(args) -> int:
 
 
 def cmd_dataset(args) -> int:
-    from .prompts import resolve_prompts
+    from .prompts import resolve_prompts, skipped_note
     if not args.dataset and not args.dataset_file:
         raise UserError("dataset needs --dataset NAME or --dataset_file PATH.")
     items = resolve_prompts(dataset=args.dataset, dataset_config=args.dataset_config,
                             split=args.split, dataset_file=args.dataset_file, field=args.field,
                             offset=args.offset, num_samples=args.num_samples, shard=args.shard,
                             skip_bad_lines=args.skip_bad_lines)
-    print(f"{len(items)} prompt(s) selected.", file=sys.stderr)
+    print(f"{len(items)} prompt(s) selected. {skipped_note(items)}".strip(), file=sys.stderr)
     return _run_items(args, items)
 
 
@@ -268,6 +268,10 @@ def cmd_compare(args) -> int:
     if not modes or any(a[a["mode"] == m].empty or b[b["mode"] == m].empty for m in modes):
         raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
                         " to compare; pick --mode from the modes both files hold.")
+    ids_a, ids_b = set(a["id"].astype(str)), set(b["id"].astype(str))
+    if ids_a != ids_b:
+        print(f"Warning: the files share {len(ids_a & ids_b)} of {len(ids_a | ids_b)} prompt ids;"
+              " a difference may come from the prompts, not the code.", file=sys.stderr)
     table = pd.concat([compare_runs(a[a["mode"] == m], b[b["mode"] == m], threshold=args.threshold)
                        .assign(mode=m) for m in modes], ignore_index=True)
     cols = ["mode"] + [c for c in table.columns if c not in ("mode", "field")]

@@ -116,10 +116,11 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
         fig.add_scatter(x=g["step"], y=g["ms"], name=f"sample {g['_label'].iloc[0]}",
                         mode="lines+markers" if len(g) <= 50 else "lines",
                         hovertemplate="step %{x}: %{y:.2f} ms<extra></extra>")
-    for q, dash in ((50, "dash"), (90, "dot")):
+    # p50 labelled at the left, p90 at the right: close values must not print on top of each other
+    for q, dash, where in ((50, "dash", "bottom left"), (90, "dot", "top right")):
         v = float(df["ms"].quantile(q / 100))
         fig.add_hline(y=v, line_dash=dash, line_color="#444", annotation_text=f"p{q} {v:.2f} ms",
-                      annotation_position="top left")
+                      annotation_position=where)
     if len(groups) > max_lines:
         title += f" ({max_lines} of {len(groups)} runs shown; p50/p90 over all)"
     return _style(fig, title, x=label("step"), y=label("ms"))

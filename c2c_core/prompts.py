@@ -55,6 +55,25 @@ class PromptItem:
     input_ids: list[int] | None = None  # exact ids fed as is (length sweeps): no chat template
 
 
+class PromptList(list):
+    """The selected prompts, and the malformed rows skipped on the way ('line 3', 'row 7')."""
+
+    skipped: list[str]
+
+    def __init__(self, items=(), skipped: list[str] | None = None):
+        super().__init__(items)
+        self.skipped = list(skipped or [])
+
+
+def skipped_note(items) -> str:
+    """One sentence about rows --skip_bad_lines dropped, or '' when none were."""
+    bad = getattr(items, "skipped", [])
+    if not bad:
+        return ""
+    shown = ", ".join(bad[:10]) + (" …" if len(bad) > 10 else "")
+    return f"Skipped {len(bad)} malformed row(s): {shown}."
+
+
 def builtin_items(prompts: list[str] | None = None) -> list[PromptItem]:
     """The built-in prompts (or the given list) with ids 1..n, as in the seed's batch script."""
     source = "builtin" if prompts is None else "prompts"
@@ -142,9 +161,9 @@ def _row_item(row: dict, index: int, field: str | None, source: str, where: str)
 
 
 def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
-           skip_bad_lines: bool) -> list[PromptItem]:
-    """Rows → items; with `skip_bad_lines` rows without usable text are dropped, but a source
-    where no row is usable still raises the first row's error."""
+           skip_bad_lines: bool, skipped: list[str] | None = None) -> list[PromptItem]:
+    """Rows → items; with `skip_bad_lines` rows without usable text are dropped (named in
+    `skipped`), but a source where no row is usable still raises the first row's error."""
     items, first_error = [], None
     for i, row in enumerate(rows):
         try:
@@ -153,6 +172,8 @@ def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
             if not skip_bad_lines:
                 raise
             first_error = first_error or e
+            if skipped is not None:
+                skipped.append(f"row {i + 1}")
     if not items:
         raise first_error or UserError(f"{name} has no rows; add at least one prompt.")
     return items
@@ -160,7 +181,8 @@ def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
 
 # --- local files -----------------------------------------------------------------------------
 
-def _read_rows(path: str, ext: str, skip_bad_lines: bool) -> Iterator[dict]:
+def _read_rows(path: str, ext: str, skip_bad_lines: bool,
+               bad_lines: list[int] | None = None) -> Iterator[dict]:
     name = os.path.basename(path)
     if ext == ".csv":
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -184,7 +206,8 @@ def _read_rows(path: str, ext: str, skip_bad_lines: bool) -> Iterator[dict]:
             raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
         yield from rows
     else:  # .jsonl, or .json holding JSON lines
-        yield from iter_jsonl(path, skip_bad_lines=skip_bad_lines, cut_tail_ok=False)
+        yield from iter_jsonl(path, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
+                              cut_tail_ok=False)
 
 
 def _first_char(path: str) -> str:
@@ -204,8 +227,11 @@ def load_prompt_file(path: str | os.PathLike, field: str | None = None,
                         " .csv or .parquet file.")
     if not os.path.isfile(path):
         raise UserError(f"Prompt file not found: {path}; check the path.")
-    rows = _read_rows(path, ext, skip_bad_lines)
-    return _items(rows, field, f"file:{name}", name, skip_bad_lines)
+    bad_lines: list[int] = []
+    skipped: list[str] = []
+    items = _items(_read_rows(path, ext, skip_bad_lines, bad_lines), field, f"file:{name}", name,
+                   skip_bad_lines, skipped)
+    return PromptList(items, [f"line {n}" for n in bad_lines] + skipped)
 
 
 # --- Hugging Face datasets -------------------------------------------------------------------
@@ -364,7 +390,7 @@ def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = No
         available = len(select(items, offset, num_samples))
         raise UserError(f"No prompts to run: shard {shard[0]}/{shard[1]} of {available} selected"
                         f" rows is empty; use at most {available} shards.")
-    return chosen
+    return PromptList(chosen, getattr(items, "skipped", []))
 
 
 # --- scoring ---------------------------------------------------------------------------------

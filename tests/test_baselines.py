@@ -99,3 +99,9 @@ def test_compare_flags_a_2x_slowdown_and_not_a_copy(tmp_path, tiny_models, capsy
     assert main(["compare", str(base), str(tmp_path / "slow.jsonl")]) == 1
     assert "REGRESSION" in capsys.readouterr().out
     assert main(["compare", str(base), str(tmp_path / "slow.jsonl"), "--mode", "t2t"]) == 2
+    recs = read_records(base)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "id": f"x{r['id']}"}) + "\n" for r in recs))
+    capsys.readouterr()
+    assert main(["compare", str(base), str(other)]) == 0
+    assert "share 0 of 10 prompt ids" in capsys.readouterr().err

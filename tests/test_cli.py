@@ -131,3 +131,12 @@ def test_module_entry_point_runs(tmp_path, model_args):
                         str(out), *model_args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert len(read_records(out)) == 1
+
+
+def test_skipped_rows_are_reported(tmp_path, model_args, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"prompt": "a"}\n{"prompt": oops}\n{"prompt": ""}\n{"prompt": "d"}\n')
+    out = tmp_path / "o.jsonl"
+    assert main(["dataset", "--dataset_file", str(src), "--skip_bad_lines", "--output", str(out),
+                 *model_args]) == 0
+    assert "Skipped 2 malformed row(s): line 2, row 2." in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import analysis, plots
 from ..errors import UserError
-from ..prompts import FILE_TYPES, resolve_prompts
+from ..prompts import FILE_TYPES, resolve_prompts, skipped_note
 from .common import (clear_stop, download_button, integer_counts, error_outputs, new_run_path, plot,
                      records_table, request_stop, run_config, sized, stop_flag,
                      stream_records, user_error)
@@ -112,6 +112,9 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
     except UserError as e:
         yield error_outputs(e, 4)
         raise user_error(e) from None
+    note = skipped_note(items)
+    if note:
+        gr.Warning(note)
     path = new_run_path(request, "dataset")
     stop = stop_flag(request)
     try:

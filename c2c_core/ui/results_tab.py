@@ -239,7 +239,13 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
             gr.update(choices=names, value=a), gr.update(choices=names, value=b),
             *_compare(sources, a, b), ratios_md(ratios, modes_table if sources else None),
             sized(mode_figs["e2e_ms"], 320), sized(mode_figs["tokens_per_second"], 320),
-            sized(plots.sweep_fig(df if sources else pd.DataFrame()), 380))
+            sized(plots.sweep_fig(_sweep_rows(df) if sources else pd.DataFrame()), 380))
+
+
+def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Only records of a length sweep (ids in<N>-out<M>): other files have one length per
+    prompt, and a line through them would suggest a trend that is not there."""
+    return df[df["id"].astype(str).str.match(plots.SWEEP_ID)]
 
 
 def compare_pair(files, runs, skip_bad_lines, a, b, request: gr.Request):
