@@ -11,7 +11,7 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
-from .common import (download_button, error_outputs, new_run_path, plot,
+from .common import (download_button, new_run_path, plot, status_md, ui_message,
                      records_table, run_config, sized, stream_records, user_error)
 
 
@@ -54,7 +54,8 @@ def run_batch(prompts: str, request: gr.Request, progress=gr.Progress(), **setti
         items = resolve_prompts(prompts=lines)
         cfg = run_config(settings)
     except UserError as e:
-        yield error_outputs(e, 4)
+        # clear the last run's table and chart: they would read as this failed run's output
+        yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "batch")
     yield from stream_records(cfg, items, path, progress, render, unit="generation")

@@ -11,9 +11,9 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import FILE_TYPES, resolve_prompts, skipped_note
-from .common import (clear_stop, download_button, integer_counts, error_outputs, new_run_path, plot,
+from .common import (clear_stop, download_button, integer_counts, new_run_path, plot, status_md,
                      records_table, request_stop, run_config, sized, stop_flag,
-                     stream_records, user_error)
+                     stream_records, ui_message, user_error)
 
 SOURCES = [("Hugging Face dataset", "hf"), ("Uploaded file", "file")]
 
@@ -110,7 +110,8 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
                                     split=(split or "").strip() or "test", **kw)
         cfg = run_config(settings)
     except UserError as e:
-        yield error_outputs(e, 4)
+        # clear the last run's table and chart: they would read as this failed run's output
+        yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     note = skipped_note(items)
     if note:

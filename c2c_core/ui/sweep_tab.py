@@ -12,7 +12,7 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..sweep import parse_lengths, run_sweep
-from .common import (download_button, error_outputs, new_run_path, plot, records_table,
+from .common import (download_button, new_run_path, plot, records_table, status_md, ui_message,
                      run_config, sized, stream_records, user_error)
 
 
@@ -64,7 +64,8 @@ def run_sweep_ui(input_lens: str, output_lens: str, request: gr.Request, progres
             if n > 8192:
                 raise UserError(f"Output length {n} is out of range; use 1 to 8192.")
     except UserError as e:
-        yield error_outputs(e, 4)
+        # clear the last run's table and chart: they would read as this failed run's output
+        yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "sweep")
     runner = partial(_grid, ins=ins, outs=outs)
