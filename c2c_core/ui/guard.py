@@ -252,23 +252,25 @@ def over_disk(folder: str) -> bool:
     return folder_bytes(folder) >= limit("session_disk_mb") * 2**20
 
 
-_UPLOADED: dict[str, int] = {}
+_UPLOADED: dict[str, tuple[int, set[str]]] = {}
 
 
 def count_upload(session: str, paths: list[str]) -> None:
-    """Files a handler received: charge them to the session's upload quota (each path once)."""
+    """Files a handler received: charge them to the session's upload quota (each file once,
+    however often it is analysed again)."""
+    used, seen = _UPLOADED.get(session, (0, set()))
+    new = [p for p in dict.fromkeys(paths) if p not in seen]
     size = 0
-    for p in paths:
+    for p in new:
         try:
             size += os.path.getsize(p)
         except OSError:
             pass
     cap = limit("session_upload_mb") * 2**20
-    used = _UPLOADED.get(session, 0)
     if used + size > cap:
         raise UserError(f"This session has uploaded {_mb(used + size)}; the limit is {_mb(cap)}"
                         " (C2C_SESSION_UPLOAD_MB): reload the page to start a new session.")
-    _UPLOADED[session] = used + size
+    _UPLOADED[session] = (used + size, seen | set(new))
 
 
 def forget_session(session: str) -> None:
