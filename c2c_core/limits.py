@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from typing import Any, Iterable
 
@@ -166,8 +167,8 @@ def check_lengths(receiver_ctx: int | None, sharer_ctx: int | None, n_prompt: in
     elif mode == "sharer":
         _fit("sharer", sname, sharer_ctx, n_prompt, max_new_tokens, what, "--max_new_tokens")
     elif mode == "t2t":
-        _fit("sharer", sname, sharer_ctx, n_prompt, t2t_note_tokens, f"{what} (with the T2T note"
-             " instruction)", "--t2t_note_tokens")
+        _fit("sharer", sname, sharer_ctx, n_prompt, t2t_note_tokens,
+             f"{what} (read by the sharer to write its note)", "--t2t_note_tokens")
         n2 = n_prompt + t2t_note_tokens if n_answer_prompt is None else n_answer_prompt
         _fit("receiver", rname, receiver_ctx, n2, max_new_tokens, f"{what} with the sharer's note",
              "--max_new_tokens")
@@ -229,6 +230,53 @@ def _read_config(path: str) -> dict | None:
         return None
 
 
+#: GGUF metadata value types → struct format of a scalar (8 = string, 9 = array).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+
+
+def gguf_context_length(path: str) -> int | None:
+    """`<architecture>.context_length` from a GGUF file's metadata header, read directly (the
+    header comes first; no tensor is touched), None when the header has none."""
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", "replace")
+
+        def value(vtype: int):
+            if vtype in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                itype, count = read("I"), read("Q")
+                if itype in _GGUF_SCALARS:  # skip numeric arrays without reading them one by one
+                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[itype]), 1)
+                    return None
+                for _ in range(count):
+                    value(itype)
+                return None
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        read("I")  # version
+        read("Q")  # tensor count
+        arch, found = None, {}
+        for _ in range(read("Q")):
+            key = string()
+            v = value(read("I"))
+            if key == "general.architecture":
+                arch = v
+            elif key.endswith(".context_length"):
+                found[key] = v
+            if arch and f"{arch}.context_length" in found:
+                return int(found[f"{arch}.context_length"])
+        return int(next(iter(found.values()))) if found else None
+
+
 def spec_context(spec) -> int | None:
     """A ModelSpec's context length from its config file alone (no weights, no network);
     None when the config is not on this machine yet (the runner checks after loading)."""
@@ -242,9 +290,8 @@ def spec_context(spec) -> int | None:
         from . import loading
         try:
             path = loading.smollm2_gguf_path() if src == "smollm2" else src
-            return context_length(_read_config(os.path.join(loading._gguf_cache_dir(path),
-                                                            "config.json")))
-        except (UserError, OSError):
+            return gguf_context_length(path)
+        except (UserError, OSError, ValueError, struct.error):
             return None
     if os.path.isdir(src):
         return context_length(_read_config(os.path.join(src, "config.json")))
