@@ -92,7 +92,8 @@ def run_config(args):
 # --- running -------------------------------------------------------------------------------
 
 def _load(cfg):
-    from .loading import load_pipeline
+    from .loading import check_sources, load_pipeline
+    check_sources(cfg)  # a path that is not a model: one sentence before "Loading"
     print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {cfg.sharer.source} ...", file=sys.stderr)
     pipe = load_pipeline(cfg)
     print(f"Loaded: {pipe.describe()}", file=sys.stderr)

@@ -37,7 +37,7 @@ def os_error_sentence(e: OSError, path: str, doing: str = "write") -> str:
         return f"Could not {doing} {path}: the folder is read-only or not yours; pick another --output"
     if e.errno == errno.EISDIR:
         return f"{path} is a folder; give a file name for --output"
-    if e.errno == errno.ENOTDIR:
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):  # makedirs through a file says EEXIST
         return f"{path} lies under something that is not a folder; fix the --output path"
     return f"Could not {doing} {path} ({e.strerror or e}); check the path and the disk"
 
