@@ -250,7 +250,7 @@ def _wait_for_records(path, n, proc, timeout=240):
     pytest.fail("no records appeared")
 
 
-def test_sigterm_is_like_ctrl_c_and_the_output_is_locked_meanwhile(tmp_path, tiny_models):
+def test_sigterm_is_like_ctrl_c_and_the_output_is_locked_meanwhile(tmp_path, tiny_models, capsys):
     out = tmp_path / "o.jsonl"
     argv = [sys.executable, "-m", "c2c_core", "batch", "--output", str(out),
             "--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
@@ -261,11 +261,9 @@ def test_sigterm_is_like_ctrl_c_and_the_output_is_locked_meanwhile(tmp_path, tin
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_records(out, 1, proc)
-        # a second run on the same output refuses while the first holds it
-        second = subprocess.run(argv[:6] + ["--resume"] + argv[6:], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=240)
-        assert second.returncode == 2, second.stderr
-        assert second.stderr.strip().splitlines()[-1] == (
+        # a second run on the same output (here in this process) refuses while the first holds it
+        assert main(argv[3:6] + ["--resume"] + argv[6:]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: {out} is being written by another run; wait for it to finish or give this"
             " run another --output.")
         proc.send_signal(signal.SIGTERM)
