@@ -49,7 +49,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 #: App-wide cap on one prompt's length in characters (checked first: costs nothing).
-MAX_PROMPT_CHARS = _env_int("C2C_MAX_PROMPT_CHARS", 32_000)
+MAX_PROMPT_CHARS = _env_int("C2C_MAX_PROMPT_CHARS", 16_000)  # as ui/guard.py
 #: App-wide cap on one prompt's length in tokens (the model's context is checked as well).
 MAX_PROMPT_TOKENS = _env_int("C2C_MAX_PROMPT_TOKENS", 8_192)
 

@@ -158,7 +158,7 @@ def test_load_pipeline_refuses_an_oversize_fuser(tiny_cfg_kwargs, monkeypatch):
 
 def test_prompt_size_cap(tiny_pipe, monkeypatch):
     t = time.monotonic()
-    with pytest.raises(UserError, match=r"1,000,000 characters, over this app's limit of 32,000"
+    with pytest.raises(UserError, match=r"1,000,000 characters, over this app's limit of 16,000"
                                         r" \(C2C_MAX_PROMPT_CHARS\)"):
         limits.check_prompt_size("x" * 1_000_000, tiny_pipe[0].tokenizer)
     assert time.monotonic() - t < 1.0
