@@ -173,9 +173,10 @@ def read_text(path: str, encoding: str | None = None) -> str:
         with open(path, "rb") as f:
             data = f.read()
     except IsADirectoryError:
-        raise UserError(f"{path} is a folder; pass a file.") from None
+        raise UserError(f"{os.path.basename(path)} is a folder; pass a file.") from None
     except OSError as e:
-        raise UserError(f"Could not read {path} ({e.strerror or e}); check the path.") from None
+        raise UserError(f"Could not read {os.path.basename(path)} ({e.strerror or e}); check the"
+                        " path.") from None
     try:
         return data.decode(enc)
     except LookupError:

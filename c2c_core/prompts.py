@@ -126,7 +126,7 @@ def _choices(value: Any, where: str) -> tuple[list[str], list[str]]:
         raw = value
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             value = _lettered(raw)
             if value is None:
                 raise UserError(f"{where} has options that are not a list (nor lettered lines);"
@@ -251,6 +251,9 @@ def _read_rows(path: str, ext: str, skip_bad_lines: bool,
         except json.JSONDecodeError as e:
             raise UserError(f"{name} is not valid JSON (line {e.lineno}); fix it or write one"
                             " object per line as .jsonl.") from None
+        except RecursionError:
+            raise UserError(f"{name} nests too deeply to read; write one flat object per prompt"
+                            " (one per line as .jsonl).") from None
         if not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
         yield from rows

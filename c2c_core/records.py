@@ -198,16 +198,18 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
             continue
         try:
             obj = json.loads(s)
-        except json.JSONDecodeError:
-            if i == last and cut_tail_ok:  # unterminated tail: a record cut mid-write
+        except (json.JSONDecodeError, RecursionError) as e:
+            deep = isinstance(e, RecursionError)  # [[[[... nested past Python's limit
+            if i == last and cut_tail_ok and not deep:  # unterminated tail: a record cut mid-write
                 return
             if skip_bad_lines:
                 if bad_lines is not None:
                     bad_lines.append(i + 1)
                 continue
+            what = "nests too deeply to read" if deep else "is not valid JSON"
             raise UserError(
-                f"{os.path.basename(path)} line {i + 1} is not valid JSON; fix or delete that line"
-                " (or pass --skip_bad_lines to skip it).")
+                f"{os.path.basename(path)} line {i + 1} {what}; fix or delete that line"
+                " (or pass --skip_bad_lines to skip it).") from None
         if not isinstance(obj, dict):
             if skip_bad_lines:
                 if bad_lines is not None:

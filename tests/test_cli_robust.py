@@ -347,3 +347,19 @@ def test_concurrent_smollm2_conversion(tmp_path):
         outs.append(o.strip())
     assert len(set(outs)) == 1
     assert not [p for p in os.listdir(os.path.dirname(outs[0])) if ".tmp-" in p]
+
+
+def test_deeply_nested_json_is_one_sentence(tmp_path, capsys, no_model_load):
+    deep = "[" * 100_000 + "]" * 100_000
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "ok"}\n' + deep + "\n")
+    assert main(["dataset", "--dataset_file", str(src), "--output", str(tmp_path / "o.jsonl")]) == 2
+    one_line_error(capsys, "p.jsonl line 2 nests too deeply to read")
+    src = tmp_path / "p.json"
+    src.write_text(deep)
+    assert main(["dataset", "--dataset_file", str(src), "--output", str(tmp_path / "o.jsonl")]) == 2
+    one_line_error(capsys, "p.json nests too deeply to read")
+    res = tmp_path / "r.jsonl"
+    res.write_text(deep + "\n")
+    assert main(["report", str(res)]) == 2
+    one_line_error(capsys, "r.jsonl line 1 nests too deeply to read")
