@@ -195,6 +195,7 @@ def normalize(rec: dict, index: int) -> dict:
         "run": rec.get("run") if isinstance(rec.get("run"), dict) else {},
         "correct": _bool(rec.get("correct")),
         "answer": rec.get("answer"),
+        "truncated": _bool(rec.get("truncated")),
         "prompt_chars": chars["prompt"],
         "response_chars": chars["response"],
     }
@@ -214,6 +215,7 @@ def _row(n: dict, source: str) -> dict:
     row["prompt_chars"] = _num(n["prompt_chars"])
     row["response_chars"] = _num(n["response_chars"])
     row["correct"] = n["correct"]
+    row["truncated"] = n["truncated"]
     tokens = row["num_generated_tokens"]
     steps = len(n["decode_step_times_ms"])
     row["n_steps"] = steps if steps or math.isnan(tokens) else max(int(tokens) - 1, 0)
@@ -224,12 +226,40 @@ def to_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:
     """One row per record: keys, prompt, every timing field (NaN if missing), correct, n_steps."""
     rows = [_row(normalize(r, i), source) for i, r in enumerate(records)]
     base = ["source", "id", "mode", "repeat", "prompt", *TIMING_FIELDS, "ttft_other_ms",
-            "prompt_chars", "response_chars", "correct", "n_steps"]
+            "prompt_chars", "response_chars", "correct", "n_steps", "truncated"]
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(base + [k for r in rows for k in r])))
     df["correct"] = df["correct"].astype("boolean")
+    df["truncated"] = df["truncated"].astype("boolean")
     df["repeat"] = df["repeat"].astype("int64")
     df["n_steps"] = df["n_steps"].astype("int64")
     return df
+
+
+def duplicates(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose (source, id, mode, repeat) occurs more than once: one generation recorded
+    twice (e.g. two runs resumed into one file, or a file given twice)."""
+    keys = [k for k in _KEYS if k in df.columns]
+    if df.empty or not keys:
+        return df.head(0)
+    return df[df.duplicated(keys, keep=False)]
+
+
+def duplicates_note(df: pd.DataFrame) -> str:
+    """One sentence naming duplicate (id, mode, repeat) records, or '' when there are none."""
+    dup = duplicates(df)
+    if dup.empty:
+        return ""
+    keys = [k for k in _KEYS if k in dup.columns]
+    groups = dup.groupby(keys, sort=False, dropna=False).size()
+    shown = []
+    for key, count in list(groups.items())[:3]:
+        k = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        where = f"{k['source']}: " if k.get("source") else ""
+        shown.append(f"{where}id {k.get('id')} {k.get('mode')} repeat {k.get('repeat')} x{count}")
+    more = " …" if len(groups) > 3 else ""
+    return (f"{len(groups)} (id, mode, repeat) key(s) occur more than once ({'; '.join(shown)}"
+            f"{more}); each copy counts in the statistics, so remove the repeated lines (or"
+            " rerun into a new file) for a fair summary.")
 
 
 def steps_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from .config import PRESETS
 from .errors import UserError
@@ -39,7 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--mode", default="c2c", help="c2c, receiver, sharer, t2t, or all")
-    g.add_argument("--max_new_tokens", type=int, default=64)
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help="tokens to generate (default 64; dataset: by answer kind, 256 for GSM8K-style"
+                        " number answers)")
     g.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens")
     g.add_argument("--do_sample", action="store_true", help="sample (default greedy)")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -71,6 +75,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offset", type=int, default=0, help="rows to skip first")
     g.add_argument("--shard", help="i/n: contiguous block i of n of the selection")
     g.add_argument("--skip_bad_lines", action="store_true", help="skip malformed rows instead of stopping")
+    g.add_argument("--encoding", help="text encoding of --dataset_file (default utf-8), e.g. latin-1")
 
 
 def run_config(args):
@@ -87,13 +92,24 @@ def run_config(args):
 # --- running -------------------------------------------------------------------------------
 
 def _load(cfg):
-    from .loading import load_pipeline
+    from .loading import check_sources, load_pipeline
+    check_sources(cfg)  # a path that is not a model: one sentence before "Loading"
     print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {cfg.sharer.source} ...", file=sys.stderr)
     pipe = load_pipeline(cfg)
     print(f"Loaded: {pipe.describe()}", file=sys.stderr)
     if pipe.info.get("fuser_note"):
         print(f"Note: {pipe.info['fuser_note']}.", file=sys.stderr)
     return pipe
+
+
+def _lock_output(args, path: str | None = None) -> None:
+    """Before any model loads: the output must be writable, and no other run may be writing
+    it (two --resume runs on one file would write every record twice). The lock is held until
+    main() returns (or the process ends)."""
+    from .fileio import lock_output
+    path = path or args.output
+    if path:
+        args._output_lock = lock_output(path)
 
 
 def _writer_and_skip(args):
@@ -141,8 +157,25 @@ def print_summary(records: list[dict], out=None) -> None:
             row[f"{name} mean"] = s.mean()
             row[f"{name} p50"] = s.quantile(0.5)
             row[f"{name} p90"] = s.quantile(0.9)
+        scored = g["correct"].dropna()
+        if len(scored):
+            row["accuracy"] = f"{int(scored.sum())}/{len(scored)} ({scored.mean():.0%})"
         rows.append(row)
     print(pd.DataFrame(rows).round(2).to_string(index=False), file=out)
+    note = truncation_note(records)
+    if note:
+        print(note, file=out)
+
+
+def truncation_note(records: list[dict]) -> str:
+    """One sentence when answers were cut off by max_new_tokens, else ''."""
+    cut = [r for r in records if r.get("truncated") is True]
+    if not cut:
+        return ""
+    caps = sorted({(r.get("run") or {}).get("max_new_tokens") for r in cut} - {None})
+    cap = f" ({', '.join(map(str, caps))})" if caps else ""
+    return (f"{len(cut)} of {len(records)} answer(s) were cut off by max_new_tokens{cap} before"
+            " they ended; pass a larger --max_new_tokens to let them finish.")
 
 
 def cmd_profile(args) -> int:
@@ -151,6 +184,7 @@ def cmd_profile(args) -> int:
     items = resolve_prompts(prompt=args.prompt)
     cfg = run_config(args)
     paths = profile_paths(args.output, gz=args.trace_gz)
+    _lock_output(args, paths.jsonl)
     pipe = _load(cfg)
     rec, _ = profile_item(pipe, cfg, items[0], paths, append=args.append or args.resume)
     print(f"Response: {rec['response']}")
@@ -173,13 +207,19 @@ def cmd_dataset(args) -> int:
     items = resolve_prompts(dataset=args.dataset, dataset_config=args.dataset_config,
                             split=args.split, dataset_file=args.dataset_file, field=args.field,
                             offset=args.offset, num_samples=args.num_samples, shard=args.shard,
-                            skip_bad_lines=args.skip_bad_lines)
+                            skip_bad_lines=args.skip_bad_lines, encoding=args.encoding)
     print(f"{len(items)} prompt(s) selected. {skipped_note(items)}".strip(), file=sys.stderr)
+    if args.max_new_tokens is None:
+        from .prompts import default_max_new_tokens
+        args.max_new_tokens, why = default_max_new_tokens(items)
+        print(f"max_new_tokens {args.max_new_tokens} ({why}); pass --max_new_tokens to change it.",
+              file=sys.stderr)
     return _run_items(args, items)
 
 
 def _run_items(args, items) -> int:
     cfg = run_config(args)
+    _lock_output(args)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     with writer:
@@ -197,11 +237,25 @@ def cmd_overhead(args) -> int:
     return 0
 
 
+def _check_sweep_context(cfg, ins: list[int], outs: list[int]) -> None:
+    """The longest shape against the models' contexts, read from their config files: a sweep
+    that cannot fit is refused before any model loads (the runner checks again after)."""
+    from .limits import check_lengths, spec_context
+    from .runner import modes_of
+    rctx, sctx = spec_context(cfg.receiver), spec_context(cfg.sharer)
+    names = (cfg.receiver.source, cfg.sharer.source)
+    for mode in modes_of(cfg):
+        check_lengths(rctx, sctx, max(ins), mode, max(outs), cfg.gen.t2t_note_tokens,
+                      f"--input_lens {max(ins)}", names=names)
+
+
 def cmd_sweep(args) -> int:
     from .sweep import parse_lengths, run_sweep
     ins = parse_lengths(args.input_lens, "--input_lens")
     outs = parse_lengths(args.output_lens, "--output_lens")
     cfg = run_config(args)
+    _check_sweep_context(cfg, ins, outs)
+    _lock_output(args)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     from tqdm import tqdm
@@ -234,12 +288,20 @@ def _frames(paths: list[str], skip_bad_lines: bool):
     return pd.concat(frames, ignore_index=True)
 
 
+def _warn_duplicates(df) -> None:
+    from .analysis import duplicates_note
+    note = duplicates_note(df)
+    if note:
+        print(f"Warning: {note}", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     """Per mode: ttft, e2e, decode ms/token, tok/s, accuracy; C2C over T2T and over receiver."""
     import json
 
     from .analysis import compare_modes
     df = _frames(args.files, args.skip_bad_lines)
+    _warn_duplicates(df)
     table, ratios = compare_modes(df)
     print(table.to_string(index=False))
     for name, r in ratios.items():
@@ -263,6 +325,8 @@ def cmd_compare(args) -> int:
     from .analysis import compare_runs
     a = _frames([args.a], args.skip_bad_lines)
     b = _frames([args.b], args.skip_bad_lines)
+    _warn_duplicates(a)
+    _warn_duplicates(b)
     import pandas as pd
     modes = [args.mode] if args.mode else [m for m in dict.fromkeys(a["mode"]) if m in set(b["mode"])]
     if not modes or any(a[a["mode"] == m].empty or b[b["mode"] == m].empty for m in modes):
@@ -342,18 +406,47 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it ends like Ctrl-C (records kept, one line)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+#: errno values of OSErrors that are the machine's state, not a bug: said in one sentence.
+_ENV_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EISDIR", "ENOTDIR", "ENAMETOOLONG"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import errno
     args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    saved = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as e:
+        if errno.errorcode.get(e.errno) not in _ENV_ERRNOS:
+            raise
+        from .fileio import os_error_sentence
+        print(f"error: {os_error_sentence(e, e.filename or 'a file')}; records already written"
+              " are kept.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         out = getattr(args, "output", None)
-        print(f"\nInterrupted; records already written{f' to {out}' if out else ''} are kept.",
+        how = "Terminated" if isinstance(e, Terminated) else "Interrupted"
+        print(f"\n{how}; records already written{f' to {out}' if out else ''} are kept.",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, saved)
+        lock = getattr(args, "_output_lock", None)
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":  # pragma: no cover

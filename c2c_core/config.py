@@ -170,6 +170,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise UserError(f"--warmup {cfg.warmup} must be >= 0.")
     if cfg.repeats < 1:
         raise UserError(f"--repeats {cfg.repeats} must be >= 1.")
+    from .limits import check_run_sizes
+    check_run_sizes(cfg)  # fuser sizes, repeats, warm-up within the documented maxima
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads} must be >= 1.")
     from .records import MODES

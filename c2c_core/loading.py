@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import torch
 
 from .config import CONFIGS, FuserSpec, ModelSpec, RunConfig
 from .errors import UserError
+from .fileio import build_once
 from .hub import require_hub
 from .projector import Fuser, check_fuser_fits, load_fuser, untrained_fuser
 
@@ -116,7 +116,12 @@ def check_model_source(spec: ModelSpec, role: str) -> None:
             raise UserError(f"{role} GGUF file {s} does not exist; check the path.")
     elif kind == "dummy":
         _dummy_config_path(s, role)
-    elif os.path.sep in s and not os.path.isdir(s) and (s.startswith((".", "/", "~")) or s.count("/") > 1):
+    elif os.path.isdir(s):
+        if not os.path.isfile(os.path.join(s, "config.json")):
+            raise UserError(f"{role} model folder {s} has no config.json, so it is not a Hugging"
+                            " Face model folder; pass one (with config.json and weights) or a hub"
+                            " id like Qwen/Qwen3-0.6B.")
+    elif os.path.sep in s and (s.startswith((".", "/", "~")) or s.count("/") > 1):
         raise UserError(f"{role} model folder {s} does not exist; pass a local Hugging Face folder"
                         " or a hub id like Qwen/Qwen3-0.6B.")
 
@@ -141,7 +146,12 @@ def _quiet():
 def _from_pretrained(cls, source: str, what: str, **kw):
     """Local folder or local hub cache first; the hub only when reachable (fails fast)."""
     if os.path.isdir(source):
-        return cls.from_pretrained(source, **kw)
+        try:
+            return cls.from_pretrained(source, **kw)
+        except (OSError, ValueError) as e:  # a folder without weights, a broken config, ...
+            raise UserError(f"{what} could not be loaded from the folder {source}"
+                            f" ({str(e).splitlines()[0][:200]}); check that it holds a complete"
+                            " Hugging Face model.") from None
     try:
         return cls.from_pretrained(source, local_files_only=True, **kw)
     except (OSError, ValueError):
@@ -164,20 +174,19 @@ def load_gguf(path: str, dtype: torch.dtype):
     """Dequantize a GGUF once (~20 s), then reuse the converted HF folder (seconds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = _gguf_cache_dir(path)
-    if not os.path.isfile(os.path.join(out, "config.json")):
+
+    def convert(tmp: str) -> None:
         d, f = os.path.split(os.path.abspath(path))
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantized: save them as plain tensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = out + ".tmp"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if os.path.exists(out):  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+
+    # N shard processes starting at once: one converts, the others wait and reuse its folder
+    build_once(out, convert)
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
     return model, tok, out
@@ -239,6 +248,9 @@ def load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dt
 
 def load_fuser_spec(spec: FuserSpec, receiver, sharer) -> Fuser:
     if spec.source is None:
+        from .limits import check_fuser_params
+        check_fuser_params(receiver.config, sharer.config, spec.hidden_dim, spec.intermediate_dim,
+                           spec.num_layers)  # before building: an oversize fuser never allocates
         return untrained_fuser(receiver.config, sharer.config, spec.hidden_dim,
                                spec.intermediate_dim, spec.num_layers)
     src = spec.source

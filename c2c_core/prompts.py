@@ -7,6 +7,8 @@ No torch here: the CLI and the UI validate the prompt options before any model l
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
 import os
 import re
@@ -18,6 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from . import hub
 from .errors import UserError
+from .fileio import read_text
 from .records import iter_jsonl
 
 BUILTIN_PROMPTS = [
@@ -53,6 +56,7 @@ class PromptItem:
     answer_kind: str | None = None  # 'number' | 'choice' | 'text' | None
     source: str = ""  # "builtin", "prompts", "file:my.jsonl", "hf:openai/gsm8k/main/test"
     input_ids: list[int] | None = None  # exact ids fed as is (length sweeps): no chat template
+    n_choices: int | None = None  # multiple choice: how many options (letters A..), for scoring
 
 
 class PromptList(list):
@@ -94,19 +98,50 @@ def _number(text: str) -> str | None:
     return str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f")
 
 
+#: One line of a preformatted option string: "A. text", "A) text", "(A) text", "A: text".
+_LETTERED_LINE = re.compile(r"^\s*\(?([A-Za-z])\s*[.):]\s*(.*?)\s*$")
+
+
+def _lettered(text: str) -> list[str] | None:
+    """The option texts of one preformatted string ("A. 3 lines\nB. 9 lines\n..."), lettered
+    A, B, C... in order (a line without a letter continues the option above); None otherwise."""
+    texts: list[str] = []
+    for line in text.strip().splitlines():
+        m = _LETTERED_LINE.match(line)
+        if m and m.group(1).upper() == ascii_uppercase[len(texts) % 26]:
+            texts.append(m.group(2))
+        elif texts and line.strip():
+            texts[-1] = f"{texts[-1]} {line.strip()}"
+        elif line.strip():
+            return None
+    return texts if len(texts) >= 2 else None
+
+
 def _choices(value: Any, where: str) -> tuple[list[str], list[str]]:
-    """Choice texts and their source labels from a list, a {'text', 'label'} dict, or their JSON."""
+    """Choice texts and their source labels from a list, a {'text', 'label'} dict (ARC), a
+    {'A': text, 'B': text} dict, one preformatted lettered string, or their JSON."""
     if value is None:
         return [], []
     if isinstance(value, str):
+        raw = value
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
-            value = None
-    if isinstance(value, dict):
+        except (json.JSONDecodeError, RecursionError):
+            value = _lettered(raw)
+            if value is None:
+                raise UserError(f"{where} has options that are not a list (nor lettered lines);"
+                                ' write them as a JSON list like ["Paris", "London"] or as lines'
+                                ' "A. Paris", "B. London".') from None
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet
+        value = value.tolist()
+    if isinstance(value, dict) and "text" in value:
         texts = [str(t) for t in value.get("text") or []]
         labels = [str(x) for x in value.get("label") or []]
         labels = labels if len(labels) == len(texts) else []
+    elif isinstance(value, dict) and value and all(
+            isinstance(k, str) and len(k.strip()) == 1 and k.strip().isalpha() for k in value):
+        keys = sorted(value, key=lambda k: k.strip().upper())
+        texts, labels = [str(value[k]) for k in keys], [k.strip() for k in keys]
     elif isinstance(value, (list, tuple)):
         texts, labels = [str(t) for t in value], []
     else:
@@ -117,9 +152,17 @@ def _choices(value: Any, where: str) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
+_LETTER_ANSWER = re.compile(r"^\(?([A-Za-z])\s*(?:[.):]\s*(.*))?$", re.DOTALL)
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
 def _answer(value: Any, texts: list[str], labels: list[str]) -> tuple[str | None, str | None]:
-    """Normalize a gold answer: a letter for multiple choice (from a label, a letter or a 0-based
-    index), the number after GSM8K's '####', any other number, else free text."""
+    """Normalize a gold answer: a letter for multiple choice (from a label, a letter, "B. 9
+    lines", "(B)", the option's text, or a 0-based index), the number after GSM8K's '####',
+    any other number, else free text."""
     if value is None or str(value).strip() == "":
         return None, None
     s = str(value).strip()
@@ -129,8 +172,12 @@ def _answer(value: Any, texts: list[str], labels: list[str]) -> tuple[str | None
             return letters[value], "choice"
         if s in labels:
             return letters[labels.index(s)], "choice"
-        if s.upper() in letters:
-            return s.upper(), "choice"
+        m = _LETTER_ANSWER.match(s)  # "B", "b", "(B)", "B.", "B. 9 lines", "B) 9 lines"
+        if m and m.group(1).upper() in letters:
+            return m.group(1).upper(), "choice"
+        same = [i for i, t in enumerate(texts) if _same_text(s, t)]
+        if len(same) == 1:
+            return letters[same[0]], "choice"
         if s.isdigit() and int(s) < len(texts):
             return letters[int(s)], "choice"
         return s, "text"
@@ -157,7 +204,11 @@ def _row_item(row: dict, index: int, field: str | None, source: str, where: str)
     text += "".join(f"\n{ascii_uppercase[i]}. {t}" for i, t in enumerate(texts))
     answer, kind = _answer(row.get("answer"), texts, labels)
     rid = row.get("id")
-    return PromptItem(index if rid in (None, "") else rid, text, answer, kind, source)
+    if rid is not None and not isinstance(rid, (str, int, float)):
+        raise UserError(f"{where} has an id that is a {type(rid).__name__}, not a string or a"
+                        " number; fix the id or drop the field (rows are then numbered).")
+    return PromptItem(index if rid in (None, "") else rid, text, answer, kind, source,
+                      n_choices=len(texts) or None)
 
 
 def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
@@ -182,11 +233,10 @@ def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
 # --- local files -----------------------------------------------------------------------------
 
 def _read_rows(path: str, ext: str, skip_bad_lines: bool,
-               bad_lines: list[int] | None = None) -> Iterator[dict]:
+               bad_lines: list[int] | None = None, encoding: str | None = None) -> Iterator[dict]:
     name = os.path.basename(path)
     if ext == ".csv":
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            yield from csv.DictReader(f)
+        yield from csv.DictReader(io.StringIO(read_text(path, encoding), newline=""))
     elif ext == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -196,18 +246,20 @@ def _read_rows(path: str, ext: str, skip_bad_lines: bool,
             raise UserError(f"{name} is not a readable Parquet file ({e}); re-export it.") from None
         yield from table.to_pylist()
     elif ext == ".json" and _first_char(path) == "[":
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{name} is not valid JSON (line {e.lineno}); fix it or write one"
-                                " object per line as .jsonl.") from None
+        try:
+            rows = json.loads(read_text(path, encoding))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name} is not valid JSON (line {e.lineno}); fix it or write one"
+                            " object per line as .jsonl.") from None
+        except RecursionError:
+            raise UserError(f"{name} nests too deeply to read; write one flat object per prompt"
+                            " (one per line as .jsonl).") from None
         if not all(isinstance(r, dict) for r in rows):
             raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
         yield from rows
     else:  # .jsonl, or .json holding JSON lines
         yield from iter_jsonl(path, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
-                              cut_tail_ok=False)
+                              cut_tail_ok=False, encoding=encoding or "utf-8-sig")
 
 
 def _first_char(path: str) -> str:
@@ -216,7 +268,7 @@ def _first_char(path: str) -> str:
 
 
 def load_prompt_file(path: str | os.PathLike, field: str | None = None,
-                     skip_bad_lines: bool = False) -> list[PromptItem]:
+                     skip_bad_lines: bool = False, encoding: str | None = None) -> list[PromptItem]:
     """Prompts from a .jsonl/.json, .csv or .parquet file (text from `field`, else the first of
     'prompt', 'question', 'text'; 'options'/'choices' appended as A-D lines)."""
     path = os.fspath(path)
@@ -225,11 +277,13 @@ def load_prompt_file(path: str | os.PathLike, field: str | None = None,
     if ext not in FILE_TYPES:
         raise UserError(f"{name}: unsupported file type '{ext or '(none)'}'; use a .jsonl, .json,"
                         " .csv or .parquet file.")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass a prompts file.")
     if not os.path.isfile(path):
         raise UserError(f"Prompt file not found: {path}; check the path.")
     bad_lines: list[int] = []
     skipped: list[str] = []
-    items = _items(_read_rows(path, ext, skip_bad_lines, bad_lines), field, f"file:{name}", name,
+    items = _items(_read_rows(path, ext, skip_bad_lines, bad_lines, encoding), field, f"file:{name}", name,
                    skip_bad_lines, skipped)
     return PromptList(items, [f"line {n}" for n in bad_lines] + skipped)
 
@@ -347,7 +401,7 @@ def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = No
                     split: str = "test", dataset_file: str | os.PathLike | None = None,
                     field: str | None = None, offset: int = 0, num_samples: int | None = None,
                     shard: tuple[int, int] | str | None = None,
-                    skip_bad_lines: bool = False) -> list[PromptItem]:
+                    skip_bad_lines: bool = False, encoding: str | None = None) -> list[PromptItem]:
     """The prompts a run will use, from exactly one source (built-ins when none is given),
     validated before any model loads."""
     sources = {"--prompt": prompt is not None, "--prompts": prompts is not None,
@@ -377,7 +431,7 @@ def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = No
         items = load_hf_dataset(dataset, dataset_config, split, field, num_rows)
         what = f"dataset {dataset} ({split})"
     elif dataset_file:
-        items = load_prompt_file(dataset_file, field, skip_bad_lines)
+        items = load_prompt_file(dataset_file, field, skip_bad_lines, encoding)
         what = os.path.basename(os.fspath(dataset_file))
     else:
         items, what = builtin_items(), "the built-in prompts"
@@ -393,34 +447,62 @@ def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = No
     return PromptList(chosen, getattr(items, "skipped", []))
 
 
+# --- generation length per source -----------------------------------------------------------
+
+#: max_new_tokens when none is given, by the answers a source carries: worked number answers
+#: (GSM8K) need room to reason before the number, most run past 64 tokens; a letter or a short
+#: text fits in 64. Records say `truncated` when an answer still hit the cap.
+NEW_TOKENS_BY_ANSWER = {"number": 256, "choice": 64, "text": 64, None: 64}
+
+
+def default_max_new_tokens(items: Iterable[PromptItem]) -> tuple[int, str]:
+    """(max_new_tokens, why) for these prompts when the user gave none."""
+    kinds = {it.answer_kind for it in items} or {None}
+    kind = max(kinds, key=lambda k: NEW_TOKENS_BY_ANSWER.get(k, 64))
+    n = NEW_TOKENS_BY_ANSWER.get(kind, 64)
+    why = {"number": "room to work out number answers, as in GSM8K",
+           "choice": "enough for a lettered answer"}.get(kind, "the default")
+    return n, why
+
+
 # --- scoring ---------------------------------------------------------------------------------
 
 _NUMBER = re.compile(r"(?<!\d)-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_MARKED_CHOICE = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-D])\b")
-_STANDALONE_CHOICE = re.compile(
-    r"\(([A-D])\)|(?<!\w)([A-D])[.):](?=\s|$)|^\s*([A-D])\s*$", re.MULTILINE)
 
 
-def extract_answer(response: str, kind: str) -> str | None:
+@functools.lru_cache(maxsize=32)
+def _choice_patterns(n_choices: int) -> tuple[re.Pattern, re.Pattern]:
+    """The "answer is B" and standalone "(B)" / "B." / "B" patterns for letters A..(n-th)."""
+    r = f"[A-{ascii_uppercase[max(1, min(n_choices, 26)) - 1]}]"
+    return (re.compile(rf"(?i:answer)(?:\s+is)?\s*:?\s*\(?({r})\b"),
+            re.compile(rf"\(({r})\)|(?<!\w)({r})[.):](?=\s|$)|^\s*({r})\s*$", re.MULTILINE))
+
+
+_MARKED_CHOICE, _STANDALONE_CHOICE = _choice_patterns(4)
+
+
+def extract_answer(response: str, kind: str, n_choices: int | None = None) -> str | None:
     """The answer in a model response: 'number' → the last number (canonical text); 'choice' →
-    the letter after "answer (is)", else the first standalone "(B)", "B." or "B"; 'text' → the
-    stripped response."""
+    the letter (A-D, or A to the `n_choices`-th letter) after "answer (is)", else the first
+    standalone "(B)", "B." or "B"; 'text' → the stripped response."""
     if kind == "number":
         found = _NUMBER.findall(response)
         return _number(found[-1]) if found else None
     if kind == "choice":
-        m = _MARKED_CHOICE.search(response) or _STANDALONE_CHOICE.search(response)
+        marked, standalone = _choice_patterns(n_choices or 4)
+        m = marked.search(response) or standalone.search(response)
         return next(g for g in m.groups() if g) if m else None
     if kind == "text":
         return response.strip()
     raise ValueError(f"unknown answer kind {kind!r}")
 
 
-def score(response: str, answer: str | None, kind: str | None) -> bool | None:
+def score(response: str, answer: str | None, kind: str | None,
+          n_choices: int | None = None) -> bool | None:
     """Whether a response holds the gold answer; None when there is no answer. Free-text
     answers count when they appear in the response (case-insensitive)."""
     if answer is None:
         return None
     if kind in ("number", "choice"):
-        return extract_answer(response, kind) == answer
+        return extract_answer(response, kind, n_choices) == answer
     return answer.strip().lower() in response.lower()

@@ -112,17 +112,34 @@ class JsonlWriter:
         self.count = 0
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
+        except OSError as e:  # disk full, quota, a vanished mount: the written records stay
+            from .fileio import os_error_sentence
+            self._drop_partial()
+            raise UserError(f"{os_error_sentence(e, self.path)}; the {self.count} record(s)"
+                            " written before are kept (rerun with --resume to go on).") from None
         try:
             os.fsync(self._f.fileno())
         except OSError:  # pragma: no cover - e.g. a pipe
             pass
         self.count += 1
 
+    def _drop_partial(self) -> None:
+        """After a failed write: close without flushing the rest of the record (a line cut
+        mid-way is dropped by the next --append/--resume, and skipped by every reader)."""
+        try:
+            self._f.close()  # retries the flush once, then closes the file whatever happens
+        except OSError:
+            pass
+
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # the failed tail of a full disk; write() already said so
+                pass
 
     def __enter__(self) -> "JsonlWriter":
         return self
@@ -148,19 +165,32 @@ def _ensure_ends_with_newline(path: str) -> None:
 # --- reading -------------------------------------------------------------------------------
 
 def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
-               bad_lines: list[int] | None = None, cut_tail_ok: bool = True) -> Iterator[dict]:
+               bad_lines: list[int] | None = None, cut_tail_ok: bool = True,
+               encoding: str | None = None) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file.
 
     A last line without its newline that does not parse is a record cut mid-write: with
     `cut_tail_ok` (results files) it is skipped silently, everything before it being intact;
     input files pass False, so a typo on their last line is reported. Any other malformed line is an error
     naming its line number, unless `skip_bad_lines` (then its number goes to `bad_lines`).
+    Results files (`encoding` None) are read as UTF-8, a bad byte replaced; input files pass an
+    encoding ('utf-8-sig' by default) and are decoded strictly.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"File not found: {path}; check the path.")
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a JSONL file; pass the files in it (e.g."
+                        f" {os.path.join(path, '*.jsonl')}).")
+    if encoding is not None:  # input files: decoded strictly, a bad byte named by its line
+        from .fileio import read_text
+        lines = read_text(path, encoding).split("\n")
+    else:
+        try:
+            with open(path, "r", encoding="utf-8", errors="replace") as f:
+                lines = f.read().split("\n")
+        except OSError as e:
+            raise UserError(f"Could not read {path} ({e.strerror or e}); check the path.") from None
     last = len(lines) - 1  # index of the text after the final newline ('' if none)
     for i, line in enumerate(lines):
         s = line.strip()
@@ -168,16 +198,18 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
             continue
         try:
             obj = json.loads(s)
-        except json.JSONDecodeError:
-            if i == last and cut_tail_ok:  # unterminated tail: a record cut mid-write
+        except (json.JSONDecodeError, RecursionError) as e:
+            deep = isinstance(e, RecursionError)  # [[[[... nested past Python's limit
+            if i == last and cut_tail_ok and not deep:  # unterminated tail: a record cut mid-write
                 return
             if skip_bad_lines:
                 if bad_lines is not None:
                     bad_lines.append(i + 1)
                 continue
+            what = "nests too deeply to read" if deep else "is not valid JSON"
             raise UserError(
-                f"{os.path.basename(path)} line {i + 1} is not valid JSON; fix or delete that line"
-                " (or pass --skip_bad_lines to skip it).")
+                f"{os.path.basename(path)} line {i + 1} {what}; fix or delete that line"
+                " (or pass --skip_bad_lines to skip it).") from None
         if not isinstance(obj, dict):
             if skip_bad_lines:
                 if bad_lines is not None:

@@ -26,6 +26,7 @@ from . import __version__, cancel
 from .config import RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, plain_prefill, sample
+from .limits import check_context, check_items
 from .loading import Pipeline
 from .prompts import PromptItem as Item
 from .prompts import score
@@ -116,6 +117,7 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
         ids = chat_ids(pipe.tokenizer, item.prompt, cfg.chat_template)
     if not ids:
         raise UserError(f"Prompt {item.id} encodes to no tokens; give it some text.")
+    check_context(pipe, cfg, len(ids), mode, f"Prompt {item.id}")  # before any forward
     x = _ids_tensor(ids, dev)
     calls, sharer_tokens = 0, []
     with torch.inference_mode():
@@ -139,6 +141,7 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
                 note = pipe.tokenizer.decode(sharer_tokens, skip_special_tokens=True).strip()
                 ids2 = chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(
                     note=note, question=item.prompt), cfg.chat_template)
+            check_context(pipe, cfg, len(ids), mode, f"Prompt {item.id}", len(ids2))
             x2 = _ids_tensor(ids2, dev)
             cache, logits, _ = c2c_prefill(pipe.receiver, None, None, x2, timer)
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
@@ -295,12 +298,17 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         "run": {**meta, "gen_start_unix": round(g.wall_start, 6),
                 "gen_end_unix": round(g.wall_end, 6)},
     }
+    # the answer hit max_new_tokens before EOS (null when EOS was ignored on purpose)
+    rec["truncated"] = None if meta.get("ignore_eos") else bool(
+        g.tokens and len(g.tokens) >= meta.get("max_new_tokens", len(g.tokens) + 1)
+        and g.tokens[-1] not in pipe.eos_ids)
     if mode == "t2t":
         rec["sharer_note"] = pipe.tokenizer.decode(g.sharer_tokens, skip_special_tokens=True)
         rec["sharer_decode_step_times_ms"] = [r3(x) for x in g.stages["sharer_decode"]]
     if item.answer is not None:
         rec["answer"] = item.answer
-        rec["correct"] = score(rec["response"], item.answer, item.answer_kind)
+        rec["correct"] = score(rec["response"], item.answer, item.answer_kind,
+                               getattr(item, "n_choices", None))
     return rec
 
 
@@ -352,6 +360,7 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     total = len(jobs)
     if on_progress:
         on_progress(0, total, None)
+    check_items(pipe, cfg, {id(it): it for it, _, _ in jobs}.values(), modes)  # untimed, before any run
     try:
         with cancel.scope(should_stop):  # a stop also ends the running generation
             if jobs and cfg.warmup:

@@ -75,17 +75,48 @@ def build_dataset_tab() -> DatasetTab:
     status = gr.Markdown("Stop ends the run within one decode step; the finished records"
                          " stay downloadable.", label="status", elem_id="dataset-status",
                          elem_classes=["c2c-status"], min_height=56)
-    table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
+    table = gr.Dataframe(answers_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="dataset-table", max_height=360)
     fig = plot(plots.decode_hist_fig(pd.DataFrame()), "dataset-plot")
     return DatasetTab(source, name, config, split, prompt_file, num, offset, field, skip, run,
                       stop, status, table, fig, file)
 
 
+def answers_table(recs: list[dict]) -> pd.DataFrame:
+    """The records table with the gold `answer`, whether the response got it (`correct`), and
+    whether the answer was cut off by max_new_tokens, beside each record's id."""
+    table = records_table(recs)
+    yes_no = {True: "yes", False: "no"}
+    at = list(table.columns).index("repeat") + 1 if "repeat" in table.columns else 0
+    for i, (col, values) in enumerate((
+            ("answer", ["" if r.get("answer") is None else str(r["answer"]) for r in recs]),
+            ("correct", [yes_no.get(r.get("correct"), "") for r in recs]),
+            ("cut off", ["yes" if r.get("truncated") is True else "" for r in recs]))):
+        table.insert(at + i, col, values)
+    return table
+
+
+def accuracy_note(recs: list[dict]) -> str:
+    """Running accuracy over the scored records, and how many answers max_new_tokens cut off."""
+    scored = [r["correct"] for r in recs if isinstance(r.get("correct"), bool)]
+    parts = []
+    if scored:
+        parts.append(f"Accuracy so far: {sum(scored)} of {len(scored)} correct"
+                     f" ({sum(scored) / len(scored):.0%}).")
+    cut = [r for r in recs if r.get("truncated") is True]
+    if cut:
+        caps = sorted({(r.get("run") or {}).get("max_new_tokens") for r in cut} - {None})
+        cap = f" ({', '.join(map(str, caps))})" if caps else ""
+        parts.append(f"{len(cut)} of {len(recs)} answer(s) were cut off by 'max new tokens'{cap};"
+                     " raise it to let them finish.")
+    return " ".join(parts)
+
+
 def render(recs: list[dict], status: str, file):
     fig = sized(integer_counts(plots.decode_hist_fig(analysis.to_frame(recs) if recs else
                                                      pd.DataFrame()), len(recs)))
-    return status, records_table(recs), fig, file
+    note = accuracy_note(recs)
+    return (f"{status}  \n{note}" if note else status), answers_table(recs), fig, file
 
 
 def check_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
