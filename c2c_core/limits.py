@@ -5,8 +5,8 @@
   on every prompt before a run starts; `check_lengths` for a sweep before its models load).
 - Fuser sizes, repeats and warm-up runs: `MAX_*` below, checked by config.validate_run_config;
   an untrained fuser's parameter count is checked against `MAX_FUSER_PARAMS` before it is built.
-- Prompt size for the web app: `MAX_PROMPT_CHARS` / `MAX_PROMPT_TOKENS` (environment variables
-  C2C_MAX_PROMPT_CHARS / C2C_MAX_PROMPT_TOKENS), checked by `check_prompt_size`.
+- The web app's own caps (prompt characters, prompts and generations per job, uploads, disk)
+  are in c2c_core/ui/guard.py.
 
 No torch at import: the CLI and the app check these before any model loads.
 """
@@ -32,41 +32,6 @@ MAX_FUSER_PARAMS = 2_000_000_000
 #: Records per prompt (--repeats) and unrecorded warm-up generations (--warmup).
 MAX_REPEATS = 100
 MAX_WARMUP = 20
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-        if value < 1:
-            raise ValueError
-        return value
-    except ValueError:
-        warnings.warn(f"{name}={raw!r} is not a positive integer; using {default}.")
-        return default
-
-
-#: App-wide cap on one prompt's length in characters (checked first: costs nothing).
-MAX_PROMPT_CHARS = _env_int("C2C_MAX_PROMPT_CHARS", 16_000)  # as ui/guard.py
-#: App-wide cap on one prompt's length in tokens (the model's context is checked as well).
-MAX_PROMPT_TOKENS = _env_int("C2C_MAX_PROMPT_TOKENS", 8_192)
-
-
-def check_prompt_size(text: str, tokenizer: Any = None, what: str = "The prompt") -> None:
-    """Refuse a prompt over MAX_PROMPT_CHARS characters (or, given a tokenizer, over
-    MAX_PROMPT_TOKENS tokens). The character check comes first, so a 1 MB prompt is refused
-    without tokenizing it."""
-    n = len(text or "")
-    if n > MAX_PROMPT_CHARS:
-        raise UserError(f"{what} is {n:,} characters, over this app's limit of"
-                        f" {MAX_PROMPT_CHARS:,} (C2C_MAX_PROMPT_CHARS); shorten it.")
-    if tokenizer is not None:
-        t = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if t > MAX_PROMPT_TOKENS:
-            raise UserError(f"{what} is {t:,} tokens, over this app's limit of"
-                            f" {MAX_PROMPT_TOKENS:,} (C2C_MAX_PROMPT_TOKENS); shorten it.")
 
 
 # --- sizes and counts --------------------------------------------------------------------

@@ -152,25 +152,3 @@ def test_load_pipeline_refuses_an_oversize_fuser(tiny_cfg_kwargs, monkeypatch):
     monkeypatch.setattr(limits, "MAX_FUSER_PARAMS", 1000)
     with pytest.raises(UserError, match="over the limit of 0 billion"):
         loading.load_pipeline(build_run_config(**tiny_cfg_kwargs))
-
-
-# --- the app's prompt cap -----------------------------------------------------------------
-
-def test_prompt_size_cap(tiny_pipe, monkeypatch):
-    t = time.monotonic()
-    with pytest.raises(UserError, match=r"1,000,000 characters, over this app's limit of 16,000"
-                                        r" \(C2C_MAX_PROMPT_CHARS\)"):
-        limits.check_prompt_size("x" * 1_000_000, tiny_pipe[0].tokenizer)
-    assert time.monotonic() - t < 1.0
-    limits.check_prompt_size("What is 25 * 17?", tiny_pipe[0].tokenizer)
-    monkeypatch.setattr(limits, "MAX_PROMPT_TOKENS", 3)
-    with pytest.raises(UserError, match="tokens, over this app's limit of 3"):
-        limits.check_prompt_size("What is 25 * 17?", tiny_pipe[0].tokenizer)
-
-
-def test_prompt_caps_read_the_environment(monkeypatch):
-    monkeypatch.setenv("C2C_MAX_PROMPT_CHARS", "123")
-    assert limits._env_int("C2C_MAX_PROMPT_CHARS", 5) == 123
-    monkeypatch.setenv("C2C_MAX_PROMPT_CHARS", "lots")
-    with pytest.warns(UserWarning, match="not a positive integer"):
-        assert limits._env_int("C2C_MAX_PROMPT_CHARS", 5) == 5
