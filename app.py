@@ -11,6 +11,11 @@ from c2c_core.ui.common import space_runtime
 demo = build_app()
 
 if __name__ == "__main__":
+    import os
+    import tempfile
+    # Serve from an empty working folder: a client's hub-shaped name (owner/name) can then never
+    # be a folder below this one, which transformers or datasets would read from disk.
+    os.chdir(tempfile.mkdtemp(prefix="c2c-app-cwd-"))
     # ZeroGPU wants weights created at start-up, outside the @spaces.GPU calls; elsewhere the
     # page is served at once and the models load in the background.
     preload(background=not space_runtime())

@@ -75,6 +75,9 @@ UI_WORDS = {
     "--fuser": "fuser", "--base_model": "receiver", "--teacher_model": "sharer",
     "--prompts": "the prompt list", "--prompt": "the prompt",
 }
+#: Whole phrases first (they contain flags the loop above would change piecemeal).
+UI_WORDS = {"pass --encoding with the file's encoding (e.g. --encoding latin-1) or re-save it as"
+            " UTF-8": "re-save it as UTF-8", **UI_WORDS}
 
 
 # --- messages ------------------------------------------------------------------------------
