@@ -71,7 +71,10 @@ _SUMMARY_STATS = [
     ("decode_avg_ms", ("mean", "p50", "p90", "p99")),
     ("tokens_per_second", ("mean", "p50")),
 ]
-_RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver")}
+#: C2C against each baseline (README "What the ratios mean"): receiver = the cost of fusion over
+#: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
+_RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver"),
+                "c2c_over_sharer": ("c2c", "sharer")}
 _RATIO_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms")
 _KEYS = ["source", "id", "mode", "repeat"]
 _ACCEPTED = set(TIMING_FIELDS) | {"num_decode_steps"}

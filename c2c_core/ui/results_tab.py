@@ -21,7 +21,8 @@ MODE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 NO_RATIOS = ("Run with mode **all** (or c2c and t2t / receiver on the same prompts) to see C2C's"
              " speedup over text-to-text and its overhead over the receiver alone.")
 RATIO_TEXT = {"c2c_over_t2t": "C2C ÷ T2T (below 1 = C2C faster)",
-              "c2c_over_receiver": "C2C ÷ receiver alone (the cost of fusion)"}
+              "c2c_over_receiver": "C2C ÷ receiver alone (the cost of fusion)",
+              "c2c_over_sharer": "C2C ÷ sharer alone (against the large model)"}
 
 
 def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
