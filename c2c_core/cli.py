@@ -259,29 +259,55 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """Run B against run A: exit 1 when a metric got worse beyond the runs' own spread."""
-    from .analysis import compare_runs
+    """Run B against run A on paired records: exit 1 on a regression beyond the noise, 2 when
+    the files cannot be compared (no timing records, no shared prompts, too few pairs)."""
+    import json
+
+    from .analysis import COMPARE_METRICS, compare_runs, has_timing
     a = _frames([args.a], args.skip_bad_lines)
     b = _frames([args.b], args.skip_bad_lines)
-    import pandas as pd
+    for df, path in ((a, args.a), (b, args.b)):
+        if not has_timing(df):
+            raise UserError(f"{path} has no timing records (none carries {', '.join(COMPARE_METRICS)});"
+                            " compare two results files written by a benchmark run.")
     modes = [args.mode] if args.mode else [m for m in dict.fromkeys(a["mode"]) if m in set(b["mode"])]
     if not modes or any(a[a["mode"] == m].empty or b[b["mode"] == m].empty for m in modes):
         raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
                         " to compare; pick --mode from the modes both files hold.")
+    a, b = a[a["mode"].isin(modes)], b[b["mode"].isin(modes)]
     ids_a, ids_b = set(a["id"].astype(str)), set(b["id"].astype(str))
+    if not ids_a & ids_b:
+        raise UserError(f"{args.a} and {args.b} share no prompt ids, so no record has a partner to"
+                        " be compared with; run both on the same prompts.")
     if ids_a != ids_b:
         print(f"Warning: the files share {len(ids_a & ids_b)} of {len(ids_a | ids_b)} prompt ids;"
-              " a difference may come from the prompts, not the code.", file=sys.stderr)
-    table = pd.concat([compare_runs(a[a["mode"] == m], b[b["mode"] == m], threshold=args.threshold)
-                       .assign(mode=m) for m in modes], ignore_index=True)
-    cols = ["mode"] + [c for c in table.columns if c not in ("mode", "field")]
+              " only the shared ones are compared.", file=sys.stderr)
+    table = compare_runs(a, b, threshold=args.threshold, min_pairs=args.min_pairs)
+    pairs = table.groupby("mode", sort=False)["pairs"].max()
+    if not (table["pairs"] > 0).any():
+        raise UserError(f"{args.a} and {args.b} share prompt ids but no (id, mode, repeat) record"
+                        " with timing in both; run both with the same --repeats and modes.")
+    cols = [c for c in table.columns if c not in ("field", "beyond_noise")]
     print(table[cols].to_string(index=False))
+    for mode, n in pairs.items():
+        print(f"{mode}: {n} pair(s) by (id, mode, repeat), of {int((a['mode'] == mode).sum())}"
+              f" record(s) in A and {int((b['mode'] == mode).sum())} in B.")
+    summary = {"pairs": {str(k): int(v) for k, v in pairs.items()},
+               "regressions": [f"{m} {f}" for m, f in zip(table.loc[table["regression"], "mode"],
+                                                         table.loc[table["regression"], "field"])]}
     bad = table[table["regression"]]
     if len(bad):
         worse = ", ".join(f"{m} {metric}" for m, metric in zip(bad["mode"], bad["metric"]))
-        print(f"REGRESSION: {worse} worse beyond the runs' spread.")
+        print(f"REGRESSION: {worse} worse beyond the noise (median of per-pair ratios, its 95%"
+              " interval excludes 1).")
+        print(json.dumps(summary))
         return 1
-    print("No regression beyond the runs' spread.")
+    if (table["verdict"] == "too few pairs").all():
+        raise UserError(f"only {int(table['pairs'].max())} paired record(s); compare needs at"
+                        f" least --min_pairs {args.min_pairs} to tell a change from noise (run"
+                        " more prompts or --repeats).")
+    print("No regression beyond the noise.")
+    print(json.dumps(summary))
     return 0
 
 
@@ -325,11 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="run B vs run A; exit 1 on a regression beyond spread")
+    p = sub.add_parser("compare", help="run B vs run A, paired by (id, mode, repeat); exit 1 on a"
+                       " regression beyond the noise, 2 when they cannot be compared")
     p.add_argument("a", help="baseline JSONL")
     p.add_argument("b", help="candidate JSONL")
     p.add_argument("--mode", help="compare only this mode")
     p.add_argument("--threshold", type=float, default=0.05, help="minimum relative change that counts")
+    p.add_argument("--min_pairs", type=int, default=5,
+                   help="fewest paired records (same id, mode, repeat) to judge a metric")
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_compare)
 

@@ -148,13 +148,13 @@ def test_compare_runs_flags_slowdown_only():
     base, slow = run(1), run(2)
     a = A.to_frame(base)
     same = A.compare_runs(a, A.to_frame(base))
-    assert not same["beyond_spread"].any() and not same["regression"].any()
+    assert not same["beyond_noise"].any() and not same["regression"].any()
     out = A.compare_runs(a, A.to_frame(slow)).set_index("field")
     assert out["regression"].all()
     assert out.loc["decode_avg_ms", "change %"] == pytest.approx(100.0)
     assert out.loc["tokens_per_second", "change %"] == pytest.approx(-50.0, abs=0.5)
     faster = A.compare_runs(A.to_frame(slow), a).set_index("field")
-    assert faster["beyond_spread"].all() and not faster["regression"].any()
+    assert faster["beyond_noise"].all() and not faster["regression"].any()
 
 
 def _mixed_frame():

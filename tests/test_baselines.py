@@ -103,5 +103,5 @@ def test_compare_flags_a_2x_slowdown_and_not_a_copy(tmp_path, tiny_models, capsy
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**r, "id": f"x{r['id']}"}) + "\n" for r in recs))
     capsys.readouterr()
-    assert main(["compare", str(base), str(other)]) == 0
-    assert "share 0 of 10 prompt ids" in capsys.readouterr().err
+    assert main(["compare", str(base), str(other)]) == 2  # nothing to pair: cannot judge
+    assert "share no prompt ids" in capsys.readouterr().err

@@ -129,9 +129,9 @@ def build_results_tab() -> ResultsTab:
         with gr.Row():
             file_a = gr.Dropdown([], label="File A", elem_id="results-a")
             file_b = gr.Dropdown([], label="File B (compared with A)", elem_id="results-b")
-        compare = gr.Dataframe(_empty_df(["metric"]), label="B against A (medians; flagged when"
-                               " the change exceeds the spread)", interactive=False,
-                               elem_id="results-compare")
+        compare = gr.Dataframe(_empty_df(["metric"]), label="B against A, paired by (id, mode,"
+                               " repeat): median of per-pair ratios with its 95% interval",
+                               interactive=False, elem_id="results-compare")
         with gr.Row(equal_height=False):
             a_bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-a-bars", 320)
             b_bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-b-bars", 320)
@@ -195,8 +195,7 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tu
     table = _empty_df(["metric"])
     if ra is not None and rb is not None:
         table = analysis.compare_runs(analysis.to_frame(ra, a), analysis.to_frame(rb, b),
-                                      COMPARE_METRICS).drop(columns=["field"]).rename(
-            columns={"beyond_spread": "beyond spread", "regression": "regression"})
+                                      COMPARE_METRICS).drop(columns=["field", "beyond_noise"])
     side = []
     for recs, who in ((ra, a), (rb, b)):
         df = analysis.to_frame(recs, who) if recs else pd.DataFrame()
