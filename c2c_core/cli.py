@@ -103,46 +103,40 @@ def _writer_and_skip(args):
 
 
 def _run_with_bar(pipe, cfg, items, writer, skip):
+    """Streams: the records go to the file, only a running summary stays in memory."""
     from tqdm import tqdm
 
     from .runner import run_many
+    from .summary import RunningSummary
     bar = tqdm(total=0, unit="gen", dynamic_ncols=True, file=sys.stderr, delay=0.5)
+    summary = RunningSummary()
 
     def on_progress(done, total, rec):
         bar.total = total
         if rec is not None:
+            summary.add(rec)
             bar.update(1)
             bar.set_postfix_str(f"id={rec['id']} {rec['mode']} "
                                 f"{rec['timing']['decode_avg_ms']:.1f} ms/tok")
         bar.refresh()
 
     try:
-        return run_many(pipe, cfg, items, writer=writer, on_progress=on_progress, skip=skip)
+        run_many(pipe, cfg, items, writer=writer, on_progress=on_progress, skip=skip, keep=False)
     finally:
         bar.close()
+    return summary
 
 
-def print_summary(records: list[dict], out=None) -> None:
-    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode."""
-    import pandas as pd
+def print_summary(records, out=None) -> None:
+    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode (records or a
+    RunningSummary)."""
+    from .summary import RunningSummary
     out = out or sys.stdout
-
-    from .analysis import to_frame
-    if not records:
+    summary = records if isinstance(records, RunningSummary) else RunningSummary(records)
+    if not summary.count:
         print("No records.", file=out)
         return
-    df = to_frame(records)
-    rows = []
-    for mode, g in df.groupby("mode", sort=False):
-        row = {"mode": mode, "count": len(g)}
-        for col, name in (("decode_avg_ms", "decode ms/tok"), ("tokens_per_second", "tok/s"),
-                          ("ttft_ms", "ttft ms")):
-            s = g[col].dropna()
-            row[f"{name} mean"] = s.mean()
-            row[f"{name} p50"] = s.quantile(0.5)
-            row[f"{name} p90"] = s.quantile(0.9)
-        rows.append(row)
-    print(pd.DataFrame(rows).round(2).to_string(index=False), file=out)
+    print(summary.table().round(2).to_string(index=False), file=out)
 
 
 def cmd_profile(args) -> int:
@@ -183,9 +177,9 @@ def _run_items(args, items) -> int:
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     with writer:
-        recs = _run_with_bar(pipe, cfg, items, writer, skip)
-    print_summary(recs)
-    print(f"Wrote {len(recs)} record(s) to {args.output}")
+        summary = _run_with_bar(pipe, cfg, items, writer, skip)
+    print_summary(summary)
+    print(f"Wrote {summary.count} record(s) to {args.output}")
     return 0
 
 
@@ -205,17 +199,24 @@ def cmd_sweep(args) -> int:
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     from tqdm import tqdm
+
+    from .summary import RunningSummary
+    summary = RunningSummary()
     with writer, tqdm(unit="gen", file=sys.stderr) as bar:
         def on_progress(done, total, rec):
             bar.total = total
             bar.update(done - bar.n)
-        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip)
-    print_summary(recs)
-    print(f"Wrote {len(recs)} record(s) to {args.output}")
-    if args.html:
-        from .plots import sweep_fig
+            if rec is not None:
+                summary.add(rec)
+        run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
+                  keep=False)
+    print_summary(summary)
+    print(f"Wrote {summary.count} record(s) to {args.output}")
+    if args.html:  # from the file: this run's records (and any it resumed or appended to)
         from .analysis import to_frame
-        sweep_fig(to_frame(recs)).write_html(args.html, include_plotlyjs=True)
+        from .plots import sweep_fig
+        from .records import iter_jsonl
+        sweep_fig(to_frame(iter_jsonl(args.output))).write_html(args.html, include_plotlyjs=True)
         print(f"Wrote {args.html}")
     return 0
 

@@ -28,6 +28,7 @@ from .config import RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, plain_prefill, sample
 from .loading import Pipeline
+from .memory import DeviceMemory
 from .prompts import PromptItem as Item
 from .prompts import score
 from .records import MODES, JsonlWriter, percentile, r3
@@ -48,7 +49,8 @@ class Generation:
     prompt_tokens: int
     projector_calls: int = 0
     sharer_tokens: list[int] = field(default_factory=list)
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None          # CUDA max allocated / CPU sampled peak RSS
+    peak_memory_reserved_mb: float | None = None  # CUDA max reserved; None on a CPU
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -93,9 +95,16 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
 def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer) -> Generation:
     """One timed generation of `item` in `mode`. The clock starts before tokenization."""
     dev = pipe.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss0 = _rss()
+    mem = DeviceMemory(dev, enabled=timer.method != "off").__enter__()
+    try:
+        return _generate(pipe, cfg, item, mode, timer, mem)
+    finally:
+        mem.__exit__(None, None, None)
+
+
+def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,
+              mem: DeviceMemory) -> Generation:
+    dev = pipe.device
     generator = None
     if cfg.gen.do_sample:
         generator = torch.Generator(device=dev).manual_seed(cfg.gen.seed)
@@ -148,12 +157,9 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
             raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
     t_end = now_ns()
     stages = timer.finish()
-    peak = None
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-    elif rss0 is not None:
-        peak = max(_rss() - rss0, 0) / 2**20
-    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak)
+    mem.__exit__(None, None, None)  # the peaks of this generation (stops the RSS poller)
+    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens,
+                      mem.allocated_mb, mem.reserved_mb)
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
@@ -161,14 +167,6 @@ def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
     if not cfg.gen.ignore_eos:
         return cfg
     return replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
-
-
-def _rss() -> int | None:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss
-    except Exception:  # noqa: BLE001 - memory is optional information
-        return None
 
 
 # --- records -------------------------------------------------------------------------------
@@ -207,12 +205,13 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "decode_p50_ms": percentile(steps, 50),
         "decode_p90_ms": percentile(steps, 90),
         "decode_p99_ms": percentile(steps, 99),
-        "peak_memory_mb": g.peak_memory_mb if g.peak_memory_mb is not None else 0.0,
+        "peak_memory_mb": g.peak_memory_mb,                    # None = unknown, never 0
+        "peak_memory_reserved_mb": g.peak_memory_reserved_mb,
         "sharer_generated_tokens": len(g.sharer_tokens),
         "sharer_decode_ms": tot["sharer_decode_ms"],
     }
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
-    t = {k: (v if k in ints else r3(v)) for k, v in t.items()}
+    t = {k: (v if k in ints or v is None else r3(v)) for k, v in t.items()}
     return t, steps
 
 
@@ -264,6 +263,7 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "receiver": pipe.info["receiver"],
         "sharer": pipe.info["sharer"],
         "weights": pipe.info["weights"],
+        "weights_mb": pipe.info.get("weights_mb"),
         "fuser": pipe.info["fuser"],
         "fuser_hash": pipe.info["fuser_hash"],
         "model_revisions": pipe.info["model_revisions"],
@@ -329,12 +329,15 @@ def to_item(x) -> Item:
 def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWriter | None = None,
              on_progress: Callable[[int, int, dict | None], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             skip: set[tuple] | None = None, meta: dict | None = None) -> list[dict]:
+             skip: set[tuple] | None = None, meta: dict | None = None,
+             keep: bool = True) -> list[dict]:
     """Every item x repeat x mode (modes interleaved per prompt so drift hits them equally).
 
     Each record is written (and flushed) as soon as it exists. `skip` holds (id, mode, repeat)
     keys already done (--resume). `meta` is the `run` object (default: a new one). A CUDA OOM
-    ends the run with the seed's advice; what was written stays."""
+    ends the run with the seed's advice; what was written stays. `keep=False` streams: no
+    record is held after `writer` and `on_progress` have seen it, and the list returned is
+    empty (long runs keep flat memory; the file holds the records)."""
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:
@@ -345,6 +348,7 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     if meta is None:
         meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
+    done = 0
     total = len(jobs)
     if on_progress:
         on_progress(0, total, None)
@@ -357,13 +361,16 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
             rec = run_one(pipe, cfg, it, m, r, meta)
             if writer:
                 writer.write(rec)
-            out.append(rec)
+            done += 1
+            if keep:
+                out.append(rec)
             if on_progress:
                 on_progress(k + 1, total, rec)
+            del rec
     except torch.OutOfMemoryError:
         sync_safe(pipe)
         raise OutOfMemory(
-            f"CUDA out of memory after {len(out)} record(s); reduce --max_new_tokens or use"
+            f"CUDA out of memory after {done} record(s); reduce --max_new_tokens or use"
             " shorter prompts (records already written are kept).") from None
     return out
 

@@ -19,7 +19,8 @@ def test_every_mode_gives_complete_records_and_receiver_equals_c2c(tiny_pipe):
         (i, m) for i in (1, 2) for m in ("c2c", "receiver", "sharer", "t2t")]
     for r in recs:
         assert check_record(r) == [], (r["mode"], check_record(r))
-        assert all(v is not None for v in r["timing"].values())
+        # only the CUDA allocator's reserved peak is unknown on a CPU
+        assert [k for k, v in r["timing"].items() if v is None] == ["peak_memory_reserved_mb"]
     by = {(r["id"], r["mode"]): r for r in recs}
     for i in (1, 2):
         assert by[i, "c2c"]["response"] == by[i, "receiver"]["response"]  # gate closed

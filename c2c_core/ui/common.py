@@ -34,6 +34,8 @@ LONG_GENERATION = 128
 #: Minimum seconds between table refreshes / file snapshots while a run streams records.
 TABLE_EVERY_S = 0.5
 FILE_EVERY_S = 10.0
+#: The live results table shows this many of the newest records (the file holds them all).
+LIVE_ROWS = 200
 #: Keep session folders at most this long (API clients never send "tab closed").
 SESSION_MAX_AGE_S = 24 * 3600
 
@@ -526,9 +528,15 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     records arrive (throttled), then once more at the end. A Stop ends the run after the
     current generation; a UserError is said in the status line and raised as gr.Error. Every
     record is in the file (written and flushed by run_many) whatever happens. `runner` replaces
-    run_many (same arguments after the items), e.g. a length sweep."""
+    run_many (same arguments after the items), e.g. a length sweep.
+
+    Streams: only the newest LIVE_ROWS records and a running summary stay in memory; `render`
+    gets those rows and, as `summary=`, the RunningSummary of every record so far."""
+    from collections import deque
+
     from ..records import JsonlWriter
     from ..runner import run_many
+    from ..summary import RunningSummary
     per_item = tokens_per_item(cfg)
 
     def work(job: Job):
@@ -536,16 +544,19 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
             job.tokens = counter
             return (runner or run_many)(pipe, cfg, items, writer=w, on_progress=job.on_progress,
-                                        should_stop=job.stop.is_set)
+                                        should_stop=job.stop.is_set, keep=False)
 
     job = Job(work, stop, cfg.warmup)
-    recs: list[dict] = []
+    recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
+    summary = RunningSummary()
     last_table = last_file = time.perf_counter()
     yield render([], status_md("Started: loading models and warming up if needed…", "run"),
-                 gr.skip())
+                 gr.skip(), summary=summary)
     try:
         for batch in job.events():
             recs.extend(batch)
+            for r in batch:
+                summary.add(r)
             progress(job.fraction(per_item), desc=job.describe(unit))
             now = time.perf_counter()
             if batch and now - last_table >= TABLE_EVERY_S:
@@ -553,22 +564,27 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                 file = gr.skip()
                 if now - last_file >= FILE_EVERY_S:
                     file, last_file = path, now
-                msg = f"Running: {len(recs)} of {job.total} record(s) done…"
-                yield render(recs, status_md(msg, "run"), file)
+                msg = f"Running: {summary.count} of {job.total} record(s) done… {summary.line()}"
+                yield render(list(recs), status_md(msg, "run"), file, summary=summary)
                 # a yield turns the page's progress bar into a "generating" border: redraw it
                 progress(job.fraction(per_item), desc=job.describe(unit))
     except UserError as e:
-        kept = f" {len(recs)} finished record(s) are in the download." if recs else ""
-        yield render(recs, status_md(ui_message(e) + kept, "error"), path if recs else None)
+        kept = f" {summary.count} finished record(s) are in the download." if recs else ""
+        yield render(list(recs), status_md(ui_message(e) + kept, "error"), path if recs else None,
+                     summary=summary)
         raise user_error(e) from None
     except GeneratorExit:  # the page went away: let the worker finish its generation and stop
         job.stop.set()
         raise
-    if job.stop.is_set() and len(recs) < job.total:
-        msg = status_md(f"**Stopped** after {len(recs)} of {job.total} record(s); the"
+    if job.stop.is_set() and summary.count < job.total:
+        msg = status_md(f"**Stopped** after {summary.count} of {job.total} record(s); the"
                         " finished ones are in the download.")
     else:
         secs = time.perf_counter() - job.started
-        msg = status_md(f"**Done:** {len(recs)} record(s) in {fmt_seconds(secs)}, written to"
+        msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"
                         f" `{os.path.basename(path)}`.", "ok")
-    yield render(recs, msg, path)
+    if summary.count > LIVE_ROWS:
+        msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
+    if summary.count:
+        msg += f"  \n{summary.line()}"
+    yield render(list(recs), msg, path, summary=summary)

@@ -80,9 +80,16 @@ def build_dataset_tab() -> DatasetTab:
                       stop, status, table, fig, file)
 
 
-def render(recs: list[dict], status: str, file):
-    fig = sized(integer_counts(plots.decode_hist_fig(analysis.to_frame(recs) if recs else
-                                                     pd.DataFrame()), len(recs)))
+def render(recs: list[dict], status: str, file, summary=None):
+    """`recs`: the newest rows; `summary` (a RunningSummary) holds every record's decode time,
+    so the chart covers the whole run, not only the rows shown."""
+    if summary is not None and summary.count:
+        df = pd.DataFrame([(m, v) for m in summary.modes()
+                           for v in summary.series(m, "decode_avg_ms")],
+                          columns=["mode", "decode_avg_ms"])
+    else:
+        df = analysis.to_frame(recs) if recs else pd.DataFrame()
+    fig = sized(integer_counts(plots.decode_hist_fig(df), len(df)))
     return status, records_table(recs), fig, file
 
 
