@@ -262,7 +262,9 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.Da
     """Per group: count, TTFT / E2E / decode ms/token / tok/s statistics, accuracy, n_scored."""
     keys = [k for k in by if k in df.columns]
     stat_cols = [column(m, s) for m, stats in _SUMMARY_STATS for s in stats]
-    cols = keys + ["count"] + stat_cols + ["accuracy", "n_scored"]
+    # the numbers people look for first lead (visible without scrolling sideways), then the rest
+    lead = [column("decode_avg_ms", "p50"), column("ttft_ms", "p50"), "accuracy"]
+    cols = keys + ["count"] + lead + [c for c in stat_cols if c not in lead] + ["n_scored"]
     rows = []
     for key, g in (df.groupby(keys, sort=False, dropna=False) if keys else [((), df)]):
         if g.empty:
@@ -431,3 +433,52 @@ def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
 def has_timing(df: pd.DataFrame, metrics: Iterable[str] = COMPARE_METRICS) -> bool:
     """True when at least one record carries a value of one of `metrics`."""
     return any(_series(df, m).size for m in metrics)
+
+
+#: `run` keys that say on what machine and with what settings a file was made.
+MACHINE_KEYS = ("device", "cpu", "threads")
+SETTING_KEYS = ("dtype", "torch", "transformers", "attn_implementation", "timing_method",
+                "receiver", "sharer", "fuser_hash", "max_new_tokens", "ignore_eos", "do_sample")
+
+
+def _run_values(records: list[dict], key: str) -> list[str]:
+    vals = []
+    for r in records:
+        run = r.get("run") if isinstance(r, dict) else None
+        if isinstance(run, dict) and key in run:
+            vals.append(str(run[key]))
+    return list(dict.fromkeys(vals))
+
+
+def source_differences(sources: dict[str, list[dict]]) -> list[str]:
+    """Sentences saying where files to be compared differ: the prompts they ran (ids and
+    texts), the machine (`run` device, cpu, threads) and the settings (dtype, versions,
+    models, lengths). Empty when they match or there is only one file."""
+    if len(sources) < 2:
+        return []
+    notes = []
+    prompts = {}
+    for name, recs in sources.items():
+        keys = set()
+        for i, r in enumerate(recs):
+            n = normalize(r, i)
+            keys.add((str(n["id"]), n["prompt"]))
+        prompts[name] = keys
+    sets = list(prompts.values())
+    if any(s != sets[0] for s in sets[1:]):
+        common = set.intersection(*sets)
+        union = set.union(*sets)
+        notes.append(f"The files ran different prompts: {len(common)} of {len(union)} (id, prompt)"
+                     " pairs are in every file; compare like with like (the pair table uses"
+                     " only the shared ones).")
+    for what, keys in (("machines", MACHINE_KEYS), ("settings", SETTING_KEYS)):
+        diffs = []
+        for k in keys:
+            per = {name: _run_values(recs, k) for name, recs in sources.items()}
+            known = {name: v for name, v in per.items() if v}
+            if len({tuple(v) for v in known.values()}) > 1:
+                diffs.append(f"{k} " + " vs ".join(f"{'/'.join(v)} ({name})"
+                                                   for name, v in known.items()))
+        if diffs:
+            notes.append(f"The files ran on different {what}: " + "; ".join(diffs) + ".")
+    return notes

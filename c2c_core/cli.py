@@ -264,9 +264,19 @@ def cmd_compare(args) -> int:
     the files cannot be compared (no timing records, no shared prompts, too few pairs)."""
     import json
 
-    from .analysis import COMPARE_METRICS, compare_runs, has_timing
-    a = _frames([args.a], args.skip_bad_lines)
-    b = _frames([args.b], args.skip_bad_lines)
+    from .analysis import COMPARE_METRICS, compare_runs, has_timing, source_differences, to_frame
+    from .records import read_records
+    recs = {}
+    for path in (args.a, args.b):
+        recs[path] = read_records(path, skip_bad_lines=args.skip_bad_lines)
+        if not recs[path]:
+            raise UserError(f"{path} holds no records; run a benchmark into it first.")
+    a = to_frame(recs[args.a], source=os.path.basename(args.a))
+    b = to_frame(recs[args.b], source=os.path.basename(args.b))
+    for note in source_differences({os.path.basename(k): v for k, v in recs.items()}):
+        if "different prompts" not in note:  # said below, with the counts of shared ids
+            print(f"Warning: {note}", file=sys.stderr)
+    del recs
     for df, path in ((a, args.a), (b, args.b)):
         if not has_timing(df):
             raise UserError(f"{path} has no timing records (none carries {', '.join(COMPARE_METRICS)});"

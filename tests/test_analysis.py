@@ -182,7 +182,8 @@ def test_plots_return_figures():
     assert len(steps_fig.data) == 20 and len(steps_fig.layout.shapes) == 2
     assert _has_data(P.decode_steps_fig(A.steps_frame([SEED_STYLE])))
     hist = P.decode_hist_fig(df)
-    assert len(hist.data) == 2  # one per source
+    # few samples: every one a point, one row per source (a histogram below 20 says little)
+    assert {t.y[0] for t in hist.data} == {"a.jsonl (n=8)", "seed.jsonl (n=1)"}
     assert _has_data(P.stage_bars_fig(df))
     figs = P.mode_compare_figs(df)
     assert set(figs) == {"ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second"}

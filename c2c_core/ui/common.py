@@ -469,7 +469,7 @@ def sized(fig, height: int = 380):
 
 def integer_counts(fig, n: int):
     """Histogram count axes in whole numbers when there are few samples (no 0.2 ticks)."""
-    if 0 < n <= 10:
+    if 0 < n <= 10 and fig.data and fig.data[0].type == "histogram":
         fig.update_yaxes(tick0=0, dtick=1)
     return fig
 

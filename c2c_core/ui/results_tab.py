@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import analysis, plots
 from ..errors import UserError
-from ..records import read_records
+from ..records import check_record, read_records
 from .common import (integer_counts, labelled, plot, session_run_path, session_runs, sized,
                      status_md, ui_message)
 
@@ -207,7 +207,29 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tu
         if recs:
             fig.update_layout(title_text=f"{who}: decode step latency")
         side.append(sized(fig, 320))
+    # side by side means one scale: a bar twice as tall is twice the time
+    plots.shared_y(side[0], side[1])
+    plots.shared_y(side[2], side[3])
     return (table, side[0], side[1], side[2], side[3])
+
+
+def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
+    """One sentence per file whose records break the record checks (records.check_record),
+    naming the first problems. Files of the seed scripts (no `run` object) are read in their
+    own format and are not held to the current one."""
+    notes = []
+    for name, recs in sources.items():
+        current = [(i, r) for i, r in enumerate(recs, start=1) if isinstance(r.get("run"), dict)]
+        if not current:
+            continue
+        bad = [(i, check_record(r)) for i, r in current]
+        bad = [(i, p) for i, p in bad if p]
+        if bad:
+            shown = "; ".join(f"record {i}: {', '.join(p[:2])}" for i, p in bad[:examples])
+            notes.append(f"{name}: {len(bad)} of {len(current)} record(s) fail the record checks"
+                         f" ({shown}{'; …' if len(bad) > examples else ''}); their numbers may"
+                         " not add up.")
+    return notes
 
 
 def analyze(files, runs, skip_bad_lines, request: gr.Request):
@@ -223,6 +245,9 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
     else:
         n = sum(len(r) for r in sources.values())
         status = f"**{n} record(s)** from {len(sources)} file(s): {', '.join(names)}."
+        notes = analysis.source_differences(sources) + check_notes(sources)
+        if notes:
+            status += "  \n" + "  \n".join(status_md(x, "warn") for x in notes)
         if errors:
             status += "  \n" + status_md(" ".join(errors), "error")
     summary = analysis.summarize(df) if sources else _empty_df(["source", "mode", "count"])
