@@ -298,9 +298,12 @@ def ordered_modes(modes: Iterable[str]) -> list[str]:
 
 
 def _ratio(df: pd.DataFrame, a: str, b: str) -> dict:
-    """Ratio of medians a/b per metric over the ids both modes ran (all rows when none)."""
+    """Ratio of medians a/b per metric over the ids both modes ran (all rows when none).
+    With several files a prompt pairs only within its own file (never one machine's c2c with
+    another's receiver)."""
     metrics = [m for m in _RATIO_METRICS if m in df.columns]
-    per_id = df.groupby(["mode", "id"])[metrics].median()  # repeats collapse to their median
+    keys = ["mode", "source", "id"] if "source" in df.columns else ["mode", "id"]
+    per_id = df.groupby(keys)[metrics].median()  # repeats collapse to their median
     va, vb = per_id.loc[a], per_id.loc[b]
     common = va.index.intersection(vb.index)
     paired = len(common) > 0

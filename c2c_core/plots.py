@@ -117,8 +117,13 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
     groups = list(df.groupby(keys, sort=False)) if keys else [((), df)]
     sources = list(dict.fromkeys(df["source"])) if "source" in df.columns else []
     several = len(sources) > 1
+    shown = groups[:max_lines]
+    if several:  # the first runs of every file, not only of the first file
+        per = max(1, max_lines // len(sources))
+        shown = [kg for src in sources
+                 for kg in [kg for kg in groups if kg[1]["source"].iloc[0] == src][:per]]
     fig = go.Figure()
-    for _, g in groups[:max_lines]:
+    for _, g in shown:
         color = SOURCE_COLORS[sources.index(g["source"].iloc[0]) % len(SOURCE_COLORS)] \
             if several else None
         fig.add_scatter(x=g["step"], y=g["ms"], name=f"sample {g['_label'].iloc[0]}",
@@ -133,6 +138,7 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
             for q, dash in ((50, "dash"), (90, "dot")):
                 v = float(ms.quantile(q / 100))
                 fig.add_scatter(x=[lo, hi], y=[v, v], mode="lines", name=f"{src} p{q} {v:.2f} ms",
+                                legendrank=1,  # listed before the samples
                                 line=dict(color=SOURCE_COLORS[i % len(SOURCE_COLORS)], dash=dash,
                                           width=2.5),
                                 hovertemplate=f"{src} p{q}: {v:.2f} ms<extra></extra>")
@@ -142,8 +148,8 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
             v = float(df["ms"].quantile(q / 100))
             fig.add_hline(y=v, line_dash=dash, line_color="#444",
                           annotation_text=f"p{q} {v:.2f} ms", annotation_position=where)
-    if len(groups) > max_lines:
-        title += f" ({max_lines} of {len(groups)} runs shown; p50/p90 over all"
+    if len(groups) > len(shown):
+        title += f" ({len(shown)} of {len(groups)} runs shown; p50/p90 over all"
         title += " of each file)" if several else ")"
     elif several:
         title += " (p50 / p90 per file)"
@@ -159,8 +165,11 @@ def decode_hist_fig(df: pd.DataFrame, bins: int = 50) -> go.Figure:
     d = df.dropna(subset=["decode_avg_ms"])
     by = next((c for c in ("source", "mode") if c in d.columns and d[c].nunique() > 1), None)
     groups = list(d.groupby(by, sort=False)) if by else [("all", d)]
-    if min(len(g) for _, g in groups) < FEW_SAMPLES:
+    # several files or modes: one row each (overlaid histograms of runs far apart squash each
+    # into a bar or two); few samples: every sample a point
+    if len(groups) > 1 or len(d) < FEW_SAMPLES:
         return _strip(groups, by, title)
+    bins = min(bins, max(10, math.ceil(2 * len(d) ** (1 / 3))))  # Rice's rule: no comb of 1s
     lo, hi = float(d["decode_avg_ms"].min()), float(d["decode_avg_ms"].max())
     size = (hi - lo) / bins if hi > lo else max(abs(lo) * 0.01, 1e-3)
     xbins = dict(start=lo, end=hi + size, size=size)
@@ -186,8 +195,11 @@ def _strip(groups: list, by: str | None, title: str) -> go.Figure:
                  SOURCE_COLORS[i % len(SOURCE_COLORS)] if by else "#756bb1")
         labels = _sample_labels(g)
         if len(x) >= 5:
-            fig.add_box(x=x, y=[row] * len(x), name=row, orientation="h", boxpoints="all",
-                        jitter=0.4, pointpos=0, marker=dict(color=color, size=8, opacity=0.8),
+            pts = "all" if len(x) <= 500 else "outliers"
+            fig.add_box(x=x, y=[row] * len(x), name=row, orientation="h", boxpoints=pts,
+                        jitter=0.4, pointpos=0,
+                        marker=dict(color=color, size=8 if len(x) < FEW_SAMPLES else 5,
+                                    opacity=0.8 if len(x) < FEW_SAMPLES else 0.5),
                         line=dict(color=color), fillcolor="rgba(0,0,0,0)", showlegend=False,
                         text=labels, hoveron="points",
                         hovertemplate="%{text}: %{x:.2f} ms/token<extra></extra>")
@@ -205,7 +217,8 @@ def _strip(groups: list, by: str | None, title: str) -> go.Figure:
     pad = (hi - lo) * 0.1 if hi > lo else max(abs(hi) * 0.05, 0.05)
     fig.update_xaxes(range=[max(lo - pad, 0), hi + pad])
     n = sum(len(g) for _, g in groups)
-    return _style(fig, f"{title} ({n} sample{'s' if n != 1 else ''}: each one shown, | = median)",
+    what = "each one shown" if n <= 500 else "box and outliers"
+    return _style(fig, f"{title} ({n} sample{'s' if n != 1 else ''}: {what}, | = median)",
                   x=label("decode_avg_ms"))
 
 

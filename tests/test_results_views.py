@@ -5,6 +5,7 @@ other prompts or machines, key columns first, uploaded records checked."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from c2c_core import analysis as A
 from c2c_core import plots as P
@@ -95,3 +96,18 @@ def test_uploaded_records_are_checked():
     assert "decode_total_ms" in notes[0]
     legacy = [{k: v for k, v in r.items() if k != "run"} for r in bad]
     assert check_notes({"seed": legacy}) == []  # the seed's format is read as such
+
+
+def test_mode_ratios_pair_within_a_file_only():
+    """Two machines' files with the same ids: c2c of one must not meet receiver of the other."""
+    cpu = [rec(str(i), m, ttft=t) for i in range(3) for m, t in (("c2c", 200.0), ("receiver", 100.0))]
+    gpu = [rec(str(i), m, ttft=t) for i in range(3) for m, t in (("c2c", 20.0), ("receiver", 10.0))]
+    df = pd.concat([A.to_frame(cpu, "cpu"), A.to_frame(gpu, "gpu")], ignore_index=True)
+    _, ratios = A.compare_modes(df)
+    r = ratios["c2c_over_receiver"]
+    assert r["n"] == 6 and r["paired"]
+    # per pair the ratio is 2; the median of c2c over the median of receiver, pairs kept
+    assert r["ttft_ms"] == pytest.approx(2.0)
+    only_cpu_c2c = pd.concat([A.to_frame(cpu[::2], "cpu"), A.to_frame(gpu[1::2], "gpu")])
+    _, none = A.compare_modes(only_cpu_c2c)
+    assert not none["c2c_over_receiver"]["paired"]  # nothing pairs across the two files
