@@ -1,7 +1,7 @@
 """Memory, measured: the peak resident set size sampled during a generation (CPU), the CUDA
 allocator's peaks (GPU), and the weights of each part of the pipeline.
 
-CPU: a poller thread reads the process's RSS every `interval_s` (2 ms) from the moment the
+CPU: a poller thread reads the process's RSS every `interval_s` (5 ms) from the moment the
 generation starts until it ends, plus once at each end, and keeps the largest value (the way
 optimum-benchmark measures CPU memory). On Linux a read is one `pread` of /proc/self/statm on a
 file kept open (a few microseconds, no allocation worth the name); elsewhere psutil. Unknown
@@ -17,9 +17,10 @@ import torch
 
 MB = 2**20  # the `_mb` fields are mebibytes
 
-#: Poll period of the RSS sampler (1-5 ms as optimum-benchmark; short spikes between two reads
+#: Poll period of the RSS sampler (optimum-benchmark polls every 1-5 ms; at 5 ms the poller costs
+#: about 1% of a core on this 2-core CPU; spikes shorter than that between two reads
 #: can be missed, which the README says).
-POLL_INTERVAL_S = 0.002
+POLL_INTERVAL_S = 0.005
 
 
 def _statm_reader():

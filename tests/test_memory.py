@@ -23,17 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_poller_catches_a_peak_between_start_and_end():
-    """A 256 MB buffer that lives 60 ms inside the block and is gone before it ends: reading
+    """A 256 MB buffer that lives 100 ms inside the block and is gone before it ends: reading
     RSS at the two ends (the old way) sees nothing; the poller sees it."""
     assert rss_bytes() is not None  # Linux: /proc/self/statm
     with PeakRSS() as p:
         before = rss_bytes()
         buf = np.ones(256 * MB // 8)  # touched pages: resident
-        time.sleep(0.06)
+        time.sleep(0.1)
         del buf
         time.sleep(0.01)
     after = rss_bytes()
-    assert p.samples >= 5  # it really polled
+    assert p.samples >= 4  # it really polled (every 5 ms; fewer on a loaded machine)
     assert p.peak_mb - max(before, after) / MB > 200
 
 
