@@ -71,7 +71,10 @@ _SUMMARY_STATS = [
     ("decode_avg_ms", ("mean", "p50", "p90", "p99")),
     ("tokens_per_second", ("mean", "p50")),
 ]
-_RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver")}
+#: C2C against each baseline (README "What the ratios mean"): receiver = the cost of fusion over
+#: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
+_RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver"),
+                "c2c_over_sharer": ("c2c", "sharer")}
 _RATIO_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms")
 _KEYS = ["source", "id", "mode", "repeat"]
 _ACCEPTED = set(TIMING_FIELDS) | {"num_decode_steps"}
@@ -289,7 +292,9 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.Da
     """Per group: count, TTFT / E2E / decode ms/token / tok/s statistics, accuracy, n_scored."""
     keys = [k for k in by if k in df.columns]
     stat_cols = [column(m, s) for m, stats in _SUMMARY_STATS for s in stats]
-    cols = keys + ["count"] + stat_cols + ["accuracy", "n_scored"]
+    # the numbers people look for first lead (visible without scrolling sideways), then the rest
+    lead = [column("decode_avg_ms", "p50"), column("ttft_ms", "p50"), "accuracy"]
+    cols = keys + ["count"] + lead + [c for c in stat_cols if c not in lead] + ["n_scored"]
     rows = []
     for key, g in (df.groupby(keys, sort=False, dropna=False) if keys else [((), df)]):
         if g.empty:
@@ -323,9 +328,12 @@ def ordered_modes(modes: Iterable[str]) -> list[str]:
 
 
 def _ratio(df: pd.DataFrame, a: str, b: str) -> dict:
-    """Ratio of medians a/b per metric over the ids both modes ran (all rows when none)."""
+    """Ratio of medians a/b per metric over the ids both modes ran (all rows when none).
+    With several files a prompt pairs only within its own file (never one machine's c2c with
+    another's receiver)."""
     metrics = [m for m in _RATIO_METRICS if m in df.columns]
-    per_id = df.groupby(["mode", "id"])[metrics].median()  # repeats collapse to their median
+    keys = ["mode", "source", "id"] if "source" in df.columns else ["mode", "id"]
+    per_id = df.groupby(keys)[metrics].median()  # repeats collapse to their median
     va, vb = per_id.loc[a], per_id.loc[b]
     common = va.index.intersection(vb.index)
     paired = len(common) > 0
@@ -362,31 +370,148 @@ def _series(df: pd.DataFrame, m: str) -> pd.Series:
     return pd.to_numeric(df[m], errors="coerce").dropna()
 
 
-def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
-                 metrics: Iterable[str] = ("ttft_ms", "e2e_ms", "decode_avg_ms",
-                                           "tokens_per_second"),
-                 threshold: float = 0.05) -> pd.DataFrame:
-    """Run B against run A, per metric: medians, change %, IQRs and two flags.
+PAIR_KEYS = ["id", "mode", "repeat"]
+COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 
-    `beyond_spread`: the medians differ by more than the larger IQR and by more than
-    `threshold` (relative to A). `regression`: beyond spread and in the worse direction
-    (higher for times, lower for tok/s and accuracy).
+
+def pair_frame(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Records of A and B that share (id, mode, repeat), with both values of `metric` and the
+    ratio B/A per pair. A key met twice in one file (an appended re-run) counts once, at its
+    median. Pairs with a missing value or A <= 0 are left out."""
+    cols = ["id", "mode", "repeat", "a", "b", "ratio"]
+    if metric not in df_a.columns or metric not in df_b.columns:
+        return pd.DataFrame(columns=cols)
+
+    def per_key(df: pd.DataFrame) -> pd.Series:
+        d = df.assign(id=df["id"].astype(str), _v=pd.to_numeric(df[metric], errors="coerce"))
+        return d.dropna(subset=["_v"]).groupby(PAIR_KEYS, sort=False)["_v"].median()
+
+    both = pd.concat([per_key(df_a).rename("a"), per_key(df_b).rename("b")], axis=1,
+                     join="inner")
+    both = both[both["a"] > 0]
+    out = both.reset_index()
+    out["ratio"] = out["b"] / out["a"]
+    return out[cols]
+
+
+def bootstrap_median_ci(x, level: float = 0.95, n_boot: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the median of `x` (seeded: the same data
+    give the same interval). NaNs for an empty `x`."""
+    import numpy as np
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    meds = np.empty(n_boot)
+    block = max(1, 2_000_000 // x.size)  # bounded memory for long files
+    for i in range(0, n_boot, block):
+        k = min(block, n_boot - i)
+        meds[i:i + k] = np.median(x[rng.integers(0, x.size, size=(k, x.size))], axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(meds, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
+                 metrics: Iterable[str] = COMPARE_METRICS, threshold: float = 0.05,
+                 min_pairs: int = 5, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Run B against run A, per mode both hold and per metric, on paired records.
+
+    Records pair by (id, mode, repeat), so a prompt is only ever set against itself and prompts
+    of very different lengths do not hide a change. The gate is the median of the per-pair
+    ratios B/A with a seeded bootstrap confidence interval (`level`):
+    `beyond_noise` when the interval excludes 1 and the median ratio differs from 1 by more than
+    `threshold`; `regression` when it is also in the worse direction (higher for times, lower
+    for tok/s). Fewer than `min_pairs` pairs give the verdict "too few pairs" and no flag.
+    The medians of A and B are over the paired records only.
     """
     rows = []
-    for m in metrics:
-        a, b = _series(df_a, m), _series(df_b, m)
-        med_a, med_b = a.median(), b.median()
-        iqr_a = a.quantile(0.75) - a.quantile(0.25)
-        iqr_b = b.quantile(0.75) - b.quantile(0.25)
-        diff = med_b - med_a
-        beyond = bool(abs(diff) > max(iqr_a, iqr_b) and abs(diff) > threshold * abs(med_a))
-        worse = diff < 0 if m in HIGHER_IS_BETTER else diff > 0
-        rows.append({
-            "field": m, "metric": label(m),
-            "median A": round(med_a, 3), "median B": round(med_b, 3),
-            "change %": round(diff / med_a * 100, 1) if med_a else math.nan,
-            "IQR A": round(iqr_a, 3), "IQR B": round(iqr_b, 3),
-            "n A": len(a), "n B": len(b),
-            "beyond_spread": beyond, "regression": bool(beyond and worse),
-        })
-    return pd.DataFrame(rows)
+    modes_a = list(dict.fromkeys(df_a["mode"])) if "mode" in df_a.columns else []
+    modes_b = set(df_b["mode"]) if "mode" in df_b.columns else set()
+    for mode in [m for m in modes_a if m in modes_b]:
+        da, db = df_a[df_a["mode"] == mode], df_b[df_b["mode"] == mode]
+        for m in metrics:
+            p = pair_frame(da, db, m)
+            n = len(p)
+            ratio = float(p["ratio"].median()) if n else math.nan
+            lo, hi = bootstrap_median_ci(p["ratio"], level, seed=seed) if n else (math.nan,) * 2
+            higher_better = m in HIGHER_IS_BETTER
+            judged = n >= max(min_pairs, 1)
+            beyond = bool(judged and (lo > 1 or hi < 1) and abs(ratio - 1) > threshold)
+            worse = ratio < 1 if higher_better else ratio > 1
+            if not judged:
+                verdict = "too few pairs"
+            elif not beyond:
+                verdict = "within noise"
+            else:
+                verdict = "worse" if worse else "better"
+            rows.append({
+                "mode": mode, "field": m, "metric": label(m), "pairs": n,
+                "median A": round(float(p["a"].median()), 3) if n else math.nan,
+                "median B": round(float(p["b"].median()), 3) if n else math.nan,
+                "ratio B/A": round(ratio, 4) if n else math.nan,
+                "CI low": round(lo, 4) if n else math.nan,
+                "CI high": round(hi, 4) if n else math.nan,
+                "change %": round((ratio - 1) * 100, 1) if n else math.nan,
+                "verdict": verdict, "beyond_noise": beyond,
+                "regression": bool(beyond and worse),
+            })
+    cols = ["mode", "field", "metric", "pairs", "median A", "median B", "ratio B/A", "CI low",
+            "CI high", "change %", "verdict", "beyond_noise", "regression"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def has_timing(df: pd.DataFrame, metrics: Iterable[str] = COMPARE_METRICS) -> bool:
+    """True when at least one record carries a value of one of `metrics`."""
+    return any(_series(df, m).size for m in metrics)
+
+
+#: `run` keys that say on what machine and with what settings a file was made.
+MACHINE_KEYS = ("device", "cpu", "threads")
+SETTING_KEYS = ("dtype", "torch", "transformers", "attn_implementation", "timing_method",
+                "receiver", "sharer", "fuser_hash", "max_new_tokens", "ignore_eos", "do_sample")
+
+
+def _run_values(records: list[dict], key: str) -> list[str]:
+    vals = []
+    for r in records:
+        run = r.get("run") if isinstance(r, dict) else None
+        if isinstance(run, dict) and key in run:
+            vals.append(str(run[key]))
+    return list(dict.fromkeys(vals))
+
+
+def source_differences(sources: dict[str, list[dict]]) -> list[str]:
+    """Sentences saying where files to be compared differ: the prompts they ran (ids and
+    texts), the machine (`run` device, cpu, threads) and the settings (dtype, versions,
+    models, lengths). Empty when they match or there is only one file."""
+    if len(sources) < 2:
+        return []
+    notes = []
+    prompts = {}
+    for name, recs in sources.items():
+        keys = set()
+        for i, r in enumerate(recs):
+            n = normalize(r, i)
+            keys.add((str(n["id"]), n["prompt"]))
+        prompts[name] = keys
+    sets = list(prompts.values())
+    if any(s != sets[0] for s in sets[1:]):
+        common = set.intersection(*sets)
+        union = set.union(*sets)
+        notes.append(f"The files ran different prompts: {len(common)} of {len(union)} (id, prompt)"
+                     " pairs are in every file; compare like with like (the pair table uses"
+                     " only the shared ones).")
+    for what, keys in (("machines", MACHINE_KEYS), ("settings", SETTING_KEYS)):
+        diffs = []
+        for k in keys:
+            per = {name: _run_values(recs, k) for name, recs in sources.items()}
+            known = {name: v for name, v in per.items() if v}
+            if len({tuple(v) for v in known.values()}) > 1:
+                diffs.append(f"{k} " + " vs ".join(f"{'/'.join(v)} ({name})"
+                                                   for name, v in known.items()))
+        if diffs:
+            notes.append(f"The files ran on different {what}: " + "; ".join(diffs) + ".")
+    return notes

@@ -119,63 +119,43 @@ def _writer_and_skip(args):
 
 
 def _run_with_bar(pipe, cfg, items, writer, skip):
+    """Streams: the records go to the file, only a running summary stays in memory."""
     from tqdm import tqdm
 
     from .runner import run_many
+    from .summary import RunningSummary
     bar = tqdm(total=0, unit="gen", dynamic_ncols=True, file=sys.stderr, delay=0.5)
+    summary = RunningSummary()
 
     def on_progress(done, total, rec):
         bar.total = total
         if rec is not None:
+            summary.add(rec)
             bar.update(1)
             bar.set_postfix_str(f"id={rec['id']} {rec['mode']} "
                                 f"{rec['timing']['decode_avg_ms']:.1f} ms/tok")
         bar.refresh()
 
     try:
-        return run_many(pipe, cfg, items, writer=writer, on_progress=on_progress, skip=skip)
+        run_many(pipe, cfg, items, writer=writer, on_progress=on_progress, skip=skip, keep=False)
     finally:
         bar.close()
+    return summary
 
 
-def print_summary(records: list[dict], out=None) -> None:
-    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode."""
-    import pandas as pd
+def print_summary(records, out=None) -> None:
+    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode (records or a
+    RunningSummary)."""
+    from .summary import RunningSummary
     out = out or sys.stdout
-
-    from .analysis import to_frame
-    if not records:
+    summary = records if isinstance(records, RunningSummary) else RunningSummary(records)
+    if not summary.count:
         print("No records.", file=out)
         return
-    df = to_frame(records)
-    rows = []
-    for mode, g in df.groupby("mode", sort=False):
-        row = {"mode": mode, "count": len(g)}
-        for col, name in (("decode_avg_ms", "decode ms/tok"), ("tokens_per_second", "tok/s"),
-                          ("ttft_ms", "ttft ms")):
-            s = g[col].dropna()
-            row[f"{name} mean"] = s.mean()
-            row[f"{name} p50"] = s.quantile(0.5)
-            row[f"{name} p90"] = s.quantile(0.9)
-        scored = g["correct"].dropna()
-        if len(scored):
-            row["accuracy"] = f"{int(scored.sum())}/{len(scored)} ({scored.mean():.0%})"
-        rows.append(row)
-    print(pd.DataFrame(rows).round(2).to_string(index=False), file=out)
-    note = truncation_note(records)
+    print(summary.table().round(2).to_string(index=False), file=out)
+    note = summary.truncation_note()
     if note:
         print(note, file=out)
-
-
-def truncation_note(records: list[dict]) -> str:
-    """One sentence when answers were cut off by max_new_tokens, else ''."""
-    cut = [r for r in records if r.get("truncated") is True]
-    if not cut:
-        return ""
-    caps = sorted({(r.get("run") or {}).get("max_new_tokens") for r in cut} - {None})
-    cap = f" ({', '.join(map(str, caps))})" if caps else ""
-    return (f"{len(cut)} of {len(records)} answer(s) were cut off by max_new_tokens{cap} before"
-            " they ended; pass a larger --max_new_tokens to let them finish.")
 
 
 def cmd_profile(args) -> int:
@@ -223,9 +203,9 @@ def _run_items(args, items) -> int:
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     with writer:
-        recs = _run_with_bar(pipe, cfg, items, writer, skip)
-    print_summary(recs)
-    print(f"Wrote {len(recs)} record(s) to {args.output}")
+        summary = _run_with_bar(pipe, cfg, items, writer, skip)
+    print_summary(summary)
+    print(f"Wrote {summary.count} record(s) to {args.output}")
     return 0
 
 
@@ -259,17 +239,24 @@ def cmd_sweep(args) -> int:
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     from tqdm import tqdm
+
+    from .summary import RunningSummary
+    summary = RunningSummary()
     with writer, tqdm(unit="gen", file=sys.stderr) as bar:
         def on_progress(done, total, rec):
             bar.total = total
             bar.update(done - bar.n)
-        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip)
-    print_summary(recs)
-    print(f"Wrote {len(recs)} record(s) to {args.output}")
-    if args.html:
-        from .plots import sweep_fig
+            if rec is not None:
+                summary.add(rec)
+        run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
+                  keep=False)
+    print_summary(summary)
+    print(f"Wrote {summary.count} record(s) to {args.output}")
+    if args.html:  # from the file: this run's records (and any it resumed or appended to)
         from .analysis import to_frame
-        sweep_fig(to_frame(recs)).write_html(args.html, include_plotlyjs=True)
+        from .plots import sweep_fig
+        from .records import iter_jsonl
+        sweep_fig(to_frame(iter_jsonl(args.output))).write_html(args.html, include_plotlyjs=True)
         print(f"Wrote {args.html}")
     return 0
 
@@ -321,31 +308,67 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """Run B against run A: exit 1 when a metric got worse beyond the runs' own spread."""
-    from .analysis import compare_runs
-    a = _frames([args.a], args.skip_bad_lines)
-    b = _frames([args.b], args.skip_bad_lines)
+    """Run B against run A on paired records: exit 1 on a regression beyond the noise, 2 when
+    the files cannot be compared (no timing records, no shared prompts, too few pairs)."""
+    import json
+
+    from .analysis import COMPARE_METRICS, compare_runs, has_timing, source_differences, to_frame
+    from .records import read_records
+    recs = {}
+    for path in (args.a, args.b):
+        recs[path] = read_records(path, skip_bad_lines=args.skip_bad_lines)
+        if not recs[path]:
+            raise UserError(f"{path} holds no records; run a benchmark into it first.")
+    a = to_frame(recs[args.a], source=os.path.basename(args.a))
+    b = to_frame(recs[args.b], source=os.path.basename(args.b))
     _warn_duplicates(a)
     _warn_duplicates(b)
-    import pandas as pd
+    for note in source_differences({os.path.basename(k): v for k, v in recs.items()}):
+        if "different prompts" not in note:  # said below, with the counts of shared ids
+            print(f"Warning: {note}", file=sys.stderr)
+    del recs
+    for df, path in ((a, args.a), (b, args.b)):
+        if not has_timing(df):
+            raise UserError(f"{path} has no timing records (none carries {', '.join(COMPARE_METRICS)});"
+                            " compare two results files written by a benchmark run.")
     modes = [args.mode] if args.mode else [m for m in dict.fromkeys(a["mode"]) if m in set(b["mode"])]
     if not modes or any(a[a["mode"] == m].empty or b[b["mode"] == m].empty for m in modes):
         raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
                         " to compare; pick --mode from the modes both files hold.")
+    a, b = a[a["mode"].isin(modes)], b[b["mode"].isin(modes)]
     ids_a, ids_b = set(a["id"].astype(str)), set(b["id"].astype(str))
+    if not ids_a & ids_b:
+        raise UserError(f"{args.a} and {args.b} share no prompt ids, so no record has a partner to"
+                        " be compared with; run both on the same prompts.")
     if ids_a != ids_b:
         print(f"Warning: the files share {len(ids_a & ids_b)} of {len(ids_a | ids_b)} prompt ids;"
-              " a difference may come from the prompts, not the code.", file=sys.stderr)
-    table = pd.concat([compare_runs(a[a["mode"] == m], b[b["mode"] == m], threshold=args.threshold)
-                       .assign(mode=m) for m in modes], ignore_index=True)
-    cols = ["mode"] + [c for c in table.columns if c not in ("mode", "field")]
+              " only the shared ones are compared.", file=sys.stderr)
+    table = compare_runs(a, b, threshold=args.threshold, min_pairs=args.min_pairs)
+    pairs = table.groupby("mode", sort=False)["pairs"].max()
+    if not (table["pairs"] > 0).any():
+        raise UserError(f"{args.a} and {args.b} share prompt ids but no (id, mode, repeat) record"
+                        " with timing in both; run both with the same --repeats and modes.")
+    cols = [c for c in table.columns if c not in ("field", "beyond_noise")]
     print(table[cols].to_string(index=False))
+    for mode, n in pairs.items():
+        print(f"{mode}: {n} pair(s) by (id, mode, repeat), of {int((a['mode'] == mode).sum())}"
+              f" record(s) in A and {int((b['mode'] == mode).sum())} in B.")
+    summary = {"pairs": {str(k): int(v) for k, v in pairs.items()},
+               "regressions": [f"{m} {f}" for m, f in zip(table.loc[table["regression"], "mode"],
+                                                         table.loc[table["regression"], "field"])]}
     bad = table[table["regression"]]
     if len(bad):
         worse = ", ".join(f"{m} {metric}" for m, metric in zip(bad["mode"], bad["metric"]))
-        print(f"REGRESSION: {worse} worse beyond the runs' spread.")
+        print(f"REGRESSION: {worse} worse beyond the noise (median of per-pair ratios, its 95%"
+              " interval excludes 1).")
+        print(json.dumps(summary))
         return 1
-    print("No regression beyond the runs' spread.")
+    if (table["verdict"] == "too few pairs").all():
+        raise UserError(f"only {int(table['pairs'].max())} paired record(s); compare needs at"
+                        f" least --min_pairs {args.min_pairs} to tell a change from noise (run"
+                        " more prompts or --repeats).")
+    print("No regression beyond the noise.")
+    print(json.dumps(summary))
     return 0
 
 
@@ -389,11 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="run B vs run A; exit 1 on a regression beyond spread")
+    p = sub.add_parser("compare", help="run B vs run A, paired by (id, mode, repeat); exit 1 on a"
+                       " regression beyond the noise, 2 when they cannot be compared")
     p.add_argument("a", help="baseline JSONL")
     p.add_argument("b", help="candidate JSONL")
     p.add_argument("--mode", help="compare only this mode")
     p.add_argument("--threshold", type=float, default=0.05, help="minimum relative change that counts")
+    p.add_argument("--min_pairs", type=int, default=5,
+                   help="fewest paired records (same id, mode, repeat) to judge a metric")
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_compare)
 

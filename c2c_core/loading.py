@@ -46,11 +46,10 @@ class Pipeline:
 
     def describe(self) -> str:
         i = self.info
-        mem = ""
+        from .memory import describe_weights
+        mem = f"; {describe_weights(i['weights_mb'])}"
         if self.device.type == "cuda":
-            mem = f", {torch.cuda.memory_allocated(self.device) / 2**20:.0f} MiB on the GPU"
-        else:
-            mem = f", {i['param_mb']:.0f} MB of weights"
+            mem += f", {torch.cuda.memory_allocated(self.device) / 2**20:,.0f} MB allocated on the GPU"
         fus = "untrained fuser" if self.fuser.untrained else f"fuser {i['fuser']} [{self.fuser.content_hash}]"
         return (f"{i['receiver']} ({i['receiver_weights']}) <- {i['sharer']} ({i['sharer_weights']}),"
                 f" {fus}; {self.device.type} {str(self.dtype).removeprefix('torch.')}{mem}")
@@ -330,7 +329,8 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
             note = (f"the fuser was trained for {tb} <- {tt}, not for the loaded"
                     f" {rinfo['name']} <- {sinfo['name']}")
             warnings.warn(f"The{note[3:]}.")
-    params = {id(p): p for m in (receiver, sharer) for p in m.parameters()}
+    from .memory import weights_mb
+    weights = weights_mb(receiver, sharer, fuser)
     info = {
         "preset": cfg.preset,
         "receiver": rinfo["name"], "sharer": sinfo["name"],
@@ -341,7 +341,7 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
         "model_revisions": {"receiver": rinfo["revision"], "sharer": sinfo["revision"],
                             "tokenizer": tok_src},
         "attn_implementation": getattr(receiver.config, "_attn_implementation", None) or "eager",
-        "param_mb": sum(p.numel() * p.element_size() for p in params.values()) / 1e6,
+        "weights_mb": weights,  # parameter MB per part (2**20 bytes), total counted once
     }
     return Pipeline(tok, receiver, sharer, fuser, device, dtype, info)
 

@@ -29,6 +29,10 @@ STAGE_COLORS = {
 #: One color per mode.
 MODE_COLORS = {"c2c": "#1b9e77", "receiver": "#7570b3", "sharer": "#d95f02", "t2t": "#e7298a"}
 OTHER_MODE_COLOR = "#7f7f7f"
+#: One color per file when several are drawn together.
+SOURCE_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+#: Below this many samples in a group a histogram says little: points (and a box) instead.
+FEW_SAMPLES = 20
 
 
 def _mode_color(mode: str) -> str:
@@ -111,38 +115,131 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
     keys = [k for k in ("source", "id", "mode", "repeat") if k in df.columns]
     df = df.assign(_label=_sample_labels(df))
     groups = list(df.groupby(keys, sort=False)) if keys else [((), df)]
+    sources = list(dict.fromkeys(df["source"])) if "source" in df.columns else []
+    several = len(sources) > 1
+    shown = groups[:max_lines]
+    if several:  # the first runs of every file, not only of the first file
+        per = max(1, max_lines // len(sources))
+        shown = [kg for src in sources
+                 for kg in [kg for kg in groups if kg[1]["source"].iloc[0] == src][:per]]
     fig = go.Figure()
-    for _, g in groups[:max_lines]:
+    for _, g in shown:
+        color = SOURCE_COLORS[sources.index(g["source"].iloc[0]) % len(SOURCE_COLORS)] \
+            if several else None
         fig.add_scatter(x=g["step"], y=g["ms"], name=f"sample {g['_label'].iloc[0]}",
                         mode="lines+markers" if len(g) <= 50 else "lines",
+                        line=dict(color=color, width=1) if color else None,
+                        opacity=0.55 if several else 1.0,
                         hovertemplate="step %{x}: %{y:.2f} ms<extra></extra>")
-    # p50 labelled at the left, p90 at the right: close values must not print on top of each other
-    for q, dash, where in ((50, "dash", "bottom left"), (90, "dot", "top right")):
-        v = float(df["ms"].quantile(q / 100))
-        fig.add_hline(y=v, line_dash=dash, line_color="#444", annotation_text=f"p{q} {v:.2f} ms",
-                      annotation_position=where)
-    if len(groups) > max_lines:
-        title += f" ({max_lines} of {len(groups)} runs shown; p50/p90 over all)"
+    if several:  # one p50 / p90 per file: files from different machines must not be mixed
+        lo, hi = float(df["step"].min()), float(df["step"].max())
+        for i, src in enumerate(sources):
+            ms = df.loc[df["source"] == src, "ms"]
+            for q, dash in ((50, "dash"), (90, "dot")):
+                v = float(ms.quantile(q / 100))
+                fig.add_scatter(x=[lo, hi], y=[v, v], mode="lines", name=f"{src} p{q} {v:.2f} ms",
+                                legendrank=1,  # listed before the samples
+                                line=dict(color=SOURCE_COLORS[i % len(SOURCE_COLORS)], dash=dash,
+                                          width=2.5),
+                                hovertemplate=f"{src} p{q}: {v:.2f} ms<extra></extra>")
+    else:
+        # p50 labelled at the left, p90 at the right: close values must not overprint
+        for q, dash, where in ((50, "dash", "bottom left"), (90, "dot", "top right")):
+            v = float(df["ms"].quantile(q / 100))
+            fig.add_hline(y=v, line_dash=dash, line_color="#444",
+                          annotation_text=f"p{q} {v:.2f} ms", annotation_position=where)
+    if len(groups) > len(shown):
+        title += f" ({len(shown)} of {len(groups)} runs shown; p50/p90 over all"
+        title += " of each file)" if several else ")"
+    elif several:
+        title += " (p50 / p90 per file)"
     return _style(fig, title, x=label("step"), y=label("ms"))
 
 
 def decode_hist_fig(df: pd.DataFrame, bins: int = 50) -> go.Figure:
-    """Histogram of decode ms/token; overlaid per source (or per mode) when several."""
+    """Histogram of decode ms/token; overlaid per source (or per mode) when several. Groups
+    with fewer than FEW_SAMPLES samples get every sample as a point (and a box from 5 on)."""
     title = "Decode time per token"
     if not _has(df, "decode_avg_ms"):
         return _empty(title)
     d = df.dropna(subset=["decode_avg_ms"])
     by = next((c for c in ("source", "mode") if c in d.columns and d[c].nunique() > 1), None)
+    groups = list(d.groupby(by, sort=False)) if by else [("all", d)]
+    # several files or modes: one row each (overlaid histograms of runs far apart squash each
+    # into a bar or two); few samples: every sample a point
+    if len(groups) > 1 or len(d) < FEW_SAMPLES:
+        return _strip(groups, by, title)
+    bins = min(bins, max(10, math.ceil(2 * len(d) ** (1 / 3))))  # Rice's rule: no comb of 1s
     lo, hi = float(d["decode_avg_ms"].min()), float(d["decode_avg_ms"].max())
     size = (hi - lo) / bins if hi > lo else max(abs(lo) * 0.01, 1e-3)
     xbins = dict(start=lo, end=hi + size, size=size)
     fig = go.Figure()
-    for key, g in (d.groupby(by, sort=False) if by else [("all", d)]):
+    for key, g in groups:
         fig.add_histogram(x=g["decode_avg_ms"], name=str(key), xbins=xbins,
                           opacity=0.6 if by else 1.0,
                           marker_color=_mode_color(key) if by == "mode" else None)
     fig.update_layout(barmode="overlay", showlegend=by is not None)
     return _style(fig, title, x=label("decode_avg_ms"), y="samples (count)")
+
+
+def _strip(groups: list, by: str | None, title: str) -> go.Figure:
+    """Decode ms/token of few samples: one row per group, every sample a point, the median a
+    bar, a box from 5 samples on (a box of 2 points would claim quartiles it does not have)."""
+    fig = go.Figure()
+    names = []
+    for i, (key, g) in enumerate(groups):
+        x = g["decode_avg_ms"].astype(float)
+        row = f"{key} (n={len(x)})" if by else f"n={len(x)}"
+        names.append(row)
+        color = (_mode_color(key) if by == "mode" else
+                 SOURCE_COLORS[i % len(SOURCE_COLORS)] if by else "#756bb1")
+        labels = _sample_labels(g)
+        if len(x) >= 5:
+            pts = "all" if len(x) <= 500 else "outliers"
+            fig.add_box(x=x, y=[row] * len(x), name=row, orientation="h", boxpoints=pts,
+                        jitter=0.4, pointpos=0,
+                        marker=dict(color=color, size=8 if len(x) < FEW_SAMPLES else 5,
+                                    opacity=0.8 if len(x) < FEW_SAMPLES else 0.5),
+                        line=dict(color=color), fillcolor="rgba(0,0,0,0)", showlegend=False,
+                        text=labels, hoveron="points",
+                        hovertemplate="%{text}: %{x:.2f} ms/token<extra></extra>")
+        else:
+            fig.add_scatter(x=x, y=[row] * len(x), mode="markers", name=row, showlegend=False,
+                            marker=dict(color=color, size=11, line=dict(color="white", width=1)),
+                            text=labels, hovertemplate="%{text}: %{x:.2f} ms/token<extra></extra>")
+        med = float(x.median())
+        fig.add_scatter(x=[med], y=[row], mode="markers", showlegend=False,
+                        marker=dict(symbol="line-ns", size=26, line=dict(color="#222", width=2)),
+                        hovertemplate=f"median {med:.2f} ms/token<extra></extra>")
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=names[::-1])
+    lo = min(float(g["decode_avg_ms"].min()) for _, g in groups)
+    hi = max(float(g["decode_avg_ms"].max()) for _, g in groups)
+    pad = (hi - lo) * 0.1 if hi > lo else max(abs(hi) * 0.05, 0.05)
+    fig.update_xaxes(range=[max(lo - pad, 0), hi + pad])
+    n = sum(len(g) for _, g in groups)
+    what = "each one shown" if n <= 500 else "box and outliers"
+    return _style(fig, f"{title} ({n} sample{'s' if n != 1 else ''}: {what}, | = median)",
+                  x=label("decode_avg_ms"))
+
+
+def shared_y(*figs: go.Figure) -> None:
+    """Give side-by-side figures one y range (0 to the largest stacked or drawn value)."""
+    top = 0.0
+    for fig in figs:
+        stacks: dict = {}
+        for tr in fig.data:
+            ys = [float(v) for v in (tr.y if tr.y is not None else []) if v == v]
+            if getattr(tr, "type", "") == "bar" and fig.layout.barmode == "stack":
+                for x, v in zip(tr.x if tr.x is not None else [], tr.y if tr.y is not None else []):
+                    stacks[x] = stacks.get(x, 0.0) + (float(v) if v == v else 0.0)
+            elif ys:
+                top = max(top, max(ys))
+        if stacks:
+            top = max(top, max(stacks.values()))
+    if top > 0:
+        for fig in figs:
+            if fig.data:
+                fig.update_yaxes(range=[0, top * 1.05], autorange=False)
 
 
 def stage_bars_fig(df: pd.DataFrame) -> go.Figure:

@@ -45,6 +45,7 @@ EXT_TIMING_FIELDS = [
     "decode_p90_ms",
     "decode_p99_ms",
     "peak_memory_mb",
+    "peak_memory_reserved_mb",
     # text-to-text mode: the sharer writes a note before the receiver answers
     "sharer_generated_tokens",
     "sharer_decode_ms",
@@ -72,11 +73,16 @@ EXT_TOP_FIELDS = ["mode", "repeat", "run"]
 RUN_FIELDS = [
     "run_id", "started_at", "tool_version", "git_commit", "python", "torch", "transformers",
     "device", "cuda", "cpu", "threads", "dtype", "attn_implementation", "timing_method", "warmup",
-    "preset", "receiver", "sharer", "weights", "fuser", "fuser_hash", "model_revisions",
+    "preset", "receiver", "sharer", "weights", "weights_mb", "fuser", "fuser_hash", "model_revisions",
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
 ]
 
 MODES = ["c2c", "receiver", "sharer", "t2t"]
+
+#: Fields that are null when the platform cannot measure them (never 0.0 for "unknown").
+NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "run.weights_mb"}
+#: Fields added after records were first written: an older record without them is still valid.
+LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb"}
 
 
 # --- building ------------------------------------------------------------------------------
@@ -244,12 +250,23 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
         if k not in rec:
             problems.append(f"missing top-level field {k}")
     t = rec.get("timing", {})
+    if not isinstance(t, dict):
+        return problems + ["timing is not an object"]
     for k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS:
         if k not in t:
-            problems.append(f"missing timing.{k}")
-        elif t[k] is None:
+            if f"timing.{k}" not in LATER_FIELDS:
+                problems.append(f"missing timing.{k}")
+        elif t[k] is None and f"timing.{k}" not in NULLABLE_FIELDS:
             problems.append(f"timing.{k} is null")
-    problems += [f"missing run.{k}" for k in RUN_FIELDS if k not in rec.get("run", {})]
+    run = rec.get("run", {})
+    problems += [f"missing run.{k}" for k in RUN_FIELDS
+                 if k not in (run if isinstance(run, dict) else {}) and f"run.{k}" not in LATER_FIELDS]
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    problems += [f"timing.{k} is not a number" for k, v in t.items()
+                 if k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS and v is not None and not num(v)]
+    steps = rec.get("decode_step_times_ms")
+    if not isinstance(steps, list) or not all(num(x) for x in steps):
+        problems.append("decode_step_times_ms is not a list of numbers")
     if problems:
         return problems
     steps = rec["decode_step_times_ms"]

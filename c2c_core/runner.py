@@ -3,9 +3,11 @@
 Modes (every record says which):
 - c2c: sectioned prefill of receiver and sharer, projection into the receiver cache, receiver
   decode;
-- receiver: the same path with the sharer and projection skipped (= gate-closed c2c);
-- sharer: the sharer alone (its decode goes into the decode fields);
-- t2t: the sharer writes a short note, then the receiver answers with it in its prompt.
+- receiver: the receiver alone, one plain prefill (what a user runs without C2C; C2C's second
+  forward for the last token is part of C2C's cost, so it is not in this baseline);
+- sharer: the sharer alone, one plain prefill (its decode goes into the decode fields);
+- t2t: the sharer writes a short note (plain prefill), then the receiver answers with it in its
+  prompt (plain prefill of note + question).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, plain_prefill, sample
 from .limits import check_context, check_items
 from .loading import Pipeline
+from .memory import DeviceMemory
 from .prompts import PromptItem as Item
 from .prompts import score
 from .records import MODES, JsonlWriter, percentile, r3
@@ -48,7 +51,8 @@ class Generation:
     prompt_tokens: int
     projector_calls: int = 0
     sharer_tokens: list[int] = field(default_factory=list)
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None          # CUDA max allocated / CPU sampled peak RSS
+    peak_memory_reserved_mb: float | None = None  # CUDA max reserved; None on a CPU
     wall_start: float = 0.0   # time.time() at the start and end of the generation, so that
     wall_end: float = 0.0     # records of one server can be checked for overlap
 
@@ -96,9 +100,16 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
 def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer) -> Generation:
     """One timed generation of `item` in `mode`. The clock starts before tokenization."""
     dev = pipe.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss0 = _rss()
+    mem = DeviceMemory(dev, enabled=timer.method != "off").__enter__()
+    try:
+        return _generate(pipe, cfg, item, mode, timer, mem)
+    finally:
+        mem.__exit__(None, None, None)
+
+
+def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,
+              mem: DeviceMemory) -> Generation:
+    dev = pipe.device
     generator = None
     if cfg.gen.do_sample:
         generator = torch.Generator(device=dev).manual_seed(cfg.gen.seed)
@@ -121,9 +132,12 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
     x = _ids_tensor(ids, dev)
     calls, sharer_tokens = 0, []
     with torch.inference_mode():
-        if mode in ("c2c", "receiver"):
-            sharer = pipe.sharer if mode == "c2c" else None
-            cache, logits, calls = c2c_prefill(pipe.receiver, sharer, pipe.fuser, x, timer)
+        if mode == "c2c":
+            cache, logits, calls = c2c_prefill(pipe.receiver, pipe.sharer, pipe.fuser, x, timer)
+            tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
+                                  generator, timer, "decode", mark_first)
+        elif mode == "receiver":  # what a user runs without C2C: one plain prefill
+            cache, logits = plain_prefill(pipe.receiver, x, timer, "base_embedding", "base_prefill")
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
                                   generator, timer, "decode", mark_first)
         elif mode == "sharer":
@@ -143,7 +157,8 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
                     note=note, question=item.prompt), cfg.chat_template)
             check_context(pipe, cfg, len(ids), mode, f"Prompt {item.id}", len(ids2))
             x2 = _ids_tensor(ids2, dev)
-            cache, logits, _ = c2c_prefill(pipe.receiver, None, None, x2, timer)
+            # the receiver reads note + question in one plain prefill, as a T2T user would run it
+            cache, logits = plain_prefill(pipe.receiver, x2, timer, "base_embedding", "base_prefill")
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
                                   generator, timer, "decode", mark_first)
             ids = ids2  # prompt_tokens = what the receiver read
@@ -152,13 +167,9 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
     t_end = now_ns()
     wall1 = time.time()
     stages = timer.finish()
-    peak = None
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-    elif rss0 is not None:
-        peak = max(_rss() - rss0, 0) / 2**20
-    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak,
-                      wall0, wall1)
+    mem.__exit__(None, None, None)  # the peaks of this generation (stops the RSS poller)
+    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens,
+                      mem.allocated_mb, mem.reserved_mb, wall0, wall1)
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
@@ -166,14 +177,6 @@ def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
     if not cfg.gen.ignore_eos:
         return cfg
     return replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
-
-
-def _rss() -> int | None:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss
-    except Exception:  # noqa: BLE001 - memory is optional information
-        return None
 
 
 # --- records -------------------------------------------------------------------------------
@@ -212,12 +215,13 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "decode_p50_ms": percentile(steps, 50),
         "decode_p90_ms": percentile(steps, 90),
         "decode_p99_ms": percentile(steps, 99),
-        "peak_memory_mb": g.peak_memory_mb if g.peak_memory_mb is not None else 0.0,
+        "peak_memory_mb": g.peak_memory_mb,                    # None = unknown, never 0
+        "peak_memory_reserved_mb": g.peak_memory_reserved_mb,
         "sharer_generated_tokens": len(g.sharer_tokens),
         "sharer_decode_ms": tot["sharer_decode_ms"],
     }
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
-    t = {k: (v if k in ints else r3(v)) for k, v in t.items()}
+    t = {k: (v if k in ints or v is None else r3(v)) for k, v in t.items()}
     return t, steps
 
 
@@ -269,6 +273,7 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "receiver": pipe.info["receiver"],
         "sharer": pipe.info["sharer"],
         "weights": pipe.info["weights"],
+        "weights_mb": pipe.info.get("weights_mb"),
         "fuser": pipe.info["fuser"],
         "fuser_hash": pipe.info["fuser_hash"],
         "model_revisions": pipe.info["model_revisions"],
@@ -341,12 +346,15 @@ def to_item(x) -> Item:
 def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWriter | None = None,
              on_progress: Callable[[int, int, dict | None], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             skip: set[tuple] | None = None, meta: dict | None = None) -> list[dict]:
+             skip: set[tuple] | None = None, meta: dict | None = None,
+             keep: bool = True) -> list[dict]:
     """Every item x repeat x mode (modes interleaved per prompt so drift hits them equally).
 
     Each record is written (and flushed) as soon as it exists. `skip` holds (id, mode, repeat)
     keys already done (--resume). `meta` is the `run` object (default: a new one). A CUDA OOM
-    ends the run with the seed's advice; what was written stays."""
+    ends the run with the seed's advice; what was written stays. `keep=False` streams: no
+    record is held after `writer` and `on_progress` have seen it, and the list returned is
+    empty (long runs keep flat memory; the file holds the records)."""
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:
@@ -357,6 +365,7 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     if meta is None:
         meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
+    done = 0
     total = len(jobs)
     if on_progress:
         on_progress(0, total, None)
@@ -371,15 +380,18 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
                 rec = run_one(pipe, cfg, it, m, r, meta)
                 if writer:
                     writer.write(rec)
-                out.append(rec)
+                done += 1
+                if keep:
+                    out.append(rec)
                 if on_progress:
                     on_progress(k + 1, total, rec)
+                del rec
     except cancel.Cancelled:
         pass  # stopped mid-generation: that generation has no record; the others are kept
     except torch.OutOfMemoryError:
         sync_safe(pipe)
         raise OutOfMemory(
-            f"CUDA out of memory after {len(out)} record(s); reduce --max_new_tokens or use"
+            f"CUDA out of memory after {done} record(s); reduce --max_new_tokens or use"
             " shorter prompts (records already written are kept).") from None
     return out
 

@@ -40,18 +40,20 @@ def sweep_items(tokenizer, input_lens: list[int], seed: int = 0) -> list[Item]:
 
 def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
               on_progress: Callable | None = None, should_stop: Callable | None = None,
-              skip: set[tuple] | None = None) -> list[dict]:
+              skip: set[tuple] | None = None, keep: bool = True) -> list[dict]:
     """Every input length x output length (x mode x repeat); each shape warms up first.
 
     Record ids are 'in<N>-out<M>' so a shape's records share an id across modes. `on_progress`
     gets (records done, records in the whole sweep, record | None) like run_many's. All
-    records share one `run` object (one run_id); only its max_new_tokens follows the shape."""
+    records share one `run` object (one run_id); only its max_new_tokens follows the shape.
+    `keep=False` streams as run_many does (an empty list is returned)."""
     items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
     per_shape = len(modes_of(cfg)) * cfg.repeats
     total = len(items) * len(output_lens) * per_shape
     meta = run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)),
                         Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
+    done = [0]
     if on_progress:
         on_progress(0, total, None)
     for m in output_lens:
@@ -60,10 +62,14 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
         for it in items:
             if should_stop and should_stop():
                 return out
-            base = len(out)
-            report = None if on_progress is None else (
-                lambda done, _t, rec, base=base: rec is not None and on_progress(base + done, total, rec))
+            base = done[0]
+
+            def report(k, _t, rec, base=base):
+                if rec is not None:
+                    done[0] = base + k
+                    if on_progress:
+                        on_progress(base + k, total, rec)
             out += run_many(pipe, c, [replace(it, id=f"{it.id}-out{m}")], writer=writer,
                             on_progress=report, should_stop=should_stop, skip=skip,
-                            meta={**meta, "max_new_tokens": m})
+                            meta={**meta, "max_new_tokens": m}, keep=keep)
     return out

@@ -148,13 +148,13 @@ def test_compare_runs_flags_slowdown_only():
     base, slow = run(1), run(2)
     a = A.to_frame(base)
     same = A.compare_runs(a, A.to_frame(base))
-    assert not same["beyond_spread"].any() and not same["regression"].any()
+    assert not same["beyond_noise"].any() and not same["regression"].any()
     out = A.compare_runs(a, A.to_frame(slow)).set_index("field")
     assert out["regression"].all()
     assert out.loc["decode_avg_ms", "change %"] == pytest.approx(100.0)
     assert out.loc["tokens_per_second", "change %"] == pytest.approx(-50.0, abs=0.5)
     faster = A.compare_runs(A.to_frame(slow), a).set_index("field")
-    assert faster["beyond_spread"].all() and not faster["regression"].any()
+    assert faster["beyond_noise"].all() and not faster["regression"].any()
 
 
 def _mixed_frame():
@@ -182,7 +182,8 @@ def test_plots_return_figures():
     assert len(steps_fig.data) == 20 and len(steps_fig.layout.shapes) == 2
     assert _has_data(P.decode_steps_fig(A.steps_frame([SEED_STYLE])))
     hist = P.decode_hist_fig(df)
-    assert len(hist.data) == 2  # one per source
+    # few samples: every one a point, one row per source (a histogram below 20 says little)
+    assert {t.y[0] for t in hist.data} == {"a.jsonl (n=8)", "seed.jsonl (n=1)"}
     assert _has_data(P.stage_bars_fig(df))
     figs = P.mode_compare_figs(df)
     assert set(figs) == {"ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second"}

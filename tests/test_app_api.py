@@ -198,7 +198,7 @@ def test_stop_flag_ends_a_run_and_keeps_records(tiny_cfg_kwargs, tmp_path, monke
     path = str(tmp_path / "stopped.jsonl")
     outs = []
 
-    def render(recs, status, file):
+    def render(recs, status, file, summary=None):
         if len(recs) >= 2:
             stop.set()
         outs.append((len(recs), status, file))

@@ -19,7 +19,8 @@ def test_every_mode_gives_complete_records_and_receiver_equals_c2c(tiny_pipe):
         (i, m) for i in (1, 2) for m in ("c2c", "receiver", "sharer", "t2t")]
     for r in recs:
         assert check_record(r) == [], (r["mode"], check_record(r))
-        assert all(v is not None for v in r["timing"].values())
+        # only the CUDA allocator's reserved peak is unknown on a CPU
+        assert [k for k, v in r["timing"].items() if v is None] == ["peak_memory_reserved_mb"]
     by = {(r["id"], r["mode"]): r for r in recs}
     for i in (1, 2):
         assert by[i, "c2c"]["response"] == by[i, "receiver"]["response"]  # gate closed
@@ -103,5 +104,5 @@ def test_compare_flags_a_2x_slowdown_and_not_a_copy(tmp_path, tiny_models, capsy
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**r, "id": f"x{r['id']}"}) + "\n" for r in recs))
     capsys.readouterr()
-    assert main(["compare", str(base), str(other)]) == 0
-    assert "share 0 of 10 prompt ids" in capsys.readouterr().err
+    assert main(["compare", str(base), str(other)]) == 2  # nothing to pair: cannot judge
+    assert "share no prompt ids" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def build_batch_tab() -> BatchTab:
     return BatchTab(prompts, run, status, table, fig, file)
 
 
-def render(recs: list[dict], status: str, file):
+def render(recs: list[dict], status: str, file, summary=None):
     fig = sized(plots.stage_bars_fig(analysis.to_frame(recs) if recs else pd.DataFrame()))
     return status, records_table(recs), fig, file
 

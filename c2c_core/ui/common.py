@@ -36,6 +36,8 @@ LONG_GENERATION = 128
 #: Minimum seconds between table refreshes while a run streams records. The results file is
 #: handed to the page once, at the end (each hand-over copies it into gradio's cache).
 TABLE_EVERY_S = 0.5
+#: The live results table shows this many of the newest records (the file holds them all).
+LIVE_ROWS = 200
 #: A running job says something to gradio at least this often, so that a client that went away
 #: is noticed (gradio checks after each update) and its generation stopped within a step.
 ALIVE_EVERY_S = 1.0
@@ -618,7 +620,7 @@ def sized(fig, height: int = 380):
 
 def integer_counts(fig, n: int):
     """Histogram count axes in whole numbers when there are few samples (no 0.2 ticks)."""
-    if 0 < n <= 10:
+    if 0 < n <= 10 and fig.data and fig.data[0].type == "histogram":
         fig.update_yaxes(tick0=0, dtick=1)
     return fig
 
@@ -678,9 +680,15 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     that goes away ends the run within one decode step; the session's disk quota ends it too.
     A UserError is said in the status line and raised as gr.Error. Every finished record is in
     the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
-    (same arguments after the items), e.g. a length sweep."""
+    (same arguments after the items), e.g. a length sweep.
+
+    Streams: only the newest LIVE_ROWS records and a running summary stay in memory; `render`
+    gets those rows and, as `summary=`, the RunningSummary of every record so far."""
+    from collections import deque
+
     from ..records import JsonlWriter
     from ..runner import run_many
+    from ..summary import RunningSummary
     per_item = tokens_per_item(cfg)
     folder = os.path.dirname(path)
     guard.check_disk(folder)
@@ -693,18 +701,21 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
             job.tokens = counter
             return (runner or run_many)(pipe, cfg, items, writer=w, on_progress=job.on_progress,
-                                        should_stop=job.stop.is_set)
+                                        should_stop=job.stop.is_set, keep=False)
 
     job = Job(work, stop, cfg.warmup)
-    recs: list[dict] = []
+    recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
+    summary = RunningSummary()
     first = render([], status_md("Started: loading models and warming up if needed…", "run"),
-                   gr.skip())
+                   gr.skip(), summary=summary)
     alive = tuple(gr.skip() for _ in first)
     yield first
     last_table = last_yield = last_disk = time.perf_counter()
     try:
         for batch in job.events():
             recs.extend(batch)
+            for r in batch:
+                summary.add(r)
             progress(job.fraction(per_item), desc=job.describe(unit))
             now = time.perf_counter()
             if now - last_disk >= DISK_EVERY_S:
@@ -714,16 +725,17 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                     job.stop.set()
             if batch and now - last_table >= TABLE_EVERY_S:
                 last_table = last_yield = now
-                msg = f"Running: {len(recs)} of {job.total} record(s) done…"
-                yield render(recs, status_md(msg, "run"), gr.skip())
+                msg = f"Running: {summary.count} of {job.total} record(s) done… {summary.line()}"
+                yield render(list(recs), status_md(msg, "run"), gr.skip(), summary=summary)
                 # a yield turns the page's progress bar into a "generating" border: redraw it
                 progress(job.fraction(per_item), desc=job.describe(unit))
             elif now - last_yield >= ALIVE_EVERY_S:
                 last_yield = now
                 yield alive  # lets gradio notice a client that went away
     except UserError as e:
-        kept = f" {len(recs)} finished record(s) are in the download." if recs else ""
-        yield render(recs, status_md(ui_message(e) + kept, "error"), path if recs else None)
+        kept = f" {summary.count} finished record(s) are in the download." if recs else ""
+        yield render(list(recs), status_md(ui_message(e) + kept, "error"),
+                     path if recs else None, summary=summary)
         raise user_error(e) from None
     except GeneratorExit:  # the client went away: its generation stops within a decode step
         job.stop.set()
@@ -734,13 +746,17 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     if full.is_set():
         msg = status_md(f"**Stopped:** this session's results reached the disk limit"
                         f" ({guard.limit('session_disk_mb')} MB, C2C_SESSION_DISK_MB) after"
-                        f" {len(recs)} record(s); download them and reload the page for a new"
+                        f" {summary.count} record(s); download them and reload the page for a new"
                         " session.", "warn")
-    elif (job.stop.is_set() or job.cancelled) and len(recs) < job.total:
-        msg = status_md(f"**Stopped** after {len(recs)} of {job.total} record(s); the"
+    elif (job.stop.is_set() or job.cancelled) and summary.count < job.total:
+        msg = status_md(f"**Stopped** after {summary.count} of {job.total} record(s); the"
                         " finished ones are in the download.")
     else:
         secs = time.perf_counter() - job.started
-        msg = status_md(f"**Done:** {len(recs)} record(s) in {fmt_seconds(secs)}, written to"
+        msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"
                         f" `{os.path.basename(path)}`.", "ok")
-    yield render(recs, msg, path if os.path.exists(path) else None)
+    if summary.count > LIVE_ROWS:
+        msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
+    if summary.count:
+        msg += f"  \n{summary.line()}"
+    yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)

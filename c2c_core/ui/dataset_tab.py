@@ -96,26 +96,34 @@ def answers_table(recs: list[dict]) -> pd.DataFrame:
     return table
 
 
-def accuracy_note(recs: list[dict]) -> str:
-    """Running accuracy over the scored records, and how many answers max_new_tokens cut off."""
-    scored = [r["correct"] for r in recs if isinstance(r.get("correct"), bool)]
+def accuracy_note(recs: list[dict], summary=None) -> str:
+    """Running accuracy over the scored records, and how many answers max_new_tokens cut off
+    (over the whole run when `summary`, a RunningSummary, is given)."""
+    from ..summary import RunningSummary
+    summary = summary if summary is not None and summary.count else RunningSummary(recs)
+    right = sum(r for r, _ in summary.scored.values())
+    n = sum(k for _, k in summary.scored.values())
     parts = []
-    if scored:
-        parts.append(f"Accuracy so far: {sum(scored)} of {len(scored)} correct"
-                     f" ({sum(scored) / len(scored):.0%}).")
-    cut = [r for r in recs if r.get("truncated") is True]
-    if cut:
-        caps = sorted({(r.get("run") or {}).get("max_new_tokens") for r in cut} - {None})
-        cap = f" ({', '.join(map(str, caps))})" if caps else ""
-        parts.append(f"{len(cut)} of {len(recs)} answer(s) were cut off by 'max new tokens'{cap};"
-                     " raise it to let them finish.")
+    if n:
+        parts.append(f"Accuracy so far: {right} of {n} correct ({right / n:.0%}).")
+    if summary.truncated:
+        cap = f" ({', '.join(map(str, sorted(summary.caps)))})" if summary.caps else ""
+        parts.append(f"{summary.truncated} of {summary.count} answer(s) were cut off by 'max new"
+                     f" tokens'{cap}; raise it to let them finish.")
     return " ".join(parts)
 
 
-def render(recs: list[dict], status: str, file):
-    fig = sized(integer_counts(plots.decode_hist_fig(analysis.to_frame(recs) if recs else
-                                                     pd.DataFrame()), len(recs)))
-    note = accuracy_note(recs)
+def render(recs: list[dict], status: str, file, summary=None):
+    """`recs`: the newest rows; `summary` (a RunningSummary) holds every record's decode time,
+    so the chart covers the whole run, not only the rows shown."""
+    if summary is not None and summary.count:
+        df = pd.DataFrame([(m, v) for m in summary.modes()
+                           for v in summary.series(m, "decode_avg_ms")],
+                          columns=["mode", "decode_avg_ms"])
+    else:
+        df = analysis.to_frame(recs) if recs else pd.DataFrame()
+    fig = sized(integer_counts(plots.decode_hist_fig(df), len(df)))
+    note = accuracy_note(recs, summary)
     return (f"{status}  \n{note}" if note else status), answers_table(recs), fig, file
 
 

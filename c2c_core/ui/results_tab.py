@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import analysis, plots
 from ..errors import UserError
-from ..records import read_records
+from ..records import check_record, read_records
 from . import guard
 from .common import (integer_counts, labelled, plot, session_id, session_run_path, session_runs,
                      sized, status_md, ui_message)
@@ -22,7 +22,8 @@ MODE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 NO_RATIOS = ("Run with mode **all** (or c2c and t2t / receiver on the same prompts) to see C2C's"
              " speedup over text-to-text and its overhead over the receiver alone.")
 RATIO_TEXT = {"c2c_over_t2t": "C2C ÷ T2T (below 1 = C2C faster)",
-              "c2c_over_receiver": "C2C ÷ receiver alone (the cost of fusion)"}
+              "c2c_over_receiver": "C2C ÷ receiver alone (the cost of fusion)",
+              "c2c_over_sharer": "C2C ÷ sharer alone (against the large model)"}
 
 
 def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
@@ -129,9 +130,9 @@ def build_results_tab() -> ResultsTab:
         with gr.Row():
             file_a = gr.Dropdown([], label="File A", elem_id="results-a")
             file_b = gr.Dropdown([], label="File B (compared with A)", elem_id="results-b")
-        compare = gr.Dataframe(_empty_df(["metric"]), label="B against A (medians; flagged when"
-                               " the change exceeds the spread)", interactive=False,
-                               elem_id="results-compare")
+        compare = gr.Dataframe(_empty_df(["metric"]), label="B against A, paired by (id, mode,"
+                               " repeat): median of per-pair ratios with its 95% interval",
+                               interactive=False, elem_id="results-compare")
         with gr.Row(equal_height=False):
             a_bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-a-bars", 320)
             b_bars = plot(plots.stage_bars_fig(pd.DataFrame()), "results-b-bars", 320)
@@ -195,8 +196,7 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tu
     table = _empty_df(["metric"])
     if ra is not None and rb is not None:
         table = analysis.compare_runs(analysis.to_frame(ra, a), analysis.to_frame(rb, b),
-                                      COMPARE_METRICS).drop(columns=["field"]).rename(
-            columns={"beyond_spread": "beyond spread", "regression": "regression"})
+                                      COMPARE_METRICS).drop(columns=["field", "beyond_noise"])
     side = []
     for recs, who in ((ra, a), (rb, b)):
         df = analysis.to_frame(recs, who) if recs else pd.DataFrame()
@@ -208,7 +208,29 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tu
         if recs:
             fig.update_layout(title_text=f"{who}: decode step latency")
         side.append(sized(fig, 320))
+    # side by side means one scale: a bar twice as tall is twice the time
+    plots.shared_y(side[0], side[1])
+    plots.shared_y(side[2], side[3])
     return (table, side[0], side[1], side[2], side[3])
+
+
+def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
+    """One sentence per file whose records break the record checks (records.check_record),
+    naming the first problems. Files of the seed scripts (no `run` object) are read in their
+    own format and are not held to the current one."""
+    notes = []
+    for name, recs in sources.items():
+        current = [(i, r) for i, r in enumerate(recs, start=1) if isinstance(r.get("run"), dict)]
+        if not current:
+            continue
+        bad = [(i, check_record(r)) for i, r in current]
+        bad = [(i, p) for i, p in bad if p]
+        if bad:
+            shown = "; ".join(f"record {i}: {', '.join(p[:2])}" for i, p in bad[:examples])
+            notes.append(f"{name}: {len(bad)} of {len(current)} record(s) fail the record checks"
+                         f" ({shown}{'; …' if len(bad) > examples else ''}); their numbers may"
+                         " not add up.")
+    return notes
 
 
 def analyze(files, runs, skip_bad_lines, request: gr.Request):
@@ -228,6 +250,9 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
     else:
         n = sum(len(r) for r in sources.values())
         status = f"**{n} record(s)** from {len(sources)} file(s): {', '.join(names)}."
+        notes = analysis.source_differences(sources) + check_notes(sources)
+        if notes:
+            status += "  \n" + "  \n".join(status_md(x, "warn") for x in notes)
         if errors:
             status += "  \n" + status_md(" ".join(errors), "error")
     summary = analysis.summarize(df) if sources else _empty_df(["source", "mode", "count"])

@@ -50,8 +50,14 @@ def build_sweep_tab() -> SweepTab:
     return SweepTab(ins, outs, run, status, fig, table, file)
 
 
-def render(recs: list[dict], status: str, file):
-    fig = sized(plots.sweep_fig(analysis.to_frame(recs) if recs else pd.DataFrame()), 420)
+def render(recs: list[dict], status: str, file, summary=None):
+    if isinstance(file, str) and summary is not None and summary.count > len(recs):
+        # the run's end, more records than the live rows: draw every shape, from the file
+        from ..records import iter_jsonl
+        df = analysis.to_frame(iter_jsonl(file))
+    else:
+        df = analysis.to_frame(recs) if recs else pd.DataFrame()
+    fig = sized(plots.sweep_fig(df), 420)
     return status, records_table(recs), fig, file
 
 

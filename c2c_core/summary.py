@@ -1,0 +1,96 @@
+"""A running summary of a run, fed one record at a time, so long runs need not keep their
+records in memory (they are in the JSONL file): per mode, the count and the few numbers the CLI
+and the app print (decode ms/token, tok/s, TTFT), 8 bytes per value."""
+
+from __future__ import annotations
+
+import math
+from array import array
+from typing import Iterable
+
+#: metric → heading stem in the printed table
+METRICS = {"decode_avg_ms": "decode ms/tok", "tokens_per_second": "tok/s", "ttft_ms": "ttft ms"}
+
+
+def _q(xs: list[float], q: float) -> float:
+    """pandas' default (linear) quantile; NaN for no values."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class RunningSummary:
+    """`add(record)` per record; `table()` gives count, mean, p50, p90 per mode and metric."""
+
+    def __init__(self, records: Iterable[dict] = ()):
+        self.count = 0
+        self.values: dict[str, dict[str, array]] = {}
+        self.scored: dict[str, list[int]] = {}   # mode -> [right, scored]
+        self.truncated = 0
+        self.caps: set = set()                   # max_new_tokens of the cut-off records
+        for r in records:
+            self.add(r)
+
+    def add(self, rec: dict) -> None:
+        self.count += 1
+        t = rec.get("timing") if isinstance(rec.get("timing"), dict) else {}
+        per = self.values.setdefault(str(rec.get("mode") or "c2c"),
+                                     {m: array("d") for m in METRICS})
+        for m, arr in per.items():
+            v = t.get(m)
+            arr.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       else math.nan)
+        if isinstance(rec.get("correct"), bool):
+            sc = self.scored.setdefault(str(rec.get("mode") or "c2c"), [0, 0])
+            sc[0] += rec["correct"]
+            sc[1] += 1
+        if rec.get("truncated") is True:
+            self.truncated += 1
+            cap = (rec.get("run") or {}).get("max_new_tokens")
+            if cap is not None:
+                self.caps.add(cap)
+
+    def truncation_note(self) -> str:
+        """One sentence when answers were cut off by max_new_tokens, else ''."""
+        if not self.truncated:
+            return ""
+        cap = f" ({', '.join(map(str, sorted(self.caps)))})" if self.caps else ""
+        return (f"{self.truncated} of {self.count} answer(s) were cut off by max_new_tokens{cap}"
+                " before they ended; pass a larger --max_new_tokens to let them finish.")
+
+    def modes(self) -> list[str]:
+        return list(self.values)
+
+    def series(self, mode: str, metric: str) -> list[float]:
+        """The known values of `metric` for `mode`, in record order."""
+        return [v for v in self.values.get(mode, {}).get(metric, ()) if not math.isnan(v)]
+
+    def table(self):
+        import pandas as pd
+        rows = []
+        for mode, per in self.values.items():
+            row = {"mode": mode, "count": len(per["ttft_ms"])}
+            for m, stem in METRICS.items():
+                xs = self.series(mode, m)
+                row[f"{stem} mean"] = sum(xs) / len(xs) if xs else math.nan
+                row[f"{stem} p50"] = _q(xs, 0.5)
+                row[f"{stem} p90"] = _q(xs, 0.9)
+            if mode in self.scored:
+                right, n = self.scored[mode]
+                row["accuracy"] = f"{right}/{n} ({right / n:.0%})"
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def line(self) -> str:
+        """One line for a status: median decode ms/token and TTFT per mode."""
+        parts = []
+        for mode in self.values:
+            dec, ttft = _q(self.series(mode, "decode_avg_ms"), 0.5), _q(self.series(mode, "ttft_ms"), 0.5)
+            bits = [f"decode {dec:.2f} ms/token" if not math.isnan(dec) else "",
+                    f"TTFT {ttft:.1f} ms" if not math.isnan(ttft) else ""]
+            parts.append(f"{mode}: " + ", ".join(b for b in bits if b) + " (medians)")
+        return " · ".join(parts)
