@@ -180,6 +180,9 @@ def cmd_dataset(args) -> int:
 
 def _run_items(args, items) -> int:
     cfg = run_config(args)
+    from . import distributed
+    if distributed.active():  # started by torchrun: data-parallel, merged exactly once
+        return distributed.run_items(args, cfg, items)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     with writer:
@@ -202,6 +205,9 @@ def cmd_sweep(args) -> int:
     ins = parse_lengths(args.input_lens, "--input_lens")
     outs = parse_lengths(args.output_lens, "--output_lens")
     cfg = run_config(args)
+    from . import distributed
+    if distributed.active():
+        return distributed.run_sweep(args, cfg, ins, outs)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
     from tqdm import tqdm
@@ -345,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .distributed import check_command
+        check_command(args.command)
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
