@@ -312,10 +312,11 @@ def merge(output: str, units: list[Unit], resume: bool = False, append: bool = F
             extra.append(r)
 
     per_rank: dict[int, int] = {}
-    for _, r in parts:
-        run = r.get("run") if isinstance(r.get("run"), dict) else {}
-        if run_id is not None and run.get("run_id") == run_id:
-            per_rank[run.get("rank")] = per_rank.get(run.get("rank"), 0) + 1
+    if run_id is not None:
+        for r in {json.dumps(r, sort_keys=True): r for _, r in parts}.values():
+            run = r.get("run") if isinstance(r.get("run"), dict) else {}
+            if run.get("run_id") == run_id:
+                per_rank[run.get("rank")] = per_rank.get(run.get("rank"), 0) + 1
     pdir = parts_dir(output)
     for rank, n in sorted((counts or {}).items()):
         if per_rank.get(rank, 0) < n:
