@@ -85,14 +85,15 @@ def has_traceback(text: str) -> bool:
 
 
 def judge_refusal(ctx: Ctx, name: str, fn, max_secs: float | None = None,
-                  must_say: str | None = None) -> Result:
+                  must_say: str | None = None, sent: str | None = None) -> Result:
     t = time.perf_counter()
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - a refusal arrives as an exception of the client
         secs = time.perf_counter() - t
         text = f"{type(e).__name__}: {e}"
-        if (bad := leaks(ctx, text)):
+        # the client's own text said back to it is no leak; anything else from the server is
+        if (bad := leaks(ctx, text.replace(sent, "<sent>") if sent else text)):
             return Result(name, "LEAK", "; ".join(bad) + f" | {short(text)}", secs)
         if has_traceback(text):
             return Result(name, "TRACEBACK", short(text), secs)
@@ -132,48 +133,66 @@ def alive(ctx: Ctx) -> bool:
 
 # --- probes -------------------------------------------------------------------------------------
 
-def name_probes(ctx: Ctx) -> list[tuple[str, object]]:
+def name_probes(ctx: Ctx) -> list[tuple[str, object, str]]:
+    """(probe, make(value) -> call, value): every text input that names a thing, given a server
+    path. Each runs twice, with the path and with a path that does not exist: the two answers
+    must say the same (else the app tells a client which server paths exist)."""
     c = ctx.client()
     sd, sr = ctx.secret_dir, ctx.session_root
     rel = os.path.relpath(sd, ROOT)
-    batch = lambda **kw: lambda: call(c, prompts="hi", max_new_tokens=2, api_name="/batch", **kw)  # noqa: E731
-    load = lambda **kw: lambda: call(c, api_name="/load_models", **kw)  # noqa: E731
-    data = lambda **kw: lambda: call(c, **{"source": "hf", "dataset_name": "gsm8k",  # noqa: E731
-                                             "dataset_config": "", "split": "test",
-                                             "num_samples": 1, **kw}, api_name="/dataset")
+    batch = lambda key: lambda v: lambda: call(c, prompts="hi", max_new_tokens=2,  # noqa: E731
+                                               api_name="/batch", **{key: v})
+    load = lambda key: lambda v: lambda: call(c, api_name="/load_models", **{key: v})  # noqa: E731
+    data = lambda key: lambda v: lambda: call(c, **{  # noqa: E731
+        "source": "hf", "dataset_name": "gsm8k", "dataset_config": "", "split": "test",
+        "num_samples": 1, key: v}, api_name="/dataset")
+    runs = lambda v: lambda: call(c, files=[], runs=[v], skip_bad_lines=False,  # noqa: E731
+                                  api_name="/analyze")
+    raw_file = lambda api, key, many: lambda v: lambda: raw_call(  # noqa: E731
+        ctx, api, {"source": "file", "num_samples": 1,
+                   key: ([{"path": v, "meta": {"_type": "gradio.FileData"}}] if many else
+                         {"path": v, "meta": {"_type": "gradio.FileData"}})})
     return [
-        ("dataset name = a server folder with prompts", data(dataset_name=sd)),
-        ("dataset name = the app's session folder", data(dataset_name=sr)),
-        ("dataset name = relative path", data(dataset_name=rel)),
-        ("dataset name = ../ traversal", data(dataset_name="../../" + rel)),
-        ("dataset name = hub-shaped local folder", data(dataset_name="scripts/..")),
-        ("dataset config = path", data(dataset_config="../../etc")),
-        ("dataset split = path", data(split="../../etc/passwd")),
-        ("receiver = /etc", batch(receiver="/etc")),
-        ("receiver = secret folder", batch(receiver=sd)),
-        ("receiver = a .gguf path", batch(receiver=os.path.join(sd, "model.gguf"))),
-        ("receiver = dummy:<absolute config>", batch(receiver="dummy:/etc/passwd")),
-        ("receiver = dummy:<../ config>", batch(receiver="dummy:../../" + rel + "/c")),
-        ("receiver = ~ path", batch(receiver="~/.cache")),
-        ("receiver = relative folder (hub-shaped)", batch(receiver="c2c_core/ui")),
-        ("sharer = /usr/lib", batch(sharer="/usr/lib")),
-        ("fuser = secret folder", load(fuser=sd)),
-        ("fuser = hub:../../ traversal", load(fuser="hub:../../etc/x")),
-        ("fuser = hub:<repo>/../", load(fuser="hub:nics-efc/C2C_Fuser/../..")),
-        ("load_models receiver = a folder that is not a model", load(receiver=sd)),
-        ("results: run name = ../ path", lambda: call(c,
-            files=[], runs=["../../" + os.path.basename(sd) + "/prompts.jsonl"],
-            skip_bad_lines=False, api_name="/analyze")),
-        ("results: run name = absolute path", lambda: call(c,
-            files=[], runs=[os.path.join(sd, "prompts.jsonl")], skip_bad_lines=False,
-            api_name="/analyze")),
-        ("dataset file = a server path (not uploaded)", lambda: raw_call(
-            ctx, "dataset", {"source": "file", "num_samples": 1, "prompt_file": {
-                "path": os.path.join(sd, "prompts.jsonl"), "meta": {"_type": "gradio.FileData"}}})),
-        ("results file = /etc/passwd (not uploaded)", lambda: raw_call(
-            ctx, "analyze", {"files": [{"path": "/etc/passwd",
-                                        "meta": {"_type": "gradio.FileData"}}]})),
+        ("dataset name = a server folder with prompts", data("dataset_name"), sd),
+        ("dataset name = the app's session folder", data("dataset_name"), sr),
+        ("dataset name = relative path", data("dataset_name"), rel),
+        ("dataset name = ../ traversal", data("dataset_name"), "../../" + rel),
+        ("dataset name = hub-shaped local folder", data("dataset_name"), "scripts/.."),
+        ("dataset config = path", data("dataset_config"), "../../etc"),
+        ("dataset split = path", data("split"), "../../etc/passwd"),
+        ("receiver = /etc", batch("receiver"), "/etc"),
+        ("receiver = secret folder", batch("receiver"), sd),
+        ("receiver = a .gguf path", batch("receiver"), os.path.join(sd, "model.gguf")),
+        ("receiver = dummy:<absolute config>", batch("receiver"), "dummy:/etc/passwd"),
+        ("receiver = dummy:<../ config>", batch("receiver"), "dummy:../../" + rel + "/c"),
+        ("receiver = ~ path", batch("receiver"), "~/.cache"),
+        ("receiver = relative folder (hub-shaped)", batch("receiver"), "c2c_core/ui"),
+        ("sharer = /usr/lib", batch("sharer"), "/usr/lib"),
+        ("fuser = secret folder", load("fuser"), sd),
+        ("fuser = hub:../../ traversal", load("fuser"), "hub:../../etc/x"),
+        ("fuser = hub:<repo>/../", load("fuser"), "hub:nics-efc/C2C_Fuser/../.."),
+        ("load_models receiver = a folder that is not a model", load("receiver"), sd),
+        ("results: run name = ../ path", runs, "../../" + os.path.basename(sd) + "/prompts.jsonl"),
+        ("results: run name = absolute path", runs, os.path.join(sd, "prompts.jsonl")),
+        ("dataset file = a server path (not uploaded)", raw_file("dataset", "prompt_file", False),
+         os.path.join(sd, "prompts.jsonl")),
+        ("results file = /etc/passwd (not uploaded)", raw_file("analyze", "files", True),
+         "/etc/passwd"),
     ]
+
+
+def judge_path_probe(ctx: Ctx, name: str, make, value: str) -> Result:
+    """Refused, nothing leaked beyond the echo of what was sent, and the same answer for a
+    path that exists and one that does not."""
+    missing = value.rstrip("/") + "-does-not-exist-91"
+    a = judge_refusal(ctx, name, make(value), sent=value)
+    if a.outcome != "refused":
+        return a
+    b = judge_refusal(ctx, name, make(missing), sent=missing)
+    if a.detail.replace(value, "<sent>") != b.detail.replace(missing, "<sent>"):
+        return Result(name, "LEAK", f"answers differ for an existing and a missing path:"
+                                    f" {a.detail!r} vs {b.detail!r}", a.secs)
+    return a
 
 
 def raw_call(ctx: Ctx, api: str, overrides: dict, timeout: float = 60):
@@ -463,8 +482,8 @@ def main(argv=None) -> int:
             print(f"  {r.outcome:<12} {r.secs:6.2f}s  {r.probe}", flush=True)
 
         record(control_probe(ctx))  # loads the models (first job) and proves honest use works
-        for name, fn in name_probes(ctx):
-            record(judge_refusal(ctx, name, fn))
+        for name, make, value in name_probes(ctx):
+            record(judge_path_probe(ctx, name, make, value))
         for name, fn, kw in size_probes(ctx):
             record(judge_refusal(ctx, name, fn, **kw))
         for r in upload_probes(ctx):

@@ -110,24 +110,29 @@ def validator(check: Callable) -> Callable:
     comes back at once even while another job holds the model): `check` takes the endpoint's
     inputs and raises UserError."""
     def validate(*args, **kwargs):
-        n = len(args) + len(kwargs)  # gradio wants one answer per input; the first says why
+        # gradio wants one answer per input, in input order (the positional ones, then the
+        # keyword ones); the refused input says why, else the first one does
+        n, at = len(args) + len(kwargs), 0
         try:
             check(*args, **kwargs)
         except UserError as e:
             msg = ui_message(e)
+            field = getattr(e, "field", None)
+            if field in kwargs:
+                at = len(args) + list(kwargs).index(field)
         except Exception as e:  # noqa: BLE001 - a validator must never show a traceback
             msg = f"These settings could not be read ({type(e).__name__}); check them."
         else:
             return [gr.validate(True, "") for _ in range(n)]
-        return [gr.validate(False, msg)] + [gr.validate(True, "") for _ in range(n - 1)]
+        return [gr.validate(i != at, msg if i == at else "") for i in range(n)]
     validate.__name__ = f"validate_{getattr(check, '__name__', 'inputs')}"
     return validate
 
 
 #: Said in a run's status line the moment its button is clicked (in the browser, so it shows
 #: while the job waits for the model queue; the queue box beside it gives the place).
-WAITING_JS = ("() => 'Waiting for the model: one job runs at a time (your place in the queue is"
-              " shown on the right).'")
+WAITING_JS = ("() => 'Submitted: one model job runs at a time (your place in the queue is shown"
+              " on the right); a setting this server refuses is marked in red at its box.'")
 
 
 # --- sessions ------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def build_dataset_tab() -> DatasetTab:
         run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=4)
         stop = gr.Button("Stop", variant="stop", elem_id="dataset-stop", scale=1, min_width=110)
         file = download_button("dataset-file-out", scale=1, min_width=200)
-    status = gr.Markdown("Stop ends the run after the current generation; the finished records"
+    status = gr.Markdown("Stop ends the run within one decode step; the finished records"
                          " stay downloadable.", label="status", elem_id="dataset-status",
                          elem_classes=["c2c-status"], min_height=56)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
@@ -150,9 +150,9 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
 
 
 def stop_run(request: gr.Request) -> None:
-    """Ask this session's dataset run to stop after its current generation. Said in a toast:
+    """Ask this session's runs to stop (within one decode step). Said in a toast:
     the run's own last update writes the status line (writing it here could land later)."""
     if request_stop(request):
-        gr.Info("Stopping after the current generation…")
+        gr.Info("Stopping: the running generation ends within one decode step…")
     else:
         gr.Info("Nothing is running.")

@@ -24,6 +24,14 @@ from typing import Any
 
 from ..errors import UserError
 
+
+class FieldError(UserError):
+    """A refusal that belongs to one input (its API keyword name), so the page can mark it."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -97,8 +105,8 @@ def is_hub_id(s: str) -> bool:
 def _not_served(label: str) -> UserError:
     # The same sentence whatever the reason (unknown name, a path, a folder that exists), so a
     # refusal tells a client nothing about the server's files.
-    return UserError(f"{label} must be a hub id like Qwen/Qwen3-0.6B, smollm2, or"
-                     " dummy:<config>; this server does not open server paths.")
+    return FieldError(f"{label} must be a hub id like Qwen/Qwen3-0.6B, smollm2, or"
+                      " dummy:<config>; this server does not open server paths.", label.lower())
 
 
 def shipped_dummy_configs() -> list[str]:
@@ -120,8 +128,8 @@ def check_model_name(value: str | None, label: str) -> None:
         name = s[len("dummy:"):]
         if name in shipped_dummy_configs():
             return
-        raise UserError(f"{label} dummy:<config> must name a shipped config ("
-                        f"{', '.join(shipped_dummy_configs())}).")
+        raise FieldError(f"{label} dummy:<config> must name a shipped config ("
+                         f"{', '.join(shipped_dummy_configs())}).", label.lower())
     # a hub-shaped name that is also a folder below the app's working directory would be read
     # from disk by transformers: refuse it with the same sentence as any other non-hub name
     if not is_hub_id(s) or os.path.lexists(s):
@@ -138,9 +146,9 @@ def check_fuser_name(value: str | None) -> None:
         if len(parts) >= 3 and is_hub_id("/".join(parts[:2])) and all(
                 _SUBFOLDER.fullmatch(p) and ".." not in p for p in parts[2:]):
             return
-    raise UserError("Fuser must be hub:<owner>/<repo>/<subfolder> (e.g. hub:nics-efc/C2C_Fuser/"
-                    "qwen3_0.6b+qwen3_4b_base_Fuser) or untrained; this server does not open"
-                    " server paths.")
+    raise FieldError("Fuser must be hub:<owner>/<repo>/<subfolder> (e.g. hub:nics-efc/C2C_Fuser/"
+                     "qwen3_0.6b+qwen3_4b_base_Fuser) or untrained; this server does not open"
+                     " server paths.", "fuser")
 
 
 def check_dataset_name(name: str | None, config: str | None, split: str | None) -> None:
@@ -150,16 +158,17 @@ def check_dataset_name(name: str | None, config: str | None, split: str | None) 
     n = (name or "").strip()
     if not local_paths_allowed() and n and n.lower() not in DATASET_ALIASES and (
             not is_hub_id(n) or os.path.lexists(n)):
-        raise UserError("Dataset must be a hub id like openai/gsm8k or cais/mmlu (or gsm8k,"
-                        " mmlu); this server does not open server folders: upload a file instead.")
+        raise FieldError("Dataset must be a hub id like openai/gsm8k or cais/mmlu (or gsm8k,"
+                         " mmlu); this server does not open server folders: upload a file"
+                         " instead.", "dataset_name")
     c = (config or "").strip()
     if c and not _CONFIG.fullmatch(c):
-        raise UserError("Config must be a dataset config name like main or all (letters, digits,"
-                        " '_', '-', '.').")
+        raise FieldError("Config must be a dataset config name like main or all (letters,"
+                         " digits, '_', '-', '.').", "dataset_config")
     sp = (split or "").strip()
     if sp and not _SPLIT.fullmatch(sp):
-        raise UserError("Split must be a split name like test or train, optionally sliced like"
-                        " test[:100].")
+        raise FieldError("Split must be a split name like test or train, optionally sliced like"
+                         " test[:100].", "split")
 
 
 def check_model_settings(settings: dict[str, Any]) -> None:
@@ -200,8 +209,8 @@ def check_job_size(n_prompts: int, repeats: int, n_modes: int) -> None:
 def check_new_tokens(n: int | None) -> None:
     cap = limit("new_tokens")
     if n is not None and n > cap:
-        raise UserError(f"max new tokens {n:,} is over this server's limit of {cap:,}"
-                        " (C2C_MAX_NEW_TOKENS): ask for fewer.")
+        raise FieldError(f"max new tokens {n:,} is over this server's limit of {cap:,}"
+                         " (C2C_MAX_NEW_TOKENS): ask for fewer.", "max_new_tokens")
 
 
 def check_sweep(ins: list[int], outs: list[int]) -> None:
