@@ -42,7 +42,7 @@ def _torchrun(launch: list[str], args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "c2c_core", *args]
 
 
-def _run(cmd, timeout=300, cwd=None):
+def _run(cmd, timeout=900, cwd=None):
     p = subprocess.run(cmd, cwd=cwd or ROOT, env=_env(), capture_output=True, text=True,
                        timeout=timeout)
     return p.returncode, p.stdout + p.stderr
@@ -165,6 +165,7 @@ def test_report_groups_by_device_when_they_differ():
 
 # --- real torchrun, gloo, 2 CPU processes ---------------------------------------------------
 
+@pytest.mark.timeout(1200)  # a shared 2-core machine under heavy load starts torchrun slowly
 def test_two_ranks_merge_equals_one_process(tiny_models, tmp_path):
     data = _prompts_file(tmp_path / "p.jsonl", 8)
     common = ["dataset", "--dataset_file", data, "--mode", "all", "--t2t_note_tokens", "4",
@@ -207,6 +208,7 @@ def _rank_process(pid, rank):
     return None
 
 
+@pytest.mark.timeout(1800)
 def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_path):
     n = 60
     data = _prompts_file(tmp_path / "p.jsonl", n)
@@ -218,7 +220,7 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
                             start_new_session=True)
     part1 = D.part_path(out, 1)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             if os.path.exists(part1) and len(read_records(part1)) >= 3:
                 break
@@ -226,7 +228,7 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
         victim = _rank_process(proc.pid, 1)
         assert victim is not None, "rank 1 not found"
         victim.send_signal(signal.SIGKILL)
-        log, _ = proc.communicate(timeout=120)
+        log, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -251,6 +253,7 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
     assert not os.path.exists(D.parts_dir(out))
 
 
+@pytest.mark.timeout(1200)
 def test_two_nodes_on_one_host_sweep(tiny_models, tmp_path):
     out = str(tmp_path / "sweep.jsonl")
     args = ["sweep", "--input_lens", "4,9", "--output_lens", "3,5", "--mode", "all",
@@ -265,7 +268,7 @@ def test_two_nodes_on_one_host_sweep(tiny_models, tmp_path):
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
+            logs.append(p.communicate(timeout=900)[0])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -286,14 +289,16 @@ def test_two_nodes_on_one_host_sweep(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_default_pair_two_ranks_equal_one_process(tmp_path):
     """The default pair (smollm2-demo, real weights, fp32 on the CPU): 2 ranks vs 1 process."""
-    common = ["batch", "--mode", "all", "--max_new_tokens", "6", "--dtype", "float32",
-              "--device", "cpu"]
+    common = ["batch", "--prompts", "What is 25 * 17?", "Say hello.", "Name a colour.",
+              "--mode", "all", "--max_new_tokens", "5", "--t2t_note_tokens", "4",
+              "--dtype", "float32", "--device", "cpu"]
     one, two = str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")
     assert main(common + ["--output", one]) == 0
-    rc, log = _run(_torchrun(_two_ranks(), common + ["--output", two]), timeout=600)
+    rc, log = _run(_torchrun(_two_ranks(), common + ["--output", two]), timeout=900)
     assert rc == 0, log[-3000:]
     a, b = read_records(one), read_records(two)
-    assert len(b) == 20 and sorted(map(_content, a)) == sorted(map(_content, b))
+    assert len(b) == 12 and sorted(map(_content, a)) == sorted(map(_content, b))
     assert {r["run"]["world_size"] for r in b} == {2}
