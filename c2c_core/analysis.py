@@ -219,6 +219,7 @@ def _row(n: dict, source: str) -> dict:
     row["response_chars"] = _num(n["response_chars"])
     row["correct"] = n["correct"]
     row["truncated"] = n["truncated"]
+    row["device"] = n["run"].get("device")  # report groups by it when runs used several
     tokens = row["num_generated_tokens"]
     steps = len(n["decode_step_times_ms"])
     row["n_steps"] = steps if steps or math.isnan(tokens) else max(int(tokens) - 1, 0)
@@ -353,14 +354,37 @@ def _ratio(df: pd.DataFrame, a: str, b: str) -> dict:
     return out
 
 
+def devices(df: pd.DataFrame) -> list[str]:
+    """The distinct `run.device` values of the records (none for legacy files)."""
+    if "device" not in df.columns:
+        return []
+    return [str(d) for d in dict.fromkeys(df["device"].dropna())]
+
+
 def compare_modes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Summary per mode, and ratios of medians (c2c over t2t / receiver), paired by id."""
+    """Summary per mode, and ratios of medians (c2c over t2t / receiver), paired by id.
+
+    When the records come from several devices (a multi-GPU or multi-node run), the table has
+    one row per (device, mode) and each ratio is also given per device ("... on <device>")."""
     if df.empty or "mode" not in df.columns:
         return summarize(df, by=["mode"]), {}
     order = ordered_modes(df["mode"])
     table = summarize(df, by=["mode"]).set_index("mode").loc[order].reset_index()
     ratios = {k: _ratio(df, a, b) for k, (a, b) in _RATIO_PAIRS.items()
               if a in order and b in order}
+    devs = devices(df)
+    if len(devs) > 1:
+        parts = []
+        for d in devs:
+            g = df[df["device"] == d]
+            t = summarize(g, by=["mode"])
+            t = t.set_index("mode").loc[ordered_modes(g["mode"])].reset_index()
+            parts.append(t.assign(device=d))
+            gm = set(g["mode"])
+            ratios.update({f"{k} on {d}": _ratio(g, a, b) for k, (a, b) in _RATIO_PAIRS.items()
+                           if a in gm and b in gm})
+        table = pd.concat(parts, ignore_index=True)
+        table = table[["device"] + [c for c in table.columns if c != "device"]]
     return table, ratios
 
 

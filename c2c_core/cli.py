@@ -199,6 +199,9 @@ def cmd_dataset(args) -> int:
 
 def _run_items(args, items) -> int:
     cfg = run_config(args)
+    from . import distributed
+    if distributed.active():  # started by torchrun: data-parallel, merged exactly once
+        return distributed.run_items(args, cfg, items)
     _lock_output(args)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
@@ -235,6 +238,9 @@ def cmd_sweep(args) -> int:
     outs = parse_lengths(args.output_lens, "--output_lens")
     cfg = run_config(args)
     _check_sweep_context(cfg, ins, outs)
+    from . import distributed
+    if distributed.active():
+        return distributed.run_sweep(args, cfg, ins, outs)
     _lock_output(args)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
@@ -450,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     saved = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
+        from .distributed import check_command
+        check_command(args.command)
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

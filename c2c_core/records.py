@@ -75,6 +75,7 @@ RUN_FIELDS = [
     "device", "cuda", "cpu", "threads", "dtype", "attn_implementation", "timing_method", "warmup",
     "preset", "receiver", "sharer", "weights", "weights_mb", "fuser", "fuser_hash", "model_revisions",
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+    "world_size", "rank",
 ]
 
 MODES = ["c2c", "receiver", "sharer", "t2t"]

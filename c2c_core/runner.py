@@ -284,6 +284,8 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "top_k": g.top_k,
         "seed": g.seed,
         "ignore_eos": g.ignore_eos,
+        "world_size": 1,  # torchrun runs (distributed.py) set these per rank
+        "rank": 0,
     }
 
 

@@ -38,6 +38,18 @@ def sweep_items(tokenizer, input_lens: list[int], seed: int = 0) -> list[Item]:
                  input_ids=synthetic_ids(tokenizer, n, seed)) for n in input_lens]
 
 
+def shape_config(cfg, output_len: int):
+    """The run settings of one output length: exactly `output_len` tokens (EOS ignored)."""
+    c = replace(cfg, gen=replace(cfg.gen, max_new_tokens=output_len, ignore_eos=True))
+    c.gen.validate()
+    return c
+
+
+def sweep_meta(pipe, cfg, timer_method: str) -> dict:
+    """The `run` object of a sweep (its max_new_tokens is then set per shape)."""
+    return run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)), timer_method)
+
+
 def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
               on_progress: Callable | None = None, should_stop: Callable | None = None,
               skip: set[tuple] | None = None, keep: bool = True) -> list[dict]:
@@ -50,15 +62,13 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
     items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
     per_shape = len(modes_of(cfg)) * cfg.repeats
     total = len(items) * len(output_lens) * per_shape
-    meta = run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)),
-                        Timer(pipe.device, cfg.timing).method_name)
+    meta = sweep_meta(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
     done = [0]
     if on_progress:
         on_progress(0, total, None)
     for m in output_lens:
-        c = replace(cfg, gen=replace(cfg.gen, max_new_tokens=m, ignore_eos=True))
-        c.gen.validate()
+        c = shape_config(cfg, m)
         for it in items:
             if should_stop and should_stop():
                 return out
