@@ -128,13 +128,14 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
     n_instr = len(ids) - 1
     active = list(enumerate(pipe.sharers, start=1)) if mode == "c2c" else \
         [(1, sh1)] if speaks else []
-    feeds = {}
+    feeds, aligned = {}, set()
     for k, sl in active:  # each sharer's ids: the receiver's, or aligned (host time, timed)
         if sl.aligner is None or (speaks and item.input_ids is None):
             feeds[k] = ids
         else:
             with timer.span("alignment", who=k):
                 feeds[k] = sl.aligner.align(ids if speaks else ids[:n_instr])
+            aligned.add(k)
     x = _ids_tensor(ids, dev)
     calls, sharer_tokens, by_calls = 0, [], {}
     with torch.inference_mode():
@@ -181,7 +182,7 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     elif rss0 is not None:
         peak = max(_rss() - rss0, 0) / 2**20
-    who = [{"model": sl.name, "alignment": sl.alignment if k in feeds and feeds[k] is not ids else "none"}
+    who = [{"model": sl.name, "alignment": sl.alignment if k in aligned else "none"}
            for k, sl in active]
     return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak,
                       who, timer.by_who, by_calls, 1 if mode == "sharer" else 0, fmt)

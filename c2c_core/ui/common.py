@@ -44,6 +44,7 @@ MODEL_FIELDS = {
     "preset": "preset", "receiver": "base_model", "sharer": "teacher_model", "fuser": "fuser",
     "device": "device", "dtype": "dtype", "fuser_hidden_dim": "hidden_dim",
     "fuser_intermediate_dim": "intermediate_dim", "fuser_layers": "num_layers",
+    "alignment": "alignment", "fusion": "fusion",
 }
 #: Run settings fields (same names as build_run_config's overrides).
 RUN_FIELDS = ["mode", "max_new_tokens", "ignore_eos", "warmup", "repeats", "timing",
@@ -66,6 +67,8 @@ UI_WORDS = {
     "--offset": "'offset'", "--warmup": "'warm-up runs'", "--repeats": "'repeats'",
     "--device": "device", "--dtype": "dtype", "--mode": "mode", "--timing": "timing",
     "--fuser": "fuser", "--base_model": "receiver", "--teacher_model": "sharer",
+    "--alignment none": "token alignment 'none'", "--alignment": "token alignment",
+    "--fusion": "'several sharers'",
     "--prompts": "the prompt list", "--prompt": "the prompt",
 }
 
@@ -245,8 +248,9 @@ class ModelManager:
         from ..loading import resolve_device, resolve_dtype
         dev = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, dev, cfg.cpu_dtype)
-        return json.dumps([asdict(cfg.receiver), asdict(cfg.sharer), asdict(cfg.fuser), str(dev),
-                           str(dtype), cfg.threads, cfg.attn_implementation], sort_keys=True)
+        return json.dumps([asdict(cfg.receiver), [asdict(s) for s in cfg.sharers], asdict(cfg.fuser),
+                           str(dev), str(dtype), cfg.threads, cfg.attn_implementation,
+                           cfg.alignment, cfg.fusion], sort_keys=True)
 
     def get(self, cfg: RunConfig):
         """The pipeline for cfg's models, loading it first when needed (under the lock)."""
@@ -256,7 +260,7 @@ class ModelManager:
         with self._lock:
             if self.pipe is not None and self.key == key:
                 return self.pipe
-            self.loading = f"{cfg.receiver.source} ← {cfg.sharer.source}"
+            self.loading = f"{cfg.receiver.source} ← {' + '.join(s.source for s in cfg.sharers)}"
             try:
                 self.pipe, self.key = None, None
                 _free_memory()
@@ -304,7 +308,7 @@ def token_counter(pipe, enabled: bool) -> Iterator[list[int]]:
     if enabled:
         def hook(*_):
             counter[0] += 1
-        for m in {id(m): m for m in (pipe.receiver, pipe.sharer)}.values():
+        for m in {id(m): m for m in (pipe.receiver, *(sl.model for sl in pipe.sharers))}.values():
             handles.append(m.register_forward_hook(hook))
     try:
         yield counter

@@ -42,6 +42,8 @@ class ModelPanel:
     fuser_hidden_dim: gr.Number
     fuser_intermediate_dim: gr.Number
     fuser_layers: gr.Number
+    alignment: gr.Dropdown
+    fusion: gr.Dropdown
     note: gr.Markdown
     load: gr.Button
     status: gr.Markdown | None   # the line above the tabs; set by build_app
@@ -87,8 +89,11 @@ def build_model_panel(defaults: dict) -> ModelPanel:
                               placeholder=f"preset: {p.receiver.source}", elem_id="receiver",
                               info="blank = the preset's; hub id, local folder, .gguf, smollm2"
                                    " or dummy:<config>")
-        sharer = gr.Textbox(value=defaults.get("teacher_model") or "", label="Sharer (teacher)",
-                            placeholder=f"preset: {p.sharer.source}", elem_id="sharer")
+        teacher = defaults.get("teacher_model") or ""
+        sharer = gr.Textbox(value=", ".join(teacher) if isinstance(teacher, list) else teacher,
+                            label="Sharer (teacher)", placeholder=f"preset: {p.sharer.source}",
+                            elem_id="sharer", max_lines=4,
+                            info="same forms; several sharers: separate with commas or new lines")
         fuser = gr.Textbox(value=defaults.get("fuser") or "", label="Fuser",
                            placeholder=f"preset: {p.fuser.source or 'untrained'}",
                            elem_id="fuser", info="folder, hub:<repo>/<subfolder> or untrained")
@@ -100,6 +105,14 @@ def build_model_panel(defaults: dict) -> ModelPanel:
                               label="FFN", precision=0, minimum=1, min_width=70)
             layers = gr.Number(defaults.get("num_layers") or fs.num_layers, label="layers",
                                precision=0, minimum=1, min_width=70)
+        with gr.Row():
+            alignment = gr.Dropdown(["first", "longest", "none"],
+                                    value=defaults.get("alignment") or "first",
+                                    label="Token alignment", elem_id="alignment", min_width=100,
+                                    info="sharers with their own tokenizer; none refuses them")
+            fusion = gr.Dropdown(["parallel", "sequential"],
+                                 value=defaults.get("fusion") or "parallel",
+                                 label="Several sharers", elem_id="fusion", min_width=100)
     with gr.Row():
         device = gr.Dropdown(DEVICES, value=defaults.get("device") or "auto", label="Device",
                              allow_custom_value=True, min_width=100)
@@ -107,7 +120,7 @@ def build_model_panel(defaults: dict) -> ModelPanel:
                             min_width=100)
     load = gr.Button("Load models", variant="secondary", elem_id="load-models", size="md")
     return ModelPanel(preset_dd, receiver, sharer, fuser, device, dtype, hidden, inter, layers,
-                      note, load, None)  # type: ignore[arg-type]
+                      alignment, fusion, note, load, None)  # type: ignore[arg-type]
 
 
 def build_run_settings(defaults: dict) -> RunSettings:
