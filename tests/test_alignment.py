@@ -341,3 +341,22 @@ def test_cli_takes_several_sharers(tiny_cfg_kwargs, tiny_models, other_sharer, t
     assert (cfg.alignment, cfg.fusion) == ("longest", "sequential")
     comma = build_run_config(teacher_model=f"{tiny_models['sharer']}, {other_sharer}")
     assert [s.source for s in comma.sharers] == [tiny_models["sharer"], other_sharer]
+
+
+# --- the app --------------------------------------------------------------------------------
+
+def test_app_runs_two_sharers_and_refuses_without_alignment(app_server, tiny_models, other_sharer):
+    from gradio_client import Client
+    client = Client(app_server[1], verbose=False)
+    status, table, plot, file = client.predict(
+        prompts="What is 25 * 17?", sharer=f"{tiny_models['sharer']}\n{other_sharer}",
+        fusion="sequential", api_name="/batch")
+    from c2c_core.records import read_records
+    recs = read_records(file)
+    assert len(recs) == 1 and check_record(recs[0]) == []
+    assert len(recs[0]["timing"]["sharers"]) == 2 and recs[0]["run"]["fusion"] == "sequential"
+    assert recs[0]["run"]["alignment"] == ["none", "first"]
+    with pytest.raises(Exception) as e:
+        client.predict(prompts="Hi", sharer=other_sharer, alignment="none", api_name="/batch")
+    assert "300 tokens" in str(e.value) and "180 tokens" in str(e.value)
+    assert "token alignment" in str(e.value)
