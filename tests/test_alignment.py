@@ -360,3 +360,34 @@ def test_app_runs_two_sharers_and_refuses_without_alignment(app_server, tiny_mod
         client.predict(prompts="Hi", sharer=other_sharer, alignment="none", api_name="/batch")
     assert "300 tokens" in str(e.value) and "180 tokens" in str(e.value)
     assert "token alignment" in str(e.value)
+
+
+def test_every_published_fuser_folder_has_a_preset_and_a_dummy_variant():
+    import os
+
+    from transformers import AutoConfig
+
+    from c2c_core.config import CONFIGS, PRESETS
+    from c2c_core.projector import kv_shape
+    folders = ["qwen3_0.6b+qwen3_4b_base_Fuser", "qwen3_0.6b+qwen2.5_0.5b_Fuser",
+               "qwen3_0.6b+llam3.2_1b_Fuser", "qwen3_0.6b+qwen2.5_1.5b_math_Fuser",
+               "qwen3_0.6b+qwen3_4b_Fuser", "qwen3_1.7b+qwen2.5_1.5b_Fuser",
+               "qwen3_8b+qwen2.5_7b_Fuser"]
+    by_folder = {p.fuser.source.rsplit("/", 1)[1]: p for p in PRESETS.values()
+                 if p.fuser.source and p.fuser.source.startswith("hub:")}
+    assert sorted(by_folder) == sorted(folders)
+    # (layers, kv heads, head_dim, vocab) of the real models (their config.json on the hub)
+    want = {"qwen3-1.7b": (28, 8, 128, 151936), "qwen3-4b": (36, 8, 128, 151936),
+            "qwen3-8b": (36, 8, 128, 151936), "qwen2.5-1.5b-instruct": (28, 2, 128, 151936),
+            "qwen2.5-math-1.5b": (28, 2, 128, 151936), "qwen2.5-7b-instruct": (28, 4, 128, 152064),
+            "llama3.2-1b-instruct": (16, 8, 64, 128256)}
+    for name, shape in want.items():
+        c = AutoConfig.from_pretrained(os.path.join(CONFIGS, f"{name}.json"))
+        assert (*kv_shape(c), c.vocab_size) == shape, name
+    for p in by_folder.values():
+        dummy = PRESETS[f"{p.name}-dummy"]
+        assert not dummy.online and dummy.fuser.source is None
+        for spec, real in ((dummy.receiver, p.receiver), (dummy.sharer, p.sharer)):
+            assert os.path.isfile(os.path.join(CONFIGS, spec.source[len("dummy:"):] + ".json"))
+            assert spec.tokenizer in (real.source, "Qwen/Qwen3-0.6B")
+    assert PRESETS["qwen3-0.6b+llama3.2-1b-dummy"].sharer.tokenizer == "meta-llama/Llama-3.2-1B-Instruct"
