@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from . import cancel
 from .projector import Fuser
 from .timing import Timer
 
@@ -144,6 +145,7 @@ def fused_prefill(receiver, sharers: list[tuple[torch.nn.Module, torch.Tensor]],
         if sharers and fuser is not None:
             s_caches = []
             for k, (model, s_ids) in enumerate(sharers, start=1):
+                cancel.check()
                 s_emb = embed(model, s_ids[:, :n], timer, "teacher_embedding", who=k)
                 # full-length layers: a sliding-window sharer keeps every position to project
                 # (its own attention still uses its window: the mask comes from its config)
@@ -151,8 +153,10 @@ def fused_prefill(receiver, sharers: list[tuple[torch.nn.Module, torch.Tensor]],
                 with timer.span("teacher_prefill", who=k):
                     prefill_cache(model, s_emb, s_cache)
                 s_caches.append(s_cache)
+            cancel.check()
             calls = project_sharers(fuser, r_cache, s_caches, n, timer, fusion)
             del s_caches
+        cancel.check()
     with timer.span("base_prefill"):
         logits = last_logits(receiver, r_emb[:, n:], r_cache)
     return r_cache, logits, calls

@@ -15,13 +15,14 @@ import functools
 import os
 import platform
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
 
-from . import __version__
+from . import __version__, cancel
 from .config import RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, fused_prefill, plain_prefill, sample
@@ -47,6 +48,8 @@ class Generation:
     projector_calls: int = 0
     sharer_tokens: list[int] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    wall_start: float = 0.0   # time.time() at the start and end of the generation, so that
+    wall_end: float = 0.0     # records of one server can be checked for overlap
     sharers: list[dict] = field(default_factory=list)   # per sharer that ran: name, alignment
     by_sharer: dict = field(default_factory=dict)        # sharer number -> stage -> [ms]
     sharer_calls: dict = field(default_factory=dict)     # sharer number -> projector calls
@@ -91,6 +94,7 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
         on_first()
     tokens = [tid]
     while len(tokens) < n_max and (g.ignore_eos or tid not in eos):
+        cancel.check()  # Stop / a client gone: end within one decode step
         with timer.span(stage):
             logits = decode_step(model, tok, cache)
             tok = sample(logits, g.do_sample, g.temperature, g.top_p, g.top_k, generator)
@@ -112,6 +116,8 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
     ttft: list[int] = []
     mark_first = lambda: ttft.append(now_ns())  # noqa: E731
 
+    cancel.check()
+    wall0 = time.time()
     t0 = now_ns()
     sh1 = pipe.sharers[0]
     speaks = mode in ("sharer", "t2t")     # sharer 1 reads its own tokens and writes text
@@ -176,6 +182,7 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
         else:
             raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
     t_end = now_ns()
+    wall1 = time.time()
     stages = timer.finish()
     peak = None
     if dev.type == "cuda":
@@ -185,7 +192,8 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
     who = [{"model": sl.name, "alignment": sl.alignment if k in aligned else "none"}
            for k, sl in active]
     return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak,
-                      who, timer.by_who, by_calls, 1 if mode == "sharer" else 0, fmt)
+                      wall0, wall1, sharers=who, by_sharer=timer.by_who, sharer_calls=by_calls,
+                      speaker=1 if mode == "sharer" else 0, sharer_prompt_format=fmt)
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
@@ -349,7 +357,9 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         "model_config": {"base_model": pipe.info["receiver"], "teacher_model": pipe.info["sharer"]},
         "timing": timing,
         "decode_step_times_ms": steps,
-        "run": meta,
+        # the invocation's metadata, plus when this generation ran (Unix seconds)
+        "run": {**meta, "gen_start_unix": round(g.wall_start, 6),
+                "gen_end_unix": round(g.wall_end, 6)},
     }
     if len(pipe.sharers) > 1:
         rec["model_config"]["teacher_models"] = [sl.name for sl in pipe.sharers]
@@ -413,17 +423,20 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     if on_progress:
         on_progress(0, total, None)
     try:
-        if jobs and cfg.warmup:
-            warm_up(pipe, cfg, jobs[0][0], modes)
-        for k, (it, r, m) in enumerate(jobs):
-            if should_stop and should_stop():
-                break
-            rec = run_one(pipe, cfg, it, m, r, meta)
-            if writer:
-                writer.write(rec)
-            out.append(rec)
-            if on_progress:
-                on_progress(k + 1, total, rec)
+        with cancel.scope(should_stop):  # a stop also ends the running generation
+            if jobs and cfg.warmup:
+                warm_up(pipe, cfg, jobs[0][0], modes)
+            for k, (it, r, m) in enumerate(jobs):
+                if should_stop and should_stop():
+                    break
+                rec = run_one(pipe, cfg, it, m, r, meta)
+                if writer:
+                    writer.write(rec)
+                out.append(rec)
+                if on_progress:
+                    on_progress(k + 1, total, rec)
+    except cancel.Cancelled:
+        pass  # stopped mid-generation: that generation has no record; the others are kept
     except torch.OutOfMemoryError:
         sync_safe(pipe)
         raise OutOfMemory(
