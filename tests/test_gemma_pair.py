@@ -15,7 +15,8 @@ from c2c_core.prompts import PromptItem as Item
 from c2c_core.records import check_record
 from c2c_core.runner import chat_ids, run_many
 
-pytestmark = pytest.mark.slow
+# a shared 2-core machine can be 20x slower than an idle one: allow for it
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 GSM8K_STYLE = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in"
@@ -102,10 +103,10 @@ def test_gemma_pair_runs_every_mode(gemma_pair):
 
 def test_two_sharers_smollm2_and_gemma():
     cfg = build_run_config(base_model="smollm2", teacher_model=["smollm2", "gemma3"],
-                           max_new_tokens=2, warmup=0, hidden_dim=64, intermediate_dim=64)
+                           max_new_tokens=1, warmup=0, hidden_dim=64, intermediate_dim=64)
     pipe = load_pipeline(cfg)
     assert [sl.alignment for sl in pipe.sharers] == ["none", "first"]
-    recs = run_many(pipe, cfg, [Item(1, GSM8K_STYLE[0]), Item(2, GSM8K_STYLE[2])])
+    recs = run_many(pipe, cfg, [Item(1, GSM8K_STYLE[0])])
     for r in recs:
         assert check_record(r) == []
         t = r["timing"]
