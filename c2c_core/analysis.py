@@ -17,6 +17,7 @@ TIMING_FIELDS = SEED_TIMING_FIELDS + EXT_TIMING_FIELDS
 
 #: Raw key → (display name, unit): the one table every summary column and axis title uses.
 FIELDS: dict[str, tuple[str, str]] = {
+    "alignment_ms": ("token alignment", "ms"),
     "base_embedding_ms": ("receiver embedding", "ms"),
     "base_prefill_ms": ("receiver prefill", "ms"),
     "teacher_embedding_ms": ("sharer embedding", "ms"),
@@ -49,7 +50,7 @@ FIELDS: dict[str, tuple[str, str]] = {
 }
 
 #: Stages up to the first token, in run order; the last is the remainder of `ttft_ms`.
-TTFT_STAGES = ["base_embedding_ms", "teacher_embedding_ms", "teacher_prefill_ms",
+TTFT_STAGES = ["alignment_ms", "base_embedding_ms", "teacher_embedding_ms", "teacher_prefill_ms",
                "sharer_decode_ms", "projector_total_ms", "base_prefill_ms", "ttft_other_ms"]
 #: Stages that add up to `e2e_ms` (records.STAGE_FIELDS + other_ms), in run order.
 E2E_STAGES = TTFT_STAGES[:-1] + ["decode_total_ms", "other_ms"]

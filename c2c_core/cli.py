@@ -25,8 +25,16 @@ DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_ti
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default smollm2-demo)")
-    g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, or dummy:<config>")
-    g.add_argument("--teacher_model", help="sharer: same forms as --base_model")
+    g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, gemma3, or dummy:<config>")
+    g.add_argument("--teacher_model", action="append",
+                   help="sharer: same forms as --base_model; repeat it (or separate with commas)"
+                        " for several sharers")
+    g.add_argument("--alignment", choices=["first", "longest", "none"],
+                   help="sharers with their own tokenizer: per-token alignment strategy (default"
+                        " first); none refuses such a sharer")
+    g.add_argument("--fusion", choices=["parallel", "sequential"],
+                   help="several sharers: add their residuals to the clean cache (parallel,"
+                        " default) or project one after another (sequential)")
     g.add_argument("--fuser", help="fuser folder, hub:<repo>/<subfolder>, or 'untrained'")
     g.add_argument("--tokenizer", help="tokenizer for dummy weights: hub id, local folder, or smollm2")
     g.add_argument("--hidden_dim", type=int, help="untrained fuser hidden size (default 1024)")
@@ -82,7 +90,8 @@ def run_config(args):
     from .config import build_run_config
     keys = ["device", "dtype", "threads", "attn_implementation", "warmup", "repeats", "timing",
             "mode", "max_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
-            "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers"]
+            "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers",
+            "alignment", "fusion"]
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     kw["chat_template"] = not args.no_chat_template
     return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser,
@@ -94,7 +103,8 @@ def run_config(args):
 def _load(cfg):
     from .loading import check_sources, load_pipeline
     check_sources(cfg)  # a path that is not a model: one sentence before "Loading"
-    print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {cfg.sharer.source} ...", file=sys.stderr)
+    sharers = " + ".join(s.source for s in cfg.sharers)
+    print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {sharers} ...", file=sys.stderr)
     pipe = load_pipeline(cfg)
     print(f"Loaded: {pipe.describe()}", file=sys.stderr)
     if pipe.info.get("fuser_note"):

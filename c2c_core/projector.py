@@ -114,17 +114,29 @@ def last_aligned(n_receiver: int, n_sharer: int) -> dict[int, int]:
 
 @dataclass
 class Fuser:
-    """Projectors plus the map: receiver layer -> list of (sharer layer, projector index)."""
+    """Projectors plus the map: receiver layer -> list of (sharer layer, projector index).
+
+    `mapping` is sharer 1's map; `sharer_maps` holds every sharer's (source model index 1, 2, ...
+    as in the published `projector_config.json`) and defaults to {1: mapping}."""
 
     projectors: nn.ModuleList
     mapping: dict[int, list[tuple[int, int]]]
     source: str = "untrained"          # local path, "hub:<repo>/<subfolder>", or "untrained"
     content_hash: str = ""
     trained_for: dict = field(default_factory=dict)  # config.json's base/teacher model names
+    sharer_maps: dict[int, dict[int, list[tuple[int, int]]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sharer_maps is None:
+            self.sharer_maps = {1: self.mapping}
 
     @property
     def untrained(self) -> bool:
         return self.source == "untrained"
+
+    @property
+    def num_sharers(self) -> int:
+        return len(self.sharer_maps)
 
     def to(self, device=None, dtype=None) -> "Fuser":
         self.projectors.to(device=device, dtype=dtype)
@@ -143,20 +155,27 @@ def kv_shape(config) -> tuple[int, int, int]:
 def untrained_fuser(receiver_config, sharer_config, hidden_dim: int = 1024,
                     intermediate_dim: int = 1024, num_layers: int = 3, seed: int = 0) -> Fuser:
     """A fresh fuser (gate logits 0 = closed): a faithful timing stand-in whose answers equal
-    the receiver's."""
+    the receiver's. `sharer_config` may be a list (one set of Lr projectors per sharer,
+    last-aligned layer mapping each)."""
+    sharer_configs = sharer_config if isinstance(sharer_config, (list, tuple)) else [sharer_config]
     lr, hr, dr = kv_shape(receiver_config)
-    ls, hs, ds = kv_shape(sharer_config)
+    projs, maps, key = [], {}, [lr, hr, dr]
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
-        projs = nn.ModuleList(
-            C2CProjector(ds, dr, hs, hr, hidden_dim=hidden_dim, intermediate_dim=intermediate_dim,
-                         num_layers=num_layers).eval()
-            for _ in range(lr))
-    mapping = {t: [(s, t)] for t, s in last_aligned(lr, ls).items()}
+        for k, sc in enumerate(sharer_configs, start=1):
+            ls, hs, ds = kv_shape(sc)
+            base = len(projs)
+            projs += [C2CProjector(ds, dr, hs, hr, hidden_dim=hidden_dim,
+                                   intermediate_dim=intermediate_dim, num_layers=num_layers).eval()
+                      for _ in range(lr)]
+            maps[k] = {t: [(s, base + t)] for t, s in last_aligned(lr, ls).items()}
+            key += [ls, hs, ds]
     # a fresh fuser is fixed by its sizes and seed: hash those, not ~GBs of random weights
-    key = json.dumps([lr, hr, dr, ls, hs, ds, hidden_dim, intermediate_dim, num_layers, seed])
-    return Fuser(projs, mapping, "untrained", hashlib.sha256(key.encode()).hexdigest()[:12])
+    # (one sharer keeps the hash it always had)
+    key += [hidden_dim, intermediate_dim, num_layers, seed]
+    return Fuser(nn.ModuleList(projs), maps[1], "untrained",
+                 hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12], sharer_maps=maps)
 
 
 # --- the published folder format ---------------------------------------------------------
@@ -185,14 +204,15 @@ def _read_json(path: str):
 
 
 def save_fuser(fuser: Fuser, folder: str | os.PathLike) -> None:
-    """Write `projector_<i>.json/.pt` and `projector_config.json` (receiver idx 0, sharer 1)."""
+    """Write `projector_<i>.json/.pt` and `projector_config.json` (receiver idx 0, sharers 1..)."""
     os.makedirs(folder, exist_ok=True)
     for i, p in enumerate(fuser.projectors):
         with open(os.path.join(folder, f"projector_{i}.json"), "w") as f:
             json.dump({"class": "C2CProjector",
                        "init_args": {k: _encode(v) for k, v in p.init_args.items()}}, f, indent=2)
         torch.save(p.state_dict(), os.path.join(folder, f"projector_{i}.pt"))
-    cfg = {"0": {"1": {str(t): [[s, i] for s, i in v] for t, v in fuser.mapping.items()}}}
+    cfg = {"0": {str(k): {str(t): [[s, i] for s, i in v] for t, v in m.items()}
+                 for k, m in fuser.sharer_maps.items()}}
     with open(os.path.join(folder, "projector_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 
@@ -224,13 +244,17 @@ def load_fuser(folder: str, source: str | None = None) -> Fuser:
     cfg_path = os.path.join(d, "projector_config.json")
     raw = _read_json(cfg_path)
     try:
-        table = raw["0"]["1"]
-        mapping = {int(t): [(int(s), int(i)) for s, i in pairs] for t, pairs in table.items()}
-        n = max(i for v in mapping.values() for _, i in v) + 1
+        tables = raw["0"]
+        maps = {int(k): {int(t): [(int(s), int(i)) for s, i in pairs] for t, pairs in tab.items()}
+                for k, tab in tables.items()}
+        n = max(i for m in maps.values() for v in m.values() for _, i in v) + 1
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise UserError(f"{cfg_path} has no usable receiver 0 <- sharer 1 map of"
-                        " {layer: [[sharer_layer, projector_index], ...]}; this tool supports one"
-                        " receiver (0) and one sharer (1).") from None
+        raise UserError(f"{cfg_path} has no usable receiver 0 <- sharer map of"
+                        " {layer: [[sharer_layer, projector_index], ...]}; this tool supports"
+                        " receiver 0 with sharers 1, 2, ...") from None
+    if sorted(maps) != list(range(1, len(maps) + 1)):
+        raise UserError(f"{cfg_path} maps sharers {sorted(maps)}; expected sharers numbered"
+                        f" 1..{len(maps)} (receiver 0).")
     projs, files, extras = [], [], []
     for i in range(n):
         jpath, ppath = os.path.join(d, f"projector_{i}.json"), os.path.join(d, f"projector_{i}.pt")
@@ -280,25 +304,32 @@ def load_fuser(folder: str, source: str | None = None) -> Fuser:
             except (json.JSONDecodeError, AttributeError):
                 pass
             break
-    return Fuser(nn.ModuleList(projs), mapping, source or os.path.abspath(folder),
-                 _folder_hash(files), trained_for)
+    return Fuser(nn.ModuleList(projs), maps[1], source or os.path.abspath(folder),
+                 _folder_hash(files), trained_for, sharer_maps=maps)
 
 
 def check_fuser_fits(fuser: Fuser, receiver_config, sharer_config) -> None:
-    """A fuser must map existing layers with matching KV shapes."""
+    """A fuser must map existing layers with matching KV shapes, for as many sharers as loaded
+    (`sharer_config` may be a list, sharer 1 first)."""
+    sharer_configs = sharer_config if isinstance(sharer_config, (list, tuple)) else [sharer_config]
+    if fuser.num_sharers != len(sharer_configs):
+        raise UserError(f"The fuser maps {fuser.num_sharers} sharer(s), but {len(sharer_configs)}"
+                        f" sharer(s) were given; pass exactly {fuser.num_sharers} --teacher_model.")
     lr, hr, dr = kv_shape(receiver_config)
-    ls, hs, ds = kv_shape(sharer_config)
-    for t, pairs in fuser.mapping.items():
-        if not 0 <= t < lr:
-            raise UserError(f"The fuser maps receiver layer {t}, but the receiver has {lr} layers;"
-                            " the fuser was trained for another pair.")
-        for s, i in pairs:
-            if not 0 <= s < ls:
-                raise UserError(f"The fuser reads sharer layer {s}, but the sharer has {ls} layers;"
+    for k, sc in enumerate(sharer_configs, start=1):
+        ls, hs, ds = kv_shape(sc)
+        who = "the sharer" if len(sharer_configs) == 1 else f"sharer {k}"
+        for t, pairs in fuser.sharer_maps[k].items():
+            if not 0 <= t < lr:
+                raise UserError(f"The fuser maps receiver layer {t}, but the receiver has {lr} layers;"
                                 " the fuser was trained for another pair.")
-            a = fuser.projectors[i].init_args
-            if (a["source_dim"], a["source_num_heads"], a["target_dim"], a["target_num_heads"]) != (ds, hs, dr, hr):
-                raise UserError(
-                    f"Projector {i} expects sharer {a['source_num_heads']}x{a['source_dim']} and receiver"
-                    f" {a['target_num_heads']}x{a['target_dim']} KV heads, but the loaded pair has"
-                    f" {hs}x{ds} and {hr}x{dr}; the fuser was trained for another pair.")
+            for s, i in pairs:
+                if not 0 <= s < ls:
+                    raise UserError(f"The fuser reads {who}'s layer {s}, but {who} has {ls} layers;"
+                                    " the fuser was trained for another pair.")
+                a = fuser.projectors[i].init_args
+                if (a["source_dim"], a["source_num_heads"], a["target_dim"], a["target_num_heads"]) != (ds, hs, dr, hr):
+                    raise UserError(
+                        f"Projector {i} expects sharer {a['source_num_heads']}x{a['source_dim']} and receiver"
+                        f" {a['target_num_heads']}x{a['target_dim']} KV heads, but the loaded pair has"
+                        f" {hs}x{ds} ({who}) and {hr}x{dr}; the fuser was trained for another pair.")

@@ -49,11 +49,14 @@ EXT_TIMING_FIELDS = [
     # text-to-text mode: the sharer writes a note before the receiver answers
     "sharer_generated_tokens",
     "sharer_decode_ms",
+    # host time spent aligning the receiver's tokens to sharers with their own tokenizer
+    "alignment_ms",
 ]
 
 #: Timed stage -> the record field holding its total (ms). The one list of stages: the timer,
 #: the runner, the profiler ranges (c2c/<stage>) and the checks all read it.
 STAGES = {
+    "alignment": "alignment_ms",
     "base_embedding": "base_embedding_ms",
     "base_prefill": "base_prefill_ms",
     "teacher_embedding": "teacher_embedding_ms",
@@ -283,7 +286,32 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
         problems.append("ttft_ms > e2e_ms")
     if t["other_ms"] < -tol_ms:
         problems.append("other_ms < 0")
+    problems += _check_sharers(t, tol_ms)
     return problems
+
+
+#: `timing.sharers` entry field -> the total it must add up to.
+SHARER_TOTALS = {"embedding_ms": "teacher_embedding_ms", "prefill_ms": "teacher_prefill_ms",
+                 "projection_ms": "projector_total_ms", "alignment_ms": "alignment_ms",
+                 "projector_calls": "projector_calls"}
+
+
+def _check_sharers(t: dict, tol_ms: float) -> list[str]:
+    """`timing.sharers` (optional: one entry per sharer that ran) must add up to the totals."""
+    sh = t.get("sharers")
+    if sh is None:
+        return []
+    if not isinstance(sh, list) or not all(isinstance(e, dict) for e in sh):
+        return ["timing.sharers is not a list of objects"]
+    if not sh:
+        return []
+    out = []
+    for f, total in SHARER_TOTALS.items():
+        if any(not isinstance(e.get(f), (int, float)) for e in sh):
+            out.append(f"a timing.sharers entry lacks {f}")
+        elif abs(sum(e[f] for e in sh) - t[total]) > (0 if f == "projector_calls" else tol_ms):
+            out.append(f"timing.sharers {f} do not add up to timing.{total}")
+    return out
 
 
 def write_all(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -27,7 +27,7 @@ import torch
 from . import __version__, cancel
 from .config import RunConfig
 from .errors import OutOfMemory, UserError
-from .fusion import c2c_prefill, decode_step, plain_prefill, sample
+from .fusion import c2c_prefill, decode_step, fused_prefill, plain_prefill, sample
 from .limits import check_context, check_items
 from .loading import Pipeline
 from .memory import DeviceMemory
@@ -55,12 +55,23 @@ class Generation:
     peak_memory_reserved_mb: float | None = None  # CUDA max reserved; None on a CPU
     wall_start: float = 0.0   # time.time() at the start and end of the generation, so that
     wall_end: float = 0.0     # records of one server can be checked for overlap
+    sharers: list[dict] = field(default_factory=list)   # per sharer that ran: name, alignment
+    by_sharer: dict = field(default_factory=dict)        # sharer number -> stage -> [ms]
+    sharer_calls: dict = field(default_factory=dict)     # sharer number -> projector calls
+    speaker: int = 0                                     # who wrote `tokens`: 0 receiver, k sharer k
+    sharer_prompt_format: str | None = None              # sharer/t2t: "chat_template" or "plain"
 
 
 # --- encoding ------------------------------------------------------------------------------
 
+def prompt_format(tokenizer, chat_template: bool = True) -> str:
+    """How chat_ids encodes for this tokenizer: "chat_template", or "plain" text (with the
+    tokenizer's own special tokens, e.g. BOS) when it has no template or templates are off."""
+    return "chat_template" if chat_template and getattr(tokenizer, "chat_template", None) else "plain"
+
+
 def chat_ids(tokenizer, text: str, chat_template: bool = True) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
+    if prompt_format(tokenizer, chat_template) == "chat_template":
         out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                             add_generation_prompt=True, tokenize=True,
                                             enable_thinking=False)
@@ -120,20 +131,38 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
     cancel.check()
     wall0 = time.time()
     t0 = now_ns()
+    sh1 = pipe.sharers[0]
+    speaks = mode in ("sharer", "t2t")     # sharer 1 reads its own tokens and writes text
+    enc = sh1.tokenizer if speaks else pipe.tokenizer
+    fmt = prompt_format(sh1.tokenizer, cfg.chat_template) if speaks and item.input_ids is None else None
     if item.input_ids is not None:
-        ids = list(item.input_ids)
+        ids = list(item.input_ids)  # receiver ids: aligned below for a sharer that speaks
     elif mode == "t2t":
-        ids = chat_ids(pipe.tokenizer, T2T_NOTE_INSTRUCTION.format(question=item.prompt), cfg.chat_template)
+        ids = chat_ids(enc, T2T_NOTE_INSTRUCTION.format(question=item.prompt), cfg.chat_template)
     else:
-        ids = chat_ids(pipe.tokenizer, item.prompt, cfg.chat_template)
+        ids = chat_ids(enc, item.prompt, cfg.chat_template)
     if not ids:
         raise UserError(f"Prompt {item.id} encodes to no tokens; give it some text.")
     check_context(pipe, cfg, len(ids), mode, f"Prompt {item.id}")  # before any forward
+    n_instr = len(ids) - 1
+    active = list(enumerate(pipe.sharers, start=1)) if mode == "c2c" else \
+        [(1, sh1)] if speaks else []
+    feeds, aligned = {}, set()
+    for k, sl in active:  # each sharer's ids: the receiver's, or aligned (host time, timed)
+        if sl.aligner is None or (speaks and item.input_ids is None):
+            feeds[k] = ids
+        else:
+            with timer.span("alignment", who=k):
+                feeds[k] = sl.aligner.align(ids if speaks else ids[:n_instr])
+            aligned.add(k)
     x = _ids_tensor(ids, dev)
-    calls, sharer_tokens = 0, []
+    calls, sharer_tokens, by_calls = 0, [], {}
     with torch.inference_mode():
         if mode == "c2c":
-            cache, logits, calls = c2c_prefill(pipe.receiver, pipe.sharer, pipe.fuser, x, timer)
+            s_in = [(sl.model, _ids_tensor(feeds[k], dev)) for k, sl in active]
+            cache, logits, by_calls = fused_prefill(pipe.receiver, s_in, pipe.fuser, x, timer,
+                                                    pipe.fusion)
+            calls = sum(by_calls.values())
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
                                   generator, timer, "decode", mark_first)
         elif mode == "receiver":  # what a user runs without C2C: one plain prefill
@@ -141,18 +170,25 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
                                   generator, timer, "decode", mark_first)
         elif mode == "sharer":
-            cache, logits = plain_prefill(pipe.sharer, x, timer, "teacher_embedding", "teacher_prefill")
-            tokens = _decode_loop(pipe.sharer, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
-                                  generator, timer, "decode", mark_first)
+            cache, logits = plain_prefill(sh1.model, _ids_tensor(feeds[1], dev), timer,
+                                          "teacher_embedding", "teacher_prefill", who=1)
+            tokens = _decode_loop(sh1.model, cache, logits, cfg.gen.max_new_tokens, sh1.eos_ids,
+                                  cfg, generator, timer, "decode", mark_first)
         elif mode == "t2t":
-            cache, logits = plain_prefill(pipe.sharer, x, timer, "teacher_embedding", "teacher_prefill")
-            sharer_tokens = _decode_loop(pipe.sharer, cache, logits, cfg.gen.t2t_note_tokens,
-                                         eos, _no_ignore_eos(cfg), generator, timer, "sharer_decode")
+            cache, logits = plain_prefill(sh1.model, _ids_tensor(feeds[1], dev), timer,
+                                          "teacher_embedding", "teacher_prefill", who=1)
+            sharer_tokens = _decode_loop(sh1.model, cache, logits, cfg.gen.t2t_note_tokens,
+                                         sh1.eos_ids, _no_ignore_eos(cfg), generator, timer,
+                                         "sharer_decode")
             del cache
-            if item.input_ids is not None:  # exact-length prompt: the note's ids, then the prompt's
-                ids2 = [t for t in sharer_tokens if t not in eos] + list(item.input_ids)
+            if item.input_ids is not None and sh1.aligner is None:
+                # exact-length prompt: the note's ids, then the prompt's
+                ids2 = [t for t in sharer_tokens if t not in sh1.eos_ids] + list(item.input_ids)
+            elif item.input_ids is not None:  # the note re-encoded in the receiver's tokens
+                note = sh1.tokenizer.decode(sharer_tokens, skip_special_tokens=True)
+                ids2 = pipe.tokenizer(note, add_special_tokens=False)["input_ids"] + list(item.input_ids)
             else:
-                note = pipe.tokenizer.decode(sharer_tokens, skip_special_tokens=True).strip()
+                note = sh1.tokenizer.decode(sharer_tokens, skip_special_tokens=True).strip()
                 ids2 = chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(
                     note=note, question=item.prompt), cfg.chat_template)
             check_context(pipe, cfg, len(ids), mode, f"Prompt {item.id}", len(ids2))
@@ -168,8 +204,12 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
     wall1 = time.time()
     stages = timer.finish()
     mem.__exit__(None, None, None)  # the peaks of this generation (stops the RSS poller)
+    who = [{"model": sl.name, "alignment": sl.alignment if k in aligned else "none"}
+           for k, sl in active]
     return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens,
-                      mem.allocated_mb, mem.reserved_mb, wall0, wall1)
+                      mem.allocated_mb, mem.reserved_mb, wall0, wall1, sharers=who,
+                      by_sharer=timer.by_who, sharer_calls=by_calls,
+                      speaker=1 if mode == "sharer" else 0, sharer_prompt_format=fmt)
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
@@ -187,6 +227,10 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     # the file add up exactly (decode_total = sum of steps; e2e = stages + other).
     s = {k: [r3(x) for x in v] for k, v in g.stages.items()}
     tot = {f: r3(sum(s[k])) for k, f in STAGES.items()}
+    sharers = sharer_entries(g)
+    for stage, f in SHARER_STAGES.items():  # totals = the sum of the per-sharer entries
+        if sharers and abs(sum(e[f] for e in sharers) - tot[STAGES[stage]]) < 0.002:
+            tot[STAGES[stage]] = r3(sum(e[f] for e in sharers))
     steps = s["decode"]
     n = len(g.tokens)
     dec_total = tot["decode_total_ms"]
@@ -222,7 +266,27 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     }
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
     t = {k: (v if k in ints or v is None else r3(v)) for k, v in t.items()}
+    t["alignment_ms"] = tot["alignment_ms"]
+    t["sharers"] = sharers
     return t, steps
+
+
+#: Stage -> field of a `timing.sharers` entry (the totals keep the seed's names).
+SHARER_STAGES = {"teacher_embedding": "embedding_ms", "teacher_prefill": "prefill_ms",
+                 "projection": "projection_ms", "alignment": "alignment_ms"}
+
+
+def sharer_entries(g: Generation) -> list[dict]:
+    """One entry per sharer that ran: its model, how its ids were made, its stage times (sums of
+    the rounded spans, like the totals) and projector calls."""
+    out = []
+    for k, who in enumerate(g.sharers, start=1):
+        st = g.by_sharer.get(k, {})
+        e = {"model": who["model"], "alignment": who["alignment"]}
+        e.update({f: r3(sum(r3(x) for x in st.get(stage, []))) for stage, f in SHARER_STAGES.items()})
+        e["projector_calls"] = int(g.sharer_calls.get(k, 0))
+        out.append(e)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -277,6 +341,9 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "fuser": pipe.info["fuser"],
         "fuser_hash": pipe.info["fuser_hash"],
         "model_revisions": pipe.info["model_revisions"],
+        "sharers": [sl.name for sl in pipe.sharers],
+        "alignment": [sl.alignment for sl in pipe.sharers],
+        "fusion": pipe.fusion,
         "max_new_tokens": g.max_new_tokens,
         "do_sample": g.do_sample,
         "temperature": g.temperature,
@@ -297,7 +364,8 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         "mode": mode,
         "repeat": repeat,
         "prompt": item.prompt,
-        "response": pipe.tokenizer.decode(g.tokens, skip_special_tokens=True),
+        "response": (pipe.sharers[g.speaker - 1].tokenizer if g.speaker else pipe.tokenizer)
+        .decode(g.tokens, skip_special_tokens=True),
         "model_config": {"base_model": pipe.info["receiver"], "teacher_model": pipe.info["sharer"]},
         "timing": timing,
         "decode_step_times_ms": steps,
@@ -309,8 +377,12 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
     rec["truncated"] = None if meta.get("ignore_eos") else bool(
         g.tokens and len(g.tokens) >= meta.get("max_new_tokens", len(g.tokens) + 1)
         and g.tokens[-1] not in pipe.eos_ids)
+    if len(pipe.sharers) > 1:
+        rec["model_config"]["teacher_models"] = [sl.name for sl in pipe.sharers]
+    if g.sharer_prompt_format:  # how the sharer read the prompt when it spoke for itself
+        rec["sharer_prompt_format"] = g.sharer_prompt_format
     if mode == "t2t":
-        rec["sharer_note"] = pipe.tokenizer.decode(g.sharer_tokens, skip_special_tokens=True)
+        rec["sharer_note"] = pipe.sharers[0].tokenizer.decode(g.sharer_tokens, skip_special_tokens=True)
         rec["sharer_decode_step_times_ms"] = [r3(x) for x in g.stages["sharer_decode"]]
     if item.answer is not None:
         rec["answer"] = item.answer

@@ -24,23 +24,29 @@ def now_ns() -> int:
     return time.perf_counter_ns()
 
 
-class _Span:
-    __slots__ = ("timer", "stage", "start", "end", "rf")
+#: Stages that are host work only (no device kernels): timed with the host clock under every
+#: method, so a CUDA event cannot stretch them over earlier queued GPU work.
+HOST_STAGES = {"alignment"}
 
-    def __init__(self, timer: "Timer", stage: str):
+
+class _Span:
+    __slots__ = ("timer", "stage", "start", "end", "rf", "who")
+
+    def __init__(self, timer: "Timer", stage: str, who: int | None = None):
         self.timer, self.stage, self.start, self.end, self.rf = timer, stage, None, None, None
+        self.who = who  # sharer number (1, 2, ...) for per-sharer totals; None otherwise
 
     def __enter__(self) -> "_Span":
         t = self.timer
         if t.annotate:
             self.rf = torch.profiler.record_function(f"c2c/{self.stage}")
             self.rf.__enter__()
-        self.start = t._mark()
+        self.start = now_ns() if self.stage in HOST_STAGES and t.method != "off" else t._mark()
         return self
 
     def __exit__(self, *exc) -> None:
         t = self.timer
-        self.end = t._mark()
+        self.end = now_ns() if isinstance(self.start, int) and self.stage in HOST_STAGES else t._mark()
         if self.rf is not None:
             self.rf.__exit__(*exc)
         if self.start is not None:
@@ -55,6 +61,7 @@ class Timer:
     method: str = "event"          # event | sync | off
     annotate: bool = False         # wrap spans in record_function("c2c/<stage>") for traces
     spans: list = field(default_factory=list)
+    by_who: dict = field(default_factory=dict)  # after finish(): sharer -> stage -> [ms]
 
     def __post_init__(self) -> None:
         self.cuda = self.device.type == "cuda"
@@ -70,8 +77,8 @@ class Timer:
             return self.method
         return "cuda_event" if self.cuda else "perf_counter"
 
-    def span(self, stage: str) -> _Span:
-        return _Span(self, stage)
+    def span(self, stage: str, who: int | None = None) -> _Span:
+        return _Span(self, stage, who)
 
     def _mark(self):
         if self.method == "off":
@@ -90,6 +97,7 @@ class Timer:
         """Wait for the device once, then return each stage's span durations in ms."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        self.by_who = {}
         out: dict[str, list[float]] = {s: [] for s in STAGES}
         for sp in self.spans:
             if isinstance(sp.start, int):
@@ -97,6 +105,8 @@ class Timer:
             else:
                 ms = sp.start.elapsed_time(sp.end)
             out[sp.stage].append(ms)
+            if sp.who is not None:
+                self.by_who.setdefault(sp.who, {}).setdefault(sp.stage, []).append(ms)
         return out
 
 

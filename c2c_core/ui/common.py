@@ -53,6 +53,7 @@ MODEL_FIELDS = {
     "preset": "preset", "receiver": "base_model", "sharer": "teacher_model", "fuser": "fuser",
     "device": "device", "dtype": "dtype", "fuser_hidden_dim": "hidden_dim",
     "fuser_intermediate_dim": "intermediate_dim", "fuser_layers": "num_layers",
+    "alignment": "alignment", "fusion": "fusion",
 }
 #: Run settings fields (same names as build_run_config's overrides).
 RUN_FIELDS = ["mode", "max_new_tokens", "ignore_eos", "warmup", "repeats", "timing",
@@ -75,6 +76,8 @@ UI_WORDS = {
     "--offset": "'offset'", "--warmup": "'warm-up runs'", "--repeats": "'repeats'",
     "--device": "device", "--dtype": "dtype", "--mode": "mode", "--timing": "timing",
     "--fuser": "fuser", "--base_model": "receiver", "--teacher_model": "sharer",
+    "--alignment none": "token alignment 'none'", "--alignment": "token alignment",
+    "--fusion": "'several sharers'",
     "--prompts": "the prompt list", "--prompt": "the prompt",
 }
 #: Whole phrases first (they contain flags the loop above would change piecemeal).
@@ -305,13 +308,15 @@ class ModelManager:
         from ..loading import resolve_device, resolve_dtype
         dev = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, dev, cfg.cpu_dtype)
-        return json.dumps([asdict(cfg.receiver), asdict(cfg.sharer), asdict(cfg.fuser), str(dev),
-                           str(dtype), cfg.threads, cfg.attn_implementation], sort_keys=True)
+        return json.dumps([asdict(cfg.receiver), [asdict(s) for s in cfg.sharers], asdict(cfg.fuser),
+                           str(dev), str(dtype), cfg.threads, cfg.attn_implementation,
+                           cfg.alignment, cfg.fusion], sort_keys=True)
 
     def fix(self, cfg: RunConfig) -> None:
         """From now on only cfg's models may be used (the operator's choice)."""
         self.fixed_key = self.key_of(cfg)
-        self.fixed_label = cfg.preset or f"{cfg.receiver.source} <- {cfg.sharer.source}"
+        self.fixed_label = cfg.preset or \
+            f"{cfg.receiver.source} <- {' + '.join(s.source for s in cfg.sharers)}"
 
     def check_allowed(self, cfg: RunConfig) -> None:
         if self.fixed_key is not None and self.key_of(cfg) != self.fixed_key:
@@ -346,7 +351,7 @@ class ModelManager:
 
     def _load(self, cfg: RunConfig, key: str):
         from ..loading import load_pipeline
-        self.loading = f"{cfg.receiver.source} ← {cfg.sharer.source}"
+        self.loading = f"{cfg.receiver.source} ← {' + '.join(s.source for s in cfg.sharers)}"
         try:
             self.pipe, self.key, self.cfg = None, None, None
             _free_memory()
@@ -375,17 +380,25 @@ def preflight(cfg: RunConfig) -> None:
     fuser's files. Raises a UserError; loads nothing into memory that matters."""
     from ..loading import _from_pretrained, load_tokenizer, source_kind
     from transformers import AutoConfig
-    for spec, role in ((cfg.receiver, "Receiver"), (cfg.sharer, "Sharer")):
+    for spec, role in ((cfg.receiver, "Receiver"), *((s, "Sharer") for s in cfg.sharers)):
         if source_kind(spec.source) == "pretrained":
             _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
                              revision=spec.revision)
     try:
-        load_tokenizer(cfg.receiver)
+        tok, tok_src = load_tokenizer(cfg.receiver)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a folder without a tokenizer, a broken file
         raise UserError(f"The receiver's tokenizer could not be read ({type(e).__name__});"
                         " check the receiver.") from None
+    from ..loading import plan_alignment, sharer_tokenizers
+    try:  # a sharer with its own tokenizer and --alignment none is refused here
+        plan_alignment(cfg, tok, tok_src, sharer_tokenizers(cfg, tok, tok_src))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a sharer folder without a tokenizer, a broken file
+        raise UserError(f"A sharer's tokenizer could not be read ({type(e).__name__});"
+                        " check the sharers.") from None
     src = cfg.fuser.source
     if src and src.startswith("hub:"):
         from ..loading import _snapshot
@@ -428,7 +441,7 @@ def token_counter(pipe, enabled: bool) -> Iterator[list[int]]:
     if enabled:
         def hook(*_):
             counter[0] += 1
-        for m in {id(m): m for m in (pipe.receiver, pipe.sharer)}.values():
+        for m in {id(m): m for m in (pipe.receiver, *(sl.model for sl in pipe.sharers))}.values():
             handles.append(m.register_forward_hook(hook))
     try:
         yield counter

@@ -3,7 +3,8 @@
 The app is meant to run as a public Hugging Face Space, where strangers call every endpoint at
 once. So, in the app (the CLI keeps local paths):
 
-- models are presets, hub ids (``owner/name``), ``smollm2`` or ``dummy:<shipped config>``;
+- models are presets, hub ids (``owner/name``), ``smollm2``, ``gemma3`` or
+  ``dummy:<shipped config>``;
   fusers are ``hub:<owner>/<repo>/<subfolder>`` or ``untrained``; datasets are hub ids or the
   short names (gsm8k, mmlu), or an uploaded file. Never a server path, unless the person who
   runs the app sets ``C2C_ALLOW_LOCAL_PATHS=1`` (ignored on a Space). Refusals never echo the
@@ -95,7 +96,7 @@ _SUBFOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _CONFIG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SPLIT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}(\[[0-9:%+-]{0,24}\])?")
 #: Model names that are not hub ids and name no path.
-MODEL_ALIASES = {"smollm2"}
+MODEL_ALIASES = {"smollm2", "gemma3"}
 
 
 def is_hub_id(s: str) -> bool:
@@ -105,7 +106,7 @@ def is_hub_id(s: str) -> bool:
 def _not_served(label: str) -> UserError:
     # The same sentence whatever the reason (unknown name, a path, a folder that exists), so a
     # refusal tells a client nothing about the server's files.
-    return FieldError(f"{label} must be a hub id like Qwen/Qwen3-0.6B, smollm2, or"
+    return FieldError(f"{label} must be a hub id like Qwen/Qwen3-0.6B, smollm2, gemma3, or"
                       " dummy:<config>; this server does not open server paths.", label.lower())
 
 

@@ -43,6 +43,8 @@ class ModelPanel:
     fuser_hidden_dim: gr.Number
     fuser_intermediate_dim: gr.Number
     fuser_layers: gr.Number
+    alignment: gr.Dropdown
+    fusion: gr.Dropdown
     note: gr.Markdown
     load: gr.Button
     status: gr.Markdown | None   # the line above the tabs; set by build_app
@@ -91,11 +93,14 @@ def build_model_panel(defaults: dict) -> ModelPanel:
     with gr.Accordion("Choose models by hand", open=by_hand):
         receiver = gr.Textbox(value=defaults.get("base_model") or "", label="Receiver (base)",
                               placeholder=f"preset: {p.receiver.source}", elem_id="receiver", **can,
-                              info="blank = the preset's; hub id, smollm2 or dummy:<config>"
+                              info="blank = the preset's; hub id, smollm2, gemma3 or dummy:<config>"
                                    + ("; or a local folder / .gguf"
                                       if guard.local_paths_allowed() else ""))
-        sharer = gr.Textbox(value=defaults.get("teacher_model") or "", label="Sharer (teacher)",
-                            placeholder=f"preset: {p.sharer.source}", elem_id="sharer", **can)
+        teacher = defaults.get("teacher_model") or ""
+        sharer = gr.Textbox(value=", ".join(teacher) if isinstance(teacher, list) else teacher,
+                            label="Sharer (teacher)", placeholder=f"preset: {p.sharer.source}",
+                            elem_id="sharer", max_lines=4, **can,
+                            info="same forms; several sharers: separate with commas or new lines")
         fuser = gr.Textbox(value=defaults.get("fuser") or "", label="Fuser",
                            placeholder=f"preset: {p.fuser.source or 'untrained'}",
                            elem_id="fuser", **can,
@@ -109,6 +114,14 @@ def build_model_panel(defaults: dict) -> ModelPanel:
                               label="FFN", precision=0, minimum=1, min_width=70, **can)
             layers = gr.Number(defaults.get("num_layers") or fs.num_layers, label="layers",
                                precision=0, minimum=1, min_width=70, **can)
+        with gr.Row():
+            alignment = gr.Dropdown(["first", "longest", "none"],
+                                    value=defaults.get("alignment") or "first",
+                                    label="Token alignment", elem_id="alignment", min_width=100,
+                                    info="sharers with their own tokenizer; none refuses them", **can)
+            fusion = gr.Dropdown(["parallel", "sequential"],
+                                 value=defaults.get("fusion") or "parallel",
+                                 label="Several sharers", elem_id="fusion", min_width=100, **can)
     with gr.Row():
         device = gr.Dropdown(DEVICES, value=defaults.get("device") or "auto", label="Device",
                              allow_custom_value=True, min_width=100, **can)
@@ -117,7 +130,7 @@ def build_model_panel(defaults: dict) -> ModelPanel:
     load = gr.Button("Load models", variant="secondary", elem_id="load-models", size="md",
                      visible=not fixed)
     return ModelPanel(preset_dd, receiver, sharer, fuser, device, dtype, hidden, inter, layers,
-                      note, load, None)  # type: ignore[arg-type]
+                      alignment, fusion, note, load, None)  # type: ignore[arg-type]
 
 
 def build_run_settings(defaults: dict) -> RunSettings:
