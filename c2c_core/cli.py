@@ -52,6 +52,12 @@ def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs
     g.add_argument("--repeats", type=int, default=1, help="records per prompt")
     g.add_argument("--timing", default="event", choices=["event", "sync"],
                    help="event: CUDA events / perf_counter (default); sync: the seed's sync-per-stage")
+    g.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
+                   help="fast: static caches, compiled decode, one batched projection; eager: the"
+                        " faithful per-layer baseline; auto: fast on CUDA and for batches, else"
+                        " the CPU default (README, Engines)")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="prompts generated together (fast engine; one record per prompt)")
     if not outputs:
         return
     o = p.add_argument_group("output")
@@ -77,7 +83,8 @@ def run_config(args):
     from .config import build_run_config
     keys = ["device", "dtype", "threads", "attn_implementation", "warmup", "repeats", "timing",
             "mode", "max_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
-            "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers"]
+            "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers", "engine",
+            "batch_size"]
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     kw["chat_template"] = not args.no_chat_template
     return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser,
@@ -194,6 +201,15 @@ def cmd_overhead(args) -> int:
     cfg = run_config(args)
     pipe = _load(cfg)
     overhead(pipe, cfg, repeats=args.bench_repeats, prompt=args.prompt)
+    return 0
+
+
+def cmd_engines(args) -> int:
+    from .engines import engines_bench
+    cfg = run_config(args)
+    pipe = _load(cfg)
+    batch = args.bench_batch or (64 if pipe.device.type == "cuda" else 8)
+    engines_bench(pipe, cfg, repeats=args.bench_repeats, batch=batch, prompt=args.prompt)
     return 0
 
 
@@ -339,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_run_args(p, None, outputs=False)
     p.set_defaults(func=cmd_overhead)
+
+    p = sub.add_parser("engines", help="benchmark: eager vs fast engine, and batch B vs batch 1")
+    p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats (>= 3)")
+    p.add_argument("--bench_batch", type=int, default=None,
+                   help="batch size compared with batch 1 (default 8 on a CPU, 64 on CUDA)")
+    p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
+    add_model_args(p)
+    add_run_args(p, None, outputs=False)
+    p.set_defaults(func=cmd_engines, max_new_tokens=32)
     return ap
 
 

@@ -79,6 +79,8 @@ class RunConfig:
     chat_template: bool = True
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     cpu_dtype: str = "float32"      # what "auto" means on a CPU (a preset may choose bfloat16)
+    engine: str = "auto"            # eager | fast | auto (see resolve_engine)
+    batch_size: int = 1             # prompts generated together (fast engine)
 
 
 @dataclass(frozen=True)
@@ -175,5 +177,28 @@ def validate_run_config(cfg: RunConfig) -> None:
     from .records import MODES
     if cfg.mode not in MODES + ["all"]:
         raise UserError(f"--mode {cfg.mode} is unknown; use one of {', '.join(MODES + ['all'])}.")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"--engine {cfg.engine} is unknown; use one of {', '.join(ENGINES)}.")
+    if not 1 <= cfg.batch_size <= 1024:
+        raise UserError(f"--batch_size {cfg.batch_size} is out of range; use 1 to 1024.")
+    if cfg.batch_size > 1 and cfg.engine == "eager":
+        raise UserError(f"--batch_size {cfg.batch_size} needs the fast engine; use --engine fast"
+                        " (or auto), or --batch_size 1 with --engine eager.")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {cfg.dtype} is unknown; use auto, float32, bfloat16 or float16.")
+
+
+ENGINES = ("auto", "eager", "fast")
+
+#: What `--engine auto` means on a CPU with batch size 1 (on CUDA, and for batches, it is fast):
+#: the faster engine for the default pair in `python -m c2c_core engines` (README, "Engines").
+CPU_AUTO_ENGINE = "fast"
+
+
+def resolve_engine(cfg: RunConfig, device) -> str:
+    """eager | fast for this run on this device."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if getattr(device, "type", str(device)) == "cuda" or cfg.batch_size > 1:
+        return "fast"
+    return CPU_AUTO_ENGINE

@@ -48,6 +48,9 @@ EXT_TIMING_FIELDS = [
     # text-to-text mode: the sharer writes a note before the receiver answers
     "sharer_generated_tokens",
     "sharer_decode_ms",
+    # batches (fast engine): decode tokens per second of the whole batch (= tokens_per_second
+    # at batch size 1)
+    "batch_tokens_per_second",
 ]
 
 #: Timed stage -> the record field holding its total (ms). The one list of stages: the timer,
@@ -66,7 +69,7 @@ STAGES = {
 STAGE_FIELDS = list(STAGES.values())
 
 #: Top-level fields we add next to `id`.
-EXT_TOP_FIELDS = ["mode", "repeat", "run"]
+EXT_TOP_FIELDS = ["mode", "repeat", "run", "batch_size", "batch_index"]
 
 #: Keys of the flat `run` metadata object (MEASURE.md).
 RUN_FIELDS = [
@@ -74,6 +77,7 @@ RUN_FIELDS = [
     "device", "cuda", "cpu", "threads", "dtype", "attn_implementation", "timing_method", "warmup",
     "preset", "receiver", "sharer", "weights", "fuser", "fuser_hash", "model_revisions",
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+    "engine", "compile_s",
 ]
 
 MODES = ["c2c", "receiver", "sharer", "t2t"]

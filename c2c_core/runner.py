@@ -47,6 +47,9 @@ class Generation:
     projector_calls: int = 0
     sharer_tokens: list[int] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    batch_size: int = 1                          # the fast engine generates batches
+    batch_index: int = 0
+    batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -88,8 +91,16 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
     return tokens
 
 
+def engine_of(pipe: Pipeline, cfg: RunConfig) -> str:
+    from .config import resolve_engine
+    return resolve_engine(cfg, pipe.device)
+
+
 def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer) -> Generation:
     """One timed generation of `item` in `mode`. The clock starts before tokenization."""
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import generate_batch
+        return generate_batch(pipe, cfg, [item], mode, timer)[0]
     dev = pipe.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -205,6 +216,8 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "sharer_generated_tokens": len(g.sharer_tokens),
         "sharer_decode_ms": tot["sharer_decode_ms"],
     }
+    t["batch_tokens_per_second"] = (t["tokens_per_second"] if g.batch_tokens_per_second is None
+                                    else g.batch_tokens_per_second)
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
     t = {k: (v if k in ints else r3(v)) for k, v in t.items()}
     return t, steps
@@ -268,6 +281,8 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "top_k": g.top_k,
         "seed": g.seed,
         "ignore_eos": g.ignore_eos,
+        "engine": engine_of(pipe, cfg),
+        "compile_s": 0.0,   # the fast engine's compile/capture in warm-up (set by run_many)
     }
 
 
@@ -284,6 +299,8 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         "timing": timing,
         "decode_step_times_ms": steps,
         "run": meta,
+        "batch_size": g.batch_size,
+        "batch_index": g.batch_index,
     }
     if mode == "t2t":
         rec["sharer_note"] = pipe.tokenizer.decode(g.sharer_tokens, skip_special_tokens=True)
@@ -309,7 +326,11 @@ def run_one(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str = "c2c", repea
 
 
 def warm_up(pipe: Pipeline, cfg: RunConfig, item: Item, modes: Iterable[str]) -> None:
-    """`cfg.warmup` full generations per mode with the same shapes; never recorded."""
+    """`cfg.warmup` full generations per mode with the same shapes; never recorded. The fast
+    engine compiles its steps for these shapes first."""
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import prepare_plan
+        prepare_plan(pipe, cfg, [[item]], list(modes))
     for mode in modes:
         for _ in range(cfg.warmup):
             generate(pipe, cfg, item, mode, Timer(pipe.device, cfg.timing))
@@ -329,6 +350,9 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     Each record is written (and flushed) as soon as it exists. `skip` holds (id, mode, repeat)
     keys already done (--resume). `meta` is the `run` object (default: a new one). A CUDA OOM
     ends the run with the seed's advice; what was written stays."""
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import run_many_fast
+        return run_many_fast(pipe, cfg, items, writer, on_progress, should_stop, skip, meta)
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:

@@ -1,0 +1,180 @@
+"""The fast engine against the eager one on tiny models (fp32, CPU): same greedy tokens in every
+mode, batch rows equal to batch 1, records in the same format, a known delay lands in its stage.
+
+Most tests run the static-cache path without torch.compile (compiling is slow on shared cores);
+one test compiles the decode step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from c2c_core import fast
+from c2c_core.config import build_run_config
+from c2c_core.errors import UserError
+from c2c_core.loading import load_pipeline
+from c2c_core.records import MODES, check_record
+from c2c_core.runner import Item, generate, run_many
+from c2c_core.timing import Timer
+
+PROMPTS = ["What is the capital of France?", "Say hello.",
+           "Explain machine learning in simple terms, please, with an example."]
+
+
+@pytest.fixture(scope="module")
+def loud(tiny_cfg_kwargs):
+    """The tiny pair with larger weights (varied greedy tokens instead of one repeated id) and a
+    fuser whose gates are open (the projection changes the receiver's cache)."""
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 10}, engine="eager")
+    pipe = load_pipeline(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in {id(pipe.receiver): pipe.receiver, id(pipe.sharer): pipe.sharer}.values():
+            for name, p in m.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * (2.4 / p.shape[1] ** 0.5))
+        for proj in pipe.fuser.projectors:
+            proj.key_gate_logit.fill_(1.0)
+            proj.value_gate_logit.fill_(1.0)
+    fast.engine_for(pipe, compile=False)
+    return pipe, cfg
+
+
+def _gen(pipe, cfg, prompt, mode, engine, **gen):
+    c = replace(cfg, engine=engine, gen=replace(cfg.gen, **gen))
+    return generate(pipe, c, Item(1, prompt), mode, Timer(pipe.device))
+
+
+def _plan(pipe, cfg, batches, modes):
+    fast.prepare_plan(pipe, replace(cfg, engine="fast"), batches, modes)
+
+
+def test_tokens_vary(loud):
+    pipe, cfg = loud
+    g = _gen(pipe, cfg, PROMPTS[0], "receiver", "eager", ignore_eos=True)
+    assert len(set(g.tokens)) >= 4, g.tokens  # else equality below would prove little
+    c = _gen(pipe, cfg, PROMPTS[0], "c2c", "eager", ignore_eos=True)
+    assert c.tokens != g.tokens  # the open gates matter
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_equals_eager(loud, mode):
+    pipe, cfg = loud
+    _plan(pipe, cfg, [[Item(1, p)] for p in PROMPTS], [mode])
+    for p in PROMPTS:
+        for ignore in (True, False):
+            e = _gen(pipe, cfg, p, mode, "eager", ignore_eos=ignore)
+            f = _gen(pipe, cfg, p, mode, "fast", ignore_eos=ignore)
+            assert f.tokens == e.tokens, (mode, p, ignore)
+            assert f.sharer_tokens == e.sharer_tokens
+            assert f.prompt_tokens == e.prompt_tokens
+            assert f.projector_calls == e.projector_calls
+            assert len(f.stages["decode"]) == len(f.tokens) - 1
+            if mode == "c2c":
+                assert len(f.stages["projection"]) == 1  # one batched projection, one span
+                assert f.projector_calls == len(pipe.fuser.mapping)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_rows_equal_batch_of_one(loud, mode):
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", batch_size=len(PROMPTS))
+    items = [Item(i + 1, p) for i, p in enumerate(PROMPTS)]
+    _plan(pipe, c, [items] + [[it] for it in items], [mode])
+    gens = fast.generate_batch(pipe, c, items, mode, Timer(pipe.device))
+    assert [g.batch_index for g in gens] == [0, 1, 2] and {g.batch_size for g in gens} == {3}
+    for it, g in zip(items, gens):
+        one = fast.generate_batch(pipe, c, [it], mode, Timer(pipe.device))[0]
+        assert g.tokens == one.tokens, (mode, it.prompt)
+        assert g.sharer_tokens == one.sharer_tokens
+        assert len(g.stages["decode"]) == len(g.tokens) - 1
+
+
+def test_sampling_is_seeded(loud):
+    pipe, cfg = loud
+    _plan(pipe, replace(cfg, gen=replace(cfg.gen, do_sample=True)), [[Item(1, PROMPTS[0])]], ["c2c"])
+    a = _gen(pipe, cfg, PROMPTS[0], "c2c", "fast", do_sample=True, seed=3, ignore_eos=True)
+    b = _gen(pipe, cfg, PROMPTS[0], "c2c", "fast", do_sample=True, seed=3, ignore_eos=True)
+    c = _gen(pipe, cfg, PROMPTS[0], "c2c", "fast", do_sample=True, seed=4, ignore_eos=True)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_run_many_batches_write_records(loud, tmp_path):
+    from c2c_core.records import JsonlWriter, read_records
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", batch_size=2, mode="all", warmup=1)
+    path = tmp_path / "r.jsonl"
+    with JsonlWriter(path) as w:
+        recs = run_many(pipe, c, PROMPTS, writer=w)
+    back = read_records(path)
+    assert len(back) == len(recs) == len(PROMPTS) * len(MODES)
+    for r in back:
+        assert check_record(r) == [], r
+        assert r["run"]["engine"] == "fast" and r["run"]["compile_s"] >= 0
+        assert r["timing"]["batch_tokens_per_second"] > 0
+    sizes = {(r["id"], r["batch_size"], r["batch_index"]) for r in back}
+    assert sizes == {(1, 2, 0), (2, 2, 1), (3, 1, 0)}
+    # the batch's spans: both rows of a batch share their prefill time
+    c2c = [r for r in back if r["mode"] == "c2c"]
+    assert c2c[0]["timing"]["base_prefill_ms"] == c2c[1]["timing"]["base_prefill_ms"]
+    e = run_many(pipe, replace(cfg, engine="eager"), PROMPTS[:1])[0]
+    assert e["run"]["engine"] == "eager" and e["run"]["compile_s"] == 0.0
+    assert e["batch_size"] == 1
+    assert e["timing"]["batch_tokens_per_second"] == e["timing"]["tokens_per_second"]
+
+
+def test_eager_refuses_batches(tiny_cfg_kwargs):
+    with pytest.raises(UserError, match="needs the fast engine"):
+        build_run_config(**tiny_cfg_kwargs, engine="eager", batch_size=4)
+    with pytest.raises(UserError, match="--engine"):
+        build_run_config(**tiny_cfg_kwargs, engine="turbo")
+
+
+def test_known_delay_lands_in_its_stage(loud, monkeypatch):
+    """A fixed sleep inside the projection shows up in projector_total_ms and nowhere else;
+    a sleep inside each decode step shows up in each decode step."""
+    from c2c_core.runner import timing_fields
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=6))
+    _plan(pipe, c, [[Item(1, PROMPTS[0])]], ["c2c"])
+
+    def run():
+        return timing_fields(generate(pipe, c, Item(1, PROMPTS[0]), "c2c", Timer(pipe.device)))[0]
+
+    base = min((run() for _ in range(3)), key=lambda t: t["e2e_ms"])
+    eng = fast.engine_for(pipe)
+    delay_ms = 150
+    real = eng.project
+    monkeypatch.setattr(eng, "project", lambda *a: (time.sleep(delay_ms / 1e3), real(*a))[1])
+    t = run()
+    monkeypatch.setattr(eng, "project", real)
+    assert delay_ms <= t["projector_total_ms"] < delay_ms + 60
+    for k in ("base_embedding_ms", "base_prefill_ms", "teacher_embedding_ms",
+              "teacher_prefill_ms", "decode_avg_ms", "other_ms"):
+        assert t[k] < base[k] + 40, (k, t[k], base[k])
+    assert t["ttft_ms"] >= base["ttft_ms"] + delay_ms - 5
+    # a delay in every decode step
+    step_key = ("receiver", 1, fast.bucket(t["prompt_tokens"] + 6), True)
+    real_step = eng._steps[step_key]
+    monkeypatch.setitem(eng._steps, step_key, lambda *a: (time.sleep(0.03), real_step(*a))[1])
+    t2 = run()
+    assert 30 <= t2["decode_p50_ms"] < 70 and t2["decode_p90_ms"] < 100
+    assert t2["projector_total_ms"] < base["projector_total_ms"] + 40
+    assert t2["ttft_ms"] < base["ttft_ms"] + 40
+
+
+def test_compiled_step_equals_eager(tiny_cfg_kwargs):
+    """The one compiled test: torch.compile of the decode step gives the eager tokens, and the
+    compile happens in warm-up (run.compile_s), not in the timed generation."""
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6}, engine="fast", warmup=1,
+                           ignore_eos=True)
+    pipe = load_pipeline(cfg)
+    eng = fast.engine_for(pipe, compile=True)
+    recs = run_many(pipe, cfg, PROMPTS[:1])
+    assert eng.compile and eng.late == 0 and recs[0]["run"]["compile_s"] > 0
+    e = _gen(pipe, cfg, PROMPTS[0], "c2c", "eager")
+    assert recs[0]["response"] == pipe.tokenizer.decode(e.tokens, skip_special_tokens=True)
+    assert check_record(recs[0]) == []
