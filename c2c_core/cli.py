@@ -217,6 +217,7 @@ def cmd_sweep(args) -> int:
     from .sweep import parse_lengths, run_sweep
     ins = parse_lengths(args.input_lens, "--input_lens")
     outs = parse_lengths(args.output_lens, "--output_lens")
+    bss = parse_lengths(args.batch_sizes, "--batch_sizes") if args.batch_sizes else None
     cfg = run_config(args)
     pipe = _load(cfg)
     writer, skip = _writer_and_skip(args)
@@ -225,13 +226,19 @@ def cmd_sweep(args) -> int:
         def on_progress(done, total, rec):
             bar.total = total
             bar.update(done - bar.n)
-        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip)
+        recs = run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
+                         batch_sizes=bss)
     print_summary(recs)
     print(f"Wrote {len(recs)} record(s) to {args.output}")
     if args.html:
-        from .plots import sweep_fig
+        from .plots import batch_curve_fig, sweep_fig
         from .analysis import to_frame
-        sweep_fig(to_frame(recs)).write_html(args.html, include_plotlyjs=True)
+        figs = [sweep_fig(to_frame(recs))]
+        if len({r.get("batch_size", 1) for r in recs}) > 1:
+            figs.append(batch_curve_fig(recs))
+        with open(args.html, "w", encoding="utf-8") as f:
+            for i, fig in enumerate(figs):
+                f.write(fig.to_html(full_html=i == 0, include_plotlyjs=i == 0))
         print(f"Wrote {args.html}")
     return 0
 
@@ -264,7 +271,7 @@ def cmd_report(args) -> int:
     if args.html:
         from .plots import mode_compare_figs, sweep_fig
         figs = list(mode_compare_figs(df).values())
-        if df["id"].astype(str).str.match(r"in\d+-out\d+$").any():
+        if df["id"].astype(str).str.match(r"in\d+-out\d+(-b\d+\.\d+)?$").any():
             figs.append(sweep_fig(df))
         with open(args.html, "w", encoding="utf-8") as f:
             for i, fig in enumerate(figs):
@@ -330,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="exact-length synthetic prompts x fixed output lengths")
     p.add_argument("--input_lens", default="16,64,256", help="prompt lengths in tokens, e.g. 16,64,256,1024")
     p.add_argument("--output_lens", default="32", help="output lengths in tokens (EOS ignored)")
-    p.add_argument("--html", help="also write the stage-vs-length plot as HTML")
+    p.add_argument("--html", help="also write the stage-vs-length plot (and, with several"
+                   " --batch_sizes, the latency vs throughput plot) as HTML")
+    p.add_argument("--batch_sizes", help="batch sizes to sweep, e.g. 1,4,8 (fast engine)")
     add_model_args(p)
     add_run_args(p, "sweep_timing_results.jsonl")
     p.set_defaults(func=cmd_sweep)
