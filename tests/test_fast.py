@@ -135,35 +135,40 @@ def test_eager_refuses_batches(tiny_cfg_kwargs):
 
 def test_known_delay_lands_in_its_stage(loud, monkeypatch):
     """A fixed sleep inside the projection shows up in projector_total_ms and nowhere else;
-    a sleep inside each decode step shows up in each decode step."""
+    a sleep inside each decode step shows up in the decode steps and nowhere else. The machine is
+    shared: each figure is the fastest of three runs, and "nowhere else" means less than half the
+    delay."""
     from c2c_core.runner import timing_fields
     pipe, cfg = loud
-    c = replace(cfg, engine="fast", gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=6))
+    c = replace(cfg, engine="fast", gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=4))
     _plan(pipe, c, [[Item(1, PROMPTS[0])]], ["c2c"])
+    keys = ("base_embedding_ms", "base_prefill_ms", "teacher_embedding_ms", "teacher_prefill_ms",
+            "projector_total_ms", "decode_avg_ms", "other_ms", "ttft_ms")
 
-    def run():
-        return timing_fields(generate(pipe, c, Item(1, PROMPTS[0]), "c2c", Timer(pipe.device)))[0]
+    def best():
+        runs = [timing_fields(generate(pipe, c, Item(1, PROMPTS[0]), "c2c", Timer(pipe.device)))[0]
+                for _ in range(3)]
+        return {k: min(r[k] for r in runs) for k in keys + ("prompt_tokens",)}
 
-    base = min((run() for _ in range(3)), key=lambda t: t["e2e_ms"])
+    base = best()
     eng = fast.engine_for(pipe)
-    delay_ms = 150
+    delay = 300.0
     real = eng.project
-    monkeypatch.setattr(eng, "project", lambda *a: (time.sleep(delay_ms / 1e3), real(*a))[1])
-    t = run()
+    monkeypatch.setattr(eng, "project", lambda *a: (time.sleep(delay / 1e3), real(*a))[1])
+    t = best()
     monkeypatch.setattr(eng, "project", real)
-    assert delay_ms <= t["projector_total_ms"] < delay_ms + 60
-    for k in ("base_embedding_ms", "base_prefill_ms", "teacher_embedding_ms",
-              "teacher_prefill_ms", "decode_avg_ms", "other_ms"):
-        assert t[k] < base[k] + 40, (k, t[k], base[k])
-    assert t["ttft_ms"] >= base["ttft_ms"] + delay_ms - 5
+    assert delay <= t["projector_total_ms"] - base["projector_total_ms"] + 1 < 1.5 * delay
+    assert t["ttft_ms"] - base["ttft_ms"] >= delay - 5  # the projection is before the 1st token
+    for k in keys[:4] + ("decode_avg_ms", "other_ms"):
+        assert t[k] - base[k] < delay / 2, (k, t[k], base[k])
     # a delay in every decode step
-    step_key = ("receiver", 1, fast.bucket(t["prompt_tokens"] + 6), True)
+    step_key = ("receiver", 1, fast.bucket(base["prompt_tokens"] + 4), True)
     real_step = eng._steps[step_key]
-    monkeypatch.setitem(eng._steps, step_key, lambda *a: (time.sleep(0.03), real_step(*a))[1])
-    t2 = run()
-    assert 30 <= t2["decode_p50_ms"] < 70 and t2["decode_p90_ms"] < 100
-    assert t2["projector_total_ms"] < base["projector_total_ms"] + 40
-    assert t2["ttft_ms"] < base["ttft_ms"] + 40
+    monkeypatch.setitem(eng._steps, step_key, lambda *a: (time.sleep(delay / 1e3), real_step(*a))[1])
+    t = best()
+    assert delay <= t["decode_avg_ms"] - base["decode_avg_ms"] + 1 < 1.5 * delay
+    for k in keys[:5] + ("other_ms", "ttft_ms"):
+        assert t[k] - base[k] < delay / 2, (k, t[k], base[k])
 
 
 def test_compiled_step_equals_eager(tiny_cfg_kwargs):

@@ -133,7 +133,7 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         inputs_kwargs=model_kw, outputs=data.outputs(), api_name="dataset",
         show_progress_on=[data.status], **model_job)
     ev_sweep = waiting(sweep.run, sweep.status).then(
-        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens],
+        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens, sweep.batch_sizes],
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], **model_job)
     data.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",

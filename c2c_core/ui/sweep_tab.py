@@ -20,14 +20,16 @@ from .common import (download_button, new_run_path, plot, records_table, status_
 class SweepTab:
     input_lens: gr.Textbox
     output_lens: gr.Textbox
+    batch_sizes: gr.Textbox
     run: gr.Button
     status: gr.Markdown
     plot: gr.Plot
     table: gr.Dataframe
     file: gr.DownloadButton
+    batch_plot: gr.Plot
 
     def outputs(self) -> list:
-        return [self.status, self.table, self.plot, self.file]
+        return [self.status, self.table, self.plot, self.file, self.batch_plot]
 
 
 def build_sweep_tab() -> SweepTab:
@@ -36,6 +38,8 @@ def build_sweep_tab() -> SweepTab:
                          info="exact ids fed to the model, no chat template")
         outs = gr.Textbox("32", label="Output lengths (tokens)", elem_id="sweep-out",
                           info="EOS ignored: every run makes exactly this many")
+        bss = gr.Textbox("1", label="Batch sizes", elem_id="sweep-batch",
+                         info="e.g. 1,4,8: latency vs throughput (fast engine)")
     with gr.Row():
         run = gr.Button("Run sweep", variant="primary", elem_id="sweep-run", scale=4)
         file = download_button("sweep-file", scale=1, min_width=200)
@@ -43,23 +47,28 @@ def build_sweep_tab() -> SweepTab:
                          " come from the run settings on the left.", elem_id="sweep-status",
                          elem_classes=["c2c-status"], min_height=56)
     fig = plot(plots.sweep_fig(pd.DataFrame()), "sweep-plot", 420)
+    bfig = plot(plots.batch_curve_fig([]), "sweep-batch-plot", 380)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="sweep-table", max_height=300)
-    return SweepTab(ins, outs, run, status, fig, table, file)
+    return SweepTab(ins, outs, bss, run, status, fig, table, file, bfig)
 
 
 def render(recs: list[dict], status: str, file):
     fig = sized(plots.sweep_fig(analysis.to_frame(recs) if recs else pd.DataFrame()), 420)
-    return status, records_table(recs), fig, file
+    bfig = sized(plots.batch_curve_fig(recs), 380)
+    return status, records_table(recs), fig, file, bfig
 
 
-def run_sweep_ui(input_lens: str, output_lens: str, request: gr.Request, progress=gr.Progress(),
-                 **settings):
+def run_sweep_ui(input_lens: str, output_lens: str, batch_sizes: str = "1",
+                 request: gr.Request = None, progress=gr.Progress(), **settings):
     """Run the length grid; yields status, table, plot and the JSONL as records arrive."""
     try:
         ins = parse_lengths(input_lens, "Prompt lengths")
         outs = parse_lengths(output_lens, "Output lengths")
+        bss = parse_lengths(batch_sizes or "1", "Batch sizes")
         cfg = run_config(settings)
+        if any(b > 1 for b in bss) and cfg.engine == "eager":
+            raise UserError("Batch sizes above 1 need the fast engine; pick engine fast or auto.")
         for n in outs:
             if n > 8192:
                 raise UserError(f"Output length {n} is out of range; use 1 to 8192.")
@@ -68,9 +77,9 @@ def run_sweep_ui(input_lens: str, output_lens: str, request: gr.Request, progres
         yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "sweep")
-    runner = partial(_grid, ins=ins, outs=outs)
+    runner = partial(_grid, ins=ins, outs=outs, bss=bss)
     yield from stream_records(cfg, [], path, progress, render, unit="generation", runner=runner)
 
 
-def _grid(pipe, cfg, _items, *, ins, outs, **kw):
-    return run_sweep(pipe, cfg, ins, outs, **kw)
+def _grid(pipe, cfg, _items, *, ins, outs, bss, **kw):
+    return run_sweep(pipe, cfg, ins, outs, batch_sizes=bss, **kw)
