@@ -184,8 +184,8 @@ def _check_delays(pipe, c, keys, best, monkeypatch):
 def test_compiled_step_equals_eager(tiny_cfg_kwargs):
     """The one compiled test: torch.compile of the decode step gives the eager tokens, and the
     compile happens in warm-up (run.compile_s), not in the timed generation."""
-    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6}, engine="fast", warmup=1,
-                           ignore_eos=True)
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6, "warmup": 1},
+                           engine="fast", ignore_eos=True)
     pipe = load_pipeline(cfg)
     eng = fast.engine_for(pipe, compile=True)
     recs = run_many(pipe, cfg, PROMPTS[:1])
