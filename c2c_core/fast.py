@@ -512,8 +512,8 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
 
 def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=None, skip=None,
                   meta=None) -> list[dict]:
-    """runner.run_many on the fast engine: items in batches of cfg.batch_size (per repeat and
-    mode, modes interleaved per batch), every shape prepared before anything is timed, then
+    """runner.run_many on the fast engine: items in batches of cfg.batch_size (per batch: each
+    repeat, modes interleaved), every shape prepared before anything is timed, then
     `cfg.warmup` unrecorded generations of the first batch per mode. One record per item."""
     from .errors import OutOfMemory
     from .runner import make_record, modes_of, run_metadata, sync_safe, to_item
@@ -525,8 +525,8 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
     B = max(int(cfg.batch_size), 1)
     chunks = [items[k:k + B] for k in range(0, len(items), B)]
     jobs = []
-    for r in range(cfg.repeats):
-        for ch in chunks:
+    for ch in chunks:  # the eager order at batch 1: item, repeat, mode
+        for r in range(cfg.repeats):
             for m in modes:
                 todo = [it for it in ch if not skip or (str(it.id), m, str(r)) not in skip]
                 if todo:
