@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cancel
 from .errors import UserError
 from .fusion import decoder
 from .stacked import stacked_for
@@ -260,6 +261,7 @@ class FastEngine:
         while n < n_max:
             if done is not None and bool(done.all()):
                 break
+            cancel.check()  # Stop / a client gone: end within one decode step
             with timer.span(stage):
                 if mark:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -297,9 +299,11 @@ class FastEngine:
         r_cache = self.cache("receiver", B, L)
         calls = 0
         if n > 0:
+            cancel.check()
             with timer.span("base_prefill"):
                 self.prefill("receiver", r_cache, r_emb[:, :n], 0, pad, logits=False)
             if with_sharer:
+                cancel.check()
                 with timer.span("teacher_embedding"):
                     s_emb = self.pipe.sharer.get_input_embeddings()(ids[:, :n])
                 s_cache = self.cache("sharer", B, L)
@@ -444,6 +448,8 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
     ttft: list[int] = []
     mark_first = lambda: ttft.append(now_ns())  # noqa: E731
 
+    cancel.check()
+    wall0 = time.time()
     t0 = now_ns()
     rows = [encode(pipe, cfg, it, mode) for it in items]
     B = len(rows)
@@ -490,6 +496,7 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
             dec = eng.decode("receiver", cache, L, logits, pad, ids.shape[1], g.max_new_tokens, g,
                              eos, g.ignore_eos, generator, timer, "decode", mark_first)
     t_end = now_ns()
+    wall1 = time.time()
     stages = timer.finish()
     peak = None
     if dev.type == "cuda":
@@ -504,7 +511,8 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
         st = dict(stages)
         st["decode"] = stages["decode"][:len(toks) - 1]
         st["sharer_decode"] = stages["sharer_decode"][:max(len(notes[i]) - 1, 0)]
-        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i], peak)
+        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i], peak,
+                         wall0, wall1)
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         out.append(gen)
     return out
@@ -538,23 +546,26 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
     if on_progress:
         on_progress(0, total, None)
     try:
-        if jobs:
-            spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
-            meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
-            for m in modes:
-                for _ in range(cfg.warmup):
-                    generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
-        for todo, r, m in jobs:
-            if should_stop and should_stop():
-                break
-            gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing))
-            for it, g in zip(todo, gens):
-                rec = make_record(pipe, it, m, r, g, meta)
-                if writer:
-                    writer.write(rec)
-                out.append(rec)
-                if on_progress:
-                    on_progress(len(out), total, rec)
+        with cancel.scope(should_stop):  # a stop also ends the running generation
+            if jobs:
+                spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
+                meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
+                for m in modes:
+                    for _ in range(cfg.warmup):
+                        generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
+            for todo, r, m in jobs:
+                if should_stop and should_stop():
+                    break
+                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing))
+                for it, g in zip(todo, gens):
+                    rec = make_record(pipe, it, m, r, g, meta)
+                    if writer:
+                        writer.write(rec)
+                    out.append(rec)
+                    if on_progress:
+                        on_progress(len(out), total, rec)
+    except cancel.Cancelled:
+        pass  # stopped mid-generation: that batch has no records; the others are kept
     except torch.OutOfMemoryError:
         sync_safe(pipe)
         raise OutOfMemory(

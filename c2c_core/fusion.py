@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from . import cancel
 from .projector import Fuser
 from .timing import Timer
 
@@ -94,12 +95,15 @@ def c2c_prefill(receiver, sharer, fuser: Fuser | None, ids: torch.Tensor,
         with timer.span("base_prefill"):
             prefill_cache(receiver, r_emb[:, :n], r_cache)
         if sharer is not None and fuser is not None:
+            cancel.check()
             s_emb = embed(sharer, ids[:, :n], timer, "teacher_embedding")
             s_cache = new_cache(sharer)
             with timer.span("teacher_prefill"):
                 prefill_cache(sharer, s_emb, s_cache)
+            cancel.check()
             calls = project(fuser, r_cache, s_cache, n, timer)
             del s_cache
+        cancel.check()
     with timer.span("base_prefill"):
         logits = last_logits(receiver, r_emb[:, n:], r_cache)
     return r_cache, logits, calls

@@ -15,13 +15,14 @@ import functools
 import os
 import platform
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
 
-from . import __version__
+from . import __version__, cancel
 from .config import RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, plain_prefill, sample
@@ -47,6 +48,8 @@ class Generation:
     projector_calls: int = 0
     sharer_tokens: list[int] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    wall_start: float = 0.0   # time.time() at the start and end of the generation, so that
+    wall_end: float = 0.0     # records of one server can be checked for overlap
     batch_size: int = 1                          # the fast engine generates batches
     batch_index: int = 0
     batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
@@ -83,6 +86,7 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
         on_first()
     tokens = [tid]
     while len(tokens) < n_max and (g.ignore_eos or tid not in eos):
+        cancel.check()  # Stop / a client gone: end within one decode step
         with timer.span(stage):
             logits = decode_step(model, tok, cache)
             tok = sample(logits, g.do_sample, g.temperature, g.top_p, g.top_k, generator)
@@ -112,6 +116,8 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
     ttft: list[int] = []
     mark_first = lambda: ttft.append(now_ns())  # noqa: E731
 
+    cancel.check()
+    wall0 = time.time()
     t0 = now_ns()
     if item.input_ids is not None:
         ids = list(item.input_ids)
@@ -152,13 +158,15 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
         else:
             raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
     t_end = now_ns()
+    wall1 = time.time()
     stages = timer.finish()
     peak = None
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     elif rss0 is not None:
         peak = max(_rss() - rss0, 0) / 2**20
-    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak)
+    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens, peak,
+                      wall0, wall1)
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
@@ -298,7 +306,9 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         "model_config": {"base_model": pipe.info["receiver"], "teacher_model": pipe.info["sharer"]},
         "timing": timing,
         "decode_step_times_ms": steps,
-        "run": meta,
+        # the invocation's metadata, plus when this generation ran (Unix seconds)
+        "run": {**meta, "gen_start_unix": round(g.wall_start, 6),
+                "gen_end_unix": round(g.wall_end, 6)},
         "batch_size": g.batch_size,
         "batch_index": g.batch_index,
     }
@@ -367,17 +377,20 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     if on_progress:
         on_progress(0, total, None)
     try:
-        if jobs and cfg.warmup:
-            warm_up(pipe, cfg, jobs[0][0], modes)
-        for k, (it, r, m) in enumerate(jobs):
-            if should_stop and should_stop():
-                break
-            rec = run_one(pipe, cfg, it, m, r, meta)
-            if writer:
-                writer.write(rec)
-            out.append(rec)
-            if on_progress:
-                on_progress(k + 1, total, rec)
+        with cancel.scope(should_stop):  # a stop also ends the running generation
+            if jobs and cfg.warmup:
+                warm_up(pipe, cfg, jobs[0][0], modes)
+            for k, (it, r, m) in enumerate(jobs):
+                if should_stop and should_stop():
+                    break
+                rec = run_one(pipe, cfg, it, m, r, meta)
+                if writer:
+                    writer.write(rec)
+                out.append(rec)
+                if on_progress:
+                    on_progress(k + 1, total, rec)
+    except cancel.Cancelled:
+        pass  # stopped mid-generation: that generation has no record; the others are kept
     except torch.OutOfMemoryError:
         sync_safe(pipe)
         raise OutOfMemory(

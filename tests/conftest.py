@@ -113,10 +113,14 @@ def app_server(tiny_cfg_kwargs, tmp_path_factory):
     pytest.importorskip("gradio")
     from c2c_core.ui import build_app, common, launch_kwargs
     saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    # the tiny models are local folders: this server's operator allows server paths
+    mp = pytest.MonkeyPatch()
+    mp.setenv("C2C_ALLOW_LOCAL_PATHS", "1")
     demo = build_app(defaults=tiny_cfg_kwargs)
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                 **launch_kwargs())
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
+    mp.undo()
     common.SESSION_ROOT = saved

@@ -197,7 +197,7 @@ def test_waiting_job_shows_its_queue_place(page, app_url):
         page.wait_for_timeout(300)
         page.click("#profile-run")
         text = wait_text(page, "#profile-status", "queue: 1/", timeout=15_000)
-        assert "Waiting for the model" in text
+        assert "Submitted: one model job runs at a time" in text
         shot(page, "07_waiting_in_queue")
     finally:
         job.result()

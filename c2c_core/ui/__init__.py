@@ -14,9 +14,12 @@ import threading
 import gradio as gr
 
 from ..config import build_run_config, default_preset
-from . import batch_tab, dataset_tab, model_panel, profile_tab, results_tab, sweep_tab
+from . import batch_tab, dataset_tab, guard, model_panel, profile_tab, results_tab, sweep_tab
 from .common import (MAX_UPLOAD, MODEL_QUEUE, MODELS, WAITING_JS, enable_download, end_session,
-                     gpu, purge_old_sessions, show_files)
+                     gpu, purge_old_sessions, show_files, validator)
+
+#: Jobs waiting in gradio's queue at most (a full queue refuses new ones at once).
+MAX_QUEUE = guard._env_int("C2C_MAX_QUEUE", 64)
 
 TITLE = "C2C timing workbench"
 INTRO = ("Time **Cache-to-Cache** inference stage by stage: the receiver and the sharer prefill"
@@ -42,8 +45,11 @@ footer { display: none !important; }
 
 def launch_kwargs() -> dict:
     """Keyword arguments for `demo.launch()` (host and port stay with gradio's settings)."""
+    from starlette.middleware import Middleware
     return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
-            "max_file_size": MAX_UPLOAD}
+            "max_file_size": MAX_UPLOAD,
+            # total bytes per upload request (max_file_size is per file)
+            "app_kwargs": {"middleware": [Middleware(guard.UploadLimit)]}}
 
 
 def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
@@ -55,6 +61,9 @@ def preload(defaults: dict | None = None, background: bool = True) -> threading.
                            **{k: v for k, v in d.items() if k in (
                                "device", "dtype", "hidden_dim", "intermediate_dim",
                                "num_layers")})
+
+    if guard.models_fixed():
+        MODELS.fix(cfg)  # the operator's pair: clients can neither swap nor unload it
 
     def work():
         try:
@@ -95,7 +104,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
             with gr.Tab("Results", id="results") as results_tab_item:
                 res = results_tab.build_results_tab()
         _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item)
-    demo.queue(default_concurrency_limit=4)
+    demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
     return demo
 
 
@@ -109,7 +118,7 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
                         api_visibility="private", queue=False)
     panel.load.click(gpu()(model_panel.load_models), inputs_kwargs=panel.inputs(),
                      outputs=panel.status, api_name="load_models", show_progress_on=panel.status,
-                     **model_job)
+                     validator=validator(model_panel.check_load), **model_job)
     # the status line follows a background load (app start) until the models are in
     poll = gr.Timer(2.0, active=False)
     demo.load(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
@@ -124,18 +133,22 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
 
     ev_prof = waiting(prof.run, prof.status).then(
         gpu()(profile_tab.run_profile), inputs=[prof.prompt], inputs_kwargs=model_kw,
-        outputs=prof.outputs(), api_name="profile", show_progress_on=[prof.status], **model_job)
+        outputs=prof.outputs(), api_name="profile", show_progress_on=[prof.status],
+        validator=validator(profile_tab.check_profile), **model_job)
     ev_batch = waiting(batch.run, batch.status).then(
         gpu()(batch_tab.run_batch), inputs=[batch.prompts], inputs_kwargs=model_kw,
-        outputs=batch.outputs(), api_name="batch", show_progress_on=[batch.status], **model_job)
+        outputs=batch.outputs(), api_name="batch", show_progress_on=[batch.status],
+        validator=validator(batch_tab.check_batch), **model_job)
     ev_data = waiting(data.run, data.status).then(
         gpu(600)(dataset_tab.run_dataset), inputs=list(data.inputs().values()),
         inputs_kwargs=model_kw, outputs=data.outputs(), api_name="dataset",
-        show_progress_on=[data.status], **model_job)
+        show_progress_on=[data.status], validator=validator(dataset_tab.check_dataset),
+        **model_job)
     ev_sweep = waiting(sweep.run, sweep.status).then(
         gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens, sweep.batch_sizes],
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
-        show_progress_on=[sweep.status], **model_job)
+        show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
+        **model_job)
     data.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
                     concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,

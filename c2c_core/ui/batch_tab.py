@@ -11,6 +11,8 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
+from ..runner import modes_of
+from . import guard
 from .common import (download_button, new_run_path, plot, status_md, ui_message,
                      records_table, run_config, sized, stream_records, user_error)
 
@@ -47,15 +49,25 @@ def render(recs: list[dict], status: str, file):
     return status, records_table(recs), fig, file
 
 
+def check_batch(prompts: str, **settings):
+    """The batch's checks that need no model (also its validator: run before it queues)."""
+    guard.check_prompt_text(prompts, "The prompt list")
+    lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+    guard.check_prompts(lines)
+    cfg = run_config(settings)
+    guard.check_job_size(len(lines), cfg.repeats, len(modes_of(cfg)))
+    return lines, cfg
+
+
 def run_batch(prompts: str, request: gr.Request, progress=gr.Progress(), **settings):
     """Run the prompt list (one per line); yields status, table, figure, JSONL as it goes."""
     try:
-        lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        lines, cfg = check_batch(prompts, **settings)
         items = resolve_prompts(prompts=lines)
-        cfg = run_config(settings)
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
         yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "batch")
-    yield from stream_records(cfg, items, path, progress, render, unit="generation")
+    yield from stream_records(cfg, items, path, progress, render, unit="generation",
+                              request=request)

@@ -5,6 +5,7 @@ tables with units, and error messages said in the page.
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import os
@@ -21,9 +22,10 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
-from .. import analysis
+from .. import analysis, cancel
 from ..config import RunConfig, build_run_config
 from ..errors import UserError
+from . import guard
 
 #: Largest upload accepted (gradio checks it before our code sees the file).
 MAX_UPLOAD = "50mb"
@@ -31,9 +33,14 @@ MAX_UPLOAD = "50mb"
 MODEL_QUEUE = "model"
 #: From this many new tokens on, progress also moves per token (a forward hook counts them).
 LONG_GENERATION = 128
-#: Minimum seconds between table refreshes / file snapshots while a run streams records.
+#: Minimum seconds between table refreshes while a run streams records. The results file is
+#: handed to the page once, at the end (each hand-over copies it into gradio's cache).
 TABLE_EVERY_S = 0.5
-FILE_EVERY_S = 10.0
+#: A running job says something to gradio at least this often, so that a client that went away
+#: is noticed (gradio checks after each update) and its generation stopped within a step.
+ALIVE_EVERY_S = 1.0
+#: Seconds between checks of the session's disk quota while a run writes records.
+DISK_EVERY_S = 5.0
 #: Keep session folders at most this long (API clients never send "tab closed").
 SESSION_MAX_AGE_S = 24 * 3600
 
@@ -74,11 +81,12 @@ UI_WORDS = {
 # --- messages ------------------------------------------------------------------------------
 
 def ui_message(err: BaseException | str) -> str:
-    """A core UserError's sentence with the CLI flag names replaced by the page's labels."""
+    """A core UserError's sentence with the CLI flag names replaced by the page's labels, and
+    no server paths (unless the operator allowed them)."""
     msg = str(err)
     for flag, words in UI_WORDS.items():
         msg = msg.replace(flag, words)
-    return msg
+    return guard.scrub_paths(msg)
 
 
 def status_md(text: str, kind: str = "info") -> str:
@@ -98,10 +106,34 @@ def user_error(err: BaseException) -> gr.Error:
     return gr.Error(ui_message(err), print_exception=False)
 
 
+def validator(check: Callable) -> Callable:
+    """An endpoint's validator (gradio runs it before the job enters the queue, so a refusal
+    comes back at once even while another job holds the model): `check` takes the endpoint's
+    inputs and raises UserError."""
+    def validate(*args, **kwargs):
+        # gradio wants one answer per input, in input order (the positional ones, then the
+        # keyword ones); the refused input says why, else the first one does
+        n, at = len(args) + len(kwargs), 0
+        try:
+            check(*args, **kwargs)
+        except UserError as e:
+            msg = ui_message(e)
+            field = getattr(e, "field", None)
+            if field in kwargs:
+                at = len(args) + list(kwargs).index(field)
+        except Exception as e:  # noqa: BLE001 - a validator must never show a traceback
+            msg = f"These settings could not be read ({type(e).__name__}); check them."
+        else:
+            return [gr.validate(True, "") for _ in range(n)]
+        return [gr.validate(i != at, msg if i == at else "") for i in range(n)]
+    validate.__name__ = f"validate_{getattr(check, '__name__', 'inputs')}"
+    return validate
+
+
 #: Said in a run's status line the moment its button is clicked (in the browser, so it shows
 #: while the job waits for the model queue; the queue box beside it gives the place).
-WAITING_JS = ("() => 'Waiting for the model: one job runs at a time (your place in the queue is"
-              " shown on the right).'")
+WAITING_JS = ("() => 'Submitted: one model job runs at a time (your place in the queue is shown"
+              " on the right); a setting this server refuses is marked in red at its box.'")
 
 
 # --- sessions ------------------------------------------------------------------------------
@@ -165,39 +197,44 @@ def purge_old_sessions(max_age_s: float = SESSION_MAX_AGE_S) -> None:
 
 # --- stop flags (Stop button; closing the tab) ---------------------------------------------
 
-_STOPS: dict[str, threading.Event] = {}
+_STOPS: dict[str, set[threading.Event]] = {}
 _STOPS_LOCK = threading.Lock()
 
 
 def stop_flag(request: gr.Request | None) -> threading.Event:
-    """A fresh stop flag for the session's new run."""
+    """A fresh stop flag for one of the session's runs (Stop and closing the tab set it)."""
     ev = threading.Event()
     with _STOPS_LOCK:
-        _STOPS[session_id(request)] = ev
+        _STOPS.setdefault(session_id(request), set()).add(ev)
     return ev
 
 
 def clear_stop(request: gr.Request | None, ev: threading.Event) -> None:
     """The run that owned `ev` is over: a later Stop has nothing to stop."""
+    sid = session_id(request)
     with _STOPS_LOCK:
-        if _STOPS.get(session_id(request)) is ev:
-            del _STOPS[session_id(request)]
+        flags = _STOPS.get(sid)
+        if flags is not None:
+            flags.discard(ev)
+            if not flags:
+                del _STOPS[sid]
 
 
 def request_stop(request: gr.Request | None) -> bool:
+    """Stop every run of this session; False when none was running."""
     with _STOPS_LOCK:
-        ev = _STOPS.get(session_id(request))
-    if ev is None:
-        return False
-    ev.set()
-    return True
+        flags = list(_STOPS.get(session_id(request), ()))
+    for ev in flags:
+        ev.set()
+    return bool(flags)
 
 
 def end_session(request: gr.Request | None) -> None:
-    """The tab was closed: stop its run and remove its folder."""
+    """The tab was closed: stop its runs and remove its folder."""
     request_stop(request)
     with _STOPS_LOCK:
         _STOPS.pop(session_id(request), None)
+    guard.forget_session(session_id(request))
     shutil.rmtree(os.path.join(SESSION_ROOT, session_id(request)), ignore_errors=True)
 
 
@@ -215,7 +252,17 @@ def _clean(key: str, v: Any) -> Any:
 
 
 def run_config(settings: dict, **fixed) -> RunConfig:
-    """Model panel + run settings (API keyword names) → RunConfig via build_run_config."""
+    """Model panel + run settings (API keyword names) → RunConfig via build_run_config, after
+    the app's own checks: names a client may give (guard), the server's caps, and the
+    operator's fixed models. Cheap: also used as the endpoints' validators."""
+    guard.check_model_settings(settings)
+    cfg = _run_config(settings, **fixed)
+    guard.check_new_tokens(cfg.gen.max_new_tokens)
+    MODELS.check_allowed(cfg)
+    return cfg
+
+
+def _run_config(settings: dict, **fixed) -> RunConfig:
     kw: dict[str, Any] = {}
     for ui_key, cfg_key in MODEL_FIELDS.items():
         if ui_key in settings:
@@ -232,14 +279,22 @@ def run_config(settings: dict, **fixed) -> RunConfig:
 # --- the loaded models ---------------------------------------------------------------------
 
 class ModelManager:
-    """Holds one Pipeline for the whole app; reloads only when the model settings change."""
+    """Holds one Pipeline for the whole app; reloads only when the model settings change.
+
+    With `fix(cfg)` (a Space, or C2C_FIXED_MODELS=1) the operator's pair is the only one:
+    any other is refused before it could evict it. Otherwise a new pair is checked first
+    (names, configs, tokenizers) and swapped in after; if its load still fails, the previous
+    pair is loaded back, so a bad request never leaves the app without models."""
 
     def __init__(self):
         self._lock = threading.RLock()
         self.pipe = None
+        self.cfg: RunConfig | None = None
         self.key: str | None = None
         self.load_s: float | None = None
         self.loading: str | None = None
+        self.fixed_key: str | None = None
+        self.fixed_label: str | None = None
 
     @staticmethod
     def key_of(cfg: RunConfig) -> str:
@@ -249,24 +304,54 @@ class ModelManager:
         return json.dumps([asdict(cfg.receiver), asdict(cfg.sharer), asdict(cfg.fuser), str(dev),
                            str(dtype), cfg.threads, cfg.attn_implementation], sort_keys=True)
 
+    def fix(self, cfg: RunConfig) -> None:
+        """From now on only cfg's models may be used (the operator's choice)."""
+        self.fixed_key = self.key_of(cfg)
+        self.fixed_label = cfg.preset or f"{cfg.receiver.source} <- {cfg.sharer.source}"
+
+    def check_allowed(self, cfg: RunConfig) -> None:
+        if self.fixed_key is not None and self.key_of(cfg) != self.fixed_key:
+            raise UserError(f"This server's models are fixed by its operator ({self.fixed_label});"
+                            " leave the model settings as they are (preset, receiver, sharer,"
+                            " fuser, device, dtype).")
+
     def get(self, cfg: RunConfig):
         """The pipeline for cfg's models, loading it first when needed (under the lock)."""
-        from ..loading import check_sources, load_pipeline
+        from ..loading import check_sources
+        self.check_allowed(cfg)
         check_sources(cfg)  # a typo fails in milliseconds, before dropping what is loaded
         key = self.key_of(cfg)
         with self._lock:
             if self.pipe is not None and self.key == key:
                 return self.pipe
-            self.loading = f"{cfg.receiver.source} ← {cfg.sharer.source}"
+            preflight(cfg)  # configs, tokenizer, fuser files: still without dropping anything
+            old = self.cfg
             try:
-                self.pipe, self.key = None, None
-                _free_memory()
-                t0 = time.perf_counter()
-                self.pipe = load_pipeline(cfg)
-                self.key, self.load_s = key, time.perf_counter() - t0
-            finally:
-                self.loading = None
-            return self.pipe
+                return self._load(cfg, key)
+            except Exception as e:  # noqa: BLE001 - put the working pair back, then report
+                if old is None or isinstance(e, cancel.Cancelled):
+                    raise
+                try:
+                    self._load(old, self.key_of(old))
+                except Exception:  # noqa: BLE001 - nothing more we can do; say the first error
+                    raise e from None
+                msg = ui_message(e) if isinstance(e, UserError) else \
+                    f"{type(e).__name__} while loading {cfg.receiver.source}"
+                raise UserError(f"{msg.rstrip('.')}; the previous models are loaded again.") \
+                    from None
+
+    def _load(self, cfg: RunConfig, key: str):
+        from ..loading import load_pipeline
+        self.loading = f"{cfg.receiver.source} ← {cfg.sharer.source}"
+        try:
+            self.pipe, self.key, self.cfg = None, None, None
+            _free_memory()
+            t0 = time.perf_counter()
+            self.pipe = load_pipeline(cfg)
+            self.key, self.cfg, self.load_s = key, cfg, time.perf_counter() - t0
+        finally:
+            self.loading = None
+        return self.pipe
 
     def status(self) -> str:
         if self.loading:
@@ -276,8 +361,42 @@ class ModelManager:
                     " *Load models*).")
         note = self.pipe.info.get("fuser_note")
         took = f" · loaded in {self.load_s:.1f} s" if self.load_s is not None else ""
-        text = f"**Models:** {self.pipe.describe()}{took}"
-        return text + (f"  \n**Note:** {note}." if note else "")
+        fixed = " · fixed by the operator" if self.fixed_key else ""
+        text = f"**Models:** {self.pipe.describe()}{took}{fixed}"
+        return guard.scrub_paths(text + (f"  \n**Note:** {note}." if note else ""))
+
+
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked without loading weights: each model's config and tokenizer, the
+    fuser's files. Raises a UserError; loads nothing into memory that matters."""
+    from ..loading import _from_pretrained, load_tokenizer, source_kind
+    from transformers import AutoConfig
+    for spec, role in ((cfg.receiver, "Receiver"), (cfg.sharer, "Sharer")):
+        if source_kind(spec.source) == "pretrained":
+            _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
+                             revision=spec.revision)
+    try:
+        load_tokenizer(cfg.receiver)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a folder without a tokenizer, a broken file
+        raise UserError(f"The receiver's tokenizer could not be read ({type(e).__name__});"
+                        " check the receiver.") from None
+    src = cfg.fuser.source
+    if src and src.startswith("hub:"):
+        from ..loading import _snapshot
+        parts = src[4:].split("/")
+        if len(parts) >= 3:
+            folder = _snapshot("/".join(parts[:2]), "/".join(parts[2:]), src)
+            if not os.path.isfile(os.path.join(folder, *parts[2:], "projector_config.json")) \
+                    and not os.path.isfile(os.path.join(folder, *parts[2:], "final",
+                                                        "projector_config.json")):
+                raise UserError(f"Fuser {src} has no projector_config.json; check the"
+                                " subfolder.")
+    elif src and not os.path.isfile(os.path.join(src, "projector_config.json")) and \
+            not os.path.isfile(os.path.join(src, "final", "projector_config.json")):
+        raise UserError(f"Fuser folder {src} has no projector_config.json; pass a fuser folder"
+                        " or untrained.")
 
 
 def _free_memory() -> None:
@@ -314,10 +433,20 @@ def token_counter(pipe, enabled: bool) -> Iterator[list[int]]:
             h.remove()
 
 
+#: One model job at a time, for real: gradio's queue slot frees when a client goes away, but
+#: the next job's worker waits here until the previous generation has actually ended.
+RUN_LOCK = threading.Lock()
+#: (start, end) perf_counter seconds of the last model jobs, held RUN_LOCK to release (tests
+#: and the abuse check read it to prove that no two jobs overlapped).
+JOB_LOG: "collections.deque[tuple[float, float]]" = collections.deque(maxlen=256)
+
+
 class Job:
     """Runs `work(job)` in a worker thread so a callback can keep yielding (records as they
     arrive, progress ticks) while the model works. `work` passes `job.on_progress` and
-    `job.stop.is_set` to `run_many`, and may point `job.tokens` at a token counter."""
+    `job.stop.is_set` to `run_many`, and may point `job.tokens` at a token counter. The work
+    runs under RUN_LOCK and a cancel scope: setting `job.stop` ends it within one decode
+    step."""
 
     _END = object()
 
@@ -334,7 +463,9 @@ class Job:
         self.started = time.perf_counter()
         self.record_at: list[float] = []   # when each record arrived (for the ETA)
         self.tokens = [0]
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.cancelled = False
+        self.ended: float | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="c2c-job")
 
     def on_progress(self, done: int, total: int, rec: dict | None) -> None:
         self.done, self.total = done, total
@@ -349,10 +480,25 @@ class Job:
 
     def _run(self) -> None:
         try:
-            self.result = self.work(self)
+            if not RUN_LOCK.acquire(blocking=False):
+                self.phase = "waiting"
+                while not RUN_LOCK.acquire(timeout=0.1):
+                    if self.stop.is_set():
+                        raise cancel.Cancelled()
+            t0 = time.perf_counter()
+            self.phase = "loading models"
+            try:
+                with cancel.scope(self.stop.is_set):
+                    self.result = self.work(self)
+            finally:
+                JOB_LOG.append((t0, time.perf_counter()))
+                RUN_LOCK.release()
+        except cancel.Cancelled:
+            self.cancelled = True
         except BaseException as e:  # noqa: BLE001 - handed to the callback's thread
             self.error = e
         finally:
+            self.ended = time.perf_counter()
             self.q.put(self._END)
 
     def events(self, tick: float = 0.25) -> Iterator[list[dict]]:
@@ -387,6 +533,8 @@ class Job:
         return min((self.done + part) / self.total, 1.0)
 
     def describe(self, unit: str = "generation") -> str:
+        if self.phase == "waiting":
+            return "Waiting for the previous job to end…"
         if self.phase == "loading models":
             return "Loading models…"
         if self.phase == "warming up":
@@ -522,15 +670,21 @@ def space_runtime() -> bool:
 
 def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
                    stop: threading.Event | None = None, unit: str = "generation",
-                   runner: Callable | None = None):
+                   runner: Callable | None = None, request: gr.Request | None = None):
     """Run `items` into `path` in a worker thread and yield `render(records, status, file)` as
-    records arrive (throttled), then once more at the end. A Stop ends the run after the
-    current generation; a UserError is said in the status line and raised as gr.Error. Every
-    record is in the file (written and flushed by run_many) whatever happens. `runner` replaces
-    run_many (same arguments after the items), e.g. a length sweep."""
+    records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
+    that goes away ends the run within one decode step; the session's disk quota ends it too.
+    A UserError is said in the status line and raised as gr.Error. Every finished record is in
+    the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
+    (same arguments after the items), e.g. a length sweep."""
     from ..records import JsonlWriter
     from ..runner import run_many
     per_item = tokens_per_item(cfg)
+    folder = os.path.dirname(path)
+    guard.check_disk(folder)
+    own_stop = stop is None
+    stop = stop if stop is not None else stop_flag(request)
+    full = threading.Event()
 
     def work(job: Job):
         pipe = MODELS.get(cfg)
@@ -541,35 +695,50 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
 
     job = Job(work, stop, cfg.warmup)
     recs: list[dict] = []
-    last_table = last_file = time.perf_counter()
-    yield render([], status_md("Started: loading models and warming up if needed…", "run"),
-                 gr.skip())
+    first = render([], status_md("Started: loading models and warming up if needed…", "run"),
+                   gr.skip())
+    alive = tuple(gr.skip() for _ in first)
+    yield first
+    last_table = last_yield = last_disk = time.perf_counter()
     try:
         for batch in job.events():
             recs.extend(batch)
             progress(job.fraction(per_item), desc=job.describe(unit))
             now = time.perf_counter()
+            if now - last_disk >= DISK_EVERY_S:
+                last_disk = now
+                if guard.over_disk(folder):
+                    full.set()
+                    job.stop.set()
             if batch and now - last_table >= TABLE_EVERY_S:
-                last_table = now
-                file = gr.skip()
-                if now - last_file >= FILE_EVERY_S:
-                    file, last_file = path, now
+                last_table = last_yield = now
                 msg = f"Running: {len(recs)} of {job.total} record(s) done…"
-                yield render(recs, status_md(msg, "run"), file)
+                yield render(recs, status_md(msg, "run"), gr.skip())
                 # a yield turns the page's progress bar into a "generating" border: redraw it
                 progress(job.fraction(per_item), desc=job.describe(unit))
+            elif now - last_yield >= ALIVE_EVERY_S:
+                last_yield = now
+                yield alive  # lets gradio notice a client that went away
     except UserError as e:
         kept = f" {len(recs)} finished record(s) are in the download." if recs else ""
         yield render(recs, status_md(ui_message(e) + kept, "error"), path if recs else None)
         raise user_error(e) from None
-    except GeneratorExit:  # the page went away: let the worker finish its generation and stop
+    except GeneratorExit:  # the client went away: its generation stops within a decode step
         job.stop.set()
         raise
-    if job.stop.is_set() and len(recs) < job.total:
+    finally:
+        if own_stop:
+            clear_stop(request, stop)
+    if full.is_set():
+        msg = status_md(f"**Stopped:** this session's results reached the disk limit"
+                        f" ({guard.limit('session_disk_mb')} MB, C2C_SESSION_DISK_MB) after"
+                        f" {len(recs)} record(s); download them and reload the page for a new"
+                        " session.", "warn")
+    elif (job.stop.is_set() or job.cancelled) and len(recs) < job.total:
         msg = status_md(f"**Stopped** after {len(recs)} of {job.total} record(s); the"
                         " finished ones are in the download.")
     else:
         secs = time.perf_counter() - job.started
         msg = status_md(f"**Done:** {len(recs)} record(s) in {fmt_seconds(secs)}, written to"
                         f" `{os.path.basename(path)}`.", "ok")
-    yield render(recs, msg, path)
+    yield render(recs, msg, path if os.path.exists(path) else None)

@@ -11,7 +11,9 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import FILE_TYPES, resolve_prompts, skipped_note
-from .common import (clear_stop, download_button, integer_counts, new_run_path, plot, status_md,
+from ..runner import modes_of
+from . import guard
+from .common import (clear_stop, session_id, download_button, integer_counts, new_run_path, plot, status_md,
                      records_table, request_stop, run_config, sized, stop_flag,
                      stream_records, ui_message, user_error)
 
@@ -70,7 +72,7 @@ def build_dataset_tab() -> DatasetTab:
         run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=4)
         stop = gr.Button("Stop", variant="stop", elem_id="dataset-stop", scale=1, min_width=110)
         file = download_button("dataset-file-out", scale=1, min_width=200)
-    status = gr.Markdown("Stop ends the run after the current generation; the finished records"
+    status = gr.Markdown("Stop ends the run within one decode step; the finished records"
                          " stay downloadable.", label="status", elem_id="dataset-status",
                          elem_classes=["c2c-status"], min_height=56)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
@@ -86,12 +88,32 @@ def render(recs: list[dict], status: str, file):
     return status, records_table(recs), fig, file
 
 
+def check_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
+                  prompt_file: str | None = None, num_samples: float | None = 10,
+                  offset: float | None = 0, text_field: str = "", skip_bad_lines: bool = False,
+                  **settings):
+    """The dataset run's checks that need no model and no data (also its validator)."""
+    if source not in ("hf", "file"):
+        raise UserError("'Prompts from' must be 'Hugging Face dataset' or 'Uploaded file'.")
+    if source == "hf":
+        guard.check_dataset_name(dataset_name, dataset_config, split)
+    guard.check_short(text_field, "Text field")
+    cfg = run_config(settings)
+    if num_samples:
+        guard.check_job_size(int(num_samples), cfg.repeats, len(modes_of(cfg)))
+    return cfg
+
+
 def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
                 prompt_file: str | None = None, num_samples: float | None = 10,
                 offset: float | None = 0, text_field: str = "", skip_bad_lines: bool = False,
                 request: gr.Request = None, progress=gr.Progress(), **settings):
     """Run a dataset selection; yields status, table, histogram, JSONL as records arrive."""
     try:
+        cfg = check_dataset(source, dataset_name, dataset_config, split, prompt_file,
+                            num_samples, offset, text_field, skip_bad_lines, **settings)
+        if source == "file" and prompt_file:
+            guard.count_upload(session_id(request), [prompt_file])
         kw = dict(field=(text_field or "").strip() or None, offset=int(offset or 0),
                   num_samples=int(num_samples) if num_samples else None,
                   skip_bad_lines=bool(skip_bad_lines))
@@ -108,7 +130,9 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
             items = resolve_prompts(dataset=dataset_name.strip(),
                                     dataset_config=(dataset_config or "").strip() or None,
                                     split=(split or "").strip() or "test", **kw)
-        cfg = run_config(settings)
+        guard.check_job_size(len(items), cfg.repeats, len(modes_of(cfg)))
+        for it in items:
+            guard.check_prompt_text(it.prompt, f"Prompt {it.id}")
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
         yield render([], status_md(ui_message(e), "error"), None)
@@ -120,15 +144,15 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
     stop = stop_flag(request)
     try:
         yield from stream_records(cfg, items, path, progress, render, stop=stop,
-                                  unit="generation")
+                                  unit="generation", request=request)
     finally:
         clear_stop(request, stop)
 
 
 def stop_run(request: gr.Request) -> None:
-    """Ask this session's dataset run to stop after its current generation. Said in a toast:
+    """Ask this session's runs to stop (within one decode step). Said in a toast:
     the run's own last update writes the status line (writing it here could land later)."""
     if request_stop(request):
-        gr.Info("Stopping after the current generation…")
+        gr.Info("Stopping: the running generation ends within one decode step…")
     else:
         gr.Info("Nothing is running.")

@@ -11,6 +11,7 @@ from ..config import PRESETS, FuserSpec, GenerationConfig, default_preset
 from ..records import MODES
 from ..timing import TIMING_METHODS
 from ..errors import UserError
+from . import guard
 from .common import MODELS, error_outputs, run_config, status_md, user_error
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -79,35 +80,44 @@ def build_model_panel(defaults: dict) -> ModelPanel:
     preset = defaults.get("preset") or default_preset()
     p = PRESETS[preset]
     fs = FuserSpec()
+    fixed = guard.models_fixed()
+    can = {"interactive": not fixed}
     gr.Markdown("### Models")
-    preset_dd = gr.Dropdown(list(PRESETS), value=preset, label="Preset", elem_id="preset")
+    if fixed:
+        gr.Markdown("The models on this server are fixed by its operator.",
+                    elem_classes=["c2c-note"])
+    preset_dd = gr.Dropdown(list(PRESETS), value=preset, label="Preset", elem_id="preset", **can)
     note = gr.Markdown(preset_note(preset), elem_classes=["c2c-note"])
     by_hand = bool(defaults.get("base_model") or defaults.get("teacher_model")
                    or defaults.get("fuser"))
     with gr.Accordion("Choose models by hand", open=by_hand):
         receiver = gr.Textbox(value=defaults.get("base_model") or "", label="Receiver (base)",
-                              placeholder=f"preset: {p.receiver.source}", elem_id="receiver",
-                              info="blank = the preset's; hub id, local folder, .gguf, smollm2"
-                                   " or dummy:<config>")
+                              placeholder=f"preset: {p.receiver.source}", elem_id="receiver", **can,
+                              info="blank = the preset's; hub id, smollm2 or dummy:<config>"
+                                   + ("; or a local folder / .gguf"
+                                      if guard.local_paths_allowed() else ""))
         sharer = gr.Textbox(value=defaults.get("teacher_model") or "", label="Sharer (teacher)",
-                            placeholder=f"preset: {p.sharer.source}", elem_id="sharer")
+                            placeholder=f"preset: {p.sharer.source}", elem_id="sharer", **can)
         fuser = gr.Textbox(value=defaults.get("fuser") or "", label="Fuser",
                            placeholder=f"preset: {p.fuser.source or 'untrained'}",
-                           elem_id="fuser", info="folder, hub:<repo>/<subfolder> or untrained")
+                           elem_id="fuser", **can,
+                           info="hub:<owner>/<repo>/<subfolder> or untrained"
+                                + ("; or a folder" if guard.local_paths_allowed() else ""))
         gr.Markdown("Untrained fuser size", elem_classes=["c2c-note"])
         with gr.Row():
             hidden = gr.Number(defaults.get("hidden_dim") or fs.hidden_dim, label="hidden",
-                               precision=0, minimum=1, min_width=70)
+                               precision=0, minimum=1, min_width=70, **can)
             inter = gr.Number(defaults.get("intermediate_dim") or fs.intermediate_dim,
-                              label="FFN", precision=0, minimum=1, min_width=70)
+                              label="FFN", precision=0, minimum=1, min_width=70, **can)
             layers = gr.Number(defaults.get("num_layers") or fs.num_layers, label="layers",
-                               precision=0, minimum=1, min_width=70)
+                               precision=0, minimum=1, min_width=70, **can)
     with gr.Row():
         device = gr.Dropdown(DEVICES, value=defaults.get("device") or "auto", label="Device",
-                             allow_custom_value=True, min_width=100)
+                             allow_custom_value=True, min_width=100, **can)
         dtype = gr.Dropdown(DTYPES, value=defaults.get("dtype") or "auto", label="Dtype",
-                            min_width=100)
-    load = gr.Button("Load models", variant="secondary", elem_id="load-models", size="md")
+                            min_width=100, **can)
+    load = gr.Button("Load models", variant="secondary", elem_id="load-models", size="md",
+                     visible=not fixed)
     return ModelPanel(preset_dd, receiver, sharer, fuser, device, dtype, hidden, inter, layers,
                       note, load, None)  # type: ignore[arg-type]
 
@@ -165,6 +175,10 @@ def on_preset(name: str):
             gr.update(placeholder=f"preset: {p.sharer.source}"),
             gr.update(placeholder=f"preset: {p.fuser.source or 'untrained'}"),
             preset_note(name))
+
+
+def check_load(**settings) -> None:
+    run_config(settings)
 
 
 def load_models(progress=gr.Progress(), **settings):

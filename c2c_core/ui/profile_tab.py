@@ -4,6 +4,7 @@ latency line, and the JSONL / TSV / Chrome trace / op-stats downloads."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -13,8 +14,10 @@ from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
 from ..records import MODES
-from .common import (MODELS, Job, error_outputs, new_run_path, plot, run_config, sized,
-                     status_md, token_counter, tokens_per_item, user_error)
+from . import guard
+from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, new_run_path, plot,
+                     run_config, session_dir, sized, status_md, stop_flag, token_counter,
+                     tokens_per_item, user_error)
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
               " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
@@ -85,13 +88,21 @@ def summary_line(rec: dict, pipe) -> str:
             f" {str(pipe.dtype).removeprefix('torch.')}.")
 
 
+def check_profile(prompt: str, **settings):
+    """The profile's checks that need no model (also its validator: run before it queues)."""
+    guard.check_prompt_text(prompt)
+    return run_config(settings, repeats=1)
+
+
 def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **settings):
     """Profile one prompt: status, response, stage table, two figures and the 4 files (a
     generator only so that a failure can say itself in the status line before raising)."""
     from ..profiling import profile_item, profile_paths
+    stop = None
     try:
+        cfg = check_profile(prompt, **settings)
         items = resolve_prompts(prompt=prompt or "")
-        cfg = run_config(settings, repeats=1)
+        guard.check_disk(session_dir(request))
         path = new_run_path(request, "profile")
         paths = profile_paths(path, gz=True)
         per_item = tokens_per_item(cfg)
@@ -106,22 +117,37 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         # tokens of all generations: warm-up(s) and timed run per mode, then the profiled run
         modes = len(MODES) if cfg.mode == "all" else 1
         about = per_item * (modes * (cfg.warmup + 1) + 1) if per_item else None
-        job = Job(work)
-        said = None
-        for _ in job.events():
-            if job.phase != said:  # the phase in the status line (a progress bar needs a share)
-                said = job.phase
-                text = "Loading models…" if said == "loading models" else \
-                    "" if about else PROFILE_STEPS  # long runs: the bar says it
-                yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
-            if about and job.phase == "profiling":
-                progress(min(job.tokens[0] / about, 0.99),
-                         desc=f"Profiling (warm-up, timed run, profiled run): token"
-                              f" {job.tokens[0]} of about {about}")
+        stop = stop_flag(request)
+        job = Job(work, stop)
+        said, last = None, time.perf_counter()
+        try:
+            for _ in job.events():
+                if job.phase != said:  # the phase in the status line (a bar needs a share)
+                    said, last = job.phase, time.perf_counter()
+                    text = job.describe() if said in ("loading models", "waiting") else \
+                        "" if about else PROFILE_STEPS  # long runs: the bar says it
+                    yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
+                elif time.perf_counter() - last >= ALIVE_EVERY_S:
+                    last = time.perf_counter()
+                    yield tuple(gr.skip() for _ in range(6))  # gradio notices a client gone
+                if about and job.phase == "profiling":
+                    progress(min(job.tokens[0] / about, 0.99),
+                             desc=f"Profiling (warm-up, timed run, profiled run): token"
+                                  f" {job.tokens[0]} of about {about}")
+        except GeneratorExit:  # the client went away: stop within a decode step
+            stop.set()
+            raise
+        if job.cancelled or job.result is None:
+            yield (status_md("**Stopped** before the profile finished; nothing was recorded."),) \
+                + tuple(gr.skip() for _ in range(5))
+            return
         pipe, (rec, _stats) = job.result
     except UserError as e:
         yield error_outputs(e, 6)
         raise user_error(e) from None
+    finally:
+        if stop is not None:
+            clear_stop(request, stop)
     from ..records import read_records
     recs = read_records(paths.jsonl)
     steps = analysis.steps_frame(recs)

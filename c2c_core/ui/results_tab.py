@@ -13,8 +13,9 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..records import read_records
-from .common import (integer_counts, labelled, plot, session_run_path, session_runs, sized,
-                     status_md, ui_message)
+from . import guard
+from .common import (integer_counts, labelled, plot, session_id, session_run_path, session_runs,
+                     sized, status_md, ui_message)
 
 COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 MODE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
@@ -212,6 +213,10 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tu
 
 def analyze(files, runs, skip_bad_lines, request: gr.Request):
     """Summary table, histogram, stage bars, decode steps, 10 slowest, modes, and A vs B."""
+    try:
+        guard.count_upload(session_id(request), _paths(files))
+    except UserError as e:
+        raise gr.Error(ui_message(e), print_exception=False) from None
     sources, errors = load_sources(files, runs, skip_bad_lines, request)
     if errors:
         gr.Warning(" ".join(errors))

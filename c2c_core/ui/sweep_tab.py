@@ -12,6 +12,8 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..sweep import parse_lengths, run_sweep
+from ..runner import modes_of
+from . import guard
 from .common import (download_button, new_run_path, plot, records_table, status_md, ui_message,
                      run_config, sized, stream_records, user_error)
 
@@ -59,26 +61,41 @@ def render(recs: list[dict], status: str, file):
     return status, records_table(recs), fig, file, bfig
 
 
+def check_sweep(input_lens: str, output_lens: str, batch_sizes: str = "1", **settings):
+    """The sweep's checks that need no model (also its validator: run before it queues)."""
+    guard.check_short(input_lens, "Prompt lengths")
+    guard.check_short(output_lens, "Output lengths")
+    guard.check_short(batch_sizes or "1", "Batch sizes")
+    ins = parse_lengths(input_lens, "Prompt lengths")
+    outs = parse_lengths(output_lens, "Output lengths")
+    bss = parse_lengths(batch_sizes or "1", "Batch sizes")
+    cfg = run_config(settings)
+    for n in outs:
+        if n > 8192:
+            raise UserError(f"Output length {n} is out of range; use 1 to 8192.")
+        guard.check_new_tokens(n)
+    if any(b > 1 for b in bss) and cfg.engine == "eager":
+        raise UserError("Batch sizes above 1 need the fast engine; pick engine fast or auto.")
+    if any(b > 1024 for b in bss):
+        raise UserError(f"Batch sizes {batch_sizes} must be between 1 and 1024.")
+    guard.check_sweep(ins, outs)
+    guard.check_job_size(len(ins) * len(outs) * sum(bss), cfg.repeats, len(modes_of(cfg)))
+    return ins, outs, bss, cfg
+
+
 def run_sweep_ui(input_lens: str, output_lens: str, batch_sizes: str = "1",
                  request: gr.Request = None, progress=gr.Progress(), **settings):
     """Run the length grid; yields status, table, plot and the JSONL as records arrive."""
     try:
-        ins = parse_lengths(input_lens, "Prompt lengths")
-        outs = parse_lengths(output_lens, "Output lengths")
-        bss = parse_lengths(batch_sizes or "1", "Batch sizes")
-        cfg = run_config(settings)
-        if any(b > 1 for b in bss) and cfg.engine == "eager":
-            raise UserError("Batch sizes above 1 need the fast engine; pick engine fast or auto.")
-        for n in outs:
-            if n > 8192:
-                raise UserError(f"Output length {n} is out of range; use 1 to 8192.")
+        ins, outs, bss, cfg = check_sweep(input_lens, output_lens, batch_sizes, **settings)
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
         yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "sweep")
     runner = partial(_grid, ins=ins, outs=outs, bss=bss)
-    yield from stream_records(cfg, [], path, progress, render, unit="generation", runner=runner)
+    yield from stream_records(cfg, [], path, progress, render, unit="generation", runner=runner,
+                              request=request)
 
 
 def _grid(pipe, cfg, _items, *, ins, outs, bss, **kw):

@@ -1,0 +1,43 @@
+"""Cooperative cancellation of a running generation.
+
+A job (the app's worker thread, a CLI run) installs a scope with a predicate such as
+`stop_event.is_set`; the generation code calls `check()` before every decode step, before each
+prefill and between projections, so a Stop or a client's disconnect ends the work within one
+step. `check()` raises `Cancelled`, which unwinds the generation without writing a record (the
+records already written stay). With no scope installed, `check()` costs one attribute lookup.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+class Cancelled(Exception):
+    """The running job was asked to stop (Stop button, client gone, SIGTERM)."""
+
+
+_local = threading.local()
+
+
+@contextmanager
+def scope(should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Within this block (in this thread), `check()` raises Cancelled once should_stop()."""
+    prev = getattr(_local, "fn", None)
+    _local.fn = should_stop
+    try:
+        yield
+    finally:
+        _local.fn = prev
+
+
+def requested() -> bool:
+    fn = getattr(_local, "fn", None)
+    return bool(fn is not None and fn())
+
+
+def check() -> None:
+    fn = getattr(_local, "fn", None)
+    if fn is not None and fn():
+        raise Cancelled()

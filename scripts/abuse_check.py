@@ -1,0 +1,529 @@
+#!/usr/bin/env python
+"""Try to abuse the web app the way a stranger on a public Space could, and report.
+
+Starts `python app.py` (the offline default pair, no local paths: a Space's settings) on a free
+port with its own temporary folder, then runs every probe: server paths in every input that
+names a thing, oversize inputs, uploads, bad files, clients killed mid-run, parallel clients.
+After each probe it checks that the app still answers. Prints a table probe -> outcome and,
+last, one JSON line with the counts:
+
+    python scripts/abuse_check.py          # every probe (a few minutes on a CPU)
+    python scripts/abuse_check.py --fast   # the subset CI runs (about a minute)
+
+Outcomes: `refused` (one clean sentence, nothing leaked), `ok` (a control that must work did),
+`LEAK` (a server path, a file's content or another session's data came back), `TRACEBACK`
+(a stack trace reached the client), `NOT REFUSED`, `FAILED` (anything else wrong). Exit 0 only
+with no leak, no traceback, nothing failed and the app alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SENTINEL = "C2C-ABUSE-SENTINEL-7f3a"
+
+
+@dataclass
+class Result:
+    probe: str
+    outcome: str
+    detail: str = ""
+    secs: float = 0.0
+
+
+@dataclass
+class Ctx:
+    url: str
+    tmp: str
+    secret_dir: str
+    session_root: str
+    server_log: str
+    results: list[Result] = field(default_factory=list)
+
+    def client(self):
+        from gradio_client import Client
+        return Client(self.url, verbose=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- judging a response -------------------------------------------------------------------------
+
+def leaks(ctx: Ctx, text: str) -> list[str]:
+    found = []
+    if SENTINEL in text:
+        found.append("secret file content")
+    for p in (ctx.tmp, ctx.secret_dir, ctx.session_root, ROOT, sys.prefix, "/etc/", "/usr/",
+              "/root", "root:x:0:0"):
+        if p and p in text:
+            found.append(f"server path {p!r}")
+    return found
+
+
+def has_traceback(text: str) -> bool:
+    return "Traceback (most recent call last)" in text or bool(re.search(r'File "/[^"]+", line', text))
+
+
+def judge_refusal(ctx: Ctx, name: str, fn, max_secs: float | None = None,
+                  must_say: str | None = None, sent: str | None = None) -> Result:
+    t = time.perf_counter()
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - a refusal arrives as an exception of the client
+        secs = time.perf_counter() - t
+        text = f"{type(e).__name__}: {e}"
+        # the client's own text said back to it is no leak; anything else from the server is
+        if (bad := leaks(ctx, text.replace(sent, "<sent>") if sent else text)):
+            return Result(name, "LEAK", "; ".join(bad) + f" | {short(text)}", secs)
+        if has_traceback(text):
+            return Result(name, "TRACEBACK", short(text), secs)
+        if max_secs is not None and secs > max_secs:
+            return Result(name, "FAILED", f"refused, but after {secs:.2f} s (> {max_secs} s)",
+                          secs)
+        if must_say and must_say not in text:
+            return Result(name, "FAILED", f"refused without saying {must_say!r}: {short(text)}",
+                          secs)
+        return Result(name, "refused", short(text), secs)
+    secs = time.perf_counter() - t
+    text = json.dumps(out, default=str)
+    if (bad := leaks(ctx, text)):
+        return Result(name, "LEAK", "; ".join(bad) + f" | {short(text)}", secs)
+    return Result(name, "NOT REFUSED", short(text), secs)
+
+
+def short(text: str, n: int = 150) -> str:
+    t = " ".join(str(text).split())
+    m = re.search(r"failed validation:\s*-\s*\w+:\s*(.*)", t)
+    if m:
+        t = m.group(1)
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def call(client, api_name: str, timeout: float = 300, **kw):
+    """client.predict with a bound on the wait (a hung server must not hang the check)."""
+    return client.submit(api_name=api_name, **kw).result(timeout=timeout)
+
+
+def alive(ctx: Ctx) -> bool:
+    try:
+        return httpx.get(ctx.url, timeout=15).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# --- probes -------------------------------------------------------------------------------------
+
+def name_probes(ctx: Ctx) -> list[tuple[str, object, str]]:
+    """(probe, make(value) -> call, value): every text input that names a thing, given a server
+    path. Each runs twice, with the path and with a path that does not exist: the two answers
+    must say the same (else the app tells a client which server paths exist)."""
+    c = ctx.client()
+    sd, sr = ctx.secret_dir, ctx.session_root
+    rel = os.path.relpath(sd, ROOT)
+    batch = lambda key: lambda v: lambda: call(c, prompts="hi", max_new_tokens=2,  # noqa: E731
+                                               api_name="/batch", **{key: v})
+    load = lambda key: lambda v: lambda: call(c, api_name="/load_models", **{key: v})  # noqa: E731
+    data = lambda key: lambda v: lambda: call(c, **{  # noqa: E731
+        "source": "hf", "dataset_name": "gsm8k", "dataset_config": "", "split": "test",
+        "num_samples": 1, key: v}, api_name="/dataset")
+    runs = lambda v: lambda: call(c, files=[], runs=[v], skip_bad_lines=False,  # noqa: E731
+                                  api_name="/analyze")
+    raw_file = lambda api, key, many: lambda v: lambda: raw_call(  # noqa: E731
+        ctx, api, {"source": "file", "num_samples": 1,
+                   key: ([{"path": v, "meta": {"_type": "gradio.FileData"}}] if many else
+                         {"path": v, "meta": {"_type": "gradio.FileData"}})})
+    return [
+        ("dataset name = a server folder with prompts", data("dataset_name"), sd),
+        ("dataset name = the app's session folder", data("dataset_name"), sr),
+        ("dataset name = relative path", data("dataset_name"), rel),
+        ("dataset name = ../ traversal", data("dataset_name"), "../../" + rel),
+        ("dataset name = hub-shaped local folder", data("dataset_name"), "scripts/.."),
+        ("dataset config = path", data("dataset_config"), "../../etc"),
+        ("dataset split = path", data("split"), "../../etc/passwd"),
+        ("receiver = /etc", batch("receiver"), "/etc"),
+        ("receiver = secret folder", batch("receiver"), sd),
+        ("receiver = a .gguf path", batch("receiver"), os.path.join(sd, "model.gguf")),
+        ("receiver = dummy:<absolute config>", batch("receiver"), "dummy:/etc/passwd"),
+        ("receiver = dummy:<../ config>", batch("receiver"), "dummy:../../" + rel + "/c"),
+        ("receiver = ~ path", batch("receiver"), "~/.cache"),
+        ("receiver = relative folder (hub-shaped)", batch("receiver"), "c2c_core/ui"),
+        ("sharer = /usr/lib", batch("sharer"), "/usr/lib"),
+        ("fuser = secret folder", load("fuser"), sd),
+        ("fuser = hub:../../ traversal", load("fuser"), "hub:../../etc/x"),
+        ("fuser = hub:<repo>/../", load("fuser"), "hub:nics-efc/C2C_Fuser/../.."),
+        ("load_models receiver = a folder that is not a model", load("receiver"), sd),
+        ("results: run name = ../ path", runs, "../../" + os.path.basename(sd) + "/prompts.jsonl"),
+        ("results: run name = absolute path", runs, os.path.join(sd, "prompts.jsonl")),
+        ("dataset file = a server path (not uploaded)", raw_file("dataset", "prompt_file", False),
+         os.path.join(sd, "prompts.jsonl")),
+        ("results file = /etc/passwd (not uploaded)", raw_file("analyze", "files", True),
+         "/etc/passwd"),
+    ]
+
+
+def judge_path_probe(ctx: Ctx, name: str, make, value: str) -> Result:
+    """Refused, nothing leaked beyond the echo of what was sent, and the same answer for a
+    path that exists and one that does not."""
+    missing = value.rstrip("/") + "-does-not-exist-91"
+    a = judge_refusal(ctx, name, make(value), sent=value)
+    if a.outcome != "refused":
+        return a
+    b = judge_refusal(ctx, name, make(missing), sent=missing)
+    if a.detail.replace(value, "<sent>") != b.detail.replace(missing, "<sent>"):
+        return Result(name, "LEAK", f"answers differ for an existing and a missing path:"
+                                    f" {a.detail!r} vs {b.detail!r}", a.secs)
+    return a
+
+
+def raw_call(ctx: Ctx, api: str, overrides: dict, timeout: float = 60):
+    """A hand-made API call (what gradio_client would never send, e.g. a FileData naming a
+    server path): every parameter at its default except `overrides`, then read the result
+    stream until it completes (bounded in time)."""
+    from gradio_client import Client
+    info = Client(ctx.url, verbose=False).view_api(print_info=False, return_format="dict")
+    params = info["named_endpoints"][f"/{api}"]["parameters"]
+    data = [overrides.get(p["parameter_name"], p.get("parameter_default")) for p in params]
+    r = httpx.post(f"{ctx.url}gradio_api/call/{api}", json={"data": data}, timeout=30)
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
+    eid = r.json()["event_id"]
+    text, deadline = "", time.time() + timeout
+    with httpx.stream("GET", f"{ctx.url}gradio_api/call/{api}/{eid}", timeout=30) as resp:
+        for line in resp.iter_lines():
+            text += line + "\n"
+            if line.startswith("event: error"):
+                raise RuntimeError(text)
+            if line.startswith("event: complete") or time.time() > deadline:
+                break
+    return text
+
+
+def size_probes(ctx: Ctx) -> list[tuple[str, object, dict]]:
+    c = ctx.client()
+    return [
+        ("1 MB prompt to /profile", lambda: call(c, prompt="x" * (1 << 20),
+                                                       api_name="/profile"),
+         {"max_secs": 1.0, "must_say": "C2C_MAX_PROMPT_CHARS"}),
+        ("1 MB prompt list to /batch", lambda: call(c, prompts="y\n" * (1 << 19),
+                                                          api_name="/batch"), {"max_secs": 2.0}),
+        ("5,000 prompts to /batch", lambda: call(c,
+            prompts="\n".join(f"q{i}" for i in range(5000)), api_name="/batch"), {}),
+        ("max_new_tokens = 100,000", lambda: call(c, prompts="hi", max_new_tokens=100_000,
+                                                       api_name="/batch"), {}),
+        ("fuser_hidden_dim = 20,000", lambda: call(c, fuser_hidden_dim=20_000,
+                                                        api_name="/load_models"), {}),
+        ("fuser_layers = 10,000", lambda: call(c, fuser_layers=10_000,
+                                                    api_name="/load_models"), {}),
+        ("repeats = 1,000,000", lambda: call(c, prompts="hi", repeats=1_000_000,
+                                                  api_name="/batch"), {}),
+        ("warm-up = 10,000", lambda: call(c, prompts="hi", warmup=10_000,
+                                               api_name="/batch"), {}),
+        ("num_samples = 10,000,000", lambda: call(c,
+            source="hf", dataset_name="gsm8k", dataset_config="", split="test",
+            num_samples=10_000_000, api_name="/dataset"), {}),
+        ("sweep prompt length 10,000,000", lambda: call(c,
+            input_lens="10000000", output_lens="8", api_name="/sweep"), {}),
+        ("sweep prompt length past the context (10,000 > 8,192)", lambda: call(c,
+            input_lens="10000", output_lens="8", api_name="/sweep"), {"must_say": "8,192"}),
+        ("sweep with 1,000,000 lengths", lambda: call(c,
+            input_lens="1," * 1_000_000, output_lens="8", api_name="/sweep"), {}),
+        ("prompt longer than the context", lambda: call(c,
+            prompt="word " * 12_000, api_name="/profile"), {}),
+        ("mode = unknown", lambda: call(c, prompts="hi", mode="../../x", api_name="/batch"),
+         {}),
+        ("device = cuda:99", lambda: call(c, prompts="hi", device="cuda:99",
+                                               api_name="/batch"), {}),
+    ]
+
+
+def upload(ctx: Ctx, files: list[tuple[str, bytes]]) -> httpx.Response:
+    return httpx.post(f"{ctx.url}gradio_api/upload",
+                      files=[("files", (n, b, "application/octet-stream")) for n, b in files],
+                      timeout=120)
+
+
+def upload_probes(ctx: Ctx) -> list[Result]:
+    out = []
+    big = b"x" * (20 << 20)
+    t = time.perf_counter()
+    r = upload(ctx, [("a.jsonl", big), ("b.jsonl", big), ("c.jsonl", big)])
+    secs = time.perf_counter() - t
+    text = r.text
+    if leaks(ctx, text):
+        out.append(Result("3 x 20 MB files in one upload request", "LEAK", short(text), secs))
+    elif r.status_code == 413:
+        out.append(Result("3 x 20 MB files in one upload request", "refused", short(text), secs))
+    else:
+        out.append(Result("3 x 20 MB files in one upload request", "NOT REFUSED",
+                          f"HTTP {r.status_code}", secs))
+    del big
+    # bad files, uploaded properly, then run
+    bad = [
+        ("binary garbage .jsonl", "g.jsonl", os.urandom(4096)),
+        ("not a parquet .parquet", "g.parquet", b"PAR1 nope"),
+        ("empty .csv", "e.csv", b""),
+        ("latin-1 .jsonl", "l.jsonl", '{"prompt": "caf\xe9 cr\xe8me"}\n'.encode("latin-1")),
+        ("JSON with a list id", "i.jsonl", b'{"id": [1, 2], "prompt": "hi"}\n'),
+        ("deeply nested JSON", "n.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000
+         + b"}\n"),
+    ]
+    from gradio_client import handle_file
+    c = ctx.client()
+    for label, fname, data in bad:
+        path = os.path.join(ctx.tmp, "upload-" + fname)
+        with open(path, "wb") as f:
+            f.write(data)
+        res = judge_refusal(ctx, f"dataset file: {label}", lambda p=path: call(c,
+            source="file", dataset_name="", dataset_config="", split="test",
+            prompt_file=handle_file(p), num_samples=1, max_new_tokens=2, warmup=0,
+            api_name="/dataset"))
+        if res.outcome == "NOT REFUSED":  # a file we can read is fine too, if it ran cleanly
+            res.outcome = "ok"
+        out.append(res)
+        res = judge_refusal(ctx, f"results file: {label}", lambda p=path: call(c,
+            files=[handle_file(p)], runs=[], skip_bad_lines=False, api_name="/analyze"))
+        if res.outcome == "NOT REFUSED":
+            res.outcome = "ok"
+        out.append(res)
+    return out
+
+
+KILLED_CLIENT = textwrap.dedent("""
+    import sys, time
+    from gradio_client import Client
+    c = Client(sys.argv[1], verbose=False)
+    if sys.argv[2] == "batch":
+        job = c.submit(prompts="Count from one to one thousand in words.", max_new_tokens=1500,
+                       ignore_eos=True, repeats=3, warmup=1, api_name="/batch")
+    else:
+        job = c.submit(prompt="Count from one to one thousand in words.", max_new_tokens=1500,
+                       ignore_eos=True, warmup=1, api_name="/profile")
+    print("submitted", flush=True)
+    time.sleep(3600)
+""")
+
+
+def session_records(ctx: Ctx) -> list[dict]:
+    recs = []
+    for p in glob.glob(os.path.join(ctx.session_root, "*", "*.jsonl")):
+        with open(p, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    recs.append(json.loads(line))
+                except ValueError:
+                    pass
+    return recs
+
+
+def overlaps(recs: list[dict]) -> int:
+    spans = sorted((r["run"]["gen_start_unix"], r["run"]["gen_end_unix"]) for r in recs
+                   if "gen_start_unix" in r.get("run", {}))
+    return sum(1 for (s0, e0), (s1, _) in zip(spans, spans[1:]) if e0 > s1 + 1e-6)
+
+
+def disconnect_probe(ctx: Ctx, kind: str, run_for: float = 4.0) -> Result:
+    """Kill -9 a client mid-run; a short job from another client must then start at once."""
+    name = f"client killed during a long /{kind}"
+    script = os.path.join(ctx.tmp, "killed_client.py")
+    with open(script, "w") as f:
+        f.write(KILLED_CLIENT)
+    a = subprocess.Popen([sys.executable, script, ctx.url, kind], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        if a.stdout.readline().strip() != "submitted":
+            return Result(name, "FAILED", "client did not start")
+        time.sleep(run_for)
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+    killed = time.time()
+    t = time.perf_counter()
+    try:
+        status, *_ = call(ctx.client(), prompts="What is 2+2?", max_new_tokens=4, warmup=0,
+                                          api_name="/batch")
+    except Exception as e:  # noqa: BLE001
+        return Result(name, "FAILED", f"the next job failed: {short(str(e))}")
+    waited = time.perf_counter() - t
+    recs = session_records(ctx)
+    mine = [r for r in recs if r.get("prompt") == "What is 2+2?"]
+    if not mine:
+        return Result(name, "FAILED", f"the next job wrote no record ({short(status)})")
+    start = max(r["run"]["gen_start_unix"] for r in mine)
+    ov = overlaps(recs)
+    detail = (f"next generation started {start - killed:.2f} s after the kill; next job took"
+              f" {waited:.1f} s; overlapping generations: {ov}")
+    ok = start - killed < 3.0 and ov == 0
+    return Result(name, "ok" if ok else "FAILED", detail, waited)
+
+
+def parallel_probe(ctx: Ctx, n: int) -> Result:
+    name = f"{n} parallel clients, one short batch each"
+    errors, done = [], []
+
+    def one(i):
+        try:
+            status, *_ = call(ctx.client(), prompts=f"Say the number {i}.", max_new_tokens=3,
+                                              warmup=0, api_name="/batch")
+            done.append(status)
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e))
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=600)
+    secs = time.perf_counter() - t
+    text = " ".join(errors)
+    if leaks(ctx, text):
+        return Result(name, "LEAK", short(text), secs)
+    ov = overlaps(session_records(ctx))
+    if errors or len(done) != n or ov:
+        return Result(name, "FAILED", f"{len(done)} done, {len(errors)} failed, {ov} overlaps:"
+                                      f" {short(text)}", secs)
+    return Result(name, "ok", f"all {n} done in {secs:.1f} s; no overlapping generations", secs)
+
+
+def control_probe(ctx: Ctx) -> Result:
+    """A plain run must still work (the checks must not refuse honest use)."""
+    t = time.perf_counter()
+    try:
+        status, *_ = call(ctx.client(), prompts="What is the capital of France?",
+                                          max_new_tokens=4, warmup=0, api_name="/batch")
+    except Exception as e:  # noqa: BLE001
+        return Result("control: an honest batch", "FAILED", short(str(e)))
+    ok = "Done" in status
+    return Result("control: an honest batch", "ok" if ok else "FAILED", short(status),
+                  time.perf_counter() - t)
+
+
+def models_kept_probe(ctx: Ctx) -> Result:
+    c = ctx.client()
+    try:
+        call(c, receiver="Qwen/Does-Not-Exist-123", api_name="/load_models")
+        return Result("a failed load keeps the loaded models", "NOT REFUSED")
+    except Exception:  # noqa: BLE001 - expected: refused
+        pass
+    r = control_probe(ctx)
+    r.probe = "a failed load keeps the loaded models"
+    return r
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def start_app(tmp: str, port: int, log_path: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("C2C_ALLOW_LOCAL_PATHS", "SPACE_ID")}
+    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", TMPDIR=tmp,
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def make_secrets(tmp: str) -> str:
+    d = os.path.join(tmp, "secret-data")
+    os.makedirs(d)
+    with open(os.path.join(d, "prompts.jsonl"), "w") as f:
+        f.write(json.dumps({"prompt": f"{SENTINEL} other user's prompt"}) + "\n")
+    with open(os.path.join(d, "notes.txt"), "w") as f:
+        f.write(f"{SENTINEL} private notes\n")
+    with open(os.path.join(d, "model.gguf"), "wb") as f:
+        f.write(b"GGUF" + SENTINEL.encode())
+    return d
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fast", action="store_true", help="the CI subset")
+    ap.add_argument("--startup_timeout", type=float, default=180)
+    args = ap.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="c2c-abuse-")
+    port = free_port()
+    log_path = os.path.join(tmp, "server.log")
+    ctx = Ctx(f"http://127.0.0.1:{port}/", tmp, make_secrets(tmp),
+              os.path.join(tmp, "c2c-workbench-sessions"), log_path)
+    app = start_app(tmp, port, log_path)
+    results = ctx.results
+    try:
+        t0 = time.time()
+        while not alive(ctx):
+            if app.poll() is not None or time.time() - t0 > args.startup_timeout:
+                print(open(log_path).read()[-3000:])
+                print(json.dumps({"probes": 0, "app_alive": False, "error": "app did not start"}))
+                return 1
+            time.sleep(0.5)
+
+        def record(r: Result):
+            results.append(r)
+            if not alive(ctx):
+                results.append(Result(f"app alive after: {r.probe}", "FAILED", "app is down"))
+            print(f"  {r.outcome:<12} {r.secs:6.2f}s  {r.probe}", flush=True)
+
+        record(control_probe(ctx))  # loads the models (first job) and proves honest use works
+        for name, make, value in name_probes(ctx):
+            record(judge_path_probe(ctx, name, make, value))
+        for name, fn, kw in size_probes(ctx):
+            record(judge_refusal(ctx, name, fn, **kw))
+        for r in upload_probes(ctx):
+            record(r)
+        record(models_kept_probe(ctx))
+        record(disconnect_probe(ctx, "batch"))
+        if not args.fast:
+            record(disconnect_probe(ctx, "profile", run_for=6.0))
+            record(disconnect_probe(ctx, "batch", run_for=1.0))
+        record(parallel_probe(ctx, 3 if args.fast else 8))
+        record(control_probe(ctx))
+        is_alive = alive(ctx) and app.poll() is None
+    finally:
+        app.terminate()
+        try:
+            app.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            app.kill()
+    server_tb = open(log_path, errors="replace").read().count("Traceback (most recent call last)")
+    width = max(len(r.probe) for r in results)
+    print()
+    print(f"{'probe':<{width}}  {'outcome':<11}  {'secs':>6}  detail")
+    for r in results:
+        print(f"{r.probe:<{width}}  {r.outcome:<11}  {r.secs:6.2f}  {r.detail}")
+    counts = {
+        "probes": len(results),
+        "refused_cleanly": sum(r.outcome == "refused" for r in results),
+        "ok": sum(r.outcome == "ok" for r in results),
+        "leaks": sum(r.outcome == "LEAK" for r in results),
+        "tracebacks": sum(r.outcome == "TRACEBACK" for r in results),
+        "not_refused": sum(r.outcome == "NOT REFUSED" for r in results),
+        "failed": sum(r.outcome == "FAILED" for r in results),
+        "app_alive": is_alive,
+        "server_log_tracebacks": server_tb,
+        "fast": args.fast,
+    }
+    print(json.dumps(counts))
+    bad = counts["leaks"] or counts["tracebacks"] or counts["not_refused"] or counts["failed"]
+    return 0 if is_alive and not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The app as a public Space sees it: strangers' clients naming server paths, oversize inputs,
+uploads, clients that go away mid-run, and the operator's fixed models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from conftest import free_port
+
+pytest.importorskip("gradio")
+
+from c2c_core.errors import UserError  # noqa: E402
+from c2c_core.ui import guard  # noqa: E402
+
+
+# --- names (no server) --------------------------------------------------------------------------
+
+@pytest.fixture
+def public_env(monkeypatch):
+    monkeypatch.delenv("C2C_ALLOW_LOCAL_PATHS", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+
+
+@pytest.mark.parametrize("name", [
+    "/etc", "/etc/passwd", "../secret", "./tests", "~/x", "tests", "a/b/c", "dummy:../../etc/x",
+    "dummy:/etc/config.json", "x.gguf", "/tmp/model.gguf", "C:\\models", "a/..", "..", "a//b",
+    "tests/golden" if os.path.isdir("tests/golden") else "tests/conftest.py",
+])
+def test_server_paths_are_refused_without_echo(public_env, name):
+    with pytest.raises(UserError) as e:
+        guard.check_model_name(name, "Receiver")
+    msg = str(e.value)
+    assert name not in msg or name.startswith("dummy:") and name[6:] not in msg
+
+
+def test_hub_ids_aliases_and_shipped_dummies_pass(public_env):
+    for name in ["Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B", "smollm2", "dummy:qwen3-0.6b", ""]:
+        guard.check_model_name(name, "Receiver")
+    guard.check_fuser_name("hub:nics-efc/C2C_Fuser/qwen3_0.6b+qwen3_4b_base_Fuser")
+    guard.check_fuser_name("untrained")
+    for bad in ["/tmp", "hub:nics-efc/C2C_Fuser/../../x", "hub:../x/y", "hub:a/b"]:
+        with pytest.raises(UserError):
+            guard.check_fuser_name(bad)
+
+
+def test_a_hub_shaped_name_that_is_a_local_folder_is_refused_like_any_other(public_env,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as present:
+        guard.check_model_name("owner/model", "Receiver")
+    with pytest.raises(UserError) as absent:
+        guard.check_model_name("/owner/model", "Receiver")
+    assert str(present.value) == str(absent.value)  # no way to tell that the folder exists
+
+
+def test_datasets_are_hub_ids_or_short_names(public_env):
+    guard.check_dataset_name("gsm8k", "main", "test")
+    guard.check_dataset_name("cais/mmlu", "all", "test[:100]")
+    for name, cfg, split in [("/tmp/c2c-workbench-sessions/x", "", "test"),
+                             ("gsm8k", "../x", "test"), ("gsm8k", "", "test/../../x")]:
+        with pytest.raises(UserError):
+            guard.check_dataset_name(name, cfg, split)
+
+
+def test_operator_opt_in_allows_paths_but_never_on_a_space(monkeypatch):
+    monkeypatch.setenv("C2C_ALLOW_LOCAL_PATHS", "1")
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    guard.check_model_name("/some/folder", "Receiver")
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    with pytest.raises(UserError):
+        guard.check_model_name("/some/folder", "Receiver")
+    assert guard.models_fixed()
+
+
+def test_messages_lose_server_paths(public_env):
+    from c2c_core.ui.common import ui_message
+    msg = ui_message("Fuser folder /srv/app/secret does not exist; see https://hf.co/a/b or Qwen/X.")
+    assert "/srv" not in msg and "https://hf.co/a/b" in msg and "Qwen/X" in msg
+
+
+# --- a public server ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def public_server(tmp_path_factory):
+    """The app as a Space runs it (no local paths, default offline preset), models never
+    loaded: every probe here must be refused before any model work."""
+    from c2c_core.ui import build_app, common, launch_kwargs
+    mp = pytest.MonkeyPatch()
+    mp.delenv("C2C_ALLOW_LOCAL_PATHS", raising=False)
+    mp.setenv("C2C_MAX_UPLOAD_MB", "2")
+    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    demo = build_app()
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs())
+    yield f"http://127.0.0.1:{port}/", common
+    demo.close()
+    common.SESSION_ROOT = saved
+    mp.undo()
+
+
+def _refused(url, api, **kw):
+    from gradio_client import Client
+    c = Client(url, verbose=False)
+    t = time.perf_counter()
+    with pytest.raises(Exception) as e:
+        c.predict(api_name=api, **kw)
+    return str(e.value), time.perf_counter() - t
+
+
+def test_public_server_refuses_paths_and_oversize_input_at_once(public_server):
+    url, common = public_server
+    session_root = common.SESSION_ROOT
+    probes = [
+        ("/dataset", dict(source="hf", dataset_name=session_root, dataset_config="",
+                          split="test")),
+        ("/dataset", dict(source="hf", dataset_name="/etc", dataset_config="", split="test")),
+        ("/batch", dict(prompts="hi", receiver="/etc")),
+        ("/batch", dict(prompts="hi", sharer="/usr/lib")),
+        ("/load_models", dict(fuser="/tmp")),
+        ("/load_models", dict(receiver="../../etc")),
+        ("/profile", dict(prompt="x" * 1_000_000)),
+        ("/batch", dict(prompts="y\n" * 1000)),
+        ("/sweep", dict(input_lens="10000000", output_lens="8")),
+        ("/sweep", dict(input_lens="1," * 100_000, output_lens="8")),
+    ]
+    for api, kw in probes:
+        msg, secs = _refused(url, api, **kw)
+        assert secs < 5, (api, secs)  # refused by the validator, before any model work
+        for path in ("/etc", "/usr/lib", "/tmp", session_root, "Traceback"):
+            assert path not in msg, (api, msg)
+        assert "limit" in msg or "at most" in msg or "hub id" in msg or "fuser" in msg.lower(), msg
+    assert common.MODELS.pipe is None  # nothing was loaded, nothing was evicted
+
+
+def test_a_1mb_prompt_is_refused_in_under_a_second(public_server):
+    url, _ = public_server
+    msg, secs = _refused(url, "/profile", prompt="z" * (1 << 20))
+    assert "characters" in msg and "C2C_MAX_PROMPT_CHARS" in msg
+    assert secs < 1.0, secs
+
+
+def test_upload_bytes_per_request_are_capped(public_server):
+    url, _ = public_server
+    files = [("files", (f"f{i}.jsonl", b"x" * (900 * 1024), "application/json"))
+             for i in range(3)]  # 2.7 MB in one request; the cap is 2 MB here
+    r = httpx.post(url + "gradio_api/upload", files=files, timeout=30)
+    assert r.status_code == 413 and "C2C_MAX_UPLOAD_MB" in r.text
+    r = httpx.post(url + "gradio_api/upload", files=files[:1], timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_session_upload_quota(public_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(b"x" * 600_000)
+    guard.count_upload("s1", [str(f)])
+    with pytest.raises(UserError, match="C2C_SESSION_UPLOAD_MB"):
+        guard.count_upload("s1", [str(f)])
+    guard.count_upload("s2", [str(f)])  # another session has its own quota
+    guard.forget_session("s1")
+    guard.forget_session("s2")
+
+
+def test_session_disk_quota(public_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("C2C_SESSION_DISK_MB", "1")
+    guard.check_disk(str(tmp_path))
+    (tmp_path / "big.jsonl").write_bytes(b"x" * (1 << 20))
+    with pytest.raises(UserError, match="C2C_SESSION_DISK_MB"):
+        guard.check_disk(str(tmp_path))
+
+
+# --- models are the operator's -----------------------------------------------------------------
+
+def test_fixed_models_refuse_another_pair(tiny_cfg_kwargs):
+    from c2c_core.config import build_run_config
+    from c2c_core.ui.common import ModelManager
+    m = ModelManager()
+    cfg = build_run_config(**tiny_cfg_kwargs)
+    m.fix(cfg)
+    m.check_allowed(cfg)
+    other = build_run_config(**{**tiny_cfg_kwargs, "hidden_dim": 16})
+    with pytest.raises(UserError, match="fixed by its operator"):
+        m.get(other)
+    assert m.pipe is None
+
+
+def test_a_failed_load_keeps_the_working_pipeline(tiny_cfg_kwargs, tmp_path):
+    from c2c_core.config import build_run_config
+    from c2c_core.ui.common import ModelManager
+    m = ModelManager()
+    good = build_run_config(**tiny_cfg_kwargs)
+    pipe = m.get(good)
+    # a folder with a config and a tokenizer but no weights: passes the checks, fails the load
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(tiny_cfg_kwargs["base_model"]):
+        if not f.endswith(".safetensors"):
+            src = os.path.join(tiny_cfg_kwargs["base_model"], f)
+            (broken / f).write_bytes(open(src, "rb").read())
+    with pytest.raises(UserError, match="previous models are loaded again"):
+        m.get(build_run_config(**{**tiny_cfg_kwargs, "base_model": str(broken)}))
+    assert m.pipe is not None and m.key == m.key_of(good)
+    assert m.pipe is not pipe  # loaded again, and it works
+    # a name that fails the cheap checks never touches the loaded pair
+    kept = m.pipe
+    with pytest.raises(UserError):
+        m.get(build_run_config(**{**tiny_cfg_kwargs, "base_model": str(tmp_path / "none")}))
+    assert m.pipe is kept
+
+
+# --- a client that goes away -----------------------------------------------------------------
+
+CLIENT = textwrap.dedent("""
+    import sys, time
+    from gradio_client import Client
+    c = Client(sys.argv[1], verbose=False)
+    job = c.submit(prompts="Say hello.\\nWhat is 2+2?\\nName a color.", max_new_tokens=1500,
+                   ignore_eos=True, repeats=3, warmup=0, api_name="/batch")
+    print("submitted", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_path):
+    """Client A starts a long batch and is killed (SIGKILL) mid-run; its generation must stop
+    within about a second, and client B's job must start only after A's has ended."""
+    from gradio_client import Client
+    from c2c_core.ui import common
+    _, url = app_server
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    n_before = len(common.JOB_LOG)
+    a = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert a.stdout.readline().strip() == "submitted"
+        # wait until A's job really generates (the run lock is held)
+        deadline = time.time() + 60
+        while not common.RUN_LOCK.locked():
+            assert time.time() < deadline, "client A's job never started"
+            time.sleep(0.05)
+        time.sleep(1.5)
+    finally:
+        a.kill()
+        a.wait()
+    killed = time.perf_counter()
+    # B: a short batch; it starts only when A's generation has ended
+    b = Client(url, verbose=False)
+    status, *_ = b.predict(prompts="What is 25 * 17?", max_new_tokens=4, warmup=0, repeats=1,
+                           api_name="/batch")
+    assert "Done" in status
+    jobs = list(common.JOB_LOG)[n_before:]
+    assert len(jobs) == 2, jobs
+    (a0, a1), (b0, b1) = jobs
+    assert a1 <= b0, "client B's job ran while A's generation was still going"
+    # A's job ended about when it was killed: detection (~1 s) plus one decode step, not the
+    # ~minute the whole batch would take
+    print(f"A ended {a1 - killed:+.3f} s after the kill; A ran {a1 - a0:.2f} s; B waited {b0 - a1:.3f} s")
+    assert a1 - killed < 5.0, a1 - killed
+    # the records say the same: B's generation started after A's last one ended
+    sess = common.SESSION_ROOT
+    recs = []
+    for root, _, files in os.walk(sess):
+        for f in files:
+            if f.endswith(".jsonl"):
+                recs += [json.loads(x) for x in open(os.path.join(root, f)) if x.strip()]
+    spans = sorted((r["run"]["gen_start_unix"], r["run"]["gen_end_unix"]) for r in recs)
+    for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+        assert e0 <= s1 + 1e-6, "two generations overlapped"
