@@ -190,9 +190,11 @@ def validate_run_config(cfg: RunConfig) -> None:
 
 ENGINES = ("auto", "eager", "fast")
 
-#: What `--engine auto` means on a CPU with batch size 1 (on CUDA, and for batches, it is fast):
-#: the faster engine for the default pair in `python -m c2c_core engines` (README, "Engines").
-CPU_AUTO_ENGINE = "fast"
+#: What `--engine auto` means on a CPU with batch size 1 (on CUDA, and for batches, it is fast).
+#: Eager until `python -m c2c_core engines` shows fast faster for the default pair on a quiet
+#: machine: compiling the decode step costs minutes of warm-up on a small shared CPU, and no
+#: trustworthy CPU figures exist yet (README, "Engines and batch size").
+CPU_AUTO_ENGINE = "eager"
 
 
 def resolve_engine(cfg: RunConfig, device) -> str:
