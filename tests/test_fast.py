@@ -193,3 +193,30 @@ def test_compiled_step_equals_eager(tiny_cfg_kwargs):
     e = _gen(pipe, cfg, PROMPTS[0], "c2c", "eager")
     assert recs[0]["response"] == pipe.tokenizer.decode(e.tokens, skip_special_tokens=True)
     assert check_record(recs[0]) == []
+
+
+def test_cli_fast_engine_batches_sweep_and_profile(tiny_models, tmp_path):
+    """The flags on the commands: batch with --batch_size, a sweep over batch sizes with its
+    latency vs throughput plot, and a profile trace that still shows the c2c/<stage> ranges."""
+    from c2c_core.cli import main
+    from c2c_core.records import read_records
+    m = ["--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
+         "--hidden_dim", "16", "--intermediate_dim", "16", "--device", "cpu", "--warmup", "0",
+         "--max_new_tokens", "3", "--engine", "fast"]
+    out = tmp_path / "b.jsonl"
+    assert main(["batch", "--output", str(out), "--batch_size", "2", "--prompts", "a", "b c",
+                 "d", *m]) == 0
+    recs = read_records(out)
+    assert [(r["id"], r["batch_size"], r["batch_index"]) for r in recs] == [(1, 2, 0), (2, 2, 1),
+                                                                            (3, 1, 0)]
+    assert all(check_record(r) == [] and r["run"]["engine"] == "fast" for r in recs)
+    html = tmp_path / "s.html"
+    assert main(["sweep", "--input_lens", "4", "--output_lens", "3", "--batch_sizes", "1,2",
+                 "--output", str(tmp_path / "s.jsonl"), "--html", str(html), *m]) == 0
+    assert len(read_records(tmp_path / "s.jsonl")) == 3
+    assert "Latency vs throughput" in html.read_text()
+    assert main(["profile", "--output", str(tmp_path / "p.jsonl"), *m]) == 0
+    trace = (tmp_path / "p_trace.json").read_text()
+    assert "c2c/projection" in trace and "c2c/decode" in trace
+    assert main(["batch", "--engine", "eager", "--batch_size", "2", "--output",
+                 str(tmp_path / "x.jsonl"), *m[:-2]]) == 2  # one sentence, no traceback
