@@ -121,6 +121,7 @@ def _refused(url, api, **kw):
 def test_public_server_refuses_paths_and_oversize_input_at_once(public_server):
     url, common = public_server
     session_root = common.SESSION_ROOT
+    before = common.MODELS.pipe
     probes = [
         ("/dataset", dict(source="hf", dataset_name=session_root, dataset_config="",
                           split="test")),
@@ -140,7 +141,7 @@ def test_public_server_refuses_paths_and_oversize_input_at_once(public_server):
         for path in ("/etc", "/usr/lib", "/tmp", session_root, "Traceback"):
             assert path not in msg, (api, msg)
         assert "limit" in msg or "at most" in msg or "hub id" in msg or "fuser" in msg.lower(), msg
-    assert common.MODELS.pipe is None  # nothing was loaded, nothing was evicted
+    assert common.MODELS.pipe is before  # nothing was loaded, nothing was evicted
 
 
 def test_a_1mb_prompt_is_refused_in_under_a_second(public_server):
@@ -162,12 +163,14 @@ def test_upload_bytes_per_request_are_capped(public_server):
 
 def test_session_upload_quota(public_env, monkeypatch, tmp_path):
     monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
-    f = tmp_path / "a.jsonl"
+    f, g = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     f.write_bytes(b"x" * 600_000)
+    g.write_bytes(b"y" * 600_000)
     guard.count_upload("s1", [str(f)])
+    guard.count_upload("s1", [str(f)])  # the same file analysed again is not charged twice
     with pytest.raises(UserError, match="C2C_SESSION_UPLOAD_MB"):
-        guard.count_upload("s1", [str(f)])
-    guard.count_upload("s2", [str(f)])  # another session has its own quota
+        guard.count_upload("s1", [str(g)])
+    guard.count_upload("s2", [str(g)])  # another session has its own quota
     guard.forget_session("s1")
     guard.forget_session("s2")
 
