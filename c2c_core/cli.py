@@ -64,6 +64,12 @@ def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs
     g.add_argument("--repeats", type=int, default=1, help="records per prompt")
     g.add_argument("--timing", default="event", choices=["event", "sync"],
                    help="event: CUDA events / perf_counter (default); sync: the seed's sync-per-stage")
+    g.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
+                   help="fast: static caches, compiled decode, one batched projection; eager: the"
+                        " faithful per-layer baseline; auto: fast on CUDA and for batches, else"
+                        " the CPU default (README, Engines)")
+    g.add_argument("--batch_size", type=int, default=1,
+                   help="prompts generated together (fast engine; one record per prompt)")
     if not outputs:
         return
     o = p.add_argument_group("output")
@@ -91,7 +97,7 @@ def run_config(args):
     keys = ["device", "dtype", "threads", "attn_implementation", "warmup", "repeats", "timing",
             "mode", "max_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
             "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers",
-            "alignment", "fusion"]
+            "alignment", "fusion", "engine", "batch_size"]
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     kw["chat_template"] = not args.no_chat_template
     return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser,
@@ -242,10 +248,20 @@ def _check_sweep_context(cfg, ins: list[int], outs: list[int]) -> None:
                       f"--input_lens {max(ins)}", names=names)
 
 
+def cmd_engines(args) -> int:
+    from .engines import engines_bench
+    cfg = run_config(args)
+    pipe = _load(cfg)
+    batch = args.bench_batch or (64 if pipe.device.type == "cuda" else 8)
+    engines_bench(pipe, cfg, repeats=args.bench_repeats, batch=batch, prompt=args.prompt)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .sweep import parse_lengths, run_sweep
     ins = parse_lengths(args.input_lens, "--input_lens")
     outs = parse_lengths(args.output_lens, "--output_lens")
+    bss = parse_lengths(args.batch_sizes, "--batch_sizes") if args.batch_sizes else None
     cfg = run_config(args)
     _check_sweep_context(cfg, ins, outs)
     from . import distributed
@@ -265,14 +281,20 @@ def cmd_sweep(args) -> int:
             if rec is not None:
                 summary.add(rec)
         run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
-                  keep=False)
+                  keep=False, batch_sizes=bss)
     print_summary(summary)
     print(f"Wrote {summary.count} record(s) to {args.output}")
     if args.html:  # from the file: this run's records (and any it resumed or appended to)
         from .analysis import to_frame
-        from .plots import sweep_fig
+        from .plots import batch_curve_fig, sweep_fig
         from .records import iter_jsonl
-        sweep_fig(to_frame(iter_jsonl(args.output))).write_html(args.html, include_plotlyjs=True)
+        figs = [sweep_fig(to_frame(iter_jsonl(args.output)))]
+        recs = list(iter_jsonl(args.output))
+        if len({r.get("batch_size", 1) for r in recs}) > 1:
+            figs.append(batch_curve_fig(recs))
+        with open(args.html, "w", encoding="utf-8") as f:
+            for i, fig in enumerate(figs):
+                f.write(fig.to_html(full_html=i == 0, include_plotlyjs=i == 0))
         print(f"Wrote {args.html}")
     return 0
 
@@ -313,7 +335,7 @@ def cmd_report(args) -> int:
     if args.html:
         from .plots import mode_compare_figs, sweep_fig
         figs = list(mode_compare_figs(df).values())
-        if df["id"].astype(str).str.match(r"in\d+-out\d+$").any():
+        if df["id"].astype(str).str.match(r"in\d+-out\d+(-b\d+\.\d+)?$").any():
             figs.append(sweep_fig(df))
         with open(args.html, "w", encoding="utf-8") as f:
             for i, fig in enumerate(figs):
@@ -417,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="exact-length synthetic prompts x fixed output lengths")
     p.add_argument("--input_lens", default="16,64,256", help="prompt lengths in tokens, e.g. 16,64,256,1024")
     p.add_argument("--output_lens", default="32", help="output lengths in tokens (EOS ignored)")
-    p.add_argument("--html", help="also write the stage-vs-length plot as HTML")
+    p.add_argument("--html", help="also write the stage-vs-length plot (and, with several"
+                   " --batch_sizes, the latency vs throughput plot) as HTML")
+    p.add_argument("--batch_sizes", help="batch sizes to sweep, e.g. 1,4,8 (fast engine)")
     add_model_args(p)
     add_run_args(p, "sweep_timing_results.jsonl")
     p.set_defaults(func=cmd_sweep)
@@ -445,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_run_args(p, None, outputs=False)
     p.set_defaults(func=cmd_overhead)
+
+    p = sub.add_parser("engines", help="benchmark: eager vs fast engine, and batch B vs batch 1")
+    p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats (>= 3)")
+    p.add_argument("--bench_batch", type=int, default=None,
+                   help="batch size compared with batch 1 (default 8 on a CPU, 64 on CUDA)")
+    p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
+    add_model_args(p)
+    add_run_args(p, None, outputs=False)
+    p.set_defaults(func=cmd_engines, max_new_tokens=32)
     return ap
 
 

@@ -88,6 +88,8 @@ class RunConfig:
     def sharers(self) -> list[ModelSpec]:
         """Every sharer, sharer 1 (`sharer`) first."""
         return [self.sharer, *self.more_sharers]
+    engine: str = "auto"            # eager | fast | auto (see resolve_engine)
+    batch_size: int = 1             # prompts generated together (fast engine)
 
 
 @dataclass(frozen=True)
@@ -241,5 +243,30 @@ def validate_run_config(cfg: RunConfig) -> None:
     cfg.alignment = check_alignment(cfg.alignment)
     if cfg.fusion not in ("parallel", "sequential"):
         raise UserError(f"--fusion {cfg.fusion} is unknown; use parallel or sequential.")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"--engine {cfg.engine} is unknown; use one of {', '.join(ENGINES)}.")
+    if not 1 <= cfg.batch_size <= 1024:
+        raise UserError(f"--batch_size {cfg.batch_size} is out of range; use 1 to 1024.")
+    if cfg.batch_size > 1 and cfg.engine == "eager":
+        raise UserError(f"--batch_size {cfg.batch_size} needs the fast engine; use --engine fast"
+                        " (or auto), or --batch_size 1 with --engine eager.")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype {cfg.dtype} is unknown; use auto, float32, bfloat16 or float16.")
+
+
+ENGINES = ("auto", "eager", "fast")
+
+#: What `--engine auto` means on a CPU with batch size 1 (on CUDA, and for batches, it is fast).
+#: Eager until `python -m c2c_core engines` shows fast faster for the default pair on a quiet
+#: machine: compiling the decode step costs minutes of warm-up on a small shared CPU, and no
+#: trustworthy CPU figures exist yet (README, "Engines and batch size").
+CPU_AUTO_ENGINE = "eager"
+
+
+def resolve_engine(cfg: RunConfig, device) -> str:
+    """eager | fast for this run on this device."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if getattr(device, "type", str(device)) == "cuda" or cfg.batch_size > 1:
+        return "fast"
+    return CPU_AUTO_ENGINE

@@ -292,7 +292,7 @@ SWEEP_STAGES = ["base_embedding_ms", "teacher_embedding_ms", "base_prefill_ms",
                 "teacher_prefill_ms", "projector_total_ms", "sharer_decode_ms", "decode_avg_ms"]
 
 
-SWEEP_ID = r"^in(\d+)-out\d+$"
+SWEEP_ID = r"^in(\d+)-out\d+(?:-b\d+\.\d+)?$"
 
 
 def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
@@ -332,3 +332,38 @@ def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
     fig.update_xaxes(title_text="prompt length (tokens)")
     fig.update_yaxes(title_text="time (ms)", row=1, col=1)
     return _style(fig, title)
+
+
+def batch_curve_fig(records: Iterable[dict]) -> go.Figure:
+    """Latency against throughput: median decode ms/token (y) against the batch's decode tokens/s
+    (x), one point per batch size, one line per mode (and prompt length, when several)."""
+    title = "Latency vs throughput (batch size)"
+    rows = []
+    for r in records:
+        t = r.get("timing") or {}
+        tps = t.get("batch_tokens_per_second")
+        if tps is None or t.get("decode_avg_ms") is None:
+            continue
+        m = pd.Series([str(r.get("id"))]).str.extract(SWEEP_ID)[0][0]
+        rows.append({"mode": r.get("mode", "c2c"), "batch_size": int(r.get("batch_size") or 1),
+                     "len": None if pd.isna(m) else int(m),
+                     "ms": t["decode_avg_ms"], "tps": tps})
+    if not rows:
+        return _empty(title)
+    d = pd.DataFrame(rows)
+    lens = sorted(x for x in d["len"].dropna().unique())
+    fig = go.Figure()
+    for mode in ordered_modes(d["mode"]):
+        for n in (lens or [None]):
+            g = d[(d["mode"] == mode) & ((d["len"] == n) if n is not None else True)]
+            if g.empty:
+                continue
+            med = g.groupby("batch_size")[["ms", "tps"]].median().sort_index()
+            label_ = mode if len(lens) <= 1 else f"{mode}, {n:g} tokens in"
+            fig.add_scatter(x=med["tps"], y=med["ms"], mode="lines+markers+text",
+                            text=[f"B={b}" for b in med.index], textposition="top center",
+                            name=label_, line_color=_mode_color(mode),
+                            hovertemplate="batch %{text}: %{x:.1f} tok/s, %{y:.2f} ms/token"
+                                          "<extra>" + label_ + "</extra>")
+    return _style(fig, title, x="batch decode throughput (tokens/s)",
+                  y="decode latency (ms/token, per row)")

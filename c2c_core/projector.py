@@ -25,9 +25,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # as torch.nn.RMSNorm (the reference's): normalise and scale in float32, round once
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (xf * self.weight.float()).to(x.dtype)
 
 
 class FFNBlock(nn.Module):
@@ -95,10 +96,12 @@ class C2CProjector(nn.Module):
         h = getattr(self, f"{p}_mlp1")(getattr(self, f"{p}_in")(x))           # [B, N, hidden]
         proj = getattr(self, f"{p}_proj_out")(getattr(self, f"{p}_proj_mlp2")(h))  # [B, N, Ht*Dt]
         scalar = getattr(self, f"{p}_scalar_head")(getattr(self, f"{p}_scalar_mlp2")(h))  # [B, N, Ht]
-        gate = (getattr(self, f"{p}_gate_logit") > 0).to(dt)
+        gate = (getattr(self, f"{p}_gate_logit") > 0).float()
         proj = proj.view(B, N, Ht, Dt).transpose(1, 2)                      # [B, Ht, N, Dt]
         weight = torch.sigmoid(scalar).transpose(1, 2).unsqueeze(-1)         # [B, Ht, N, 1]
-        return tgt + (gate * weight * proj).to(tgt.dtype)
+        # as the reference: its eval gate is a float32 tensor, so the gated residual is added in
+        # float32 and rounded once (into the cache dtype)
+        return (tgt.float() + gate * weight.float() * proj.float()).to(tgt.dtype)
 
     def forward(self, source_kv: tuple[torch.Tensor, torch.Tensor],
                 target_kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,9 @@ EXT_TIMING_FIELDS = [
     "sharer_decode_ms",
     # host time spent aligning the receiver's tokens to sharers with their own tokenizer
     "alignment_ms",
+    # batches (fast engine): decode tokens per second of the whole batch (= tokens_per_second
+    # at batch size 1)
+    "batch_tokens_per_second",
 ]
 
 #: Timed stage -> the record field holding its total (ms). The one list of stages: the timer,
@@ -70,7 +73,7 @@ STAGES = {
 STAGE_FIELDS = list(STAGES.values())
 
 #: Top-level fields we add next to `id`.
-EXT_TOP_FIELDS = ["mode", "repeat", "run"]
+EXT_TOP_FIELDS = ["mode", "repeat", "run", "batch_size", "batch_index"]
 
 #: Keys of the flat `run` metadata object (MEASURE.md).
 RUN_FIELDS = [
@@ -79,6 +82,7 @@ RUN_FIELDS = [
     "preset", "receiver", "sharer", "weights", "weights_mb", "fuser", "fuser_hash", "model_revisions",
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
     "world_size", "rank",
+    "engine", "compile_s",
 ]
 
 MODES = ["c2c", "receiver", "sharer", "t2t"]

@@ -60,6 +60,9 @@ class Generation:
     sharer_calls: dict = field(default_factory=dict)     # sharer number -> projector calls
     speaker: int = 0                                     # who wrote `tokens`: 0 receiver, k sharer k
     sharer_prompt_format: str | None = None              # sharer/t2t: "chat_template" or "plain"
+    batch_size: int = 1                          # the fast engine generates batches
+    batch_index: int = 0
+    batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -108,8 +111,26 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
     return tokens
 
 
+def engine_of(pipe: Pipeline, cfg: RunConfig) -> str:
+    """eager | fast. The fast engine runs one sharer fed the receiver's own ids: several
+    sharers or token alignment run on the eager engine (asked for explicitly, a refusal)."""
+    from .config import resolve_engine
+    engine = resolve_engine(cfg, pipe.device)
+    sharers = getattr(pipe, "sharers", None) or []
+    if engine == "fast" and (len(sharers) > 1 or any(getattr(s, "aligner", None) for s in sharers)):
+        if cfg.engine == "fast" or cfg.batch_size > 1:
+            raise UserError("The fast engine runs one sharer that reads the receiver's tokens;"
+                            " with several sharers or token alignment use --engine eager and"
+                            " --batch_size 1.")
+        return "eager"
+    return engine
+
+
 def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer) -> Generation:
     """One timed generation of `item` in `mode`. The clock starts before tokenization."""
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import generate_batch
+        return generate_batch(pipe, cfg, [item], mode, timer)[0]
     dev = pipe.device
     mem = DeviceMemory(dev, enabled=timer.method != "off").__enter__()
     try:
@@ -264,6 +285,8 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "sharer_generated_tokens": len(g.sharer_tokens),
         "sharer_decode_ms": tot["sharer_decode_ms"],
     }
+    t["batch_tokens_per_second"] = (t["tokens_per_second"] if g.batch_tokens_per_second is None
+                                    else g.batch_tokens_per_second)
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
     t = {k: (v if k in ints or v is None else r3(v)) for k, v in t.items()}
     t["alignment_ms"] = tot["alignment_ms"]
@@ -353,6 +376,8 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "ignore_eos": g.ignore_eos,
         "world_size": 1,  # torchrun runs (distributed.py) set these per rank
         "rank": 0,
+        "engine": engine_of(pipe, cfg),
+        "compile_s": 0.0,   # the fast engine's compile/capture in warm-up (set by run_many)
     }
 
 
@@ -372,6 +397,8 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
         # the invocation's metadata, plus when this generation ran (Unix seconds)
         "run": {**meta, "gen_start_unix": round(g.wall_start, 6),
                 "gen_end_unix": round(g.wall_end, 6)},
+        "batch_size": g.batch_size,
+        "batch_index": g.batch_index,
     }
     # the answer hit max_new_tokens before EOS (null when EOS was ignored on purpose)
     rec["truncated"] = None if meta.get("ignore_eos") else bool(
@@ -406,7 +433,11 @@ def run_one(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str = "c2c", repea
 
 
 def warm_up(pipe: Pipeline, cfg: RunConfig, item: Item, modes: Iterable[str]) -> None:
-    """`cfg.warmup` full generations per mode with the same shapes; never recorded."""
+    """`cfg.warmup` full generations per mode with the same shapes; never recorded. The fast
+    engine compiles its steps for these shapes first."""
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import prepare_plan
+        prepare_plan(pipe, cfg, [[item]], list(modes))
     for mode in modes:
         for _ in range(cfg.warmup):
             generate(pipe, cfg, item, mode, Timer(pipe.device, cfg.timing))
@@ -429,6 +460,10 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     ends the run with the seed's advice; what was written stays. `keep=False` streams: no
     record is held after `writer` and `on_progress` have seen it, and the list returned is
     empty (long runs keep flat memory; the file holds the records)."""
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import run_many_fast
+        out = run_many_fast(pipe, cfg, items, writer, on_progress, should_stop, skip, meta)
+        return out if keep else []
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:

@@ -38,9 +38,11 @@ def sweep_items(tokenizer, input_lens: list[int], seed: int = 0) -> list[Item]:
                  input_ids=synthetic_ids(tokenizer, n, seed)) for n in input_lens]
 
 
-def shape_config(cfg, output_len: int):
+def shape_config(cfg, output_len: int, batch_size: int | None = None):
     """The run settings of one output length: exactly `output_len` tokens (EOS ignored)."""
     c = replace(cfg, gen=replace(cfg.gen, max_new_tokens=output_len, ignore_eos=True))
+    if batch_size is not None:
+        c = replace(c, batch_size=batch_size)
     c.gen.validate()
     return c
 
@@ -50,9 +52,20 @@ def sweep_meta(pipe, cfg, timer_method: str) -> dict:
     return run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)), timer_method)
 
 
+def batch_items(tokenizer, item: Item, n: int, batch: int, seed: int = 0) -> list[Item]:
+    """`batch` prompts of the shape's length: row 0 is the batch-1 prompt, the others other
+    draws. Ids 'in<N>-out<M>-b<B>.<row>' (batch 1 keeps 'in<N>-out<M>')."""
+    if batch == 1:
+        return [item]
+    return [replace(item, id=f"{item.id}-b{batch}.{i}",
+                    input_ids=item.input_ids if i == 0 else
+                    synthetic_ids(tokenizer, n, seed + 100003 * i)) for i in range(batch)]
+
+
 def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
               on_progress: Callable | None = None, should_stop: Callable | None = None,
-              skip: set[tuple] | None = None, keep: bool = True) -> list[dict]:
+              skip: set[tuple] | None = None, keep: bool = True,
+              batch_sizes: list[int] | None = None) -> list[dict]:
     """Every input length x output length (x mode x repeat); each shape warms up first.
 
     Record ids are 'in<N>-out<M>' so a shape's records share an id across modes. `on_progress`
@@ -60,26 +73,36 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
     records share one `run` object (one run_id); only its max_new_tokens follows the shape.
     `keep=False` streams as run_many does (an empty list is returned)."""
     items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
+    batch_sizes = batch_sizes or [cfg.batch_size]
+    if any(b > 1 for b in batch_sizes):
+        from .config import resolve_engine
+        if resolve_engine(replace(cfg, batch_size=max(batch_sizes)), pipe.device) != "fast":
+            raise UserError("--batch_sizes above 1 need the fast engine; use --engine fast or auto.")
+    if any(not 1 <= b <= 1024 for b in batch_sizes):
+        raise UserError(f"--batch_sizes {batch_sizes} must be between 1 and 1024.")
     per_shape = len(modes_of(cfg)) * cfg.repeats
-    total = len(items) * len(output_lens) * per_shape
+    total = len(items) * len(output_lens) * per_shape * sum(batch_sizes)
     meta = sweep_meta(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []
     done = [0]
     if on_progress:
         on_progress(0, total, None)
     for m in output_lens:
-        c = shape_config(cfg, m)
-        for it in items:
-            if should_stop and should_stop():
-                return out
-            base = done[0]
+        for b in batch_sizes:
+            c = shape_config(cfg, m, b)
+            for it, n in zip(items, input_lens):
+                if should_stop and should_stop():
+                    return out
+                base = done[0]
 
-            def report(k, _t, rec, base=base):
-                if rec is not None:
-                    done[0] = base + k
-                    if on_progress:
-                        on_progress(base + k, total, rec)
-            out += run_many(pipe, c, [replace(it, id=f"{it.id}-out{m}")], writer=writer,
-                            on_progress=report, should_stop=should_stop, skip=skip,
-                            meta={**meta, "max_new_tokens": m}, keep=keep)
+                def report(k, _t, rec, base=base):
+                    if rec is not None:
+                        done[0] = base + k
+                        if on_progress:
+                            on_progress(base + k, total, rec)
+                rows = batch_items(pipe.tokenizer, replace(it, id=f"{it.id}-out{m}"), n, b,
+                                   cfg.gen.seed)
+                out += run_many(pipe, c, rows, writer=writer, on_progress=report,
+                                should_stop=should_stop, skip=skip,
+                                meta={**meta, "max_new_tokens": m}, keep=keep)
     return out

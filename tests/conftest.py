@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the fast engine's static-cache path without torch.compile (compiling takes minutes on shared
+# cores); tests/test_fast.py::test_compiled_step_equals_eager compiles explicitly
+os.environ.setdefault("C2C_FAST_COMPILE", "0")
 
 import socket  # noqa: E402
 

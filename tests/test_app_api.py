@@ -261,13 +261,27 @@ def test_analyze_compares_modes_with_ratios(client, tmp_path, tiny_pipe):
 
 
 def test_sweep_endpoint_runs_the_length_grid(client):
-    status, table, fig, path = client.predict(input_lens="3,9", output_lens="2,4",
-                                              api_name="/sweep")
+    status, table, fig, path, _ = client.predict(input_lens="3,9", output_lens="2,4",
+                                                 api_name="/sweep")
     recs = valid_jsonl(path, 4)
     got = sorted((r["timing"]["prompt_tokens"], r["timing"]["num_generated_tokens"]) for r in recs)
     assert got == [(3, 2), (3, 4), (9, 2), (9, 4)]
     with pytest.raises(Exception, match="Prompt lengths 'abc' must be comma-separated integers"):
         client.predict(input_lens="abc", output_lens="2", api_name="/sweep")
+
+
+def test_sweep_endpoint_batch_sizes_draw_latency_vs_throughput(client):
+    """Batch sizes on the fast engine: one record per row, batch fields, the second plot."""
+    status, table, fig, path, bfig = client.predict(
+        input_lens="3", output_lens="3", batch_sizes="1,2", engine="fast", api_name="/sweep")
+    recs = valid_jsonl(path, 3)
+    assert sorted((r["batch_size"], r["batch_index"]) for r in recs) == [(1, 0), (2, 0), (2, 1)]
+    assert {r["run"]["engine"] for r in recs} == {"fast"}
+    assert all(r["timing"]["batch_tokens_per_second"] > 0 for r in recs)
+    assert "B=2" in json.dumps(bfig)
+    with pytest.raises(Exception, match="need the fast engine"):
+        client.predict(input_lens="3", output_lens="2", batch_sizes="1,2", engine="eager",
+                       api_name="/sweep")
 
 
 def test_ratios_text_shows_accuracy_beside_latency():

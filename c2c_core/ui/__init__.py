@@ -145,7 +145,7 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         show_progress_on=[data.status], validator=validator(dataset_tab.check_dataset),
         **model_job)
     ev_sweep = waiting(sweep.run, sweep.status).then(
-        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens],
+        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens, sweep.batch_sizes],
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
         **model_job)

@@ -57,9 +57,10 @@ MODEL_FIELDS = {
 }
 #: Run settings fields (same names as build_run_config's overrides).
 RUN_FIELDS = ["mode", "max_new_tokens", "ignore_eos", "warmup", "repeats", "timing",
-              "chat_template", "do_sample", "temperature", "top_p", "top_k", "seed"]
+              "chat_template", "do_sample", "temperature", "top_p", "top_k", "seed", "engine",
+              "batch_size"]
 INT_FIELDS = {"max_new_tokens", "warmup", "repeats", "top_k", "seed", "hidden_dim",
-              "intermediate_dim", "num_layers"}
+              "intermediate_dim", "num_layers", "batch_size"}
 
 #: CLI spellings in core messages → what the page calls the same setting.
 UI_WORDS = {

@@ -69,6 +69,8 @@ class RunSettings:
     top_p: gr.Slider
     top_k: gr.Number
     seed: gr.Number
+    engine: gr.Dropdown
+    batch_size: gr.Number
 
     def inputs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -155,6 +157,14 @@ def build_run_settings(defaults: dict) -> RunSettings:
                       info="event: CUDA events / perf_counter · sync: synchronize around every"
                            " stage, as the seed's scripts did")
     chat = gr.Checkbox(d("chat_template", True), label="apply the chat template")
+    with gr.Row():
+        engine = gr.Dropdown(["auto", "eager", "fast"], value=d("engine", "auto"), label="Engine",
+                             elem_id="engine", min_width=120,
+                             info="fast: static caches, compiled decode, one batched projection;"
+                                  " eager: the per-layer baseline")
+        batch_size = gr.Number(d("batch_size", 1), label="batch size", precision=0, minimum=1,
+                               maximum=1024, min_width=120, elem_id="batch-size",
+                               info="prompts generated together (fast engine)")
     with gr.Accordion("Sampling", open=False):
         do_sample = gr.Checkbox(d("do_sample", False), label="sample (off = greedy)")
         temperature = gr.Slider(0.05, 2.0, value=d("temperature", g.temperature), step=0.05,
@@ -165,7 +175,7 @@ def build_run_settings(defaults: dict) -> RunSettings:
                               minimum=0, min_width=80)
             seed = gr.Number(d("seed", g.seed), label="seed", precision=0, min_width=80)
     return RunSettings(mode, max_new, ignore_eos, warmup, repeats, timing, chat, do_sample,
-                       temperature, top_p, top_k, seed)
+                       temperature, top_p, top_k, seed, engine, batch_size)
 
 
 # --- callbacks -----------------------------------------------------------------------------

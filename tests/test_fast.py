@@ -1,0 +1,222 @@
+"""The fast engine against the eager one on tiny models (fp32, CPU): same greedy tokens in every
+mode, batch rows equal to batch 1, records in the same format, a known delay lands in its stage.
+
+Most tests run the static-cache path without torch.compile (compiling is slow on shared cores);
+one test compiles the decode step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from c2c_core import fast
+from c2c_core.config import build_run_config
+from c2c_core.errors import UserError
+from c2c_core.loading import load_pipeline
+from c2c_core.records import MODES, check_record
+from c2c_core.runner import Item, generate, run_many
+from c2c_core.timing import Timer
+
+PROMPTS = ["What is the capital of France?", "Say hello.",
+           "Explain machine learning in simple terms, please, with an example."]
+
+
+@pytest.fixture(scope="module")
+def loud(tiny_cfg_kwargs):
+    """The tiny pair with larger weights (varied greedy tokens instead of one repeated id) and a
+    fuser whose gates are open (the projection changes the receiver's cache)."""
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 8}, engine="eager")
+    pipe = load_pipeline(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in {id(pipe.receiver): pipe.receiver, id(pipe.sharer): pipe.sharer}.values():
+            for name, p in m.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * (2.4 / p.shape[1] ** 0.5))
+        for proj in pipe.fuser.projectors:
+            proj.key_gate_logit.fill_(1.0)
+            proj.value_gate_logit.fill_(1.0)
+    fast.engine_for(pipe, compile=False)
+    return pipe, cfg
+
+
+def _gen(pipe, cfg, prompt, mode, engine, **gen):
+    c = replace(cfg, engine=engine, gen=replace(cfg.gen, **gen))
+    return generate(pipe, c, Item(1, prompt), mode, Timer(pipe.device))
+
+
+def _plan(pipe, cfg, batches, modes):
+    fast.prepare_plan(pipe, replace(cfg, engine="fast"), batches, modes)
+
+
+def test_tokens_vary(loud):
+    pipe, cfg = loud
+    g = _gen(pipe, cfg, PROMPTS[0], "receiver", "eager", ignore_eos=True)
+    assert len(set(g.tokens)) >= 4, g.tokens  # else equality below would prove little
+    c = _gen(pipe, cfg, PROMPTS[0], "c2c", "eager", ignore_eos=True)
+    assert c.tokens != g.tokens  # the open gates matter
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_equals_eager(loud, mode):
+    pipe, cfg = loud
+    _plan(pipe, cfg, [[Item(1, p)] for p in PROMPTS[:2]], [mode])
+    for p, ignore in ((PROMPTS[0], True), (PROMPTS[1], False)):
+        if True:
+            e = _gen(pipe, cfg, p, mode, "eager", ignore_eos=ignore)
+            f = _gen(pipe, cfg, p, mode, "fast", ignore_eos=ignore)
+            assert f.tokens == e.tokens, (mode, p, ignore)
+            assert f.sharer_tokens == e.sharer_tokens
+            assert f.prompt_tokens == e.prompt_tokens
+            assert f.projector_calls == e.projector_calls
+            assert len(f.stages["decode"]) == len(f.tokens) - 1
+            if mode == "c2c":
+                assert len(f.stages["projection"]) == 1  # one batched projection, one span
+                assert f.projector_calls == len(pipe.fuser.mapping)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_rows_equal_batch_of_one(loud, mode):
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", batch_size=len(PROMPTS))
+    items = [Item(i + 1, p) for i, p in enumerate(PROMPTS)]
+    _plan(pipe, c, [items] + [[it] for it in items], [mode])
+    gens = fast.generate_batch(pipe, c, items, mode, Timer(pipe.device))
+    assert [g.batch_index for g in gens] == [0, 1, 2] and {g.batch_size for g in gens} == {3}
+    for it, g in zip(items, gens):
+        one = fast.generate_batch(pipe, c, [it], mode, Timer(pipe.device))[0]
+        assert g.tokens == one.tokens, (mode, it.prompt)
+        assert g.sharer_tokens == one.sharer_tokens
+        assert len(g.stages["decode"]) == len(g.tokens) - 1
+
+
+def test_sampling_is_seeded(loud):
+    pipe, cfg = loud
+    _plan(pipe, replace(cfg, gen=replace(cfg.gen, do_sample=True)), [[Item(1, PROMPTS[0])]], ["c2c"])
+    a = _gen(pipe, cfg, PROMPTS[0], "c2c", "fast", do_sample=True, seed=3, ignore_eos=True)
+    b = _gen(pipe, cfg, PROMPTS[0], "c2c", "fast", do_sample=True, seed=3, ignore_eos=True)
+    c = _gen(pipe, cfg, PROMPTS[0], "c2c", "fast", do_sample=True, seed=4, ignore_eos=True)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_run_many_batches_write_records(loud, tmp_path):
+    from c2c_core.records import JsonlWriter, read_records
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", batch_size=2, mode="all", warmup=1)
+    path = tmp_path / "r.jsonl"
+    with JsonlWriter(path) as w:
+        recs = run_many(pipe, c, PROMPTS, writer=w)
+    back = read_records(path)
+    assert len(back) == len(recs) == len(PROMPTS) * len(MODES)
+    for r in back:
+        assert check_record(r) == [], r
+        assert r["run"]["engine"] == "fast" and r["run"]["compile_s"] >= 0
+        assert r["timing"]["batch_tokens_per_second"] > 0
+    sizes = {(r["id"], r["batch_size"], r["batch_index"]) for r in back}
+    assert sizes == {(1, 2, 0), (2, 2, 1), (3, 1, 0)}
+    # the batch's spans: both rows of a batch share their prefill time
+    c2c = [r for r in back if r["mode"] == "c2c"]
+    assert c2c[0]["timing"]["base_prefill_ms"] == c2c[1]["timing"]["base_prefill_ms"]
+    e = run_many(pipe, replace(cfg, engine="eager"), PROMPTS[:1])[0]
+    assert e["run"]["engine"] == "eager" and e["run"]["compile_s"] == 0.0
+    assert e["batch_size"] == 1
+    assert e["timing"]["batch_tokens_per_second"] == e["timing"]["tokens_per_second"]
+
+
+def test_eager_refuses_batches(tiny_cfg_kwargs):
+    with pytest.raises(UserError, match="needs the fast engine"):
+        build_run_config(**tiny_cfg_kwargs, engine="eager", batch_size=4)
+    with pytest.raises(UserError, match="--engine"):
+        build_run_config(**tiny_cfg_kwargs, engine="turbo")
+
+
+def test_known_delay_lands_in_its_stage(loud, monkeypatch):
+    """A fixed sleep inside the projection shows up in projector_total_ms and nowhere else;
+    a sleep inside each decode step shows up in the decode steps and nowhere else. The machine is
+    shared: each figure is the fastest of three runs, and "nowhere else" means less than half the
+    delay."""
+    from c2c_core.runner import timing_fields
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=4))
+    _plan(pipe, c, [[Item(1, PROMPTS[0])]], ["c2c"])
+    keys = ("base_embedding_ms", "base_prefill_ms", "teacher_embedding_ms", "teacher_prefill_ms",
+            "projector_total_ms", "decode_avg_ms", "other_ms", "ttft_ms")
+
+    def best():
+        runs = [timing_fields(generate(pipe, c, Item(1, PROMPTS[0]), "c2c", Timer(pipe.device)))[0]
+                for _ in range(3)]
+        return {k: min(r[k] for r in runs) for k in keys + ("prompt_tokens",)}
+
+    # one thread: no worker-thread wake-ups after the sleep landing in the next stage
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_delays(pipe, c, keys, best, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_delays(pipe, c, keys, best, monkeypatch):
+    base = best()
+    eng = fast.engine_for(pipe)
+    delay = 300.0
+    real = eng.project
+    monkeypatch.setattr(eng, "project", lambda *a: (time.sleep(delay / 1e3), real(*a))[1])
+    t = best()
+    monkeypatch.setattr(eng, "project", real)
+    assert delay <= t["projector_total_ms"] - base["projector_total_ms"] + 1 < 2.5 * delay  # sleep overshoots on a loaded machine
+    assert t["ttft_ms"] - base["ttft_ms"] >= delay - 5  # the projection is before the 1st token
+    for k in keys[:4] + ("decode_avg_ms", "other_ms"):
+        assert t[k] - base[k] < delay / 2, (k, t[k], base[k])
+    # a delay in every decode step
+    step_key = ("receiver", 1, fast.bucket(base["prompt_tokens"] + 4), True)
+    real_step = eng._steps[step_key]
+    monkeypatch.setitem(eng._steps, step_key, lambda *a: (time.sleep(delay / 1e3), real_step(*a))[1])
+    t = best()
+    assert delay <= t["decode_avg_ms"] - base["decode_avg_ms"] + 1 < 2.5 * delay  # sleep overshoots on a loaded machine
+    for k in keys[:5] + ("other_ms", "ttft_ms"):
+        assert t[k] - base[k] < delay / 2, (k, t[k], base[k])
+
+
+def test_compiled_step_equals_eager(tiny_cfg_kwargs):
+    """The one compiled test: torch.compile of the decode step gives the eager tokens, and the
+    compile happens in warm-up (run.compile_s), not in the timed generation."""
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6, "warmup": 1},
+                           engine="fast", ignore_eos=True)
+    pipe = load_pipeline(cfg)
+    eng = fast.engine_for(pipe, compile=True)
+    recs = run_many(pipe, cfg, PROMPTS[:1])
+    assert eng.compile and eng.late == 0 and recs[0]["run"]["compile_s"] > 0
+    e = _gen(pipe, cfg, PROMPTS[0], "c2c", "eager")
+    assert recs[0]["response"] == pipe.tokenizer.decode(e.tokens, skip_special_tokens=True)
+    assert check_record(recs[0]) == []
+
+
+def test_cli_fast_engine_batches_sweep_and_profile(tiny_models, tmp_path):
+    """The flags on the commands: batch with --batch_size, a sweep over batch sizes with its
+    latency vs throughput plot, and a profile trace that still shows the c2c/<stage> ranges."""
+    from c2c_core.cli import main
+    from c2c_core.records import read_records
+    m = ["--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
+         "--hidden_dim", "16", "--intermediate_dim", "16", "--device", "cpu", "--warmup", "0",
+         "--max_new_tokens", "3", "--engine", "fast"]
+    out = tmp_path / "b.jsonl"
+    assert main(["batch", "--output", str(out), "--batch_size", "2", "--prompts", "a", "b c",
+                 "d", *m]) == 0
+    recs = read_records(out)
+    assert [(r["id"], r["batch_size"], r["batch_index"]) for r in recs] == [(1, 2, 0), (2, 2, 1),
+                                                                            (3, 1, 0)]
+    assert all(check_record(r) == [] and r["run"]["engine"] == "fast" for r in recs)
+    html = tmp_path / "s.html"
+    assert main(["sweep", "--input_lens", "4", "--output_lens", "3", "--batch_sizes", "1,2",
+                 "--output", str(tmp_path / "s.jsonl"), "--html", str(html), *m]) == 0
+    assert len(read_records(tmp_path / "s.jsonl")) == 3
+    assert "Latency vs throughput" in html.read_text()
+    assert main(["profile", "--output", str(tmp_path / "p.jsonl"), *m]) == 0
+    trace = (tmp_path / "p_trace.json").read_text()
+    assert "c2c/projection" in trace and "c2c/decode" in trace
+    assert main(["batch", "--engine", "eager", "--batch_size", "2", "--output",
+                 str(tmp_path / "x.jsonl"), *m[:-2]]) == 2  # one sentence, no traceback
