@@ -460,15 +460,16 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     ends the run with the seed's advice; what was written stays. `keep=False` streams: no
     record is held after `writer` and `on_progress` have seen it, and the list returned is
     empty (long runs keep flat memory; the file holds the records)."""
-    if engine_of(pipe, cfg) == "fast":
-        from .fast import run_many_fast
-        out = run_many_fast(pipe, cfg, items, writer, on_progress, should_stop, skip, meta)
-        return out if keep else []
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:
             it.id = i + 1
     modes = modes_of(cfg)
+    if engine_of(pipe, cfg) == "fast":
+        from .fast import run_many_fast
+        check_items(pipe, cfg, items, modes)  # untimed, before any run
+        out = run_many_fast(pipe, cfg, items, writer, on_progress, should_stop, skip, meta)
+        return out if keep else []
     jobs = [(it, r, m) for it in items for r in range(cfg.repeats) for m in modes
             if not skip or (str(it.id), m, str(r)) not in skip]
     if meta is None:
