@@ -237,15 +237,8 @@ def cmd_overhead(args) -> int:
 
 
 def _check_sweep_context(cfg, ins: list[int], outs: list[int]) -> None:
-    """The longest shape against the models' contexts, read from their config files: a sweep
-    that cannot fit is refused before any model loads (the runner checks again after)."""
-    from .limits import check_lengths, spec_context
-    from .runner import modes_of
-    rctx, sctx = spec_context(cfg.receiver), spec_context(cfg.sharer)
-    names = (cfg.receiver.source, cfg.sharer.source)
-    for mode in modes_of(cfg):
-        check_lengths(rctx, sctx, max(ins), mode, max(outs), cfg.gen.t2t_note_tokens,
-                      f"--input_lens {max(ins)}", names=names)
+    from .limits import check_sweep_context
+    check_sweep_context(cfg, ins, outs)
 
 
 def cmd_engines(args) -> int:

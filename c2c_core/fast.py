@@ -431,16 +431,22 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
     """One timed generation of a batch of items in `mode`: one Generation per item, each with
     the batch's stage times (its own decode steps: those it took part in). The clock starts
     before tokenization."""
-    from .runner import T2T_ANSWER_TEMPLATE, Generation, _rss, chat_ids
+    from .memory import DeviceMemory
     from .records import MODES
-    from .timing import now_ns
     if mode not in MODES:
         raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
+    mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
+    try:
+        return _generate_batch(pipe, cfg, items, mode, timer, mem)
+    finally:
+        mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
+
+
+def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> list:
+    from .runner import T2T_ANSWER_TEMPLATE, Generation, chat_ids
+    from .timing import now_ns
     eng = engine_for(pipe)
     dev = pipe.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss0 = _rss()
     g = cfg.gen
     greedy = not g.do_sample
     generator = torch.Generator(device=dev).manual_seed(g.seed) if g.do_sample else None
@@ -498,11 +504,7 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
     t_end = now_ns()
     wall1 = time.time()
     stages = timer.finish()
-    peak = None
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-    elif rss0 is not None:
-        peak = max(_rss() - rss0, 0) / 2**20
+    mem.__exit__(None, None, None)  # the peaks of this generation
     dec_ms = sum(stages["decode"])
     dec_tokens = sum(len(t) - 1 for t in dec.tokens)
     batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
@@ -511,8 +513,8 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
         st = dict(stages)
         st["decode"] = stages["decode"][:len(toks) - 1]
         st["sharer_decode"] = stages["sharer_decode"][:max(len(notes[i]) - 1, 0)]
-        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i], peak,
-                         wall0, wall1)
+        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i],
+                         mem.allocated_mb, mem.reserved_mb, wall0, wall1)
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         out.append(gen)
     return out

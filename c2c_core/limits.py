@@ -266,3 +266,14 @@ def spec_context(spec) -> int | None:
     except Exception:  # noqa: BLE001 - not a valid repo id, no cache: the runner checks later
         return None
     return context_length(_read_config(path)) if isinstance(path, str) else None
+
+
+def check_sweep_context(cfg, ins: list[int], outs: list[int]) -> None:
+    """The longest shape against the models' contexts, read from their config files: a sweep
+    that cannot fit is refused before any model loads (the runner checks again after)."""
+    from .runner import modes_of
+    rctx, sctx = spec_context(cfg.receiver), spec_context(cfg.sharer)
+    names = (cfg.receiver.source, cfg.sharer.source)
+    for mode in modes_of(cfg):
+        check_lengths(rctx, sctx, max(ins), mode, max(outs), cfg.gen.t2t_note_tokens,
+                      f"--input_lens {max(ins)}", names=names)

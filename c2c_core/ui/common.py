@@ -71,7 +71,7 @@ UI_WORDS = {
     "pass --skip_bad_lines to skip such rows": "tick 'skip malformed lines' to skip such rows",
     "(or pass --skip_bad_lines to skip it)": "(or tick 'skip malformed lines')",
     "--skip_bad_lines": "'skip malformed lines'",
-    "--max_new_tokens": "'max new tokens'", "--num_samples": "'number of samples'",
+    "--max_new_tokens": "'max new tokens'", "--input_lens": "prompt length", "--num_samples": "'number of samples'",
     "--dataset_config": "'config'", "--dataset_file": "an uploaded file",
     "--dataset": "'dataset'", "--split": "'split'", "--field": "'text field'",
     "--offset": "'offset'", "--warmup": "'warm-up runs'", "--repeats": "'repeats'",

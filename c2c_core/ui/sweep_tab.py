@@ -86,6 +86,8 @@ def check_sweep(input_lens: str, output_lens: str, batch_sizes: str = "1", **set
     if any(b > 1024 for b in bss):
         raise UserError(f"Batch sizes {batch_sizes} must be between 1 and 1024.")
     guard.check_sweep(ins, outs)
+    from ..limits import check_sweep_context
+    check_sweep_context(cfg, ins, outs)  # the models' contexts, from their config files
     guard.check_job_size(len(ins) * len(outs) * sum(bss), cfg.repeats, len(modes_of(cfg)))
     return ins, outs, bss, cfg
 
