@@ -143,8 +143,8 @@ def pipe_contexts(pipe) -> tuple[int | None, int | None]:
     """(receiver, sharer) context lengths of a loaded pipeline, read once and kept on it."""
     cached = pipe.info.get("contexts") if isinstance(getattr(pipe, "info", None), dict) else None
     if cached is None:
-        cached = (context_length(getattr(pipe.receiver, "config", None)),
-                  context_length(getattr(pipe.sharer, "config", None)))
+        cached = (context_length(getattr(getattr(pipe, "receiver", None), "config", None)),
+                  context_length(getattr(getattr(pipe, "sharer", None), "config", None)))
         if isinstance(getattr(pipe, "info", None), dict):
             pipe.info["contexts"] = cached
     return cached

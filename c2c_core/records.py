@@ -90,7 +90,9 @@ MODES = ["c2c", "receiver", "sharer", "t2t"]
 #: Fields that are null when the platform cannot measure them (never 0.0 for "unknown").
 NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "run.weights_mb"}
 #: Fields added after records were first written: an older record without them is still valid.
-LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb"}
+LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alignment_ms",
+                "timing.batch_tokens_per_second", "batch_size", "batch_index", "run.world_size",
+                "run.rank", "run.engine", "run.compile_s"}
 
 
 # --- building ------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     """Return the invariants a record breaks (empty list = valid)."""
     problems = []
     for k in SEED_TOP_FIELDS + EXT_TOP_FIELDS:
-        if k not in rec:
+        if k not in rec and k not in LATER_FIELDS:
             problems.append(f"missing top-level field {k}")
     t = rec.get("timing", {})
     if not isinstance(t, dict):
@@ -283,7 +285,7 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
         problems.append(f"{len(steps)} decode steps for {n} tokens (want N-1)")
     if abs(sum(steps) - t["decode_total_ms"]) > tol_ms:
         problems.append("decode_total_ms != sum(decode_step_times_ms)")
-    stage_sum = sum(t[k] for k in STAGE_FIELDS)
+    stage_sum = sum(t.get(k) or 0 for k in STAGE_FIELDS)  # a stage an older file lacks: 0
     if stage_sum > t["e2e_ms"] + tol_ms:
         problems.append(f"stages sum {stage_sum:.3f} ms > e2e {t['e2e_ms']:.3f} ms")
     if t["ttft_ms"] > t["e2e_ms"] + tol_ms:

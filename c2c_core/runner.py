@@ -247,7 +247,7 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     # Round the raw spans first and derive every sum from the rounded values, so the fields in
     # the file add up exactly (decode_total = sum of steps; e2e = stages + other).
     s = {k: [r3(x) for x in v] for k, v in g.stages.items()}
-    tot = {f: r3(sum(s[k])) for k, f in STAGES.items()}
+    tot = {f: r3(sum(s.get(k, ()))) for k, f in STAGES.items()}
     sharers = sharer_entries(g)
     for stage, f in SHARER_STAGES.items():  # totals = the sum of the per-sharer entries
         if sharers and abs(sum(e[f] for e in sharers) - tot[STAGES[stage]]) < 0.002:

@@ -43,7 +43,7 @@ def _fake_generate(pipe, cfg, item, mode, timer):
 def synthetic_run(n: int, keep: bool, path: str | None, every: int = 500) -> list[tuple]:
     """[(records done, heap MB in use, RSS MB)] every `every` records (after a collection)."""
     pipe = SimpleNamespace(tokenizer=_Tok(), device=torch.device("cpu"),
-                           info={"receiver": "r", "sharer": "s"})
+                           info={"receiver": "r", "sharer": "s"}, sharers=[], fusion="parallel")
     cfg = build_run_config(preset="smollm2-demo", warmup=0, mode="receiver")
     meta = {"run_id": "synthetic"}
     summary = RunningSummary()
