@@ -45,6 +45,7 @@ class Result:
     outcome: str
     detail: str = ""
     secs: float = 0.0
+    full: str = ""   # the whole answer (detail is shortened for the table)
 
 
 @dataclass
@@ -103,7 +104,7 @@ def judge_refusal(ctx: Ctx, name: str, fn, max_secs: float | None = None,
         if must_say and must_say not in text:
             return Result(name, "FAILED", f"refused without saying {must_say!r}: {short(text)}",
                           secs)
-        return Result(name, "refused", short(text), secs)
+        return Result(name, "refused", short(text), secs, full=text)
     secs = time.perf_counter() - t
     text = json.dumps(out, default=str)
     if (bad := leaks(ctx, text)):
@@ -189,7 +190,7 @@ def judge_path_probe(ctx: Ctx, name: str, make, value: str) -> Result:
     if a.outcome != "refused":
         return a
     b = judge_refusal(ctx, name, make(missing), sent=missing)
-    if a.detail.replace(value, "<sent>") != b.detail.replace(missing, "<sent>"):
+    if a.full.replace(value, "<sent>") != b.full.replace(missing, "<sent>"):
         return Result(name, "LEAK", f"answers differ for an existing and a missing path:"
                                     f" {a.detail!r} vs {b.detail!r}", a.secs)
     return a
