@@ -151,7 +151,7 @@ def test_dataset_stop_keeps_finished_records(page, tmp_path):
     assert 1 <= n < 400
     path = download(page, "#dataset-file-out", None, tmp_path)
     valid_records(path, n)
-    wait_plot(page, "#dataset-plot", "g.trace.bars")
+    wait_plot(page, "#dataset-plot")  # points and a box below 20 samples, bars from 20
     shot(page, "04_dataset_stopped")
 
 
@@ -177,7 +177,7 @@ def test_results_of_this_session(page):
     runs.nth(1).click()
     page.click("#results-analyze")
     wait_text(page, "#results-status", "record(s) from 2 file(s)")
-    wait_plot(page, "#results-hist", "g.trace.bars")
+    wait_plot(page, "#results-hist")  # points and a box below 20 samples, bars from 20
     wait_plot(page, "#results-steps", "g.trace.scatter")
     assert "decode (ms/token)" in page.inner_text("#results-hist")
     assert "TTFT ms mean" in page.inner_text("#results-summary")
