@@ -29,11 +29,15 @@ def test_poller_catches_a_peak_between_start_and_end():
     with PeakRSS() as p:
         before = rss_bytes()
         buf = np.ones(256 * MB // 8)  # touched pages: resident
+        during = rss_bytes()
         time.sleep(0.1)
         del buf
         time.sleep(0.01)
     after = rss_bytes()
+    if (during - before) / MB < 200:  # the allocator reused pages that were already resident
+        pytest.skip(f"RSS grew only {(during - before) / MB:.0f} MB for a 256 MB buffer here")
     assert p.samples >= 4  # it really polled (every 5 ms; fewer on a loaded machine)
+    assert p.peak >= during  # the poller saw the peak that neither end of the block shows
     assert p.peak_mb - max(before, after) / MB > 200
 
 
