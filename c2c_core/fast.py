@@ -288,8 +288,9 @@ class FastEngine:
 
     def c2c_prefill(self, ids: torch.Tensor, pad: torch.Tensor, L: int, with_sharer: bool,
                     timer: Timer):
-        """Sectioned prefill of a left-padded batch ids [B, T]: receiver (and sharer) over the
-        first T-1 positions, one batched projection, then the last token. Returns the receiver
+        """Sectioned prefill of a left-padded batch ids [B, T]: receiver and sharer over the
+        first T-1 positions, one batched projection, then the last token (without the sharer:
+        one plain prefill of the receiver, the honest baseline). Returns the receiver
         cache, last-token logits [B, V] and the projector calls (layer pairs)."""
         B, T = ids.shape
         n = T - 1
@@ -297,6 +298,11 @@ class FastEngine:
         with timer.span("base_embedding"):
             r_emb = r_model.get_input_embeddings()(ids)
         r_cache = self.cache("receiver", B, L)
+        if not with_sharer:  # the receiver alone: one plain prefill, as the eager engine does
+            cancel.check()
+            with timer.span("base_prefill"):
+                logits = self.prefill("receiver", r_cache, r_emb, 0, pad, logits=True)
+            return r_cache, logits, 0
         calls = 0
         if n > 0:
             cancel.check()
