@@ -23,9 +23,14 @@ _local = threading.local()
 
 @contextmanager
 def scope(should_stop: Callable[[], bool] | None) -> Iterator[None]:
-    """Within this block (in this thread), `check()` raises Cancelled once should_stop()."""
+    """Within this block (in this thread), `check()` raises Cancelled once should_stop() or
+    an enclosing scope's predicate is true (scopes nest: an inner run_many without a stop of
+    its own keeps the job's)."""
     prev = getattr(_local, "fn", None)
-    _local.fn = should_stop
+    if should_stop is not None and prev is not None:
+        _local.fn = lambda: prev() or should_stop()
+    elif should_stop is not None:
+        _local.fn = should_stop
     try:
         yield
     finally:

@@ -65,3 +65,13 @@ def _kw(cfg):
     return dict(base_model=cfg.receiver.source, teacher_model=cfg.sharer.source,
                 hidden_dim=cfg.fuser.hidden_dim, intermediate_dim=cfg.fuser.intermediate_dim,
                 device="cpu", dtype="float32", warmup=0)
+
+
+def test_an_inner_run_without_its_own_stop_keeps_the_jobs(tiny_pipe, counted_steps):
+    """The profile path calls run_many without should_stop inside the app job's scope: the
+    job's Stop must still end it within one decode step."""
+    pipe, cfg = tiny_pipe
+    cfg = build_run_config(**{**_kw(cfg), "max_new_tokens": 300, "ignore_eos": True})
+    with cancel.scope(lambda: counted_steps[0] >= 4):
+        out = runner.run_many(pipe, cfg, ["a", "b"])
+    assert out == [] and counted_steps[0] == 4
