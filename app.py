@@ -5,10 +5,13 @@ settings (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; 127.0.0.1:7860 by default). Th
 models are the offline smollm2-demo pair, or the published Qwen3 pair when SPACE_ID is set.
 """
 
-from c2c_core.ui import build_app, launch_kwargs, preload
-from c2c_core.ui.common import space_runtime
+# The models' worker process (multiprocessing "spawn", c2c_core/worker.py) imports this file
+# again as __mp_main__: it must neither import gradio nor build a second app there.
+if __name__ != "__mp_main__":
+    from c2c_core.ui import build_app, launch_kwargs, preload
+    from c2c_core.ui.common import space_runtime
 
-demo = build_app()
+    demo = build_app()
 
 if __name__ == "__main__":
     import os

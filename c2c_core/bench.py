@@ -60,3 +60,78 @@ def overhead(pipe, cfg, repeats: int = 5, prompt: str = "Say hello in one short 
               "goal_timing": goal_a, "goal_decode": 1.05}
     out(json.dumps(result))
     return result
+
+
+def app_vs_cli(pipe, cfg, prompts: list[str], repeats: int = 5, out=print) -> dict:
+    """(c) The same prompts through the web app's path (its worker process, fed and read by
+    `stream_records` with the Batch tab's table and chart redrawn as records arrive, as in the
+    page) and through the CLI's path (run_many in this process), interleaved `repeats` times
+    (>= 5, neither path always first). Prints decode ms/token per path and the ratio app/CLI
+    with its spread over the rounds; the last line is JSON. Fixed length (ignore EOS); each
+    path warms up per round (cfg.warmup >= 1) the same way."""
+    import os
+    import tempfile
+
+    from . import worker
+    from .prompts import resolve_prompts
+    from .records import JsonlWriter, read_records
+    from .runner import run_many
+    from .ui import batch_tab, common
+    repeats = max(repeats, 5)
+    if cfg.gen.max_new_tokens < 2:
+        raise UserError("overhead needs --max_new_tokens >= 2 to have decode steps to compare.")
+    cfg = replace(cfg, warmup=max(cfg.warmup, 1), repeats=1,
+                  gen=replace(cfg.gen, ignore_eos=True))
+    items = resolve_prompts(prompts=prompts)
+    saved = os.environ.get("C2C_APP_WORKER")
+    os.environ["C2C_APP_WORKER"] = "1"  # the app's default path, whatever this shell says
+    dec: dict[str, list[float]] = {"app": [], "cli": []}
+    rounds: dict[str, list[float]] = {"app": [], "cli": []}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            common.load_models(cfg)  # start the worker and load its models (not timed)
+            for r in range(repeats):
+                for front in (("cli", "app") if r % 2 == 0 else ("app", "cli")):
+                    path = os.path.join(d, f"{front}-{r}.jsonl")
+                    if front == "cli":
+                        with JsonlWriter(path) as w:
+                            run_many(pipe, cfg, items, writer=w)
+                    else:
+                        for _ in common.stream_records(cfg, items, path,
+                                                       lambda *a, **k: None, batch_tab.render):
+                            pass
+                    recs = read_records(path)
+                    if len(recs) != len(items) or {x["run"]["frontend"] for x in recs} != {front}:
+                        raise RuntimeError(f"the {front} path wrote {len(recs)} record(s) of"
+                                           f" {len(items)}, or the wrong run.frontend")
+                    ms = [x["timing"]["decode_avg_ms"] for x in recs]
+                    dec[front] += ms
+                    rounds[front].append(statistics.median(ms))
+            pid = worker.worker_for(cfg).pid
+    finally:
+        worker.shutdown()
+        if saved is None:
+            os.environ.pop("C2C_APP_WORKER", None)
+        else:
+            os.environ["C2C_APP_WORKER"] = saved
+    ratio = statistics.median(dec["app"]) / statistics.median(dec["cli"])
+    per_round = [a / c for a, c in zip(rounds["app"], rounds["cli"])]
+    dev = "cuda" if pipe.device.type == "cuda" else "cpu"
+    out(f"device: {pipe.device} ({pipe.describe()}); worker process pid {pid}, this process"
+        f" pid {os.getpid()}")
+    out(f"{len(items)} prompts x {repeats} rounds per path, {cfg.gen.max_new_tokens} tokens"
+        " (ignore_eos), paths interleaved")
+    out(f"(c) app (worker process) decode ms/token: {_spread(dec['app'])}")
+    out(f"    CLI (this process)    decode ms/token: {_spread(dec['cli'])}")
+    out(f"    ratio app/CLI = {ratio:.4f} (goal <= 1.03); per round: {_spread(per_round)},"
+        f" min {min(per_round):.4f}, max {max(per_round):.4f}")
+    result = {"device": dev, "repeats": repeats, "prompts": len(items),
+              "max_new_tokens": cfg.gen.max_new_tokens,
+              "app_decode_ms_per_token": round(statistics.median(dec["app"]), 4),
+              "cli_decode_ms_per_token": round(statistics.median(dec["cli"]), 4),
+              "app_over_cli_decode_ratio": round(ratio, 4),
+              "per_round_ratio_p25": round(percentile(per_round, 25), 4),
+              "per_round_ratio_p75": round(percentile(per_round, 75), 4),
+              "goal_app_over_cli": 1.03}
+    out(json.dumps(result))
+    return result

@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--intermediate_dim", type=int, help="untrained fuser FFN size (default 1024)")
     g.add_argument("--num_layers", type=int, help="untrained fuser depth (default 3)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on a CPU the preset's choice: smollm2-demo takes bf16 where the CPU has native bf16, others fp32 or bf16 as listed), float32, bfloat16, float16")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--attn_implementation", help="eager, sdpa, flash_attention_2 (default: transformers' choice)")
 
@@ -229,10 +229,13 @@ def _run_items(args, items) -> int:
 
 
 def cmd_overhead(args) -> int:
-    from .bench import overhead
+    from .bench import app_vs_cli, overhead
     cfg = run_config(args)
     pipe = _load(cfg)
-    overhead(pipe, cfg, repeats=args.bench_repeats, prompt=args.prompt)
+    if args.app_vs_cli:
+        app_vs_cli(pipe, cfg, args.prompts or list(BUILTIN_PROMPTS), repeats=args.bench_repeats)
+    else:
+        overhead(pipe, cfg, repeats=args.bench_repeats, prompt=args.prompt)
     return 0
 
 
@@ -459,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")
     p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats per variant (>= 5)")
     p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
+    p.add_argument("--app_vs_cli", action="store_true",
+                   help="instead: the same prompts through the web app's worker process and the"
+                        " CLI path, interleaved; prints decode ms/token app/CLI")
+    p.add_argument("--prompts", nargs="+", help="--app_vs_cli: prompts (default the built-in five)")
     add_model_args(p)
     add_run_args(p, None, outputs=False)
     p.set_defaults(func=cmd_overhead)

@@ -104,9 +104,30 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (x86 avx512_bf16 or AMX). Where it does, bf16 is
+    the faster dtype for the default pair (README, "Engines and batch size"); where it does not,
+    bf16 is emulated and usually slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_dtype(name: str, device: torch.device, cpu_default: str = "float32") -> torch.dtype:
+    """--dtype auto: bf16 on CUDA; on a CPU the preset's choice (`cpu_default`), where "auto"
+    means bf16 on a CPU with native bf16 and fp32 elsewhere."""
     if name in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else DTYPES[cpu_default]
+        if device.type == "cuda":
+            return torch.bfloat16
+        if cpu_default == "auto":
+            return torch.bfloat16 if cpu_bf16_native() else torch.float32
+        return DTYPES[cpu_default]
     if name not in DTYPES:
         raise UserError(f"--dtype {name} is unknown; use auto, float32, bfloat16 or float16.")
     return DTYPES[name]

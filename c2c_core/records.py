@@ -76,8 +76,9 @@ STAGE_FIELDS = list(STAGES.values())
 EXT_TOP_FIELDS = ["mode", "repeat", "run", "batch_size", "batch_index"]
 
 #: Keys of the flat `run` metadata object (MEASURE.md).
+#: `frontend` is "cli" or "app" (FRONTENDS): which front end ran the generation.
 RUN_FIELDS = [
-    "run_id", "started_at", "tool_version", "git_commit", "python", "torch", "transformers",
+    "run_id", "frontend", "started_at", "tool_version", "git_commit", "python", "torch", "transformers",
     "device", "cuda", "cpu", "threads", "dtype", "attn_implementation", "timing_method", "warmup",
     "preset", "receiver", "sharer", "weights", "weights_mb", "fuser", "fuser_hash", "model_revisions",
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
@@ -92,7 +93,9 @@ NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "r
 #: Fields added after records were first written: an older record without them is still valid.
 LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alignment_ms",
                 "timing.batch_tokens_per_second", "batch_size", "batch_index", "run.world_size",
-                "run.rank", "run.engine", "run.compile_s"}
+                "run.rank", "run.engine", "run.compile_s", "run.frontend"}
+#: Values of run.frontend.
+FRONTENDS = ["cli", "app"]
 
 
 # --- building ------------------------------------------------------------------------------
@@ -277,6 +280,9 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     steps = rec.get("decode_step_times_ms")
     if not isinstance(steps, list) or not all(num(x) for x in steps):
         problems.append("decode_step_times_ms is not a list of numbers")
+    fe = run.get("frontend", "cli") if isinstance(run, dict) else "cli"
+    if fe not in FRONTENDS:
+        problems.append(f"run.frontend is {fe!r}, not one of {FRONTENDS}")
     if problems:
         return problems
     steps = rec["decode_step_times_ms"]

@@ -12,6 +12,7 @@ Modes (every record says which):
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import functools
 import os
@@ -35,6 +36,10 @@ from .prompts import PromptItem as Item
 from .prompts import score
 from .records import MODES, JsonlWriter, percentile, r3
 from .timing import STAGES, Timer, now_ns, sync
+
+#: Which front end started the run, written into every record as `run.frontend`: "cli" unless
+#: the web app's runner (its worker process, or its job thread on ZeroGPU) sets "app".
+FRONTEND: contextvars.ContextVar[str] = contextvars.ContextVar("c2c_frontend", default="cli")
 
 T2T_NOTE_INSTRUCTION = (
     "Write a short background note with facts that would help someone answer the question"
@@ -342,6 +347,7 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
     g = cfg.gen
     return {
         "run_id": uuid.uuid4().hex[:12],
+        "frontend": FRONTEND.get(),
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,
         "git_commit": _git_commit(),

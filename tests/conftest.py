@@ -122,5 +122,7 @@ def app_server(tiny_cfg_kwargs, tmp_path_factory):
                 **launch_kwargs())
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
+    from c2c_core import worker
+    worker.shutdown()  # the next module's app starts its own worker process
     mp.undo()
     common.SESSION_ROOT = saved

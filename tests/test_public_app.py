@@ -103,6 +103,8 @@ def public_server(tmp_path_factory):
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                 **launch_kwargs())
+    from c2c_core import worker
+    worker.shutdown()  # no worker of an earlier module: this server starts with none
     yield f"http://127.0.0.1:{port}/", common
     demo.close()
     common.SESSION_ROOT = saved
@@ -141,7 +143,10 @@ def test_public_server_refuses_paths_and_oversize_input_at_once(public_server):
         for path in ("/etc", "/usr/lib", "/tmp", session_root, "Traceback"):
             assert path not in msg, (api, msg)
         assert "limit" in msg or "at most" in msg or "hub id" in msg or "fuser" in msg.lower(), msg
-    assert common.MODELS.pipe is before  # nothing was loaded, nothing was evicted
+    # nothing was loaded, nothing was evicted: no job reached a worker process (nor, on the
+    # in-process path, the app's own manager)
+    from c2c_core import worker
+    assert common.MODELS.pipe is before and worker.last_worker() is None
 
 
 def test_a_1mb_prompt_is_refused_in_under_a_second(public_server):
@@ -235,24 +240,34 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_path):
+@pytest.mark.parametrize("where", ["worker", "in-process"])
+def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_path,
+                                                                monkeypatch, where):
     """Client A starts a long batch and is killed (SIGKILL) mid-run; its generation must stop
-    within about a second, and client B's job must start only after A's has ended."""
+    within about a second, and client B's job must start only after A's has ended. Both ways
+    the app runs jobs: its worker process (the default) and in-process (ZeroGPU)."""
     from gradio_client import Client
+    from c2c_core import worker
     from c2c_core.ui import common
+    monkeypatch.setenv("C2C_APP_WORKER", "1" if where == "worker" else "0")
     _, url = app_server
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     n_before = len(common.JOB_LOG)
+    sess = common.SESSION_ROOT
+    files_before = {os.path.join(r, f) for r, _, fs in os.walk(sess) for f in fs}
     a = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, text=True)
     try:
         assert a.stdout.readline().strip() == "submitted"
-        # wait until A's job really generates (the run lock is held)
-        deadline = time.time() + 60
-        while not common.RUN_LOCK.locked():
+        # wait until A's job really generates: the run lock is held and its JSONL is open
+        # (the models are loaded; with the worker, its process has started)
+        deadline = time.time() + 120
+        while not common.RUN_LOCK.locked() or not (
+                {os.path.join(r, f) for r, _, fs in os.walk(sess) for f in fs} - files_before):
             assert time.time() < deadline, "client A's job never started"
             time.sleep(0.05)
         time.sleep(1.5)
+        pid = worker.last_worker().pid if where == "worker" else None
     finally:
         a.kill()
         a.wait()
@@ -270,8 +285,9 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     # ~minute the whole batch would take
     print(f"A ended {a1 - killed:+.3f} s after the kill; A ran {a1 - a0:.2f} s; B waited {b0 - a1:.3f} s")
     assert a1 - killed < 5.0, a1 - killed
+    if where == "worker":  # a stop ends the job, not the worker: B ran in the same process
+        assert worker.last_worker().pid == pid and worker.last_worker().alive()
     # the records say the same: B's generation started after A's last one ended
-    sess = common.SESSION_ROOT
     recs = []
     for root, _, files in os.walk(sess):
         for f in files:
@@ -280,3 +296,4 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     spans = sorted((r["run"]["gen_start_unix"], r["run"]["gen_end_unix"]) for r in recs)
     for (s0, e0), (s1, _) in zip(spans, spans[1:]):
         assert e0 <= s1 + 1e-6, "two generations overlapped"
+    assert recs and all(r["run"]["frontend"] == "app" for r in recs)

@@ -16,7 +16,7 @@ import gradio as gr
 from ..config import build_run_config, default_preset
 from . import batch_tab, dataset_tab, guard, model_panel, profile_tab, results_tab, sweep_tab
 from .common import (MAX_UPLOAD, MODEL_QUEUE, MODELS, WAITING_JS, enable_download, end_session,
-                     gpu, purge_old_sessions, show_files, validator)
+                     gpu, load_models, models_status, purge_old_sessions, show_files, validator)
 
 #: Jobs waiting in gradio's queue at most (a full queue refuses new ones at once).
 MAX_QUEUE = guard._env_int("C2C_MAX_QUEUE", 64)
@@ -53,7 +53,8 @@ def launch_kwargs() -> dict:
 
 
 def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
-    """Load the default models now (in a thread unless `background` is False)."""
+    """Load the default models now (in a thread unless `background` is False), where jobs
+    run: in the worker process, or in this one on ZeroGPU / with C2C_APP_WORKER=0."""
     d = dict(defaults or {})
     fixed = {k: d.pop(k) for k in ("preset", "base_model", "teacher_model", "fuser") if k in d}
     cfg = build_run_config(fixed.get("preset") or default_preset(), fixed.get("base_model"),
@@ -67,7 +68,7 @@ def preload(defaults: dict | None = None, background: bool = True) -> threading.
 
     def work():
         try:
-            MODELS.get(cfg)
+            load_models(cfg)
         except Exception as e:  # noqa: BLE001 - the first run reports it in the page
             print(f"Preloading {cfg.preset} failed: {e}")
 
@@ -90,7 +91,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
         with gr.Sidebar(width=370, label="Settings"):
             panel = model_panel.build_model_panel(defaults)
             settings = model_panel.build_run_settings(defaults)
-        panel.status = gr.Markdown(MODELS.status(), label="models", elem_id="model-status",
+        panel.status = gr.Markdown(models_status(), label="models", elem_id="model-status",
                                    elem_classes=["c2c-models"])
         with gr.Tabs():
             with gr.Tab("Profile", id="profile"):

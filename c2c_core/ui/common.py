@@ -6,8 +6,6 @@ tables with units, and error messages said in the page.
 from __future__ import annotations
 
 import collections
-import gc
-import json
 import os
 import queue
 import re
@@ -16,15 +14,15 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 import pandas as pd
 
-from .. import analysis, cancel
+from .. import analysis, cancel, worker
 from ..config import RunConfig, build_run_config
 from ..errors import UserError
+from ..models import ModelManager, _free_memory, preflight  # noqa: F401 (re-exported)
 from . import guard
 
 #: Largest upload accepted (gradio checks it before our code sees the file).
@@ -286,148 +284,62 @@ def _run_config(settings: dict, **fixed) -> RunConfig:
 
 # --- the loaded models ---------------------------------------------------------------------
 
-class ModelManager:
-    """Holds one Pipeline for the whole app; reloads only when the model settings change.
-
-    With `fix(cfg)` (a Space, or C2C_FIXED_MODELS=1) the operator's pair is the only one:
-    any other is refused before it could evict it. Otherwise a new pair is checked first
-    (names, configs, tokenizers) and swapped in after; if its load still fails, the previous
-    pair is loaded back, so a bad request never leaves the app without models."""
-
-    def __init__(self):
-        self._lock = threading.RLock()
-        self.pipe = None
-        self.cfg: RunConfig | None = None
-        self.key: str | None = None
-        self.load_s: float | None = None
-        self.loading: str | None = None
-        self.fixed_key: str | None = None
-        self.fixed_label: str | None = None
-
-    @staticmethod
-    def key_of(cfg: RunConfig) -> str:
-        from ..loading import resolve_device, resolve_dtype
-        dev = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, dev, cfg.cpu_dtype)
-        return json.dumps([asdict(cfg.receiver), [asdict(s) for s in cfg.sharers], asdict(cfg.fuser),
-                           str(dev), str(dtype), cfg.threads, cfg.attn_implementation,
-                           cfg.alignment, cfg.fusion], sort_keys=True)
-
-    def fix(self, cfg: RunConfig) -> None:
-        """From now on only cfg's models may be used (the operator's choice)."""
-        self.fixed_key = self.key_of(cfg)
-        self.fixed_label = cfg.preset or \
-            f"{cfg.receiver.source} <- {' + '.join(s.source for s in cfg.sharers)}"
-
-    def check_allowed(self, cfg: RunConfig) -> None:
-        if self.fixed_key is not None and self.key_of(cfg) != self.fixed_key:
-            raise UserError(f"This server's models are fixed by its operator ({self.fixed_label});"
-                            " leave the model settings as they are (preset, receiver, sharer,"
-                            " fuser, device, dtype).")
-
-    def get(self, cfg: RunConfig):
-        """The pipeline for cfg's models, loading it first when needed (under the lock)."""
-        from ..loading import check_sources
-        self.check_allowed(cfg)
-        check_sources(cfg)  # a typo fails in milliseconds, before dropping what is loaded
-        key = self.key_of(cfg)
-        with self._lock:
-            if self.pipe is not None and self.key == key:
-                return self.pipe
-            preflight(cfg)  # configs, tokenizer, fuser files: still without dropping anything
-            old = self.cfg
-            try:
-                return self._load(cfg, key)
-            except Exception as e:  # noqa: BLE001 - put the working pair back, then report
-                if old is None or isinstance(e, cancel.Cancelled):
-                    raise
-                try:
-                    self._load(old, self.key_of(old))
-                except Exception:  # noqa: BLE001 - nothing more we can do; say the first error
-                    raise e from None
-                msg = ui_message(e) if isinstance(e, UserError) else \
-                    f"{type(e).__name__} while loading {cfg.receiver.source}"
-                raise UserError(f"{msg.rstrip('.')}; the previous models are loaded again.") \
-                    from None
-
-    def _load(self, cfg: RunConfig, key: str):
-        from ..loading import load_pipeline
-        self.loading = f"{cfg.receiver.source} ← {' + '.join(s.source for s in cfg.sharers)}"
-        try:
-            self.pipe, self.key, self.cfg = None, None, None
-            _free_memory()
-            t0 = time.perf_counter()
-            self.pipe = load_pipeline(cfg)
-            self.key, self.cfg, self.load_s = key, cfg, time.perf_counter() - t0
-        finally:
-            self.loading = None
-        return self.pipe
-
-    def status(self) -> str:
-        if self.loading:
-            return f"**Models:** loading {self.loading} …"
-        if self.pipe is None:
-            return ("**Models:** none loaded yet; they load on the first run (or press"
-                    " *Load models*).")
-        note = self.pipe.info.get("fuser_note")
-        took = f" · loaded in {self.load_s:.1f} s" if self.load_s is not None else ""
-        fixed = " · fixed by the operator" if self.fixed_key else ""
-        text = f"**Models:** {self.pipe.describe()}{took}{fixed}"
-        return guard.scrub_paths(text + (f"  \n**Note:** {note}." if note else ""))
-
-
-def preflight(cfg: RunConfig) -> None:
-    """What can be checked without loading weights: each model's config and tokenizer, the
-    fuser's files. Raises a UserError; loads nothing into memory that matters."""
-    from ..loading import _from_pretrained, load_tokenizer, source_kind
-    from transformers import AutoConfig
-    for spec, role in ((cfg.receiver, "Receiver"), *((s, "Sharer") for s in cfg.sharers)):
-        if source_kind(spec.source) == "pretrained":
-            _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
-                             revision=spec.revision)
-    try:
-        tok, tok_src = load_tokenizer(cfg.receiver)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a folder without a tokenizer, a broken file
-        raise UserError(f"The receiver's tokenizer could not be read ({type(e).__name__});"
-                        " check the receiver.") from None
-    from ..loading import plan_alignment, sharer_tokenizers
-    try:  # a sharer with its own tokenizer and --alignment none is refused here
-        plan_alignment(cfg, tok, tok_src, sharer_tokenizers(cfg, tok, tok_src))
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a sharer folder without a tokenizer, a broken file
-        raise UserError(f"A sharer's tokenizer could not be read ({type(e).__name__});"
-                        " check the sharers.") from None
-    src = cfg.fuser.source
-    if src and src.startswith("hub:"):
-        from ..loading import _snapshot
-        parts = src[4:].split("/")
-        if len(parts) >= 3:
-            folder = _snapshot("/".join(parts[:2]), "/".join(parts[2:]), src)
-            if not os.path.isfile(os.path.join(folder, *parts[2:], "projector_config.json")) \
-                    and not os.path.isfile(os.path.join(folder, *parts[2:], "final",
-                                                        "projector_config.json")):
-                raise UserError(f"Fuser {src} has no projector_config.json; check the"
-                                " subfolder.")
-    elif src and not os.path.isfile(os.path.join(src, "projector_config.json")) and \
-            not os.path.isfile(os.path.join(src, "final", "projector_config.json")):
-        raise UserError(f"Fuser folder {src} has no projector_config.json; pass a fuser folder"
-                        " or untrained.")
-
-
-def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - freeing memory is best effort
-        pass
-
-
+#: The app's models when jobs run in this process (ZeroGPU, C2C_APP_WORKER=0); with the worker
+#: process (the default) only its operator lock (`fix`) is used here: the pipeline is the
+#: worker's.
 MODELS = ModelManager()
+
+
+def models_status() -> str:
+    """The status line of the models: the worker's own words (it reports them as they change)
+    or, on the in-process path, this process's manager."""
+    if not worker.enabled():
+        return guard.scrub_paths(MODELS.status())
+    w = worker.last_worker()
+    if w is None:
+        return ("**Models:** none loaded yet; they load on the first run (or press"
+                " *Load models*).")
+    if w.died and not w.alive():
+        return f"**Models:** none loaded. {w.died}"
+    if w.status_text is None:
+        return "**Models:** starting the worker process …"
+    return guard.scrub_paths(w.status_text)
+
+
+def models_loading() -> bool:
+    if not worker.enabled():
+        return MODELS.loading is not None
+    w = worker.last_worker()
+    return w is not None and w.alive() and (w.loading or w.status_text is None
+                                            or w.kind == "load")
+
+
+def load_models(cfg: RunConfig) -> None:
+    """Load cfg's models where jobs run: in the worker process, or here on the in-process
+    path. Raises UserError (a failed load keeps the working pair)."""
+    if worker.enabled():
+        worker.worker_for(cfg).call("load", {"cfg": cfg}, fixed=(MODELS.fixed_key,
+                                                                 MODELS.fixed_label))
+    else:
+        MODELS.get(cfg)
+
+
+def in_worker(job: "Job", kind: str, cfg: RunConfig, **payload) -> Any:
+    """Run one job in cfg's worker process on behalf of `job` (its progress, phase, token
+    count and stop flag), returning the worker's result once the worker has ended it."""
+    def on_message(msg: tuple) -> None:
+        if msg[0] == "progress":
+            job.on_progress(*msg[2:])
+        elif msg[0] == "phase":
+            job.phase = msg[2]
+
+    def on_start(w: worker.WorkerClient) -> None:
+        job.tokens = worker.SharedCount(w.tokens)
+
+    return worker.worker_for(cfg).call(kind, {"cfg": cfg, **payload},
+                                       fixed=(MODELS.fixed_key, MODELS.fixed_label),
+                                       should_stop=job.stop.is_set, on_message=on_message,
+                                       on_start=on_start)
 
 
 # --- background job with progress ---------------------------------------------------------
@@ -460,8 +372,10 @@ JOB_LOG: "collections.deque[tuple[float, float]]" = collections.deque(maxlen=256
 
 
 class Job:
-    """Runs `work(job)` in a worker thread so a callback can keep yielding (records as they
-    arrive, progress ticks) while the model works. `work` passes `job.on_progress` and
+    """Runs `work(job)` in a thread so a callback can keep yielding (records as they
+    arrive, progress ticks) while the model works. With the worker process (the default),
+    `work` hands the job to it (`in_worker`) and relays what it sends; the thread then only
+    waits, and the job ends when the worker has ended it. `work` passes `job.on_progress` and
     `job.stop.is_set` to `run_many`, and may point `job.tokens` at a token counter. The work
     runs under RUN_LOCK and a cancel scope: setting `job.stop` ends it within one decode
     step."""
@@ -497,6 +411,8 @@ class Job:
             self.q.put(rec)
 
     def _run(self) -> None:
+        from ..runner import FRONTEND
+        FRONTEND.set("app")  # this thread's records (the in-process path) say so
         try:
             if not RUN_LOCK.acquire(blocking=False):
                 self.phase = "waiting"
@@ -689,12 +605,14 @@ def space_runtime() -> bool:
 def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
                    stop: threading.Event | None = None, unit: str = "generation",
                    runner: Callable | None = None, request: gr.Request | None = None):
-    """Run `items` into `path` in a worker thread and yield `render(records, status, file)` as
+    """Run `items` into `path` in the worker process (or, on the in-process path, a thread) and
+    yield `render(records, status, file)` as
     records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
     that goes away ends the run within one decode step; the session's disk quota ends it too.
     A UserError is said in the status line and raised as gr.Error. Every finished record is in
     the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
-    (same arguments after the items), e.g. a length sweep.
+    (same arguments after the items), e.g. a length sweep; it must pickle (a module-level
+    function, or a partial of one) to travel to the worker process.
 
     Streams: only the newest LIVE_ROWS records and a running summary stay in memory; `render`
     gets those rows and, as `summary=`, the RunningSummary of every record so far."""
@@ -711,6 +629,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     full = threading.Event()
 
     def work(job: Job):
+        if worker.enabled():  # the generations run in the worker process, which writes path
+            return in_worker(job, "run", cfg, items=items, path=path, runner=runner,
+                             count_tokens=per_item is not None)
         pipe = MODELS.get(cfg)
         with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
             job.tokens = counter

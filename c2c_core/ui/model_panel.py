@@ -12,7 +12,8 @@ from ..records import MODES
 from ..timing import TIMING_METHODS
 from ..errors import UserError
 from . import guard
-from .common import MODELS, error_outputs, run_config, status_md, user_error
+from .common import (error_outputs, load_models as load_where_jobs_run, models_loading,
+                     models_status, run_config, status_md, user_error)
 
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -199,20 +200,20 @@ def load_models(progress=gr.Progress(), **settings):
     try:
         cfg = run_config(settings)
         progress(None, desc="Loading models…")
-        MODELS.get(cfg)
+        load_where_jobs_run(cfg)
     except UserError as e:
-        yield error_outputs(e, 1)[0] + "  \n" + MODELS.status()
+        yield error_outputs(e, 1)[0] + "  \n" + models_status()
         raise user_error(e) from None
-    yield MODELS.status()
+    yield models_status()
 
 
 def model_status() -> str:
-    return MODELS.status()
+    return models_status()
 
 
 def model_status_poll():
     """The status line, and whether to keep polling (only while models are loading)."""
-    return MODELS.status(), gr.Timer(active=MODELS.loading is not None)
+    return models_status(), gr.Timer(active=models_loading())
 
 
 __all__ = ["ModelPanel", "RunSettings", "build_model_panel", "build_run_settings", "on_preset",

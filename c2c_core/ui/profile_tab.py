@@ -15,9 +15,10 @@ from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
 from ..records import MODES
 from . import guard
-from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, new_run_path, plot,
-                     run_config, session_dir, sized, status_md, stop_flag, token_counter,
-                     tokens_per_item, user_error)
+from .. import worker
+from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, in_worker,
+                     new_run_path, plot, run_config, session_dir, sized, status_md, stop_flag,
+                     token_counter, tokens_per_item, user_error)
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
               " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
@@ -79,13 +80,12 @@ def stage_table(record: dict) -> pd.DataFrame:
     return rows[list(STAGE_HEADS)].rename(columns=STAGE_HEADS)
 
 
-def summary_line(rec: dict, pipe) -> str:
+def summary_line(rec: dict, device: str, dtype: str) -> str:
     t = rec["timing"]
     return (f"**Done** ({rec.get('mode', 'c2c')}): TTFT {t['ttft_ms']:.1f} ms · decode"
             f" {t['decode_avg_ms']:.2f} ms/token ({t['tokens_per_second']:.1f} tok/s) ·"
             f" {t['num_generated_tokens']} tokens · E2E {t['e2e_ms']:.1f} ms · on"
-            f" {pipe.device.type}"
-            f" {str(pipe.dtype).removeprefix('torch.')}.")
+            f" {device} {dtype}.")
 
 
 def check_profile(prompt: str, **settings):
@@ -108,11 +108,16 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         per_item = tokens_per_item(cfg)
 
         def work(job):
+            if worker.enabled():  # the worker process runs it and writes the four files
+                return in_worker(job, "profile", cfg, item=items[0], paths=paths,
+                                 count_tokens=per_item is not None)
             pipe = MODELS.get(cfg)
             job.phase = "profiling"
             with token_counter(pipe, per_item is not None) as counter:
                 job.tokens = counter
-                return pipe, profile_item(pipe, cfg, items[0], paths)
+                rec, _stats = profile_item(pipe, cfg, items[0], paths)
+            return {"record": rec, "device": pipe.device.type,
+                    "dtype": str(pipe.dtype).removeprefix("torch.")}
 
         # tokens of all generations: warm-up(s) and timed run per mode, then the profiled run
         modes = len(MODES) if cfg.mode == "all" else 1
@@ -141,7 +146,7 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
             yield (status_md("**Stopped** before the profile finished; nothing was recorded."),) \
                 + tuple(gr.skip() for _ in range(5))
             return
-        pipe, (rec, _stats) = job.result
+        done = job.result
     except UserError as e:
         yield error_outputs(e, 6)
         raise user_error(e) from None
@@ -152,7 +157,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
     recs = read_records(paths.jsonl)
     steps = analysis.steps_frame(recs)
     more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
-    status = summary_line(rec, pipe) + more
+    rec = done["record"]
+    status = summary_line(rec, done["device"], done["dtype"]) + more
     files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
     yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
             sized(plots.decode_steps_fig(steps), 360), files)

@@ -11,7 +11,8 @@ import pandas as pd
 
 from .. import analysis, plots
 from ..errors import UserError
-from ..sweep import parse_lengths, run_sweep
+from ..sweep import parse_lengths
+from ..worker import sweep_grid
 from ..runner import modes_of
 from . import guard
 from .common import (download_button, new_run_path, plot, records_table, status_md, ui_message,
@@ -102,10 +103,6 @@ def run_sweep_ui(input_lens: str, output_lens: str, batch_sizes: str = "1",
         yield render([], status_md(ui_message(e), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "sweep")
-    runner = partial(_grid, ins=ins, outs=outs, bss=bss)
+    runner = partial(sweep_grid, ins=ins, outs=outs, bss=bss)  # pickles: it travels to the worker
     yield from stream_records(cfg, [], path, progress, render, unit="generation", runner=runner,
                               request=request)
-
-
-def _grid(pipe, cfg, _items, *, ins, outs, bss, **kw):
-    return run_sweep(pipe, cfg, ins, outs, batch_sizes=bss, **kw)
