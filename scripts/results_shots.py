@@ -37,7 +37,7 @@ def records(n: int, device: str = "cpu", speed: float = 1.0, modes=("c2c",), see
     pipe = SimpleNamespace(tokenizer=_Tok(), device=torch.device("cpu"),
                            info={"receiver": "SmolLM2-135M-Instruct", "sharer": "SmolLM2-135M-Instruct"})
     from c2c_core.records import RUN_FIELDS
-    meta = {k: None for k in RUN_FIELDS}  # every key a record carries (values made up here)
+    meta = {k: None for k in RUN_FIELDS} | {"frontend": "cli"}  # every key a record carries (values made up here)
     meta.update({"run_id": f"synthetic{seed}", "device": device,
                  "cpu": "Intel Xeon" if device == "cpu" else "AMD EPYC", "threads": 2,
                  "dtype": "float32" if device == "cpu" else "bfloat16", "torch": "2.9.1",

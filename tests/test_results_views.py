@@ -86,7 +86,7 @@ def test_uploaded_records_are_checked():
         r.update(mode="c2c", repeat=0)
     from c2c_core.records import RUN_FIELDS
     for r in good:
-        r["run"] = {k: r["run"].get(k) for k in RUN_FIELDS}
+        r["run"] = {k: r["run"].get(k) for k in RUN_FIELDS} | {"frontend": "cli"}
         r["timing"]["sharer_decode_ms"] = 0.0
     assert check_notes({"good": good}) == []
     bad = [dict(r, timing=dict(r["timing"])) for r in good]

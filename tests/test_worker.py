@@ -55,7 +55,7 @@ def test_batch_profile_and_sweep_run_in_the_worker_process(url, ui_never_generat
     assert "TTFT" in status and " cpu " in status and len(files) == 4
     prof = [f for f in files if f.endswith(".jsonl")][0]
     assert read_records(prof)[0]["run"]["frontend"] == "app"
-    status, _t, _p, path = c.predict(input_lens="4,8", output_lens="3", warmup=0,
+    status, _t, _p, path, _b = c.predict(input_lens="4,8", output_lens="3", warmup=0,
                                      api_name="/sweep")
     assert "Done" in status and len(read_records(path)) == 2
     assert worker.last_worker().pid == w.pid  # one worker served every job
@@ -76,7 +76,7 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
     path = str(tmp_path / "stop.jsonl")
     seen = {}
 
-    def render(recs, status, file):
+    def render(recs, status, file, summary=None):
         seen["status"], seen["n"] = status, len(recs)
         return status
 
