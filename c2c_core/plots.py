@@ -288,8 +288,7 @@ def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
 
 
 # prefill-side stages grow with the prompt; decode is shown per token so output length drops out
-SWEEP_STAGES = ["base_embedding_ms", "teacher_embedding_ms", "base_prefill_ms",
-                "teacher_prefill_ms", "projector_total_ms", "sharer_decode_ms", "decode_avg_ms"]
+SWEEP_STAGES = TTFT_STAGES[:-1] + ["decode_avg_ms"]
 
 
 SWEEP_ID = r"^in(\d+)-out\d+(?:-b\d+\.\d+)?$"

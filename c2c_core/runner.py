@@ -33,7 +33,7 @@ from .loading import Pipeline
 from .memory import DeviceMemory
 from .prompts import PromptItem as Item
 from .prompts import score
-from .records import MODES, JsonlWriter, percentile, r3
+from .records import MODES, SHARER_STAGES, JsonlWriter, percentile, r3
 from .timing import STAGES, Timer, now_ns, sync
 
 T2T_NOTE_INSTRUCTION = (
@@ -292,11 +292,6 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     t["alignment_ms"] = tot["alignment_ms"]
     t["sharers"] = sharers
     return t, steps
-
-
-#: Stage -> field of a `timing.sharers` entry (the totals keep the seed's names).
-SHARER_STAGES = {"teacher_embedding": "embedding_ms", "teacher_prefill": "prefill_ms",
-                 "projection": "projection_ms", "alignment": "alignment_ms"}
 
 
 def sharer_entries(g: Generation) -> list[dict]:
