@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import __version__, cancel
-from .config import RunConfig
+from .config import ALL_MODES, RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, fused_prefill, plain_prefill, sample
 from .limits import check_context, check_items
@@ -416,7 +416,7 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
 # --- driving -------------------------------------------------------------------------------
 
 def modes_of(cfg: RunConfig) -> list[str]:
-    return list(MODES) if cfg.mode == "all" else [cfg.mode]
+    return list(MODES) if cfg.mode == ALL_MODES else [cfg.mode]
 
 
 def run_one(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str = "c2c", repeat: int = 0,

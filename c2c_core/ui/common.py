@@ -23,7 +23,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import analysis, cancel
-from ..config import RunConfig, build_run_config
+from ..config import ALL_MODES, RunConfig, build_run_config
 from ..errors import UserError
 from . import guard
 
@@ -581,7 +581,7 @@ def tokens_per_item(cfg: RunConfig) -> int | None:
     if cfg.gen.max_new_tokens < LONG_GENERATION:
         return None
     n = cfg.gen.max_new_tokens
-    return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", "all") else n
+    return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", ALL_MODES) else n
 
 
 # --- tables --------------------------------------------------------------------------------
