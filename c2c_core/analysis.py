@@ -11,7 +11,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .records import EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, STAGE_FIELDS, TIMING, percentile
+from .records import (EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, STAGE_FIELDS, TIMING,
+                      parse_sweep_id, percentile)
 
 TIMING_FIELDS = SEED_TIMING_FIELDS + EXT_TIMING_FIELDS
 
@@ -76,6 +77,13 @@ def column(key: str, stat: str) -> str:
     """Summary column name ("decode ms/token p50")."""
     n, unit = FIELDS.get(key, (key, ""))
     return " ".join(p for p in (n, unit, stat) if p)
+
+
+def sweep_input_lens(ids: pd.Series) -> pd.Series:
+    """The prompt length N of each length-sweep record id ('in<N>-out<M>', records.sweep_id);
+    NaN where an id is not a sweep id."""
+    return pd.to_numeric(ids.map(lambda x: getattr(parse_sweep_id(x), "input_len", None)),
+                         errors="coerce")
 
 
 # --- normalizing --------------------------------------------------------------------------

@@ -355,9 +355,10 @@ def cmd_report(args) -> int:
         parts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("n", "paired"))
         print(f"{name.replace('_', ' ')}: {parts} (n={r['n']}{', paired by id' if r['paired'] else ''})")
     if args.html:
+        from .analysis import sweep_input_lens
         from .plots import mode_compare_figs, sweep_fig
         figs = list(mode_compare_figs(df).values())
-        if df["id"].astype(str).str.match(r"in\d+-out\d+(-b\d+\.\d+)?$").any():
+        if sweep_input_lens(df["id"]).notna().any():
             figs.append(sweep_fig(df))
         with open(args.html, "w", encoding="utf-8") as f:
             for i, fig in enumerate(figs):

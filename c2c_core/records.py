@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, NamedTuple
 
 from .errors import UserError
 
@@ -114,6 +115,37 @@ NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "r
 LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alignment_ms",
                 "timing.batch_tokens_per_second", "batch_size", "batch_index", "run.world_size",
                 "run.rank", "run.engine", "run.compile_s"}
+
+
+# --- sweep ids -----------------------------------------------------------------------------
+
+class SweepShape(NamedTuple):
+    """What a length sweep's record id says: prompt and output length, and for batch sizes
+    above 1 the batch size and the record's row in the batch."""
+
+    input_len: int
+    output_len: int
+    batch: int = 1
+    row: int = 0
+
+
+_SWEEP_ID = re.compile(r"in(\d+)-out(\d+)(?:-b(\d+)\.(\d+))?")
+
+
+def sweep_id(input_len: int, output_len: int, batch: int = 1, row: int = 0) -> str:
+    """The record id of a sweep shape: 'in<N>-out<M>', and 'in<N>-out<M>-b<B>.<row>' for a
+    batch of B > 1 (batch 1 keeps the short id, so a shape's records share an id across modes)."""
+    base = f"in{int(input_len)}-out{int(output_len)}"
+    return base if batch == 1 else f"{base}-b{int(batch)}.{int(row)}"
+
+
+def parse_sweep_id(value: Any) -> SweepShape | None:
+    """The shape in a sweep record id (the inverse of `sweep_id`); None for any other id."""
+    m = _SWEEP_ID.fullmatch(str(value))
+    if m is None:
+        return None
+    n, out, b, row = m.groups()
+    return SweepShape(int(n), int(out), 1 if b is None else int(b), 0 if row is None else int(row))
 
 
 # --- building ------------------------------------------------------------------------------

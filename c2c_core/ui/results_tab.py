@@ -274,7 +274,7 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
 def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Only records of a length sweep (ids in<N>-out<M>): other files have one length per
     prompt, and a line through them would suggest a trend that is not there."""
-    return df[df["id"].astype(str).str.match(plots.SWEEP_ID)]
+    return df[analysis.sweep_input_lens(df["id"]).notna()]
 
 
 def compare_pair(files, runs, skip_bad_lines, a, b, request: gr.Request):
