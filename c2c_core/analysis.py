@@ -11,37 +11,16 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .records import EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, STAGE_FIELDS, percentile
+from .records import (EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, STAGE_FIELDS, TIMING,
+                      parse_sweep_id, percentile)
 
 TIMING_FIELDS = SEED_TIMING_FIELDS + EXT_TIMING_FIELDS
 
 #: Raw key → (display name, unit): the one table every summary column and axis title uses.
+#: The record's timing fields come from records.TIMING; the rest are columns made here.
 FIELDS: dict[str, tuple[str, str]] = {
-    "alignment_ms": ("token alignment", "ms"),
-    "base_embedding_ms": ("receiver embedding", "ms"),
-    "base_prefill_ms": ("receiver prefill", "ms"),
-    "teacher_embedding_ms": ("sharer embedding", "ms"),
-    "teacher_prefill_ms": ("sharer prefill", "ms"),
-    "sharer_decode_ms": ("sharer decode", "ms"),
-    "projector_total_ms": ("projection", "ms"),
-    "projector_avg_ms": ("projection per call", "ms"),
-    "projector_calls": ("projector calls", "calls"),
-    "decode_total_ms": ("decode total", "ms"),
-    "decode_avg_ms": ("decode", "ms/token"),
-    "decode_p50_ms": ("decode step p50", "ms"),
-    "decode_p90_ms": ("decode step p90", "ms"),
-    "decode_p99_ms": ("decode step p99", "ms"),
-    "num_generated_tokens": ("generated", "tokens"),
-    "tokens_per_second": ("decode", "tok/s"),
-    "e2e_tokens_per_second": ("end-to-end", "tok/s"),
-    "prompt_tokens": ("prompt length", "tokens"),
-    "sharer_generated_tokens": ("sharer note", "tokens"),
-    "ttft_ms": ("TTFT", "ms"),
-    "e2e_ms": ("E2E", "ms"),
-    "tpot_ms": ("TPOT", "ms/token"),
-    "other_ms": ("other", "ms"),
+    **{k: (f.label, f.unit) for k, f in TIMING.items()},
     "ttft_other_ms": ("other before first token", "ms"),
-    "peak_memory_mb": ("peak memory", "MB"),
     "prompt_chars": ("prompt length", "chars"),
     "response_chars": ("response length", "chars"),
     "n_steps": ("decode steps", "steps"),
@@ -49,9 +28,9 @@ FIELDS: dict[str, tuple[str, str]] = {
     "ms": ("step time", "ms"),
 }
 
-#: Stages up to the first token, in run order; the last is the remainder of `ttft_ms`.
-TTFT_STAGES = ["alignment_ms", "base_embedding_ms", "teacher_embedding_ms", "teacher_prefill_ms",
-               "sharer_decode_ms", "projector_total_ms", "base_prefill_ms", "ttft_other_ms"]
+#: Stages up to the first token, in run order (every stage but decode); the last is the
+#: remainder of `ttft_ms`.
+TTFT_STAGES = [f for f in STAGE_FIELDS if f != "decode_total_ms"] + ["ttft_other_ms"]
 #: Stages that add up to `e2e_ms` (records.STAGE_FIELDS + other_ms), in run order.
 E2E_STAGES = TTFT_STAGES[:-1] + ["decode_total_ms", "other_ms"]
 
@@ -76,11 +55,9 @@ _SUMMARY_STATS = [
 #: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
 _RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver"),
                 "c2c_over_sharer": ("c2c", "sharer")}
-_RATIO_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms")
+RATIO_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms")
 _KEYS = ["source", "id", "mode", "repeat"]
 _ACCEPTED = set(TIMING_FIELDS) | {"num_decode_steps"}
-
-assert set(E2E_STAGES) == set(STAGE_FIELDS) | {"other_ms"}, "stage lists out of sync"
 
 
 # --- labels -------------------------------------------------------------------------------
@@ -100,6 +77,13 @@ def column(key: str, stat: str) -> str:
     """Summary column name ("decode ms/token p50")."""
     n, unit = FIELDS.get(key, (key, ""))
     return " ".join(p for p in (n, unit, stat) if p)
+
+
+def sweep_input_lens(ids: pd.Series) -> pd.Series:
+    """The prompt length N of each length-sweep record id ('in<N>-out<M>', records.sweep_id);
+    NaN where an id is not a sweep id."""
+    return pd.to_numeric(ids.map(lambda x: getattr(parse_sweep_id(x), "input_len", None)),
+                         errors="coerce")
 
 
 # --- normalizing --------------------------------------------------------------------------
@@ -333,7 +317,7 @@ def _ratio(df: pd.DataFrame, a: str, b: str) -> dict:
     """Ratio of medians a/b per metric over the ids both modes ran (all rows when none).
     With several files a prompt pairs only within its own file (never one machine's c2c with
     another's receiver)."""
-    metrics = [m for m in _RATIO_METRICS if m in df.columns]
+    metrics = [m for m in RATIO_METRICS if m in df.columns]
     keys = ["mode", "source", "id"] if "source" in df.columns else ["mode", "id"]
     per_id = df.groupby(keys)[metrics].median()  # repeats collapse to their median
     va, vb = per_id.loc[a], per_id.loc[b]
@@ -342,7 +326,7 @@ def _ratio(df: pd.DataFrame, a: str, b: str) -> dict:
     if paired:
         va, vb = va.loc[common], vb.loc[common]
     out: dict[str, Any] = {}
-    for m in _RATIO_METRICS:
+    for m in RATIO_METRICS:
         if m not in metrics:
             out[m] = math.nan
             continue

@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 
-from .config import PRESETS
+from .config import (ALIGNMENTS, DEFAULT_PRESET, ENGINES, FUSIONS, PRESETS, TIMING_METHODS,
+                     FuserSpec, GenerationConfig, ModelSpec, RunConfig, default_of, help_of)
 from .errors import UserError
 from .prompts import BUILTIN_PROMPTS
 
@@ -22,54 +23,86 @@ DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_ti
 
 # --- shared flags --------------------------------------------------------------------------
 
+#: CLI option (dest) -> the config dataclass field it sets. The option's help is that field's
+#: metadata help (config.help_of), and its default, where the CLI gives one, the field's default:
+#: both are written once, in config.py.
+CONFIG_OPTIONS = {
+    "base_model": (RunConfig, "receiver"),
+    "teacher_model": (RunConfig, "sharer"),
+    "alignment": (RunConfig, "alignment"),
+    "fusion": (RunConfig, "fusion"),
+    "fuser": (FuserSpec, "source"),
+    "tokenizer": (ModelSpec, "tokenizer"),
+    "hidden_dim": (FuserSpec, "hidden_dim"),
+    "intermediate_dim": (FuserSpec, "intermediate_dim"),
+    "num_layers": (FuserSpec, "num_layers"),
+    "device": (RunConfig, "device"),
+    "dtype": (RunConfig, "dtype"),
+    "threads": (RunConfig, "threads"),
+    "attn_implementation": (RunConfig, "attn_implementation"),
+    "mode": (RunConfig, "mode"),
+    "max_new_tokens": (GenerationConfig, "max_new_tokens"),
+    "ignore_eos": (GenerationConfig, "ignore_eos"),
+    "do_sample": (GenerationConfig, "do_sample"),
+    "temperature": (GenerationConfig, "temperature"),
+    "top_p": (GenerationConfig, "top_p"),
+    "top_k": (GenerationConfig, "top_k"),
+    "seed": (GenerationConfig, "seed"),
+    "t2t_note_tokens": (GenerationConfig, "t2t_note_tokens"),
+    "warmup": (RunConfig, "warmup"),
+    "repeats": (RunConfig, "repeats"),
+    "timing": (RunConfig, "timing"),
+    "engine": (RunConfig, "engine"),
+    "batch_size": (RunConfig, "batch_size"),
+}
+#: The options that are build_run_config overrides (same name as their field).
+OVERRIDES = [d for d, (cls, name) in CONFIG_OPTIONS.items() if d == name and cls is not ModelSpec]
+
+
+def _config_arg(g, dest: str, default: bool = True, **kw) -> None:
+    """--dest with its config field's help (and, unless default=False, its default)."""
+    cls, name = CONFIG_OPTIONS[dest]
+    if default and kw.get("action") not in ("store_true", "append"):
+        kw["default"] = default_of(cls, name)
+    g.add_argument(f"--{dest}", help=help_of(cls, name), **kw)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default smollm2-demo)")
-    g.add_argument("--base_model", help="receiver: hub id, local folder, .gguf, smollm2, gemma3, or dummy:<config>")
-    g.add_argument("--teacher_model", action="append",
-                   help="sharer: same forms as --base_model; repeat it (or separate with commas)"
-                        " for several sharers")
-    g.add_argument("--alignment", choices=["first", "longest", "none"],
-                   help="sharers with their own tokenizer: per-token alignment strategy (default"
-                        " first); none refuses such a sharer")
-    g.add_argument("--fusion", choices=["parallel", "sequential"],
-                   help="several sharers: add their residuals to the clean cache (parallel,"
-                        " default) or project one after another (sequential)")
-    g.add_argument("--fuser", help="fuser folder, hub:<repo>/<subfolder>, or 'untrained'")
-    g.add_argument("--tokenizer", help="tokenizer for dummy weights: hub id, local folder, or smollm2")
-    g.add_argument("--hidden_dim", type=int, help="untrained fuser hidden size (default 1024)")
-    g.add_argument("--intermediate_dim", type=int, help="untrained fuser FFN size (default 1024)")
-    g.add_argument("--num_layers", type=int, help="untrained fuser depth (default 3)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on a CPU the preset's choice: smollm2-demo takes bf16 where the CPU has native bf16, others fp32 or bf16 as listed), float32, bfloat16, float16")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--attn_implementation", help="eager, sdpa, flash_attention_2 (default: transformers' choice)")
+    g.add_argument("--preset", default=None,
+                   help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    _config_arg(g, "base_model", default=False)
+    _config_arg(g, "teacher_model", action="append")
+    _config_arg(g, "alignment", default=False, choices=ALIGNMENTS)
+    _config_arg(g, "fusion", default=False, choices=FUSIONS)
+    _config_arg(g, "fuser", default=False)
+    _config_arg(g, "tokenizer", default=False)
+    for dest in ("hidden_dim", "intermediate_dim", "num_layers"):
+        _config_arg(g, dest, default=False, type=int)
+    _config_arg(g, "device")
+    _config_arg(g, "dtype")
+    _config_arg(g, "threads", type=int)
+    _config_arg(g, "attn_implementation")
 
 
 def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs: bool = True) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--mode", default="c2c", help="c2c, receiver, sharer, t2t, or all")
-    g.add_argument("--max_new_tokens", type=int, default=None,
-                   help="tokens to generate (default 64; dataset: by answer kind, 256 for GSM8K-style"
-                        " number answers)")
-    g.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens")
-    g.add_argument("--do_sample", action="store_true", help="sample (default greedy)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--top_k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--t2t_note_tokens", type=int, default=64, help="t2t: cap on the sharer's note")
+    _config_arg(g, "mode")
+    # None: the dataset command picks it by answer kind (config: GenerationConfig's default)
+    _config_arg(g, "max_new_tokens", default=False, type=int)
+    _config_arg(g, "ignore_eos", action="store_true")
+    _config_arg(g, "do_sample", action="store_true")
+    _config_arg(g, "temperature", type=float)
+    _config_arg(g, "top_p", type=float)
+    _config_arg(g, "top_k", type=int)
+    _config_arg(g, "seed", type=int)
+    _config_arg(g, "t2t_note_tokens", type=int)
     g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
-    g.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up generations")
-    g.add_argument("--repeats", type=int, default=1, help="records per prompt")
-    g.add_argument("--timing", default="event", choices=["event", "sync"],
-                   help="event: CUDA events / perf_counter (default); sync: the seed's sync-per-stage")
-    g.add_argument("--engine", default="auto", choices=["auto", "eager", "fast"],
-                   help="fast: static caches, compiled decode, one batched projection; eager: the"
-                        " faithful per-layer baseline; auto: fast on CUDA and for batches, else"
-                        " the CPU default (README, Engines)")
-    g.add_argument("--batch_size", type=int, default=1,
-                   help="prompts generated together (fast engine; one record per prompt)")
+    _config_arg(g, "warmup", type=int)
+    _config_arg(g, "repeats", type=int)
+    _config_arg(g, "timing", choices=TIMING_METHODS)
+    _config_arg(g, "engine", choices=ENGINES)
+    _config_arg(g, "batch_size", type=int)
     if not outputs:
         return
     o = p.add_argument_group("output")
@@ -94,11 +127,7 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 
 def run_config(args):
     from .config import build_run_config
-    keys = ["device", "dtype", "threads", "attn_implementation", "warmup", "repeats", "timing",
-            "mode", "max_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p", "top_k",
-            "seed", "t2t_note_tokens", "hidden_dim", "intermediate_dim", "num_layers",
-            "alignment", "fusion", "engine", "batch_size"]
-    kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    kw = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
     kw["chat_template"] = not args.no_chat_template
     return build_run_config(args.preset, args.base_model, args.teacher_model, args.fuser,
                             tokenizer=args.tokenizer, **kw)
@@ -329,9 +358,10 @@ def cmd_report(args) -> int:
         parts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("n", "paired"))
         print(f"{name.replace('_', ' ')}: {parts} (n={r['n']}{', paired by id' if r['paired'] else ''})")
     if args.html:
+        from .analysis import sweep_input_lens
         from .plots import mode_compare_figs, sweep_fig
         figs = list(mode_compare_figs(df).values())
-        if df["id"].astype(str).str.match(r"in\d+-out\d+(-b\d+\.\d+)?$").any():
+        if sweep_input_lens(df["id"]).notna().any():
             figs.append(sweep_fig(df))
         with open(args.html, "w", encoding="utf-8") as f:
             for i, fig in enumerate(figs):

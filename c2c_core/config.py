@@ -16,39 +16,95 @@ import os
 from dataclasses import dataclass, field, replace
 
 from .errors import UserError
+from .records import MODES
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 CONFIGS = os.path.join(ASSETS, "configs")
 
 FUSER_REPO = "nics-efc/C2C_Fuser"
 
+# --- option lists --------------------------------------------------------------------------
+# Each list of allowed values is written here once: the CLI's choices and help, the app's
+# dropdowns, the validation below and the modules that act on the values all read it.
+
+#: --dtype: "auto" is bfloat16 on CUDA and the preset's CPU dtype (float32 unless it says
+#: otherwise) on a CPU; the others are torch dtype names (loading.py maps them).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: The app's device choices (any torch device string, e.g. cuda:1, is accepted too).
+DEVICES = ("auto", "cpu", "cuda")
+#: --timing (MEASURE.md "Timers"); the timer also knows "off", used only to measure its cost.
+TIMING_METHODS = ("event", "sync")
+#: --engine (see resolve_engine).
+ENGINES = ("auto", "eager", "fast")
+#: --alignment: per-token strategies for sharers with their own tokenizer; "none" refuses them.
+ALIGNMENTS = ("first", "longest", "none")
+#: --fusion: how several sharers combine.
+FUSIONS = ("parallel", "sequential")
+#: --mode "all": every mode of records.MODES, interleaved.
+ALL_MODES = "all"
+MODE_OPTIONS = (*MODES, ALL_MODES)
+
+
+def one_of(options, last: str = "or") -> str:
+    """'a, b or c' for messages and help."""
+    options = [str(o) for o in options]
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} {last} {options[-1]}"
+
+
+# --- configuration dataclasses -------------------------------------------------------------
+# A field's metadata "help" is the one description of the setting: the CLI's --help reads it
+# (help_of); "{default}" in it is replaced by the field's default.
+
+def _opt(help: str, **kw):
+    return field(metadata={"help": help}, **kw)
+
+
+def help_of(cls, name: str) -> str:
+    """The help text of a config dataclass field (its metadata), with {default} filled in."""
+    f = cls.__dataclass_fields__[name]
+    return f.metadata["help"].format(default=f.default)
+
+
+def default_of(cls, name: str):
+    """The default of a config dataclass field (a default_factory is called)."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+MODEL_FORMS = "hub id, local folder, .gguf, smollm2, gemma3, or dummy:<config>"
+
 
 @dataclass
 class ModelSpec:
-    source: str = field(metadata={"help": "hub id, local folder, .gguf file, smollm2, gemma3, or dummy:<name>"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer source for dummy weights"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision"})
+    source: str = _opt(MODEL_FORMS)
+    tokenizer: str | None = _opt("tokenizer for dummy weights: hub id, local folder, or smollm2",
+                                 default=None)
+    revision: str | None = _opt("hub revision", default=None)
 
 
 @dataclass
 class FuserSpec:
-    source: str | None = field(default=None, metadata={
-        "help": "fuser folder, hub:<repo>/<subfolder>, or None for an untrained fuser"})
-    hidden_dim: int = field(default=1024, metadata={"help": "untrained fuser: projector hidden size"})
-    intermediate_dim: int = field(default=1024, metadata={"help": "untrained fuser: FFN size"})
-    num_layers: int = field(default=3, metadata={"help": "untrained fuser: projector depth"})
+    # None: a fresh, untrained fuser
+    source: str | None = _opt("fuser folder, hub:<repo>/<subfolder>, or 'untrained' for a fresh"
+                              " one (default: the preset's)", default=None)
+    hidden_dim: int = _opt("untrained fuser hidden size (default {default})", default=1024)
+    intermediate_dim: int = _opt("untrained fuser FFN size (default {default})", default=1024)
+    num_layers: int = _opt("untrained fuser depth (default {default})", default=3)
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate (1..8192)"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy"})
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    ignore_eos: bool = field(default=False, metadata={"help": "always produce max_new_tokens"})
-    t2t_note_tokens: int = field(default=64, metadata={"help": "t2t mode: cap on the sharer's note"})
+    max_new_tokens: int = _opt("tokens to generate, 1 to 8192 (default {default}; dataset: by"
+                               " answer kind, 256 for GSM8K-style number answers)", default=64)
+    do_sample: bool = _opt("sample (default greedy)", default=False)
+    temperature: float = _opt("sampling temperature (default {default})", default=1.0)
+    top_p: float = _opt("sampling: keep the most likely tokens up to this total probability"
+                        " (default {default} = all)", default=1.0)
+    top_k: int = _opt("sampling: keep the k most likely tokens (default {default} = off)", default=0)
+    seed: int = _opt("seed of the sampler and of the sweep's synthetic prompts (default {default})",
+                     default=0)
+    ignore_eos: bool = _opt("always generate max_new_tokens", default=False)
+    t2t_note_tokens: int = _opt("t2t: cap on the sharer's note (default {default})", default=64)
 
     def validate(self) -> None:
         if not 1 <= self.max_new_tokens <= 8192:
@@ -65,32 +121,44 @@ class GenerationConfig:
 
 @dataclass
 class RunConfig:
-    receiver: ModelSpec
-    sharer: ModelSpec
+    receiver: ModelSpec = _opt(f"receiver: {MODEL_FORMS} (default: the preset's)")
+    sharer: ModelSpec = _opt("sharer: same forms as the receiver; several sharers: repeat the option"
+                             " or separate them with commas (default: the preset's)")
     fuser: FuserSpec = field(default_factory=FuserSpec)
-    preset: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    threads: int | None = None
-    attn_implementation: str | None = None
-    timing: str = "event"
-    warmup: int = 1
-    repeats: int = 1
-    mode: str = "c2c"
-    chat_template: bool = True
+    preset: str | None = _opt("the preset's name, or custom for models chosen by hand", default=None)
+    device: str = _opt("auto (CUDA when present), cpu, cuda, cuda:1", default="auto")
+    dtype: str = _opt(f"auto (bf16 on GPU; on a CPU the preset's choice: smollm2-demo takes bf16"
+                      f" where the CPU has native bf16, else fp32), {', '.join(DTYPES[1:])}",
+                      default="auto")
+    threads: int | None = _opt("torch CPU threads", default=None)
+    attn_implementation: str | None = _opt("eager, sdpa, flash_attention_2 (default: transformers'"
+                                           " choice)", default=None)
+    timing: str = _opt("event: CUDA events / perf_counter (default); sync: the seed's"
+                       " sync-per-stage", default="event")
+    warmup: int = _opt("unrecorded warm-up generations", default=1)
+    repeats: int = _opt("records per prompt", default=1)
+    mode: str = _opt(f"{', '.join(MODES)}, or {ALL_MODES}", default="c2c")
+    chat_template: bool = _opt("apply the receiver's chat template to the prompt", default=True)
     gen: GenerationConfig = field(default_factory=GenerationConfig)
-    cpu_dtype: str = "float32"      # what --dtype auto means on a CPU: a dtype, or "auto" (bf16
-    #                                 where the CPU has native bf16, else fp32); set by the preset
-    more_sharers: list[ModelSpec] = field(default_factory=list)  # sharers 2, 3, ... (repeatable --teacher_model)
-    alignment: str = "first"        # first | longest | none: for sharers with their own tokenizer
-    fusion: str = "parallel"        # parallel | sequential: how several sharers combine
+    cpu_dtype: str = _opt("what --dtype auto means on a CPU: a dtype, or auto (bf16 where the CPU"
+                          " has native bf16, else fp32); set by the preset",
+                          default="float32")
+    more_sharers: list[ModelSpec] = field(default_factory=list, metadata={
+        "help": "sharers 2, 3, ... (repeatable --teacher_model)"})
+    alignment: str = _opt("sharers with their own tokenizer: per-token alignment strategy (default"
+                          " {default}); none refuses such a sharer", default="first")
+    fusion: str = _opt("several sharers: add their residuals to the clean cache (parallel,"
+                       " default) or project one after another (sequential)", default="parallel")
+    engine: str = _opt("fast: static caches, compiled decode, one batched projection; eager: the"
+                       " faithful per-layer baseline; auto: fast on CUDA and for batches, else the"
+                       " CPU default (README, Engines)", default="auto")
+    batch_size: int = _opt("prompts generated together (fast engine; one record per prompt)",
+                           default=1)
 
     @property
     def sharers(self) -> list[ModelSpec]:
         """Every sharer, sharer 1 (`sharer`) first."""
         return [self.sharer, *self.more_sharers]
-    engine: str = "auto"            # eager | fast | auto (see resolve_engine)
-    batch_size: int = 1             # prompts generated together (fast engine)
 
 
 @dataclass(frozen=True)
@@ -227,7 +295,6 @@ def build_run_config(preset: str | None = None, base_model: str | None = None,
 
 def validate_run_config(cfg: RunConfig) -> None:
     cfg.gen.validate()
-    from .timing import TIMING_METHODS
     if cfg.timing not in TIMING_METHODS:
         raise UserError(f"--timing {cfg.timing} is unknown; use one of {', '.join(TIMING_METHODS)}.")
     if cfg.warmup < 0:
@@ -238,13 +305,12 @@ def validate_run_config(cfg: RunConfig) -> None:
     check_run_sizes(cfg)  # fuser sizes, repeats, warm-up within the documented maxima
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads} must be >= 1.")
-    from .records import MODES
-    if cfg.mode not in MODES + ["all"]:
-        raise UserError(f"--mode {cfg.mode} is unknown; use one of {', '.join(MODES + ['all'])}.")
+    if cfg.mode not in MODE_OPTIONS:
+        raise UserError(f"--mode {cfg.mode} is unknown; use one of {', '.join(MODE_OPTIONS)}.")
     from .alignment import check_alignment
     cfg.alignment = check_alignment(cfg.alignment)
-    if cfg.fusion not in ("parallel", "sequential"):
-        raise UserError(f"--fusion {cfg.fusion} is unknown; use parallel or sequential.")
+    if cfg.fusion not in FUSIONS:
+        raise UserError(f"--fusion {cfg.fusion} is unknown; use {one_of(FUSIONS)}.")
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine {cfg.engine} is unknown; use one of {', '.join(ENGINES)}.")
     if not 1 <= cfg.batch_size <= 1024:
@@ -252,11 +318,8 @@ def validate_run_config(cfg: RunConfig) -> None:
     if cfg.batch_size > 1 and cfg.engine == "eager":
         raise UserError(f"--batch_size {cfg.batch_size} needs the fast engine; use --engine fast"
                         " (or auto), or --batch_size 1 with --engine eager.")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {cfg.dtype} is unknown; use auto, float32, bfloat16 or float16.")
-
-
-ENGINES = ("auto", "eager", "fast")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype} is unknown; use {one_of(DTYPES)}.")
 
 #: What `--engine auto` means on a CPU with batch size 1 (on CUDA, and for batches, it is fast).
 #: Eager: on the CI CPU the fast engine decodes at 0.81x (bf16) / 0.89x (fp32) of eager's

@@ -33,7 +33,7 @@ from datetime import timedelta
 from typing import Any, Iterable
 
 from .errors import UserError
-from .records import JsonlWriter, iter_jsonl
+from .records import JsonlWriter, iter_jsonl, sweep_id
 
 #: Commands that run under torchrun; the others are one-process commands.
 DISTRIBUTED_COMMANDS = ("batch", "dataset", "sweep")
@@ -142,7 +142,7 @@ def sweep_units(input_lens: list[int], output_lens: list[int], modes: list[str],
     units = []
     for m in output_lens:
         for n in input_lens:
-            uid = f"in{n}-out{m}"
+            uid = sweep_id(n, m)
             units.append(Unit(uid, [(uid, md, str(r)) for r in range(repeats) for md in modes],
                               uid, (n, m)))
     _check_unique(units)

@@ -12,6 +12,7 @@ import json
 import statistics
 from dataclasses import replace
 
+from .analysis import column
 from .errors import UserError
 from .prompts import BUILTIN_PROMPTS
 from .records import percentile
@@ -73,9 +74,8 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
         f" fast engine {eng.name}, compile+capture {compile_s:.1f} s in warm-up;"
         f" interleaved repeats: {repeats}")
     out(f"{'metric':24s} {'eager (median)':>14s} {'fast (median)':>40s}  fast/eager")
-    for k, label in (("ttft_ms", "TTFT ms"), ("projector_total_ms", "projection ms"),
-                     ("decode_avg_ms", "decode ms/token"), ("e2e_ms", "e2e ms")):
-        out(f"{label:24s} {_med(m['eager'][k]):14.2f} {_spread(m['fast'][k]):>40s}  {ratio[k]:.3f}")
+    for k in m["fast"]:  # headings from the one table of field names (analysis.column)
+        out(f"{column(k, ''):24s} {_med(m['eager'][k]):14.2f} {_spread(m['fast'][k]):>40s}  {ratio[k]:.3f}")
     out(f"{'fast batch 1 tok/s':24s} {_spread(tps[1])}")
     out(f"{f'fast batch {batch} tok/s':24s} {_spread(tps[batch])}  x{bratio:.2f}")
     fp32 = pipe.dtype == __import__("torch").float32

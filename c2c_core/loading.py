@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import CONFIGS, FuserSpec, ModelSpec, RunConfig
+from .config import CONFIGS, DTYPES as DTYPE_NAMES, FuserSpec, ModelSpec, RunConfig, one_of
 from .errors import UserError
 from .fileio import build_once
 from .hub import require_hub
 from .projector import Fuser, check_fuser_fits, load_fuser, untrained_fuser
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: config.DTYPES (but "auto") -> torch dtype.
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -129,7 +130,7 @@ def resolve_dtype(name: str, device: torch.device, cpu_default: str = "float32")
             return torch.bfloat16 if cpu_bf16_native() else torch.float32
         return DTYPES[cpu_default]
     if name not in DTYPES:
-        raise UserError(f"--dtype {name} is unknown; use auto, float32, bfloat16 or float16.")
+        raise UserError(f"--dtype {name} is unknown; use {one_of(DTYPE_NAMES)}.")
     return DTYPES[name]
 
 

@@ -9,7 +9,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .analysis import E2E_STAGES, TTFT_STAGES, label, name, ordered_modes, to_frame
+from .analysis import (E2E_STAGES, TTFT_STAGES, label, name, ordered_modes, sweep_input_lens,
+                       to_frame)
+from .records import parse_sweep_id
 
 TEMPLATE = "plotly_white"
 
@@ -288,11 +290,7 @@ def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
 
 
 # prefill-side stages grow with the prompt; decode is shown per token so output length drops out
-SWEEP_STAGES = ["base_embedding_ms", "teacher_embedding_ms", "base_prefill_ms",
-                "teacher_prefill_ms", "projector_total_ms", "sharer_decode_ms", "decode_avg_ms"]
-
-
-SWEEP_ID = r"^in(\d+)-out\d+(?:-b\d+\.\d+)?$"
+SWEEP_STAGES = TTFT_STAGES[:-1] + ["decode_avg_ms"]
 
 
 def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
@@ -302,9 +300,9 @@ def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
     swept length N (a t2t receiver reads the note too, so its prompt_tokens is longer)."""
     title = "Stage times vs prompt length"
     if df is not None and "id" in df.columns:
-        n = df["id"].astype(str).str.extract(SWEEP_ID)[0]
+        n = sweep_input_lens(df["id"])
         if n.notna().any():
-            df, x = df.assign(sweep_len=pd.to_numeric(n))[n.notna()], "sweep_len"
+            df, x = df.assign(sweep_len=n)[n.notna()], "sweep_len"
     if not _has(df, x):
         return _empty(title)
     d = df.assign(**{x: pd.to_numeric(df[x], errors="coerce")}).dropna(subset=[x])
@@ -344,9 +342,9 @@ def batch_curve_fig(records: Iterable[dict]) -> go.Figure:
         tps = t.get("batch_tokens_per_second")
         if tps is None or t.get("decode_avg_ms") is None:
             continue
-        m = pd.Series([str(r.get("id"))]).str.extract(SWEEP_ID)[0][0]
+        shape = parse_sweep_id(r.get("id"))
         rows.append({"mode": r.get("mode", "c2c"), "batch_size": int(r.get("batch_size") or 1),
-                     "len": None if pd.isna(m) else int(m),
+                     "len": None if shape is None else shape.input_len,
                      "ms": t["decode_avg_ms"], "tps": tps})
     if not rows:
         return _empty(title)

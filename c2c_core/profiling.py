@@ -14,24 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .records import STAGES
+from .records import STAGE_FIELDS, STAGES, TIMING
 
 SEED_NAMES = {
     "jsonl": "demo_timing_data.jsonl",
     "tsv": "demo_timing_data.tsv",
     "trace": "demo_profiler_trace.json",
     "stats": "demo_profiler_stats.json",
-}
-
-STAGE_LABELS = {
-    "base_embedding_ms": "receiver embedding",
-    "base_prefill_ms": "receiver prefill",
-    "teacher_embedding_ms": "sharer embedding",
-    "teacher_prefill_ms": "sharer prefill",
-    "projector_total_ms": "projection",
-    "sharer_decode_ms": "sharer decode (t2t note)",
-    "decode_total_ms": "decode",
-    "other_ms": "other (sampling, bookkeeping)",
 }
 
 
@@ -63,12 +52,12 @@ def stage_rows(record: dict) -> list[dict]:
               "decode_total_ms": len(record.get("decode_step_times_ms", [])),
               "sharer_decode_ms": max(t.get("sharer_generated_tokens", 0) - 1, 0)}
     rows = []
-    for f, label in STAGE_LABELS.items():
+    for f in STAGE_FIELDS + ["other_ms"]:  # run order; other = e2e minus the stages
         ms = t.get(f, 0.0) or 0.0
-        rows.append({"stage": label, "field": f, "ms": round(ms, 3),
+        rows.append({"stage": TIMING[f].label, "field": f, "ms": round(ms, 3),
                      "pct_of_e2e": round(100.0 * ms / e2e, 2) if e2e else 0.0,
                      "count": counts.get(f, 1 if ms else 0)})
-    rows.append({"stage": "end to end", "field": "e2e_ms", "ms": round(e2e, 3),
+    rows.append({"stage": TIMING["e2e_ms"].label, "field": "e2e_ms", "ms": round(e2e, 3),
                  "pct_of_e2e": 100.0 if e2e else 0.0, "count": t.get("num_generated_tokens", 0)})
     return rows
 

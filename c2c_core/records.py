@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import IO, Any, Iterable, Iterator
+import re
+from dataclasses import dataclass
+from typing import IO, Any, Iterable, Iterator, NamedTuple
 
 from .errors import UserError
 
@@ -18,59 +20,78 @@ from .errors import UserError
 #: Top-level fields of the seed's format.
 SEED_TOP_FIELDS = ["id", "prompt", "response", "model_config", "timing", "decode_step_times_ms"]
 
-#: `timing` fields of the seed's format (units in the names; counts are plain ints).
-SEED_TIMING_FIELDS = [
-    "base_embedding_ms",
-    "base_prefill_ms",
-    "teacher_embedding_ms",
-    "teacher_prefill_ms",
-    "projector_total_ms",
-    "projector_avg_ms",
-    "projector_calls",
-    "decode_total_ms",
-    "decode_avg_ms",
-    "num_generated_tokens",
-    "tokens_per_second",
-]
 
-#: `timing` fields we add (MEASURE.md "Derived fields"), plus the baselines' sharer fields.
-EXT_TIMING_FIELDS = [
-    "prompt_tokens",
-    "ttft_ms",
-    "e2e_ms",
-    "other_ms",
-    "tpot_ms",
-    "e2e_tokens_per_second",
-    "decode_p50_ms",
-    "decode_p90_ms",
-    "decode_p99_ms",
-    "peak_memory_mb",
-    "peak_memory_reserved_mb",
+@dataclass(frozen=True)
+class TimingField:
+    """One `timing` field: how it is shown, and which timed stage (if any) it totals."""
+
+    label: str                 # display name without the unit ("receiver prefill")
+    unit: str                  # "ms", "tokens", "tok/s", ...
+    stage: str | None = None   # the timer stage whose spans this field sums (c2c/<stage> ranges)
+    run: int | None = None     # the stage's place in a c2c generation (charts stack them so)
+    seed: bool = False         # part of the seed scripts' format (never renamed)
+
+
+#: THE table of `timing` fields (MEASURE.md): name -> label, unit, stage. The seed's fields
+#: first, in the seed's order, then ours. Every other list of timing fields, stage names or
+#: field labels (the timer, the runner, the TSV stage table, the charts, the summaries) is
+#: derived from it.
+TIMING: dict[str, TimingField] = {
+    # field: TimingField(label, unit[, stage, its place in the run], seed=...)
+    "base_embedding_ms": TimingField("receiver embedding", "ms", "base_embedding", 2, seed=True),
+    "base_prefill_ms": TimingField("receiver prefill", "ms", "base_prefill", 7, seed=True),
+    "teacher_embedding_ms": TimingField("sharer embedding", "ms", "teacher_embedding", 3, seed=True),
+    "teacher_prefill_ms": TimingField("sharer prefill", "ms", "teacher_prefill", 4, seed=True),
+    # every projector call plus its write into the receiver cache
+    "projector_total_ms": TimingField("projection", "ms", "projection", 6, seed=True),
+    "projector_avg_ms": TimingField("projection per call", "ms", seed=True),
+    "projector_calls": TimingField("projector calls", "calls", seed=True),
+    # one receiver forward + sampling per new token after the first
+    "decode_total_ms": TimingField("decode total", "ms", "decode", 8, seed=True),
+    "decode_avg_ms": TimingField("decode", "ms/token", seed=True),
+    # tokens produced, the first (from prefill) included
+    "num_generated_tokens": TimingField("generated", "tokens", seed=True),
+    # the seed's meaning: decode steps per second of decode time
+    "tokens_per_second": TimingField("decode", "tok/s", seed=True),
+    "prompt_tokens": TimingField("prompt length", "tokens"),
+    "ttft_ms": TimingField("TTFT", "ms"),
+    "e2e_ms": TimingField("E2E", "ms"),
+    # e2e minus every stage: sampling, bookkeeping
+    "other_ms": TimingField("other", "ms"),
+    "tpot_ms": TimingField("TPOT", "ms/token"),
+    "e2e_tokens_per_second": TimingField("end-to-end", "tok/s"),
+    "decode_p50_ms": TimingField("decode step p50", "ms"),
+    "decode_p90_ms": TimingField("decode step p90", "ms"),
+    "decode_p99_ms": TimingField("decode step p99", "ms"),
+    "peak_memory_mb": TimingField("peak memory", "MB"),
+    "peak_memory_reserved_mb": TimingField("peak memory reserved", "MB"),
     # text-to-text mode: the sharer writes a note before the receiver answers
-    "sharer_generated_tokens",
-    "sharer_decode_ms",
+    "sharer_generated_tokens": TimingField("sharer note", "tokens"),
+    "sharer_decode_ms": TimingField("sharer note decode", "ms", "sharer_decode", 5),
     # host time spent aligning the receiver's tokens to sharers with their own tokenizer
-    "alignment_ms",
+    "alignment_ms": TimingField("token alignment", "ms", "alignment", 1),
     # batches (fast engine): decode tokens per second of the whole batch (= tokens_per_second
     # at batch size 1)
-    "batch_tokens_per_second",
-]
-
-#: Timed stage -> the record field holding its total (ms). The one list of stages: the timer,
-#: the runner, the profiler ranges (c2c/<stage>) and the checks all read it.
-STAGES = {
-    "alignment": "alignment_ms",
-    "base_embedding": "base_embedding_ms",
-    "base_prefill": "base_prefill_ms",
-    "teacher_embedding": "teacher_embedding_ms",
-    "teacher_prefill": "teacher_prefill_ms",
-    "projection": "projector_total_ms",
-    "sharer_decode": "sharer_decode_ms",
-    "decode": "decode_total_ms",
+    "batch_tokens_per_second": TimingField("batch decode", "tok/s"),
 }
 
-#: Stage fields whose sum, with `other_ms`, makes `e2e_ms`.
+#: `timing` fields of the seed's format (units in the names; counts are plain ints).
+SEED_TIMING_FIELDS = [k for k, f in TIMING.items() if f.seed]
+#: `timing` fields we add (MEASURE.md "Derived fields"), plus the baselines' sharer fields.
+EXT_TIMING_FIELDS = [k for k, f in TIMING.items() if not f.seed]
+
+#: Timed stage -> the record field holding its total (ms), in the order a generation runs
+#: them. The one list of stages: the timer, the runner, the profiler ranges (c2c/<stage>) and
+#: the checks all read it.
+STAGES = {f.stage: k for k, f in sorted(((k, f) for k, f in TIMING.items() if f.stage),
+                                        key=lambda kf: kf[1].run)}
+
+#: Stage fields whose sum, with `other_ms`, makes `e2e_ms` (run order).
 STAGE_FIELDS = list(STAGES.values())
+
+#: Stage -> field of a `timing.sharers` entry (the totals keep the seed's names).
+SHARER_STAGES = {"teacher_embedding": "embedding_ms", "teacher_prefill": "prefill_ms",
+                 "projection": "projection_ms", "alignment": "alignment_ms"}
 
 #: Top-level fields we add next to `id`.
 EXT_TOP_FIELDS = ["mode", "repeat", "run", "batch_size", "batch_index"]
@@ -86,6 +107,7 @@ RUN_FIELDS = [
     "engine", "compile_s",
 ]
 
+#: Values of the top-level `mode` field, in the order runs interleave them and tables list them.
 MODES = ["c2c", "receiver", "sharer", "t2t"]
 
 #: Fields that are null when the platform cannot measure them (never 0.0 for "unknown").
@@ -96,6 +118,37 @@ LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alig
                 "run.rank", "run.engine", "run.compile_s", "run.frontend"}
 #: Values of run.frontend.
 FRONTENDS = ["cli", "app"]
+
+
+# --- sweep ids -----------------------------------------------------------------------------
+
+class SweepShape(NamedTuple):
+    """What a length sweep's record id says: prompt and output length, and for batch sizes
+    above 1 the batch size and the record's row in the batch."""
+
+    input_len: int
+    output_len: int
+    batch: int = 1
+    row: int = 0
+
+
+_SWEEP_ID = re.compile(r"in(\d+)-out(\d+)(?:-b(\d+)\.(\d+))?")
+
+
+def sweep_id(input_len: int, output_len: int, batch: int = 1, row: int = 0) -> str:
+    """The record id of a sweep shape: 'in<N>-out<M>', and 'in<N>-out<M>-b<B>.<row>' for a
+    batch of B > 1 (batch 1 keeps the short id, so a shape's records share an id across modes)."""
+    base = f"in{int(input_len)}-out{int(output_len)}"
+    return base if batch == 1 else f"{base}-b{int(batch)}.{int(row)}"
+
+
+def parse_sweep_id(value: Any) -> SweepShape | None:
+    """The shape in a sweep record id (the inverse of `sweep_id`); None for any other id."""
+    m = _SWEEP_ID.fullmatch(str(value))
+    if m is None:
+        return None
+    n, out, b, row = m.groups()
+    return SweepShape(int(n), int(out), 1 if b is None else int(b), 0 if row is None else int(row))
 
 
 # --- building ------------------------------------------------------------------------------
@@ -303,8 +356,7 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
 
 
 #: `timing.sharers` entry field -> the total it must add up to.
-SHARER_TOTALS = {"embedding_ms": "teacher_embedding_ms", "prefill_ms": "teacher_prefill_ms",
-                 "projection_ms": "projector_total_ms", "alignment_ms": "alignment_ms",
+SHARER_TOTALS = {**{f: STAGES[stage] for stage, f in SHARER_STAGES.items()},
                  "projector_calls": "projector_calls"}
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import __version__, cancel
-from .config import RunConfig
+from .config import ALL_MODES, RunConfig
 from .errors import OutOfMemory, UserError
 from .fusion import c2c_prefill, decode_step, fused_prefill, plain_prefill, sample
 from .limits import check_context, check_items
@@ -34,7 +34,7 @@ from .loading import Pipeline
 from .memory import DeviceMemory
 from .prompts import PromptItem as Item
 from .prompts import score
-from .records import MODES, JsonlWriter, percentile, r3
+from .records import MODES, SHARER_STAGES, JsonlWriter, percentile, r3
 from .timing import STAGES, Timer, now_ns, sync
 
 #: Which front end started the run, written into every record as `run.frontend`: "cli" unless
@@ -299,11 +299,6 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     return t, steps
 
 
-#: Stage -> field of a `timing.sharers` entry (the totals keep the seed's names).
-SHARER_STAGES = {"teacher_embedding": "embedding_ms", "teacher_prefill": "prefill_ms",
-                 "projection": "projection_ms", "alignment": "alignment_ms"}
-
-
 def sharer_entries(g: Generation) -> list[dict]:
     """One entry per sharer that ran: its model, how its ids were made, its stage times (sums of
     the rounded spans, like the totals) and projector calls."""
@@ -427,7 +422,7 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
 # --- driving -------------------------------------------------------------------------------
 
 def modes_of(cfg: RunConfig) -> list[str]:
-    return list(MODES) if cfg.mode == "all" else [cfg.mode]
+    return list(MODES) if cfg.mode == ALL_MODES else [cfg.mode]
 
 
 def run_one(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str = "c2c", repeat: int = 0,

@@ -8,8 +8,8 @@ import math
 from array import array
 from typing import Iterable
 
-#: metric → heading stem in the printed table
-METRICS = {"decode_avg_ms": "decode ms/tok", "tokens_per_second": "tok/s", "ttft_ms": "ttft ms"}
+#: The metrics summarized; their headings are analysis.column's ("decode ms/token p50").
+METRICS = ("decode_avg_ms", "tokens_per_second", "ttft_ms")
 
 
 def _q(xs: list[float], q: float) -> float:
@@ -71,14 +71,16 @@ class RunningSummary:
 
     def table(self):
         import pandas as pd
+
+        from .analysis import column
         rows = []
         for mode, per in self.values.items():
             row = {"mode": mode, "count": len(per["ttft_ms"])}
-            for m, stem in METRICS.items():
+            for m in METRICS:
                 xs = self.series(mode, m)
-                row[f"{stem} mean"] = sum(xs) / len(xs) if xs else math.nan
-                row[f"{stem} p50"] = _q(xs, 0.5)
-                row[f"{stem} p90"] = _q(xs, 0.9)
+                row[column(m, "mean")] = sum(xs) / len(xs) if xs else math.nan
+                row[column(m, "p50")] = _q(xs, 0.5)
+                row[column(m, "p90")] = _q(xs, 0.9)
             if mode in self.scored:
                 right, n = self.scored[mode]
                 row["accuracy"] = f"{right}/{n} ({right / n:.0%})"

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
+from .records import sweep_id
 from .runner import Item, modes_of, run_many, run_metadata
 from .timing import Timer
 
@@ -34,7 +35,8 @@ def synthetic_ids(tokenizer, length: int, seed: int = 0) -> list[int]:
 
 
 def sweep_items(tokenizer, input_lens: list[int], seed: int = 0) -> list[Item]:
-    return [Item(id=f"in{n}", prompt=f"<{n} synthetic tokens>",
+    """One synthetic prompt per input length (its id is set per shape: records.sweep_id)."""
+    return [Item(id=None, prompt=f"<{n} synthetic tokens>",
                  input_ids=synthetic_ids(tokenizer, n, seed)) for n in input_lens]
 
 
@@ -52,12 +54,11 @@ def sweep_meta(pipe, cfg, timer_method: str) -> dict:
     return run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)), timer_method)
 
 
-def batch_items(tokenizer, item: Item, n: int, batch: int, seed: int = 0) -> list[Item]:
-    """`batch` prompts of the shape's length: row 0 is the batch-1 prompt, the others other
-    draws. Ids 'in<N>-out<M>-b<B>.<row>' (batch 1 keeps 'in<N>-out<M>')."""
-    if batch == 1:
-        return [item]
-    return [replace(item, id=f"{item.id}-b{batch}.{i}",
+def batch_items(tokenizer, item: Item, n: int, m: int, batch: int, seed: int = 0) -> list[Item]:
+    """`batch` prompts of the shape (n tokens in, m out): row 0 is the batch-1 prompt, the
+    others other draws. Ids from records.sweep_id: 'in<N>-out<M>-b<B>.<row>' (batch 1 keeps
+    'in<N>-out<M>')."""
+    return [replace(item, id=sweep_id(n, m, batch, i),
                     input_ids=item.input_ids if i == 0 else
                     synthetic_ids(tokenizer, n, seed + 100003 * i)) for i in range(batch)]
 
@@ -68,9 +69,10 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
               batch_sizes: list[int] | None = None) -> list[dict]:
     """Every input length x output length (x mode x repeat); each shape warms up first.
 
-    Record ids are 'in<N>-out<M>' so a shape's records share an id across modes. `on_progress`
-    gets (records done, records in the whole sweep, record | None) like run_many's. All
-    records share one `run` object (one run_id); only its max_new_tokens follows the shape.
+    Record ids are records.sweep_id's 'in<N>-out<M>' so a shape's records share an id across
+    modes. `on_progress` gets (records done, records in the whole sweep, record | None) like
+    run_many's. All records share one `run` object (one run_id); only its max_new_tokens
+    follows the shape.
     `keep=False` streams as run_many does (an empty list is returned)."""
     items = sweep_items(pipe.tokenizer, input_lens, cfg.gen.seed)
     batch_sizes = batch_sizes or [cfg.batch_size]
@@ -100,8 +102,7 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
                         done[0] = base + k
                         if on_progress:
                             on_progress(base + k, total, rec)
-                rows = batch_items(pipe.tokenizer, replace(it, id=f"{it.id}-out{m}"), n, b,
-                                   cfg.gen.seed)
+                rows = batch_items(pipe.tokenizer, it, n, m, b, cfg.gen.seed)
                 out += run_many(pipe, c, rows, writer=writer, on_progress=report,
                                 should_stop=should_stop, skip=skip,
                                 meta={**meta, "max_new_tokens": m}, keep=keep)

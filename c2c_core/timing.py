@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import TIMING_METHODS  # noqa: F401 - re-exported: the --timing choices
 from .records import STAGES  # noqa: F401 - re-exported: stage name -> record field
-
-TIMING_METHODS = ("event", "sync")
 
 
 def now_ns() -> int:

@@ -57,7 +57,7 @@ def test_batch_builtin_prompts_overwrite_append_resume(tmp_path, model_args, cap
     recs = read_records(out)
     assert [r["id"] for r in recs] == [1, 2, 3, 4, 5]
     assert all(check_record(r) == [] for r in recs)
-    assert "decode ms/tok p50" in capsys.readouterr().out  # the summary table
+    assert "decode ms/token p50" in capsys.readouterr().out  # the summary table
     assert main(["batch", "--output", str(out), "--prompts", "one", "two", *model_args]) == 0
     assert len(read_records(out)) == 2  # overwritten
     assert main(["batch", "--output", str(out), "--append", "--prompts", "x", *model_args]) == 0

@@ -105,8 +105,8 @@ def test_running_summary_matches_pandas():
     t = RunningSummary(recs).table().set_index("mode")
     s = pd.Series([float(i) for i in range(10)])
     assert t.loc["c2c", "count"] == 10
-    assert t.loc["c2c", "decode ms/tok p90"] == pytest.approx(s.quantile(0.9))
-    assert t.loc["receiver", "ttft ms mean"] == pytest.approx(
+    assert t.loc["c2c", "decode ms/token p90"] == pytest.approx(s.quantile(0.9))
+    assert t.loc["receiver", "TTFT ms mean"] == pytest.approx(
         pd.Series([2.0 * i for i in range(10) if i != 3]).mean())
 
 

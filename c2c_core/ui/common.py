@@ -20,7 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import analysis, cancel, worker
-from ..config import RunConfig, build_run_config
+from ..config import ALL_MODES, RunConfig, build_run_config
 from ..errors import UserError
 from ..models import ModelManager, _free_memory, preflight  # noqa: F401 (re-exported)
 from . import guard
@@ -497,7 +497,7 @@ def tokens_per_item(cfg: RunConfig) -> int | None:
     if cfg.gen.max_new_tokens < LONG_GENERATION:
         return None
     n = cfg.gen.max_new_tokens
-    return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", "all") else n
+    return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", ALL_MODES) else n
 
 
 # --- tables --------------------------------------------------------------------------------

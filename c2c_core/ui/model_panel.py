@@ -7,21 +7,25 @@ from dataclasses import dataclass, fields
 
 import gradio as gr
 
-from ..config import PRESETS, FuserSpec, GenerationConfig, default_preset
-from ..records import MODES
-from ..timing import TIMING_METHODS
+from ..config import (ALIGNMENTS, DEVICES, DTYPES, ENGINES, FUSIONS, MODE_OPTIONS, PRESETS,
+                      TIMING_METHODS, FuserSpec, GenerationConfig, RunConfig, default_of,
+                      default_preset)
 from ..errors import UserError
 from . import guard
 from .common import (error_outputs, load_models as load_where_jobs_run, models_loading,
                      models_status, run_config, status_md, user_error)
 
-DEVICES = ["auto", "cpu", "cuda"]
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
-MODE_CHOICES = [("c2c", "c2c"), ("receiver only", "receiver"), ("sharer only", "sharer"),
-                ("t2t (text to text)", "t2t"), ("all four, interleaved", "all")]
+#: How the mode dropdown shows each of config.MODE_OPTIONS (a mode without one is shown as is).
+MODE_LABELS = {"receiver": "receiver only", "sharer": "sharer only", "t2t": "t2t (text to text)",
+               "all": "all four, interleaved"}
+MODE_CHOICES = [(MODE_LABELS.get(m, m), m) for m in MODE_OPTIONS]
 MODE_INFO = ("c2c: receiver with the sharer's projected cache · t2t: the sharer writes a note,"
              " the receiver answers with it")
-assert [v for _, v in MODE_CHOICES] == MODES + ["all"], "mode list out of sync with records.MODES"
+
+
+def dflt(name: str):
+    """RunConfig's default for a setting (the app starts from the CLI's defaults)."""
+    return default_of(RunConfig, name)
 
 
 def preset_note(name: str) -> str:
@@ -118,18 +122,16 @@ def build_model_panel(defaults: dict) -> ModelPanel:
             layers = gr.Number(defaults.get("num_layers") or fs.num_layers, label="layers",
                                precision=0, minimum=1, min_width=70, **can)
         with gr.Row():
-            alignment = gr.Dropdown(["first", "longest", "none"],
-                                    value=defaults.get("alignment") or "first",
+            alignment = gr.Dropdown(list(ALIGNMENTS), value=defaults.get("alignment") or dflt("alignment"),
                                     label="Token alignment", elem_id="alignment", min_width=100,
                                     info="sharers with their own tokenizer; none refuses them", **can)
-            fusion = gr.Dropdown(["parallel", "sequential"],
-                                 value=defaults.get("fusion") or "parallel",
+            fusion = gr.Dropdown(list(FUSIONS), value=defaults.get("fusion") or dflt("fusion"),
                                  label="Several sharers", elem_id="fusion", min_width=100, **can)
     with gr.Row():
-        device = gr.Dropdown(DEVICES, value=defaults.get("device") or "auto", label="Device",
-                             allow_custom_value=True, min_width=100, **can)
-        dtype = gr.Dropdown(DTYPES, value=defaults.get("dtype") or "auto", label="Dtype",
-                            min_width=100, **can)
+        device = gr.Dropdown(list(DEVICES), value=defaults.get("device") or dflt("device"),
+                             label="Device", allow_custom_value=True, min_width=100, **can)
+        dtype = gr.Dropdown(list(DTYPES), value=defaults.get("dtype") or dflt("dtype"),
+                            label="Dtype", min_width=100, **can)
     load = gr.Button("Load models", variant="secondary", elem_id="load-models", size="md",
                      visible=not fixed)
     return ModelPanel(preset_dd, receiver, sharer, fuser, device, dtype, hidden, inter, layers,
@@ -139,35 +141,36 @@ def build_model_panel(defaults: dict) -> ModelPanel:
 def build_run_settings(defaults: dict) -> RunSettings:
     g = GenerationConfig()
     d = lambda k, v: defaults.get(k, v)  # noqa: E731
+    r = lambda k: defaults.get(k, dflt(k))  # noqa: E731
     gr.Markdown("### Run settings")
-    mode = gr.Dropdown(MODE_CHOICES, value=d("mode", "c2c"), label="Mode", elem_id="mode",
+    mode = gr.Dropdown(MODE_CHOICES, value=r("mode"), label="Mode", elem_id="mode",
                        info=MODE_INFO)
     with gr.Row():
         max_new = gr.Number(d("max_new_tokens", g.max_new_tokens), label="max new tokens",
                             precision=0, minimum=1, maximum=8192, min_width=120,
                             elem_id="max-new-tokens", info="per generation")
-        warmup = gr.Number(d("warmup", 1), label="warm-up runs", precision=0, minimum=0,
+        warmup = gr.Number(r("warmup"), label="warm-up runs", precision=0, minimum=0,
                            maximum=20, min_width=120, elem_id="warmup",
                            info="not recorded")
     with gr.Row():
-        repeats = gr.Number(d("repeats", 1), label="repeats", precision=0, minimum=1,
+        repeats = gr.Number(r("repeats"), label="repeats", precision=0, minimum=1,
                             maximum=100, min_width=120, info="records per prompt")
-        ignore_eos = gr.Checkbox(d("ignore_eos", False), label="ignore EOS",
+        ignore_eos = gr.Checkbox(d("ignore_eos", g.ignore_eos), label="ignore EOS",
                                  info="always generate max new tokens", min_width=120)
-    timing = gr.Radio(list(TIMING_METHODS), value=d("timing", "event"), label="Timing",
+    timing = gr.Radio(list(TIMING_METHODS), value=r("timing"), label="Timing",
                       info="event: CUDA events / perf_counter · sync: synchronize around every"
                            " stage, as the seed's scripts did")
-    chat = gr.Checkbox(d("chat_template", True), label="apply the chat template")
+    chat = gr.Checkbox(r("chat_template"), label="apply the chat template")
     with gr.Row():
-        engine = gr.Dropdown(["auto", "eager", "fast"], value=d("engine", "auto"), label="Engine",
+        engine = gr.Dropdown(list(ENGINES), value=r("engine"), label="Engine",
                              elem_id="engine", min_width=120,
                              info="fast: static caches, compiled decode, one batched projection;"
                                   " eager: the per-layer baseline")
-        batch_size = gr.Number(d("batch_size", 1), label="batch size", precision=0, minimum=1,
+        batch_size = gr.Number(r("batch_size"), label="batch size", precision=0, minimum=1,
                                maximum=1024, min_width=120, elem_id="batch-size",
                                info="prompts generated together (fast engine)")
     with gr.Accordion("Sampling", open=False):
-        do_sample = gr.Checkbox(d("do_sample", False), label="sample (off = greedy)")
+        do_sample = gr.Checkbox(d("do_sample", g.do_sample), label="sample (off = greedy)")
         temperature = gr.Slider(0.05, 2.0, value=d("temperature", g.temperature), step=0.05,
                                 label="temperature")
         top_p = gr.Slider(0.05, 1.0, value=d("top_p", g.top_p), step=0.05, label="top-p")

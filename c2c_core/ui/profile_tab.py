@@ -13,7 +13,7 @@ import pandas as pd
 from .. import analysis, plots
 from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
-from ..records import MODES
+from ..runner import modes_of
 from . import guard
 from .. import worker
 from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, in_worker,
@@ -120,7 +120,7 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
                     "dtype": str(pipe.dtype).removeprefix("torch.")}
 
         # tokens of all generations: warm-up(s) and timed run per mode, then the profiled run
-        modes = len(MODES) if cfg.mode == "all" else 1
+        modes = len(modes_of(cfg))
         about = per_item * (modes * (cfg.warmup + 1) + 1) if per_item else None
         stop = stop_flag(request)
         job = Job(work, stop)

@@ -17,7 +17,6 @@ from . import guard
 from .common import (integer_counts, labelled, plot, session_id, session_run_path, session_runs,
                      sized, status_md, ui_message)
 
-COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 MODE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 NO_RATIOS = ("Run with mode **all** (or c2c and t2t / receiver on the same prompts) to see C2C's"
              " speedup over text-to-text and its overhead over the receiver alone.")
@@ -31,8 +30,8 @@ def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
     per mode where the records were scored (what C2C buys beside what it costs)."""
     lines = []
     for key, r in ratios.items():
-        vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in
-                          ("ttft_ms", "e2e_ms", "decode_avg_ms") if r.get(m) == r.get(m))
+        vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in analysis.RATIO_METRICS
+                          if r.get(m) == r.get(m))
         lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} (n={r['n']}"
                      f"{' prompts, paired by id' if r.get('paired') else ', unpaired'})")
     if not ratios:
@@ -196,7 +195,7 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tu
     table = _empty_df(["metric"])
     if ra is not None and rb is not None:
         table = analysis.compare_runs(analysis.to_frame(ra, a), analysis.to_frame(rb, b),
-                                      COMPARE_METRICS).drop(columns=["field", "beyond_noise"])
+                                      analysis.COMPARE_METRICS).drop(columns=["field", "beyond_noise"])
     side = []
     for recs, who in ((ra, a), (rb, b)):
         df = analysis.to_frame(recs, who) if recs else pd.DataFrame()
@@ -275,7 +274,7 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
 def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Only records of a length sweep (ids in<N>-out<M>): other files have one length per
     prompt, and a line through them would suggest a trend that is not there."""
-    return df[df["id"].astype(str).str.match(plots.SWEEP_ID)]
+    return df[analysis.sweep_input_lens(df["id"]).notna()]
 
 
 def compare_pair(files, runs, skip_bad_lines, a, b, request: gr.Request):
