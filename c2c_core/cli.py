@@ -198,9 +198,9 @@ def print_summary(records, out=None) -> None:
         print("No records.", file=out)
         return
     print(summary.table().round(2).to_string(index=False), file=out)
-    note = summary.truncation_note()
-    if note:
-        print(note, file=out)
+    for note in (summary.truncation_note(), summary.contention_note()):
+        if note:
+            print(note, file=out)
 
 
 def cmd_profile(args) -> int:

@@ -522,6 +522,7 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> lis
         gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i],
                          mem.allocated_mb, mem.reserved_mb, wall0, wall1)
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
+        gen.cpu_share = mem.cpu_share
         out.append(gen)
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import torch
 
@@ -114,7 +115,14 @@ class PeakRSS:
 class DeviceMemory:
     """The memory of one generation: CUDA allocator peaks on a GPU, the sampled peak RSS on a
     CPU. `enabled=False` measures nothing (both None): the timing-off variant of the overhead
-    benchmark, so the sampler's cost is part of what that benchmark measures."""
+    benchmark, so the sampler's cost is part of what that benchmark measures.
+
+    On a CPU it also measures `cpu_share`: the CPU time this process got during the generation
+    over wall time x torch's threads. About 1.0 when the torch threads had their cores (idle
+    OpenMP threads spin, so they count as busy); clearly lower when another program took cores
+    from them (a browser or a second job on the same machine), where CPU timings inflate far
+    more than the share drops (one busy core on a 2-core machine: share 0.65, decode 3.8x
+    slower). None on CUDA, where the host mostly waits on the GPU."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.device = device
@@ -123,7 +131,9 @@ class DeviceMemory:
         self._rss: PeakRSS | None = None
         self.allocated_mb: float | None = None
         self.reserved_mb: float | None = None
+        self.cpu_share: float | None = None
         self._open = False
+        self._t0 = (0.0, 0.0)
 
     def __enter__(self) -> "DeviceMemory":
         if not self.enabled:
@@ -133,6 +143,7 @@ class DeviceMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._rss = PeakRSS().__enter__()
+            self._t0 = (time.process_time(), time.perf_counter())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,8 +158,11 @@ class DeviceMemory:
             except RuntimeError:  # e.g. after a device error: unknown, not zero
                 pass
         elif self._rss is not None:
+            cpu, wall = time.process_time() - self._t0[0], time.perf_counter() - self._t0[1]
             self._rss.__exit__(*exc)
             self.allocated_mb = self._rss.peak_mb
+            if wall > 0:
+                self.cpu_share = cpu / (wall * max(torch.get_num_threads(), 1))
 
 
 def param_mb(module) -> float:

@@ -65,6 +65,9 @@ TIMING: dict[str, TimingField] = {
     "decode_p99_ms": TimingField("decode step p99", "ms"),
     "peak_memory_mb": TimingField("peak memory", "MB"),
     "peak_memory_reserved_mb": TimingField("peak memory reserved", "MB"),
+    # CPU: the CPU time the process got / (wall x torch threads); well below 1 = another
+    # program took cores during the generation (its times are inflated); null on CUDA
+    "cpu_share": TimingField("CPU share", "of threads"),
     # text-to-text mode: the sharer writes a note before the receiver answers
     "sharer_generated_tokens": TimingField("sharer note", "tokens"),
     "sharer_decode_ms": TimingField("sharer note decode", "ms", "sharer_decode", 5),
@@ -111,11 +114,13 @@ RUN_FIELDS = [
 MODES = ["c2c", "receiver", "sharer", "t2t"]
 
 #: Fields that are null when the platform cannot measure them (never 0.0 for "unknown").
-NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "run.weights_mb"}
+NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "run.weights_mb",
+                   "timing.cpu_share"}
 #: Fields added after records were first written: an older record without them is still valid.
 LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alignment_ms",
                 "timing.batch_tokens_per_second", "batch_size", "batch_index", "run.world_size",
-                "run.rank", "run.engine", "run.compile_s", "run.frontend"}
+                "run.rank", "run.engine", "run.compile_s", "run.frontend",
+                "timing.cpu_share"}
 #: Values of run.frontend.
 FRONTENDS = ["cli", "app"]
 

@@ -68,6 +68,7 @@ class Generation:
     batch_size: int = 1                          # the fast engine generates batches
     batch_index: int = 0
     batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
+    cpu_share: float | None = None  # CPU: CPU time got / (wall x threads); None on CUDA
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -232,10 +233,12 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
     mem.__exit__(None, None, None)  # the peaks of this generation (stops the RSS poller)
     who = [{"model": sl.name, "alignment": sl.alignment if k in aligned else "none"}
            for k, sl in active]
-    return Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens,
+    gen = Generation(tokens, stages, ttft[0] - t0, t_end - t0, len(ids), calls, sharer_tokens,
                       mem.allocated_mb, mem.reserved_mb, wall0, wall1, sharers=who,
                       by_sharer=timer.by_who, sharer_calls=by_calls,
                       speaker=1 if mode == "sharer" else 0, sharer_prompt_format=fmt)
+    gen.cpu_share = mem.cpu_share
+    return gen
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:
@@ -287,6 +290,7 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "decode_p99_ms": percentile(steps, 99),
         "peak_memory_mb": g.peak_memory_mb,                    # None = unknown, never 0
         "peak_memory_reserved_mb": g.peak_memory_reserved_mb,
+        "cpu_share": g.cpu_share,                              # None on CUDA
         "sharer_generated_tokens": len(g.sharer_tokens),
         "sharer_decode_ms": tot["sharer_decode_ms"],
     }

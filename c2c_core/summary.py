@@ -23,6 +23,25 @@ def _q(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+#: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
+#: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower).
+CONTENTION_SHARE = 0.85
+
+
+def contention_note(shares: list[float]) -> str:
+    """The warning for a list of timing.cpu_share values (CPU records), or ''."""
+    if not shares:
+        return ""
+    med = _q(shares, 0.5)
+    low = sum(x < CONTENTION_SHARE for x in shares)
+    if med >= CONTENTION_SHARE:
+        return ""
+    return (f"These generations got only {med:.0%} of their CPU threads' time (median"
+            f" timing.cpu_share {med:.2f}; {low} of {len(shares)} below {CONTENTION_SHARE}):"
+            " another program was using the cores (a browser or a second job on this machine?),"
+            " so these CPU times are inflated; rerun on an idle machine or with fewer --threads.")
+
+
 class RunningSummary:
     """`add(record)` per record; `table()` gives count, mean, p50, p90 per mode and metric."""
 
@@ -32,6 +51,7 @@ class RunningSummary:
         self.scored: dict[str, list[int]] = {}   # mode -> [right, scored]
         self.truncated = 0
         self.caps: set = set()                   # max_new_tokens of the cut-off records
+        self.shares = array("d")                 # timing.cpu_share of CPU records
         for r in records:
             self.add(r)
 
@@ -44,6 +64,9 @@ class RunningSummary:
             v = t.get(m)
             arr.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
                        else math.nan)
+        share = t.get("cpu_share")
+        if isinstance(share, (int, float)) and not isinstance(share, bool):
+            self.shares.append(float(share))
         if isinstance(rec.get("correct"), bool):
             sc = self.scored.setdefault(str(rec.get("mode") or "c2c"), [0, 0])
             sc[0] += rec["correct"]
@@ -61,6 +84,11 @@ class RunningSummary:
         cap = f" ({', '.join(map(str, sorted(self.caps)))})" if self.caps else ""
         return (f"{self.truncated} of {self.count} answer(s) were cut off by max_new_tokens{cap}"
                 " before they ended; pass a larger --max_new_tokens to let them finish.")
+
+    def contention_note(self) -> str:
+        """One sentence when the generations did not get their CPU threads' time (another
+        program used the cores, so the CPU timings are inflated), else ''."""
+        return contention_note(list(self.shares))
 
     def modes(self) -> list[str]:
         return list(self.values)

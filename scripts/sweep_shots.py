@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(60_000)
             page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#sweep-run", state="attached")
+            page.wait_for_selector("#profile-run")  # tabs render when first shown
             page.locator("#engine input").click()
             page.get_by_role("option", name=a.engine, exact=True).click()
             page.wait_for_timeout(300)
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             page.screenshot(path=side)
             shots.append(side)
             page.get_by_role("tab", name="Sweep").click()
+            page.wait_for_selector("#sweep-run")
             page.fill("#sweep-in textarea, #sweep-in input", a.input_lens)
             page.fill("#sweep-out textarea, #sweep-out input", a.output_lens)
             page.fill("#sweep-batch textarea, #sweep-batch input", a.batch_sizes)

@@ -124,3 +124,50 @@ def test_5000_record_run_keeps_flat_memory(capsys):
     assert [d for d, _, _ in flat] == [1000, 2000, 3000, 4000, 5000]
     assert flat[-1][1] - flat[0][1] < 0.3
     assert held[-1][1] - held[0][1] > 2.0
+
+
+CONTENDED = r"""
+import os, sys, torch
+from c2c_core.memory import DeviceMemory
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # every thread on one core
+torch.set_num_threads(2)                                          # ... but two torch threads
+a = torch.randn(384, 384)
+for _ in range(30):  # warm the thread pool
+    a @ a
+with DeviceMemory(torch.device("cpu")) as m:
+    for _ in range(1500):
+        a @ a
+print(m.cpu_share)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_cpu_share_reports_threads_that_did_not_get_their_cores():
+    """Two torch threads squeezed onto one core can get at most half their threads' time: the
+    generation's cpu_share must say so (a bound that a busier machine only lowers further)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", CONTENDED], capture_output=True, text=True,
+                         cwd=root, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    share = float(out.stdout.strip().splitlines()[-1])
+    assert 0.05 < share < 0.6, share
+
+
+def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, capsys):
+    from c2c_core.cli import print_summary
+    from c2c_core.summary import contention_note
+    pipe, cfg = tiny_pipe
+    [rec] = run_many(pipe, replace(cfg, gen=replace(cfg.gen, max_new_tokens=3)), ["Hi"])
+    share = rec["timing"]["cpu_share"]
+    assert isinstance(share, float) and 0 < share < 1.5 and check_record(rec) == []
+    assert contention_note([1.0, 0.98, 0.7]) == ""          # one slow record is not a pattern
+    note = contention_note([0.66, 0.64, 0.9])
+    assert "64%" not in note and "66%" in note and "2 of 3" in note and "inflated" in note
+    assert contention_note([]) == ""                        # CUDA records: no share, no note
+    busy = [{**rec, "timing": {**rec["timing"], "cpu_share": 0.6}} for _ in range(3)]
+    print_summary(busy)
+    assert "another program was using the cores" in capsys.readouterr().out
+    print_summary([rec])
+    assert ("another program" in capsys.readouterr().out) == (share < 0.85)

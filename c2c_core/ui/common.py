@@ -69,6 +69,8 @@ UI_WORDS = {
     "pass --skip_bad_lines to skip such rows": "tick 'skip malformed lines' to skip such rows",
     "(or pass --skip_bad_lines to skip it)": "(or tick 'skip malformed lines')",
     "--skip_bad_lines": "'skip malformed lines'",
+    "rerun on an idle machine or with fewer --threads": "close other programs (a local browser"
+    " tab counts) and rerun",
     "--max_new_tokens": "'max new tokens'", "--input_lens": "prompt length", "--num_samples": "'number of samples'",
     "--dataset_config": "'config'", "--dataset_file": "an uploaded file",
     "--dataset": "'dataset'", "--split": "'split'", "--field": "'text field'",
@@ -694,4 +696,6 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
     if summary.count:
         msg += f"  \n{summary.line()}"
+    if summary.contention_note():
+        msg += "  \n" + status_md(ui_message(summary.contention_note()), "warn")
     yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)

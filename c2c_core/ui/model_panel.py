@@ -164,8 +164,9 @@ def build_run_settings(defaults: dict) -> RunSettings:
     with gr.Row():
         engine = gr.Dropdown(list(ENGINES), value=r("engine"), label="Engine",
                              elem_id="engine", min_width=120,
-                             info="fast: static caches, compiled decode, one batched projection;"
-                                  " eager: the per-layer baseline")
+                             info="fast: static caches, compiled decode (compiles first), one"
+                                  " batched projection · eager: the per-layer baseline · auto:"
+                                  " fast on CUDA and for batches, else eager")
         batch_size = gr.Number(r("batch_size"), label="batch size", precision=0, minimum=1,
                                maximum=1024, min_width=120, elem_id="batch-size",
                                info="prompts generated together (fast engine)")

@@ -18,7 +18,7 @@ from . import guard
 from .. import worker
 from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, in_worker,
                      new_run_path, plot, run_config, session_dir, sized, status_md, stop_flag,
-                     token_counter, tokens_per_item, user_error)
+                     token_counter, tokens_per_item, ui_message, user_error)
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
               " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
@@ -159,6 +159,11 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
     more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
     rec = done["record"]
     status = summary_line(rec, done["device"], done["dtype"]) + more
+    from ..summary import contention_note
+    busy = contention_note([r["timing"]["cpu_share"] for r in recs
+                            if isinstance(r["timing"].get("cpu_share"), (int, float))])
+    if busy:
+        status += "  \n" + status_md(ui_message(busy), "warn")
     files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
     yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
             sized(plots.decode_steps_fig(steps), 360), files)
