@@ -87,6 +87,7 @@ def app_vs_cli(pipe, cfg, prompts: list[str], repeats: int = 5, out=print) -> di
     os.environ["C2C_APP_WORKER"] = "1"  # the app's default path, whatever this shell says
     dec: dict[str, list[float]] = {"app": [], "cli": []}
     rounds: dict[str, list[float]] = {"app": [], "cli": []}
+    share: dict[str, list[float]] = {"app": [], "cli": []}
     try:
         with tempfile.TemporaryDirectory() as d:
             common.load_models(cfg)  # start the worker and load its models (not timed)
@@ -105,6 +106,8 @@ def app_vs_cli(pipe, cfg, prompts: list[str], repeats: int = 5, out=print) -> di
                         raise RuntimeError(f"the {front} path wrote {len(recs)} record(s) of"
                                            f" {len(items)}, or the wrong run.frontend")
                     ms = [x["timing"]["decode_avg_ms"] for x in recs]
+                    share[front] += [x["timing"]["cpu_share"] for x in recs
+                                     if x["timing"].get("cpu_share") is not None]
                     dec[front] += ms
                     rounds[front].append(statistics.median(ms))
             pid = worker.worker_for(cfg).pid
@@ -125,6 +128,10 @@ def app_vs_cli(pipe, cfg, prompts: list[str], repeats: int = 5, out=print) -> di
     out(f"    CLI (this process)    decode ms/token: {_spread(dec['cli'])}")
     out(f"    ratio app/CLI = {ratio:.4f} (goal <= 1.03); per round: {_spread(per_round)},"
         f" min {min(per_round):.4f}, max {max(per_round):.4f}")
+    if share["app"] and share["cli"]:
+        out(f"    timing.cpu_share app {statistics.median(share['app']):.3f}, CLI"
+            f" {statistics.median(share['cli']):.3f} (medians; below 0.85 = cores taken by"
+            " another program)")
     result = {"device": dev, "repeats": repeats, "prompts": len(items),
               "max_new_tokens": cfg.gen.max_new_tokens,
               "app_decode_ms_per_token": round(statistics.median(dec["app"]), 4),
@@ -132,6 +139,8 @@ def app_vs_cli(pipe, cfg, prompts: list[str], repeats: int = 5, out=print) -> di
               "app_over_cli_decode_ratio": round(ratio, 4),
               "per_round_ratio_p25": round(percentile(per_round, 25), 4),
               "per_round_ratio_p75": round(percentile(per_round, 75), 4),
-              "goal_app_over_cli": 1.03}
+              "goal_app_over_cli": 1.03,
+              "cpu_share_app": round(statistics.median(share["app"]), 3) if share["app"] else None,
+              "cpu_share_cli": round(statistics.median(share["cli"]), 3) if share["cli"] else None}
     out(json.dumps(result))
     return result

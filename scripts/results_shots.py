@@ -34,7 +34,8 @@ class _Tok:
 def records(n: int, device: str = "cpu", speed: float = 1.0, modes=("c2c",), seed: int = 0,
             id_offset: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    pipe = SimpleNamespace(tokenizer=_Tok(), device=torch.device("cpu"),
+    pipe = SimpleNamespace(tokenizer=_Tok(), device=torch.device("cpu"), eos_ids=set(),
+                           sharers=[SimpleNamespace(name="SmolLM2-135M-Instruct", tokenizer=_Tok())],
                            info={"receiver": "SmolLM2-135M-Instruct", "sharer": "SmolLM2-135M-Instruct"})
     from c2c_core.records import RUN_FIELDS
     meta = {k: None for k in RUN_FIELDS} | {"frontend": "cli"}  # every key a record carries (values made up here)
