@@ -322,9 +322,10 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise UserError(f"--dtype {cfg.dtype} is unknown; use {one_of(DTYPES)}.")
 
 #: What `--engine auto` means on a CPU with batch size 1 (on CUDA, and for batches, it is fast).
-#: Eager: on the CI CPU the fast engine decodes at 0.81x (bf16) / 0.89x (fp32) of eager's
-#: ms/token, but compiles for 13-75 s per length bucket first, which pays back only after ~300
-#: generations of 32 tokens in one process (`python -m c2c_core engines`; README, "Engines").
+#: Eager: on the CI CPU the fast engine decodes at 0.81-0.90x (bf16) / 0.89-0.93x (fp32) of
+#: eager's ms/token, but compiles each shape first (12 s with a warm inductor cache, up to 75 s
+#: cold), which pays back only after ~50-300 generations of 32 tokens in one process
+#: (`python -m c2c_core engines`; README, "Engines and batch size").
 CPU_AUTO_ENGINE = "eager"
 
 
