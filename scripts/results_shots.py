@@ -78,10 +78,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_app(defaults: dict | None = None):
+    """The app on a free local port: (demo, port)."""
+    from c2c_core.ui import build_app, launch_kwargs
+    demo = build_app(defaults)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs())
+    return demo, port
+
+
+def launch_chromium(p):
+    """Debian's chromium under playwright (never `playwright install`)."""
+    return p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+
+
 def main(out: str) -> list[str]:
     from playwright.sync_api import sync_playwright
 
-    from c2c_core.ui import build_app, launch_kwargs
     os.makedirs(out, exist_ok=True)
     sets = {
         "1-sample": {"one.jsonl": records(1)},
@@ -94,14 +108,11 @@ def main(out: str) -> list[str]:
     }
     bad = sets["two-mixed-files"]["gpu-run.jsonl"][3]
     bad["timing"]["decode_total_ms"] += 40.0  # one broken record: the check must say so
-    demo = build_app()
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs())
+    demo, port = serve_app()
     shots = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            browser = launch_chromium(p)
             for name, files in sets.items():
                 paths = []
                 for fname, recs in files.items():

@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # results_shots
 
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", default="artifacts/screenshots")
-    ap.add_argument("--engine", default="fast", choices=["auto", "eager", "fast"])
+    from c2c_core.config import ENGINES
+    ap.add_argument("--engine", default="fast", choices=ENGINES)
     ap.add_argument("--batch_sizes", default="1,4,8")
     ap.add_argument("--input_lens", default="16")
     ap.add_argument("--output_lens", default="32")
@@ -43,16 +34,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     from playwright.sync_api import sync_playwright
 
     from c2c_core import worker
-    from c2c_core.ui import build_app, launch_kwargs
+    from results_shots import launch_chromium, serve_app
     os.makedirs(a.out, exist_ok=True)
-    demo = build_app({"dtype": a.dtype})
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs())
+    demo, port = serve_app({"dtype": a.dtype})
     shots = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(60_000)
             page.goto(f"http://127.0.0.1:{port}/")
