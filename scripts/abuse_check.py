@@ -503,7 +503,13 @@ def main(argv=None) -> int:
             app.wait(timeout=20)
         except subprocess.TimeoutExpired:
             app.kill()
-    server_tb = open(log_path, errors="replace").read().count("Traceback (most recent call last)")
+    server_log = open(log_path, errors="replace").read()
+    server_tb = server_log.count("Traceback (most recent call last)")
+    ends: dict[str, int] = {}  # each server traceback's exception line (the last unindented one)
+    for block in server_log.split("Traceback (most recent call last)")[1:]:
+        lines = [ln for ln in block.splitlines()[1:] if ln.strip()]
+        last = next((ln for ln in lines if not ln.startswith((" ", "\t"))), "?")
+        ends[last[:160]] = ends.get(last[:160], 0) + 1
     width = max(len(r.probe) for r in results)
     print()
     print(f"{'probe':<{width}}  {'outcome':<11}  {'secs':>6}  detail")
@@ -521,6 +527,8 @@ def main(argv=None) -> int:
         "server_log_tracebacks": server_tb,
         "fast": args.fast,
     }
+    for line, n in ends.items():
+        print(f"server log traceback x{n}: {line}")
     print(json.dumps(counts))
     bad = counts["leaks"] or counts["tracebacks"] or counts["not_refused"] or counts["failed"]
     return 0 if is_alive and not bad else 1
