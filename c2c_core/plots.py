@@ -303,6 +303,12 @@ def sweep_fig(df: pd.DataFrame, x: str = "prompt_tokens") -> go.Figure:
         n = sweep_input_lens(df["id"])
         if n.notna().any():
             df, x = df.assign(sweep_len=n)[n.notna()], "sweep_len"
+            # a sweep over batch sizes: a batch's stages are the whole batch's, so medians over
+            # several sizes mix different work; draw the smallest size and say which
+            bs = df["id"].map(lambda v: getattr(parse_sweep_id(v), "batch", 1))
+            if bs.nunique() > 1:
+                df = df[bs == bs.min()]
+                title += f" (batch size {int(bs.min())}; other sizes in the batch curve)"
     if not _has(df, x):
         return _empty(title)
     d = df.assign(**{x: pd.to_numeric(df[x], errors="coerce")}).dropna(subset=[x])

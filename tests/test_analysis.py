@@ -218,3 +218,16 @@ def test_sweep_fig_uses_the_swept_length_and_only_sweep_records():
     xs = {x for tr in fig.data for x in tr.x}
     assert xs == {16}
     assert fig.layout.xaxis.title.text == "prompt length (tokens)"
+
+
+def test_sweep_fig_over_batch_sizes_draws_the_smallest_and_says_so():
+    """A batch's stage times are the whole batch's: mixing sizes in one median would draw a
+    point no run had. The stage plot keeps the smallest size; the batch curve shows the rest."""
+    small, big = rec("in16-out8"), rec("in16-out8-b4.0")
+    big["timing"]["base_prefill_ms"] = small["timing"]["base_prefill_ms"] * 10
+    fig = P.sweep_fig(A.to_frame([small, big, rec("in16-out8-b4.1")]))
+    prefill = [tr for tr in fig.data if tr.name == "receiver prefill"][0]
+    assert list(prefill.y) == [small["timing"]["base_prefill_ms"]]
+    assert "batch size 1" in fig.layout.title.text
+    alone = P.sweep_fig(A.to_frame([small]))
+    assert "batch size" not in alone.layout.title.text  # one size: nothing to say
