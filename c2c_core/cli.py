@@ -508,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_run_args(p, None, outputs=False)
     p.set_defaults(func=cmd_engines, max_new_tokens=32)
+    for act in p._actions:  # its own default, said where --help says the shared one
+        if act.dest == "max_new_tokens":
+            act.help += "; this benchmark's own default: 32, EOS ignored"
     return ap
 
 
