@@ -345,6 +345,17 @@ def _warn_duplicates(df) -> None:
         print(f"Warning: {note}", file=sys.stderr)
 
 
+def _warn_contention(df) -> None:
+    """Per file: a warning when its CPU generations did not get their threads' time."""
+    from .summary import contention_note
+    if "cpu_share" not in df.columns:
+        return
+    for src, part in df.groupby("source", sort=False) if "source" in df.columns else [("", df)]:
+        note = contention_note([float(x) for x in part["cpu_share"].dropna()])
+        if note:
+            print(f"Warning: {src + ': ' if src else ''}{note}", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     """Per mode: ttft, e2e, decode ms/token, tok/s, accuracy; C2C over T2T and over receiver."""
     import json
@@ -352,6 +363,7 @@ def cmd_report(args) -> int:
     from .analysis import compare_modes
     df = _frames(args.files, args.skip_bad_lines)
     _warn_duplicates(df)
+    _warn_contention(df)
     table, ratios = compare_modes(df)
     print(table.to_string(index=False))
     for name, r in ratios.items():

@@ -155,7 +155,7 @@ def test_cpu_share_reports_threads_that_did_not_get_their_cores():
     assert 0.05 < share < 0.6, share
 
 
-def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, capsys):
+def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, capsys, tmp_path):
     from c2c_core.cli import print_summary
     from c2c_core.summary import contention_note
     pipe, cfg = tiny_pipe
@@ -171,3 +171,16 @@ def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, cap
     assert "another program was using the cores" in capsys.readouterr().out
     print_summary([rec])
     assert ("another program" in capsys.readouterr().out) == (share < 0.85)
+    # a results file of such records: `report` warns per file, and so does the Results tab
+    from c2c_core.cli import main
+    from c2c_core.records import write_all
+    path = str(tmp_path / "busy.jsonl")
+    write_all(path, [{**r, "id": i} for i, r in enumerate(busy)])
+    assert main(["report", path]) == 0
+    err = capsys.readouterr().err
+    assert "Warning: busy.jsonl:" in err and "60%" in err, err
+    pytest.importorskip("gradio")
+    from c2c_core.ui.results_tab import check_notes
+    notes = check_notes({"busy": busy, "calm": [rec] * 3 if share >= 0.85 else []})
+    assert [n for n in notes if "CPU threads' time" in n] and \
+        all(n.startswith("busy:") for n in notes if "CPU threads' time" in n)

@@ -229,6 +229,21 @@ def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
             notes.append(f"{name}: {len(bad)} of {len(current)} record(s) fail the record checks"
                          f" ({shown}{'; …' if len(bad) > examples else ''}); their numbers may"
                          " not add up.")
+    return notes + contention_notes(sources)
+
+
+def contention_notes(sources: dict[str, list[dict]]) -> list[str]:
+    """One sentence per file whose CPU generations did not get their threads' time
+    (timing.cpu_share; summary.contention_note)."""
+    from ..summary import contention_note
+    notes = []
+    for name, recs in sources.items():
+        shares = [r["timing"]["cpu_share"] for r in recs if isinstance(r.get("timing"), dict)
+                  and isinstance(r["timing"].get("cpu_share"), (int, float))
+                  and not isinstance(r["timing"].get("cpu_share"), bool)]
+        note = contention_note(shares)
+        if note:
+            notes.append(f"{name}: {ui_message(note)}")
     return notes
 
 
