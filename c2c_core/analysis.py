@@ -313,29 +313,52 @@ def ordered_modes(modes: Iterable[str]) -> list[str]:
     return [m for m in MODES if m in present] + [m for m in present if m not in MODES]
 
 
+#: How each mode ratio was computed (its "stat"), in words for the CLI, the app and the JSON.
+RATIO_STATS = {
+    "median of per-pair ratios": "median of the per-prompt ratios, n={n} pair(s) matched by id"
+                                 " and repeat",
+    "ratio of medians": "ratio of the medians of all records, at least {n} per mode: no prompt"
+                        " ran in both modes, so none pair",
+}
+
+
+def ratio_words(r: dict) -> str:
+    """What a mode ratio (compare_modes) is, in words: "median of the per-prompt ratios, n=2
+    pair(s) matched by id and repeat" or, when nothing paired, the ratio of medians."""
+    stat = r.get("stat") or ("median of per-pair ratios" if r.get("paired") else "ratio of medians")
+    return RATIO_STATS.get(stat, stat).format(n=r.get("n"))
+
+
 def _ratio(df: pd.DataFrame, a: str, b: str) -> dict:
-    """Ratio of medians a/b per metric over the ids both modes ran (all rows when none).
-    With several files a prompt pairs only within its own file (never one machine's c2c with
-    another's receiver)."""
+    """Mode a over mode b per metric: the median of the per-pair ratios a/b, a pair being the
+    same (id, repeat) in both modes, as `compare` pairs records (a key met twice counts once,
+    at its median). With several files a prompt pairs only within its own file (never one
+    machine's c2c with another's receiver). When nothing pairs: the ratio of the medians of all
+    records, marked `paired` False. `n` is the number of pairs (unpaired: the smaller record
+    count); `stat` names the statistic."""
     metrics = [m for m in RATIO_METRICS if m in df.columns]
-    keys = ["mode", "source", "id"] if "source" in df.columns else ["mode", "id"]
-    per_id = df.groupby(keys)[metrics].median()  # repeats collapse to their median
-    va, vb = per_id.loc[a], per_id.loc[b]
+    keys = (["source"] if "source" in df.columns else []) + ["id", "repeat"]
+    d = df.assign(id=df["id"].astype(str))
+    per_key = d.groupby(["mode", *keys])[metrics].median()  # a key met twice: its median
+    va, vb = per_key.loc[a], per_key.loc[b]
     common = va.index.intersection(vb.index)
     paired = len(common) > 0
-    if paired:
-        va, vb = va.loc[common], vb.loc[common]
     out: dict[str, Any] = {}
     for m in RATIO_METRICS:
         if m not in metrics:
             out[m] = math.nan
             continue
-        both = pd.concat([va[m], vb[m]], axis=1).dropna() if paired else None
-        ma = (both.iloc[:, 0] if paired else va[m]).median()
-        mb = (both.iloc[:, 1] if paired else vb[m]).median()
-        out[m] = round(float(ma / mb), 3) if mb and not math.isnan(mb) else math.nan
-    out["n"] = len(common) if paired else min(len(va), len(vb))
+        if paired:
+            both = pd.concat([va.loc[common, m], vb.loc[common, m]], axis=1).dropna()
+            both = both[both.iloc[:, 1] > 0]
+            r = (both.iloc[:, 0] / both.iloc[:, 1]).median() if len(both) else math.nan
+        else:
+            ma, mb = d.loc[d["mode"] == a, m].median(), d.loc[d["mode"] == b, m].median()
+            r = ma / mb if mb and not math.isnan(mb) else math.nan
+        out[m] = round(float(r), 3) if not math.isnan(r) else math.nan
+    out["n"] = len(common) if paired else int(min((d["mode"] == a).sum(), (d["mode"] == b).sum()))
     out["paired"] = paired
+    out["stat"] = "median of per-pair ratios" if paired else "ratio of medians"
     return out
 
 
@@ -347,7 +370,8 @@ def devices(df: pd.DataFrame) -> list[str]:
 
 
 def compare_modes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Summary per mode, and ratios of medians (c2c over t2t / receiver), paired by id.
+    """Summary per mode, and the ratios c2c over t2t / receiver / sharer: the median of the
+    per-prompt ratios, paired by (id, repeat) (`_ratio`).
 
     When the records come from several devices (a multi-GPU or multi-node run), the table has
     one row per (device, mode) and each ratio is also given per device ("... on <device>")."""
@@ -433,7 +457,8 @@ def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
     ratios B/A with a seeded bootstrap confidence interval (`level`):
     `beyond_noise` when the interval excludes 1 and the median ratio differs from 1 by more than
     `threshold`; `regression` when it is also in the worse direction (higher for times, lower
-    for tok/s). Fewer than `min_pairs` pairs give the verdict "too few pairs" and no flag.
+    for tok/s). Fewer than `min_pairs` pairs give the verdict "too few pairs", and
+    `beyond_noise` and `regression` None (not judged), never False.
     The medians of A and B are over the paired records only.
     """
     rows = []
@@ -464,12 +489,22 @@ def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
                 "CI low": round(lo, 4) if n else math.nan,
                 "CI high": round(hi, 4) if n else math.nan,
                 "change %": round((ratio - 1) * 100, 1) if n else math.nan,
-                "verdict": verdict, "beyond_noise": beyond,
-                "regression": bool(beyond and worse),
+                # not judged: neither flag is False (that would read as "checked, fine")
+                "verdict": verdict, "beyond_noise": beyond if judged else None,
+                "regression": bool(beyond and worse) if judged else None,
             })
     cols = ["mode", "field", "metric", "pairs", "median A", "median B", "ratio B/A", "CI low",
             "CI high", "change %", "verdict", "beyond_noise", "regression"]
-    return pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=cols)
+    for c in ("beyond_noise", "regression"):  # True / False / None: keep None, not NaN
+        out[c] = out[c].astype(object)
+    return out
+
+
+def regressions(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a compare_runs table judged a regression (None, not judged, is not one)."""
+    import numpy as np
+    return table[table["regression"].map(lambda v: isinstance(v, (bool, np.bool_)) and bool(v))]
 
 
 def has_timing(df: pd.DataFrame, metrics: Iterable[str] = COMPARE_METRICS) -> bool:

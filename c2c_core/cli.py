@@ -356,6 +356,27 @@ def _warn_contention(df) -> None:
             print(f"Warning: {src + ': ' if src else ''}{note}", file=sys.stderr)
 
 
+def _report_table(table):
+    """The per-mode table as printed: without accuracy columns when no record was scored, and
+    accuracy blank (not NaN) for the modes without scored records."""
+    if "n_scored" not in table.columns or "accuracy" not in table.columns:
+        return table
+    if not (table["n_scored"] > 0).any():
+        return table.drop(columns=["accuracy", "n_scored"])
+    return table.assign(accuracy=table["accuracy"].map(lambda a: "" if a != a else a))
+
+
+def ratio_line(name: str, r: dict) -> str:
+    """One mode ratio as a sentence that names the statistic ("c2c over t2t: TTFT 0.976, ...
+    (median of the per-prompt ratios, n=2 pair(s) matched by id and repeat; below 1 = c2c
+    faster)")."""
+    from .analysis import RATIO_METRICS, name as metric_name, ratio_words
+    vals = ", ".join(f"{metric_name(m)} {r[m]}" for m in RATIO_METRICS if m in r)
+    words = name.replace("_", " ")
+    first = words.split(" over ")[0]
+    return f"{words}: {vals} ({ratio_words(r)}; below 1 = {first} faster)"
+
+
 def cmd_report(args) -> int:
     """Per mode: ttft, e2e, decode ms/token, tok/s, accuracy; C2C over T2T and over receiver."""
     import json
@@ -365,10 +386,9 @@ def cmd_report(args) -> int:
     _warn_duplicates(df)
     _warn_contention(df)
     table, ratios = compare_modes(df)
-    print(table.to_string(index=False))
+    print(_report_table(table).to_string(index=False))
     for name, r in ratios.items():
-        parts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("n", "paired"))
-        print(f"{name.replace('_', ' ')}: {parts} (n={r['n']}{', paired by id' if r['paired'] else ''})")
+        print(ratio_line(name, r))
     if args.html:
         from .analysis import sweep_input_lens
         from .plots import mode_compare_figs, sweep_fig
@@ -383,12 +403,36 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _json_safe(v):
+    """NaN -> None and numpy scalars -> Python, so the JSON line is strict JSON."""
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
 def cmd_compare(args) -> int:
     """Run B against run A on paired records: exit 1 on a regression beyond the noise, 2 when
-    the files cannot be compared (no timing records, no shared prompts, too few pairs)."""
+    the files cannot be compared (no timing records, no shared prompts, too few pairs). Every
+    exit prints a last line of JSON: status "regression" / "ok" / "cannot_compare", the reason,
+    the pairs per mode, and per mode and metric the ratio, interval, verdict and regression
+    (null where too few pairs left it unjudged)."""
     import json
+    state: dict = {"pairs": {}, "metrics": {}}  # what is known when a UserError ends the run
+    try:
+        code, summary = _compare_files(args, state)
+    except (UserError, OSError) as e:
+        print(json.dumps({"status": "cannot_compare", "exit": 2, "reason": str(e),
+                          "min_pairs": args.min_pairs, "pairs": state["pairs"],
+                          "regressions": [], "not_judged": state.get("not_judged", []),
+                          "metrics": state["metrics"]}))
+        raise
+    print(json.dumps(summary))
+    return code
 
-    from .analysis import COMPARE_METRICS, compare_runs, has_timing, source_differences, to_frame
+
+def _compare_files(args, state: dict) -> tuple[int, dict]:
+    from .analysis import (COMPARE_METRICS, compare_runs, has_timing, regressions,
+                           source_differences, to_frame)
     from .records import read_records
     recs = {}
     for path in (args.a, args.b):
@@ -421,31 +465,46 @@ def cmd_compare(args) -> int:
               " only the shared ones are compared.", file=sys.stderr)
     table = compare_runs(a, b, threshold=args.threshold, min_pairs=args.min_pairs)
     pairs = table.groupby("mode", sort=False)["pairs"].max()
+    state["pairs"] = {str(k): int(v) for k, v in pairs.items()}
+    for row in table.to_dict("records"):  # mode -> metric -> verdict; regression None: not judged
+        state["metrics"].setdefault(row["mode"], {})[row["field"]] = {
+            "pairs": int(row["pairs"]), "ratio": _json_safe(row["ratio B/A"]),
+            "ci": [_json_safe(row["CI low"]), _json_safe(row["CI high"])],
+            "verdict": row["verdict"], "regression": _json_safe(row["regression"])}
+    few = table[table["verdict"] == "too few pairs"]
+    state["not_judged"] = [f"{m} {f}" for m, f in zip(few["mode"], few["field"])]
     if not (table["pairs"] > 0).any():
         raise UserError(f"{args.a} and {args.b} share prompt ids but no (id, mode, repeat) record"
                         " with timing in both; run both with the same --repeats and modes.")
     cols = [c for c in table.columns if c not in ("field", "beyond_noise")]
-    print(table[cols].to_string(index=False))
+    shown = table[cols].assign(regression=table["regression"].map(
+        lambda v: "n/a" if v is None else v))
+    print(shown.to_string(index=False))
     for mode, n in pairs.items():
+        judged = "" if n >= args.min_pairs else f"; not judged (--min_pairs {args.min_pairs})"
         print(f"{mode}: {n} pair(s) by (id, mode, repeat), of {int((a['mode'] == mode).sum())}"
-              f" record(s) in A and {int((b['mode'] == mode).sum())} in B.")
-    summary = {"pairs": {str(k): int(v) for k, v in pairs.items()},
-               "regressions": [f"{m} {f}" for m, f in zip(table.loc[table["regression"], "mode"],
-                                                         table.loc[table["regression"], "field"])]}
-    bad = table[table["regression"]]
+              f" record(s) in A and {int((b['mode'] == mode).sum())} in B{judged}.")
+    bad = regressions(table)
+    summary = {"pairs": state["pairs"], "min_pairs": args.min_pairs,
+               "regressions": [f"{m} {f}" for m, f in zip(bad["mode"], bad["field"])],
+               "not_judged": state["not_judged"], "metrics": state["metrics"]}
     if len(bad):
         worse = ", ".join(f"{m} {metric}" for m, metric in zip(bad["mode"], bad["metric"]))
-        print(f"REGRESSION: {worse} worse beyond the noise (median of per-pair ratios, its 95%"
-              " interval excludes 1).")
-        print(json.dumps(summary))
-        return 1
-    if (table["verdict"] == "too few pairs").all():
-        raise UserError(f"only {int(table['pairs'].max())} paired record(s); compare needs at"
-                        f" least --min_pairs {args.min_pairs} to tell a change from noise (run"
-                        " more prompts or --repeats).")
-    print("No regression beyond the noise.")
-    print(json.dumps(summary))
-    return 0
+        reason = (f"{worse} worse beyond the noise (median of per-pair ratios, its 95% interval"
+                  " excludes 1).")
+        print(f"REGRESSION: {reason}")
+        return 1, {"status": "regression", "exit": 1, "reason": reason, **summary}
+    if len(few) == len(table):
+        counts = ", ".join(f"{m} {n}" for m, n in state["pairs"].items())
+        raise UserError(f"too few pairs to tell a change from noise in any mode: each mode is"
+                        f" judged on its own and needs at least --min_pairs {args.min_pairs} pairs"
+                        f" (same id, mode and repeat); found per mode {counts}"
+                        f" ({sum(state['pairs'].values())} in all, never pooled across modes);"
+                        " run more prompts or --repeats.")
+    note = f" (not judged, too few pairs: {', '.join(state['not_judged'])})" if len(few) else ""
+    print(f"No regression beyond the noise{note}.")
+    return 0, {"status": "ok", "exit": 0, "reason": f"no regression beyond the noise{note}.",
+               **summary}
 
 
 # --- entry ---------------------------------------------------------------------------------

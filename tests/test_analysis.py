@@ -141,6 +141,37 @@ def test_compare_modes_ratios():
     assert set(only) == {"c2c_over_receiver"}
 
 
+#: c2c and t2t TTFT per prompt where the two statistics land on opposite sides of 1: per-prompt
+#: ratios 0.01, 1.25, 1.5 (median 1.25, C2C slower on 2 of 3 prompts), medians 50 / 100 = 0.5.
+SKEWED_TTFT = {"0": (1.0, 100.0), "1": (50.0, 40.0), "2": (300.0, 200.0)}
+
+
+def skewed_records():
+    return [rec(i, m, ttft=t) for i, (c, tt) in SKEWED_TTFT.items()
+            for m, t in (("c2c", c), ("t2t", tt))]
+
+
+def test_mode_ratio_is_the_median_of_per_prompt_ratios():
+    _, ratios = A.compare_modes(A.to_frame(skewed_records()))
+    r = ratios["c2c_over_t2t"]
+    assert r["ttft_ms"] == pytest.approx(1.25)  # not 50 / 100 = 0.5, the ratio of medians
+    assert r["n"] == 3 and r["paired"] and r["stat"] == "median of per-pair ratios"
+    assert A.ratio_words(r) == ("median of the per-prompt ratios, n=3 pair(s) matched by id"
+                                " and repeat")
+
+
+def test_mode_ratio_pairs_by_id_and_repeat():
+    """c2c ran two repeats, t2t one: only repeat 0 pairs; a t2t prompt alone pairs with nothing."""
+    recs = [rec("a", "c2c", ttft=100.0), rec("a", "c2c", ttft=900.0, repeat=1),
+            rec("a", "t2t", ttft=200.0), rec("b", "t2t", ttft=10.0)]
+    r = A.compare_modes(A.to_frame(recs))[1]["c2c_over_t2t"]
+    assert r["n"] == 1 and r["ttft_ms"] == pytest.approx(0.5)
+    apart = [rec("a", "c2c", ttft=100.0), rec("b", "t2t", ttft=400.0)]  # nothing pairs
+    r = A.compare_modes(A.to_frame(apart))[1]["c2c_over_t2t"]
+    assert not r["paired"] and r["stat"] == "ratio of medians" and r["ttft_ms"] == 0.25
+    assert "ratio of the medians of all records" in A.ratio_words(r)
+
+
 def test_compare_runs_flags_slowdown_only():
     def run(scale):
         return [rec(str(i), steps=[10.0 + i, 11.0, 12.0, 13.0], ttft=100.0 + i, scale=scale)

@@ -140,3 +140,37 @@ def test_skipped_rows_are_reported(tmp_path, model_args, capsys):
     assert main(["dataset", "--dataset_file", str(src), "--skip_bad_lines", "--output", str(out),
                  *model_args]) == 0
     assert "Skipped 2 malformed row(s): line 2, row 2." in capsys.readouterr().err
+
+
+def _report(tmp_path, capsys, recs):
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_report_prints_the_statistic_it_names(tmp_path, capsys):
+    """Per-prompt ratios 0.01, 1.25, 1.5: the line says "median of the per-prompt ratios" and
+    shows 1.25, not the ratio of medians 0.5 on the other side of 1."""
+    from test_analysis import skewed_records
+    out = _report(tmp_path, capsys, skewed_records())
+    line = next(x for x in out.splitlines() if x.startswith("c2c over t2t:"))
+    assert line.startswith("c2c over t2t: TTFT 1.25, ")
+    assert line.endswith("(median of the per-prompt ratios, n=3 pair(s) matched by id and"
+                         " repeat; below 1 = c2c faster)")
+    r = json.loads(out.strip().splitlines()[-1])["ratios"]["c2c_over_t2t"]
+    assert r["ttft_ms"] == 1.25 and r["stat"] == "median of per-pair ratios" and r["n"] == 3
+
+
+def test_report_without_answers_has_no_accuracy_column(tmp_path, capsys):
+    from test_analysis import rec
+    recs = [rec(str(i), m) for i in range(2) for m in ("c2c", "receiver")]
+    out = _report(tmp_path, capsys, recs)
+    table = out.split("c2c over receiver")[0]
+    assert "NaN" not in table and "accuracy" not in table and "n_scored" not in table
+    # scored in one mode only: its accuracy shows, the other mode's is blank, not NaN
+    recs = [rec(str(i), "c2c", correct=i == 0) for i in range(2)]
+    recs += [rec(str(i), "receiver") for i in range(2)]
+    out = _report(tmp_path, capsys, recs)
+    table = out.split("c2c over receiver")[0]
+    assert "accuracy" in table and "NaN" not in table and " 0.5 " in table

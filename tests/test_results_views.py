@@ -106,8 +106,33 @@ def test_mode_ratios_pair_within_a_file_only():
     _, ratios = A.compare_modes(df)
     r = ratios["c2c_over_receiver"]
     assert r["n"] == 6 and r["paired"]
-    # per pair the ratio is 2; the median of c2c over the median of receiver, pairs kept
+    # per pair the ratio is 2 (100 / 50 would be the machines mixed)
     assert r["ttft_ms"] == pytest.approx(2.0)
     only_cpu_c2c = pd.concat([A.to_frame(cpu[::2], "cpu"), A.to_frame(gpu[1::2], "gpu")])
     _, none = A.compare_modes(only_cpu_c2c)
     assert not none["c2c_over_receiver"]["paired"]  # nothing pairs across the two files
+
+
+def test_ratios_text_names_the_median_of_per_prompt_ratios():
+    """The Results tab's line shows the median of per-prompt ratios and says so, not "paired by
+    id" beside a ratio of medians (which for these records is 0.5, on the other side of 1)."""
+    pytest.importorskip("gradio")
+    from c2c_core.ui.results_tab import ratios_md
+    from test_analysis import skewed_records
+    table, ratios = A.compare_modes(A.to_frame(skewed_records()))
+    text = ratios_md(ratios, table)
+    assert "TTFT **1.25×**" in text and "0.50×" not in text
+    assert "(median of the per-prompt ratios, n=3 pair(s) matched by id and repeat)" in text
+    assert "paired by id" not in text
+    apart = A.compare_modes(A.to_frame([rec("a", "c2c"), rec("b", "t2t")]))[1]
+    assert "ratio of the medians of all records" in ratios_md(apart)
+
+
+def test_a_vs_b_table_says_not_judged():
+    """Too few pairs: the A-vs-B table's regression is "n/a", not False."""
+    pytest.importorskip("gradio")
+    from c2c_core.ui.results_tab import compare_table
+    t = compare_table(A.to_frame(_file(3), "a"), A.to_frame(_file(3, 3.0), "b"))
+    assert (t["verdict"] == "too few pairs").all() and (t["regression"] == "n/a").all()
+    many = compare_table(A.to_frame(_file(8), "a"), A.to_frame(_file(8, 3.0), "b"))
+    assert all(v is True for v in many["regression"])

@@ -26,14 +26,14 @@ RATIO_TEXT = {"c2c_over_t2t": "C2C ÷ T2T (below 1 = C2C faster)",
 
 
 def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
-    """One line per ratio pair: medians' ratio per metric and the sample count; then accuracy
-    per mode where the records were scored (what C2C buys beside what it costs)."""
+    """One line per ratio pair: the ratio per metric and, in words, what it is (the median of
+    the per-prompt ratios over n pairs, or the ratio of medians when nothing paired); then
+    accuracy per mode where the records were scored (what C2C buys beside what it costs)."""
     lines = []
     for key, r in ratios.items():
         vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in analysis.RATIO_METRICS
                           if r.get(m) == r.get(m))
-        lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} (n={r['n']}"
-                     f"{' prompts, paired by id' if r.get('paired') else ', unpaired'})")
+        lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} ({analysis.ratio_words(r)})")
     if not ratios:
         lines.append(NO_RATIOS)
     if table is not None and "n_scored" in table.columns:
@@ -190,12 +190,19 @@ def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame]
     return df, sf
 
 
+def compare_table(df_a: pd.DataFrame, df_b: pd.DataFrame) -> pd.DataFrame:
+    """B against A as shown: a metric with too few pairs says regression "n/a" (not judged),
+    never False."""
+    table = analysis.compare_runs(df_a, df_b, analysis.COMPARE_METRICS)
+    table["regression"] = table["regression"].map(lambda v: "n/a" if v is None else v)
+    return table.drop(columns=["field", "beyond_noise"])
+
+
 def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tuple:
     ra, rb = sources.get(a or ""), sources.get(b or "")
     table = _empty_df(["metric"])
     if ra is not None and rb is not None:
-        table = analysis.compare_runs(analysis.to_frame(ra, a), analysis.to_frame(rb, b),
-                                      analysis.COMPARE_METRICS).drop(columns=["field", "beyond_noise"])
+        table = compare_table(analysis.to_frame(ra, a), analysis.to_frame(rb, b))
     side = []
     for recs, who in ((ra, a), (rb, b)):
         df = analysis.to_frame(recs, who) if recs else pd.DataFrame()
