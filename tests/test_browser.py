@@ -135,6 +135,24 @@ def test_batch_fills_table_and_downloads(page, tmp_path):
     shot(page, "03_batch")
 
 
+def test_every_run_tab_has_a_stop_that_ends_its_job(page, tmp_path):
+    """Batch (like Profile, Sweep and Dataset) has its own Stop: a long batch ends within a
+    step, keeps its finished records, and the status says so."""
+    page.get_by_role("tab", name="Batch").click()
+    page.fill("#batch-prompts textarea", "\n".join(f"Count to {i}." for i in range(60)))
+    page.click("#batch-run")
+    page.wait_for_function("(n) => Number(document.querySelector('#batch-table [role=grid]')"
+                           ".getAttribute('aria-rowcount')) > n", arg=1, timeout=RUN_TIMEOUT_MS)
+    page.click("#batch-stop")
+    status = wait_text(page, "#batch-status", "Stopped")
+    n = int(status.split("after ")[1].split(" of")[0])
+    assert 1 <= n < 60
+    valid_records(download(page, "#batch-file", None, tmp_path), n)
+    for tab, sel in (("Profile", "#profile-stop"), ("Sweep", "#sweep-stop")):
+        page.get_by_role("tab", name=tab).click()
+        assert page.locator(sel).is_visible(), sel
+
+
 def test_dataset_stop_keeps_finished_records(page, tmp_path):
     src = tmp_path / "many_prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(400)))
@@ -197,7 +215,7 @@ def test_waiting_job_shows_its_queue_place(page, app_url):
         page.wait_for_timeout(300)
         page.click("#profile-run")
         text = wait_text(page, "#profile-status", "queue: 1/", timeout=15_000)
-        assert "Submitted: one model job runs at a time" in text
+        assert "one model job runs at a time" in text
         shot(page, "07_waiting_in_queue")
     finally:
         job.result()

@@ -150,8 +150,9 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
         **model_job)
-    data.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
-                    concurrency_limit=None, show_progress="hidden")
+    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's
+        tab.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
+                       concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
                             api_visibility="private")
 

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
 from ..runner import modes_of
 from . import guard
-from .common import (download_button, new_run_path, plot, status_md, ui_message,
+from .common import (download_button, new_run_path, plot, status_md, stop_button, ui_message,
                      records_table, run_config, sized, stream_records, user_error)
 
 
@@ -25,6 +25,7 @@ class BatchTab:
     table: gr.Dataframe
     plot: gr.Plot
     file: gr.DownloadButton
+    stop: gr.Button
 
     def outputs(self) -> list:
         return [self.status, self.table, self.plot, self.file]
@@ -35,13 +36,14 @@ def build_batch_tab() -> BatchTab:
                          label="Prompts, one per line", elem_id="batch-prompts")
     with gr.Row():
         run = gr.Button("Run batch", variant="primary", elem_id="batch-run", scale=4)
+        stop = stop_button("batch-stop")
         file = download_button("batch-file", scale=1, min_width=200)
     status = gr.Markdown("Each prompt × repeat × mode is one record (one JSONL line).",
                          label="status", elem_id="batch-status", elem_classes=["c2c-status"], min_height=56)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="batch-table", max_height=360)
     fig = plot(plots.stage_bars_fig(pd.DataFrame()), "batch-plot")
-    return BatchTab(prompts, run, status, table, fig, file)
+    return BatchTab(prompts, run, status, table, fig, file, stop)
 
 
 def render(recs: list[dict], status: str, file, summary=None):

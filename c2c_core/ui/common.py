@@ -140,8 +140,9 @@ def validator(check: Callable) -> Callable:
 
 #: Said in a run's status line the moment its button is clicked (in the browser, so it shows
 #: while the job waits for the model queue; the queue box beside it gives the place).
-WAITING_JS = ("() => 'Submitted: one model job runs at a time (your place in the queue is shown"
-              " on the right); a setting this server refuses is marked in red at its box.'")
+WAITING_JS = ("() => 'Sent. If a setting is refused, its box turns red and nothing runs;"
+              " otherwise the job queues (one model job runs at a time; your place is shown on"
+              " the right) and this line follows it.'")
 
 
 # --- sessions ------------------------------------------------------------------------------
@@ -478,10 +479,13 @@ class Job:
         text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
         if self.tokens[0]:
             text += f", token {self.tokens[0]}"
-        if self.record_at and self.done < self.total:
-            t = self.record_at
-            # seconds per record from the records seen (the first one also paid the warm-up)
-            per = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else t[0] - self.started
+        t = self.record_at
+        later = sum(x > t[0] + 1e-3 for x in t) if t else 0
+        if later and self.done < self.total:
+            # seconds per record from the records after the first arrival: the first one also
+            # paid the warm-up (and the fast engine's compile), which can be most of its time;
+            # a batch's rows arrive together, so count records, not arrivals
+            per = (t[-1] - t[0]) / later
             eta = per * (self.total - self.done) - (time.perf_counter() - t[-1])
             text += f" · ETA {fmt_seconds(max(eta, 0))}"
         return text
@@ -555,6 +559,11 @@ def integer_counts(fig, n: int):
     if 0 < n <= 10 and fig.data and fig.data[0].type == "histogram":
         fig.update_yaxes(tick0=0, dtick=1)
     return fig
+
+
+def stop_button(elem_id: str) -> gr.Button:
+    """Stop: ends this session's running job within one decode step; finished records stay."""
+    return gr.Button("Stop", variant="stop", elem_id=elem_id, scale=1, min_width=110)
 
 
 def download_button(elem_id: str, **kw) -> gr.DownloadButton:

@@ -15,7 +15,7 @@ from ..runner import modes_of
 from . import guard
 from .common import (clear_stop, session_id, download_button, integer_counts, new_run_path, plot, status_md,
                      records_table, request_stop, run_config, sized, stop_flag,
-                     stream_records, ui_message, user_error)
+                     stop_button, stream_records, ui_message, user_error)
 
 SOURCES = [("Hugging Face dataset", "hf"), ("Uploaded file", "file")]
 
@@ -70,7 +70,7 @@ def build_dataset_tab() -> DatasetTab:
         skip = gr.Checkbox(False, label="skip malformed lines", min_width=120)
     with gr.Row():
         run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=4)
-        stop = gr.Button("Stop", variant="stop", elem_id="dataset-stop", scale=1, min_width=110)
+        stop = stop_button("dataset-stop")
         file = download_button("dataset-file-out", scale=1, min_width=200)
     status = gr.Markdown("Stop ends the run within one decode step; the finished records"
                          " stay downloadable.", label="status", elem_id="dataset-status",

@@ -210,8 +210,8 @@ def check_job_size(n_prompts: int, repeats: int, n_modes: int) -> None:
 def check_new_tokens(n: int | None) -> None:
     cap = limit("new_tokens")
     if n is not None and n > cap:
-        raise FieldError(f"max new tokens {n:,} is over this server's limit of {cap:,}"
-                         " (C2C_MAX_NEW_TOKENS): ask for fewer.", "max_new_tokens")
+        raise FieldError(f"At most {cap:,} new tokens here (you asked {n:,};"
+                         " C2C_MAX_NEW_TOKENS).", "max_new_tokens")
 
 
 def check_sweep(ins: list[int], outs: list[int]) -> None:

@@ -147,8 +147,10 @@ def build_run_settings(defaults: dict) -> RunSettings:
                        info=MODE_INFO)
     with gr.Row():
         max_new = gr.Number(d("max_new_tokens", g.max_new_tokens), label="max new tokens",
-                            precision=0, minimum=1, maximum=8192, min_width=120,
-                            elem_id="max-new-tokens", info="per generation")
+                            precision=0, minimum=1, min_width=120, elem_id="max-new-tokens",
+                            # the box refuses what the server would (one limit, said once)
+                            maximum=min(8192, guard.limit("new_tokens")),
+                            info=f"per generation, at most {guard.limit('new_tokens'):,}")
         warmup = gr.Number(r("warmup"), label="warm-up runs", precision=0, minimum=0,
                            maximum=20, min_width=120, elem_id="warmup",
                            info="not recorded")

@@ -18,7 +18,7 @@ from . import guard
 from .. import worker
 from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, in_worker,
                      new_run_path, plot, run_config, session_dir, sized, status_md, stop_flag,
-                     token_counter, tokens_per_item, ui_message, user_error)
+                     stop_button, token_counter, tokens_per_item, ui_message, user_error)
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
               " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
@@ -40,6 +40,7 @@ class ProfileTab:
     breakdown: gr.Plot
     steps: gr.Plot
     files: gr.File
+    stop: gr.Button
 
     def outputs(self) -> list:
         return [self.status, self.response, self.stages, self.breakdown, self.steps, self.files]
@@ -52,7 +53,9 @@ def build_profile_tab() -> ProfileTab:
                                 elem_id="profile-prompt")
         with gr.Column(scale=2, min_width=220):
             gr.Examples([[p] for p in BUILTIN_PROMPTS], inputs=prompt, label="Built-in prompts")
-    run = gr.Button("Profile", variant="primary", elem_id="profile-run")
+    with gr.Row():
+        run = gr.Button("Profile", variant="primary", elem_id="profile-run", scale=4)
+        stop = stop_button("profile-stop")
     status = gr.Markdown("One warm-up (if set), the timed run, then a separate run under the"
                          " profiler for the trace. Model jobs wait in one queue; the progress"
                          " box shows your place.", label="status", elem_id="profile-status",
@@ -71,7 +74,7 @@ def build_profile_tab() -> ProfileTab:
                     file_count="multiple", interactive=False, elem_id="profile-files",
                     height=270, visible=False)
     gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
-    return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files)
+    return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files, stop)
 
 
 def stage_table(record: dict) -> pd.DataFrame:

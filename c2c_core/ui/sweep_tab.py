@@ -15,7 +15,8 @@ from ..sweep import parse_lengths
 from ..worker import sweep_grid
 from ..runner import modes_of
 from . import guard
-from .common import (download_button, new_run_path, plot, records_table, status_md, ui_message,
+from .common import (download_button, new_run_path, plot, records_table, status_md, stop_button,
+                     ui_message,
                      run_config, sized, stream_records, user_error)
 
 
@@ -30,6 +31,7 @@ class SweepTab:
     table: gr.Dataframe
     file: gr.DownloadButton
     batch_plot: gr.Plot
+    stop: gr.Button
 
     def outputs(self) -> list:
         return [self.status, self.table, self.plot, self.file, self.batch_plot]
@@ -45,6 +47,7 @@ def build_sweep_tab() -> SweepTab:
                          info="e.g. 1,4,8: latency vs throughput (fast engine)")
     with gr.Row():
         run = gr.Button("Run sweep", variant="primary", elem_id="sweep-run", scale=4)
+        stop = stop_button("sweep-stop")
         file = download_button("sweep-file", scale=1, min_width=200)
     status = gr.Markdown("Each length pair × mode × repeat is one record; the mode and repeats"
                          " come from the run settings on the left.", elem_id="sweep-status",
@@ -53,7 +56,7 @@ def build_sweep_tab() -> SweepTab:
     bfig = plot(plots.batch_curve_fig([]), "sweep-batch-plot", 380)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="sweep-table", max_height=300)
-    return SweepTab(ins, outs, bss, run, status, fig, table, file, bfig)
+    return SweepTab(ins, outs, bss, run, status, fig, table, file, bfig, stop)
 
 
 def render(recs: list[dict], status: str, file, summary=None):
