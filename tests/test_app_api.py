@@ -256,7 +256,8 @@ def test_analyze_compares_modes_with_ratios(client, tmp_path, tiny_pipe):
     out = client.predict(files=[handle_file(str(path))], api_name="/analyze")
     modes, ratios, sweep = out[6], out[-4], out[-1]
     assert [row[0] for row in modes["data"]] == ["c2c", "receiver", "sharer", "t2t"]
-    assert "C2C ÷ T2T" in ratios and "C2C ÷ receiver" in ratios and "n=2 prompts" in ratios
+    assert "C2C ÷ T2T" in ratios and "C2C ÷ receiver" in ratios
+    assert "median of the per-prompt ratios, n=2 pair(s)" in ratios
     assert sweep  # a figure comes back even for non-sweep records
 
 
