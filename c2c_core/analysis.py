@@ -31,8 +31,9 @@ FIELDS: dict[str, tuple[str, str]] = {
 #: Stages up to the first token, in run order (every stage but decode); the last is the
 #: remainder of `ttft_ms`.
 TTFT_STAGES = [f for f in STAGE_FIELDS if f != "decode_total_ms"] + ["ttft_other_ms"]
-#: Stages that add up to `e2e_ms` (records.STAGE_FIELDS + other_ms), in run order.
-E2E_STAGES = TTFT_STAGES[:-1] + ["decode_total_ms", "other_ms"]
+#: Stages that add up to `e2e_ms` (records.STAGE_FIELDS, a batch row's wait, other_ms), in run
+#: order.
+E2E_STAGES = TTFT_STAGES[:-1] + ["decode_total_ms", "batch_wait_ms", "other_ms"]
 
 #: Metrics where a higher value is better (all others: lower is better).
 HIGHER_IS_BETTER = {"tokens_per_second", "e2e_tokens_per_second", "accuracy"}

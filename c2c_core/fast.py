@@ -519,10 +519,14 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> lis
         st = dict(stages)
         st["decode"] = stages["decode"][:len(toks) - 1]
         st["sharer_decode"] = stages["sharer_decode"][:max(len(notes[i]) - 1, 0)]
+        # the steps the batch still ran for longer rows: this row's wait, not its "other"
+        wait = (stages["decode"][len(toks) - 1:]
+                + stages["sharer_decode"][max(len(notes[i]) - 1, 0):])
         gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i],
                          mem.allocated_mb, mem.reserved_mb, wall0, wall1)
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         gen.cpu_share = mem.cpu_share
+        gen.batch_wait = list(wait)
         out.append(gen)
     return out
 

@@ -27,6 +27,7 @@ STAGE_COLORS = {
     "decode_total_ms": "#756bb1",
     "decode_avg_ms": "#756bb1",
     "ttft_other_ms": "#bdbdbd",
+    "batch_wait_ms": "#dadaeb",
     "other_ms": "#bdbdbd",
 }
 #: One color per mode.

@@ -52,8 +52,10 @@ def stage_rows(record: dict) -> list[dict]:
               "decode_total_ms": len(record.get("decode_step_times_ms", [])),
               "sharer_decode_ms": max(t.get("sharer_generated_tokens", 0) - 1, 0)}
     rows = []
-    for f in STAGE_FIELDS + ["other_ms"]:  # run order; other = e2e minus the stages
+    for f in STAGE_FIELDS + ["batch_wait_ms", "other_ms"]:  # run order; other = e2e minus the rest
         ms = t.get(f, 0.0) or 0.0
+        if f == "batch_wait_ms" and not ms:
+            continue  # a row of a batch only
         rows.append({"stage": TIMING[f].label, "field": f, "ms": round(ms, 3),
                      "pct_of_e2e": round(100.0 * ms / e2e, 2) if e2e else 0.0,
                      "count": counts.get(f, 1 if ms else 0)})

@@ -69,6 +69,7 @@ class Generation:
     batch_index: int = 0
     batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
     cpu_share: float | None = None  # CPU: CPU time got / (wall x threads); None on CUDA
+    batch_wait: list[float] = field(default_factory=list)  # batch steps run after this row ended
 
 
 # --- encoding ------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     dec_avg = dec_total / len(steps) if steps else 0.0
     proj_total = tot["projector_total_ms"]
     e2e = r3(g.e2e_ns / 1e6)
+    wait = r3(sum(r3(x) for x in g.batch_wait))
     ttft = g.ttft_ns / 1e6
     t = {
         "base_embedding_ms": tot["base_embedding_ms"],
@@ -282,7 +284,8 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "prompt_tokens": g.prompt_tokens,
         "ttft_ms": ttft,
         "e2e_ms": e2e,
-        "other_ms": e2e - sum(tot.values()),
+        "other_ms": e2e - sum(tot.values()) - wait,
+        "batch_wait_ms": wait,
         "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else 0.0,
         "e2e_tokens_per_second": n / (e2e / 1000.0) if e2e > 0 else 0.0,
         "decode_p50_ms": percentile(steps, 50),

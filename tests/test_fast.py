@@ -220,3 +220,39 @@ def test_cli_fast_engine_batches_sweep_and_profile(tiny_models, tmp_path):
     assert "c2c/projection" in trace and "c2c/decode" in trace
     assert main(["batch", "--engine", "eager", "--batch_size", "2", "--output",
                  str(tmp_path / "x.jsonl"), *m[:-2]]) == 2  # one sentence, no traceback
+
+
+def test_a_row_that_ends_early_in_a_batch_waits_and_says_so(loud, monkeypatch):
+    """A batch row that hits EOS before the others still returns with the batch: the steps
+    the batch ran after it are its `batch_wait_ms`, not 'other' (sampling, bookkeeping)."""
+    from dataclasses import replace
+
+    from c2c_core.fast import generate_batch
+    from c2c_core.records import STAGE_FIELDS
+    from c2c_core.runner import Item, timing_fields
+    from c2c_core.timing import Timer
+    pipe, cfg = loud
+    items = [Item(1, PROMPTS[0]), Item(2, PROMPTS[2])]
+    cfg = replace(cfg, engine="fast", batch_size=2, gen=replace(cfg.gen, max_new_tokens=8,
+                                                                ignore_eos=True))
+    full = generate_batch(pipe, cfg, items, "c2c", Timer(pipe.device))
+    assert [timing_fields(g)[0]["batch_wait_ms"] for g in full] == [0.0, 0.0]
+    # greedy is deterministic: make a token that row 1 says early (and row 2 never) the EOS
+    a, b = full[0].tokens, full[1].tokens
+    first = lambda seq, t: seq.index(t) if t in seq else len(seq)  # noqa: E731
+    stop = next((t for t in a[1:6] if first(a, t) < first(b, t)), None)
+    if stop is None:
+        pytest.skip("the tiny model's second row says every early token of the first as early")
+    from c2c_core import loading
+    monkeypatch.setattr(type(pipe), "eos_ids", property(lambda self: {stop}))
+    assert pipe.eos_ids == {stop} and loading.Pipeline is type(pipe)
+    cfg = replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
+    early, late = generate_batch(pipe, cfg, items, "c2c", Timer(pipe.device))
+    te, steps = timing_fields(early)
+    tl = timing_fields(late)[0]
+    assert len(early.tokens) < len(late.tokens) and len(steps) == len(early.tokens) - 1
+    assert te["batch_wait_ms"] > 0 and tl["batch_wait_ms"] == 0.0
+    for t in (te, tl):  # the stages, the wait and other still make e2e, to the rounding
+        assert abs(sum(t[f] for f in STAGE_FIELDS) + t["batch_wait_ms"] + t["other_ms"]
+                   - t["e2e_ms"]) < 0.01
+    assert te["e2e_ms"] == tl["e2e_ms"]  # both rows return with the batch

@@ -68,7 +68,7 @@ def test_every_stage_the_code_times_is_in_the_table():
 
 def test_derived_stage_lists():
     assert analysis.TTFT_STAGES[:-1] == [f for f in STAGE_FIELDS if f != "decode_total_ms"]
-    assert set(analysis.E2E_STAGES) == set(STAGE_FIELDS) | {"other_ms"}
+    assert set(analysis.E2E_STAGES) == set(STAGE_FIELDS) | {"batch_wait_ms", "other_ms"}
     from c2c_core import plots
     for f in analysis.E2E_STAGES + analysis.TTFT_STAGES + plots.SWEEP_STAGES:
         assert f in plots.STAGE_COLORS and f in analysis.FIELDS, f
