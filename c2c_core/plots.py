@@ -286,7 +286,7 @@ def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
                                      arrayminus=[med - p10]),
                         hovertemplate=(f"median %{{y:.2f}}<br>p10 {p10:.2f} · p90 {p90:.2f}"
                                        "<extra></extra>"))
-        figs[m] = _style(fig, title, x="mode", y=label(m))
+        figs[m] = _style(fig, title, x="file · mode" if several else "mode", y=label(m))
     return figs
 
 
