@@ -220,9 +220,10 @@ def test_plots_return_figures():
     assert set(figs) == {"ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second"}
     assert all(_has_data(f) for f in figs.values())
     # two files: the bars are file · mode, and the axis says so
-    assert figs["ttft_ms"].layout.xaxis.title.text == "file · mode"
-    one = P.mode_compare_figs(df[df["source"] == "a.jsonl"])
-    assert one["ttft_ms"].layout.xaxis.title.text == "mode"
+    one = df[df["source"] == "a.jsonl"]
+    two = P.mode_compare_figs(pd.concat([one, one.assign(source="b.jsonl")]))
+    assert two["ttft_ms"].layout.xaxis.title.text == "file · mode"
+    assert P.mode_compare_figs(one)["ttft_ms"].layout.xaxis.title.text == "mode"
     sweep = P.sweep_fig(A.to_frame(recs))
     assert _has_data(sweep) and sweep.layout.xaxis.type == "log"
     for fig in [P.stage_breakdown_fig(recs[0]), hist, sweep, *figs.values()]:
