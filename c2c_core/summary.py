@@ -39,7 +39,8 @@ def contention_note(shares: list[float]) -> str:
     return (f"These generations got only {med:.0%} of their CPU threads' time (median"
             f" timing.cpu_share {med:.2f}; {low} of {len(shares)} below {CONTENTION_SHARE}):"
             " another program was using the cores (a browser or a second job on this machine?),"
-            " so these CPU times are inflated; rerun on an idle machine or with fewer --threads.")
+            " or this process runs more threads than its CPU quota (a container), so these CPU"
+            " times are inflated; rerun on an idle machine or with fewer --threads.")
 
 
 class RunningSummary:

@@ -75,7 +75,9 @@ def _count_tokens(pipe, counter, enabled: bool) -> Iterator[None]:
     if enabled:
         def hook(*_):
             counter.value += 1
-        for m in {id(m): m for m in (pipe.receiver, pipe.sharer)}.values():
+        models = [pipe.receiver, *(s.model for s in getattr(pipe, "sharers", ()))] or \
+            [pipe.receiver, pipe.sharer]
+        for m in {id(m): m for m in models}.values():
             handles.append(m.register_forward_hook(hook))
     try:
         yield
@@ -181,6 +183,16 @@ _JOBS: dict[str, Callable] = {"load": _job_load, "run": _job_run, "profile": _jo
 
 # --- the app's side ---------------------------------------------------------------------------
 
+def _ended(proc) -> bool:
+    """Whether a worker process has ended, from its sentinel (readable once it exits). Unlike
+    `is_alive()`, this stays true whichever thread reaped the process first."""
+    from multiprocessing.connection import wait as _wait
+    try:
+        return bool(_wait([proc.sentinel], timeout=0))
+    except (OSError, ValueError):  # closed: it ended and was cleaned up
+        return True
+
+
 class _Sender:
     """The worker's end of the message pipe, with a queue's `put` (sent at once, between
     records: no feeder thread competing with the timed generation)."""
@@ -221,7 +233,7 @@ class WorkerClient:
 
     # process ---------------------------------------------------------------------------
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and not _ended(self._proc)
 
     @property
     def pid(self) -> int | None:
@@ -256,6 +268,9 @@ class WorkerClient:
                 msg = conn.recv()
             except (EOFError, OSError, pickle.UnpicklingError):
                 break  # the worker ended (a message cut off by its death reads the same)
+            except Exception:  # noqa: BLE001 - a message we cannot read: end this worker
+                traceback.print_exc(file=sys.stderr)  # (the job fails in one sentence below)
+                break
             if msg[0] == "status":
                 if proc is self._proc:
                     self.status_text, self.loading = msg[1], msg[2]
@@ -265,6 +280,9 @@ class WorkerClient:
                 box[1].put(msg)
         conn.close()
         proc.join(2.0)
+        if proc.is_alive():  # we stopped reading it (an unreadable message): end it
+            proc.terminate()
+            proc.join(5.0)
         if proc is self._proc:
             self.died = _death_sentence(proc.exitcode)
             self.loading = False
@@ -305,6 +323,7 @@ class WorkerClient:
             self.stop.clear()
             self.tokens.value = 0
             jid, inbox = next(_IDS), queue.Queue()
+            self._proc_of_job = self._proc
             self._inbox, self.kind = (jid, inbox), kind
             if on_start:
                 on_start(self)
@@ -318,7 +337,14 @@ class WorkerClient:
                     try:
                         msg = inbox.get(timeout=POLL_S)
                     except queue.Empty:
-                        continue
+                        if _ended(self._proc_of_job):  # died while we were not looking
+                            try:
+                                msg = inbox.get(timeout=1.0)  # a last "end" or "dead"
+                            except queue.Empty:
+                                raise WorkerDied(_death_sentence(
+                                    self._proc_of_job.exitcode)) from None
+                        else:
+                            continue
                     if msg[0] == "end":
                         if msg[3] is not None:
                             raise msg[3]
@@ -337,19 +363,31 @@ _LAST: list[WorkerClient] = []
 
 
 def device_key(cfg) -> str:
+    """The device a config runs on, one name per device ("cuda" is "cuda:<current>")."""
     from .loading import resolve_device
-    return str(resolve_device(cfg.device))
+    dev = resolve_device(cfg.device)
+    if dev.type == "cuda" and dev.index is None:
+        import torch
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
 
 
 def worker_for(cfg) -> WorkerClient:
-    """The worker process of cfg's device (one per device)."""
+    """The worker process of cfg's device. One device's worker at a time: a job on another
+    device ends the previous worker first, so its models leave memory (as a single model
+    manager drops a pair before loading the next; jobs never run at once anyway)."""
     key = device_key(cfg)
     with _WORKERS_LOCK:
+        others = [w for k, w in _WORKERS.items() if k != key]
+        for k in [k for k in _WORKERS if k != key]:
+            del _WORKERS[k]
         w = _WORKERS.get(key)
         if w is None:
             w = _WORKERS[key] = WorkerClient(key)
         _LAST[:] = [w]
-        return w
+    for o in others:
+        o.close()
+    return w
 
 
 def last_worker() -> WorkerClient | None:
@@ -368,15 +406,13 @@ def shutdown() -> None:
 
 
 def enabled() -> bool:
-    """The app runs jobs in a worker process unless C2C_APP_WORKER=0, or on ZeroGPU (`spaces`
-    importable), where the @spaces.GPU function already runs in a process of its own."""
+    """The app runs jobs in a worker process unless C2C_APP_WORKER=0, or on ZeroGPU hardware
+    (SPACES_ZERO_GPU set, as Hugging Face sets it there), where the @spaces.GPU function already
+    runs in a process of its own. A CPU or ordinary GPU Space has `spaces` installed too: it
+    keeps the worker."""
     if os.environ.get("C2C_APP_WORKER", "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    try:
-        import spaces  # type: ignore  # noqa: F401
-        return False
-    except ImportError:
-        return True
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("1", "true", "yes")
 
 
 def wait_status(w: WorkerClient, timeout: float = 10.0) -> None:

@@ -153,9 +153,14 @@ def test_in_process_path_still_works(url, monkeypatch):
 
 def test_zerogpu_keeps_the_in_process_path(monkeypatch):
     monkeypatch.delenv("C2C_APP_WORKER", raising=False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     assert worker.enabled()
+    # every Gradio Space has `spaces` installed: only ZeroGPU hardware leaves the worker
     monkeypatch.setitem(sys.modules, "spaces", type(sys)("spaces"))
+    assert worker.enabled()
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert not worker.enabled()  # the @spaces.GPU function runs in a process of its own
+    monkeypatch.delenv("SPACES_ZERO_GPU")
     monkeypatch.delitem(sys.modules, "spaces")
     monkeypatch.setenv("C2C_APP_WORKER", "0")
     assert not worker.enabled()
@@ -188,3 +193,23 @@ def test_overhead_app_vs_cli_prints_the_ratio(tiny_cfg_kwargs, capsys):
     res = json.loads(lines[-1])
     assert res["prompts"] == 2 and res["repeats"] == 5 and res["app_over_cli_decode_ratio"] > 0
     assert any("ratio app/CLI" in x for x in lines)
+
+
+def test_a_worker_that_died_while_idle_is_replaced_not_waited_on(url, monkeypatch):
+    """The worker is killed between jobs and reaped by its reader thread: the next job must
+    start a fresh worker (its death read from the process sentinel), not wait forever."""
+    monkeypatch.setenv("C2C_APP_WORKER", "1")
+    c = Client(url, verbose=False)
+    c.predict(prompts="hi", max_new_tokens=2, warmup=0, api_name="/batch")
+    w = worker.last_worker()
+    old = w.pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.time() + 30
+    while w.alive():  # the sentinel says so, whoever reaped the process
+        assert time.time() < deadline, "a killed worker still reads as alive"
+        time.sleep(0.05)
+    t0 = time.time()
+    status, *_, path = c.predict(prompts="What is 25 * 17?", max_new_tokens=4, warmup=0,
+                                 api_name="/batch")
+    assert "Done" in status and time.time() - t0 < 120
+    assert worker.last_worker().pid not in (None, old)

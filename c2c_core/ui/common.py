@@ -397,6 +397,7 @@ class Job:
         self.error: BaseException | None = None
         self.started = time.perf_counter()
         self.record_at: list[float] = []   # when each record arrived (for the ETA)
+        self.first_batch = 1                # rows in the first generation (its batch size)
         self.tokens = [0]
         self.cancelled = False
         self.ended: float | None = None
@@ -410,6 +411,9 @@ class Job:
             self.started = time.perf_counter()
         else:
             self.phase = "running"
+            if not self.record_at:
+                b = rec.get("batch_size") if isinstance(rec, dict) else None
+                self.first_batch = b if isinstance(b, int) and b > 0 else 1
             self.record_at.append(time.perf_counter())
             self.q.put(rec)
 
@@ -479,13 +483,12 @@ class Job:
         text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
         if self.tokens[0]:
             text += f", token {self.tokens[0]}"
-        t = self.record_at
-        later = sum(x > t[0] + 1e-3 for x in t) if t else 0
-        if later and self.done < self.total:
-            # seconds per record from the records after the first arrival: the first one also
-            # paid the warm-up (and the fast engine's compile), which can be most of its time;
-            # a batch's rows arrive together, so count records, not arrivals
-            per = (t[-1] - t[0]) / later
+        t, first = self.record_at, self.first_batch
+        if len(t) > first and self.done < self.total:
+            # seconds per record from the records after the first generation: it also paid the
+            # warm-up (and the fast engine's compile), which can be most of its time; counted in
+            # records (a batch's rows arrive together, each written to disk before the next)
+            per = (t[-1] - t[first - 1]) / (len(t) - first)
             eta = per * (self.total - self.done) - (time.perf_counter() - t[-1])
             text += f" · ETA {fmt_seconds(max(eta, 0))}"
         return text
