@@ -178,7 +178,8 @@ def session_runs(request: gr.Request | None) -> list[tuple[str, str]]:
     for f in files:
         with open(os.path.join(d, f), "rb") as fh:
             n = sum(1 for line in fh if line.strip())
-        out.append((f"{f} ({n} record{'s' if n != 1 else ''})", f))
+        if n:  # a run stopped before its first record has nothing to analyze
+            out.append((f"{f} ({n} record{'s' if n != 1 else ''})", f))
     return out
 
 
