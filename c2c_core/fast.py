@@ -449,20 +449,13 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
 
 
 def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> list:
-    from .runner import T2T_ANSWER_TEMPLATE, Generation, chat_ids
+    from .runner import T2T_ANSWER_TEMPLATE, Generation, chat_ids, start_generation
     from .timing import now_ns
     eng = engine_for(pipe)
     dev = pipe.device
     g = cfg.gen
     greedy = not g.do_sample
-    generator = torch.Generator(device=dev).manual_seed(g.seed) if g.do_sample else None
-    eos = pipe.eos_ids
-    ttft: list[int] = []
-    mark_first = lambda: ttft.append(now_ns())  # noqa: E731
-
-    cancel.check()
-    wall0 = time.time()
-    t0 = now_ns()
+    generator, eos, ttft, mark_first, wall0, t0 = start_generation(pipe, cfg)
     rows = [encode(pipe, cfg, it, mode) for it in items]
     B = len(rows)
     calls, notes = 0, [[] for _ in rows]

@@ -146,19 +146,24 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
         mem.__exit__(None, None, None)
 
 
+def start_generation(pipe: Pipeline, cfg: RunConfig) -> tuple:
+    """What every generation (both engines) sets up before its clock starts, then the clock:
+    (sampling generator or None, EOS ids, first-token times, the marker that appends to them,
+    wall-clock start, t0 in ns). A stop asked for before this point ends it here."""
+    gen = None
+    if cfg.gen.do_sample:
+        gen = torch.Generator(device=pipe.device).manual_seed(cfg.gen.seed)
+    eos = pipe.eos_ids
+    ttft: list[int] = []
+    cancel.check()
+    wall0 = time.time()
+    return gen, eos, ttft, (lambda: ttft.append(now_ns())), wall0, now_ns()
+
+
 def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,
               mem: DeviceMemory) -> Generation:
     dev = pipe.device
-    generator = None
-    if cfg.gen.do_sample:
-        generator = torch.Generator(device=dev).manual_seed(cfg.gen.seed)
-    eos = pipe.eos_ids
-    ttft: list[int] = []
-    mark_first = lambda: ttft.append(now_ns())  # noqa: E731
-
-    cancel.check()
-    wall0 = time.time()
-    t0 = now_ns()
+    generator, eos, ttft, mark_first, wall0, t0 = start_generation(pipe, cfg)
     sh1 = pipe.sharers[0]
     speaks = mode in ("sharer", "t2t")     # sharer 1 reads its own tokens and writes text
     enc = sh1.tokenizer if speaks else pipe.tokenizer

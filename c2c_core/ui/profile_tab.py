@@ -162,9 +162,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
     more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
     rec = done["record"]
     status = summary_line(rec, done["device"], done["dtype"]) + more
-    from ..summary import contention_note
-    busy = contention_note([r["timing"]["cpu_share"] for r in recs
-                            if isinstance(r["timing"].get("cpu_share"), (int, float))])
+    from ..summary import RunningSummary
+    busy = RunningSummary(recs).contention_note()
     if busy:
         status += "  \n" + status_md(ui_message(busy), "warn")
     files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]

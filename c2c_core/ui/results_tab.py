@@ -242,13 +242,10 @@ def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
 def contention_notes(sources: dict[str, list[dict]]) -> list[str]:
     """One sentence per file whose CPU generations did not get their threads' time
     (timing.cpu_share; summary.contention_note)."""
-    from ..summary import contention_note
+    from ..summary import RunningSummary
     notes = []
     for name, recs in sources.items():
-        shares = [r["timing"]["cpu_share"] for r in recs if isinstance(r.get("timing"), dict)
-                  and isinstance(r["timing"].get("cpu_share"), (int, float))
-                  and not isinstance(r["timing"].get("cpu_share"), bool)]
-        note = contention_note(shares)
+        note = RunningSummary(recs).contention_note()
         if note:
             notes.append(f"{name}: {ui_message(note)}")
     return notes
