@@ -324,8 +324,9 @@ def _line(r: dict) -> str:
 
 def merge(output: str, units: list[Unit], plan: Plan, fresh: bool = True,
           counts: dict[int, int] | None = None) -> MergeResult:
-    """Append this run's part records to `output` in source order, each planned generation
-    exactly once, after the records of earlier runs' parts a --resume counted as done.
+    """Append this run's part records to `output`, each planned generation exactly once,
+    together with the records of earlier runs' parts a --resume counted as done, all in source
+    order.
 
     `output` is written in place, never replaced: the caller holds its lock (a fresh run
     truncates it first). Raises UserError (parts kept, `output` untouched) when a generation is
@@ -385,11 +386,15 @@ def merge(output: str, units: list[Unit], plan: Plan, fresh: bool = True,
             have.add(line)
             earlier.append(r)
     ordered = [by_key[k][0] for k in expected]
+    # the resumed run's records and this run's, together in source order (a killed run resumed
+    # into an empty output reads as one run's file); any of other prompts after them
+    place = {k: i for i, k in enumerate(k for u in units for k in u.keys)}
+    merged = sorted(earlier + ordered, key=lambda r: place.get(record_key(r), len(place)))
     if fresh:
         with open(output, "r+" if os.path.exists(output) else "w", encoding="utf-8") as f:
             f.truncate(0)
     with JsonlWriter(output, append=True) as w:
-        for r in earlier + ordered:
+        for r in merged:
             w.write(r)
     for p in mine + inherited + [os.path.join(pdir, "RUN")]:
         try:

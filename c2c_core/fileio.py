@@ -94,7 +94,10 @@ class OutputLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(f"{self.path} is being written by another run; wait for it to"
                                 " finish or give this run another --output.") from None
-            return self  # a file system without locks (some network mounts): run unlocked
+            import sys  # a file system without locks (some network mounts): run unlocked
+            print(f"Warning: {self.path} could not be locked ({e.strerror or e}); make sure no"
+                  " other run writes it meanwhile.", file=sys.stderr)
+            return self
         self._fd = fd
         return self
 

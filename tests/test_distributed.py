@@ -352,10 +352,10 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
     refused at once; a torchrun --resume while a one-process run holds it is refused too; the
     first run ends with every record exactly once."""
     from c2c_core.fileio import OutputLock
-    n = 24
+    n = 160  # long enough (~30 s here) to outlast a second torchrun's start
     data = _prompts_file(tmp_path / "p.jsonl", n)
     out = str(tmp_path / "o.jsonl")
-    args = ["dataset", "--dataset_file", data, "--ignore_eos", *_model_args(tiny_models, 48),
+    args = ["dataset", "--dataset_file", data, "--ignore_eos", *_model_args(tiny_models, 128),
             "--output", out]
     first = subprocess.Popen(_torchrun(_two_ranks(), args), cwd=ROOT, env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -373,6 +373,7 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
         assert main(args + ["--resume"]) == 2
         assert "is being written by another run" in capsys.readouterr().err
         assert time.monotonic() - t < 240
+        assert first.poll() is None, "the refusals must have met a running first run"
         log, _ = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
