@@ -230,11 +230,16 @@ def to_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:
 
 
 def duplicates(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose (source, id, mode, repeat) occurs more than once: one generation recorded
-    twice (e.g. two runs resumed into one file, or a file given twice)."""
+    """The rows whose (source, id, mode, repeat) occurs more than once for the same input
+    (input digest): one generation recorded twice (e.g. two runs appended into one file, or a
+    file given twice)."""
     keys = [k for k in _KEYS if k in df.columns]
     if df.empty or not keys:
         return df.head(0)
+    if "input_digest" in df.columns and "id" in keys:  # other prompts under one id (a resume
+        #                                               of another prompt file) are no copies
+        what = df["input_digest"].where(df["input_digest"].notna(), "id:" + df["id"].astype(str))
+        return df[df.assign(_what=what).duplicated([*keys, "_what"], keep=False)]
     return df[df.duplicated(keys, keep=False)]
 
 

@@ -506,10 +506,10 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
     a, b = a[a["mode"].isin(modes)], b[b["mode"].isin(modes)]
     differ, shared = prompt_mismatch(a, b)
     if differ:
-        raise UserError(f"{differ} of the {shared} prompt id(s) {args.a} and {args.b} share name"
-                        " different prompts in the two files (other inputs, numbered by row), so"
-                        " a pair would set one prompt against another; run both on the same"
-                        " prompts.")
+        raise UserError(f"{differ} of the {shared} prompt id(s) found in both {args.a} and"
+                        f" {args.b} name different prompts in the two (other inputs numbered by"
+                        " row), so a pair would set one prompt against another; run both on the"
+                        " same prompts.")
     on = pair_on(a, b)
     what = "input digest" if on == "input_digest" else "id"
     if on == "id":

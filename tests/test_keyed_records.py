@@ -191,7 +191,8 @@ def test_compare_refuses_other_prompts_under_the_same_ids(tmp_path, capsys):
     b = _write(tmp_path / "b.jsonl", _recs(["p1", "X2", "X3", "p4"]))
     code, cap, last = _compare(capsys, a, b)
     assert code == 2 and last["status"] == "cannot_compare"
-    assert "2 of the 4 prompt id(s)" in last["reason"] and "different prompts" in last["reason"]
+    assert "2 of the 4 prompt id(s) found in both" in last["reason"]
+    assert "different prompts" in last["reason"]
     # older files (no digests) are told apart by their prompt text the same way
     a = _write(tmp_path / "a0.jsonl", _recs(["p1", "p2"], with_digest=False))
     b = _write(tmp_path / "b0.jsonl", _recs(["p1", "Q"], with_digest=False))
@@ -271,3 +272,12 @@ def test_lengths_take_commas_and_spaces_alike():
     from c2c_core.errors import UserError
     with pytest.raises(UserError, match="whole numbers separated by commas or spaces"):
         parse_lengths("16;32", "--input_lens")
+
+
+def test_other_prompts_under_one_id_are_not_duplicates():
+    """A file resumed with another prompt file holds id 1 twice, for two prompts: no copies."""
+    from c2c_core import analysis
+    recs = _recs(["alpha"]) + _recs(["BETA"])
+    assert analysis.duplicates_note(analysis.to_frame(recs, "o.jsonl")) == ""
+    copy = _recs(["alpha"]) * 2
+    assert "occur more than once" in analysis.duplicates_note(analysis.to_frame(copy, "o.jsonl"))

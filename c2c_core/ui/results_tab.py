@@ -198,8 +198,8 @@ def compare_table(df_a: pd.DataFrame, df_b: pd.DataFrame) -> pd.DataFrame:
     differ, shared = analysis.prompt_mismatch(df_a, df_b)
     if differ:
         return pd.DataFrame([{"metric": "all", "verdict": (
-            f"cannot compare: {differ} of the {shared} prompt id(s) the two share name different"
-            " prompts in the two files; run both on the same prompts")}])
+            f"cannot compare: {differ} of the {shared} prompt id(s) found in both files name"
+            " different prompts in the two; run both on the same prompts")}])
     table = analysis.compare_runs(df_a, df_b, analysis.COMPARE_METRICS)
     if analysis.contended(df_a) is not None or analysis.contended(df_b) is not None:
         table = analysis.mark_contended(table)
