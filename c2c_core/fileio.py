@@ -30,16 +30,16 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; temp + ren
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def os_error_sentence(e: OSError, path: str, doing: str = "write") -> str:
-    """One sentence for an OSError met while writing `path`, with the fix."""
+def os_error_sentence(e: OSError, path: str, doing: str = "write", flag: str = "--output") -> str:
+    """One sentence for an OSError met while writing `path` (given as `flag`), with the fix."""
     if e.errno in DISK_FULL:
         return f"The disk is full: could not {doing} {path}; free some space"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"Could not {doing} {path}: the folder is read-only or not yours; pick another --output"
+        return f"Could not {doing} {path}: the folder is read-only or not yours; pick another {flag}"
     if e.errno == errno.EISDIR:
-        return f"{path} is a folder; give a file name for --output"
+        return f"{path} is a folder; give a file name for {flag}"
     if e.errno in (errno.ENOTDIR, errno.EEXIST):  # makedirs through a file says EEXIST
-        return f"{path} lies under something that is not a folder; fix the --output path"
+        return f"{path} lies under something that is not a folder; fix the {flag} path"
     return f"Could not {doing} {path} ({e.strerror or e}); check the path and the disk"
 
 
@@ -62,7 +62,7 @@ def check_writable(path: str, flag: str = "--output") -> None:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as e:
-        raise UserError(os_error_sentence(e, path) + ".") from None
+        raise UserError(os_error_sentence(e, path, flag=flag) + ".") from None
     if not existed:
         try:
             os.remove(path)

@@ -258,7 +258,7 @@ def test_unwritable_sweep_html_is_refused_before_the_sweep(tmp_path, capsys, no_
     (tmp_path / "f.txt").write_text("x")
     assert main(["sweep", "--input_lens", "4", "--output", str(tmp_path / "s.jsonl"),
                  "--html", str(tmp_path / "f.txt" / "plot.html")]) == 2
-    assert "is not a folder" in _last_error(capsys)
+    assert "is not a folder; fix the --html path" in _last_error(capsys)
     assert main(["sweep", "--input_lens", "4", "--output", str(tmp_path / "s.jsonl"),
                  "--html", str(tmp_path)]) == 2
     assert "give a file name for --html" in _last_error(capsys)
