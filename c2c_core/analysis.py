@@ -11,9 +11,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .records import (EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, SETTINGS_KEYS, STAGE_FIELDS,
+from .records import (CONTENTION_SHARE, EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, SETTINGS_KEYS, STAGE_FIELDS,
                       TIMING, parse_sweep_id, percentile, settings_digest, settings_of, show_value)
-from .summary import CONTENTION_SHARE
 
 TIMING_FIELDS = SEED_TIMING_FIELDS + EXT_TIMING_FIELDS
 
@@ -451,7 +450,7 @@ def median_cpu_share(df: pd.DataFrame) -> float | None:
 
 
 def contended(df: pd.DataFrame) -> float | None:
-    """The median cpu_share when it is below summary.CONTENTION_SHARE (the run competed for
+    """The median cpu_share when it is below records.CONTENTION_SHARE (the run competed for
     its cores, so its CPU times are inflated), else None."""
     m = median_cpu_share(df)
     return m if m is not None and m < CONTENTION_SHARE else None

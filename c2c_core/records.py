@@ -130,6 +130,10 @@ LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alig
                 "run.rank", "run.engine", "run.compile_s", "run.frontend",
                 "timing.cpu_share", "timing.batch_wait_ms", "input_digest", "run.settings",
                 "run.settings_digest"}
+#: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
+#: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower): its
+#: times are inflated; `compare` calls such a run inconclusive.
+CONTENTION_SHARE = 0.85
 #: Values of run.frontend.
 FRONTENDS = ["cli", "app"]
 
