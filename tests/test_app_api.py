@@ -273,7 +273,7 @@ def test_sweep_endpoint_runs_the_length_grid(client):
     recs = valid_jsonl(path, 4)
     got = sorted((r["timing"]["prompt_tokens"], r["timing"]["num_generated_tokens"]) for r in recs)
     assert got == [(3, 2), (3, 4), (9, 2), (9, 4)]
-    with pytest.raises(Exception, match="Prompt lengths 'abc' must be comma-separated integers"):
+    with pytest.raises(Exception, match="Prompt lengths 'abc' must be whole numbers separated by commas or spaces"):
         client.predict(input_lens="abc", output_lens="2", api_name="/sweep")
 
 
