@@ -161,7 +161,7 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
                 raise UserError("No prompts file uploaded; drop a .jsonl, .csv or .parquet file"
                                 " in the box, or choose 'Hugging Face dataset'.")
             progress(None, desc="Reading the file…")
-            items = resolve_prompts(dataset_file=prompt_file, **kw)
+            items = resolve_prompts(dataset_file=prompt_file, caps=guard.file_caps(), **kw)
         else:
             if not (dataset_name or "").strip():
                 raise UserError("No dataset name given; type one like gsm8k, or upload a file.")

@@ -74,6 +74,8 @@ LIMITS = {
     "sweep_tokens": ("C2C_MAX_SWEEP_TOKENS", 32_768, "prompt + output tokens of one sweep point"),
     "request_upload_mb": ("C2C_MAX_UPLOAD_MB", 50, "MB uploaded in one request"),
     "session_upload_mb": ("C2C_SESSION_UPLOAD_MB", 200, "MB uploaded by one session"),
+    "file_rows": ("C2C_MAX_FILE_ROWS", 100_000, "rows read from an uploaded prompts file"),
+    "file_mb": ("C2C_MAX_FILE_MB", 64, "MB of data read from an uploaded prompts file (decoded)"),
     "session_disk_mb": ("C2C_SESSION_DISK_MB", 200, "MB of results kept for one session"),
 }
 
@@ -281,6 +283,13 @@ def count_upload(session: str, paths: list[str]) -> None:
         raise UserError(f"This session has uploaded {_mb(used + size)}; the limit is {_mb(cap)}"
                         " (C2C_SESSION_UPLOAD_MB): reload the page to start a new session.")
     _UPLOADED[session] = (used + size, seen | set(new))
+
+
+def file_caps():
+    """The caps on an uploaded prompts file, read before its rows are decoded."""
+    from ..prompts import FileCaps
+    return FileCaps(limit("file_rows"), limit("file_mb") * 2**20, "C2C_MAX_FILE_ROWS",
+                    "C2C_MAX_FILE_MB")
 
 
 def forget_session(session: str) -> None:
