@@ -297,3 +297,83 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     for (s0, e0), (s1, _) in zip(spans, spans[1:]):
         assert e0 <= s1 + 1e-6, "two generations overlapped"
     assert recs and all(r["run"]["frontend"] == "app" for r in recs)
+
+
+# --- sessions the server mints (issue 16, part 4) ----------------------------------------------
+
+class _Req:
+    """What a handler gets: the client's session hash and the request's cookies."""
+
+    def __init__(self, session_hash, cookie=None):
+        self.session_hash = session_hash
+        self.cookies = {} if cookie is None else {guard.SESSION_COOKIE: cookie}
+
+
+def test_session_keys_come_from_the_server_never_from_the_client_hash():
+    from c2c_core.ui.common import request_stop, session_id, stop_flag, clear_stop
+    minted = guard.mint_session()
+    key = guard.session_key(minted)
+    assert key and key != minted and key in minted
+    assert session_id(_Req("x", minted)) == session_id(_Req("other", minted)) == key
+    # the same, an empty or a look-alike hash with no (or a forged) cookie: a fresh key each
+    # time, shared with no one (no 'anonymous' fallback)
+    forged = [None, "", "x", key, f"{key}.0", f"{key}.{'0' * 32}", "anonymous",
+              minted.replace(key, "A" * 32)]
+    seen = {key}
+    for h in ("x", "x!", "x..", "", None, "…", "@@"):
+        for c in forged:
+            sid = session_id(_Req(h, c))
+            assert sid not in seen and sid != "anonymous"
+            seen.add(sid)
+    # stop flags follow the key: a client with the victim's hash cannot stop its run
+    victim = _Req("x", minted)
+    ev = stop_flag(victim)
+    assert not request_stop(_Req("x", guard.mint_session()))
+    assert not request_stop(_Req("x")) and not request_stop(_Req("x!")) and not ev.is_set()
+    assert request_stop(victim) and ev.is_set()
+    clear_stop(victim, ev)
+
+
+@pytest.mark.parametrize("hashes", [("x", "x"), ("x", "x!"), ("x", "x.."), ("", "")],
+                         ids=["same", "bang", "dots", "empty"])
+def test_clients_with_colliding_hashes_cannot_reach_each_others_runs(public_server, hashes):
+    """Two gradio clients whose session hashes collide (or look alike) each get their own
+    server-minted cookie: one's runs can be neither listed, read, analysed nor deleted by the
+    other."""
+    from gradio_client import Client
+    from c2c_core.ui.common import session_runs
+    url, common = public_server
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    a.session_hash, b.session_hash = hashes
+    ka = guard.session_key(a.cookies.get(guard.SESSION_COOKIE))
+    kb = guard.session_key(b.cookies.get(guard.SESSION_COOKIE))
+    assert ka and kb and ka != kb
+    folder = os.path.join(common.SESSION_ROOT, ka)
+    os.makedirs(folder, exist_ok=True)
+    run = os.path.join(folder, "batch-20260101-000000.jsonl")
+    with open(run, "w") as f:
+        f.write(json.dumps({"id": 1, "mode": "c2c", "prompt": "secret-of-a", "response": "r",
+                            "timing": {"decode_avg_ms": 1.0}}) + "\n")
+    name = os.path.basename(run)
+    # (the API's /analyze takes only the run names the page listed for the session; the
+    # handler behind it reads runs so)
+    from c2c_core.ui.results_tab import load_sources
+    req_a = _Req(hashes[0], a.cookies[guard.SESSION_COOKIE])
+    req_b = _Req(hashes[1], b.cookies[guard.SESSION_COOKIE])
+    sources, errors = load_sources(None, [name], False, req_a)
+    assert list(sources) == [name[:-6]] and not errors
+    assert [n for _, n in session_runs(req_a)] == [name]
+    for bad in (name, f"../{ka}/{name}", run):
+        sources, errors = load_sources(None, [bad], False, req_b)
+        assert not sources and "not a run of this session" in errors[0]
+    assert session_runs(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE])) == []
+    # B's page closing (unload) removes B's folder, never A's
+    common.end_session(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE]))
+    assert os.path.exists(run)
+    # a raw request forging A's hash and no cookie, or a cookie of its own making
+    for cookie in ({}, {guard.SESSION_COOKIE: ka}, {guard.SESSION_COOKIE: "x"}):
+        r = httpx.get(url + "gradio_api/info", cookies=cookie, timeout=30)
+        fresh = guard.session_key(r.cookies.get(guard.SESSION_COOKIE))
+        assert fresh and fresh not in (ka, kb)
+    common.end_session(_Req(hashes[0], a.cookies[guard.SESSION_COOKIE]))
+    assert not os.path.exists(run)

@@ -19,8 +19,11 @@ once. So, in the app (the CLI keeps local paths):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import secrets
 from typing import Any
 
 from ..errors import UserError
@@ -341,6 +344,80 @@ async def _refuse(send, cap: int) -> None:
         await send({"type": "http.response.body", "body": body})
     except Exception:  # noqa: BLE001 - the response had already started; nothing more to say
         pass
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+#: The cookie that carries a session's key: minted by the server, signed with a key that never
+#: leaves this process, so a client can neither choose a session nor guess another's (gradio's
+#: session hash is the client's own choice and travels in URLs).
+SESSION_COOKIE = "c2c_session"
+_SESSION_SECRET = secrets.token_bytes(32)
+_KEY = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+def _sign(key: str) -> str:
+    return hmac.new(_SESSION_SECRET, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def mint_session() -> str:
+    """A new session's cookie value: a random key and its signature."""
+    key = secrets.token_urlsafe(24)  # 32 characters of [A-Za-z0-9_-]
+    return f"{key}.{_sign(key)}"
+
+
+def session_key(cookie: str | None) -> str | None:
+    """The session key a cookie value carries, or None when this server did not mint it."""
+    key, _, sig = (cookie or "").partition(".")
+    if _KEY.fullmatch(key) and hmac.compare_digest(sig, _sign(key)):
+        return key
+    return None
+
+
+def _cookies(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k.lower() == b"cookie":
+            for part in v.decode("latin-1").split(";"):
+                name, _, value = part.strip().partition("=")
+                out.setdefault(name, value)
+    return out
+
+
+class SessionCookie:
+    """ASGI middleware: every request carries a session cookie this server minted. A request
+    without a valid one (a new page, an API client's first call, a forged or stale value) gets a
+    fresh key, added to the request (so the handler of this very request sees it) and set on
+    the response (so the browser and gradio_client send it from then on)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = list(scope.get("headers") or [])
+        if session_key(_cookies(headers).get(SESSION_COOKIE)) is not None:
+            return await self.app(scope, receive, send)
+        value = mint_session()
+        kept = [(k, v) for k, v in headers if k.lower() != b"cookie"]
+        others = "; ".join(f"{k}={v}" for k, v in _cookies(headers).items()
+                           if k != SESSION_COOKIE)
+        cookie = f"{SESSION_COOKIE}={value}" + (f"; {others}" if others else "")
+        scope = {**scope, "headers": kept + [(b"cookie", cookie.encode("latin-1"))]}
+        https = scope.get("scheme") == "https" or dict(headers).get(
+            b"x-forwarded-proto", b"").split(b",")[0].strip() == b"https"
+        # on a Space the page is an iframe of huggingface.co: a partitioned third-party cookie
+        attrs = "; SameSite=None; Secure; Partitioned" if https else "; SameSite=Lax"
+        set_cookie = f"{SESSION_COOKIE}={value}; Path=/; HttpOnly{attrs}".encode("latin-1")
+
+        async def send_with_cookie(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": list(msg.get("headers") or [])
+                       + [(b"set-cookie", set_cookie)]}
+            await send(msg)
+
+        return await self.app(scope, receive, send_with_cookie)
 
 
 # --- messages ---------------------------------------------------------------------------------
