@@ -481,6 +481,18 @@ def _first_char(path: str) -> str:
         return f.read(4096).lstrip()[:1]
 
 
+def check_file_type(path: str | os.PathLike) -> str:
+    """The prompts file's extension (lower case); a type no reader takes (gzip, none) is refused
+    in one sentence naming the file."""
+    name = os.path.basename(os.fspath(path))
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in FILE_TYPES:
+        raise UserError(f"{name}: unsupported file type '{ext or '(none)'}'; use a .jsonl, .json,"
+                        " .csv or .parquet file" + (" (unpacked: gzip files are not read)"
+                                                    if ext in (".gz", ".gzip") else "") + ".")
+    return ext
+
+
 def load_prompt_file(path: str | os.PathLike, field: str | None = None,
                      skip_bad_lines: bool = False, encoding: str | None = None,
                      caps: FileCaps | None = None) -> list[PromptItem]:
@@ -489,11 +501,7 @@ def load_prompt_file(path: str | os.PathLike, field: str | None = None,
     file over them is refused while it is read."""
     path = os.fspath(path)
     name = os.path.basename(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in FILE_TYPES:
-        raise UserError(f"{name}: unsupported file type '{ext or '(none)'}'; use a .jsonl, .json,"
-                        " .csv or .parquet file" + (" (unpacked: gzip files are not read)"
-                                                    if ext in (".gz", ".gzip") else "") + ".")
+    ext = check_file_type(path)
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass a prompts file.")
     if not os.path.isfile(path):

@@ -169,3 +169,32 @@ def test_gzip_and_extension_less_prompt_files_get_a_sentence(tmp_path, name):
     assert msg.startswith(name) and ".jsonl" in msg and ".parquet" in msg
     if name.endswith(".gz"):
         assert "gzip" in msg
+
+
+# --- the app: refusals our code says (not gradio's bare "400 Bad Request") --------------------
+
+def test_the_dataset_validator_says_what_is_wrong_with_a_file_or_a_number(tmp_path):
+    pytest.importorskip("gradio")
+    from c2c_core.ui.dataset_tab import check_dataset
+    from c2c_core.ui.guard import FieldError
+    for name in ("p.jsonl.gz", "noext"):
+        with pytest.raises(FieldError) as e:
+            check_dataset("file", "", "", "test", str(tmp_path / name), 10, 0)
+        assert e.value.field == "prompt_file" and e.value.args[0].startswith(name)
+    for kw, field in ((dict(num_samples=-5), "num_samples"), (dict(num_samples=0), "num_samples"),
+                      (dict(offset=-1), "offset")):
+        with pytest.raises(FieldError) as e:
+            check_dataset("hf", "gsm8k", "", "test", None, **{"num_samples": 10, **kw})
+        assert e.value.field == field and "give" in str(e.value)
+
+
+def test_results_files_of_another_type_get_a_sentence(tmp_path):
+    pytest.importorskip("gradio")
+    from c2c_core.ui.results_tab import load_sources
+    gz, bare = tmp_path / "r.jsonl.gz", tmp_path / "r"
+    gz.write_bytes(b"\x1f\x8b\x08\x00")
+    bare.write_bytes(b'{"id": 1}\n')
+    sources, errors = load_sources([str(gz), str(bare)], [], False, None)
+    assert not sources and len(errors) == 2
+    assert errors[0].startswith("r.jsonl.gz is not a JSONL results file") and "gzip" in errors[0]
+    assert errors[1].startswith("r is not a JSONL results file")

@@ -90,9 +90,9 @@ def _empty_df(cols: list[str]) -> pd.DataFrame:
 
 def build_results_tab() -> ResultsTab:
     with gr.Row(equal_height=False):
-        files = gr.File(label="Upload JSONL result files", file_count="multiple",
-                        file_types=[".jsonl", ".json"], elem_id="results-files", height=150,
-                        scale=3)
+        # no file_types: another type gets load_sources' sentence, not gradio's bare refusal
+        files = gr.File(label="Upload JSONL result files (.jsonl)", file_count="multiple",
+                        elem_id="results-files", height=150, scale=3)
         with gr.Column(scale=2):
             runs = gr.CheckboxGroup([], label="…and/or runs from this session",
                                     elem_id="results-runs")
@@ -164,6 +164,13 @@ def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
             errors.append(ui_message(e))
     sources: dict[str, list[dict]] = {}
     for name, path in found:
+        ext = os.path.splitext(name)[1].lower()
+        if ext not in (".jsonl", ".json"):
+            unpack = " (unpack it first: gzip files are not read)" if ext in (".gz", ".gzip") \
+                else ""
+            errors.append(f"{name} is not a JSONL results file{unpack}; upload the .jsonl file a"
+                          " run wrote.")
+            continue
         short = name[:-6] if name.endswith(".jsonl") else name  # shorter chart labels
         key, n = short, 1
         while key in sources:
