@@ -377,3 +377,30 @@ def test_clients_with_colliding_hashes_cannot_reach_each_others_runs(public_serv
         assert fresh and fresh not in (ka, kb)
     common.end_session(_Req(hashes[0], a.cookies[guard.SESSION_COOKIE]))
     assert not os.path.exists(run)
+
+
+def test_direct_uploads_count_toward_the_session_quota(public_server, monkeypatch):
+    """Files posted straight to /upload are charged to the session that posted them (a client
+    stored 270 MB against a 200 MB cap), once: analysing them later charges nothing more."""
+    url, _ = public_server
+    monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
+    one = [("files", ("a.jsonl", b"a" * (600 * 1024), "application/json"))]
+    with httpx.Client(timeout=30) as c:
+        r = c.post(url + "gradio_api/upload", files=one)
+        assert r.status_code == 200, r.text
+        key = guard.session_key(c.cookies.get(guard.SESSION_COOKIE))
+        stored = r.json()[0]
+        used = guard._UPLOADED[key][0]
+        assert used >= 600 * 1024
+        guard.count_upload(key, [stored])  # the handler reading it: not charged again
+        assert guard._UPLOADED[key][0] == used
+        r = c.post(url + "gradio_api/upload",
+                   files=[("files", ("b.jsonl", b"b" * (600 * 1024), "application/json"))])
+        assert r.status_code == 413 and "C2C_SESSION_UPLOAD_MB" in r.text
+        assert r.text.count(". ") == 0 and "Traceback" not in r.text
+    # another session (a new cookie) has its own quota
+    r = httpx.post(url + "gradio_api/upload",
+                   files=[("files", ("c.jsonl", b"c" * (600 * 1024), "application/json"))],
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    guard.forget_session(key)

@@ -301,7 +301,10 @@ def forget_session(session: str) -> None:
 
 class UploadLimit:
     """ASGI middleware: refuse an upload request whose body is over the per-request cap
-    (gradio's own max_file_size is per file, so three 40 MB files in one request passed)."""
+    (gradio's own max_file_size is per file, so three 40 MB files in one request passed), and
+    charge what a session uploads to its quota as it arrives: every file gradio stores from
+    /upload is counted here (a client posting there directly stored 270 MB against a 200 MB
+    cap), each once, so the handlers that later read it do not charge it again."""
 
     def __init__(self, app):
         self.app = app
@@ -310,9 +313,15 @@ class UploadLimit:
         if scope["type"] != "http" or not scope.get("path", "").rstrip("/").endswith("/upload"):
             return await self.app(scope, receive, send)
         cap = limit("request_upload_mb") * 2**20
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = list(scope.get("headers") or [])
+        session = session_key(_cookies(headers).get(SESSION_COOKIE))
+        length = dict(headers).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > cap:
             return await _refuse(send, cap)
+        if session is not None and length is not None and length.isdigit():
+            used, quota = _UPLOADED.get(session, (0, set()))[0], limit("session_upload_mb") * 2**20
+            if used + int(length) > quota:
+                return await _refuse_quota(send, used + int(length), quota)
         seen = 0
 
         async def counting_receive():
@@ -324,19 +333,58 @@ class UploadLimit:
                     raise _TooLarge()
             return msg
 
+        if session is None:  # no session to charge (the app runs without SessionCookie)
+            try:
+                return await self.app(scope, counting_receive, send)
+            except _TooLarge:
+                return await _refuse(send, cap)
+        # hold the (small) response until the stored files are charged: over the quota, they
+        # are removed and the client told why
+        held: list[dict] = []
+
+        async def holding_send(msg):
+            held.append(msg)
+
         try:
-            return await self.app(scope, counting_receive, send)
+            await self.app(scope, counting_receive, holding_send)
         except _TooLarge:
             return await _refuse(send, cap)
+        start = next((m for m in held if m["type"] == "http.response.start"), None)
+        body = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+        if start is not None and start.get("status") == 200:
+            try:
+                import json
+                paths = [p for p in json.loads(body) if isinstance(p, str)]
+            except ValueError:
+                paths = []
+            try:
+                count_upload(session, paths)
+            except UserError:
+                used = _UPLOADED.get(session, (0, set()))[0] + sum(
+                    os.path.getsize(p) for p in paths if os.path.isfile(p))
+                for p in paths:
+                    try:
+                        os.remove(p)
+                    except OSError:
+                        pass
+                return await _refuse_quota(send, used, limit("session_upload_mb") * 2**20)
+        for m in held:
+            await send(m)
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _refuse(send, cap: int) -> None:
-    body = (f"Upload refused: one request may carry at most {_mb(cap)} (C2C_MAX_UPLOAD_MB);"
-            " upload fewer or smaller files.").encode()
+async def _refuse_quota(send, used: int, cap: int) -> None:
+    await _refuse(send, cap, f"Upload refused: this session would have uploaded {_mb(used)}; the"
+                  f" limit is {_mb(cap)} (C2C_SESSION_UPLOAD_MB): reload the page to start a"
+                  " new session.")
+
+
+async def _refuse(send, cap: int, text: str | None = None) -> None:
+    body = (text or f"Upload refused: one request may carry at most {_mb(cap)}"
+            " (C2C_MAX_UPLOAD_MB); upload fewer or smaller files.").encode()
     try:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
