@@ -40,15 +40,26 @@ def _texts(out) -> list[str]:
         if isinstance(o, str):
             texts.append(o)
         elif hasattr(o, "to_plotly_json"):
-            texts.append(o.to_json())
+            texts += list(_strings(o.to_dict()))  # (to_json writes "<" as \u003c)
     return texts
+
+
+def _strings(v):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _strings(x)
+    elif isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
+        for x in (v.tolist() if hasattr(v, "tolist") else v):
+            yield from _strings(x)
 
 
 def test_tags_in_an_uploaded_file_reach_the_page_as_text(tmp_path):
     evil = {"device": f"cuda{TAG}", "cpu": f"{TAG}cpu", "dtype": f"float16{TAG}",
             "max_new_tokens": 8}
-    a = write(tmp_path / "a.jsonl", [record(i, f"c2c{TAG}" if i else "c2c", run=evil)
-                                     for i in range(3)]
+    a = write(tmp_path / "a.jsonl", [dict(record(i, f"c2c{TAG}" if i else "c2c", run=evil),
+                                          id=f"q{i}<b>bold</b>") for i in range(3)]
               + [record(i, "t2t") for i in range(3)])
     b = write(tmp_path / f"b{TAG}.jsonl".replace("/", "_"), [record(i) for i in range(3)])
     out = results_tab.analyze([a, b], [], False, None)

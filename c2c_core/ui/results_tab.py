@@ -247,7 +247,7 @@ def shown(df: pd.DataFrame) -> pd.DataFrame:
     """A frame for the charts: every text a file gave (names, modes, ids) HTML-escaped."""
     out = df.copy()
     for col in LABEL_COLUMNS:
-        if col in out.columns and out[col].dtype == object:
+        if col in out.columns:  # object or pandas' string dtype alike
             out[col] = out[col].map(lambda v: html_text(v) if isinstance(v, str) else v)
     return out
 
