@@ -373,53 +373,53 @@ def _json_array_rows(path: str, name: str, encoding: str | None, budget: _Budget
                          " write one object per line as .jsonl.")
 
     with _text_stream(path, name, encoding) as f:
-        buf = f.read(_JSON_CHUNK).lstrip()
-        if not buf.startswith("["):
+        buf = f.read(_JSON_CHUNK)
+        pos = len(buf) - len(buf.lstrip())
+        if not buf.startswith("[", pos):
             raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
-        buf, eof, need = buf[1:], False, _JSON_CHUNK
+        pos, eof, need = pos + 1, False, _JSON_CHUNK
+
+        def refill(n: int) -> None:
+            """Drop what was read (counting its lines) and append n more characters: the
+            buffer is cut once per half chunk, not once per row."""
+            nonlocal buf, pos, eof, line
+            more = f.read(n)
+            eof = not more
+            line += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + more, 0
+
         while True:
-            m = ws.match(buf)
-            line += buf.count("\n", 0, m.end())
-            buf = buf[m.end():]
-            while not buf and not eof:
-                more = f.read(_JSON_CHUNK)
-                eof = not more
-                buf = more
-                m = ws.match(buf)
-                line += buf.count("\n", 0, m.end())
-                buf = buf[m.end():]
-            if buf.startswith("]"):
-                return
-            if not buf:
+            pos = ws.match(buf, pos).end()
+            if pos == len(buf):
+                if not eof:
+                    refill(_JSON_CHUNK)
+                    continue
                 raise UserError(f"{name} ends before its closing ']'; fix it or write one object"
                                 " per line as .jsonl.")
+            if buf[pos] == "]":
+                return
             try:
-                obj, end = decoder.raw_decode(buf)
+                obj, end = decoder.raw_decode(buf, pos)
             except json.JSONDecodeError as e:
                 if eof:
                     raise bad(e) from None
-                if len(buf) > _JSON_ELEMENT_CAP:
+                if len(buf) - pos > _JSON_ELEMENT_CAP:
                     raise UserError(f"{name} has one row longer than"
                                     f" {_mb_text(_JSON_ELEMENT_CAP)}; a prompt row is far"
                                     " shorter: check the file.") from None
-                more = f.read(need)  # the element continues: read as much again
+                refill(need)  # the element continues: read as much again
                 need *= 2
-                eof = not more
-                buf += more
                 continue
             except RecursionError:
                 raise UserError(f"{name} nests too deeply to read; write one flat object per"
                                 " prompt (one per line as .jsonl).") from None
             need = _JSON_CHUNK
-            budget.add(rows=1, nbytes=end)
+            budget.add(rows=1, nbytes=end - pos)
             if not isinstance(obj, dict):
                 raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
-            line += buf.count("\n", 0, end)
-            buf = buf[end:]
-            if len(buf) < _JSON_CHUNK // 2 and not eof:
-                more = f.read(_JSON_CHUNK)
-                eof = not more
-                buf += more
+            pos = end
+            if len(buf) - pos < _JSON_CHUNK // 2 and not eof:
+                refill(_JSON_CHUNK)
             yield obj
 
 

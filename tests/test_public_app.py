@@ -404,3 +404,15 @@ def test_direct_uploads_count_toward_the_session_quota(public_server, monkeypatc
                    timeout=30)
     assert r.status_code == 200, r.text
     guard.forget_session(key)
+
+
+def test_a_queue_join_without_a_session_hash_is_refused_in_a_sentence(public_server):
+    url, _ = public_server
+    for h in ("", "   "):
+        r = httpx.post(url + "gradio_api/queue/join", timeout=30,
+                       json={"data": [], "fn_index": 0, "session_hash": h})
+        assert r.status_code == 400 and "names no session" in r.text, r.text
+    # a join that names one is passed on unchanged (gradio answers it)
+    r = httpx.post(url + "gradio_api/queue/join", timeout=30,
+                   json={"data": [], "fn_index": 999, "session_hash": "abc"})
+    assert "names no session" not in r.text

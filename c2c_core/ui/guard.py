@@ -444,6 +444,10 @@ class SessionCookie:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("method") == "POST" and scope.get("path", "").endswith("/queue/join"):
+            receive = await _join_with_a_hash(scope, receive, send)
+            if receive is None:
+                return None
         headers = list(scope.get("headers") or [])
         if session_key(_cookies(headers).get(SESSION_COOKIE)) is not None:
             return await self.app(scope, receive, send)
@@ -466,6 +470,42 @@ class SessionCookie:
             await send(msg)
 
         return await self.app(scope, receive, send_with_cookie)
+
+
+async def _join_with_a_hash(scope, receive, send):
+    """A queue join must name its client's session hash (gradio keys its event streams by
+    it; an empty one made it fail with a bare 500 and a traceback): refused in a sentence,
+    else the request's body is handed on unchanged."""
+    import json
+    chunks, more = [], True
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return receive
+        chunks.append(msg.get("body", b""))
+        more = msg.get("more_body", False)
+    body = b"".join(chunks)
+    try:
+        h = json.loads(body).get("session_hash")
+    except (ValueError, AttributeError):
+        h = "?"  # not ours to judge: gradio answers malformed bodies itself
+    if h is not None and not str(h).strip():
+        text = (b"Refused: this request names no session (an empty session_hash); send the"
+                b" one your client made for its connection.")
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(text)).encode())]})
+        await send({"type": "http.response.body", "body": text})
+        return None
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
 
 
 # --- messages ---------------------------------------------------------------------------------
