@@ -416,3 +416,16 @@ def test_a_queue_join_without_a_session_hash_is_refused_in_a_sentence(public_ser
     r = httpx.post(url + "gradio_api/queue/join", timeout=30,
                    json={"data": [], "fn_index": 999, "session_hash": "abc"})
     assert "names no session" not in r.text
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(repeats=1_000_000), "'repeats' is 1000000; this input takes at most"),
+    (dict(batch_size=0), "'batch size' is 0; this input takes at least 1"),
+    (dict(mode="../../x"), "which is not one of its choices"),
+])
+def test_out_of_range_api_values_get_a_sentence_not_a_bare_400(public_server, kw, says):
+    """gradio refuses a value outside an input's range or choices with a 400 that
+    gradio_client shows as a bare "400 Bad Request"; the app says it in a sentence."""
+    url, _ = public_server
+    msg, secs = _refused(url, "/batch", prompts="hi", **kw)
+    assert says in msg and "400 Bad Request" not in msg, msg

@@ -445,9 +445,10 @@ class SessionCookie:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope.get("method") == "POST" and scope.get("path", "").endswith("/queue/join"):
-            receive = await _join_with_a_hash(scope, receive, send)
+            receive, body = await _join_with_a_hash(scope, receive, send)
             if receive is None:
                 return None
+            send = _sentence_for_bare_400(scope, body, send)
         headers = list(scope.get("headers") or [])
         if session_key(_cookies(headers).get(SESSION_COOKIE)) is not None:
             return await self.app(scope, receive, send)
@@ -472,6 +473,81 @@ class SessionCookie:
         return await self.app(scope, receive, send_with_cookie)
 
 
+_OUT_OF_RANGE = re.compile(r"^Value:? (.+?) is (less|greater) than (?:minimum|maximum) value"
+                           r" (\S+?)\.?$|^Value:? (.+?) is not in the list of choices", re.S)
+
+
+def _sentence_for_bare_400(scope, body: bytes, send):
+    """gradio refuses a value outside an input's minimum, maximum or choices with a 400 that
+    gradio_client shows as a bare "400 Bad Request". Said instead as a validation answer (422,
+    which every client shows): one sentence naming the input by its label."""
+    import json
+    held: list[dict] = []
+
+    async def rewriting_send(msg):
+        if msg["type"] == "http.response.start" and msg.get("status") == 400:
+            held.append(msg)
+            return
+        if held and msg["type"] == "http.response.body":
+            held.append(msg)
+            if msg.get("more_body"):
+                return
+            raw = b"".join(m.get("body", b"") for m in held[1:])
+            text = _range_sentence(scope, body, raw)
+            if text is None:
+                for m in held:
+                    await send(m)
+                return
+            out = json.dumps({"detail": [{"__type__": "validate", "is_valid": False,
+                                          "parameter_name": text[0].strip("'"),
+                                          "message": text[1]}]}
+                             ).encode()
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(out)).encode())]})
+            await send({"type": "http.response.body", "body": out})
+            return
+        await send(msg)
+
+    return rewriting_send
+
+
+def _range_sentence(scope, body: bytes, raw: bytes) -> tuple[str, str] | None:
+    """(parameter, sentence) for gradio's out-of-range refusal, or None for any other 400."""
+    import json
+    try:
+        detail = str(json.loads(raw).get("detail"))
+        if len(detail) > 1 and detail[0] == detail[-1] and detail[0] in "'\"":
+            detail = detail[1:-1]  # gradio's Error says its message as a repr
+        m = _OUT_OF_RANGE.match(detail)
+    except (ValueError, AttributeError):
+        return None
+    if not m:
+        return None
+    label = "a setting"
+    try:  # the input whose value was refused, by its label
+        req = json.loads(body)
+        fn = scope["app"].get_blocks().fns[req["fn_index"]]
+        value = m.group(1) or m.group(4)
+        edge = "minimum" if m.group(2) == "less" else "maximum"
+        found = []  # inputs holding that value; the one whose bound it breaks first
+        for comp, v in zip(fn.inputs, req.get("data") or []):
+            if str(v) == value or repr(v) == value:
+                bound = getattr(comp, edge, None) if m.group(2) else None
+                breaks = bound is not None and str(float(bound)) == str(float(m.group(3)))
+                found.insert(0 if breaks or not m.group(2) else len(found), comp)
+        if found:
+            label = f"'{getattr(found[0], 'label', None) or 'a setting'}'"
+    except Exception:  # noqa: BLE001 - the sentence without the label
+        pass
+    if m.group(2):
+        bound = "at least" if m.group(2) == "less" else "at most"
+        return label, (f"{label[0].upper()}{label[1:]} is {m.group(1)}; this input takes"
+                       f" {bound} {m.group(3)}: give a value in its range.")
+    return label, (f"{label[0].upper()}{label[1:]} is {m.group(4)}, which is not one of its"
+                   " choices; pick one the page lists (see /gradio_api/info).")
+
+
 async def _join_with_a_hash(scope, receive, send):
     """A queue join must name its client's session hash (gradio keys its event streams by
     it; an empty one made it fail with a bare 500 and a traceback): refused in a sentence,
@@ -481,7 +557,7 @@ async def _join_with_a_hash(scope, receive, send):
     while more:
         msg = await receive()
         if msg["type"] != "http.request":
-            return receive
+            return receive, b""
         chunks.append(msg.get("body", b""))
         more = msg.get("more_body", False)
     body = b"".join(chunks)
@@ -496,7 +572,7 @@ async def _join_with_a_hash(scope, receive, send):
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                 (b"content-length", str(len(text)).encode())]})
         await send({"type": "http.response.body", "body": text})
-        return None
+        return None, body
     sent = False
 
     async def replay():
@@ -505,7 +581,7 @@ async def _join_with_a_hash(scope, receive, send):
             return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
-    return replay
+    return replay, body
 
 
 # --- messages ---------------------------------------------------------------------------------
