@@ -173,7 +173,14 @@ def session_id(request: gr.Request | None) -> str:
         cookies = dict(getattr(request, "cookies", None) or {})
     except Exception:  # noqa: BLE001 - a request object without cookies
         cookies = {}
-    return guard.session_key(cookies.get(guard.SESSION_COOKIE)) or secrets.token_urlsafe(24)
+    key = guard.session_key(cookies.get(guard.SESSION_COOKIE))
+    if key is None:  # one key per request object, so its run's stop flag is found again
+        key = getattr(request, "_c2c_session_key", None) or secrets.token_urlsafe(24)
+        try:
+            request._c2c_session_key = key
+        except AttributeError:
+            pass
+    return key
 
 
 def session_dir(request: gr.Request | None) -> str:
