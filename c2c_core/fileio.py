@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -42,12 +43,18 @@ def os_error_sentence(e: OSError, path: str, doing: str = "write") -> str:
     return f"Could not {doing} {path} ({e.strerror or e}); check the path and the disk"
 
 
-def check_writable(path: str) -> None:
-    """Refuse an output that cannot be written, before any model loads. An existing file is
-    opened for appending (nothing written); a new one is created and removed again."""
+def check_writable(path: str, flag: str = "--output") -> None:
+    """Refuse an output that cannot be written, before any model loads: empty, a folder, a
+    special file (a FIFO would block the run, a device swallow it), or unwritable. An existing
+    file is opened for appending (nothing written); a new one is created and removed again."""
     path = os.fspath(path)
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give a file name, e.g. {flag} results.jsonl.")
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; give a file name for --output.")
+        raise UserError(f"{path} is a folder; give a file name for {flag}.")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{path} is not a regular file (a pipe, device or socket), so records"
+                        f" could block or vanish there; give a file name for {flag}.")
     folder = os.path.dirname(os.path.abspath(path))
     existed = os.path.exists(path)
     try:
@@ -87,7 +94,10 @@ class OutputLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(f"{self.path} is being written by another run; wait for it to"
                                 " finish or give this run another --output.") from None
-            return self  # a file system without locks (some network mounts): run unlocked
+            import sys  # a file system without locks (some network mounts): run unlocked
+            print(f"Warning: {self.path} could not be locked ({e.strerror or e}); make sure no"
+                  " other run writes it meanwhile.", file=sys.stderr)
+            return self
         self._fd = fd
         return self
 
