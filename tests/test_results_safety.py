@@ -70,6 +70,12 @@ def test_tags_in_an_uploaded_file_reach_the_page_as_text(tmp_path):
     status, ratios = out[0], out[16]
     assert "&lt;img" in status and "\\!\\[" not in status
     assert "&lt;img" in ratios  # the accuracy line names each mode
+    # records of two devices in one file: each ratio is also given "on <device>"
+    two = write(tmp_path / "two.jsonl", [record(i, m, run=dict(evil) if d else None)
+                                          for d in (0, 1) for i in range(3)
+                                          for m in ("c2c", "t2t")])
+    ratios = results_tab.analyze([two], [], False, None)[16]
+    assert " on " in ratios and "&lt;img" in ratios and "<img" not in ratios, ratios
     md = results_tab.md_text("![x](http://127.0.0.1:9/x)")
     assert "](" not in md and "![" not in md  # no Markdown image either
 

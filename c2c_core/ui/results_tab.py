@@ -33,7 +33,10 @@ def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
     for key, r in ratios.items():
         vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in analysis.RATIO_METRICS
                           if r.get(m) == r.get(m))
-        lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} ({analysis.ratio_words(r)})")
+        # "c2c_over_t2t on <device>" / "... in <run>": the device or run comes from a file
+        base, sep, where = key.partition(" ")
+        label = RATIO_TEXT.get(base, md_text(base)) + (f" {md_text(where)}" if sep else "")
+        lines.append(f"- {label}: {vals} ({analysis.ratio_words(r)})")
     if not ratios:
         lines.append(NO_RATIOS)
     if table is not None and "n_scored" in table.columns:
