@@ -198,3 +198,16 @@ def test_results_files_of_another_type_get_a_sentence(tmp_path):
     assert not sources and len(errors) == 2
     assert errors[0].startswith("r.jsonl.gz is not a JSONL results file") and "gzip" in errors[0]
     assert errors[1].startswith("r is not a JSONL results file")
+
+
+def test_a_prompts_files_columns_reach_the_status_line_as_text(tmp_path):
+    """A refused prompts file is named with its columns: tags among them are shown, not drawn."""
+    pytest.importorskip("gradio")
+    from c2c_core.ui.dataset_tab import run_dataset
+    path = tmp_path / "cols.jsonl"
+    path.write_text('{"<img src=http://127.0.0.1:9/x>": "a"}\n', encoding="utf-8")
+    gen = run_dataset("file", "", "", "test", str(path), 1, 0, "", False, request=None,
+                      progress=lambda *a, **k: None)
+    status = next(gen)[0]
+    assert "columns found: &lt;img src=http://127.0.0.1:9/x&gt;" in status, status
+    assert "<img" not in status

@@ -15,7 +15,7 @@ from ..runner import modes_of
 from . import guard
 from .common import (clear_stop, session_id, download_button, integer_counts, new_run_path, plot, status_md,
                      records_table, request_stop, run_config, sized, stop_flag,
-                     stop_button, stream_records, ui_message, user_error)
+                     stop_button, stream_records, ui_message, user_error, md_text)
 
 SOURCES = [("Hugging Face dataset", "hf"), ("Uploaded file", "file")]
 
@@ -189,7 +189,7 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
             guard.check_prompt_text(it.prompt, f"Prompt {it.id}")
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
-        yield render([], status_md(ui_message(e), "error"), None)
+        yield render([], status_md(md_text(ui_message(e)), "error"), None)
         raise user_error(e) from None
     note = skipped_note(items)
     if note:
