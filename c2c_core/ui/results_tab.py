@@ -259,8 +259,16 @@ def shown(df: pd.DataFrame) -> pd.DataFrame:
     """A frame for the charts: every text a file gave (names, modes, ids) HTML-escaped."""
     out = df.copy()
     for col in LABEL_COLUMNS:
-        if col in out.columns:  # object or pandas' string dtype alike
-            out[col] = out[col].map(lambda v: html_text(v) if isinstance(v, str) else v)
+        if col not in out.columns:
+            continue
+        # a steps frame has millions of rows and a handful of distinct labels: escape those
+        uniques = pd.unique(out[col])
+        texts = {v: html_text(v) for v in uniques if isinstance(v, str)}
+        if any(k != v for k, v in texts.items()):
+            out[col] = out[col].map(lambda v: texts.get(v, v) if isinstance(v, str) else v) \
+                if len(uniques) * 100 > len(out) else \
+                pd.Series(pd.Categorical(out[col]).rename_categories(
+                    lambda c: texts.get(c, c)).astype(object), index=out.index)
     return out
 
 
