@@ -429,3 +429,41 @@ def test_out_of_range_api_values_get_a_sentence_not_a_bare_400(public_server, kw
     url, _ = public_server
     msg, secs = _refused(url, "/batch", prompts="hi", **kw)
     assert says in msg and "400 Bad Request" not in msg, msg
+
+
+def test_a_chunked_upload_past_the_quota_is_removed_unless_another_session_holds_it(
+        public_server, monkeypatch):
+    """Without a Content-Length the quota is checked once gradio has stored the files: over it,
+    they are removed and the client told why, but a file another session was charged for (gradio
+    stores equal files at one path) is kept."""
+    url, _ = public_server
+    monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
+
+    def chunked(c, name, data):
+        boundary = "c2cboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\";"
+                f" filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n").encode() + data \
+            + f"\r\n--{boundary}--\r\n".encode()
+        return c.post(url + "gradio_api/upload", content=iter([body[:1000], body[1000:]]),
+                      headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+    shared = b"s" * (700 * 1024)
+    with httpx.Client(timeout=30) as other:
+        r = chunked(other, "shared.jsonl", shared)
+        assert r.status_code == 200, r.text
+        kept = r.json()[0]
+        other_key = guard.session_key(other.cookies.get(guard.SESSION_COOKIE))
+    with httpx.Client(timeout=30) as c:
+        r = chunked(c, "a.jsonl", b"a" * (600 * 1024))
+        assert r.status_code == 200, r.text
+        key = guard.session_key(c.cookies.get(guard.SESSION_COOKIE))
+        r = chunked(c, "b.jsonl", b"b" * (600 * 1024))
+        assert r.status_code == 413 and "C2C_SESSION_UPLOAD_MB" in r.text, r.text
+        r = chunked(c, "shared.jsonl", shared)  # the other session's file: refused, kept
+        assert r.status_code == 413
+        assert os.path.exists(kept)
+    b_files = [os.path.join(root, f) for root, _, fs in os.walk(os.path.dirname(
+        os.path.dirname(kept))) for f in fs if f == "b.jsonl"]
+    assert not [p for p in b_files if os.path.getsize(p) == 600 * 1024], b_files
+    guard.forget_session(key)
+    guard.forget_session(other_key)

@@ -362,7 +362,11 @@ class UploadLimit:
             except UserError:
                 used = _UPLOADED.get(session, (0, set()))[0] + sum(
                     os.path.getsize(p) for p in paths if os.path.isfile(p))
+                # gradio stores equal files at one path: keep any another session was charged
+                others = set().union(*(seen for _, seen in _UPLOADED.values()))
                 for p in paths:
+                    if p in others:
+                        continue
                     try:
                         os.remove(p)
                     except OSError:
