@@ -49,7 +49,10 @@ def launch_kwargs() -> dict:
     return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
             "max_file_size": MAX_UPLOAD,
             # total bytes per upload request (max_file_size is per file)
-            "app_kwargs": {"middleware": [Middleware(guard.UploadLimit)]}}
+            # every request carries a session key the server minted (guard.SessionCookie)
+            # (outermost first: the upload cap charges the session the cookie names)
+            "app_kwargs": {"middleware": [Middleware(guard.SessionCookie),
+                                          Middleware(guard.UploadLimit)]}}
 
 
 def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
