@@ -39,8 +39,10 @@ class ModelManager:
 
     @staticmethod
     def key_of(cfg: RunConfig) -> str:
+        from .budget import canonical_device
         from .loading import resolve_device, resolve_dtype
-        dev = resolve_device(cfg.device)
+        name = canonical_device(cfg.device)  # 'cpu:1' and 'cpu' are one pair, not a reload
+        dev = resolve_device(None if name == "auto" else name)
         dtype = resolve_dtype(cfg.dtype, dev, cfg.cpu_dtype)
         return json.dumps([asdict(cfg.receiver), [asdict(s) for s in cfg.sharers], asdict(cfg.fuser),
                            str(dev), str(dtype), cfg.threads, cfg.attn_implementation,

@@ -112,7 +112,9 @@ def serve(req_q, out_q, stop, tokens) -> None:
         return stop.is_set() or app_gone()
 
     def status(text: str | None = None, loading: bool = False) -> None:
-        out_q.put(("status", text or models.status(), loading))
+        # the pair held now travels with every status line: the app shows it to every session
+        # and counts its memory as freed by a swap (budget)
+        out_q.put(("status", text or models.status(), loading, models.cfg))
 
     status()
     while True:
@@ -230,6 +232,7 @@ class WorkerClient:
         self.loading = False
         self.died: str | None = None       # why the last worker ended, until a new one starts
         self.kind: str | None = None       # the job in flight ("load", "run", "profile")
+        self.held_cfg = None               # the RunConfig of the models the worker holds
 
     # process ---------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -252,7 +255,7 @@ class WorkerClient:
         self._proc.start()
         send.close()
         self.died, self.loading = None, False
-        self.status_text = None
+        self.status_text, self.held_cfg = None, None
         threading.Thread(target=self._read, args=(self._proc, recv), daemon=True,
                          name=f"c2c-worker-reader-{self.device}").start()
 
@@ -274,6 +277,7 @@ class WorkerClient:
             if msg[0] == "status":
                 if proc is self._proc:
                     self.status_text, self.loading = msg[1], msg[2]
+                    self.held_cfg = msg[3] if len(msg) > 3 else None
                 continue
             box = self._inbox
             if box is not None and msg[1] == box[0]:
@@ -285,7 +289,7 @@ class WorkerClient:
             proc.join(5.0)
         if proc is self._proc:
             self.died = _death_sentence(proc.exitcode)
-            self.loading = False
+            self.loading, self.held_cfg = False, None
         box = self._inbox
         if box is not None:  # a job was in flight: it fails with one sentence
             box[1].put(("dead", box[0], proc.exitcode))
@@ -363,13 +367,14 @@ _LAST: list[WorkerClient] = []
 
 
 def device_key(cfg) -> str:
-    """The device a config runs on, one name per device ("cuda" is "cuda:<current>")."""
-    from .loading import resolve_device
-    dev = resolve_device(cfg.device)
-    if dev.type == "cuda" and dev.index is None:
-        import torch
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(dev)
+    """The device a config runs on, one name per device: 'cpu', 'cpu:0' and 'cpu:1' are one
+    CPU, 'cuda' is 'cuda:0' (budget.canonical_device), so spellings never churn the worker."""
+    from .budget import canonical_device
+    dev = canonical_device(cfg.device)
+    if dev == "auto":
+        from .loading import resolve_device
+        return "cuda:0" if resolve_device(None).type == "cuda" else "cpu"
+    return dev
 
 
 def worker_for(cfg) -> WorkerClient:

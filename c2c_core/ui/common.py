@@ -20,6 +20,9 @@ import gradio as gr
 import pandas as pd
 
 from .. import analysis, cancel, worker
+from dataclasses import replace
+
+from ..budget import canonical_device
 from ..config import ALL_MODES, RunConfig, build_run_config
 from ..errors import UserError
 from ..models import ModelManager, _free_memory, preflight  # noqa: F401 (re-exported)
@@ -268,8 +271,30 @@ def run_config(settings: dict, **fixed) -> RunConfig:
     guard.check_model_settings(settings)
     cfg = _run_config(settings, **fixed)
     guard.check_new_tokens(cfg.gen.max_new_tokens)
+    guard.check_sharers(cfg)
+    cfg = replace(cfg, device=canonical_device(cfg.device))  # one spelling per device
     MODELS.check_allowed(cfg)
+    check_memory(cfg, cfg.batch_size)  # models and KV cache within the device's memory
     return cfg
+
+
+def check_memory(cfg: RunConfig, batch: int = 1, tokens: int | None = None,
+                 what: str = "This run") -> None:
+    """The run's memory budget before it queues (guard.check_budget): `tokens` per sequence
+    defaults to the new tokens (the prompt's are added where they are known)."""
+    if tokens is None:
+        tokens = cfg.gen.max_new_tokens + (cfg.gen.t2t_note_tokens if cfg.mode in
+                                           ("t2t", ALL_MODES) else 0)
+    guard.check_budget(cfg, held_models(), batch, tokens, what)
+
+
+def held_models() -> RunConfig | None:
+    """The RunConfig of the models the server holds now (the worker's, or this process's on
+    the in-process path); None before the first load."""
+    if not worker.enabled():
+        return MODELS.cfg
+    w = worker.last_worker()
+    return w.held_cfg if w is not None and w.alive() else None
 
 
 def _run_config(settings: dict, **fixed) -> RunConfig:
