@@ -28,6 +28,18 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: Share of the device's free memory a run may plan to use (the rest: activations, the
 #: allocator's slack, the process itself).
 USABLE_SHARE = 0.85
+#: Default of C2C_MAX_CPU_PARAMS_M: million parameters of the models together on a CPU in the
+#: app (the 0.6B + 4B pairs fit; the 7-8B ones do not).
+CPU_PARAMS_M = 6_000
+
+
+def cpu_params_cap() -> int:
+    """The app's cap on parameters on a CPU (C2C_MAX_CPU_PARAMS_M, in millions)."""
+    try:
+        v = int(os.environ.get("C2C_MAX_CPU_PARAMS_M", "").strip() or CPU_PARAMS_M)
+    except ValueError:
+        v = CPU_PARAMS_M
+    return max(v, 1) * 1_000_000
 
 
 # --- configs -----------------------------------------------------------------------------------

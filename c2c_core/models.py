@@ -36,6 +36,10 @@ class ModelManager:
         self.loading: str | None = None
         self.fixed_key: str | None = None
         self.fixed_label: str | None = None
+        #: Called with (cfg, {source: config dict}) after the configs are read and before any
+        #: weight loads (the app's worker checks the memory budget of models whose config was
+        #: not on the machine when the job was accepted).
+        self.before_load = None
 
     @staticmethod
     def key_of(cfg: RunConfig) -> str:
@@ -69,7 +73,9 @@ class ModelManager:
         with self._lock:
             if self.pipe is not None and self.key == key:
                 return self.pipe
-            preflight(cfg)  # configs, tokenizer, fuser files: still without dropping anything
+            configs = preflight(cfg)  # configs, tokenizer, fuser files: nothing dropped yet
+            if self.before_load is not None:
+                self.before_load(cfg, configs)
             old = self.cfg
             try:
                 return self._load(cfg, key)
@@ -111,15 +117,19 @@ class ModelManager:
         return text + (f"  \n**Note:** {note}." if note else "")
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig) -> dict:
     """What can be checked without loading weights: each model's config and tokenizer, the
-    fuser's files. Raises a UserError; loads nothing into memory that matters."""
+    fuser's files. Raises a UserError; loads nothing into memory that matters. Returns the
+    configs it read ({source: config dict}, pretrained models only)."""
     from .loading import _from_pretrained, load_tokenizer, source_kind
     from transformers import AutoConfig
+    configs: dict = {}
     for spec, role in ((cfg.receiver, "Receiver"), *((s, "Sharer") for s in cfg.sharers)):
         if source_kind(spec.source) == "pretrained":
-            _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
-                             revision=spec.revision)
+            c = _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
+                                 revision=spec.revision)
+            if hasattr(c, "to_dict"):
+                configs[spec.source] = c.to_dict()
     try:
         tok, tok_src = load_tokenizer(cfg.receiver)
     except UserError:
@@ -150,6 +160,7 @@ def preflight(cfg: RunConfig) -> None:
             not os.path.isfile(os.path.join(src, "final", "projector_config.json")):
         raise UserError(f"Fuser folder {src} has no projector_config.json; pass a fuser folder"
                         " or untrained.")
+    return configs
 
 
 def _free_memory() -> None:

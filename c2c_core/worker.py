@@ -101,6 +101,7 @@ def serve(req_q, out_q, stop, tokens) -> None:
     from .models import ModelManager
     runner.FRONTEND.set("app")
     models = ModelManager()
+    models.before_load = _budget_check(models)
     ppid = os.getppid()  # reparented (a new parent id) once the app is gone; cheaper and
     # surer than mp.parent_process().is_alive(), whose sentinel under spawn is the pipe that
     # carried our start-up data (end-of-file once the app has sent it)
@@ -140,6 +141,17 @@ def serve(req_q, out_q, stop, tokens) -> None:
             err = _sendable(e)
         status()
         out_q.put(("end", jid, result, err))
+
+
+def _budget_check(models):
+    """The app's memory budget once every config is known (a hub model's config is fetched by
+    preflight), before the previous pair is dropped or any weight loads."""
+    def check(cfg, configs):
+        from .budget import check_fits, cpu_params_cap, estimate
+        held = estimate(models.cfg).weights if models.cfg is not None else 0
+        check_fits(cfg, cfg.batch_size, cfg.gen.max_new_tokens, held, configs=configs,
+                   cpu_params_cap=cpu_params_cap())
+    return check
 
 
 def _pipe(models, cfg, status):

@@ -144,3 +144,17 @@ def test_budget_check_uses_the_models_held_now(monkeypatch):
     with pytest.raises(UserError, match="RAM"):
         guard.check_budget(cfg, None)
     guard.check_budget(cfg, cfg)
+
+
+def test_the_worker_checks_models_whose_config_it_fetched_before_dropping_the_loaded_pair():
+    """A hub model whose config was not on the machine when the job was accepted: the worker
+    checks it once preflight has read the config, before anything is unloaded or loaded."""
+    from c2c_core.models import ModelManager
+    m = ModelManager()
+    m.before_load = worker._budget_check(m)
+    eight_b = budget.spec_config(ModelSpec("dummy:qwen3-8b"))
+    cfg = build_run_config(base_model="some/hub-model", teacher_model="smollm2", device="cpu")
+    with pytest.raises(UserError, match="billion parameters"):
+        m.before_load(cfg, {"some/hub-model": eight_b})
+    small = budget.spec_config(ModelSpec("dummy:qwen3-0.6b"))
+    m.before_load(cfg, {"some/hub-model": small})

@@ -23,6 +23,7 @@ import os
 import re
 from typing import Any
 
+from .. import budget as _budget
 from ..errors import UserError
 
 
@@ -76,7 +77,7 @@ LIMITS = {
     "session_upload_mb": ("C2C_SESSION_UPLOAD_MB", 200, "MB uploaded by one session"),
     "session_disk_mb": ("C2C_SESSION_DISK_MB", 200, "MB of results kept for one session"),
     "sharers": ("C2C_MAX_SHARERS", 2, "sharers in one pipeline (the published setups use 1-2)"),
-    "cpu_params_m": ("C2C_MAX_CPU_PARAMS_M", 6_000,
+    "cpu_params_m": ("C2C_MAX_CPU_PARAMS_M", _budget.CPU_PARAMS_M,
                      "million parameters of the models together on a CPU"),
 }
 
@@ -250,8 +251,7 @@ def check_budget(cfg, held=None, batch: int = 1, tokens: int = 0,
                 held_bytes = budget.estimate(held).weights
         except UserError:
             pass
-    budget.check_fits(cfg, batch, tokens, held_bytes, what,
-                      cpu_params_cap=limit("cpu_params_m") * 1_000_000)
+    budget.check_fits(cfg, batch, tokens, held_bytes, what, cpu_params_cap=budget.cpu_params_cap())
 
 
 def check_short(text: str | None, label: str, cap: int = 256) -> None:
