@@ -14,7 +14,8 @@ import threading
 import gradio as gr
 
 from ..config import build_run_config, default_preset
-from . import batch_tab, dataset_tab, guard, model_panel, profile_tab, results_tab, sweep_tab
+from . import (batch_tab, dataset_tab, fairqueue, guard, model_panel, profile_tab, results_tab,
+               sweep_tab)
 from .common import (MAX_UPLOAD, MODEL_QUEUE, MODELS, WAITING_JS, enable_download, end_session,
                      gpu, load_models, models_status, purge_old_sessions, show_files, validator)
 
@@ -49,7 +50,9 @@ def launch_kwargs() -> dict:
     return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
             "max_file_size": MAX_UPLOAD,
             # total bytes per upload request (max_file_size is per file)
-            "app_kwargs": {"middleware": [Middleware(guard.UploadLimit)]}}
+            "app_kwargs": {"middleware": [Middleware(guard.UploadLimit),
+                                          # which clients have their message stream open
+                                          Middleware(fairqueue.Connections)]}}
 
 
 def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
@@ -106,6 +109,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
                 res = results_tab.build_results_tab()
         _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item)
     demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
+    fairqueue.install(demo)  # model jobs: clients that are there, one waiting per session
     return demo
 
 
@@ -150,8 +154,9 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
         **model_job)
-    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's
-        tab.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
+    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's,
+        # and removes its job still waiting in the queue
+        tab.stop.click(fairqueue.stop_run, None, None, api_visibility="private",
                        concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
                             api_visibility="private")
