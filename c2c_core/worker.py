@@ -133,7 +133,8 @@ def serve(req_q, out_q, stop, tokens) -> None:
         try:
             if stop.is_set():  # stopped (a client gone) before we got to it
                 raise cancel.Cancelled()
-            with cancel.scope(should_stop):
+            with cancel.scope(should_stop), cancel.reporting(
+                    lambda phase, jid=jid: out_q.put(("phase", jid, phase))):
                 result = _JOBS[kind](models, payload, jid, out_q, should_stop, tokens, status)
         except BaseException as e:  # noqa: BLE001 - every outcome goes back to the app
             if not isinstance(e, (UserError, cancel.Cancelled)):

@@ -360,7 +360,7 @@ def in_worker(job: "Job", kind: str, cfg: RunConfig, **payload) -> Any:
         if msg[0] == "progress":
             job.on_progress(*msg[2:])
         elif msg[0] == "phase":
-            job.phase = msg[2]
+            job.set_phase(msg[2])
 
     def on_start(w: worker.WorkerClient) -> None:
         job.tokens = worker.SharedCount(w.tokens)
@@ -443,6 +443,12 @@ class Job:
             self.record_at.append(time.perf_counter())
             self.q.put(rec)
 
+    def set_phase(self, phase: str) -> None:
+        """What the job does now, as the run says it (cancel.say): "timed run" is the records'
+        phase ("running"), anything else ("compiling … shape 2 of 4", "profiled run for the
+        trace") is shown as it is."""
+        self.phase = "running" if phase == "timed run" else phase
+
     def _run(self) -> None:
         from ..runner import FRONTEND
         FRONTEND.set("app")  # this thread's records (the in-process path) say so
@@ -455,7 +461,7 @@ class Job:
             t0 = time.perf_counter()
             self.phase = "loading models"
             try:
-                with cancel.scope(self.stop.is_set):
+                with cancel.scope(self.stop.is_set), cancel.reporting(self.set_phase):
                     self.result = self.work(self)
             finally:
                 JOB_LOG.append((t0, time.perf_counter()))
@@ -506,6 +512,8 @@ class Job:
             return "Loading models…"
         if self.phase == "warming up":
             return "Warm-up (not recorded)…"
+        if self.phase != "running":  # a phase the run said (compiling a shape, the trace…)
+            return self.phase[:1].upper() + self.phase[1:] + "…"
         text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
         if self.tokens[0]:
             text += f", token {self.tokens[0]}"
@@ -518,6 +526,18 @@ class Job:
             eta = per * (self.total - self.done) - (time.perf_counter() - t[-1])
             text += f" · ETA {fmt_seconds(max(eta, 0))}"
         return text
+
+
+def stopped_during(phase: str) -> str:
+    """' during …' for a stop that ended a run outside its timed generations."""
+    if phase.startswith(("compiling", "preparing")):
+        m = re.search(r"shape \d+ of \d+", phase)
+        return " during the fast engine's compile" + (f" (at {m.group(0)})" if m else "")
+    if phase == "loading models":
+        return " while the models loaded"
+    if phase == "warming up":
+        return " during the warm-up"
+    return ""
 
 
 def fmt_seconds(s: float) -> str:
@@ -724,8 +744,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                         f" {summary.count} record(s); download them and reload the page for a new"
                         " session.", "warn")
     elif (job.stop.is_set() or job.cancelled) and summary.count < job.total:
-        msg = status_md(f"**Stopped** after {summary.count} of {job.total} record(s); the"
-                        " finished ones are in the download.")
+        during = stopped_during(job.phase)
+        msg = status_md(f"**Stopped**{during} after {summary.count} of {job.total or '?'}"
+                        " record(s); the finished ones are in the download.")
     else:
         secs = time.perf_counter() - job.started
         msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"
