@@ -113,7 +113,7 @@ class ModelManager:
         note = self.pipe.info.get("fuser_note")
         took = f" · loaded in {self.load_s:.1f} s" if self.load_s is not None else ""
         fixed = " · fixed by the operator" if self.fixed_key else ""
-        text = f"**Models:** {self.pipe.describe()}{took}{fixed}"
+        text = f"**Models:** held by the server for every session: {self.pipe.describe()}{took}{fixed}"
         return text + (f"  \n**Note:** {note}." if note else "")
 
 

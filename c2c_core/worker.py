@@ -137,6 +137,10 @@ def serve(req_q, out_q, stop, tokens) -> None:
                     lambda phase, jid=jid: out_q.put(("phase", jid, phase))):
                 result = _JOBS[kind](models, payload, jid, out_q, should_stop, tokens, status)
         except BaseException as e:  # noqa: BLE001 - every outcome goes back to the app
+            if should_stop() and isinstance(e, OSError):
+                # the client left: its session folder was removed under the files being
+                # written (a closed tab mid-profile); that is the stop, not a failure
+                e = cancel.Cancelled()
             if not isinstance(e, (UserError, cancel.Cancelled)):
                 traceback.print_exc(file=sys.stderr)
             err = _sendable(e)

@@ -128,6 +128,10 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     poll = gr.Timer(2.0, active=False)
     demo.load(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
               queue=False, show_progress="hidden")
+    # a new tab shows the pair the server holds now, not the preset default
+    demo.load(model_panel.held_settings, None,
+              [panel.preset, panel.receiver, panel.sharer, panel.fuser, panel.device, panel.dtype],
+              api_visibility="private", queue=False, show_progress="hidden")
     poll.tick(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
               queue=False, show_progress="hidden")
 

@@ -288,6 +288,27 @@ def check_memory(cfg: RunConfig, batch: int = 1, tokens: int | None = None,
     guard.check_budget(cfg, held_models(), batch, tokens, what)
 
 
+def pair_label(cfg: RunConfig) -> str:
+    """'receiver <- sharer[, sharer]' of a RunConfig, with its preset's name when it is one."""
+    pair = f"{cfg.receiver.source} ← {', '.join(s.source for s in cfg.sharers)}"
+    return f"{cfg.preset} ({pair})" if cfg.preset and cfg.preset != "custom" else pair
+
+
+def swap_note(cfg: RunConfig) -> str | None:
+    """A sentence when cfg's models are not the ones the server holds: the run replaces them for
+    every session. None when they are (or nothing is loaded)."""
+    held = held_models()
+    if held is None:
+        return None
+    try:
+        if ModelManager.key_of(held) == ModelManager.key_of(cfg):
+            return None
+    except UserError:
+        return None
+    return (f"This run will load {pair_label(cfg)} in place of {pair_label(held)}, which every"
+            " session of this server shares.")
+
+
 def held_models() -> RunConfig | None:
     """The RunConfig of the models the server holds now (the worker's, or this process's on
     the in-process path); None before the first load."""
@@ -701,7 +722,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     job = Job(work, stop, cfg.warmup)
     recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
     summary = RunningSummary()
-    first = render([], status_md("Started: loading models and warming up if needed…", "run"),
+    swap = swap_note(cfg)
+    first = render([], status_md((swap + "  \n" if swap else "")
+                                 + "Started: loading models and warming up if needed…", "run"),
                    gr.skip(), summary=summary)
     alive = tuple(gr.skip() for _ in first)
     yield first
