@@ -25,6 +25,8 @@ TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run un
               " read .gz); the stages are the `c2c/…` ranges. Its times are inflated by the"
               " profiler; the JSONL and the charts hold the clean run.")
 
+STAGE_HEADS = {"stage": "stage", "ms": "time (ms)", "pct_of_e2e": "% of E2E", "count": "count"}
+
 
 @dataclass
 class ProfileTab:
@@ -180,10 +182,10 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
     more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
     rec = done["record"]
     status = summary_line(rec, done["device"], done["dtype"]) + more
-    from ..summary import RunningSummary
-    busy = RunningSummary(recs).contention_note()
+    from ..summary import RunningSummary, contention_files
+    busy = contention_files({os.path.basename(paths.jsonl): list(RunningSummary(recs).shares)})
     if busy:
-        status += "  \n" + status_md(ui_message(busy), "warn")
+        status += "  \n" + status_md(busy, "warn")
     files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
     yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
             sized(plots.decode_steps_fig(steps), 360), files)
