@@ -65,9 +65,49 @@ def test_the_job_shows_the_phase_it_is_told():
     from c2c_core.ui.common import Job, stopped_during
     job = Job(lambda j: None)
     job.set_phase("compiling the receiver step for shape 2 of 3 (batch 1, 128 tokens)")
-    assert job.describe() == ("Compiling the receiver step for shape 2 of 3 (batch 1, 128"
-                              " tokens)…")
+    assert job.describe().startswith("Compiling the receiver step for shape 2 of 3 (batch 1,"
+                                     " 128 tokens)… · ")
     assert job.fraction(None) is None  # a spinner, not a bar stuck at 0
     assert stopped_during(job.phase) == " during the fast engine's compile (at shape 2 of 3)"
     job.set_phase("timed run")
     assert job.phase == "running" and stopped_during(job.phase) == ""
+
+
+def test_eta_in_mode_all_uses_each_modes_own_rate_and_does_not_jump(monkeypatch):
+    """Mode all interleaves four modes of very different speeds: the ETA adds each mode's own
+    seconds per record x its records to come, so at every record it is the true time left, and
+    between records it counts down by at most the record in flight."""
+    pytest.importorskip("gradio")
+    from c2c_core.ui import common
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    speed = {"c2c": 2.0, "receiver": 1.0, "sharer": 3.0, "t2t": 6.0}
+    modes = list(speed)
+    prompts = 10
+    job = common.Job(lambda j: None)
+    job.modes = modes
+    job.on_progress(0, prompts * 4, None)
+    order = [m for _ in range(prompts) for m in modes]
+    clock[0] += 30.0  # the first record also paid the warm-up: left out of the rates
+    seen = []
+    for k, mode in enumerate(order):
+        clock[0] += speed[mode] if k else 0.0
+        job.on_progress(k + 1, len(order), {"mode": mode, "batch_size": 1})
+        eta = job.eta()
+        true_left = sum(speed[m] for m in order[k + 1:])
+        if k == len(order) - 1:
+            assert eta is None  # done: nothing left to estimate
+        elif k >= 4:  # from the second c2c record on, every mode has a timed record
+            assert eta == pytest.approx(true_left), (k, eta, true_left)
+            nxt = order[k + 1] if k + 1 < len(order) else None
+            if nxt:  # half-way through the next record: half its time has gone
+                clock[0] += speed[nxt] / 2
+                assert job.eta() == pytest.approx(true_left - speed[nxt] / 2)
+                clock[0] += speed[nxt] * 5  # a stall: never below the records still to come
+                assert job.eta() == pytest.approx(true_left - speed[nxt])
+                clock[0] -= speed[nxt] * 5.5
+            seen.append(eta)
+        else:
+            assert eta is None  # no guessed rate for a mode not timed yet
+    assert seen == sorted(seen, reverse=True)  # it only counts down
+    assert "elapsed" in job.describe()

@@ -443,8 +443,15 @@ class Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.started = time.perf_counter()
+        self.created = time.perf_counter()  # the elapsed time counts from here
         self.record_at: list[float] = []   # when each record arrived (for the ETA)
         self.first_batch = 1                # rows in the first generation (its batch size)
+        #: the run's modes in their interleaved order (the ETA adds each mode's own rate)
+        self.modes: list[str] = []
+        self.mode_done: collections.Counter = collections.Counter()
+        self.mode_secs: collections.Counter = collections.Counter()  # timed seconds per mode
+        self.mode_timed: collections.Counter = collections.Counter()  # records in mode_secs
+        self.last_mode: str | None = None
         self.tokens = [0]
         self.cancelled = False
         self.ended: float | None = None
@@ -461,7 +468,17 @@ class Job:
             if not self.record_at:
                 b = rec.get("batch_size") if isinstance(rec, dict) else None
                 self.first_batch = b if isinstance(b, int) and b > 0 else 1
-            self.record_at.append(time.perf_counter())
+            now = time.perf_counter()
+            mode = rec.get("mode") if isinstance(rec, dict) else None
+            if len(self.record_at) >= self.first_batch:
+                # the time since the previous record went to this one (a batch's rows arrive
+                # together: its time spreads over them); the first generation is left out, it
+                # also paid the warm-up and the fast engine's compile
+                self.mode_secs[mode] += now - self.record_at[-1]
+                self.mode_timed[mode] += 1
+            self.mode_done[mode] += 1
+            self.last_mode = mode
+            self.record_at.append(now)
             self.q.put(rec)
 
     def set_phase(self, phase: str) -> None:
@@ -527,26 +544,42 @@ class Job:
         return min((self.done + part) / self.total, 1.0)
 
     def describe(self, unit: str = "generation") -> str:
+        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
         if self.phase == "waiting":
-            return "Waiting for the previous job to end…"
+            return "Waiting for the previous job to end…" + took
         if self.phase == "loading models":
-            return "Loading models…"
+            return "Loading models…" + took
         if self.phase == "warming up":
-            return "Warm-up (not recorded)…"
+            return "Warm-up (not recorded)…" + took
         if self.phase != "running":  # a phase the run said (compiling a shape, the trace…)
-            return self.phase[:1].upper() + self.phase[1:] + "…"
+            return self.phase[:1].upper() + self.phase[1:] + "…" + took
         text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
         if self.tokens[0]:
             text += f", token {self.tokens[0]}"
-        t, first = self.record_at, self.first_batch
-        if len(t) > first and self.done < self.total:
-            # seconds per record from the records after the first generation: it also paid the
-            # warm-up (and the fast engine's compile), which can be most of its time; counted in
-            # records (a batch's rows arrive together, each written to disk before the next)
-            per = (t[-1] - t[first - 1]) / (len(t) - first)
-            eta = per * (self.total - self.done) - (time.perf_counter() - t[-1])
-            text += f" · ETA {fmt_seconds(max(eta, 0))}"
-        return text
+        eta = self.eta()
+        if eta is not None:
+            text += f" · ETA {fmt_seconds(eta)}"
+        return text + f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left: per mode, its own seconds per record x its records still to come (mode
+        `all` interleaves modes of very different speeds); less the time the record in flight
+        has run, at most its mode's expected time (so the ETA does not fall to 0 between
+        records and jump back). None until every mode has a timed record."""
+        now = time.perf_counter() if now is None else now
+        modes = self.modes or [m for m in self.mode_done]
+        if not modes or not self.total or self.done >= self.total or not self.record_at:
+            return None
+        if any(not self.mode_timed[m] for m in modes):
+            return None
+        rate = {m: self.mode_secs[m] / self.mode_timed[m] for m in modes}
+        each = self.total / len(modes)
+        left = {m: max(each - self.mode_done[m], 0.0) for m in modes}
+        todo = sum(rate[m] * left[m] for m in modes)
+        i = modes.index(self.last_mode) if self.last_mode in modes else -1
+        nxt = next((modes[(i + k) % len(modes)] for k in range(1, len(modes) + 1)
+                    if left[modes[(i + k) % len(modes)]] > 0), modes[0])
+        return max(todo - min(now - self.record_at[-1], rate[nxt]), 0.0)
 
 
 def stopped_during(phase: str) -> str:
@@ -720,6 +753,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                                         should_stop=job.stop.is_set, keep=False)
 
     job = Job(work, stop, cfg.warmup)
+    from ..runner import modes_of
+    job.modes = list(modes_of(cfg))
     recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
     summary = RunningSummary()
     swap = swap_note(cfg)
@@ -778,6 +813,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
     if summary.count:
         msg += f"  \n{summary.line()}"
-    if summary.contention_note():
-        msg += "  \n" + status_md(ui_message(summary.contention_note()), "warn")
+    from ..summary import contention_files
+    busy = contention_files({os.path.basename(path): list(summary.shares)})
+    if busy:
+        msg += "  \n" + status_md(busy, "warn")
     yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)
