@@ -38,6 +38,16 @@ CSS = """
 .c2c-note { font-size: 0.92em; color: var(--body-text-color-subdued); }
 .c2c-note p { margin: 0.2em 0; }
 footer { display: none !important; }
+/* a run's progress box goes below its status line, in the flow, not over it (gradio places it
+   absolutely over the whole component, which hid the status text while a job ran) */
+.block.c2c-status { display: flex; flex-direction: column; }
+.block.c2c-status > [data-testid="status-tracker"] {
+  position: relative !important; inset: auto !important; order: 2; width: 100% !important;
+  height: auto !important; min-height: 3.2em; padding: 0.2em 0 !important;
+  background: transparent !important; }
+.block.c2c-status > [data-testid="status-tracker"].hide { min-height: 0; padding: 0 !important; }
+/* and the line stays readable while the job runs (gradio fades a pending markdown to 0.2) */
+.block.c2c-status [data-testid="markdown-wrapper"].pending { opacity: 1 !important; }
 /* a failed run says why in its status line and in a toast: no "Error" badge over the line */
 :is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
   > [data-testid="status-tracker"]:has(> .error) { display: none !important; }
@@ -137,6 +147,9 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
 
     # each run: first a browser-side "waiting" line, then the queued model job (the endpoint)
     def waiting(button, status):
+        # the models' status line follows the run (it may load another pair for everyone)
+        button.click(lambda: gr.Timer(active=True), None, poll, api_visibility="private",
+                     queue=False, show_progress="hidden")
         return button.click(None, None, status, js=WAITING_JS, api_visibility="private",
                             queue=False, show_progress="hidden")
 

@@ -360,8 +360,9 @@ def models_loading() -> bool:
     if not worker.enabled():
         return MODELS.loading is not None
     w = worker.last_worker()
+    # a job in flight may load another pair: the status line follows it until it ends
     return w is not None and w.alive() and (w.loading or w.status_text is None
-                                            or w.kind == "load")
+                                            or w.kind is not None)
 
 
 def load_models(cfg: RunConfig) -> None:

@@ -164,6 +164,13 @@ def install(demo: gr.Blocks) -> None:
     queue.push, queue.get_events = fair_push, fair_get_events
 
 
+def total_waiting() -> int:
+    """Model jobs waiting in the queue, all sessions."""
+    queue = _QUEUE[0]
+    q = _model_queue(queue) if queue is not None else None
+    return len(q.queue) if q is not None else 0
+
+
 def waiting_jobs(session_hash: str) -> int:
     queue = _QUEUE[0]
     q = _model_queue(queue) if queue is not None else None

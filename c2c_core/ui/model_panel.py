@@ -239,7 +239,11 @@ def held_settings():
 
 def model_status_poll():
     """The status line, and whether to keep polling (only while models are loading)."""
-    return models_status(), gr.Timer(active=models_loading())
+    from . import fairqueue
+    from .common import RUN_LOCK
+    # polls while models load or any model job runs or waits (a run may swap the shared pair)
+    busy = models_loading() or RUN_LOCK.locked() or fairqueue.total_waiting() > 0
+    return models_status(), gr.Timer(active=busy)
 
 
 __all__ = ["ModelPanel", "RunSettings", "build_model_panel", "build_run_settings", "on_preset",
