@@ -158,3 +158,18 @@ def test_the_worker_checks_models_whose_config_it_fetched_before_dropping_the_lo
         m.before_load(cfg, {"some/hub-model": eight_b})
     small = budget.spec_config(ModelSpec("dummy:qwen3-0.6b"))
     m.before_load(cfg, {"some/hub-model": small})
+
+
+def test_gpu_free_memory_comes_from_nvidia_smi_without_a_cuda_context(monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return SimpleNamespace(returncode=0, stdout="81234\n")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert budget.free_bytes("cuda:1") == 81234 * 2**20
+    assert seen[0][-2:] == ["-i", "1"]
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    assert budget.free_bytes("cuda:0") is None  # ZeroGPU: not readable outside its call
