@@ -130,6 +130,10 @@ def test_one_waiting_job_per_session_and_stop_removes_it(app_server, monkeypatch
         assert done["output"]["error"] == fairqueue.REMOVED
         assert _wait(lambda: any("waiting in the queue was removed" in str(m.get("log"))
                                  for m in stream.messages))
+        # and the Stop's own answer rewrites the tab's status line ("Sent…" would stay)
+        assert _wait(lambda: any(m.get("msg") == "process_completed" and m.get("success")
+                                 and "Stopped** before it started" in json.dumps(m["output"])
+                                 for m in stream.messages))
         # the session may queue again once nothing of it waits
         again = _join(url, "batch", "one-waiting", prompts="again", max_new_tokens=1,
                       warmup=0)

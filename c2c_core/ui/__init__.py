@@ -173,7 +173,7 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         **model_job)
     for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's,
         # and removes its job still waiting in the queue
-        tab.stop.click(fairqueue.stop_run, None, None, api_visibility="private",
+        tab.stop.click(fairqueue.stop_run, None, tab.status, api_visibility="private",
                        concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
                             api_visibility="private")

@@ -197,10 +197,11 @@ async def remove_waiting(session_hash: str | None) -> int:
     return len(mine)
 
 
-async def stop_run(request: gr.Request) -> None:
+async def stop_run(request: gr.Request):
     """Stop: ends this session's running job within one decode step and removes its job
-    still waiting in the queue. Said in a toast (the run's own last update writes the status
-    line; writing it here could land later)."""
+    still waiting in the queue. Said in a toast; the status line is written here only for a
+    removed job that never started (a running job's own last update writes it: writing it
+    here could land later)."""
     removed = await remove_waiting(getattr(request, "session_hash", None))
     running = request_stop(request)
     if running and removed:
@@ -210,5 +211,7 @@ async def stop_run(request: gr.Request) -> None:
         gr.Info("Stopping: the running generation ends within one decode step…")
     elif removed:
         gr.Info("Your job waiting in the queue was removed; it will not run.")
+        return "**Stopped** before it started: the job was removed from the queue; nothing ran."
     else:
         gr.Info("Nothing is running.")
+    return gr.skip()
