@@ -57,3 +57,13 @@ def test_the_dataset_tab_opens_offline_on_the_shipped_sample_prompts(monkeypatch
     with gr.Blocks():
         online = dataset_tab.build_dataset_tab()
     assert online.source.value == "hf" and online.prompt_file.value is None
+
+
+def test_sweep_batch_rows_are_numbered_from_one(tiny_pipe):
+    from c2c_core.runner import Item
+    from c2c_core.sweep import batch_items, sweep_items
+    pipe, _cfg = tiny_pipe
+    item = sweep_items(pipe.tokenizer, [4])[0]
+    rows = batch_items(pipe.tokenizer, item, 4, 2, 3)
+    assert [r.id for r in rows] == ["in4-out2-b3.1", "in4-out2-b3.2", "in4-out2-b3.3"]
+    assert rows[0].input_ids == item.input_ids and isinstance(rows[0], Item)
