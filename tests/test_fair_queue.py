@@ -140,3 +140,24 @@ def test_one_waiting_job_per_session_and_stop_removes_it(app_server, monkeypatch
         assert again.status_code == 200
     finally:
         busy.cancel()
+
+
+def test_a_rest_api_client_reading_its_call_stream_counts_as_connected(app_server, monkeypatch):
+    """`POST call/<api>` then `GET call/<api>/<event id>`: that stream is the client's."""
+    demo, url = app_server
+    monkeypatch.setenv("C2C_CONNECT_GRACE_S", "1")
+    from gradio_client import Client
+    info = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    params = info["named_endpoints"]["/batch"]["parameters"]
+    over = {"prompts": "What is 1+1?", "max_new_tokens": 2, "warmup": 0}
+    data = [over.get(p["parameter_name"], p.get("parameter_default")) for p in params]
+    r = httpx.post(f"{url}gradio_api/call/batch", json={"data": data}, timeout=30)
+    assert r.status_code == 200, r.text
+    eid = r.json()["event_id"]
+    text = ""
+    with httpx.stream("GET", f"{url}gradio_api/call/batch/{eid}", timeout=120) as resp:
+        for line in resp.iter_lines():
+            text += line + "\n"
+            if line.startswith(("event: complete", "event: error")):
+                break
+    assert "event: complete" in text and "Done" in text, text[-2000:]
