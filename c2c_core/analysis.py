@@ -11,8 +11,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .records import (EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, STAGE_FIELDS, TIMING,
-                      parse_sweep_id, percentile)
+from .records import (CONTENTION_SHARE, EXT_TIMING_FIELDS, MODES, SEED_TIMING_FIELDS, SETTINGS_KEYS, STAGE_FIELDS,
+                      TIMING, parse_sweep_id, percentile, settings_digest, settings_of, show_value)
 
 TIMING_FIELDS = SEED_TIMING_FIELDS + EXT_TIMING_FIELDS
 
@@ -174,6 +174,7 @@ def normalize(rec: dict, index: int) -> dict:
              for k, text in (("prompt", prompt), ("response", response))}
     return {
         "id": rec["id"] if rec.get("id") is not None else index + 1,  # numbered from 1
+        "input_digest": rec["input_digest"] if isinstance(rec.get("input_digest"), str) else None,
         "mode": rec.get("mode") or "c2c",
         "repeat": 0 if math.isnan(repeat) else int(repeat),
         "prompt": str(prompt),
@@ -195,7 +196,8 @@ def normalize(rec: dict, index: int) -> dict:
 def _row(n: dict, source: str) -> dict:
     t = n["timing"]
     row: dict[str, Any] = {"source": source, "id": str(n["id"]), "mode": n["mode"],
-                           "repeat": n["repeat"], "prompt": n["prompt"]}
+                           "repeat": n["repeat"], "prompt": n["prompt"],
+                           "input_digest": n["input_digest"]}
     row.update({k: _num(t.get(k)) for k in TIMING_FIELDS})
     row.update({k: _num(v) for k, v in t.items() if k not in row})
     ttft = row["ttft_ms"]
@@ -215,7 +217,8 @@ def _row(n: dict, source: str) -> dict:
 def to_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:
     """One row per record: keys, prompt, every timing field (NaN if missing), correct, n_steps."""
     rows = [_row(normalize(r, i), source) for i, r in enumerate(records)]
-    base = ["source", "id", "mode", "repeat", "prompt", *TIMING_FIELDS, "ttft_other_ms",
+    base = ["source", "id", "mode", "repeat", "prompt", "input_digest", *TIMING_FIELDS,
+            "ttft_other_ms",
             "prompt_chars", "response_chars", "correct", "n_steps", "truncated"]
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(base + [k for r in rows for k in r])))
     df["correct"] = df["correct"].astype("boolean")
@@ -226,11 +229,16 @@ def to_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:
 
 
 def duplicates(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose (source, id, mode, repeat) occurs more than once: one generation recorded
-    twice (e.g. two runs resumed into one file, or a file given twice)."""
+    """The rows whose (source, id, mode, repeat) occurs more than once for the same input
+    (input digest): one generation recorded twice (e.g. two runs appended into one file, or a
+    file given twice)."""
     keys = [k for k in _KEYS if k in df.columns]
     if df.empty or not keys:
         return df.head(0)
+    if "input_digest" in df.columns and "id" in keys:  # other prompts under one id (a resume
+        #                                               of another prompt file) are no copies
+        what = df["input_digest"].where(df["input_digest"].notna(), "id:" + df["id"].astype(str))
+        return df[df.assign(_what=what).duplicated([*keys, "_what"], keep=False)]
     return df[df.duplicated(keys, keep=False)]
 
 
@@ -375,26 +383,29 @@ def compare_modes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     per-prompt ratios, paired by (id, repeat) (`_ratio`).
 
     When the records come from several devices (a multi-GPU or multi-node run), the table has
-    one row per (device, mode) and each ratio is also given per device ("... on <device>")."""
+    one row per (device, mode) and each ratio is also given per device ("... on <device>").
+    When a `run` column names several runs (a file holding runs of other settings, split by
+    split_runs), the same holds per run ("... in <run>")."""
     if df.empty or "mode" not in df.columns:
         return summarize(df, by=["mode"]), {}
     order = ordered_modes(df["mode"])
     table = summarize(df, by=["mode"]).set_index("mode").loc[order].reset_index()
     ratios = {k: _ratio(df, a, b) for k, (a, b) in _RATIO_PAIRS.items()
               if a in order and b in order}
-    devs = devices(df)
-    if len(devs) > 1:
+    runs = [r for r in dict.fromkeys(df["run"]) if isinstance(r, str)] if "run" in df.columns else []
+    col, groups, word = ("run", runs, "in") if len(runs) > 1 else ("device", devices(df), "on")
+    if len(groups) > 1:
         parts = []
-        for d in devs:
-            g = df[df["device"] == d]
+        for d in groups:
+            g = df[df[col] == d]
             t = summarize(g, by=["mode"])
             t = t.set_index("mode").loc[ordered_modes(g["mode"])].reset_index()
-            parts.append(t.assign(device=d))
+            parts.append(t.assign(**{col: d}))
             gm = set(g["mode"])
-            ratios.update({f"{k} on {d}": _ratio(g, a, b) for k, (a, b) in _RATIO_PAIRS.items()
+            ratios.update({f"{k} {word} {d}": _ratio(g, a, b) for k, (a, b) in _RATIO_PAIRS.items()
                            if a in gm and b in gm})
         table = pd.concat(parts, ignore_index=True)
-        table = table[["device"] + [c for c in table.columns if c != "device"]]
+        table = table[[col] + [c for c in table.columns if c != col]]
     return table, ratios
 
 
@@ -408,22 +419,92 @@ PAIR_KEYS = ["id", "mode", "repeat"]
 COMPARE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 
 
-def pair_frame(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Records of A and B that share (id, mode, repeat), with both values of `metric` and the
-    ratio B/A per pair. A key met twice in one file (an appended re-run) counts once, at its
-    median. Pairs with a missing value or A <= 0 are left out."""
+def pair_on(df_a: pd.DataFrame, df_b: pd.DataFrame) -> str:
+    """What pairs the records of two runs: "input_digest" (what each generation read) when
+    every record of both carries one, else "id" (files written before digests existed)."""
+    def full(df: pd.DataFrame) -> bool:
+        return "input_digest" in df.columns and len(df) > 0 and df["input_digest"].notna().all()
+    return "input_digest" if full(df_a) and full(df_b) else "id"
+
+
+def prompt_mismatch(df_a: pd.DataFrame, df_b: pd.DataFrame) -> tuple[int, int]:
+    """(ids that ran different prompts in A and B, ids the two share): a prompt id of one file
+    naming another prompt in the other (row positions of other inputs). Prompts are told apart
+    by input digest, or by text for records without one."""
+    def prompts(df: pd.DataFrame) -> dict[str, set]:
+        key = df["input_digest"].where(df["input_digest"].notna(), "text:" + df["prompt"]) \
+            if "input_digest" in df.columns else "text:" + df["prompt"]
+        out: dict[str, set] = {}
+        for i, k in zip(df["id"].astype(str), key):
+            out.setdefault(i, set()).add(k)
+        return out
+    pa, pb = prompts(df_a), prompts(df_b)
+    shared = set(pa) & set(pb)
+    return sum(1 for i in shared if pa[i] != pb[i]), len(shared)
+
+
+def median_cpu_share(df: pd.DataFrame) -> float | None:
+    """The median timing.cpu_share of a run's CPU records (None when none has one)."""
+    s = _series(df, "cpu_share")
+    return float(s.median()) if len(s) else None
+
+
+def contended(df: pd.DataFrame) -> float | None:
+    """The median cpu_share when it is below records.CONTENTION_SHARE (the run competed for
+    its cores, so its CPU times are inflated), else None."""
+    m = median_cpu_share(df)
+    return m if m is not None and m < CONTENTION_SHARE else None
+
+
+#: The verdict of every metric when either run competed for its CPU cores.
+CONTENDED = "inconclusive: CPU contention"
+
+
+def contention_reason(shares: dict[str, float | None]) -> str:
+    """Why a comparison is inconclusive ('' when no run is contended): `shares` maps each
+    run's name to its contended median cpu_share (None: not contended)."""
+    bad = {k: v for k, v in shares.items() if v is not None}
+    if not bad:
+        return ""
+    said = "; ".join(f"{k} got a median {v:.0%} of its CPU threads' time (cpu_share {v:.2f})"
+                     for k, v in bad.items())
+    return (f"{CONTENDED}: {said}, below {CONTENTION_SHARE}, so its CPU times are inflated by"
+            " another program and a change cannot be told from the contention; rerun on an"
+            " idle machine.")
+
+
+def mark_contended(table: pd.DataFrame) -> pd.DataFrame:
+    """A compare_runs table whose every verdict is CONTENDED and nothing judged (regression
+    None), for runs whose CPU times another program inflated."""
+    out = table.copy()
+    out["verdict"] = CONTENDED
+    out["beyond_noise"] = pd.Series([None] * len(out), index=out.index, dtype=object)
+    out["regression"] = pd.Series([None] * len(out), index=out.index, dtype=object)
+    return out
+
+
+def pair_frame(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str,
+               on: str = "id") -> pd.DataFrame:
+    """Records of A and B that share (`on`, mode, repeat) (`on`: "id" or "input_digest", see
+    pair_on), with both values of `metric` and the ratio B/A per pair. A key met twice in one
+    file (an appended re-run) counts once, at its median. Pairs with a missing value or A <= 0
+    are left out."""
+    keys = [on, "mode", "repeat"]
     cols = ["id", "mode", "repeat", "a", "b", "ratio"]
     if metric not in df_a.columns or metric not in df_b.columns:
         return pd.DataFrame(columns=cols)
 
     def per_key(df: pd.DataFrame) -> pd.Series:
         d = df.assign(id=df["id"].astype(str), _v=pd.to_numeric(df[metric], errors="coerce"))
-        return d.dropna(subset=["_v"]).groupby(PAIR_KEYS, sort=False)["_v"].median()
+        return d.dropna(subset=["_v"]).groupby(keys, sort=False)["_v"].median()
 
     both = pd.concat([per_key(df_a).rename("a"), per_key(df_b).rename("b")], axis=1,
                      join="inner")
     both = both[both["a"] > 0]
     out = both.reset_index()
+    if on != "id":  # show the pair by A's id
+        ids = df_a.assign(id=df_a["id"].astype(str)).drop_duplicates(keys).set_index(keys)["id"]
+        out.insert(0, "id", [ids.get(tuple(k), "") for k in out[keys].itertuples(index=False)])
     out["ratio"] = out["b"] / out["a"]
     return out[cols]
 
@@ -450,10 +531,12 @@ def bootstrap_median_ci(x, level: float = 0.95, n_boot: int = 2000,
 
 def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
                  metrics: Iterable[str] = COMPARE_METRICS, threshold: float = 0.05,
-                 min_pairs: int = 5, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                 min_pairs: int = 5, level: float = 0.95, seed: int = 0,
+                 on: str | None = None) -> pd.DataFrame:
     """Run B against run A, per mode both hold and per metric, on paired records.
 
-    Records pair by (id, mode, repeat), so a prompt is only ever set against itself and prompts
+    Records pair by (input digest, mode, repeat) (`on`; default pair_on: by id for files
+    without digests), so a prompt is only ever set against itself and prompts
     of very different lengths do not hide a change. The gate is the median of the per-pair
     ratios B/A with a seeded bootstrap confidence interval (`level`):
     `beyond_noise` when the interval excludes 1 and the median ratio differs from 1 by more than
@@ -463,12 +546,13 @@ def compare_runs(df_a: pd.DataFrame, df_b: pd.DataFrame,
     The medians of A and B are over the paired records only.
     """
     rows = []
+    on = on or pair_on(df_a, df_b)
     modes_a = list(dict.fromkeys(df_a["mode"])) if "mode" in df_a.columns else []
     modes_b = set(df_b["mode"]) if "mode" in df_b.columns else set()
     for mode in [m for m in modes_a if m in modes_b]:
         da, db = df_a[df_a["mode"] == mode], df_b[df_b["mode"] == mode]
         for m in metrics:
-            p = pair_frame(da, db, m)
+            p = pair_frame(da, db, m, on)
             n = len(p)
             ratio = float(p["ratio"].median()) if n else math.nan
             lo, hi = bootstrap_median_ci(p["ratio"], level, seed=seed) if n else (math.nan,) * 2
@@ -511,6 +595,39 @@ def regressions(table: pd.DataFrame) -> pd.DataFrame:
 def has_timing(df: pd.DataFrame, metrics: Iterable[str] = COMPARE_METRICS) -> bool:
     """True when at least one record carries a value of one of `metrics`."""
     return any(_series(df, m).size for m in metrics)
+
+
+def split_runs(name: str, records: list[dict]) -> list[tuple[str, list[dict]]]:
+    """A file's records per run settings (`run.settings`): one (name, records) when they all
+    share one, else one entry per settings, named by the settings that differ ("o.jsonl
+    [dtype float32]"), so summaries never pool two settings (an --append of another run)."""
+    groups: dict[Any, tuple[dict | None, list[dict]]] = {}
+    for r in records:
+        st = settings_of(r)
+        groups.setdefault(None if st is None else settings_digest(st), (st, []))[1].append(r)
+    if len(groups) < 2:
+        return [(name, records)]
+    known = [st for st, _ in groups.values() if st is not None]
+    differ = [k for k in SETTINGS_KEYS if len({repr(st.get(k)) for st in known}) > 1]
+    out = []
+    for st, recs in groups.values():
+        what = ("settings not recorded" if st is None else
+                ", ".join(f"{k} {show_value(st.get(k))}" for k in differ))
+        out.append((f"{name} [{what}]", recs))
+    return out
+
+
+def split_sources(sources: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """split_runs over several files, and one sentence per file that held several runs."""
+    out: dict[str, list[dict]] = {}
+    notes = []
+    for name, recs in sources.items():
+        parts = split_runs(name, recs)
+        out.update(parts)
+        if len(parts) > 1:
+            notes.append(f"{name} holds {len(parts)} runs with different settings; they are shown"
+                         f" apart as {', '.join(p for p, _ in parts)}.")
+    return out, notes
 
 
 #: `run` keys that say on what machine and with what settings a file was made.

@@ -148,19 +148,42 @@ def _load(cfg):
 
 
 def _lock_output(args, path: str | None = None) -> None:
-    """Before any model loads: the output must be writable, and no other run may be writing
-    it (two --resume runs on one file would write every record twice). The lock is held until
-    main() returns (or the process ends)."""
+    """Before any model loads: the output must be a writable file, and no other run may be
+    writing it (two --resume runs on one file would write every record twice). The lock is held
+    until main() returns (or the process ends)."""
     from .fileio import lock_output
-    path = path or args.output
-    if path:
+    path = args.output if path is None else path
+    if path is not None:
         args._output_lock = lock_output(path)
 
 
-def _writer_and_skip(args):
-    from .records import JsonlWriter, done_keys
-    skip = done_keys(args.output) if args.resume else None
-    return JsonlWriter(args.output, append=args.append or args.resume), skip
+def _check_html(args) -> None:
+    """--html is written after the run: refuse an unwritable one before anything runs."""
+    from .fileio import check_writable
+    if getattr(args, "html", None) is not None:
+        check_writable(args.html, "--html")
+
+
+def resume_state(args, cfg, sweep: bool = False):
+    """--resume: the records already in --output (records.Done), after refusing a file made
+    with other settings. Before any model loads. None without --resume."""
+    from .records import done_records
+    from .runner import check_resume_settings
+    if not args.resume:
+        return None
+    check_resume_settings(args.output, cfg, sweep)
+    done = done_records(args.output)
+    if done.note():
+        print(f"Note: {done.note()}", file=sys.stderr)
+    if done:
+        print(f"Resuming: {done.total} record(s) already in {args.output}; only prompts, modes"
+              " and repeats not among them run.", file=sys.stderr)
+    return done
+
+
+def _writer(args):
+    from .records import JsonlWriter
+    return JsonlWriter(args.output, append=args.append or args.resume)
 
 
 def _run_with_bar(pipe, cfg, items, writer, skip):
@@ -248,8 +271,9 @@ def _run_items(args, items) -> int:
     if distributed.active():  # started by torchrun: data-parallel, merged exactly once
         return distributed.run_items(args, cfg, items)
     _lock_output(args)
+    skip = resume_state(args, cfg)
     pipe = _load(cfg)
-    writer, skip = _writer_and_skip(args)
+    writer = _writer(args)
     with writer:
         summary = _run_with_bar(pipe, cfg, items, writer, skip)
     print_summary(summary)
@@ -289,12 +313,14 @@ def cmd_sweep(args) -> int:
     bss = parse_lengths(args.batch_sizes, "--batch_sizes") if args.batch_sizes else None
     cfg = run_config(args)
     _check_sweep_context(cfg, ins, outs)
+    _check_html(args)
     from . import distributed
     if distributed.active():
-        return distributed.run_sweep(args, cfg, ins, outs)
+        return distributed.run_sweep(args, cfg, ins, outs, bss)
     _lock_output(args)
+    skip = resume_state(args, cfg, sweep=True)
     pipe = _load(cfg)
-    writer, skip = _writer_and_skip(args)
+    writer = _writer(args)
     from tqdm import tqdm
 
     from .summary import RunningSummary
@@ -325,16 +351,24 @@ def cmd_sweep(args) -> int:
 
 
 def _frames(paths: list[str], skip_bad_lines: bool):
+    """One frame of the files' records, each run of other settings in a file (an --append of
+    another run) as its own source, said on stderr."""
     import pandas as pd
 
-    from .analysis import to_frame
+    from .analysis import split_runs, to_frame
     from .records import read_records
     frames = []
     for p in paths:
         recs = read_records(p, skip_bad_lines=skip_bad_lines)
         if not recs:
             raise UserError(f"{p} holds no records; run a benchmark into it first.")
-        frames.append(to_frame(recs, source=os.path.basename(p)))
+        runs = split_runs(os.path.basename(p), recs)
+        if len(runs) > 1:
+            print(f"Note: {p} holds {len(runs)} runs with different settings; they are shown"
+                  f" apart: {', '.join(name for name, _ in runs)}.", file=sys.stderr)
+            frames += [to_frame(r, source=name).assign(run=name) for name, r in runs]
+        else:
+            frames.append(to_frame(recs, source=os.path.basename(p)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -382,6 +416,7 @@ def cmd_report(args) -> int:
     import json
 
     from .analysis import compare_modes
+    _check_html(args)
     df = _frames(args.files, args.skip_bad_lines)
     _warn_duplicates(df)
     _warn_contention(df)
@@ -411,9 +446,11 @@ def _json_safe(v):
 
 
 def cmd_compare(args) -> int:
-    """Run B against run A on paired records: exit 1 on a regression beyond the noise, 2 when
-    the files cannot be compared (no timing records, no shared prompts, too few pairs). Every
-    exit prints a last line of JSON: status "regression" / "ok" / "cannot_compare", the reason,
+    """Run B against run A on paired records (same input digest, mode and repeat): exit 1 on a
+    regression beyond the noise, 2 when the files cannot be compared (no timing records, no
+    shared prompts, other prompts under the same ids, too few pairs), 3 when either run competed
+    for its CPU cores (inconclusive, never a regression). Every exit prints a last line of
+    JSON: status "regression" / "ok" / "cannot_compare" / "inconclusive", the reason,
     the pairs per mode, and per mode and metric the ratio, interval, verdict and regression
     (null where too few pairs left it unjudged)."""
     import json
@@ -430,15 +467,26 @@ def cmd_compare(args) -> int:
     return code
 
 
+#: compare's exit codes (README, "compare"): 0 no regression beyond the noise, 1 a regression,
+#: 2 the files cannot be compared, 3 inconclusive (either run competed for its CPU cores).
+EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT, EXIT_INCONCLUSIVE = 0, 1, 2, 3
+
+
 def _compare_files(args, state: dict) -> tuple[int, dict]:
-    from .analysis import (COMPARE_METRICS, compare_runs, has_timing, regressions,
-                           source_differences, to_frame)
+    from .analysis import (COMPARE_METRICS, compare_runs, contended, contention_reason,
+                           has_timing, mark_contended, pair_on, prompt_mismatch, regressions,
+                           source_differences, split_runs, to_frame)
     from .records import read_records
     recs = {}
     for path in (args.a, args.b):
         recs[path] = read_records(path, skip_bad_lines=args.skip_bad_lines)
         if not recs[path]:
             raise UserError(f"{path} holds no records; run a benchmark into it first.")
+        runs = split_runs(os.path.basename(path), recs[path])
+        if len(runs) > 1:
+            print(f"Warning: {path} holds {len(runs)} runs with different settings"
+                  f" ({', '.join(n for n, _ in runs)}); their records are compared together.",
+                  file=sys.stderr)
     a = to_frame(recs[args.a], source=os.path.basename(args.a))
     b = to_frame(recs[args.b], source=os.path.basename(args.b))
     _warn_duplicates(a)
@@ -456,14 +504,29 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
         raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
                         " to compare; pick --mode from the modes both files hold.")
     a, b = a[a["mode"].isin(modes)], b[b["mode"].isin(modes)]
-    ids_a, ids_b = set(a["id"].astype(str)), set(b["id"].astype(str))
-    if not ids_a & ids_b:
-        raise UserError(f"{args.a} and {args.b} share no prompt ids, so no record has a partner to"
-                        " be compared with; run both on the same prompts.")
-    if ids_a != ids_b:
-        print(f"Warning: the files share {len(ids_a & ids_b)} of {len(ids_a | ids_b)} prompt ids;"
+    differ, shared = prompt_mismatch(a, b)
+    if differ:
+        raise UserError(f"{differ} of the {shared} prompt id(s) found in both {args.a} and"
+                        f" {args.b} name different prompts in the two (other inputs numbered by"
+                        " row), so a pair would set one prompt against another; run both on the"
+                        " same prompts.")
+    on = pair_on(a, b)
+    what = "input digest" if on == "input_digest" else "id"
+    if on == "id":
+        print("Note: records without an input digest (files from an older version) are paired"
+              " by prompt id.", file=sys.stderr)
+    keys_a, keys_b = set(a[on].astype(str)), set(b[on].astype(str))
+    if not keys_a & keys_b:
+        raise UserError(f"{args.a} and {args.b} share no prompt {'ids' if on == 'id' else 'inputs'},"
+                        " so no record has a partner to be compared with; run both on the same"
+                        " prompts.")
+    if keys_a != keys_b:
+        print(f"Warning: the files share {len(keys_a & keys_b)} of {len(keys_a | keys_b)} prompts;"
               " only the shared ones are compared.", file=sys.stderr)
-    table = compare_runs(a, b, threshold=args.threshold, min_pairs=args.min_pairs)
+    table = compare_runs(a, b, threshold=args.threshold, min_pairs=args.min_pairs, on=on)
+    contention = contention_reason({args.a: contended(a), args.b: contended(b)})
+    if contention:
+        table = mark_contended(table)
     pairs = table.groupby("mode", sort=False)["pairs"].max()
     state["pairs"] = {str(k): int(v) for k, v in pairs.items()}
     for row in table.to_dict("records"):  # mode -> metric -> verdict; regression None: not judged
@@ -474,37 +537,42 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
     few = table[table["verdict"] == "too few pairs"]
     state["not_judged"] = [f"{m} {f}" for m, f in zip(few["mode"], few["field"])]
     if not (table["pairs"] > 0).any():
-        raise UserError(f"{args.a} and {args.b} share prompt ids but no (id, mode, repeat) record"
-                        " with timing in both; run both with the same --repeats and modes.")
+        raise UserError(f"{args.a} and {args.b} share prompts but no ({what}, mode, repeat)"
+                        " record with timing in both; run both with the same --repeats and modes.")
     cols = [c for c in table.columns if c not in ("field", "beyond_noise")]
     shown = table[cols].assign(regression=table["regression"].map(
         lambda v: "n/a" if v is None else v))
     print(shown.to_string(index=False))
     for mode, n in pairs.items():
         judged = "" if n >= args.min_pairs else f"; not judged (--min_pairs {args.min_pairs})"
-        print(f"{mode}: {n} pair(s) by (id, mode, repeat), of {int((a['mode'] == mode).sum())}"
+        print(f"{mode}: {n} pair(s) by ({what}, mode, repeat), of {int((a['mode'] == mode).sum())}"
               f" record(s) in A and {int((b['mode'] == mode).sum())} in B{judged}.")
+    summary = {"pairs": state["pairs"], "paired_by": on, "min_pairs": args.min_pairs,
+               "regressions": [], "not_judged": state["not_judged"], "metrics": state["metrics"]}
+    if contention:
+        print(f"INCONCLUSIVE: {contention}")
+        return EXIT_INCONCLUSIVE, {"status": "inconclusive", "exit": EXIT_INCONCLUSIVE,
+                                   "reason": contention, **summary}
     bad = regressions(table)
-    summary = {"pairs": state["pairs"], "min_pairs": args.min_pairs,
-               "regressions": [f"{m} {f}" for m, f in zip(bad["mode"], bad["field"])],
-               "not_judged": state["not_judged"], "metrics": state["metrics"]}
+    summary["regressions"] = [f"{m} {f}" for m, f in zip(bad["mode"], bad["field"])]
     if len(bad):
         worse = ", ".join(f"{m} {metric}" for m, metric in zip(bad["mode"], bad["metric"]))
         reason = (f"{worse} worse beyond the noise (median of per-pair ratios, its 95% interval"
                   " excludes 1).")
         print(f"REGRESSION: {reason}")
-        return 1, {"status": "regression", "exit": 1, "reason": reason, **summary}
+        return EXIT_REGRESSION, {"status": "regression", "exit": EXIT_REGRESSION,
+                                 "reason": reason, **summary}
     if len(few) == len(table):
         counts = ", ".join(f"{m} {n}" for m, n in state["pairs"].items())
         raise UserError(f"too few pairs to tell a change from noise in any mode: each mode is"
                         f" judged on its own and needs at least --min_pairs {args.min_pairs} pairs"
-                        f" (same id, mode and repeat); found per mode {counts}"
+                        f" (same {what}, mode and repeat); found per mode {counts}"
                         f" ({sum(state['pairs'].values())} in all, never pooled across modes);"
                         " run more prompts or --repeats.")
     note = f" (not judged, too few pairs: {', '.join(state['not_judged'])})" if len(few) else ""
     print(f"No regression beyond the noise{note}.")
-    return 0, {"status": "ok", "exit": 0, "reason": f"no regression beyond the noise{note}.",
-               **summary}
+    return EXIT_OK, {"status": "ok", "exit": EXIT_OK,
+                     "reason": f"no regression beyond the noise{note}.", **summary}
 
 
 # --- entry ---------------------------------------------------------------------------------
@@ -549,14 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="run B vs run A, paired by (id, mode, repeat); exit 1 on a"
-                       " regression beyond the noise, 2 when they cannot be compared")
+    p = sub.add_parser("compare", help="run B vs run A, paired by (input digest, mode, repeat);"
+                       " exit 1 on a regression beyond the noise, 2 when they cannot be compared,"
+                       " 3 when inconclusive (either run competed for its CPU cores)")
     p.add_argument("a", help="baseline JSONL")
     p.add_argument("b", help="candidate JSONL")
     p.add_argument("--mode", help="compare only this mode")
     p.add_argument("--threshold", type=float, default=0.05, help="minimum relative change that counts")
     p.add_argument("--min_pairs", type=int, default=5,
-                   help="fewest paired records (same id, mode, repeat) to judge a metric")
+                   help="fewest paired records (same input digest, mode, repeat) to judge a metric")
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_compare)
 

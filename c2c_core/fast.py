@@ -32,6 +32,7 @@ import torch
 from . import cancel
 from .errors import UserError
 from .fusion import decoder
+from .records import is_done
 from .stacked import stacked_for
 from .timing import Timer
 
@@ -551,7 +552,7 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
     for ch in chunks:  # the eager order at batch 1: item, repeat, mode
         for r in range(cfg.repeats):
             for m in modes:
-                todo = [it for it in ch if not skip or (str(it.id), m, str(r)) not in skip]
+                todo = [it for it in ch if not is_done(skip, it, m, r)]
                 if todo:
                     jobs.append((todo, r, m))
     if meta is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -29,25 +30,31 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; temp + ren
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def os_error_sentence(e: OSError, path: str, doing: str = "write") -> str:
-    """One sentence for an OSError met while writing `path`, with the fix."""
+def os_error_sentence(e: OSError, path: str, doing: str = "write", flag: str = "--output") -> str:
+    """One sentence for an OSError met while writing `path` (given as `flag`), with the fix."""
     if e.errno in DISK_FULL:
         return f"The disk is full: could not {doing} {path}; free some space"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"Could not {doing} {path}: the folder is read-only or not yours; pick another --output"
+        return f"Could not {doing} {path}: the folder is read-only or not yours; pick another {flag}"
     if e.errno == errno.EISDIR:
-        return f"{path} is a folder; give a file name for --output"
+        return f"{path} is a folder; give a file name for {flag}"
     if e.errno in (errno.ENOTDIR, errno.EEXIST):  # makedirs through a file says EEXIST
-        return f"{path} lies under something that is not a folder; fix the --output path"
+        return f"{path} lies under something that is not a folder; fix the {flag} path"
     return f"Could not {doing} {path} ({e.strerror or e}); check the path and the disk"
 
 
-def check_writable(path: str) -> None:
-    """Refuse an output that cannot be written, before any model loads. An existing file is
-    opened for appending (nothing written); a new one is created and removed again."""
+def check_writable(path: str, flag: str = "--output") -> None:
+    """Refuse an output that cannot be written, before any model loads: empty, a folder, a
+    special file (a FIFO would block the run, a device swallow it), or unwritable. An existing
+    file is opened for appending (nothing written); a new one is created and removed again."""
     path = os.fspath(path)
+    if not path.strip():
+        raise UserError(f"{flag} is empty; give a file name, e.g. {flag} results.jsonl.")
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; give a file name for --output.")
+        raise UserError(f"{path} is a folder; give a file name for {flag}.")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"{path} is not a regular file (a pipe, device or socket), so records"
+                        f" could block or vanish there; give a file name for {flag}.")
     folder = os.path.dirname(os.path.abspath(path))
     existed = os.path.exists(path)
     try:
@@ -55,7 +62,7 @@ def check_writable(path: str) -> None:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as e:
-        raise UserError(os_error_sentence(e, path) + ".") from None
+        raise UserError(os_error_sentence(e, path, flag=flag) + ".") from None
     if not existed:
         try:
             os.remove(path)
@@ -87,7 +94,10 @@ class OutputLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(f"{self.path} is being written by another run; wait for it to"
                                 " finish or give this run another --output.") from None
-            return self  # a file system without locks (some network mounts): run unlocked
+            import sys  # a file system without locks (some network mounts): run unlocked
+            print(f"Warning: {self.path} could not be locked ({e.strerror or e}); make sure no"
+                  " other run writes it meanwhile.", file=sys.stderr)
+            return self
         self._fd = fd
         return self
 

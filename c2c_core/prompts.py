@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 from . import hub
 from .errors import UserError
 from .fileio import read_text
-from .records import iter_jsonl
+from .records import digest_input, iter_jsonl
 
 BUILTIN_PROMPTS = [
     "Say hello in one short sentence.",
@@ -57,6 +57,13 @@ class PromptItem:
     source: str = ""  # "builtin", "prompts", "file:my.jsonl", "hf:openai/gsm8k/main/test"
     input_ids: list[int] | None = None  # exact ids fed as is (length sweeps): no chat template
     n_choices: int | None = None  # multiple choice: how many options (letters A..), for scoring
+
+    @property
+    def digest(self) -> str:
+        """What this item feeds the model, as records.digest_input (the record's input_digest)."""
+        if self.input_ids is not None:
+            return digest_input(None, self.input_ids, str(self.id))
+        return digest_input(self.prompt)
 
 
 class PromptList(list):

@@ -6,10 +6,12 @@ fields, never rename. One record = one generation of one prompt (one mode, one r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator, NamedTuple
 
@@ -99,8 +101,8 @@ STAGE_FIELDS = list(STAGES.values())
 SHARER_STAGES = {"teacher_embedding": "embedding_ms", "teacher_prefill": "prefill_ms",
                  "projection": "projection_ms", "alignment": "alignment_ms"}
 
-#: Top-level fields we add next to `id`.
-EXT_TOP_FIELDS = ["mode", "repeat", "run", "batch_size", "batch_index"]
+#: Top-level fields we add next to `id`. `input_digest`: what the generation read (digest_input).
+EXT_TOP_FIELDS = ["mode", "repeat", "run", "batch_size", "batch_index", "input_digest"]
 
 #: Keys of the flat `run` metadata object (MEASURE.md).
 #: `frontend` is "cli" or "app" (FRONTENDS): which front end ran the generation.
@@ -111,6 +113,9 @@ RUN_FIELDS = [
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
     "world_size", "rank",
     "engine", "compile_s",
+    # the settings that change the numbers (SETTINGS_KEYS) and their digest: --resume refuses
+    # a file made with other settings, and compare/report tell runs apart by them
+    "settings", "settings_digest",
 ]
 
 #: Values of the top-level `mode` field, in the order runs interleave them and tables list them.
@@ -123,7 +128,12 @@ NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "r
 LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alignment_ms",
                 "timing.batch_tokens_per_second", "batch_size", "batch_index", "run.world_size",
                 "run.rank", "run.engine", "run.compile_s", "run.frontend",
-                "timing.cpu_share", "timing.batch_wait_ms"}
+                "timing.cpu_share", "timing.batch_wait_ms", "input_digest", "run.settings",
+                "run.settings_digest"}
+#: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
+#: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower): its
+#: times are inflated; `compare` calls such a run inconclusive.
+CONTENTION_SHARE = 0.85
 #: Values of run.frontend.
 FRONTENDS = ["cli", "app"]
 
@@ -305,14 +315,138 @@ def read_records(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[
     return list(iter_jsonl(path, skip_bad_lines=skip_bad_lines))
 
 
-def done_keys(path: str | os.PathLike) -> set[tuple]:
-    """(id, mode, repeat) of the records already in a file, for --resume."""
+# --- what ran: input and settings digests, and what --resume finds done -------------------
+
+#: The settings that change a record's numbers, in `run.settings` (config-level names: what
+#: the user asked for, resolved: "auto" never appears). A file whose records carry other values
+#: is refused by --resume; `compare` and `report` name them.
+SETTINGS_KEYS = ("receiver", "sharers", "fuser", "alignment", "fusion", "dtype", "device",
+                 "engine", "max_new_tokens", "ignore_eos", "do_sample", "temperature", "top_p",
+                 "top_k", "seed", "t2t_note_tokens", "chat_template", "timing_method")
+
+
+def _digest(obj: Any) -> str:
+    raw = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+
+
+def digest_input(prompt: str | None, input_ids: list[int] | None = None,
+                 shape: str | None = None) -> str:
+    """16 hex digits naming what a generation read: the prompt text, or for exact-length
+    prompts (a sweep) the token ids with their shape id (output length and batch row are part
+    of what a sweep record measures). Row positions never enter it, so the same prompt in
+    another file (or at another row) has the same digest."""
+    if input_ids is not None:
+        return _digest({"ids": [int(x) for x in input_ids], "shape": shape})
+    return _digest({"text": str(prompt)})
+
+
+def settings_digest(settings: dict) -> str:
+    return _digest({k: settings.get(k) for k in SETTINGS_KEYS})
+
+
+def settings_of(rec: dict) -> dict | None:
+    """A record's `run.settings`, or None for records written before they existed."""
+    run = rec.get("run") if isinstance(rec, dict) else None
+    s = run.get("settings") if isinstance(run, dict) else None
+    return s if isinstance(s, dict) else None
+
+
+def show_value(v: Any) -> str:
+    """A setting's value as said in a sentence (lists joined with +, None as 'none')."""
+    if isinstance(v, list):
+        return " + ".join(map(str, v)) or "none"
+    return "none" if v is None else str(v)
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """'dtype float32 in the file, bfloat16 now' style phrases for each setting that differs."""
+    return [f"{k} {show_value(old.get(k))} in the file, {show_value(new.get(k))} now"
+            for k in SETTINGS_KEYS if old.get(k) != new.get(k)]
+
+
+def record_key(rec: dict) -> tuple[str, str, str]:
+    """(input digest, mode, repeat); records written before digests existed key on their id
+    ('id:<id>'), as --resume always did."""
+    d = rec.get("input_digest")
+    first = str(d) if isinstance(d, str) and d else f"id:{rec.get('id')}"
+    return (first, rec.get("mode") or "c2c", str(rec.get("repeat", 0) or 0))
+
+
+class Done:
+    """What a results file already holds, for --resume: a count per (input digest, mode,
+    repeat), so a prompt listed twice runs twice, and records without a digest (older files)
+    matched by id. `take` says whether a generation is already done, using up one record."""
+
+    def __init__(self, records: Iterable[dict] = ()):
+        self.counts: Counter = Counter()
+        self.by_id: Counter = Counter()   # every record by (id, mode, repeat)
+        self.legacy = 0   # records without input_digest (matched by id)
+        self.total = 0
+        for r in records:
+            self.add(r)
+
+    def add(self, rec: dict) -> None:
+        k = record_key(rec)
+        self.legacy += k[0].startswith("id:")
+        self.counts[k] += 1
+        self.by_id[(f"id:{rec.get('id')}",) + k[1:]] += 1
+        self.total += 1
+
+    def take(self, digest: str | None, id_: Any, mode: str, repeat: int) -> bool:
+        """`digest` None: match by id alone (a sweep shape, whose id names its input when the
+        settings match, as --resume has checked)."""
+        keys = [(digest, mode, str(repeat)), (f"id:{id_}", mode, str(repeat))]
+        pools = [(self.counts, keys[0]), (self.counts, keys[1])] if digest else \
+            [(self.by_id, keys[1])]
+        for pool, k in pools:
+            if pool.get(k, 0) > 0:
+                pool[k] -= 1
+                return True
+        return False
+
+    def note(self) -> str:
+        """One line when some records could only be matched by id."""
+        if not self.legacy:
+            return ""
+        return (f"{self.legacy} record(s) in the file carry no input digest (written by an older"
+                " version); they are matched by id, so rerun into a new file if the prompts"
+                " changed.")
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+
+def done_records(path: str | os.PathLike) -> Done:
+    """The records already in a file, for --resume (an absent file holds none)."""
     if not os.path.exists(path):
-        return set()
-    keys = set()
+        return Done()
+    return Done(iter_jsonl(path, skip_bad_lines=True))
+
+
+def settings_conflict(path: str | os.PathLike, settings: dict, fix: str) -> str | None:
+    """The sentence refusing to resume into `path` when its records were made with other
+    settings than `settings` (None when they match or carry none)."""
+    if not os.path.exists(path):
+        return None
+    want = settings_digest(settings)
     for r in iter_jsonl(path, skip_bad_lines=True):
-        keys.add((str(r.get("id")), r.get("mode", "c2c"), str(r.get("repeat", 0) or 0)))
-    return keys
+        s = settings_of(r)
+        if s is not None and settings_digest(s) != want:
+            diff = "; ".join(settings_diff(s, settings))
+            return (f"{os.fspath(path)} holds records made with other settings ({diff}), and"
+                    f" resuming would mix the two in one run; {fix}.")
+    return None
+
+
+def is_done(skip: Any, item: Any, mode: str, repeat: int) -> bool:
+    """Whether --resume found (item, mode, repeat) done: `skip` is a Done, or a set of
+    (id, mode, repeat) tuples (a distributed unit's partly done keys), or None."""
+    if not skip:
+        return False
+    if isinstance(skip, Done):
+        return skip.take(getattr(item, "digest", None), item.id, mode, repeat)
+    return (str(item.id), mode, str(repeat)) in skip
 
 
 # --- validation (used by tests and by `analyze`) -------------------------------------------
@@ -341,6 +475,15 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     steps = rec.get("decode_step_times_ms")
     if not isinstance(steps, list) or not all(num(x) for x in steps):
         problems.append("decode_step_times_ms is not a list of numbers")
+    d = rec.get("input_digest")
+    if d is not None and not (isinstance(d, str) and re.fullmatch(r"[0-9a-f]{16}", d)):
+        problems.append("input_digest is not 16 hex digits")
+    if isinstance(run, dict) and run.get("settings") is not None:  # null: not recorded
+        st = run["settings"]
+        if not isinstance(st, dict):
+            problems.append("run.settings is not an object")
+        elif run.get("settings_digest") != settings_digest(st):
+            problems.append("run.settings_digest does not match run.settings")
     fe = run.get("frontend", "cli") if isinstance(run, dict) else "cli"
     if fe not in FRONTENDS:
         problems.append(f"run.frontend is {fe!r}, not one of {FRONTENDS}")

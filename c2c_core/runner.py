@@ -34,7 +34,8 @@ from .loading import Pipeline
 from .memory import DeviceMemory
 from .prompts import PromptItem as Item
 from .prompts import score
-from .records import MODES, SHARER_STAGES, JsonlWriter, percentile, r3
+from .records import (MODES, SHARER_STAGES, JsonlWriter, is_done, percentile, r3,
+                      settings_conflict, settings_digest)
 from .timing import STAGES, Timer, now_ns, sync
 
 #: Which front end started the run, written into every record as `run.frontend`: "cli" unless
@@ -347,11 +348,68 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_settings(cfg: RunConfig, device: torch.device, dtype: torch.dtype,
+                 timer_method: str) -> dict:
+    """`run.settings`: what of this run changes its numbers (records.SETTINGS_KEYS), resolved
+    ("auto" never appears), from the settings alone, so --resume can check a file before any
+    model loads."""
+    from .config import resolve_engine
+    f, g = cfg.fuser, cfg.gen
+    fuser = f.source or f"untrained {f.hidden_dim}/{f.intermediate_dim}/{f.num_layers}"
+    return {
+        "receiver": cfg.receiver.source, "sharers": [s.source for s in cfg.sharers],
+        "fuser": fuser, "alignment": cfg.alignment, "fusion": cfg.fusion,
+        "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+        "engine": resolve_engine(cfg, device), "max_new_tokens": g.max_new_tokens,
+        "ignore_eos": g.ignore_eos, "do_sample": g.do_sample,
+        # sampling knobs only matter when sampling
+        "temperature": g.temperature if g.do_sample else None,
+        "top_p": g.top_p if g.do_sample else None, "top_k": g.top_k if g.do_sample else None,
+        "seed": g.seed, "t2t_note_tokens": g.t2t_note_tokens,
+        "chat_template": cfg.chat_template, "timing_method": timer_method,
+    }
+
+
+def planned_settings(cfg: RunConfig, sweep: bool = False) -> dict:
+    """run_settings before anything loads (device and dtype resolved as load_pipeline will).
+    A sweep's records take their max_new_tokens from their shape (the input digest), so its
+    settings hold none."""
+    from .loading import resolve_device, resolve_dtype
+    device = resolve_device(cfg.device)
+    s = run_settings(cfg, device, resolve_dtype(cfg.dtype, device, cfg.cpu_dtype),
+                     Timer(device, cfg.timing).method_name)
+    return sweep_settings(s) if sweep else s
+
+
+#: What to do instead when --resume meets a file made with other settings.
+RESUME_FIX = ("rerun with the settings it was made with, pass --append instead of --resume to"
+              " add a second run beside it (report then shows the two runs apart), or give"
+              " another --output")
+
+
+def check_resume_settings(path: str, cfg: RunConfig, sweep: bool = False) -> None:
+    """--resume into `path`: refuse, before any model loads, a file whose records were made with
+    other settings (one sentence naming them)."""
+    conflict = settings_conflict(path, planned_settings(cfg, sweep), RESUME_FIX)
+    if conflict:
+        raise UserError(conflict)
+
+
+def sweep_settings(settings: dict) -> dict:
+    return {**settings, "max_new_tokens": None, "ignore_eos": True}
+
+
+def with_settings(meta: dict, settings: dict) -> dict:
+    """The `run` object with these settings and their digest."""
+    return {**meta, "settings": settings, "settings_digest": settings_digest(settings)}
+
+
 def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
     """The flat `run` object written into every record of one invocation."""
     import transformers
     dev = pipe.device
     g = cfg.gen
+    settings = run_settings(cfg, dev, pipe.dtype, timer_method)
     return {
         "run_id": uuid.uuid4().hex[:12],
         "frontend": FRONTEND.get(),
@@ -391,6 +449,8 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "rank": 0,
         "engine": engine_of(pipe, cfg),
         "compile_s": 0.0,   # the fast engine's compile/capture in warm-up (set by run_many)
+        "settings": settings,
+        "settings_digest": settings_digest(settings),
     }
 
 
@@ -399,6 +459,7 @@ def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generatio
     timing, steps = timing_fields(g)
     rec = {
         "id": item.id,
+        "input_digest": item.digest,
         "mode": mode,
         "repeat": repeat,
         "prompt": item.prompt,
@@ -484,7 +545,7 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
         out = run_many_fast(pipe, cfg, items, writer, on_progress, should_stop, skip, meta)
         return out if keep else []
     jobs = [(it, r, m) for it in items for r in range(cfg.repeats) for m in modes
-            if not skip or (str(it.id), m, str(r)) not in skip]
+            if not is_done(skip, it, m, r)]
     if meta is None:
         meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
     out: list[dict] = []

@@ -8,6 +8,8 @@ import math
 from array import array
 from typing import Iterable
 
+from .records import CONTENTION_SHARE  # the threshold lives with its field
+
 #: The metrics summarized; their headings are analysis.column's ("decode ms/token p50").
 METRICS = ("decode_avg_ms", "tokens_per_second", "ttft_ms")
 
@@ -21,11 +23,6 @@ def _q(xs: list[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-#: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
-#: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower).
-CONTENTION_SHARE = 0.85
 
 
 def contention_note(shares: list[float]) -> str:

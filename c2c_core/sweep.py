@@ -3,6 +3,7 @@ template) x fixed output lengths (ignore EOS), like vLLM's --input-len/--output-
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Callable
 
@@ -10,16 +11,17 @@ import torch
 
 from .errors import UserError
 from .records import sweep_id
-from .runner import Item, modes_of, run_many, run_metadata
+from .runner import Item, modes_of, run_many, run_metadata, sweep_settings, with_settings
 from .timing import Timer
 
 
 def parse_lengths(text: str, what: str) -> list[int]:
-    """'16,64,256' -> [16, 64, 256]."""
+    """'16,64,256', '16 64 256' or '16, 64' -> [16, 64, 256]: commas and spaces alike."""
     try:
-        vals = [int(x) for x in str(text).replace(" ", "").split(",") if x]
+        vals = [int(x) for x in re.split(r"[,\s]+", str(text).strip()) if x]
     except ValueError:
-        raise UserError(f"{what} '{text}' must be comma-separated integers, e.g. 16,64,256.") from None
+        raise UserError(f"{what} '{text}' must be whole numbers separated by commas or spaces,"
+                        " e.g. 16,64,256.") from None
     if not vals or any(v < 1 for v in vals):
         raise UserError(f"{what} '{text}' must list lengths >= 1.")
     return vals
@@ -50,8 +52,10 @@ def shape_config(cfg, output_len: int, batch_size: int | None = None):
 
 
 def sweep_meta(pipe, cfg, timer_method: str) -> dict:
-    """The `run` object of a sweep (its max_new_tokens is then set per shape)."""
-    return run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)), timer_method)
+    """The `run` object of a sweep (its max_new_tokens is then set per shape; its settings have
+    none: the shape is part of each record's input digest)."""
+    meta = run_metadata(pipe, replace(cfg, gen=replace(cfg.gen, ignore_eos=True)), timer_method)
+    return with_settings(meta, sweep_settings(meta["settings"]))
 
 
 def batch_items(tokenizer, item: Item, n: int, m: int, batch: int, seed: int = 0) -> list[Item]:

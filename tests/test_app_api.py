@@ -137,7 +137,13 @@ def test_analyze_current_and_seed_files(client, tmp_path):
     assert len(summary["data"]) == 2
     assert any("ms/token" in h for h in summary["headers"])
     compare = out[11]
-    assert compare["data"] and "median A" in compare["headers"]
+    # the batch file and the seed file ran other prompts under the same ids: as `compare`,
+    # the A-vs-B view refuses to set one prompt against another
+    assert compare["headers"] == ["metric", "verdict"]
+    assert "cannot compare" in compare["data"][0][1] and "different prompts" in compare["data"][0][1]
+    same = client.predict(files=[handle_file(batch_file), handle_file(batch_file)],
+                          api_name="/analyze")[11]
+    assert same["data"] and "median A" in same["headers"]
 
 
 def test_analyze_malformed_file_says_which_line(client, tmp_path):

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 from c2c_core.cli import main
-from c2c_core.records import check_record, read_records
+from c2c_core.records import check_record, digest_input, read_records
 from c2c_core.runner import run_many
 from c2c_core.sweep import run_sweep, synthetic_ids
 
@@ -82,6 +82,7 @@ def _rewrite(src, dst, factor):
             for k in ("ttft_ms", "e2e_ms", "decode_avg_ms"):
                 t[k] = base * factor
             t["tokens_per_second"] = 1000 / t["decode_avg_ms"]
+            t["cpu_share"] = 0.98  # as a quiet machine (a contended one is "inconclusive")
             g.write(json.dumps(r) + "\n")
 
 
@@ -102,7 +103,14 @@ def test_compare_flags_a_2x_slowdown_and_not_a_copy(tmp_path, tiny_models, capsy
     assert main(["compare", str(base), str(tmp_path / "slow.jsonl"), "--mode", "t2t"]) == 2
     recs = read_records(base)
     other = tmp_path / "other.jsonl"
+    # the same prompts under other ids pair by their input digest
     other.write_text("".join(json.dumps({**r, "id": f"x{r['id']}"}) + "\n" for r in recs))
     capsys.readouterr()
-    assert main(["compare", str(base), str(other)]) == 2  # nothing to pair: cannot judge
-    assert "share no prompt ids" in capsys.readouterr().err
+    assert main(["compare", str(base), str(other)]) == 0
+    # other prompts under other ids: nothing to pair, cannot judge
+    other.write_text("".join(json.dumps({**r, "id": f"x{r['id']}", "prompt": "other " + r["prompt"],
+                                         "input_digest": digest_input("other " + r["prompt"])})
+                             + "\n" for r in recs))
+    capsys.readouterr()
+    assert main(["compare", str(base), str(other)]) == 2
+    assert "share no prompt inputs" in capsys.readouterr().err

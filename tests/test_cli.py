@@ -63,7 +63,11 @@ def test_batch_builtin_prompts_overwrite_append_resume(tmp_path, model_args, cap
     assert main(["batch", "--output", str(out), "--append", "--prompts", "x", *model_args]) == 0
     assert len(read_records(out)) == 3
     assert main(["batch", "--output", str(out), "--resume", *model_args]) == 0
-    assert [r["id"] for r in read_records(out)] == [1, 2, 1, 3, 4, 5]  # ids 1, 2 were done
+    # resume keys on what ran (the input digest), not the row id: "one", "two", "x" are not
+    # the built-in prompts 1 and 2, so all five built-ins run
+    assert [r["id"] for r in read_records(out)] == [1, 2, 1, 1, 2, 3, 4, 5]
+    assert main(["batch", "--output", str(out), "--resume", *model_args]) == 0
+    assert len(read_records(out)) == 8  # all done: nothing runs twice
 
 
 def test_dataset_shards_cover_every_sample_once(tmp_path, model_args):

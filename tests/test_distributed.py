@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -96,21 +97,22 @@ def test_merge_orders_by_source_and_refuses_missing_or_doubled(tmp_path):
     assert [u.id for u in units] == ["1", "2", "3", "4"]
     plan = D.make_plan(out, units, resume=False)
     assert plan.pending == [0, 1, 2, 3] and os.path.isdir(D.parts_dir(out))
+    rid = plan.run_id
     # rank 1 took prompt 2 and 4, rank 0 prompt 1 and 3 (each with both modes)
-    r0 = [_rec(i, m, rank=0) for i in (1, 3) for m in ("c2c", "receiver")]
-    r1 = [_rec(i, m, rank=1) for i in (2, 4) for m in ("c2c", "receiver")]
-    write_all(D.part_path(out, 0), r0[:3])  # prompt 3 receiver missing
-    write_all(D.part_path(out, 1), r1 + [r1[0] | {"response": "another run"}])  # 2 c2c doubled
+    r0 = [_rec(i, m, rank=0, run_id=rid) for i in (1, 3) for m in ("c2c", "receiver")]
+    r1 = [_rec(i, m, rank=1, run_id=rid) for i in (2, 4) for m in ("c2c", "receiver")]
+    write_all(D.part_path(out, 0, rid), r0[:3])  # prompt 3 receiver missing
+    write_all(D.part_path(out, 1, rid), r1 + [r1[0] | {"response": "another run"}])  # 2 c2c doubled
     with pytest.raises(UserError) as e:
-        D.merge(out, units)
+        D.merge(out, units, plan)
     msg = str(e.value)
     assert "1 of 8 record(s) missing (3 receiver #0)" in msg and "doubled (2 c2c #0)" in msg
     assert msg.count(".") >= 1 and "\n" not in msg
     assert not os.path.exists(out) and len(D.part_files(out)) == 2  # nothing lost
 
-    write_all(D.part_path(out, 0), r0)
-    write_all(D.part_path(out, 1), r1 + [r1[0]])  # an identical line counts once
-    res = D.merge(out, units, run_id="r1", counts={0: 4, 1: 4})
+    write_all(D.part_path(out, 0, rid), r0)
+    write_all(D.part_path(out, 1, rid), r1 + [r1[0]])  # an identical line counts once
+    res = D.merge(out, units, plan, counts={0: 4, 1: 4})
     assert [_key(r)[:2] for r in read_records(out)] == [
         (str(i), m) for i in range(1, 5) for m in ("c2c", "receiver")]
     assert res.per_rank == {0: 4, 1: 4} and not os.path.exists(D.parts_dir(out))
@@ -119,25 +121,116 @@ def test_merge_orders_by_source_and_refuses_missing_or_doubled(tmp_path):
 def test_merge_notices_a_part_it_cannot_see(tmp_path):
     out = str(tmp_path / "o.jsonl")
     units = D.item_units(["a", "b"], ["c2c"], 1)
-    D.make_plan(out, units, resume=False)
-    write_all(D.part_path(out, 0), [_rec(1), _rec(2)])
+    plan = D.make_plan(out, units, resume=False)
+    write_all(D.part_path(out, 0, plan.run_id), [_rec(1, run_id=plan.run_id),
+                                                 _rec(2, run_id=plan.run_id)])
     with pytest.raises(UserError, match="rank 1 wrote 1 record.*filesystem all nodes share"):
-        D.merge(out, units, run_id="r1", counts={0: 2, 1: 1})
+        D.merge(out, units, plan, counts={0: 2, 1: 1})
 
 
 def test_plan_refuses_to_overwrite_parts_and_resume_runs_only_the_missing(tmp_path):
     out = str(tmp_path / "o.jsonl")
     units = D.item_units(["a", "b", "c"], ["c2c", "receiver"], 2)
     D.make_plan(out, units, resume=False)
-    write_all(D.part_path(out, 3), [_rec(1, m, r) for m in ("c2c", "receiver") for r in (0, 1)]
-              + [_rec(2, "c2c", 1)])
+    # records of an older version (no input digest) are matched by id
+    write_all(D.part_path(out, 3, "old"), [_rec(1, m, r) for m in ("c2c", "receiver")
+                                           for r in (0, 1)] + [_rec(2, "c2c", 1)])
     with pytest.raises(UserError, match="holds 5 record.*--resume"):
         D.make_plan(out, units, resume=False)
     write_all(out, [_rec(3, "receiver", 0)])
     plan = D.make_plan(out, units, resume=True)
     assert plan.pending == [1, 2] and plan.skipped == 6
     assert plan.done == {1: [["2", "c2c", "1"]], 2: [["3", "receiver", "0"]]}
+    assert plan.inherited == [D.part_path(out, 3, "old")] and "matched by id" in plan.note
     assert D.Plan.from_json(plan.to_json()) == plan
+
+
+def _drec(prompt, id_, mode="c2c", repeat=0, run_id="r1", rank=0):
+    from c2c_core.records import digest_input
+    return _rec(id_, mode, repeat, rank, run_id) | {"prompt": prompt,
+                                                      "input_digest": digest_input(prompt)}
+
+
+def test_resume_plan_keys_on_what_ran_not_the_row(tmp_path):
+    """Another prompt file resumed into the same output: every new prompt runs."""
+    out = str(tmp_path / "o.jsonl")
+    write_all(out, [_drec("alpha one", 1), _drec("alpha two", 2)])
+    units = D.item_units(["BETA one", "BETA two", "BETA three"], ["c2c"], 1)
+    plan = D.make_plan(out, units, resume=True)
+    assert plan.pending == [0, 1, 2] and plan.skipped == 0
+    units = D.item_units(["x", "alpha two", "alpha one"], ["c2c"], 1)
+    assert D.make_plan(out, units, resume=True).pending == [0]
+
+
+def test_merge_appends_in_place_and_removes_only_its_parts(tmp_path):
+    out = str(tmp_path / "o.jsonl")
+    write_all(out, [_drec("alpha one", 1)])
+    inode = os.stat(out).st_ino
+    units = D.item_units(["alpha one", "beta", "gamma"], ["c2c"], 1)
+    # a crashed earlier run left beta in its part
+    write_all(D.part_path(out, 1, "dead"), [_drec("beta", 2, run_id="dead", rank=1)])
+    plan = D.make_plan(out, units, resume=True)
+    assert plan.pending == [2] and plan.skipped == 2
+    write_all(D.part_path(out, 0, plan.run_id), [_drec("gamma", 3, run_id=plan.run_id)])
+    stranger = os.path.join(D.parts_dir(out), "rank-00000-stranger.jsonl")
+    write_all(stranger, [_drec("zeta", 9, run_id="stranger")])  # not this merge's
+    res = D.merge(out, units, plan, fresh=False, counts={0: 1})
+    assert os.stat(out).st_ino == inode  # appended in place, never replaced
+    assert [r["prompt"] for r in read_records(out)] == ["alpha one", "beta", "gamma"]
+    assert res.kept_before == 1 and res.extra == 1 and len(res.records) == 1
+    assert D.part_files(out) == [stranger]  # only the merged parts are removed
+
+
+def test_units_are_batches_of_batch_size():
+    units = D.item_units([f"p{i}" for i in range(1, 7)], ["c2c", "receiver"], 1, batch_size=4)
+    assert [len(u.payload) for u in units] == [4, 2]
+    assert units[0].keys[:5] == [("1", "c2c", "0"), ("2", "c2c", "0"), ("3", "c2c", "0"),
+                                 ("4", "c2c", "0"), ("1", "receiver", "0")]
+    sw = D.sweep_units([4], [3], ["c2c"], 1, batch_sizes=[1, 2])
+    assert [u.keys for u in sw] == [[("in4-out3", "c2c", "0")],
+                                    [("in4-out3-b2.0", "c2c", "0"), ("in4-out3-b2.1", "c2c", "0")]]
+
+
+class _FakeStore:
+    """torch's store interface (add/set/get/check) over a dict."""
+
+    def __init__(self):
+        self.d = {}
+
+    def add(self, k, n):
+        self.d[k] = int(self.d.get(k, 0)) + n
+        return self.d[k]
+
+    def set(self, k, v):
+        self.d[k] = v.encode() if isinstance(v, str) else v
+
+    def get(self, k):
+        return self.d[k]
+
+    def check(self, ks):
+        return all(k in self.d for k in ks)
+
+
+def test_a_wait_gives_up_on_a_rank_that_stopped_beating(monkeypatch):
+    monkeypatch.setattr(D, "DEAD_S", 0.5)
+    monkeypatch.setattr(D, "BEAT_S", 0.05)
+    fake = _FakeStore()
+    rank0 = D._Store(fake, "c2c/0/", rank=0, world_size=2).start_beating()
+    rank1 = D._Store(fake, "c2c/0/", rank=1, world_size=2)
+    try:
+        rank1.add("beat/1", 1)  # rank 1 beat once, then its node died
+        t = time.monotonic()
+        with pytest.raises(UserError, match="Rank 1 has not been heard from.*--resume"):
+            rank0.wait_get("count/1", [1], "rank 1's count")
+        assert time.monotonic() - t < 5
+        # a rank that keeps beating is waited for, however long it takes
+        setter = threading.Timer(1.0, lambda: fake.set("c2c/0/count/0", "7"))
+        setter.start()
+        assert rank1.wait_get("count/0", [0], "rank 0's count") == "7"
+        with pytest.raises(UserError, match="waited 0 s for rank 0's plan"):
+            rank1.wait_get("plan", [0], "rank 0's plan", limit_s=0.2)
+    finally:
+        rank0.stop_beating()
 
 
 def test_duplicate_ids_are_refused():
@@ -218,11 +311,11 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
     proc = subprocess.Popen(_torchrun(_two_ranks(), args), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    part1 = D.part_path(out, 1)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.exists(part1) and len(read_records(part1)) >= 3:
+            part1 = [p for p in D.part_files(out) if "rank-00001-" in p]
+            if part1 and len(read_records(part1[0])) >= 3:
                 break
             time.sleep(0.02)
         victim = _rank_process(proc.pid, 1)
@@ -234,7 +327,7 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     assert proc.returncode != 0, log[-2000:]
-    assert not os.path.exists(out)
+    assert not os.path.exists(out) or read_records(out) == []
     kept = [r for p in D.part_files(out) for r in read_records(p)]
     assert 3 <= len(kept) < n, "the kill should land mid-run"
     first_run = {r["run"]["run_id"] for r in kept}
@@ -251,6 +344,70 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
     assert sum(len(v) for k, v in runs.items() if k in first_run) == len(kept)
     assert f"Resuming: {len(kept)} record(s) already done" in log
     assert not os.path.exists(D.parts_dir(out))
+
+
+@pytest.mark.timeout(1200)
+def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_path, capsys):
+    """A torchrun run holds the output: a second torchrun launch and a one-process --resume are
+    refused at once; a torchrun --resume while a one-process run holds it is refused too; the
+    first run ends with every record exactly once."""
+    from c2c_core.fileio import OutputLock
+    n = 160  # long enough (~30 s here) to outlast a second torchrun's start
+    data = _prompts_file(tmp_path / "p.jsonl", n)
+    out = str(tmp_path / "o.jsonl")
+    args = ["dataset", "--dataset_file", data, "--ignore_eos", *_model_args(tiny_models, 128),
+            "--output", out]
+    first = subprocess.Popen(_torchrun(_two_ranks(), args), cwd=ROOT, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and first.poll() is None:
+            if any(read_records(p) for p in D.part_files(out)):
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run should still be running"
+        t = time.monotonic()
+        rc, log = _run(_torchrun(_two_ranks(), args + ["--resume"]), timeout=300)
+        assert rc != 0 and "is being written by another run" in log, log[-2000:]
+        assert main(args + ["--resume"]) == 2
+        assert "is being written by another run" in capsys.readouterr().err
+        assert time.monotonic() - t < 240
+        assert first.poll() is None, "the refusals must have met a running first run"
+        log, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    assert first.returncode == 0, log[-3000:]
+    recs = read_records(out)
+    assert [r["id"] for r in recs] == [f"q{i}" for i in range(n)]
+    assert not os.path.exists(D.parts_dir(out))
+
+    # a one-process run holds the output: a torchrun --resume is refused, nothing changes
+    before = open(out, "rb").read()
+    with OutputLock(out):
+        rc, log = _run(_torchrun(_two_ranks(), args + ["--resume"]), timeout=300)
+    assert rc != 0 and "is being written by another run" in log, log[-2000:]
+    assert open(out, "rb").read() == before and not D.part_files(out)
+
+
+@pytest.mark.timeout(1200)
+def test_batch_size_under_torchrun_runs_batches(tiny_models, tmp_path):
+    data = _prompts_file(tmp_path / "p.jsonl", 10)
+    out = str(tmp_path / "o.jsonl")
+    args = ["dataset", "--dataset_file", data, "--batch_size", "4", "--engine", "fast",
+            *_model_args(tiny_models), "--output", out]
+    rc, log = _run(_torchrun(_two_ranks(), args))
+    assert rc == 0, log[-3000:]
+    recs = read_records(out)
+    assert [r["id"] for r in recs] == [f"q{i}" for i in range(10)]
+    assert [r["batch_size"] for r in recs] == [4] * 8 + [2] * 2
+    assert all(check_record(r) == [] for r in recs)
+    # the same batches in one process give the same greedy tokens
+    one = str(tmp_path / "one.jsonl")
+    assert main(args[:-1] + [one]) == 0
+    assert sorted(map(_content, read_records(one))) == sorted(map(_content, recs))
 
 
 @pytest.mark.timeout(1200)

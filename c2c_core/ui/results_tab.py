@@ -191,9 +191,18 @@ def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def compare_table(df_a: pd.DataFrame, df_b: pd.DataFrame) -> pd.DataFrame:
-    """B against A as shown: a metric with too few pairs says regression "n/a" (not judged),
-    never False."""
+    """B against A as shown, by the CLI compare's rules: paired by (input digest, mode,
+    repeat); other prompts under the same ids: one row saying it cannot compare; either run
+    contended for its CPU: every verdict "inconclusive: CPU contention". A metric not judged
+    (too few pairs, contention) says regression "n/a", never False."""
+    differ, shared = analysis.prompt_mismatch(df_a, df_b)
+    if differ:
+        return pd.DataFrame([{"metric": "all", "verdict": (
+            f"cannot compare: {differ} of the {shared} prompt id(s) found in both files name"
+            " different prompts in the two; run both on the same prompts")}])
     table = analysis.compare_runs(df_a, df_b, analysis.COMPARE_METRICS)
+    if analysis.contended(df_a) is not None or analysis.contended(df_b) is not None:
+        table = analysis.mark_contended(table)
     table["regression"] = table["regression"].map(lambda v: "n/a" if v is None else v)
     return table.drop(columns=["field", "beyond_noise"])
 
@@ -240,8 +249,8 @@ def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
 
 
 def contention_notes(sources: dict[str, list[dict]]) -> list[str]:
-    """One sentence per file whose CPU generations did not get their threads' time
-    (timing.cpu_share; summary.contention_note)."""
+    """One sentence for the view naming the files whose CPU generations did not get their
+    threads' time, with each one's median share (timing.cpu_share; summary.contention_files)."""
     from ..summary import RunningSummary, contention_files
     note = contention_files({name: list(RunningSummary(recs).shares)
                              for name, recs in sources.items()})
