@@ -312,6 +312,20 @@ def check_fits(cfg, batch: int = 1, tokens: int = 0, held_bytes: int = 0,
     return est
 
 
+def check_batches(cfg, items, what: str = "This run's largest batch") -> None:
+    """Once the prompts are known (a dataset, a file) and cfg's models are loaded: the KV cache
+    of the largest batch (cfg.batch_size of the longest prompts, a character counted as a token
+    when the prompt is text) within the free memory. The weights are in memory already."""
+    items = list(items or ())
+    if not items or cfg.batch_size <= 1:
+        return
+    longest = max((len(ids) if (ids := getattr(it, "input_ids", None)) is not None
+                   else len(getattr(it, "prompt", "") or "")) for it in items)
+    est = estimate(cfg)
+    check_fits(cfg, min(cfg.batch_size, len(items)), longest + cfg.gen.max_new_tokens,
+               held_bytes=est.weights, what=what)
+
+
 def _cuda() -> bool:
     try:
         import torch

@@ -175,6 +175,8 @@ def _job_run(models, p, jid, out_q, stop, tokens, status):
     cfg = p["cfg"]
     pipe = _pipe(models, cfg, status)
     status()
+    from .budget import check_batches
+    check_batches(cfg, p["items"])  # the prompts are known now: the largest batch's KV cache
 
     def on_progress(done, total, rec):
         tokens.value = 0

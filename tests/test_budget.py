@@ -173,3 +173,17 @@ def test_gpu_free_memory_comes_from_nvidia_smi_without_a_cuda_context(monkeypatc
     assert seen[0][-2:] == ["-i", "1"]
     monkeypatch.setenv("SPACES_ZERO_GPU", "1")
     assert budget.free_bytes("cuda:0") is None  # ZeroGPU: not readable outside its call
+
+
+def test_a_dataset_of_long_prompts_in_big_batches_is_refused_once_its_prompts_are_known(
+        monkeypatch):
+    from c2c_core.prompts import PromptItem
+    cfg = build_run_config("smollm2-demo", device="cpu", dtype="float32", engine="fast",
+                           batch_size=64)
+    items = [PromptItem(i, "word " * 3000) for i in range(1, 65)]
+    kv = budget.estimate(cfg, 64, 15000 + cfg.gen.max_new_tokens).kv
+    monkeypatch.setattr(budget, "free_bytes", lambda device: int(kv / 2 / 0.85))
+    with pytest.raises(UserError, match=r"largest batch needs .* KV cache .* 64 x 15,"):
+        budget.check_batches(cfg, items)
+    budget.check_batches(cfg, [PromptItem(i, "short") for i in range(1, 65)])  # these fit
+    budget.check_batches(build_run_config("smollm2-demo", device="cpu"), items)  # batch 1

@@ -748,6 +748,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
             return in_worker(job, "run", cfg, items=items, path=path, runner=runner,
                              count_tokens=per_item is not None)
         pipe = MODELS.get(cfg)
+        from ..budget import check_batches
+        check_batches(cfg, items)  # the largest batch's KV cache, prompts known
         with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
             job.tokens = counter
             return (runner or run_many)(pipe, cfg, items, writer=w, on_progress=job.on_progress,
