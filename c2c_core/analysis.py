@@ -110,10 +110,17 @@ def _bool(x: Any) -> bool | None:
     return None
 
 
+#: From this many decode steps on, a record's steps are handled with numpy.
+_LONG_STEPS = 4096
+
+
 def _steps(rec: dict, timing: dict) -> list[float] | None:
     """Decode step times in ms from whichever field the record has; None if it has none."""
     if isinstance(rec.get("decode_step_times_ms"), list):
-        return [_num(v) for v in rec["decode_step_times_ms"]]
+        vals = rec["decode_step_times_ms"]
+        if len(vals) > _LONG_STEPS and set(map(type, vals)) <= {float, int}:
+            return vals  # plain numbers already (bools, None and text need _num)
+        return [_num(v) for v in vals]
     if isinstance(rec.get("timing_breakdown_ms"), list):
         return [_num(v) for v in rec["timing_breakdown_ms"]]
     if isinstance(timing.get("decode_steps"), list):  # seconds
@@ -142,7 +149,19 @@ def normalize(rec: dict, index: int) -> dict:
                 timing[k] = v
 
     steps = _steps(rec, t_in)
-    clean = [s for s in steps or [] if not math.isnan(s)]
+    if steps is not None and len(steps) > _LONG_STEPS:
+        # a long generation (a million steps): the same numbers from numpy, in C
+        import numpy as np
+        arr = np.asarray(steps, dtype=float)
+        arr = arr[~np.isnan(arr)]
+        clean = arr.tolist()
+        if len(arr):
+            timing.setdefault("decode_total_ms", float(arr.sum()))
+            timing.setdefault("decode_avg_ms", float(arr.mean()))
+            for q, v in zip((50, 90, 99), np.percentile(arr, [50, 90, 99])):
+                timing.setdefault(f"decode_p{q}_ms", float(v))
+    else:
+        clean = [s for s in steps or [] if not math.isnan(s)]
     legacy_steps = timing.pop("num_decode_steps", None)
     if not isinstance(rec.get("run"), dict):
         n = len(clean) if steps is not None else _num(
@@ -262,12 +281,20 @@ def duplicates_note(df: pd.DataFrame) -> str:
 
 def steps_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:
     """Long form of the decode steps: source, id, mode, repeat, step (1-based), ms."""
-    rows = []
+    import numpy as np
+    parts = []
     for i, r in enumerate(records):
         n = normalize(r, i)
-        rows += [(source, str(n["id"]), n["mode"], n["repeat"], j, ms)
-                 for j, ms in enumerate(n["decode_step_times_ms"], start=1)]
-    return pd.DataFrame(rows, columns=_KEYS + ["step", "ms"])
+        ms = np.asarray(n["decode_step_times_ms"], dtype=float)
+        if not len(ms):
+            continue
+        # one frame per record, built from arrays: a record may hold a million steps
+        parts.append(pd.DataFrame({"source": source, "id": str(n["id"]), "mode": n["mode"],
+                                   "repeat": n["repeat"], "step": np.arange(1, len(ms) + 1),
+                                   "ms": ms}))
+    if not parts:
+        return pd.DataFrame(columns=_KEYS + ["step", "ms"])
+    return pd.concat(parts, ignore_index=True)[_KEYS + ["step", "ms"]]
 
 
 # --- summaries ----------------------------------------------------------------------------

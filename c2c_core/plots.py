@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -114,37 +115,78 @@ def stage_breakdown_fig(record: dict) -> go.Figure:
     return _style(fig, title, x="time (ms)")
 
 
-def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
-    """Step latency per decode step, one line per run (at most `max_lines`), p50/p90 marked."""
+def _step_runs(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, np.ndarray, np.ndarray]]:
+    """(key, steps, ms) per run, in order of first appearance, rows of one key together.
+    A steps frame lists each record's steps contiguously: runs are found where the keys
+    change (numpy over positions, not a groupby over millions of text keys)."""
+    steps = df["step"].to_numpy()
+    ms = df["ms"].to_numpy(dtype=float)
+    if not keys:
+        return [((), steps, ms)]
+    starts = [0] + (np.flatnonzero(np.diff(steps.astype(float)) <= 0) + 1).tolist()
+    heads = df.iloc[starts][keys]
+    bounds = starts + [len(df)]
+    merged: dict[tuple, list[int]] = {}
+    for i, key in enumerate(heads.itertuples(index=False, name=None)):
+        merged.setdefault(key, []).append(i)
+    tails = df.iloc[[b - 1 for b in bounds[1:]]][keys].itertuples(index=False, name=None)
+    if any(len(v) > 1 for v in merged.values()) or any(
+            t != h for t, h in zip(tails, heads.itertuples(index=False, name=None))):
+        # runs split across the frame (or many tiny ones): pandas groups them exactly
+        return [(k if isinstance(k, tuple) else (k,), g["step"].to_numpy(),
+                 g["ms"].to_numpy(dtype=float))
+                for k, g in df.groupby(keys, sort=False)]
+    return [(key, steps[bounds[i]:bounds[i + 1]], ms[bounds[i]:bounds[i + 1]])
+            for key, (i,) in merged.items()]
+
+
+def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20,
+                     max_points: int = 2_000) -> go.Figure:
+    """Step latency per decode step, one line per run (at most `max_lines`), p50/p90 marked
+    (over every step). A run longer than `max_points` steps is drawn as the mean of each k
+    steps, and the title says so."""
     title = "Decode step latency"
     if not _has(steps_df, "ms") or "step" not in steps_df.columns:
         return _empty(title)
     df = steps_df.dropna(subset=["ms"])
     keys = [k for k in ("source", "id", "mode", "repeat") if k in df.columns]
-    df = df.assign(_label=_sample_labels(df))
-    groups = list(df.groupby(keys, sort=False)) if keys else [((), df)]
-    sources = list(dict.fromkeys(df["source"])) if "source" in df.columns else []
+    groups = _step_runs(df, keys)
+    heads = pd.DataFrame([k for k, _, _ in groups], columns=keys) if keys else pd.DataFrame(
+        index=[0])
+    labels = list(_sample_labels(heads))
+    src_at = keys.index("source") if "source" in keys else None
+    src_of = [k[src_at] if src_at is not None else None for k, _, _ in groups]
+    sources = list(dict.fromkeys(src_of)) if src_at is not None else []
     several = len(sources) > 1
-    shown = groups[:max_lines]
+    shown = list(range(len(groups)))[:max_lines]
     if several:  # the first runs of every file, not only of the first file
         per = max(1, max_lines // len(sources))
-        shown = [kg for src in sources
-                 for kg in [kg for kg in groups if kg[1]["source"].iloc[0] == src][:per]]
+        shown = [i for src in sources for i in [i for i in range(len(groups))
+                                                if src_of[i] == src][:per]]
     fig = go.Figure()
-    for _, g in shown:
-        color = SOURCE_COLORS[sources.index(g["source"].iloc[0]) % len(SOURCE_COLORS)] \
-            if several else None
-        fig.add_scatter(x=g["step"], y=g["ms"], name=f"sample {g['_label'].iloc[0]}",
-                        mode="lines+markers" if len(g) <= 50 else "lines",
+    thinned = 0
+    for i in shown:
+        _, x, y = groups[i]
+        color = SOURCE_COLORS[sources.index(src_of[i]) % len(SOURCE_COLORS)] if several else None
+        if len(x) > max_points:  # a million steps would be a million points in the page
+            k = -(-len(x) // max_points)
+            thinned = max(thinned, k)
+            cut = len(x) // k * k
+            xs, ys = x[:cut:k], y[:cut].reshape(-1, k).mean(axis=1)
+            if cut < len(x):
+                xs, ys = np.append(xs, x[cut]), np.append(ys, y[cut:].mean())
+            x, y = xs, ys
+        fig.add_scatter(x=x, y=y, name=f"sample {labels[i]}",
+                        mode="lines+markers" if len(x) <= 50 else "lines",
                         line=dict(color=color, width=1) if color else None,
                         opacity=0.55 if several else 1.0,
                         hovertemplate="step %{x}: %{y:.2f} ms<extra></extra>")
     if several:  # one p50 / p90 per file: files from different machines must not be mixed
         lo, hi = float(df["step"].min()), float(df["step"].max())
         for i, src in enumerate(sources):
-            ms = df.loc[df["source"] == src, "ms"]
+            ms = np.concatenate([g[2] for g, s in zip(groups, src_of) if s == src])
             for q, dash in ((50, "dash"), (90, "dot")):
-                v = float(ms.quantile(q / 100))
+                v = float(np.percentile(ms, q))
                 fig.add_scatter(x=[lo, hi], y=[v, v], mode="lines", name=f"{src} p{q} {v:.2f} ms",
                                 legendrank=1,  # listed before the samples
                                 line=dict(color=SOURCE_COLORS[i % len(SOURCE_COLORS)], dash=dash,
@@ -152,8 +194,9 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
                                 hovertemplate=f"{src} p{q}: {v:.2f} ms<extra></extra>")
     else:
         # p50 labelled at the left, p90 at the right: close values must not overprint
+        all_ms = df["ms"].to_numpy(dtype=float)
         for q, dash, where in ((50, "dash", "bottom left"), (90, "dot", "top right")):
-            v = float(df["ms"].quantile(q / 100))
+            v = float(np.percentile(all_ms, q))
             fig.add_hline(y=v, line_dash=dash, line_color="#444",
                           annotation_text=f"p{q} {v:.2f} ms", annotation_position=where)
     if len(groups) > len(shown):
@@ -161,6 +204,8 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20) -> go.Figure:
         title += " of each file)" if several else ")"
     elif several:
         title += " (p50 / p90 per file)"
+    if thinned:
+        title += f"; long runs drawn as the mean of every {thinned:,} steps"
     return _style(fig, title, x=label("step"), y=label("ms"))
 
 

@@ -240,34 +240,248 @@ def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
 
 # --- local files -----------------------------------------------------------------------------
 
-def _read_rows(path: str, ext: str, skip_bad_lines: bool,
-               bad_lines: list[int] | None = None, encoding: str | None = None) -> Iterator[dict]:
-    name = os.path.basename(path)
-    if ext == ".csv":
-        yield from csv.DictReader(io.StringIO(read_text(path, encoding), newline=""))
-    elif ext == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{name} is not a readable Parquet file ({e}); re-export it.") from None
-        yield from table.to_pylist()
-    elif ext == ".json" and _first_char(path) == "[":
-        try:
-            rows = json.loads(read_text(path, encoding))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{name} is not valid JSON (line {e.lineno}); fix it or write one"
-                            " object per line as .jsonl.") from None
-        except RecursionError:
-            raise UserError(f"{name} nests too deeply to read; write one flat object per prompt"
-                            " (one per line as .jsonl).") from None
-        if not all(isinstance(r, dict) for r in rows):
+@dataclass(frozen=True)
+class FileCaps:
+    """How much of a prompts file a reader may take in: rows, and decoded text in bytes. A
+    file over either is refused (in one sentence naming the file, the cap and the fix) while it
+    is read, before the rows are materialised: Parquet from its footer first, JSON, JSONL and
+    CSV as they stream. `where` names the setting that raises the cap (the app's environment
+    variables); the CLI reads a user's own files and passes none."""
+
+    rows: int
+    bytes: int
+    rows_setting: str = ""
+    bytes_setting: str = ""
+
+    def too_many_rows(self, name: str, n: int | None = None) -> UserError:
+        has = f"{n:,} rows" if n is not None else f"more than {self.rows:,} rows"
+        how = f" ({self.rows_setting})" if self.rows_setting else ""
+        return UserError(f"{name} has {has}; at most {self.rows:,} are read here{how}: keep the"
+                         " rows you want to run in a smaller file.")
+
+    def too_big(self, name: str, n: int | None = None) -> UserError:
+        has = f"{_mb_text(n)} of data" if n is not None else f"more than {_mb_text(self.bytes)}" \
+            " of data once decoded"
+        how = f" ({self.bytes_setting})" if self.bytes_setting else ""
+        return UserError(f"{name} holds {has}; at most {_mb_text(self.bytes)} are read here{how}:"
+                         " keep the rows you want to run in a smaller file.")
+
+
+def _mb_text(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+class _Budget:
+    """Rows and decoded bytes read so far from one file, checked against its caps."""
+
+    def __init__(self, name: str, caps: FileCaps | None):
+        self.name, self.caps, self.rows, self.bytes = name, caps, 0, 0
+
+    def add(self, rows: int = 0, nbytes: int = 0) -> None:
+        self.rows += rows
+        self.bytes += nbytes
+        if self.caps is None:
+            return
+        if self.rows > self.caps.rows:
+            raise self.caps.too_many_rows(self.name)
+        if self.bytes > self.caps.bytes:
+            raise self.caps.too_big(self.name)
+
+
+#: Parquet encodings whose decoded size the reader can bound (DELTA_BYTE_ARRAY stores each value
+#: as a prefix of the previous one: a few bytes can decode to gigabytes).
+_PARQUET_ENCODINGS = {"PLAIN", "RLE", "BIT_PACKED", "PLAIN_DICTIONARY", "RLE_DICTIONARY",
+                      "DELTA_BINARY_PACKED", "DELTA_LENGTH_BYTE_ARRAY", "BYTE_STREAM_SPLIT"}
+_PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
+#: Bytes of decoded values one Parquet batch may hold at most.
+_PARQUET_BATCH_BYTES = 4 * 2**20
+#: Row groups and columns a Parquet prompts file may have (its footer is read whole).
+_PARQUET_MAX_GROUPS, _PARQUET_MAX_COLUMNS = 10_000, 1_000
+
+
+def _parquet_rows(path: str, name: str, caps: FileCaps | None) -> Iterator[dict]:
+    """Rows of a Parquet file, bounded before they are decoded: the footer's row count, row
+    groups, columns, encodings and column sizes are checked first; then the rows stream in
+    batches small enough that even the longest value the file can hold keeps a batch within
+    _PARQUET_BATCH_BYTES, each batch counted against the caps before it becomes Python rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    unreadable = (f"{name} is not a readable Parquet file; re-export it (e.g. with pandas"
+                  " DataFrame.to_parquet).")
+    try:
+        pf = pq.ParquetFile(path)
+        md = pf.metadata
+    except (pa.ArrowException, OSError, ValueError):
+        raise UserError(unreadable) from None
+    budget = _Budget(name, caps)
+    if caps is not None and md.num_rows > caps.rows:
+        raise caps.too_many_rows(name, md.num_rows)
+    if md.num_row_groups > _PARQUET_MAX_GROUPS or md.num_columns > _PARQUET_MAX_COLUMNS:
+        raise UserError(f"{name} has {md.num_row_groups:,} row groups and {md.num_columns:,}"
+                        f" columns; at most {_PARQUET_MAX_GROUPS:,} and {_PARQUET_MAX_COLUMNS:,}"
+                        " are read: re-export it with the columns you need.")
+    known, longest = 0, 1
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            odd = set(col.encodings) - _PARQUET_ENCODINGS
+            if odd:
+                raise UserError(f"{name} uses the Parquet encoding {sorted(odd)[0]}, which this"
+                                " reader does not decode (its size cannot be bounded); re-export"
+                                " it with default settings.")
+            width = _PARQUET_WIDTH.get(col.physical_type)
+            if width is not None:  # fixed width: the decoded size is exact
+                known += col.num_values * width
+            else:  # a value is at most its column chunk (a dictionary entry lies in it)
+                known += col.total_uncompressed_size
+                longest = max(longest, col.total_uncompressed_size)
+    if caps is not None and known > caps.bytes:
+        raise caps.too_big(name, known)
+    batch = max(1, min(1024, _PARQUET_BATCH_BYTES // longest))
+    try:
+        for rb in pf.iter_batches(batch_size=batch):
+            budget.add(nbytes=rb.nbytes)
+            rows = rb.to_pylist()
+            # a dictionary column (Arrow's own files keep the type) shares one value between
+            # rows: nbytes above counts it once; the text the rows carry counts each row's
+            for row in rows:
+                budget.add(rows=1, nbytes=_value_bytes(row))
+                yield row
+    except (pa.ArrowException, OSError):
+        raise UserError(unreadable) from None
+
+
+def _value_bytes(v: Any) -> int:
+    """The size of a decoded row's data: its text and bytes, 8 per other value."""
+    if isinstance(v, (str, bytes)):
+        return len(v)
+    if isinstance(v, dict):
+        return sum(len(str(k)) + _value_bytes(x) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return sum(_value_bytes(x) for x in v)
+    return 8
+
+
+#: The largest single element of a JSON array (one prompt row) the streaming reader takes.
+_JSON_ELEMENT_CAP = 64 * 2**20
+_JSON_CHUNK = 1 << 20
+
+
+def _json_array_rows(path: str, name: str, encoding: str | None, budget: _Budget
+                     ) -> Iterator[dict]:
+    """The objects of a JSON array file, one at a time (the whole array is never one Python
+    value): a bounded buffer of text, each element decoded with raw_decode as it completes."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[\s,]*")
+    line = 1  # line of the buffer's start, for error messages
+
+    def bad(e: json.JSONDecodeError) -> UserError:
+        return UserError(f"{name} is not valid JSON (line {line + e.lineno - 1}); fix it or"
+                         " write one object per line as .jsonl.")
+
+    with _text_stream(path, name, encoding) as f:
+        buf = f.read(_JSON_CHUNK)
+        pos = len(buf) - len(buf.lstrip())
+        if not buf.startswith("[", pos):
             raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
-        yield from rows
+        pos, eof, need = pos + 1, False, _JSON_CHUNK
+
+        def refill(n: int) -> None:
+            """Drop what was read (counting its lines) and append n more characters: the
+            buffer is cut once per half chunk, not once per row."""
+            nonlocal buf, pos, eof, line
+            more = f.read(n)
+            eof = not more
+            line += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:] + more, 0
+
+        while True:
+            pos = ws.match(buf, pos).end()
+            if pos == len(buf):
+                if not eof:
+                    refill(_JSON_CHUNK)
+                    continue
+                raise UserError(f"{name} ends before its closing ']'; fix it or write one object"
+                                " per line as .jsonl.")
+            if buf[pos] == "]":
+                return
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise bad(e) from None
+                if len(buf) - pos > _JSON_ELEMENT_CAP:
+                    raise UserError(f"{name} has one row longer than"
+                                    f" {_mb_text(_JSON_ELEMENT_CAP)}; a prompt row is far"
+                                    " shorter: check the file.") from None
+                refill(need)  # the element continues: read as much again
+                need *= 2
+                continue
+            except RecursionError:
+                raise UserError(f"{name} nests too deeply to read; write one flat object per"
+                                " prompt (one per line as .jsonl).") from None
+            need = _JSON_CHUNK
+            budget.add(rows=1, nbytes=end - pos)
+            if not isinstance(obj, dict):
+                raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
+            pos = end
+            if len(buf) - pos < _JSON_CHUNK // 2 and not eof:
+                refill(_JSON_CHUNK)
+            yield obj
+
+
+@contextmanager
+def _text_stream(path: str, name: str, encoding: str | None) -> Iterator[io.TextIOBase]:
+    """The file as text decoded strictly; an undecodable byte is said as read_text says it
+    (with its line), so streaming readers keep read_text's message."""
+    enc = encoding or "utf-8-sig"
+    try:
+        import codecs
+        codecs.lookup(enc)
+    except LookupError:
+        raise UserError(f"--encoding {encoding} is not an encoding Python knows; use e.g."
+                        " utf-8, latin-1 or cp1252.") from None
+    try:
+        f = open(path, encoding=enc, errors="strict", newline="")
+    except OSError as e:
+        raise UserError(f"Could not read {name} ({e.strerror or e}); check the path.") from None
+    try:
+        with f:
+            yield f
+    except UnicodeDecodeError:
+        read_text(path, encoding)  # raises the sentence naming the line
+        raise
+
+
+def _csv_rows(path: str, name: str, encoding: str | None, budget: _Budget) -> Iterator[dict]:
+    with _text_stream(path, name, encoding) as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            budget.add(rows=1, nbytes=sum(len(v) for v in row.values() if isinstance(v, str)))
+            yield row
+
+
+def _read_rows(path: str, ext: str, skip_bad_lines: bool,
+               bad_lines: list[int] | None = None, encoding: str | None = None,
+               caps: FileCaps | None = None) -> Iterator[dict]:
+    name = os.path.basename(path)
+    budget = _Budget(name, caps)
+    if caps is not None:
+        size = os.path.getsize(path)
+        if size > caps.bytes:
+            raise caps.too_big(name, size)
+    if ext == ".csv":
+        yield from _csv_rows(path, name, encoding, budget)
+    elif ext == ".parquet":
+        yield from _parquet_rows(path, name, caps)
+    elif ext == ".json" and _first_char(path) == "[":
+        yield from _json_array_rows(path, name, encoding, budget)
     else:  # .jsonl, or .json holding JSON lines
-        yield from iter_jsonl(path, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
-                              cut_tail_ok=False, encoding=encoding or "utf-8-sig")
+        for row in iter_jsonl(path, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
+                              cut_tail_ok=False, encoding=encoding or "utf-8-sig"):
+            budget.add(rows=1)
+            yield row
 
 
 def _first_char(path: str) -> str:
@@ -275,24 +489,35 @@ def _first_char(path: str) -> str:
         return f.read(4096).lstrip()[:1]
 
 
-def load_prompt_file(path: str | os.PathLike, field: str | None = None,
-                     skip_bad_lines: bool = False, encoding: str | None = None) -> list[PromptItem]:
-    """Prompts from a .jsonl/.json, .csv or .parquet file (text from `field`, else the first of
-    'prompt', 'question', 'text'; 'options'/'choices' appended as A-D lines)."""
-    path = os.fspath(path)
-    name = os.path.basename(path)
-    ext = os.path.splitext(path)[1].lower()
+def check_file_type(path: str | os.PathLike) -> str:
+    """The prompts file's extension (lower case); a type no reader takes (gzip, none) is refused
+    in one sentence naming the file."""
+    name = os.path.basename(os.fspath(path))
+    ext = os.path.splitext(name)[1].lower()
     if ext not in FILE_TYPES:
         raise UserError(f"{name}: unsupported file type '{ext or '(none)'}'; use a .jsonl, .json,"
-                        " .csv or .parquet file.")
+                        " .csv or .parquet file" + (" (unpacked: gzip files are not read)"
+                                                    if ext in (".gz", ".gzip") else "") + ".")
+    return ext
+
+
+def load_prompt_file(path: str | os.PathLike, field: str | None = None,
+                     skip_bad_lines: bool = False, encoding: str | None = None,
+                     caps: FileCaps | None = None) -> list[PromptItem]:
+    """Prompts from a .jsonl/.json, .csv or .parquet file (text from `field`, else the first of
+    'prompt', 'question', 'text'; 'options'/'choices' appended as A-D lines); with `caps`, a
+    file over them is refused while it is read."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    ext = check_file_type(path)
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass a prompts file.")
     if not os.path.isfile(path):
         raise UserError(f"Prompt file not found: {path}; check the path.")
     bad_lines: list[int] = []
     skipped: list[str] = []
-    items = _items(_read_rows(path, ext, skip_bad_lines, bad_lines, encoding), field, f"file:{name}", name,
-                   skip_bad_lines, skipped)
+    items = _items(_read_rows(path, ext, skip_bad_lines, bad_lines, encoding, caps), field,
+                   f"file:{name}", name, skip_bad_lines, skipped)
     return PromptList(items, [f"line {n}" for n in bad_lines] + skipped)
 
 
@@ -409,7 +634,8 @@ def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = No
                     split: str = "test", dataset_file: str | os.PathLike | None = None,
                     field: str | None = None, offset: int = 0, num_samples: int | None = None,
                     shard: tuple[int, int] | str | None = None,
-                    skip_bad_lines: bool = False, encoding: str | None = None) -> list[PromptItem]:
+                    skip_bad_lines: bool = False, encoding: str | None = None,
+                    caps: FileCaps | None = None) -> list[PromptItem]:
     """The prompts a run will use, from exactly one source (built-ins when none is given),
     validated before any model loads."""
     sources = {"--prompt": prompt is not None, "--prompts": prompts is not None,
@@ -439,7 +665,7 @@ def resolve_prompts(*, prompt: str | None = None, prompts: list[str] | None = No
         items = load_hf_dataset(dataset, dataset_config, split, field, num_rows)
         what = f"dataset {dataset} ({split})"
     elif dataset_file:
-        items = load_prompt_file(dataset_file, field, skip_bad_lines, encoding)
+        items = load_prompt_file(dataset_file, field, skip_bad_lines, encoding, caps)
         what = os.path.basename(os.fspath(dataset_file))
     else:
         items, what = builtin_items(), "the built-in prompts"

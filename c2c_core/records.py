@@ -7,6 +7,7 @@ fields, never rename. One record = one generation of one prompt (one mode, one r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -272,43 +273,76 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a JSONL file; pass the files in it (e.g."
                         f" {os.path.join(path, '*.jsonl')}).")
-    if encoding is not None:  # input files: decoded strictly, a bad byte named by its line
+    name = os.path.basename(path)
+    if encoding is not None and not _splits_on_newline_bytes(encoding):
+        # UTF-16 and the like: lines cannot be found in the bytes; decode the whole file
         from .fileio import read_text
-        lines = read_text(path, encoding).split("\n")
+        lines = [(ln + "\n").encode("utf-8") for ln in read_text(path, encoding).split("\n")]
+        lines[-1] = lines[-1][:-1]
+        encoding = "utf-8"
+        f = io.BytesIO(b"".join(lines))
     else:
         try:
-            with open(path, "r", encoding="utf-8", errors="replace") as f:
-                lines = f.read().split("\n")
+            f = open(path, "rb")
         except OSError as e:
             raise UserError(f"Could not read {path} ({e.strerror or e}); check the path.") from None
-    last = len(lines) - 1  # index of the text after the final newline ('' if none)
-    for i, line in enumerate(lines):
-        s = line.strip()
-        if not s:
-            continue
-        try:
-            obj = json.loads(s)
-        except (json.JSONDecodeError, RecursionError) as e:
-            deep = isinstance(e, RecursionError)  # [[[[... nested past Python's limit
-            if i == last and cut_tail_ok and not deep:  # unterminated tail: a record cut mid-write
-                return
-            if skip_bad_lines:
-                if bad_lines is not None:
-                    bad_lines.append(i + 1)
+    # one line at a time: a file's text is never held whole (results files of 15 MB, uploads)
+    with f:
+        first = True
+        for i, raw in enumerate(f):
+            last = not raw.endswith(b"\n")  # the text after the final newline
+            if encoding is None:
+                line = raw.decode("utf-8", errors="replace")
+            else:  # input files: decoded strictly, a bad byte named by its line
+                try:
+                    line = raw.decode(encoding if first else _no_bom(encoding))
+                except LookupError:
+                    raise UserError(f"--encoding {encoding} is not an encoding Python knows; use"
+                                    " e.g. utf-8, latin-1 or cp1252.") from None
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{name} line {i + 1} is not valid {e.encoding} (byte"
+                                    f" 0x{raw[e.start]:02x}); pass --encoding with the file's"
+                                    " encoding (e.g. --encoding latin-1) or re-save it as"
+                                    " UTF-8.") from None
+            first = False
+            s = line.strip()
+            if not s:
                 continue
-            what = "nests too deeply to read" if deep else "is not valid JSON"
-            raise UserError(
-                f"{os.path.basename(path)} line {i + 1} {what}; fix or delete that line"
-                " (or pass --skip_bad_lines to skip it).") from None
-        if not isinstance(obj, dict):
-            if skip_bad_lines:
-                if bad_lines is not None:
-                    bad_lines.append(i + 1)
-                continue
-            raise UserError(
-                f"{os.path.basename(path)} line {i + 1} is not a JSON object; each line must be"
-                " one {...} record.")
-        yield obj
+            try:
+                obj = json.loads(s)
+            except (json.JSONDecodeError, RecursionError) as e:
+                deep = isinstance(e, RecursionError)  # [[[[... nested past Python's limit
+                if last and cut_tail_ok and not deep:  # unterminated tail: a record cut mid-write
+                    return
+                if skip_bad_lines:
+                    if bad_lines is not None:
+                        bad_lines.append(i + 1)
+                    continue
+                what = "nests too deeply to read" if deep else "is not valid JSON"
+                raise UserError(
+                    f"{name} line {i + 1} {what}; fix or delete that line"
+                    " (or pass --skip_bad_lines to skip it).") from None
+            if not isinstance(obj, dict):
+                if skip_bad_lines:
+                    if bad_lines is not None:
+                        bad_lines.append(i + 1)
+                    continue
+                raise UserError(
+                    f"{name} line {i + 1} is not a JSON object; each line must be"
+                    " one {...} record.")
+            yield obj
+
+
+def _splits_on_newline_bytes(encoding: str) -> bool:
+    try:
+        return "\n".encode(encoding) == b"\n" and "\u00e9\n".encode(encoding).count(b"\n") == 1
+    except (LookupError, UnicodeError):
+        return True  # an unknown name is refused where the first line is decoded
+
+
+def _no_bom(encoding: str) -> str:
+    """Lines after the first: a BOM can only start a file."""
+    return "utf-8" if encoding.lower().replace("_", "-") == "utf-8-sig" else encoding
 
 
 def read_records(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[dict]:
@@ -473,7 +507,9 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     problems += [f"timing.{k} is not a number" for k, v in t.items()
                  if k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS and v is not None and not num(v)]
     steps = rec.get("decode_step_times_ms")
-    if not isinstance(steps, list) or not all(num(x) for x in steps):
+    # (types first: a record may hold a million steps; JSON numbers are int or float)
+    if not isinstance(steps, list) or not (set(map(type, steps)) <= {int, float}
+                                           or all(num(x) for x in steps)):
         problems.append("decode_step_times_ms is not a list of numbers")
     d = rec.get("input_digest")
     if d is not None and not (isinstance(d, str) and re.fullmatch(r"[0-9a-f]{16}", d)):

@@ -85,8 +85,9 @@ class RunningSummary:
             sc[1] += 1
         if rec.get("truncated") is True:
             self.truncated += 1
-            cap = (rec.get("run") or {}).get("max_new_tokens")
-            if cap is not None:
+            run = rec.get("run")  # an uploaded file's `run` may be anything
+            cap = run.get("max_new_tokens") if isinstance(run, dict) else None
+            if isinstance(cap, int) and not isinstance(cap, bool):
                 self.caps.add(cap)
 
     def truncation_note(self) -> str:

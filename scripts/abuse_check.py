@@ -40,6 +40,8 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTINEL = "C2C-ABUSE-SENTINEL-7f3a"
+#: A refusal with no sentence of ours: gradio's or httpx's status line only.
+BARE = re.compile(r"\b400 Bad Request\b|^HTTPStatusError")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Ctx:
     session_root: str
     server_log: str
     results: list[Result] = field(default_factory=list)
+    server_pid: int = 0
+    growth_mb: dict[str, float] = field(default_factory=dict)  # probe -> server RSS growth
 
     def client(self):
         from gradio_client import Client
@@ -465,8 +469,10 @@ def device_churn_probe(ctx: Ctx, app: subprocess.Popen) -> Result:
 _ENDPOINTS: dict = {}
 
 
-def _raw_join(ctx: Ctx, api: str, session: str, overrides: dict) -> httpx.Response:
-    """A queue join as a client that never opens its message stream would send it."""
+def _raw_join(ctx: Ctx, api: str, session: str, overrides: dict,
+              cookies: dict | None = None) -> httpx.Response:
+    """A queue join as a client that never opens its message stream would send it (with
+    `cookies`, as the session they name)."""
     if (ctx.url, api) not in _ENDPOINTS:
         from gradio_client import Client
         info = Client(ctx.url, verbose=False).view_api(print_info=False, return_format="dict")
@@ -476,7 +482,7 @@ def _raw_join(ctx: Ctx, api: str, session: str, overrides: dict) -> httpx.Respon
             info["named_endpoints"][f"/{api}"]["parameters"])
     fn, params = _ENDPOINTS[ctx.url, api]
     data = [overrides.get(p["parameter_name"], p.get("parameter_default")) for p in params]
-    return httpx.post(f"{ctx.url}gradio_api/queue/join", timeout=30,
+    return httpx.post(f"{ctx.url}gradio_api/queue/join", timeout=30, cookies=cookies,
                       json={"data": data, "fn_index": fn, "session_hash": session,
                             "event_data": None, "trigger_id": None})
 
@@ -523,13 +529,15 @@ def stop_queued_probe(ctx: Ctx) -> Result:
             time.sleep(0.2)
         job = b.submit(prompts=marker, max_new_tokens=4, warmup=0, api_name="/batch")
         time.sleep(1.0)
-        second = _raw_join(ctx, "batch", b.session_hash, {"prompts": marker + " 2"})
+        second = _raw_join(ctx, "batch", b.session_hash, {"prompts": marker + " 2"},
+                           cookies=dict(getattr(b, "cookies", None) or {}))
         cfg = httpx.get(f"{ctx.url}config", timeout=30).json()
         stop_btn = next(x["id"] for x in cfg["components"]
                         if x.get("props", {}).get("elem_id") == "batch-stop")
         stop_fn = next(d["id"] for d in cfg["dependencies"]
                        if [stop_btn, "click"] in d.get("targets", []))
         httpx.post(f"{ctx.url}gradio_api/queue/join", timeout=30,
+                   cookies=dict(getattr(b, "cookies", None) or {}),
                    json={"data": [], "fn_index": stop_fn, "session_hash": b.session_hash,
                          "event_data": None, "trigger_id": None})
         try:
@@ -572,6 +580,260 @@ def models_kept_probe(ctx: Ctx) -> Result:
     return r
 
 
+# --- uploads, sessions, escaping (issue 16 parts 1, 4, 5) ----------------------------------------
+
+class MemoryWatch:
+    """The server process's peak RSS growth while a probe runs (sampled every 20 ms)."""
+
+    def __init__(self, pid: int):
+        import psutil
+        self.proc = psutil.Process(pid) if pid else None
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+
+    def _rss(self) -> int:
+        try:
+            return self.proc.memory_info().rss if self.proc else 0
+        except Exception:  # noqa: BLE001 - the server died: the probe says so
+            return 0
+
+    def _poll(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.3)  # growth that comes just after the answer counts too
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return max(self.peak - self.base, 0) / 2**20
+
+
+def _parquet_bomb(path: str, rows: int, width: int, arrow_schema: bool) -> None:
+    """rows copies of one width-character prompt, dictionary encoded: a few hundred bytes that
+    decode to rows x width (written without ever expanding it here)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    col = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, dtype=np.int32)),
+                                         pa.array(["a" * width]))
+    pq.write_table(pa.table({"prompt": col}), path, compression="zstd", store_schema=arrow_schema)
+
+
+def _dataset_file(c, path: str):
+    from gradio_client import handle_file
+    return lambda: call(c, source="file", dataset_name="", dataset_config="", split="test",
+                        prompt_file=handle_file(path), num_samples=1, max_new_tokens=2,
+                        warmup=0, api_name="/dataset")
+
+
+def _analyze(c, paths: list[str]):
+    from gradio_client import handle_file
+    return call(c, files=[handle_file(p) for p in paths], runs=[], skip_bad_lines=False,
+                api_name="/analyze")
+
+
+def watched(ctx: Ctx, name: str, fn, must_say: str, limit_mb: float = 500) -> Result:
+    """A refused upload: one sentence naming the cap, the server's memory growing by less than
+    limit_mb while it was read."""
+    with MemoryWatch(ctx.server_pid) as w:
+        r = judge_refusal(ctx, name, fn, must_say=must_say)
+    ctx.growth_mb[name] = round(w.growth_mb, 1)
+    r.detail = f"server +{w.growth_mb:.0f} MB | {r.detail}"
+    if r.outcome == "refused" and w.growth_mb >= limit_mb:
+        r.outcome, r.detail = "FAILED", f"server memory grew {w.growth_mb:.0f} MB | {r.detail}"
+    return r
+
+
+def upload_guard_probes(ctx: Ctx, fast: bool) -> list[Result]:
+    out = []
+    c = ctx.client()
+    d = os.path.join(ctx.tmp, "bombs")
+    os.makedirs(d, exist_ok=True)
+    rows_bomb = os.path.join(d, "rows-bomb.parquet")  # 1,000,000 x 2,000 chars = 2 GB
+    _parquet_bomb(rows_bomb, 1_000_000, 2_000, True)
+    out.append(watched(ctx, f"parquet bomb: {os.path.getsize(rows_bomb):,} bytes -> 2 GB"
+                       " (1 M rows)", _dataset_file(c, rows_bomb), "C2C_MAX_FILE_ROWS"))
+    wide = os.path.join(d, "wide-bomb.parquet")  # 100,000 x 20,000 chars = 2 GB
+    _parquet_bomb(wide, 100_000, 20_000, False)
+    out.append(watched(ctx, f"parquet bomb: {os.path.getsize(wide):,} bytes -> 2 GB"
+                       " (100 k rows of 20 k chars)", _dataset_file(c, wide), "C2C_MAX_FILE_MB"))
+    big_json = os.path.join(d, "big.json")  # a 45 MB JSON array (350 k rows)
+    with open(big_json, "w") as f:
+        f.write("[" + ",".join(json.dumps({"prompt": f"question {i} " + "x" * 90, "id": i})
+                               for i in range(350_000)) + "]")
+    out.append(watched(ctx, f"JSON array of {os.path.getsize(big_json) / 2**20:.0f} MB"
+                       " (350 k rows)", _dataset_file(c, big_json), "C2C_MAX_FILE_ROWS"))
+    os.remove(big_json)
+    # gzip and extension-less files: our sentence, never a bare "400 Bad Request"
+    for label, fname, data in (("gzip .jsonl.gz", "p.jsonl.gz", b"\x1f\x8b\x08\x00junk"),
+                               ("no extension", "prompts", b'{"prompt": "x"}\n')):
+        path = os.path.join(d, fname)
+        with open(path, "wb") as f:
+            f.write(data)
+        out.append(judge_refusal(ctx, f"dataset file: {label}", _dataset_file(c, path),
+                                 must_say="unsupported file type"))
+        t = time.perf_counter()
+        status = str(_analyze(c, [path])[0])
+        ok = "is not a JSONL results file" in status
+        out.append(Result(f"results file: {label}", "refused" if ok else "FAILED", short(status),
+                          time.perf_counter() - t, full=status))
+    out += session_probes(ctx)
+    out.append(html_probe(ctx))
+    out.append(long_steps_probe(ctx))
+    if not fast:
+        out.append(direct_upload_quota_probe(ctx))
+    return out
+
+
+def session_probes(ctx: Ctx) -> list[Result]:
+    """Clients whose session hashes collide or look alike ('x', 'x!', 'x..', empty) each get a
+    session key the server minted: one's run is not another's."""
+    from gradio_client import Client
+    out = []
+    for ha, hb in (("x", "x"), ("x", "x!"), ("x", "x.."), ("", "")):
+        name = f"sessions: hashes {ha!r} and {hb!r} are isolated"
+        a, b = Client(ctx.url, verbose=False), Client(ctx.url, verbose=False)
+        a.session_hash, b.session_hash = ha, hb
+        secret = f"{SENTINEL} prompt of session {ha!r}"
+        t = time.perf_counter()
+        if not ha:  # no session at all: refused before anything runs (in a sentence)
+            r = httpx.post(f"{ctx.url}gradio_api/queue/join", timeout=30,
+                           json={"data": [], "fn_index": 0, "session_hash": ""})
+            ok = r.status_code == 400 and "names no session" in r.text
+            out.append(Result(name, "refused" if ok else "FAILED", short(r.text),
+                              time.perf_counter() - t, full=r.text))
+            continue
+        try:
+            status, _, _, path = call(a, prompts=secret, max_new_tokens=2, warmup=0,
+                                      api_name="/batch")[:4]
+        except Exception as e:  # noqa: BLE001
+            out.append(Result(name, "FAILED", f"A's batch failed: {short(str(e))}"))
+            continue
+        runs = glob.glob(os.path.join(ctx.session_root, "*", "*.jsonl"))
+        mine = [p for p in runs if secret in open(p, errors="replace").read()]
+        folders = {os.path.basename(os.path.dirname(p)) for p in mine}
+        ca = a.cookies.get("c2c_session", "")
+        cb = b.cookies.get("c2c_session", "")
+        problems = []
+        if not ca or not cb or ca == cb:
+            problems.append("the two clients share a session cookie")
+        if folders & {ha, hb, "anonymous", re.sub(r"[^A-Za-z0-9_-]", "", ha)}:
+            problems.append(f"A's run lies in a folder named by its hash: {folders}")
+        run_name = os.path.basename(mine[0]) if mine else "none.jsonl"
+        for attempt in (run_name, f"../{next(iter(folders), 'x')}/{run_name}"):
+            try:
+                got = json.dumps(call(b, files=[], runs=[attempt], skip_bad_lines=False,
+                                      api_name="/analyze"), default=str)
+            except Exception as e:  # noqa: BLE001 - refused: fine unless it leaks
+                got = str(e)
+            if SENTINEL in got:
+                problems.append(f"B read A's run via {attempt!r}")
+        if problems:
+            out.append(Result(name, "LEAK", "; ".join(problems), time.perf_counter() - t))
+        else:
+            out.append(Result(name, "ok", f"own cookies; A's run in {len(folders)} minted-key"
+                              " folder; B refused", time.perf_counter() - t))
+    return out
+
+
+def html_probe(ctx: Ctx) -> Result:
+    """A results file with tags in run.device/cpu/dtype, mode and id: every text the page gets
+    as Markdown or a chart has them escaped (the browser test checks the rendering)."""
+    name = "results file with <img> tags in its fields"
+    tag = "<img src=http://127.0.0.1:9/x>"
+    path = os.path.join(ctx.tmp, "tags.jsonl")
+    with open(path, "w") as f:
+        for i in range(3):
+            for mode in (f"c2c{tag}", "t2t"):
+                f.write(json.dumps({
+                    "id": f"q{i}<b>x</b>", "mode": mode, "repeat": 0, "prompt": "p",
+                    "response": "r", "correct": True,
+                    "run": {"device": f"cuda{tag}", "cpu": tag, "dtype": f"bf16{tag}"},
+                    "timing": {"ttft_ms": 10.0, "e2e_ms": 50.0, "decode_avg_ms": 1.0,
+                               "num_generated_tokens": 3, "decode_total_ms": 2.0},
+                    "decode_step_times_ms": [1.0, 1.0]}) + "\n")
+    plain = os.path.join(ctx.tmp, "plain.jsonl")
+    with open(plain, "w") as f:
+        f.write(json.dumps({"id": 1, "mode": "c2c", "prompt": "p", "response": "r",
+                            "run": {"device": "cpu"}, "timing": {"decode_avg_ms": 1.0}}) + "\n")
+    t = time.perf_counter()
+    try:
+        out = _analyze(ctx.client(), [path, plain])
+    except Exception as e:  # noqa: BLE001
+        return Result(name, "FAILED", short(str(e)), time.perf_counter() - t)
+    shown = []  # the Markdown lines and every string of every chart (tables draw as text)
+    for o in out:
+        if isinstance(o, str):
+            shown.append(o)
+        elif isinstance(o, dict) and o.get("type") == "plotly":
+            shown += list(_strings(json.loads(o["plot"])))
+    raw = [s for s in shown if "<img" in s or "<b>" in s]
+    if raw:
+        return Result(name, "LEAK", f"{len(raw)} output(s) carry a raw tag: {short(raw[0])}",
+                      time.perf_counter() - t)
+    return Result(name, "ok", "tags reach status, ratios and charts escaped",
+                  time.perf_counter() - t)
+
+
+def _strings(v):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _strings(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _strings(x)
+
+
+def long_steps_probe(ctx: Ctx, max_secs: float = 30) -> Result:
+    """A 15 MB results file with 1.5 M decode steps per record (170 s before; `report` 1 s)."""
+    path = os.path.join(ctx.tmp, "long-steps.jsonl")
+    with open(path, "w") as f:
+        for i in range(2):
+            f.write(json.dumps({"id": i, "mode": "c2c", "prompt": "p", "response": "r",
+                                "run": {"device": "cpu"},
+                                "timing": {"ttft_ms": 5.0, "decode_avg_ms": 1.0},
+                                "decode_step_times_ms": [1.0] * 1_500_000}) + "\n")
+    name = f"results file of {os.path.getsize(path) / 2**20:.0f} MB, 1.5 M steps per record"
+    t = time.perf_counter()
+    try:
+        status = str(_analyze(ctx.client(), [path])[0])
+    except Exception as e:  # noqa: BLE001
+        return Result(name, "FAILED", short(str(e)), time.perf_counter() - t)
+    secs = time.perf_counter() - t
+    ok = "2 record(s)" in status and secs < max_secs
+    return Result(name, "ok" if ok else "FAILED", f"analysed in {secs:.1f} s", secs)
+
+
+def direct_upload_quota_probe(ctx: Ctx) -> Result:
+    """Files posted straight to /upload count toward the session's quota (200 MB)."""
+    name = "direct uploads past the session quota (5 x 45 MB, one session)"
+    t = time.perf_counter()
+    with httpx.Client(timeout=120) as c:
+        codes, text = [], ""
+        for i in range(5):
+            r = c.post(f"{ctx.url}gradio_api/upload",
+                       files=[("files", (f"q{i}.jsonl", b"x" * (45 << 20), "text/plain"))])
+            codes.append(r.status_code)
+            text = r.text
+            if r.status_code != 200:
+                break
+    secs = time.perf_counter() - t
+    if codes[-1] == 413 and "C2C_SESSION_UPLOAD_MB" in text and codes.count(200) <= 4:
+        return Result(name, "refused", f"stored {codes.count(200)} x 45 MB; then: {short(text)}",
+                      secs, full=text)
+    return Result(name, "NOT REFUSED", f"HTTP codes {codes}", secs)
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 def start_app(tmp: str, port: int, log_path: str) -> subprocess.Popen:
@@ -599,6 +861,8 @@ def make_secrets(tmp: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fast", action="store_true", help="the CI subset")
+    ap.add_argument("--only", choices=["uploads"], help="only the control run and this group"
+                    " (uploads: bombs, gzip, sessions, tags, long files, upload quota)")
     ap.add_argument("--startup_timeout", type=float, default=180)
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="c2c-abuse-")
@@ -607,6 +871,7 @@ def main(argv=None) -> int:
     ctx = Ctx(f"http://127.0.0.1:{port}/", tmp, make_secrets(tmp),
               os.path.join(tmp, "c2c-workbench-sessions"), log_path)
     app = start_app(tmp, port, log_path)
+    ctx.server_pid = app.pid
     results = ctx.results
     try:
         t0 = time.time()
@@ -624,21 +889,28 @@ def main(argv=None) -> int:
             print(f"  {r.outcome:<12} {r.secs:6.2f}s  {r.probe}", flush=True)
 
         record(control_probe(ctx))  # loads the models (first job) and proves honest use works
-        for name, make, value in name_probes(ctx):
+        if args.only == "uploads":
+            for r in upload_guard_probes(ctx, args.fast):
+                record(r)
+        for name, make, value in (name_probes(ctx) if not args.only else []):
             record(judge_path_probe(ctx, name, make, value))
-        for name, fn, kw in size_probes(ctx):
+        for name, fn, kw in (size_probes(ctx) if not args.only else []):
             record(judge_refusal(ctx, name, fn, **kw))
-        for r in upload_probes(ctx):
+        for r in (upload_probes(ctx) if not args.only else []):
             record(r)
-        record(models_kept_probe(ctx))
-        record(disconnect_probe(ctx, "batch"))
-        if not args.fast:
-            record(disconnect_probe(ctx, "profile", run_for=6.0))
-            record(disconnect_probe(ctx, "batch", run_for=1.0))
-        record(parallel_probe(ctx, 3 if args.fast else 8))
-        record(device_churn_probe(ctx, app))
-        record(stop_queued_probe(ctx))
-        record(absent_clients_probe(ctx, 10 if args.fast else 70))
+        for r in (upload_guard_probes(ctx, args.fast) if not args.only else []):
+            record(r)
+        if not args.only:
+            record(models_kept_probe(ctx))
+            record(disconnect_probe(ctx, "batch"))
+            if not args.fast:
+                record(disconnect_probe(ctx, "profile", run_for=6.0))
+                record(disconnect_probe(ctx, "batch", run_for=1.0))
+            record(parallel_probe(ctx, 3 if args.fast else 8))
+            # the fair queue and the worker under device-name churn
+            record(device_churn_probe(ctx, app))
+            record(stop_queued_probe(ctx))
+            record(absent_clients_probe(ctx, 10 if args.fast else 70))
         record(control_probe(ctx))
         is_alive = alive(ctx) and app.poll() is None
     finally:
@@ -668,13 +940,18 @@ def main(argv=None) -> int:
         "not_refused": sum(r.outcome == "NOT REFUSED" for r in results),
         "failed": sum(r.outcome == "FAILED" for r in results),
         "app_alive": is_alive,
+        "crashes": sum(r.probe.startswith("app alive after") for r in results) + (not is_alive),
+        "bare_refusals": sum(r.outcome == "refused" and bool(BARE.search(r.full or r.detail))
+                             for r in results),
+        "server_growth_mb_max": max(ctx.growth_mb.values(), default=0.0),
         "server_log_tracebacks": server_tb,
         "fast": args.fast,
     }
     for line, n in ends.items():
         print(f"server log traceback x{n}: {line}")
     print(json.dumps(counts))
-    bad = counts["leaks"] or counts["tracebacks"] or counts["not_refused"] or counts["failed"]
+    bad = counts["leaks"] or counts["tracebacks"] or counts["not_refused"] or counts["failed"] \
+        or counts["bare_refusals"] or counts["server_growth_mb_max"] >= 500
     return 0 if is_alive and not bad else 1
 
 

@@ -30,4 +30,11 @@ def test_abuse_check_fast_subset():
     assert counts["not_refused"] == 0, report
     assert counts["failed"] == 0, report
     assert counts["refused_cleanly"] >= 30, report
+    # issue 16: no refusal without a sentence, no crash, bombs refused without the server's
+    # memory growing (the upload probes: Parquet and JSON bombs, gzip, sessions, tags)
+    assert counts["bare_refusals"] == 0, report
+    assert counts["crashes"] == 0, report
+    assert counts["server_growth_mb_max"] < 500, report
+    for probe in ("parquet bomb", "sessions: hashes 'x' and 'x!'", "<img> tags", "1.5 M steps"):
+        assert probe in report or probe in out.stdout, (probe, report)
     assert out.returncode == 0, report

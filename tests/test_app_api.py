@@ -168,12 +168,14 @@ def test_session_folders_are_separate():
     from c2c_core.errors import UserError
     from c2c_core.ui.common import end_session, new_run_path, session_run_path, session_runs
 
-    class Req:
+    from c2c_core.ui import guard
+
+    class Req:  # the same client-chosen hash; the server minted each its own cookie
         def __init__(self, h):
             self.session_hash = h
+            self.cookies = {guard.SESSION_COOKIE: guard.mint_session()}
 
-    import uuid
-    a, b = Req(f"testA{uuid.uuid4().hex}"), Req(f"testB{uuid.uuid4().hex}")
+    a, b = Req("same"), Req("same")
     path = new_run_path(a, "batch")
     with open(path, "w") as f:
         f.write('{"id": 1}\n')
@@ -181,7 +183,8 @@ def test_session_folders_are_separate():
     assert [n for _, n in session_runs(a)] == [name]
     assert session_runs(b) == []
     assert session_run_path(a, name) == path
-    for bad in (name, f"../{a.session_hash}/{name}", path):
+    a_key = os.path.basename(os.path.dirname(path))
+    for bad in (name, f"../{a_key}/{name}", path):
         with pytest.raises(UserError):
             session_run_path(b, bad)
     end_session(a)  # what closing the tab does
@@ -273,7 +276,7 @@ def test_sweep_endpoint_runs_the_length_grid(client):
     recs = valid_jsonl(path, 4)
     got = sorted((r["timing"]["prompt_tokens"], r["timing"]["num_generated_tokens"]) for r in recs)
     assert got == [(3, 2), (3, 4), (9, 2), (9, 4)]
-    with pytest.raises(Exception, match="Prompt lengths 'abc' must be comma-separated integers"):
+    with pytest.raises(Exception, match="Prompt lengths 'abc' must be whole numbers separated by commas or spaces"):
         client.predict(input_lens="abc", output_lens="2", api_name="/sweep")
 
 

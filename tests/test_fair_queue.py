@@ -35,10 +35,13 @@ def _endpoint(url: str, api: str) -> tuple[int, list, list]:
     return fn, [p.get("parameter_default") for p in params], [p["parameter_name"] for p in params]
 
 
-def _join(url: str, api: str, session: str, **overrides) -> httpx.Response:
+def _join(url: str, api: str, session: str, browser: httpx.Client | None = None,
+          **overrides) -> httpx.Response:
+    """A raw queue join; `browser` keeps the session cookie the server mints (a client
+    without one is a new session at every request)."""
     fn, data, names = _endpoint(url, api)
     data = [overrides.get(n, d) for n, d in zip(names, data)]
-    return httpx.post(f"{url}gradio_api/queue/join", timeout=30,
+    return (browser or httpx).post(f"{url}gradio_api/queue/join", timeout=30,
                       json={"data": data, "fn_index": fn, "session_hash": session,
                             "event_data": None, "trigger_id": None})
 
@@ -46,13 +49,14 @@ def _join(url: str, api: str, session: str, **overrides) -> httpx.Response:
 class Stream(threading.Thread):
     """A client that is there: reads its session's message stream until it closes."""
 
-    def __init__(self, url: str, session: str):
+    def __init__(self, url: str, session: str, browser: httpx.Client | None = None):
         super().__init__(daemon=True)
         self.url, self.session, self.messages = url, session, []
+        self.browser = browser or httpx
 
     def run(self):
         try:
-            with httpx.stream("GET", f"{self.url}gradio_api/queue/data",
+            with self.browser.stream("GET", f"{self.url}gradio_api/queue/data",
                               params={"session_hash": self.session}, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -106,21 +110,33 @@ def test_one_waiting_job_per_session_and_stop_removes_it(app_server, monkeypatch
     demo, url = app_server
     monkeypatch.setenv("C2C_CONNECT_GRACE_S", "30")
     busy = _busy(url)
+    me, other = httpx.Client(), httpx.Client()  # two browsers, each with its minted cookie
+    me.get(url, timeout=30)
+    other.get(url, timeout=30)
     try:
-        stream = Stream(url, "one-waiting")
-        first = _join(url, "batch", "one-waiting", prompts="first waiting job", **LONG)
+        stream = Stream(url, "one-waiting", me)
+        first = _join(url, "batch", "one-waiting", me, prompts="first waiting job", **LONG)
         assert first.status_code == 200, first.text
         stream.start()
         assert _wait(lambda: fairqueue.connected("one-waiting"), 10)
-        second = _join(url, "batch", "one-waiting", prompts="second job", **LONG)
-        assert second.status_code == 400
+        second = _join(url, "batch", "one-waiting-2", me, prompts="second job", **LONG)
+        assert second.status_code == 400  # the session is the cookie, whatever hash is sent
         assert second.json()["detail"] == fairqueue.ONE_WAITING
         assert fairqueue.waiting_jobs("one-waiting") == 1
-        # Stop, pressed in this session: its waiting job leaves the queue, its client is told
         stop = _dep_of(url, "batch-stop")
-        r = httpx.post(f"{url}gradio_api/queue/join", timeout=30,
-                       json={"data": [], "fn_index": stop, "session_hash": "one-waiting",
-                             "event_data": None, "trigger_id": None})
+
+        def press_stop(browser):
+            return browser.post(f"{url}gradio_api/queue/join", timeout=30,
+                                json={"data": [], "fn_index": stop,
+                                      "session_hash": "one-waiting", "event_data": None,
+                                      "trigger_id": None})
+
+        # another session sending this page's hash neither removes its job nor is blocked
+        assert press_stop(other).status_code == 200
+        time.sleep(1.0)
+        assert fairqueue.waiting_jobs("one-waiting") == 1
+        # Stop, pressed in this session: its waiting job leaves the queue, its client is told
+        r = press_stop(me)
         assert r.status_code == 200, r.text
         assert _wait(lambda: fairqueue.waiting_jobs("one-waiting") == 0)
         assert _wait(lambda: any(m.get("msg") == "process_completed"
@@ -135,11 +151,13 @@ def test_one_waiting_job_per_session_and_stop_removes_it(app_server, monkeypatch
                                  and "Stopped** before it started" in json.dumps(m["output"])
                                  for m in stream.messages))
         # the session may queue again once nothing of it waits
-        again = _join(url, "batch", "one-waiting", prompts="again", max_new_tokens=1,
+        again = _join(url, "batch", "one-waiting", me, prompts="again", max_new_tokens=1,
                       warmup=0)
         assert again.status_code == 200
     finally:
         busy.cancel()
+        me.close()
+        other.close()
 
 
 def test_a_rest_api_client_reading_its_call_stream_counts_as_connected(app_server, monkeypatch):

@@ -297,3 +297,173 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     for (s0, e0), (s1, _) in zip(spans, spans[1:]):
         assert e0 <= s1 + 1e-6, "two generations overlapped"
     assert recs and all(r["run"]["frontend"] == "app" for r in recs)
+
+
+# --- sessions the server mints (issue 16, part 4) ----------------------------------------------
+
+class _Req:
+    """What a handler gets: the client's session hash and the request's cookies."""
+
+    def __init__(self, session_hash, cookie=None):
+        self.session_hash = session_hash
+        self.cookies = {} if cookie is None else {guard.SESSION_COOKIE: cookie}
+
+
+def test_session_keys_come_from_the_server_never_from_the_client_hash():
+    from c2c_core.ui.common import request_stop, session_id, stop_flag, clear_stop
+    minted = guard.mint_session()
+    key = guard.session_key(minted)
+    assert key and key != minted and key in minted
+    assert session_id(_Req("x", minted)) == session_id(_Req("other", minted)) == key
+    # the same, an empty or a look-alike hash with no (or a forged) cookie: a fresh key each
+    # time, shared with no one (no 'anonymous' fallback)
+    forged = [None, "", "x", key, f"{key}.0", f"{key}.{'0' * 32}", "anonymous",
+              minted.replace(key, "A" * 32)]
+    seen = {key}
+    for h in ("x", "x!", "x..", "", None, "…", "@@"):
+        for c in forged:
+            sid = session_id(_Req(h, c))
+            assert sid not in seen and sid != "anonymous"
+            seen.add(sid)
+    # stop flags follow the key: a client with the victim's hash cannot stop its run
+    victim = _Req("x", minted)
+    ev = stop_flag(victim)
+    assert not request_stop(_Req("x", guard.mint_session()))
+    assert not request_stop(_Req("x")) and not request_stop(_Req("x!")) and not ev.is_set()
+    assert request_stop(victim) and ev.is_set()
+    clear_stop(victim, ev)
+
+
+@pytest.mark.parametrize("hashes", [("x", "x"), ("x", "x!"), ("x", "x.."), ("", "")],
+                         ids=["same", "bang", "dots", "empty"])
+def test_clients_with_colliding_hashes_cannot_reach_each_others_runs(public_server, hashes):
+    """Two gradio clients whose session hashes collide (or look alike) each get their own
+    server-minted cookie: one's runs can be neither listed, read, analysed nor deleted by the
+    other."""
+    from gradio_client import Client
+    from c2c_core.ui.common import session_runs
+    url, common = public_server
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    a.session_hash, b.session_hash = hashes
+    ka = guard.session_key(a.cookies.get(guard.SESSION_COOKIE))
+    kb = guard.session_key(b.cookies.get(guard.SESSION_COOKIE))
+    assert ka and kb and ka != kb
+    folder = os.path.join(common.SESSION_ROOT, ka)
+    os.makedirs(folder, exist_ok=True)
+    run = os.path.join(folder, "batch-20260101-000000.jsonl")
+    with open(run, "w") as f:
+        f.write(json.dumps({"id": 1, "mode": "c2c", "prompt": "secret-of-a", "response": "r",
+                            "timing": {"decode_avg_ms": 1.0}}) + "\n")
+    name = os.path.basename(run)
+    # (the API's /analyze takes only the run names the page listed for the session; the
+    # handler behind it reads runs so)
+    from c2c_core.ui.results_tab import load_sources
+    req_a = _Req(hashes[0], a.cookies[guard.SESSION_COOKIE])
+    req_b = _Req(hashes[1], b.cookies[guard.SESSION_COOKIE])
+    sources, errors = load_sources(None, [name], False, req_a)
+    assert list(sources) == [name[:-6]] and not errors
+    assert [n for _, n in session_runs(req_a)] == [name]
+    for bad in (name, f"../{ka}/{name}", run):
+        sources, errors = load_sources(None, [bad], False, req_b)
+        assert not sources and "not a run of this session" in errors[0]
+    assert session_runs(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE])) == []
+    # B's page closing (unload) removes B's folder, never A's
+    common.end_session(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE]))
+    assert os.path.exists(run)
+    # a raw request forging A's hash and no cookie, or a cookie of its own making
+    for cookie in ({}, {guard.SESSION_COOKIE: ka}, {guard.SESSION_COOKIE: "x"}):
+        r = httpx.get(url + "gradio_api/info", cookies=cookie, timeout=30)
+        fresh = guard.session_key(r.cookies.get(guard.SESSION_COOKIE))
+        assert fresh and fresh not in (ka, kb)
+    common.end_session(_Req(hashes[0], a.cookies[guard.SESSION_COOKIE]))
+    assert not os.path.exists(run)
+
+
+def test_direct_uploads_count_toward_the_session_quota(public_server, monkeypatch):
+    """Files posted straight to /upload are charged to the session that posted them (a client
+    stored 270 MB against a 200 MB cap), once: analysing them later charges nothing more."""
+    url, _ = public_server
+    monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
+    one = [("files", ("a.jsonl", b"a" * (600 * 1024), "application/json"))]
+    with httpx.Client(timeout=30) as c:
+        r = c.post(url + "gradio_api/upload", files=one)
+        assert r.status_code == 200, r.text
+        key = guard.session_key(c.cookies.get(guard.SESSION_COOKIE))
+        stored = r.json()[0]
+        used = guard._UPLOADED[key][0]
+        assert used >= 600 * 1024
+        guard.count_upload(key, [stored])  # the handler reading it: not charged again
+        assert guard._UPLOADED[key][0] == used
+        r = c.post(url + "gradio_api/upload",
+                   files=[("files", ("b.jsonl", b"b" * (600 * 1024), "application/json"))])
+        assert r.status_code == 413 and "C2C_SESSION_UPLOAD_MB" in r.text
+        assert r.text.count(". ") == 0 and "Traceback" not in r.text
+    # another session (a new cookie) has its own quota
+    r = httpx.post(url + "gradio_api/upload",
+                   files=[("files", ("c.jsonl", b"c" * (600 * 1024), "application/json"))],
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    guard.forget_session(key)
+
+
+def test_a_queue_join_without_a_session_hash_is_refused_in_a_sentence(public_server):
+    url, _ = public_server
+    for h in ("", "   "):
+        r = httpx.post(url + "gradio_api/queue/join", timeout=30,
+                       json={"data": [], "fn_index": 0, "session_hash": h})
+        assert r.status_code == 400 and "names no session" in r.text, r.text
+    # a join that names one is passed on unchanged (gradio answers it)
+    r = httpx.post(url + "gradio_api/queue/join", timeout=30,
+                   json={"data": [], "fn_index": 999, "session_hash": "abc"})
+    assert "names no session" not in r.text
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(repeats=1_000_000), "'repeats' is 1000000; this input takes at most"),
+    (dict(batch_size=0), "'batch size' is 0; this input takes at least 1"),
+    (dict(mode="../../x"), "which is not one of its choices"),
+])
+def test_out_of_range_api_values_get_a_sentence_not_a_bare_400(public_server, kw, says):
+    """gradio refuses a value outside an input's range or choices with a 400 that
+    gradio_client shows as a bare "400 Bad Request"; the app says it in a sentence."""
+    url, _ = public_server
+    msg, secs = _refused(url, "/batch", prompts="hi", **kw)
+    assert says in msg and "400 Bad Request" not in msg, msg
+
+
+def test_a_chunked_upload_past_the_quota_is_removed_unless_another_session_holds_it(
+        public_server, monkeypatch):
+    """Without a Content-Length the quota is checked once gradio has stored the files: over it,
+    they are removed and the client told why, but a file another session was charged for (gradio
+    stores equal files at one path) is kept."""
+    url, _ = public_server
+    monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
+
+    def chunked(c, name, data):
+        boundary = "c2cboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\";"
+                f" filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n").encode() + data \
+            + f"\r\n--{boundary}--\r\n".encode()
+        return c.post(url + "gradio_api/upload", content=iter([body[:1000], body[1000:]]),
+                      headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+    shared = b"s" * (700 * 1024)
+    with httpx.Client(timeout=30) as other:
+        r = chunked(other, "shared.jsonl", shared)
+        assert r.status_code == 200, r.text
+        kept = r.json()[0]
+        other_key = guard.session_key(other.cookies.get(guard.SESSION_COOKIE))
+    with httpx.Client(timeout=30) as c:
+        r = chunked(c, "a.jsonl", b"a" * (600 * 1024))
+        assert r.status_code == 200, r.text
+        key = guard.session_key(c.cookies.get(guard.SESSION_COOKIE))
+        r = chunked(c, "b.jsonl", b"b" * (600 * 1024))
+        assert r.status_code == 413 and "C2C_SESSION_UPLOAD_MB" in r.text, r.text
+        r = chunked(c, "shared.jsonl", shared)  # the other session's file: refused, kept
+        assert r.status_code == 413
+        assert os.path.exists(kept)
+    b_files = [os.path.join(root, f) for root, _, fs in os.walk(os.path.dirname(
+        os.path.dirname(kept))) for f in fs if f == "b.jsonl"]
+    assert not [p for p in b_files if os.path.getsize(p) == 600 * 1024], b_files
+    guard.forget_session(key)
+    guard.forget_session(other_key)

@@ -60,8 +60,11 @@ def launch_kwargs() -> dict:
     return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
             "max_file_size": MAX_UPLOAD,
             # total bytes per upload request (max_file_size is per file)
-            "app_kwargs": {"middleware": [Middleware(guard.UploadLimit),
-                                          # which clients have their message stream open
+            # every request carries a session key the server minted (guard.SessionCookie)
+            # (outermost first: the upload cap charges the session the cookie names); the
+            # fair queue notes which clients have their message stream open
+            "app_kwargs": {"middleware": [Middleware(guard.SessionCookie),
+                                          Middleware(guard.UploadLimit),
                                           Middleware(fairqueue.Connections)]}}
 
 

@@ -13,8 +13,9 @@ from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
 from ..runner import modes_of
 from . import guard
-from .common import (check_memory, download_button, new_run_path, plot, status_md, stop_button, ui_message,
-                     records_table, run_config, sized, stream_records, user_error)
+from .common import (check_memory, download_button, new_run_path, plot, status_md, stop_button,
+                     ui_message, records_table, run_config, sized, stream_records, user_error,
+                     md_text)
 
 
 @dataclass
@@ -71,7 +72,7 @@ def run_batch(prompts: str, request: gr.Request, progress=gr.Progress(), **setti
         items = resolve_prompts(prompts=lines)
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
-        yield render([], status_md(ui_message(e), "error"), None)
+        yield render([], status_md(md_text(ui_message(e)), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "batch")
     yield from stream_records(cfg, items, path, progress, render, unit="generation",

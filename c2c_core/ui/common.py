@@ -6,9 +6,11 @@ tables with units, and error messages said in the page.
 from __future__ import annotations
 
 import collections
+import html
 import os
 import queue
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -110,11 +112,26 @@ def error_outputs(err: BaseException, n_outputs: int) -> tuple:
     """Outputs for a failed run: the message in the status line (the first output), every
     other output left as it was. Callers yield this, then raise gr.Error with the same text
     (a toast in the page, an exception for gradio_client)."""
-    return (status_md(ui_message(err), "error"),) + tuple(gr.skip() for _ in range(n_outputs - 1))
+    return (status_md(md_text(ui_message(err)), "error"),) + tuple(gr.skip() for _ in range(n_outputs - 1))
 
 
 def user_error(err: BaseException) -> gr.Error:
-    return gr.Error(ui_message(err), print_exception=False)
+    # gradio renders an error's message as HTML: a file name or a column from an upload is text
+    return gr.Error(html_text(ui_message(err)), print_exception=False)
+
+
+def html_text(value: Any) -> str:
+    """A value shown where HTML is rendered (toasts, plotly labels and hovers), as text."""
+    return html.escape(str(value), quote=False)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+
+
+def md_text(value: Any) -> str:
+    """A value shown inside Markdown (status and ratio lines), as text: its HTML escaped and its
+    Markdown syntax (images, links, emphasis) backslash-escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", html_text(value))
 
 
 def validator(check: Callable) -> Callable:
@@ -151,8 +168,22 @@ WAITING_JS = ("() => 'Sent. If a setting is refused, its box turns red and nothi
 # --- sessions ------------------------------------------------------------------------------
 
 def session_id(request: gr.Request | None) -> str:
-    sid = getattr(request, "session_hash", None) or "anonymous"
-    return re.sub(r"[^A-Za-z0-9_-]", "", str(sid))[:64] or "anonymous"
+    """This session's key: the one the server minted into the request's session cookie
+    (guard.SessionCookie), never the client's session hash. A request without a valid cookie
+    (the app launched without launch_kwargs' middleware) gets a key of its own: it shares
+    nothing, with no one."""
+    try:
+        cookies = dict(getattr(request, "cookies", None) or {})
+    except Exception:  # noqa: BLE001 - a request object without cookies
+        cookies = {}
+    key = guard.session_key(cookies.get(guard.SESSION_COOKIE))
+    if key is None:  # one key per request object, so its run's stop flag is found again
+        key = getattr(request, "_c2c_session_key", None) or secrets.token_urlsafe(24)
+        try:
+            request._c2c_session_key = key
+        except AttributeError:
+            pass
+    return key
 
 
 def session_dir(request: gr.Request | None) -> str:
@@ -790,7 +821,7 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                 yield alive  # lets gradio notice a client that went away
     except UserError as e:
         kept = f" {summary.count} finished record(s) are in the download." if recs else ""
-        yield render(list(recs), status_md(ui_message(e) + kept, "error"),
+        yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),
                      path if recs else None, summary=summary)
         raise user_error(e) from None
     except GeneratorExit:  # the client went away: its generation stops within a decode step

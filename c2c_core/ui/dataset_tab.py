@@ -11,12 +11,12 @@ import pandas as pd
 
 from .. import analysis, plots
 from ..errors import UserError
-from ..prompts import FILE_TYPES, resolve_prompts, skipped_note
+from ..prompts import check_file_type, resolve_prompts, skipped_note
 from ..runner import modes_of
 from . import guard
 from .common import (clear_stop, session_id, download_button, integer_counts, new_run_path, plot, status_md,
                      records_table, request_stop, run_config, sized, stop_flag,
-                     stop_button, stream_records, ui_message, user_error)
+                     stop_button, stream_records, ui_message, user_error, md_text)
 
 SOURCES = [("Hugging Face dataset", "hf"), ("Uploaded file", "file")]
 
@@ -66,12 +66,16 @@ def build_dataset_tab() -> DatasetTab:
                     config = gr.Textbox("", label="config", placeholder="gsm8k: main · mmlu: all")
                     split = gr.Textbox("test", label="split")
         with gr.Column(scale=2):
-            prompt_file = gr.File(sample, label="…or a prompts file (rows with prompt, question or text)",
-                                  file_types=list(FILE_TYPES), elem_id="dataset-file", height=120)
+            # no file_types: gradio would refuse another type with a bare "400 Bad Request";
+            # check_dataset says which types are read. Offline it opens on the shipped samples.
+            prompt_file = gr.File(sample, label="…or a prompts file: .jsonl, .json, .csv or"
+                                  " .parquet (rows with prompt, question or text)",
+                                  elem_id="dataset-file", height=120)
     with gr.Row():
-        num = gr.Number(10, label="number of samples", precision=0, minimum=1, min_width=120)
-        offset = gr.Number(0, label="offset (rows skipped)", precision=0, minimum=0,
-                           min_width=120)
+        # no minimum: out-of-range values are refused by check_dataset in a sentence (gradio's
+        # own check answers an API client with a bare "400 Bad Request")
+        num = gr.Number(10, label="number of samples", precision=0, min_width=120)
+        offset = gr.Number(0, label="offset (rows skipped)", precision=0, min_width=120)
         field = gr.Textbox("", label="text field", placeholder="prompt / question / text",
                            min_width=120)
         skip = gr.Checkbox(False, label="skip malformed lines", min_width=120)
@@ -143,6 +147,17 @@ def check_dataset(source: str, dataset_name: str, dataset_config: str, split: st
         raise UserError("'Prompts from' must be 'Hugging Face dataset' or 'Uploaded file'.")
     if source == "hf":
         guard.check_dataset_name(dataset_name, dataset_config, split)
+    elif prompt_file:
+        try:
+            check_file_type(prompt_file)
+        except UserError as e:
+            raise guard.FieldError(str(e), "prompt_file") from None
+    if num_samples is not None and num_samples < 1:
+        raise guard.FieldError(f"'number of samples' is {num_samples:g}; give 1 or more (or leave"
+                               " it empty for every row).", "num_samples")
+    if offset is not None and offset < 0:
+        raise guard.FieldError(f"'offset' is {offset:g}; give 0 or more (the rows skipped from"
+                               " the start).", "offset")
     guard.check_short(text_field, "Text field")
     cfg = run_config(settings)
     if num_samples:
@@ -168,7 +183,7 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
                 raise UserError("No prompts file uploaded; drop a .jsonl, .csv or .parquet file"
                                 " in the box, or choose 'Hugging Face dataset'.")
             progress(None, desc="Reading the file…")
-            items = resolve_prompts(dataset_file=prompt_file, **kw)
+            items = resolve_prompts(dataset_file=prompt_file, caps=guard.file_caps(), **kw)
         else:
             if not (dataset_name or "").strip():
                 raise UserError("No dataset name given; type one like gsm8k, or upload a file.")
@@ -181,7 +196,7 @@ def run_dataset(source: str, dataset_name: str, dataset_config: str, split: str,
             guard.check_prompt_text(it.prompt, f"Prompt {it.id}")
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
-        yield render([], status_md(ui_message(e), "error"), None)
+        yield render([], status_md(md_text(ui_message(e)), "error"), None)
         raise user_error(e) from None
     note = skipped_note(items)
     if note:

@@ -100,6 +100,23 @@ def _stream_session(scope) -> str | None:
     return None
 
 
+def _minted(request) -> str | None:
+    """The server-minted session key of a request (guard.SessionCookie), None without one."""
+    from .guard import SESSION_COOKIE, session_key
+    try:
+        cookies = dict(getattr(request, "cookies", None) or {})
+    except Exception:  # noqa: BLE001 - a request object without cookies
+        return None
+    return session_key(cookies.get(SESSION_COOKIE))
+
+
+def _owner(event) -> tuple:
+    """Whose job: the server-minted session when there is one (a client cannot pick it), else
+    gradio's session hash (an app launched without the cookie middleware)."""
+    key = _minted(getattr(event, "request", None))
+    return ("minted", key) if key else ("hash", event.session_hash)
+
+
 def _model_queue(queue):
     return queue.event_queue_per_concurrency_id.get(MODEL_QUEUE)
 
@@ -144,8 +161,9 @@ def install(demo: gr.Blocks) -> None:
             async with queue.delete_lock:
                 _drop_absent(queue, time.monotonic())  # frees places held by absent clients
                 q = _model_queue(queue)
-                if q is not None and body.session_hash and any(
-                        ev.session_hash == body.session_hash for ev in q.queue):
+                key = _minted(request)
+                me = ("minted", key) if key else ("hash", body.session_hash)
+                if q is not None and me[1] and any(_owner(ev) == me for ev in q.queue):
                     return False, ONE_WAITING, "error"
         return await push(body, request, username)
 
@@ -177,15 +195,22 @@ def waiting_jobs(session_hash: str) -> int:
     return sum(ev.session_hash == session_hash for ev in q.queue) if q is not None else 0
 
 
-async def remove_waiting(session_hash: str | None) -> int:
-    """Remove this session's jobs still waiting in the model queue; their clients are told."""
+async def remove_waiting(session_hash: str | None, minted: str | None = None) -> int:
+    """Remove this page's jobs still waiting in the model queue (gradio's session hash, and the
+    server-minted session when the request has one: a hash alone, which a client picks, never
+    removes another session's job); their clients are told."""
     from gradio.server_messages import ProcessCompletedMessage
     queue = _QUEUE[0]
     if queue is None or not session_hash:
         return 0
+
+    def mine_(ev) -> bool:
+        return ev.session_hash == session_hash and (
+            minted is None or _minted(getattr(ev, "request", None)) == minted)
+
     async with queue.delete_lock:
         q = _model_queue(queue)
-        mine = [ev for ev in q.queue if ev.session_hash == session_hash] if q is not None else []
+        mine = [ev for ev in q.queue if mine_(ev)] if q is not None else []
         for ev in mine:
             q.queue.remove(ev)
     for ev in mine:
@@ -202,7 +227,7 @@ async def stop_run(request: gr.Request):
     still waiting in the queue. Said in a toast; the status line is written here only for a
     removed job that never started (a running job's own last update writes it: writing it
     here could land later)."""
-    removed = await remove_waiting(getattr(request, "session_hash", None))
+    removed = await remove_waiting(getattr(request, "session_hash", None), _minted(request))
     running = request_stop(request)
     if running and removed:
         gr.Info("Stopping: the running generation ends within one decode step, and your job"

@@ -19,8 +19,11 @@ once. So, in the app (the CLI keeps local paths):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import secrets
 from typing import Any
 
 from .. import budget as _budget
@@ -75,6 +78,8 @@ LIMITS = {
     "sweep_tokens": ("C2C_MAX_SWEEP_TOKENS", 32_768, "prompt + output tokens of one sweep point"),
     "request_upload_mb": ("C2C_MAX_UPLOAD_MB", 50, "MB uploaded in one request"),
     "session_upload_mb": ("C2C_SESSION_UPLOAD_MB", 200, "MB uploaded by one session"),
+    "file_rows": ("C2C_MAX_FILE_ROWS", 100_000, "rows read from an uploaded prompts file"),
+    "file_mb": ("C2C_MAX_FILE_MB", 64, "MB of data read from an uploaded prompts file (decoded)"),
     "session_disk_mb": ("C2C_SESSION_DISK_MB", 200, "MB of results kept for one session"),
     "sharers": ("C2C_MAX_SHARERS", 2, "sharers in one pipeline (the published setups use 1-2)"),
     "cpu_params_m": ("C2C_MAX_CPU_PARAMS_M", _budget.CPU_PARAMS_M,
@@ -311,13 +316,23 @@ def count_upload(session: str, paths: list[str]) -> None:
     _UPLOADED[session] = (used + size, seen | set(new))
 
 
+def file_caps():
+    """The caps on an uploaded prompts file, read before its rows are decoded."""
+    from ..prompts import FileCaps
+    return FileCaps(limit("file_rows"), limit("file_mb") * 2**20, "C2C_MAX_FILE_ROWS",
+                    "C2C_MAX_FILE_MB")
+
+
 def forget_session(session: str) -> None:
     _UPLOADED.pop(session, None)
 
 
 class UploadLimit:
     """ASGI middleware: refuse an upload request whose body is over the per-request cap
-    (gradio's own max_file_size is per file, so three 40 MB files in one request passed)."""
+    (gradio's own max_file_size is per file, so three 40 MB files in one request passed), and
+    charge what a session uploads to its quota as it arrives: every file gradio stores from
+    /upload is counted here (a client posting there directly stored 270 MB against a 200 MB
+    cap), each once, so the handlers that later read it do not charge it again."""
 
     def __init__(self, app):
         self.app = app
@@ -326,9 +341,15 @@ class UploadLimit:
         if scope["type"] != "http" or not scope.get("path", "").rstrip("/").endswith("/upload"):
             return await self.app(scope, receive, send)
         cap = limit("request_upload_mb") * 2**20
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = list(scope.get("headers") or [])
+        session = session_key(_cookies(headers).get(SESSION_COOKIE))
+        length = dict(headers).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > cap:
             return await _refuse(send, cap)
+        if session is not None and length is not None and length.isdigit():
+            used, quota = _UPLOADED.get(session, (0, set()))[0], limit("session_upload_mb") * 2**20
+            if used + int(length) > quota:
+                return await _refuse_quota(send, used + int(length), quota)
         seen = 0
 
         async def counting_receive():
@@ -340,19 +361,62 @@ class UploadLimit:
                     raise _TooLarge()
             return msg
 
+        if session is None:  # no session to charge (the app runs without SessionCookie)
+            try:
+                return await self.app(scope, counting_receive, send)
+            except _TooLarge:
+                return await _refuse(send, cap)
+        # hold the (small) response until the stored files are charged: over the quota, they
+        # are removed and the client told why
+        held: list[dict] = []
+
+        async def holding_send(msg):
+            held.append(msg)
+
         try:
-            return await self.app(scope, counting_receive, send)
+            await self.app(scope, counting_receive, holding_send)
         except _TooLarge:
             return await _refuse(send, cap)
+        start = next((m for m in held if m["type"] == "http.response.start"), None)
+        body = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+        if start is not None and start.get("status") == 200:
+            try:
+                import json
+                paths = [p for p in json.loads(body) if isinstance(p, str)]
+            except ValueError:
+                paths = []
+            try:
+                count_upload(session, paths)
+            except UserError:
+                used = _UPLOADED.get(session, (0, set()))[0] + sum(
+                    os.path.getsize(p) for p in paths if os.path.isfile(p))
+                # gradio stores equal files at one path: keep any another session was charged
+                others = set().union(*(seen for _, seen in _UPLOADED.values()))
+                for p in paths:
+                    if p in others:
+                        continue
+                    try:
+                        os.remove(p)
+                    except OSError:
+                        pass
+                return await _refuse_quota(send, used, limit("session_upload_mb") * 2**20)
+        for m in held:
+            await send(m)
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _refuse(send, cap: int) -> None:
-    body = (f"Upload refused: one request may carry at most {_mb(cap)} (C2C_MAX_UPLOAD_MB);"
-            " upload fewer or smaller files.").encode()
+async def _refuse_quota(send, used: int, cap: int) -> None:
+    await _refuse(send, cap, f"Upload refused: this session would have uploaded {_mb(used)}; the"
+                  f" limit is {_mb(cap)} (C2C_SESSION_UPLOAD_MB): reload the page to start a"
+                  " new session.")
+
+
+async def _refuse(send, cap: int, text: str | None = None) -> None:
+    body = (text or f"Upload refused: one request may carry at most {_mb(cap)}"
+            " (C2C_MAX_UPLOAD_MB); upload fewer or smaller files.").encode()
     try:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
@@ -360,6 +424,196 @@ async def _refuse(send, cap: int) -> None:
         await send({"type": "http.response.body", "body": body})
     except Exception:  # noqa: BLE001 - the response had already started; nothing more to say
         pass
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+#: The cookie that carries a session's key: minted by the server, signed with a key that never
+#: leaves this process, so a client can neither choose a session nor guess another's (gradio's
+#: session hash is the client's own choice and travels in URLs).
+SESSION_COOKIE = "c2c_session"
+_SESSION_SECRET = secrets.token_bytes(32)
+_KEY = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
+def _sign(key: str) -> str:
+    return hmac.new(_SESSION_SECRET, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def mint_session() -> str:
+    """A new session's cookie value: a random key and its signature."""
+    key = secrets.token_urlsafe(24)  # 32 characters of [A-Za-z0-9_-]
+    return f"{key}.{_sign(key)}"
+
+
+def session_key(cookie: str | None) -> str | None:
+    """The session key a cookie value carries, or None when this server did not mint it."""
+    key, _, sig = (cookie or "").partition(".")
+    if _KEY.fullmatch(key) and hmac.compare_digest(sig, _sign(key)):
+        return key
+    return None
+
+
+def _cookies(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k.lower() == b"cookie":
+            for part in v.decode("latin-1").split(";"):
+                name, _, value = part.strip().partition("=")
+                out.setdefault(name, value)
+    return out
+
+
+class SessionCookie:
+    """ASGI middleware: every request carries a session cookie this server minted. A request
+    without a valid one (a new page, an API client's first call, a forged or stale value) gets a
+    fresh key, added to the request (so the handler of this very request sees it) and set on
+    the response (so the browser and gradio_client send it from then on)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope.get("method") == "POST" and scope.get("path", "").endswith("/queue/join"):
+            receive, body = await _join_with_a_hash(scope, receive, send)
+            if receive is None:
+                return None
+            send = _sentence_for_bare_400(scope, body, send)
+        headers = list(scope.get("headers") or [])
+        if session_key(_cookies(headers).get(SESSION_COOKIE)) is not None:
+            return await self.app(scope, receive, send)
+        value = mint_session()
+        kept = [(k, v) for k, v in headers if k.lower() != b"cookie"]
+        others = "; ".join(f"{k}={v}" for k, v in _cookies(headers).items()
+                           if k != SESSION_COOKIE)
+        cookie = f"{SESSION_COOKIE}={value}" + (f"; {others}" if others else "")
+        scope = {**scope, "headers": kept + [(b"cookie", cookie.encode("latin-1"))]}
+        https = scope.get("scheme") == "https" or dict(headers).get(
+            b"x-forwarded-proto", b"").split(b",")[0].strip() == b"https"
+        # on a Space the page is an iframe of huggingface.co: a partitioned third-party cookie
+        attrs = "; SameSite=None; Secure; Partitioned" if https else "; SameSite=Lax"
+        set_cookie = f"{SESSION_COOKIE}={value}; Path=/; HttpOnly{attrs}".encode("latin-1")
+
+        async def send_with_cookie(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": list(msg.get("headers") or [])
+                       + [(b"set-cookie", set_cookie)]}
+            await send(msg)
+
+        return await self.app(scope, receive, send_with_cookie)
+
+
+_OUT_OF_RANGE = re.compile(r"^Value:? (.+?) is (less|greater) than (?:minimum|maximum) value"
+                           r" (\S+?)\.?$|^Value:? (.+?) is not in the list of choices", re.S)
+
+
+def _sentence_for_bare_400(scope, body: bytes, send):
+    """gradio refuses a value outside an input's minimum, maximum or choices with a 400 that
+    gradio_client shows as a bare "400 Bad Request". Said instead as a validation answer (422,
+    which every client shows): one sentence naming the input by its label."""
+    import json
+    held: list[dict] = []
+
+    async def rewriting_send(msg):
+        if msg["type"] == "http.response.start" and msg.get("status") == 400:
+            held.append(msg)
+            return
+        if held and msg["type"] == "http.response.body":
+            held.append(msg)
+            if msg.get("more_body"):
+                return
+            raw = b"".join(m.get("body", b"") for m in held[1:])
+            text = _range_sentence(scope, body, raw)
+            if text is None:
+                for m in held:
+                    await send(m)
+                return
+            out = json.dumps({"detail": [{"__type__": "validate", "is_valid": False,
+                                          "parameter_name": text[0].strip("'"),
+                                          "message": text[1]}]}
+                             ).encode()
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(out)).encode())]})
+            await send({"type": "http.response.body", "body": out})
+            return
+        await send(msg)
+
+    return rewriting_send
+
+
+def _range_sentence(scope, body: bytes, raw: bytes) -> tuple[str, str] | None:
+    """(parameter, sentence) for gradio's out-of-range refusal, or None for any other 400."""
+    import json
+    try:
+        detail = str(json.loads(raw).get("detail"))
+        if len(detail) > 1 and detail[0] == detail[-1] and detail[0] in "'\"":
+            detail = detail[1:-1]  # gradio's Error says its message as a repr
+        m = _OUT_OF_RANGE.match(detail)
+    except (ValueError, AttributeError):
+        return None
+    if not m:
+        return None
+    label = "a setting"
+    try:  # the input whose value was refused, by its label
+        req = json.loads(body)
+        fn = scope["app"].get_blocks().fns[req["fn_index"]]
+        value = m.group(1) or m.group(4)
+        edge = "minimum" if m.group(2) == "less" else "maximum"
+        found = []  # inputs holding that value; the one whose bound it breaks first
+        for comp, v in zip(fn.inputs, req.get("data") or []):
+            if str(v) == value or repr(v) == value:
+                bound = getattr(comp, edge, None) if m.group(2) else None
+                breaks = bound is not None and str(float(bound)) == str(float(m.group(3)))
+                found.insert(0 if breaks or not m.group(2) else len(found), comp)
+        if found:
+            label = f"'{getattr(found[0], 'label', None) or 'a setting'}'"
+    except Exception:  # noqa: BLE001 - the sentence without the label
+        pass
+    if m.group(2):
+        bound = "at least" if m.group(2) == "less" else "at most"
+        return label, (f"{label[0].upper()}{label[1:]} is {m.group(1)}; this input takes"
+                       f" {bound} {m.group(3)}: give a value in its range.")
+    return label, (f"{label[0].upper()}{label[1:]} is {m.group(4)}, which is not one of its"
+                   " choices; pick one the page lists (see /gradio_api/info).")
+
+
+async def _join_with_a_hash(scope, receive, send):
+    """A queue join must name its client's session hash (gradio keys its event streams by
+    it; an empty one made it fail with a bare 500 and a traceback): refused in a sentence,
+    else the request's body is handed on unchanged."""
+    import json
+    chunks, more = [], True
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return receive, b""
+        chunks.append(msg.get("body", b""))
+        more = msg.get("more_body", False)
+    body = b"".join(chunks)
+    try:
+        h = json.loads(body).get("session_hash")
+    except (ValueError, AttributeError):
+        h = "?"  # not ours to judge: gradio answers malformed bodies itself
+    if h is not None and not str(h).strip():
+        text = (b"Refused: this request names no session (an empty session_hash); send the"
+                b" one your client made for its connection.")
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(text)).encode())]})
+        await send({"type": "http.response.body", "body": text})
+        return None, body
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay, body
 
 
 # --- messages ---------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from .. import analysis, plots
 from ..errors import UserError
 from ..records import check_record, read_records
 from . import guard
-from .common import (integer_counts, labelled, plot, session_id, session_run_path, session_runs,
-                     sized, status_md, ui_message)
+from .common import (html_text, integer_counts, labelled, md_text, plot, session_id,
+                     session_run_path, session_runs, sized, status_md, ui_message)
 
 MODE_METRICS = ("ttft_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
 NO_RATIOS = ("Run with mode **all** (or c2c and t2t / receiver on the same prompts) to see C2C's"
@@ -33,14 +33,17 @@ def ratios_md(ratios: dict, table: pd.DataFrame | None = None) -> str:
     for key, r in ratios.items():
         vals = " · ".join(f"{analysis.name(m)} **{r[m]:.2f}×**" for m in analysis.RATIO_METRICS
                           if r.get(m) == r.get(m))
-        lines.append(f"- {RATIO_TEXT.get(key, key)}: {vals} ({analysis.ratio_words(r)})")
+        # "c2c_over_t2t on <device>" / "... in <run>": the device or run comes from a file
+        base, sep, where = key.partition(" ")
+        label = RATIO_TEXT.get(base, md_text(base)) + (f" {md_text(where)}" if sep else "")
+        lines.append(f"- {label}: {vals} ({analysis.ratio_words(r)})")
     if not ratios:
         lines.append(NO_RATIOS)
     if table is not None and "n_scored" in table.columns:
         scored = table[table["n_scored"] > 0]
         if len(scored):
             lines.append("- Accuracy: " + " · ".join(
-                f"{m} **{a:.0%}** ({n} scored)" for m, a, n in
+                f"{md_text(m)} **{a:.0%}** ({n} scored)" for m, a, n in
                 zip(scored["mode"], scored["accuracy"], scored["n_scored"])))
     return "\n".join(lines)
 
@@ -90,9 +93,9 @@ def _empty_df(cols: list[str]) -> pd.DataFrame:
 
 def build_results_tab() -> ResultsTab:
     with gr.Row(equal_height=False):
-        files = gr.File(label="Upload JSONL result files", file_count="multiple",
-                        file_types=[".jsonl", ".json"], elem_id="results-files", height=150,
-                        scale=3)
+        # no file_types: another type gets load_sources' sentence, not gradio's bare refusal
+        files = gr.File(label="Upload JSONL result files (.jsonl)", file_count="multiple",
+                        elem_id="results-files", height=150, scale=3)
         with gr.Column(scale=2):
             runs = gr.CheckboxGroup([], label="…and/or runs from this session",
                                     elem_id="results-runs")
@@ -164,6 +167,13 @@ def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
             errors.append(ui_message(e))
     sources: dict[str, list[dict]] = {}
     for name, path in found:
+        ext = os.path.splitext(name)[1].lower()
+        if ext not in (".jsonl", ".json"):
+            unpack = " (unpack it first: gzip files are not read)" if ext in (".gz", ".gzip") \
+                else ""
+            errors.append(f"{name} is not a JSONL results file{unpack}; upload the .jsonl file a"
+                          " run wrote.")
+            continue
         short = name[:-6] if name.endswith(".jsonl") else name  # shorter chart labels
         key, n = short, 1
         while key in sources:
@@ -182,12 +192,15 @@ def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
     return sources, errors
 
 
-def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    dfs = [analysis.to_frame(r, s) for s, r in sources.items()]
-    sfs = [analysis.steps_frame(r, s) for s, r in sources.items()]
+def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The records and decode-steps frames of all files, and {file: (records, steps)} of each
+    (built once: a file may hold millions of decode steps)."""
+    per = {s: (analysis.to_frame(r, s), analysis.steps_frame(r, s)) for s, r in sources.items()}
+    dfs = [d for d, _ in per.values()]
+    sfs = [f for _, f in per.values()]
     df = pd.concat(dfs, ignore_index=True) if dfs else analysis.to_frame([])
     sf = pd.concat(sfs, ignore_index=True) if sfs else analysis.steps_frame([])
-    return df, sf
+    return df, sf, per
 
 
 def compare_table(df_a: pd.DataFrame, df_b: pd.DataFrame) -> pd.DataFrame:
@@ -207,26 +220,56 @@ def compare_table(df_a: pd.DataFrame, df_b: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=["field", "beyond_noise"])
 
 
-def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None) -> tuple:
+def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None,
+             per: dict | None = None) -> tuple:
+    """B against A: the pair table, and each file's stage bars and decode steps. `per` holds
+    frames already built ({file: (records, steps)}, see _frames)."""
+    per = dict(per or {})
+    for who in (a, b):
+        if who in sources and who not in per:
+            per[who] = (analysis.to_frame(sources[who], who),
+                        analysis.steps_frame(sources[who], who))
     ra, rb = sources.get(a or ""), sources.get(b or "")
     table = _empty_df(["metric"])
     if ra is not None and rb is not None:
-        table = compare_table(analysis.to_frame(ra, a), analysis.to_frame(rb, b))
+        table = compare_table(per[a][0], per[b][0])
     side = []
     for recs, who in ((ra, a), (rb, b)):
-        df = analysis.to_frame(recs, who) if recs else pd.DataFrame()
+        df = shown(per[who][0]) if recs else pd.DataFrame()
         bars = plots.stage_bars_fig(df)
-        bars.update_layout(title_text=f"{who}: stage times" if recs else "Stage times")
+        bars.update_layout(title_text=f"{html_text(who)}: stage times" if recs else "Stage times")
         side.append(sized(bars, 320))
     for recs, who in ((ra, a), (rb, b)):
-        fig = plots.decode_steps_fig(analysis.steps_frame(recs, who) if recs else pd.DataFrame())
+        fig = plots.decode_steps_fig(shown(per[who][1]) if recs else pd.DataFrame())
         if recs:
-            fig.update_layout(title_text=f"{who}: decode step latency")
+            fig.update_layout(title_text=f"{html_text(who)}: decode step latency")
         side.append(sized(fig, 320))
     # side by side means one scale: a bar twice as tall is twice the time
     plots.shared_y(side[0], side[1])
     plots.shared_y(side[2], side[3])
     return (table, side[0], side[1], side[2], side[3])
+
+
+#: Columns of a frame whose values come from a file and label charts (plotly renders some HTML
+#: in labels and hovers).
+LABEL_COLUMNS = ("source", "mode", "id")
+
+
+def shown(df: pd.DataFrame) -> pd.DataFrame:
+    """A frame for the charts: every text a file gave (names, modes, ids) HTML-escaped."""
+    out = df.copy()
+    for col in LABEL_COLUMNS:
+        if col not in out.columns:
+            continue
+        # a steps frame has millions of rows and a handful of distinct labels: escape those
+        uniques = pd.unique(out[col])
+        texts = {v: html_text(v) for v in uniques if isinstance(v, str)}
+        if any(k != v for k, v in texts.items()):
+            out[col] = out[col].map(lambda v: texts.get(v, v) if isinstance(v, str) else v) \
+                if len(uniques) * 100 > len(out) else \
+                pd.Series(pd.Categorical(out[col]).rename_categories(
+                    lambda c: texts.get(c, c)).astype(object), index=out.index)
+    return out
 
 
 def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
@@ -262,38 +305,40 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
     try:
         guard.count_upload(session_id(request), _paths(files))
     except UserError as e:
-        raise gr.Error(ui_message(e), print_exception=False) from None
+        raise gr.Error(html_text(ui_message(e)), print_exception=False) from None
     sources, errors = load_sources(files, runs, skip_bad_lines, request)
     if errors:
-        gr.Warning(" ".join(errors))
-    df, sf = _frames(sources)
+        gr.Warning(html_text(" ".join(errors)))
+    df, sf, per = _frames(sources)
+    pdf, psf = shown(df), shown(sf)  # what the charts draw: a file's texts as text
     names = list(sources)
     if not sources:
-        msg = " ".join(errors) if errors else "Upload a JSONL file or pick a run of this session."
+        msg = md_text(" ".join(errors)) if errors else ("Upload a JSONL file or pick a run of"
+                                                        " this session.")
         status = status_md(msg, "error" if errors else "info")
     else:
         n = sum(len(r) for r in sources.values())
-        status = f"**{n} record(s)** from {len(sources)} file(s): {', '.join(names)}."
+        status = f"**{n} record(s)** from {len(sources)} file(s): {md_text(', '.join(names))}."
         notes = analysis.source_differences(sources) + check_notes(sources)
         if notes:
-            status += "  \n" + "  \n".join(status_md(x, "warn") for x in notes)
+            status += "  \n" + "  \n".join(status_md(md_text(x), "warn") for x in notes)
         if errors:
-            status += "  \n" + status_md(" ".join(errors), "error")
+            status += "  \n" + status_md(md_text(" ".join(errors)), "error")
     summary = analysis.summarize(df) if sources else _empty_df(["source", "mode", "count"])
     slow = labelled(analysis.slowest(df, 10)) if sources else _empty_df(["source", "id"])
     modes_table, ratios = analysis.compare_modes(df) if sources else (_empty_df(["mode"]), {})
-    mode_figs = plots.mode_compare_figs(df if sources else pd.DataFrame(), MODE_METRICS)
+    mode_figs = plots.mode_compare_figs(pdf if sources else pd.DataFrame(), MODE_METRICS)
     a = names[0] if names else None
     b = names[1] if len(names) > 1 else None
     return (status, summary,
-            sized(integer_counts(plots.decode_hist_fig(df), len(df)), 340),
-            sized(plots.stage_bars_fig(df), 420),
-            sized(plots.decode_steps_fig(sf), 400), slow, modes_table,
+            sized(integer_counts(plots.decode_hist_fig(pdf), len(pdf)), 340),
+            sized(plots.stage_bars_fig(pdf), 420),
+            sized(plots.decode_steps_fig(psf), 400), slow, modes_table,
             sized(mode_figs["ttft_ms"], 320), sized(mode_figs["decode_avg_ms"], 320),
             gr.update(choices=names, value=a), gr.update(choices=names, value=b),
-            *_compare(sources, a, b), ratios_md(ratios, modes_table if sources else None),
+            *_compare(sources, a, b, per), ratios_md(ratios, modes_table if sources else None),
             sized(mode_figs["e2e_ms"], 320), sized(mode_figs["tokens_per_second"], 320),
-            sized(plots.sweep_fig(_sweep_rows(df) if sources else pd.DataFrame()), 380))
+            sized(plots.sweep_fig(_sweep_rows(pdf) if sources else pd.DataFrame()), 380))
 
 
 def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:

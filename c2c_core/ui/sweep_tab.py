@@ -17,7 +17,7 @@ from ..runner import modes_of
 from . import guard
 from .common import (check_memory, download_button, new_run_path, plot, records_table, status_md, stop_button,
                      ui_message,
-                     run_config, sized, stream_records, user_error)
+                     run_config, sized, stream_records, user_error, md_text)
 
 
 @dataclass
@@ -106,7 +106,7 @@ def run_sweep_ui(input_lens: str, output_lens: str, batch_sizes: str = "1",
         ins, outs, bss, cfg = check_sweep(input_lens, output_lens, batch_sizes, **settings)
     except UserError as e:
         # clear the last run's table and chart: they would read as this failed run's output
-        yield render([], status_md(ui_message(e), "error"), None)
+        yield render([], status_md(md_text(ui_message(e)), "error"), None)
         raise user_error(e) from None
     path = new_run_path(request, "sweep")
     runner = partial(sweep_grid, ins=ins, outs=outs, bss=bss)  # pickles: it travels to the worker
