@@ -131,7 +131,7 @@ def _steps(rec: dict, timing: dict) -> list[float] | None:
 def normalize(rec: dict, index: int) -> dict:
     """Map a current or legacy record onto the current shape (see module docstring).
 
-    Missing `id` → `index`, missing `mode` → "c2c"; legacy step lists become
+    Missing `id` → `index + 1` (its place in the file, from 1), missing `mode` → "c2c"; legacy step lists become
     `decode_step_times_ms`; decode totals, percentiles and tok/s are derived from the steps when
     absent. Records without `run` come from the seed's scripts, whose `num_generated_tokens`
     counted decode steps: it becomes tokens (steps + 1) as MEASURE.md defines it.
@@ -192,7 +192,7 @@ def normalize(rec: dict, index: int) -> dict:
     chars = {k: len(str(text)) if chars[k] is None else chars[k]
              for k, text in (("prompt", prompt), ("response", response))}
     return {
-        "id": rec["id"] if rec.get("id") is not None else index,
+        "id": rec["id"] if rec.get("id") is not None else index + 1,  # numbered from 1
         "input_digest": rec["input_digest"] if isinstance(rec.get("input_digest"), str) else None,
         "mode": rec.get("mode") or "c2c",
         "repeat": 0 if math.isnan(repeat) else int(repeat),

@@ -37,6 +37,25 @@ def scope(should_stop: Callable[[], bool] | None) -> Iterator[None]:
         _local.fn = prev
 
 
+@contextmanager
+def reporting(say_fn: Callable[[str], None] | None) -> Iterator[None]:
+    """Within this block (in this thread), `say(phase)` hands the job's phase ("compiling
+    shape 2 of 4", "timed run", ...) to `say_fn`: the app shows it while the job works."""
+    prev = getattr(_local, "say", None)
+    _local.say = say_fn
+    try:
+        yield
+    finally:
+        _local.say = prev
+
+
+def say(phase: str) -> None:
+    """The running job's phase, for the person waiting on it (nothing without a reporter)."""
+    fn = getattr(_local, "say", None)
+    if fn is not None:
+        fn(phase)
+
+
 def requested() -> bool:
     fn = getattr(_local, "fn", None)
     return bool(fn is not None and fn())

@@ -423,8 +423,17 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     """Compile/capture/allocate everything the run needs; returns the seconds it took now."""
     eng = engine_for(pipe)
     before = eng.compile_s
-    for k in sorted(plan(pipe, cfg, batches, modes), key=str):
+    keys = sorted(plan(pipe, cfg, batches, modes), key=str)
+    steps = [k for k in keys if k[0] == "step" and tuple(k[1:]) not in eng._ready]
+    done = 0
+    for k in keys:
+        # a Stop or a client gone ends the run between two shapes: one shape's compile at most
+        cancel.check()
         if k[0] == "step":
+            if tuple(k[1:]) not in eng._ready:
+                done += 1
+                cancel.say(f"{'compiling' if eng.compile else 'preparing'} the {k[1]} step for"
+                           f" shape {done} of {len(steps)} (batch {k[2]}, {k[3]} tokens)")
             eng.prepare(*k[1:])
         else:
             t0 = time.perf_counter()
@@ -557,9 +566,13 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
             if jobs:
                 spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
                 meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
+                cancel.check()
+                cancel.say("warming up" if cfg.warmup else "timed run")
                 for m in modes:
                     for _ in range(cfg.warmup):
                         generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
+            if cfg.warmup:
+                cancel.say("timed run")
             for todo, r, m in jobs:
                 if should_stop and should_stop():
                     break

@@ -36,11 +36,17 @@ class ModelManager:
         self.loading: str | None = None
         self.fixed_key: str | None = None
         self.fixed_label: str | None = None
+        #: Called with (cfg, {source: config dict}) after the configs are read and before any
+        #: weight loads (the app's worker checks the memory budget of models whose config was
+        #: not on the machine when the job was accepted).
+        self.before_load = None
 
     @staticmethod
     def key_of(cfg: RunConfig) -> str:
+        from .budget import canonical_device
         from .loading import resolve_device, resolve_dtype
-        dev = resolve_device(cfg.device)
+        name = canonical_device(cfg.device)  # 'cpu:1' and 'cpu' are one pair, not a reload
+        dev = resolve_device(None if name == "auto" else name)
         dtype = resolve_dtype(cfg.dtype, dev, cfg.cpu_dtype)
         return json.dumps([asdict(cfg.receiver), [asdict(s) for s in cfg.sharers], asdict(cfg.fuser),
                            str(dev), str(dtype), cfg.threads, cfg.attn_implementation,
@@ -67,7 +73,9 @@ class ModelManager:
         with self._lock:
             if self.pipe is not None and self.key == key:
                 return self.pipe
-            preflight(cfg)  # configs, tokenizer, fuser files: still without dropping anything
+            configs = preflight(cfg)  # configs, tokenizer, fuser files: nothing dropped yet
+            if self.before_load is not None:
+                self.before_load(cfg, configs)
             old = self.cfg
             try:
                 return self._load(cfg, key)
@@ -105,19 +113,23 @@ class ModelManager:
         note = self.pipe.info.get("fuser_note")
         took = f" · loaded in {self.load_s:.1f} s" if self.load_s is not None else ""
         fixed = " · fixed by the operator" if self.fixed_key else ""
-        text = f"**Models:** {self.pipe.describe()}{took}{fixed}"
+        text = f"**Models:** held by the server for every session: {self.pipe.describe()}{took}{fixed}"
         return text + (f"  \n**Note:** {note}." if note else "")
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig) -> dict:
     """What can be checked without loading weights: each model's config and tokenizer, the
-    fuser's files. Raises a UserError; loads nothing into memory that matters."""
+    fuser's files. Raises a UserError; loads nothing into memory that matters. Returns the
+    configs it read ({source: config dict}, pretrained models only)."""
     from .loading import _from_pretrained, load_tokenizer, source_kind
     from transformers import AutoConfig
+    configs: dict = {}
     for spec, role in ((cfg.receiver, "Receiver"), *((s, "Sharer") for s in cfg.sharers)):
         if source_kind(spec.source) == "pretrained":
-            _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
-                             revision=spec.revision)
+            c = _from_pretrained(AutoConfig, spec.source, f"{role} model {spec.source}",
+                                 revision=spec.revision)
+            if hasattr(c, "to_dict"):
+                configs[spec.source] = c.to_dict()
     try:
         tok, tok_src = load_tokenizer(cfg.receiver)
     except UserError:
@@ -148,6 +160,7 @@ def preflight(cfg: RunConfig) -> None:
             not os.path.isfile(os.path.join(src, "final", "projector_config.json")):
         raise UserError(f"Fuser folder {src} has no projector_config.json; pass a fuser folder"
                         " or untrained.")
+    return configs
 
 
 def _free_memory() -> None:

@@ -47,6 +47,10 @@ def _mode_color(mode: str) -> str:
 def _style(fig: go.Figure, title: str, x: str | None = None, y: str | None = None) -> go.Figure:
     fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.01),
                       margin=dict(l=60, r=20, t=60, b=50), legend=dict(title_text=""))
+    # long or rotated tick labels grow the margin, and the axis title sits below them (it
+    # overlapped the labels of the mode charts with a fixed margin)
+    fig.update_xaxes(automargin=True, title_standoff=12)
+    fig.update_yaxes(automargin=True, title_standoff=8)
     if x:
         fig.update_xaxes(title_text=x)
     if y:
@@ -325,7 +329,8 @@ def mode_compare_figs(df: pd.DataFrame, metrics: Iterable[str] = (
         for key, g in groups:
             mode = key[-1]
             med, p10, p90 = (float(g[m].quantile(q)) for q in (0.5, 0.1, 0.9))
-            fig.add_bar(x=[" · ".join(map(str, key)) + f" (n={len(g)})"], y=[med],
+            # file and mode on two lines: shorter labels, not rotated over the axis title
+            fig.add_bar(x=["<br>".join(map(str, key)) + f" (n={len(g)})"], y=[med],
                         marker_color=_mode_color(mode), showlegend=False,
                         error_y=dict(type="data", symmetric=False, array=[p90 - med],
                                      arrayminus=[med - p10]),

@@ -193,8 +193,12 @@ def profile_item(pipe, cfg, item, paths: ProfilePaths, append: bool = False) -> 
         recs = run_many(pipe, cfg, [item], writer=w)
     write_tsv(recs, paths.tsv)
     mode = modes_of(cfg)[0]
+    from . import cancel
+    cancel.check()
+    cancel.say("profiled run for the trace")
     profiled_run(lambda: generate(pipe, cfg, item, mode, Timer(pipe.device, cfg.timing, annotate=True)),
                  pipe.device, paths.trace)
+    cancel.say("writing the trace and op statistics")
     stats = op_stats(load_trace(paths.trace))
     stats["profiled"] = {"id": item.id, "mode": mode, "note": "separate warm run; its times are"
                          " inflated by the profiler and are not the JSONL's numbers"}

@@ -225,7 +225,8 @@ def _items(rows: Iterable[dict], field: str | None, source: str, name: str,
     items, first_error = [], None
     for i, row in enumerate(rows):
         try:
-            items.append(_row_item(row, i, field, source, f"{name} row {i + 1}"))
+            # a row without an id is numbered from 1, as it is named in messages ("row 3")
+            items.append(_row_item(row, i + 1, field, source, f"{name} row {i + 1}"))
         except UserError as e:
             if not skip_bad_lines:
                 raise

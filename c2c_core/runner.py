@@ -557,7 +557,9 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     try:
         with cancel.scope(should_stop):  # a stop also ends the running generation
             if jobs and cfg.warmup:
+                cancel.say("warming up")
                 warm_up(pipe, cfg, jobs[0][0], modes)
+            cancel.say("timed run")
             for k, (it, r, m) in enumerate(jobs):
                 if should_stop and should_stop():
                     break

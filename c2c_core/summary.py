@@ -40,6 +40,20 @@ def contention_note(shares: list[float]) -> str:
             " times are inflated; rerun on an idle machine or with fewer --threads.")
 
 
+def contention_files(shares: dict[str, list[float]]) -> str:
+    """One sentence for a whole view (a run, the Results tab's files): which files' CPU
+    generations did not get their threads' time, and how much they got; '' when none."""
+    busy = []
+    for name, xs in shares.items():
+        if xs and _q(xs, 0.5) < CONTENTION_SHARE:
+            busy.append(f"{name} {_q(xs, 0.5):.0%}")
+    if not busy:
+        return ""
+    return (f"CPU times inflated in {', '.join(busy)} (median share of the CPU threads' time a"
+            " generation got, timing.cpu_share): another program was using the cores or the"
+            " process ran more threads than its CPU quota, so rerun on an idle machine.")
+
+
 class RunningSummary:
     """`add(record)` per record; `table()` gives count, mean, p50, p90 per mode and metric."""
 

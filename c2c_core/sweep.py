@@ -59,10 +59,10 @@ def sweep_meta(pipe, cfg, timer_method: str) -> dict:
 
 
 def batch_items(tokenizer, item: Item, n: int, m: int, batch: int, seed: int = 0) -> list[Item]:
-    """`batch` prompts of the shape (n tokens in, m out): row 0 is the batch-1 prompt, the
-    others other draws. Ids from records.sweep_id: 'in<N>-out<M>-b<B>.<row>' (batch 1 keeps
-    'in<N>-out<M>')."""
-    return [replace(item, id=sweep_id(n, m, batch, i),
+    """`batch` prompts of the shape (n tokens in, m out): the first row is the batch-1 prompt,
+    the others other draws. Ids from records.sweep_id: 'in<N>-out<M>-b<B>.<row>', rows numbered
+    from 1 like every id (batch 1 keeps 'in<N>-out<M>')."""
+    return [replace(item, id=sweep_id(n, m, batch, i + 1),
                     input_ids=item.input_ids if i == 0 else
                     synthetic_ids(tokenizer, n, seed + 100003 * i)) for i in range(batch)]
 

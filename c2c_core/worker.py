@@ -101,6 +101,7 @@ def serve(req_q, out_q, stop, tokens) -> None:
     from .models import ModelManager
     runner.FRONTEND.set("app")
     models = ModelManager()
+    models.before_load = _budget_check(models)
     ppid = os.getppid()  # reparented (a new parent id) once the app is gone; cheaper and
     # surer than mp.parent_process().is_alive(), whose sentinel under spawn is the pipe that
     # carried our start-up data (end-of-file once the app has sent it)
@@ -112,7 +113,9 @@ def serve(req_q, out_q, stop, tokens) -> None:
         return stop.is_set() or app_gone()
 
     def status(text: str | None = None, loading: bool = False) -> None:
-        out_q.put(("status", text or models.status(), loading))
+        # the pair held now travels with every status line: the app shows it to every session
+        # and counts its memory as freed by a swap (budget)
+        out_q.put(("status", text or models.status(), loading, models.cfg))
 
     status()
     while True:
@@ -130,14 +133,30 @@ def serve(req_q, out_q, stop, tokens) -> None:
         try:
             if stop.is_set():  # stopped (a client gone) before we got to it
                 raise cancel.Cancelled()
-            with cancel.scope(should_stop):
+            with cancel.scope(should_stop), cancel.reporting(
+                    lambda phase, jid=jid: out_q.put(("phase", jid, phase))):
                 result = _JOBS[kind](models, payload, jid, out_q, should_stop, tokens, status)
         except BaseException as e:  # noqa: BLE001 - every outcome goes back to the app
+            if should_stop() and isinstance(e, OSError):
+                # the client left: its session folder was removed under the files being
+                # written (a closed tab mid-profile); that is the stop, not a failure
+                e = cancel.Cancelled()
             if not isinstance(e, (UserError, cancel.Cancelled)):
                 traceback.print_exc(file=sys.stderr)
             err = _sendable(e)
         status()
         out_q.put(("end", jid, result, err))
+
+
+def _budget_check(models):
+    """The app's memory budget once every config is known (a hub model's config is fetched by
+    preflight), before the previous pair is dropped or any weight loads."""
+    def check(cfg, configs):
+        from .budget import check_fits, cpu_params_cap, estimate
+        held = estimate(models.cfg).weights if models.cfg is not None else 0
+        check_fits(cfg, cfg.batch_size, cfg.gen.max_new_tokens, held, configs=configs,
+                   cpu_params_cap=cpu_params_cap())
+    return check
 
 
 def _pipe(models, cfg, status):
@@ -156,6 +175,8 @@ def _job_run(models, p, jid, out_q, stop, tokens, status):
     cfg = p["cfg"]
     pipe = _pipe(models, cfg, status)
     status()
+    from .budget import check_batches
+    check_batches(cfg, p["items"])  # the prompts are known now: the largest batch's KV cache
 
     def on_progress(done, total, rec):
         tokens.value = 0
@@ -230,6 +251,7 @@ class WorkerClient:
         self.loading = False
         self.died: str | None = None       # why the last worker ended, until a new one starts
         self.kind: str | None = None       # the job in flight ("load", "run", "profile")
+        self.held_cfg = None               # the RunConfig of the models the worker holds
 
     # process ---------------------------------------------------------------------------
     def alive(self) -> bool:
@@ -252,7 +274,7 @@ class WorkerClient:
         self._proc.start()
         send.close()
         self.died, self.loading = None, False
-        self.status_text = None
+        self.status_text, self.held_cfg = None, None
         threading.Thread(target=self._read, args=(self._proc, recv), daemon=True,
                          name=f"c2c-worker-reader-{self.device}").start()
 
@@ -274,6 +296,7 @@ class WorkerClient:
             if msg[0] == "status":
                 if proc is self._proc:
                     self.status_text, self.loading = msg[1], msg[2]
+                    self.held_cfg = msg[3] if len(msg) > 3 else None
                 continue
             box = self._inbox
             if box is not None and msg[1] == box[0]:
@@ -285,7 +308,7 @@ class WorkerClient:
             proc.join(5.0)
         if proc is self._proc:
             self.died = _death_sentence(proc.exitcode)
-            self.loading = False
+            self.loading, self.held_cfg = False, None
         box = self._inbox
         if box is not None:  # a job was in flight: it fails with one sentence
             box[1].put(("dead", box[0], proc.exitcode))
@@ -363,13 +386,14 @@ _LAST: list[WorkerClient] = []
 
 
 def device_key(cfg) -> str:
-    """The device a config runs on, one name per device ("cuda" is "cuda:<current>")."""
-    from .loading import resolve_device
-    dev = resolve_device(cfg.device)
-    if dev.type == "cuda" and dev.index is None:
-        import torch
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(dev)
+    """The device a config runs on, one name per device: 'cpu', 'cpu:0' and 'cpu:1' are one
+    CPU, 'cuda' is 'cuda:0' (budget.canonical_device), so spellings never churn the worker."""
+    from .budget import canonical_device
+    dev = canonical_device(cfg.device)
+    if dev == "auto":
+        from .loading import resolve_device
+        return "cuda:0" if resolve_device(None).type == "cuda" else "cpu"
+    return dev
 
 
 def worker_for(cfg) -> WorkerClient:

@@ -3,7 +3,10 @@
 
 Starts `python app.py` (the offline default pair, no local paths: a Space's settings) on a free
 port with its own temporary folder, then runs every probe: server paths in every input that
-names a thing, oversize inputs, uploads, bad files, clients killed mid-run, parallel clients.
+names a thing, oversize inputs, uploads, bad files, clients killed mid-run, parallel clients,
+the memory budget (50 sharers, a 7-8B pair on a CPU, a sweep of batch 1024 x 8,000 tokens),
+device-spelling churn (one worker throughout), queue joins of clients that never connect (none
+of their jobs runs; an honest client gets through) and Stop of a job still waiting.
 After each probe it checks that the app still answers. Prints a table probe -> outcome and,
 last, one JSON line with the counts:
 
@@ -258,6 +261,21 @@ def size_probes(ctx: Ctx) -> list[tuple[str, object, dict]]:
          {}),
         ("device = cuda:99", lambda: call(c, prompts="hi", device="cuda:99",
                                                api_name="/batch"), {}),
+        # the memory budget: refused before anything loads, in about a second
+        ("50 sharers", lambda: call(c, prompts="hi", receiver="smollm2",
+            sharer=",".join(["smollm2"] * 50), api_name="/batch"),
+         {"max_secs": 2.0, "must_say": "C2C_MAX_SHARERS"}),
+        ("7-8B dummy pair on a CPU", lambda: call(c, prompts="hi",
+            preset="qwen3-8b+qwen2.5-7b-dummy", device="cpu", api_name="/batch"),
+         {"max_secs": 2.0, "must_say": "billion parameters"}),
+        ("8B dummy receiver by hand on a CPU", lambda: call(c, receiver="dummy:qwen3-8b",
+            sharer="smollm2", device="cpu", dtype="float32", api_name="/load_models"),
+         {"max_secs": 2.0, "must_say": "billion parameters"}),
+        ("sweep batch 1024 x 8,000 tokens", lambda: call(c, input_lens="8000",
+            output_lens="16", batch_sizes="1024", engine="fast", api_name="/sweep"),
+         {"max_secs": 2.0, "must_say": "KV cache"}),
+        ("device = meta", lambda: call(c, prompts="hi", device="meta", api_name="/batch"),
+         {"max_secs": 2.0, "must_say": "use auto, cpu or cuda"}),
     ]
 
 
@@ -408,6 +426,133 @@ def parallel_probe(ctx: Ctx, n: int) -> Result:
         return Result(name, "FAILED", f"{len(done)} done, {len(errors)} failed, {ov} overlaps:"
                                       f" {short(text)}", secs)
     return Result(name, "ok", f"all {n} done in {secs:.1f} s; no overlapping generations", secs)
+
+
+def worker_pids(app: subprocess.Popen) -> set[int]:
+    """The app's spawned worker processes (multiprocessing's spawn children)."""
+    import psutil
+    try:
+        kids = psutil.Process(app.pid).children(recursive=True)
+    except psutil.Error:
+        return set()
+    out = set()
+    for k in kids:
+        try:
+            if "spawn_main" in " ".join(k.cmdline()):
+                out.add(k.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def device_churn_probe(ctx: Ctx, app: subprocess.Popen) -> Result:
+    """Honest batches alternating 'cpu:0', 'cpu:1', 'cpu': one worker, never restarted."""
+    name = "device spelling churn (cpu:0, cpu:1, cpu, cpu:1)"
+    before = worker_pids(app)
+    t = time.perf_counter()
+    c = ctx.client()
+    for dev in ("cpu:0", "cpu:1", "cpu", "cpu:1"):
+        try:
+            status, *_ = call(c, prompts="Say hi.", max_new_tokens=2, warmup=0, device=dev,
+                              api_name="/batch")
+        except Exception as e:  # noqa: BLE001
+            return Result(name, "FAILED", f"{dev}: {short(str(e))}")
+        if "Done" not in status:
+            return Result(name, "FAILED", f"{dev}: {short(status)}")
+    after = worker_pids(app)
+    ok = bool(before) and before == after
+    return Result(name, "ok" if ok else "FAILED",
+                  f"worker pids before {sorted(before)}, after {sorted(after)}",
+                  time.perf_counter() - t)
+
+
+_ENDPOINTS: dict = {}
+
+
+def _raw_join(ctx: Ctx, api: str, session: str, overrides: dict,
+              cookies: dict | None = None) -> httpx.Response:
+    """A queue join as a client that never opens its message stream would send it (with
+    `cookies`, as the session they name)."""
+    if (ctx.url, api) not in _ENDPOINTS:
+        from gradio_client import Client
+        info = Client(ctx.url, verbose=False).view_api(print_info=False, return_format="dict")
+        cfg = httpx.get(f"{ctx.url}config", timeout=30).json()
+        _ENDPOINTS[ctx.url, api] = (
+            next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == api),
+            info["named_endpoints"][f"/{api}"]["parameters"])
+    fn, params = _ENDPOINTS[ctx.url, api]
+    data = [overrides.get(p["parameter_name"], p.get("parameter_default")) for p in params]
+    return httpx.post(f"{ctx.url}gradio_api/queue/join", timeout=30, cookies=cookies,
+                      json={"data": data, "fn_index": fn, "session_hash": session,
+                            "event_data": None, "trigger_id": None})
+
+
+def absent_clients_probe(ctx: Ctx, n: int = 70, grace: float = 5.0) -> Result:
+    """n direct queue joins of clients that never connect: none of their jobs may run, and an
+    honest client gets through once the grace period has passed."""
+    name = f"{n} direct queue joins of clients that never connect"
+    marker = "ABSENT-CLIENT-PROMPT"
+    t = time.perf_counter()
+    codes: dict[int, int] = {}
+    for i in range(n):
+        r = _raw_join(ctx, "batch", f"absent{i:03d}xyz", {
+            "prompts": f"{marker} {i}", "max_new_tokens": 200, "ignore_eos": True,
+            "warmup": 0})
+        codes[r.status_code] = codes.get(r.status_code, 0) + 1
+    time.sleep(grace + 1.0)
+    try:
+        status, *_ = call(ctx.client(), prompts="What is 3+3?", max_new_tokens=2, warmup=0,
+                          api_name="/batch", timeout=300)
+    except Exception as e:  # noqa: BLE001
+        return Result(name, "FAILED", f"joins {codes}; the honest client then failed:"
+                                      f" {short(str(e))}", time.perf_counter() - t)
+    ran = sum(marker in str(r.get("prompt", "")) for r in session_records(ctx))
+    ok = "Done" in status and ran == 0
+    return Result(name, "ok" if ok else "FAILED",
+                  f"joins answered {codes}; records of absent clients: {ran}; honest batch:"
+                  f" {short(status, 60)}", time.perf_counter() - t)
+
+
+def stop_queued_probe(ctx: Ctx) -> Result:
+    """A job waiting in the queue, then Stop in its session: it leaves the queue, its client
+    hears one sentence, and it never runs; a second waiting job of one session is refused."""
+    name = "Stop of a job still waiting in the queue"
+    marker = "QUEUED-THEN-STOPPED"
+    t = time.perf_counter()
+    a = ctx.client().submit(prompts="Count from one to one thousand in words.",
+                            max_new_tokens=400, ignore_eos=True, warmup=0, api_name="/batch")
+    b = ctx.client()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and a.status().code.name not in ("PROCESSING",
+                                                                      "ITERATING"):
+            time.sleep(0.2)
+        job = b.submit(prompts=marker, max_new_tokens=4, warmup=0, api_name="/batch")
+        time.sleep(1.0)
+        second = _raw_join(ctx, "batch", b.session_hash, {"prompts": marker + " 2"},
+                           cookies=dict(getattr(b, "cookies", None) or {}))
+        cfg = httpx.get(f"{ctx.url}config", timeout=30).json()
+        stop_btn = next(x["id"] for x in cfg["components"]
+                        if x.get("props", {}).get("elem_id") == "batch-stop")
+        stop_fn = next(d["id"] for d in cfg["dependencies"]
+                       if [stop_btn, "click"] in d.get("targets", []))
+        httpx.post(f"{ctx.url}gradio_api/queue/join", timeout=30,
+                   cookies=dict(getattr(b, "cookies", None) or {}),
+                   json={"data": [], "fn_index": stop_fn, "session_hash": b.session_hash,
+                         "event_data": None, "trigger_id": None})
+        try:
+            job.result(timeout=60)
+            said = "the job finished"
+        except Exception as e:  # noqa: BLE001 - expected: removed, with a sentence
+            said = str(e)
+    finally:
+        a.cancel()
+    ran = sum(marker in str(r.get("prompt", "")) for r in session_records(ctx))
+    ok = ("removed from the queue" in said and ran == 0 and second.status_code == 400
+          and "already has a job waiting" in second.text)
+    return Result(name, "ok" if ok else "FAILED",
+                  f"client told: {short(said, 70)}; second join: {second.status_code};"
+                  f" records of the stopped job: {ran}", time.perf_counter() - t)
 
 
 def control_probe(ctx: Ctx) -> Result:
@@ -762,6 +907,10 @@ def main(argv=None) -> int:
                 record(disconnect_probe(ctx, "profile", run_for=6.0))
                 record(disconnect_probe(ctx, "batch", run_for=1.0))
             record(parallel_probe(ctx, 3 if args.fast else 8))
+            # the fair queue and the worker under device-name churn
+            record(device_churn_probe(ctx, app))
+            record(stop_queued_probe(ctx))
+            record(absent_clients_probe(ctx, 10 if args.fast else 70))
         record(control_probe(ctx))
         is_alive = alive(ctx) and app.poll() is None
     finally:

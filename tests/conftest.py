@@ -126,3 +126,8 @@ def app_server(tiny_cfg_kwargs, tmp_path_factory):
     worker.shutdown()  # the next module's app starts its own worker process
     mp.undo()
     common.SESSION_ROOT = saved
+
+
+# progress a contributor can follow: each file's time, a line a minute from a long test
+from progress_plugin import (pytest_configure, pytest_runtest_logfinish,  # noqa: E402,F401
+                             pytest_runtest_logstart, pytest_sessionfinish)

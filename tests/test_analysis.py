@@ -49,7 +49,7 @@ FLAT_STYLE = {
 
 def test_normalize_seed_style():
     n = A.normalize(SEED_STYLE, 3)
-    assert n["id"] == 3 and n["mode"] == "c2c" and n["repeat"] == 0
+    assert n["id"] == 4 and n["mode"] == "c2c" and n["repeat"] == 0
     assert n["decode_step_times_ms"] == pytest.approx([50.0, 60.0, 70.0])
     t = n["timing"]
     assert t["decode_total_ms"] == pytest.approx(180.0)
@@ -77,7 +77,7 @@ def test_normalize_current_is_unchanged_and_breakdown_list_in_ms():
     assert n["timing"] == r["timing"] and n["decode_step_times_ms"] == r["decode_step_times_ms"]
     legacy = {"prompt": "p", "timing_breakdown_ms": [2.0, 4.0]}
     assert A.normalize(legacy, 0)["timing"]["decode_avg_ms"] == pytest.approx(3.0)
-    assert A.normalize({}, 5)["id"] == 5  # empty record: no crash
+    assert A.normalize({}, 5)["id"] == 6  # empty record: no crash; its place from 1
 
 
 def test_to_frame_columns_and_nan():
@@ -86,7 +86,7 @@ def test_to_frame_columns_and_nan():
     for k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS + ["source", "id", "mode", "repeat", "prompt",
                                                        "correct", "n_steps"]:
         assert k in df.columns
-    assert list(df["id"]) == ["a", "1", "7", "3"]
+    assert list(df["id"]) == ["a", "2", "7", "4"]  # a record without id: its place, from 1
     assert (df["source"] == "f.jsonl").all() and (df["mode"] == "c2c").all()
     assert math.isnan(df.loc[1, "ttft_ms"]) and math.isnan(df.loc[3, "decode_avg_ms"])
     assert list(df["n_steps"]) == [4, 3, 4, 0]
@@ -98,7 +98,7 @@ def test_steps_frame():
     s = A.steps_frame([rec("a"), SEED_STYLE], source="x")
     assert list(s.columns) == ["source", "id", "mode", "repeat", "step", "ms"]
     assert list(s["step"]) == [1, 2, 3, 4, 1, 2, 3]
-    assert s[s["id"] == "1"]["ms"].tolist() == pytest.approx([50.0, 60.0, 70.0])
+    assert s[s["id"] == "2"]["ms"].tolist() == pytest.approx([50.0, 60.0, 70.0])
 
 
 def test_summarize_numbers():
@@ -122,8 +122,8 @@ def test_summarize_numbers():
 def test_slowest():
     df = A.to_frame([rec("a"), rec("b", scale=3), rec("c", scale=2), SEED_STYLE])
     top = A.slowest(df, n=3)  # decode totals: a 52, b 156, c 104, seed record 180
-    assert list(top["id"]) == ["3", "b", "c"]
-    assert list(A.slowest(df, n=10, by="ttft_ms")["id"])[-1] == "3"  # NaN last
+    assert list(top["id"]) == ["4", "b", "c"]
+    assert list(A.slowest(df, n=10, by="ttft_ms")["id"])[-1] == "4"  # NaN last
 
 
 def test_compare_modes_ratios():

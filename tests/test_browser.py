@@ -158,6 +158,10 @@ def test_dataset_stop_keeps_finished_records(page, tmp_path):
     src = tmp_path / "many_prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(400)))
     page.get_by_role("tab", name="Dataset").click()
+    # offline, the tab opens on the shipped sample prompts, ready to run; clear them for ours
+    assert "sample_prompts" in page.inner_text("#dataset-file")
+    assert page.is_checked("#dataset-source input[value=file]")
+    page.locator("#dataset-file button[aria-label='Clear']").first.click()
     page.set_input_files("#dataset-file input[type=file]", str(src))
     page.wait_for_function("document.querySelector('#dataset-source input[value=file]').checked")
     page.get_by_label("number of samples").fill("400")

@@ -182,5 +182,10 @@ def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, cap
     pytest.importorskip("gradio")
     from c2c_core.ui.results_tab import check_notes
     notes = check_notes({"busy": busy, "calm": [rec] * 3 if share >= 0.85 else []})
-    assert [n for n in notes if "CPU threads' time" in n] and \
-        all(n.startswith("busy:") for n in notes if "CPU threads' time" in n)
+    busy_notes = [n for n in notes if "CPU threads' time" in n]
+    # one sentence for the view, naming the busy file and its share, not the calm one
+    assert len(busy_notes) == 1 and "busy 60%" in busy_notes[0] and "calm" not in busy_notes[0]
+    assert busy_notes[0].count(". ") == 0 and busy_notes[0].endswith(".")
+    from c2c_core.summary import contention_files
+    two = contention_files({"a.jsonl": [0.5, 0.6], "b.jsonl": [0.7], "c.jsonl": [1.0]})
+    assert two.startswith("CPU times inflated in a.jsonl 55%, b.jsonl 70% (") and "c.jsonl" not in two

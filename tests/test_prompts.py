@@ -55,7 +55,7 @@ def test_jsonl_field_fallback_and_ids(tmp_path):
         {"prompt": "four", "question": "ignored"}])
     items = load_prompt_file(f)
     assert [i.prompt for i in items] == ["one", "two", "three", "four"]
-    assert [i.id for i in items] == [0, "q2", 2, 3]
+    assert [i.id for i in items] == [1, "q2", 3, 4]  # a row without an id: its number from 1
     assert items[0].source == "file:p.jsonl"
 
 
@@ -80,7 +80,7 @@ def test_csv(tmp_path):
     assert a.prompt == "Pick one\nA. red\nB. blue"
     assert (a.answer, a.answer_kind) == ("B", "choice")
     assert (b.prompt, b.answer, b.answer_kind) == ("How many?", "1200", "number")
-    assert a.id == 0 and b.source == "file:p.csv"
+    assert (a.id, b.id) == (1, 2) and b.source == "file:p.csv"  # numbered from 1, like "row 1"
 
 
 def test_parquet_with_choices(tmp_path):
@@ -137,7 +137,7 @@ def test_empty_text_row(tmp_path):
     with pytest.raises(UserError, match=r"p\.jsonl row 2 has an empty 'prompt'"):
         load_prompt_file(f)
     items = load_prompt_file(f, skip_bad_lines=True)
-    assert [(i.id, i.prompt) for i in items] == [(0, "ok"), (2, "ok2")]
+    assert [(i.id, i.prompt) for i in items] == [(1, "ok"), (3, "ok2")]  # row numbers, from 1
 
 
 def test_malformed_jsonl_line(tmp_path):
@@ -279,10 +279,10 @@ def test_hf_dataset_from_local_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     items = load_hf_dataset("gsm8k", num_rows=3)
     assert [(i.id, i.prompt, i.answer, i.answer_kind) for i in items] == [
-        (0, "q0", "0", "number"), (1, "q1", "1000", "number"), (2, "q2", "2000", "number")]
+        (1, "q0", "0", "number"), (2, "q1", "1000", "number"), (3, "q2", "2000", "number")]
     assert items[0].source == "hf:openai/gsm8k/main/test"
     got = resolve_prompts(dataset="gsm8k", offset=1, num_samples=2)
-    assert [i.id for i in got] == [1, 2]
+    assert [i.id for i in got] == [2, 3]  # rows 2 and 3
     with pytest.raises(UserError, match=r"no split 'validation' \(available: \['test', 'train'\]\)"):
         load_hf_dataset("gsm8k", split="validation")
 

@@ -14,7 +14,8 @@ import threading
 import gradio as gr
 
 from ..config import build_run_config, default_preset
-from . import batch_tab, dataset_tab, guard, model_panel, profile_tab, results_tab, sweep_tab
+from . import (batch_tab, dataset_tab, fairqueue, guard, model_panel, profile_tab, results_tab,
+               sweep_tab)
 from .common import (MAX_UPLOAD, MODEL_QUEUE, MODELS, WAITING_JS, enable_download, end_session,
                      gpu, load_models, models_status, purge_old_sessions, show_files, validator)
 
@@ -37,6 +38,16 @@ CSS = """
 .c2c-note { font-size: 0.92em; color: var(--body-text-color-subdued); }
 .c2c-note p { margin: 0.2em 0; }
 footer { display: none !important; }
+/* a run's progress box goes below its status line, in the flow, not over it (gradio places it
+   absolutely over the whole component, which hid the status text while a job ran) */
+.block.c2c-status { display: flex; flex-direction: column; }
+.block.c2c-status > [data-testid="status-tracker"] {
+  position: relative !important; inset: auto !important; order: 2; width: 100% !important;
+  height: auto !important; min-height: 3.2em; padding: 0.2em 0 !important;
+  background: transparent !important; }
+.block.c2c-status > [data-testid="status-tracker"].hide { min-height: 0; padding: 0 !important; }
+/* and the line stays readable while the job runs (gradio fades a pending markdown to 0.2) */
+.block.c2c-status [data-testid="markdown-wrapper"].pending { opacity: 1 !important; }
 /* a failed run says why in its status line and in a toast: no "Error" badge over the line */
 :is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
   > [data-testid="status-tracker"]:has(> .error) { display: none !important; }
@@ -50,9 +61,11 @@ def launch_kwargs() -> dict:
             "max_file_size": MAX_UPLOAD,
             # total bytes per upload request (max_file_size is per file)
             # every request carries a session key the server minted (guard.SessionCookie)
-            # (outermost first: the upload cap charges the session the cookie names)
+            # (outermost first: the upload cap charges the session the cookie names); the
+            # fair queue notes which clients have their message stream open
             "app_kwargs": {"middleware": [Middleware(guard.SessionCookie),
-                                          Middleware(guard.UploadLimit)]}}
+                                          Middleware(guard.UploadLimit),
+                                          Middleware(fairqueue.Connections)]}}
 
 
 def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
@@ -109,6 +122,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
                 res = results_tab.build_results_tab()
         _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item)
     demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
+    fairqueue.install(demo)  # model jobs: clients that are there, one waiting per session
     return demo
 
 
@@ -127,11 +141,18 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     poll = gr.Timer(2.0, active=False)
     demo.load(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
               queue=False, show_progress="hidden")
+    # a new tab shows the pair the server holds now, not the preset default
+    demo.load(model_panel.held_settings, None,
+              [panel.preset, panel.receiver, panel.sharer, panel.fuser, panel.device, panel.dtype],
+              api_visibility="private", queue=False, show_progress="hidden")
     poll.tick(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
               queue=False, show_progress="hidden")
 
     # each run: first a browser-side "waiting" line, then the queued model job (the endpoint)
     def waiting(button, status):
+        # the models' status line follows the run (it may load another pair for everyone)
+        button.click(lambda: gr.Timer(active=True), None, poll, api_visibility="private",
+                     queue=False, show_progress="hidden")
         return button.click(None, None, status, js=WAITING_JS, api_visibility="private",
                             queue=False, show_progress="hidden")
 
@@ -153,8 +174,9 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
         **model_job)
-    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's
-        tab.stop.click(dataset_tab.stop_run, None, None, api_visibility="private",
+    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's,
+        # and removes its job still waiting in the queue
+        tab.stop.click(fairqueue.stop_run, None, tab.status, api_visibility="private",
                        concurrency_limit=None, show_progress="hidden")
     data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
                             api_visibility="private")

@@ -13,8 +13,9 @@ from ..errors import UserError
 from ..prompts import BUILTIN_PROMPTS, resolve_prompts
 from ..runner import modes_of
 from . import guard
-from .common import (download_button, new_run_path, plot, status_md, stop_button, ui_message,
-                     records_table, run_config, sized, stream_records, user_error, md_text)
+from .common import (check_memory, download_button, new_run_path, plot, status_md, stop_button,
+                     ui_message, records_table, run_config, sized, stream_records, user_error,
+                     md_text)
 
 
 @dataclass
@@ -58,6 +59,9 @@ def check_batch(prompts: str, **settings):
     guard.check_prompts(lines)
     cfg = run_config(settings)
     guard.check_job_size(len(lines), cfg.repeats, len(modes_of(cfg)))
+    if lines and cfg.batch_size > 1:  # a batch of the longest prompts, a character counted as a token
+        check_memory(cfg, min(cfg.batch_size, len(lines)),
+                     max(map(len, lines)) + cfg.gen.max_new_tokens)
     return lines, cfg
 
 

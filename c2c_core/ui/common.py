@@ -22,6 +22,9 @@ import gradio as gr
 import pandas as pd
 
 from .. import analysis, cancel, worker
+from dataclasses import replace
+
+from ..budget import canonical_device
 from ..config import ALL_MODES, RunConfig, build_run_config
 from ..errors import UserError
 from ..models import ModelManager, _free_memory, preflight  # noqa: F401 (re-exported)
@@ -299,8 +302,51 @@ def run_config(settings: dict, **fixed) -> RunConfig:
     guard.check_model_settings(settings)
     cfg = _run_config(settings, **fixed)
     guard.check_new_tokens(cfg.gen.max_new_tokens)
+    guard.check_sharers(cfg)
+    cfg = replace(cfg, device=canonical_device(cfg.device))  # one spelling per device
     MODELS.check_allowed(cfg)
+    check_memory(cfg, cfg.batch_size)  # models and KV cache within the device's memory
     return cfg
+
+
+def check_memory(cfg: RunConfig, batch: int = 1, tokens: int | None = None,
+                 what: str = "This run") -> None:
+    """The run's memory budget before it queues (guard.check_budget): `tokens` per sequence
+    defaults to the new tokens (the prompt's are added where they are known)."""
+    if tokens is None:
+        tokens = cfg.gen.max_new_tokens + (cfg.gen.t2t_note_tokens if cfg.mode in
+                                           ("t2t", ALL_MODES) else 0)
+    guard.check_budget(cfg, held_models(), batch, tokens, what)
+
+
+def pair_label(cfg: RunConfig) -> str:
+    """'receiver <- sharer[, sharer]' of a RunConfig, with its preset's name when it is one."""
+    pair = f"{cfg.receiver.source} ← {', '.join(s.source for s in cfg.sharers)}"
+    return f"{cfg.preset} ({pair})" if cfg.preset and cfg.preset != "custom" else pair
+
+
+def swap_note(cfg: RunConfig) -> str | None:
+    """A sentence when cfg's models are not the ones the server holds: the run replaces them for
+    every session. None when they are (or nothing is loaded)."""
+    held = held_models()
+    if held is None:
+        return None
+    try:
+        if ModelManager.key_of(held) == ModelManager.key_of(cfg):
+            return None
+    except UserError:
+        return None
+    return (f"This run will load {pair_label(cfg)} in place of {pair_label(held)}, which every"
+            " session of this server shares.")
+
+
+def held_models() -> RunConfig | None:
+    """The RunConfig of the models the server holds now (the worker's, or this process's on
+    the in-process path); None before the first load."""
+    if not worker.enabled():
+        return MODELS.cfg
+    w = worker.last_worker()
+    return w.held_cfg if w is not None and w.alive() else None
 
 
 def _run_config(settings: dict, **fixed) -> RunConfig:
@@ -345,8 +391,9 @@ def models_loading() -> bool:
     if not worker.enabled():
         return MODELS.loading is not None
     w = worker.last_worker()
+    # a job in flight may load another pair: the status line follows it until it ends
     return w is not None and w.alive() and (w.loading or w.status_text is None
-                                            or w.kind == "load")
+                                            or w.kind is not None)
 
 
 def load_models(cfg: RunConfig) -> None:
@@ -366,7 +413,7 @@ def in_worker(job: "Job", kind: str, cfg: RunConfig, **payload) -> Any:
         if msg[0] == "progress":
             job.on_progress(*msg[2:])
         elif msg[0] == "phase":
-            job.phase = msg[2]
+            job.set_phase(msg[2])
 
     def on_start(w: worker.WorkerClient) -> None:
         job.tokens = worker.SharedCount(w.tokens)
@@ -428,8 +475,15 @@ class Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.started = time.perf_counter()
+        self.created = time.perf_counter()  # the elapsed time counts from here
         self.record_at: list[float] = []   # when each record arrived (for the ETA)
         self.first_batch = 1                # rows in the first generation (its batch size)
+        #: the run's modes in their interleaved order (the ETA adds each mode's own rate)
+        self.modes: list[str] = []
+        self.mode_done: collections.Counter = collections.Counter()
+        self.mode_secs: collections.Counter = collections.Counter()  # timed seconds per mode
+        self.mode_timed: collections.Counter = collections.Counter()  # records in mode_secs
+        self.last_mode: str | None = None
         self.tokens = [0]
         self.cancelled = False
         self.ended: float | None = None
@@ -446,8 +500,24 @@ class Job:
             if not self.record_at:
                 b = rec.get("batch_size") if isinstance(rec, dict) else None
                 self.first_batch = b if isinstance(b, int) and b > 0 else 1
-            self.record_at.append(time.perf_counter())
+            now = time.perf_counter()
+            mode = rec.get("mode") if isinstance(rec, dict) else None
+            if len(self.record_at) >= self.first_batch:
+                # the time since the previous record went to this one (a batch's rows arrive
+                # together: its time spreads over them); the first generation is left out, it
+                # also paid the warm-up and the fast engine's compile
+                self.mode_secs[mode] += now - self.record_at[-1]
+                self.mode_timed[mode] += 1
+            self.mode_done[mode] += 1
+            self.last_mode = mode
+            self.record_at.append(now)
             self.q.put(rec)
+
+    def set_phase(self, phase: str) -> None:
+        """What the job does now, as the run says it (cancel.say): "timed run" is the records'
+        phase ("running"), anything else ("compiling … shape 2 of 4", "profiled run for the
+        trace") is shown as it is."""
+        self.phase = "running" if phase == "timed run" else phase
 
     def _run(self) -> None:
         from ..runner import FRONTEND
@@ -461,7 +531,7 @@ class Job:
             t0 = time.perf_counter()
             self.phase = "loading models"
             try:
-                with cancel.scope(self.stop.is_set):
+                with cancel.scope(self.stop.is_set), cancel.reporting(self.set_phase):
                     self.result = self.work(self)
             finally:
                 JOB_LOG.append((t0, time.perf_counter()))
@@ -506,24 +576,54 @@ class Job:
         return min((self.done + part) / self.total, 1.0)
 
     def describe(self, unit: str = "generation") -> str:
+        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
         if self.phase == "waiting":
-            return "Waiting for the previous job to end…"
+            return "Waiting for the previous job to end…" + took
         if self.phase == "loading models":
-            return "Loading models…"
+            return "Loading models…" + took
         if self.phase == "warming up":
-            return "Warm-up (not recorded)…"
+            return "Warm-up (not recorded)…" + took
+        if self.phase != "running":  # a phase the run said (compiling a shape, the trace…)
+            return self.phase[:1].upper() + self.phase[1:] + "…" + took
         text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
         if self.tokens[0]:
             text += f", token {self.tokens[0]}"
-        t, first = self.record_at, self.first_batch
-        if len(t) > first and self.done < self.total:
-            # seconds per record from the records after the first generation: it also paid the
-            # warm-up (and the fast engine's compile), which can be most of its time; counted in
-            # records (a batch's rows arrive together, each written to disk before the next)
-            per = (t[-1] - t[first - 1]) / (len(t) - first)
-            eta = per * (self.total - self.done) - (time.perf_counter() - t[-1])
-            text += f" · ETA {fmt_seconds(max(eta, 0))}"
-        return text
+        eta = self.eta()
+        if eta is not None:
+            text += f" · ETA {fmt_seconds(eta)}"
+        return text + f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left: per mode, its own seconds per record x its records still to come (mode
+        `all` interleaves modes of very different speeds); less the time the record in flight
+        has run, at most its mode's expected time (so the ETA does not fall to 0 between
+        records and jump back). None until every mode has a timed record."""
+        now = time.perf_counter() if now is None else now
+        modes = self.modes or [m for m in self.mode_done]
+        if not modes or not self.total or self.done >= self.total or not self.record_at:
+            return None
+        if any(not self.mode_timed[m] for m in modes):
+            return None
+        rate = {m: self.mode_secs[m] / self.mode_timed[m] for m in modes}
+        each = self.total / len(modes)
+        left = {m: max(each - self.mode_done[m], 0.0) for m in modes}
+        todo = sum(rate[m] * left[m] for m in modes)
+        i = modes.index(self.last_mode) if self.last_mode in modes else -1
+        nxt = next((modes[(i + k) % len(modes)] for k in range(1, len(modes) + 1)
+                    if left[modes[(i + k) % len(modes)]] > 0), modes[0])
+        return max(todo - min(now - self.record_at[-1], rate[nxt]), 0.0)
+
+
+def stopped_during(phase: str) -> str:
+    """' during …' for a stop that ended a run outside its timed generations."""
+    if phase.startswith(("compiling", "preparing")):
+        m = re.search(r"shape \d+ of \d+", phase)
+        return " during the fast engine's compile" + (f" (at {m.group(0)})" if m else "")
+    if phase == "loading models":
+        return " while the models loaded"
+    if phase == "warming up":
+        return " during the warm-up"
+    return ""
 
 
 def fmt_seconds(s: float) -> str:
@@ -679,15 +779,21 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
             return in_worker(job, "run", cfg, items=items, path=path, runner=runner,
                              count_tokens=per_item is not None)
         pipe = MODELS.get(cfg)
+        from ..budget import check_batches
+        check_batches(cfg, items)  # the largest batch's KV cache, prompts known
         with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
             job.tokens = counter
             return (runner or run_many)(pipe, cfg, items, writer=w, on_progress=job.on_progress,
                                         should_stop=job.stop.is_set, keep=False)
 
     job = Job(work, stop, cfg.warmup)
+    from ..runner import modes_of
+    job.modes = list(modes_of(cfg))
     recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
     summary = RunningSummary()
-    first = render([], status_md("Started: loading models and warming up if needed…", "run"),
+    swap = swap_note(cfg)
+    first = render([], status_md((swap + "  \n" if swap else "")
+                                 + "Started: loading models and warming up if needed…", "run"),
                    gr.skip(), summary=summary)
     alive = tuple(gr.skip() for _ in first)
     yield first
@@ -730,8 +836,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                         f" {summary.count} record(s); download them and reload the page for a new"
                         " session.", "warn")
     elif (job.stop.is_set() or job.cancelled) and summary.count < job.total:
-        msg = status_md(f"**Stopped** after {summary.count} of {job.total} record(s); the"
-                        " finished ones are in the download.")
+        during = stopped_during(job.phase)
+        msg = status_md(f"**Stopped**{during} after {summary.count} of {job.total or '?'}"
+                        " record(s); the finished ones are in the download.")
     else:
         secs = time.perf_counter() - job.started
         msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"
@@ -740,6 +847,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
     if summary.count:
         msg += f"  \n{summary.line()}"
-    if summary.contention_note():
-        msg += "  \n" + status_md(ui_message(summary.contention_note()), "warn")
+    from ..summary import contention_files
+    busy = contention_files({os.path.basename(path): list(summary.shares)})
+    if busy:
+        msg += "  \n" + status_md(busy, "warn")
     yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)

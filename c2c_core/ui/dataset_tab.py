@@ -3,6 +3,7 @@ progress bar with ETA, a Stop button that keeps every finished record, and the J
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import gradio as gr
@@ -48,7 +49,13 @@ class DatasetTab:
 
 
 def build_dataset_tab() -> DatasetTab:
-    source = gr.Radio(SOURCES, value="hf", label="Prompts from", elem_id="dataset-source")
+    # offline, a hub dataset can only be refused: open on the shipped sample prompts instead
+    from ..config import ASSETS
+    from ..hub import hub_offline
+    offline = hub_offline(datasets=True)
+    sample = os.path.join(ASSETS, "sample_prompts.jsonl") if offline else None
+    source = gr.Radio(SOURCES, value="file" if offline else "hf", label="Prompts from",
+                      elem_id="dataset-source")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             with gr.Group():
@@ -60,9 +67,9 @@ def build_dataset_tab() -> DatasetTab:
                     split = gr.Textbox("test", label="split")
         with gr.Column(scale=2):
             # no file_types: gradio would refuse another type with a bare "400 Bad Request";
-            # check_dataset says which types are read
-            prompt_file = gr.File(label="…or a prompts file: .jsonl, .json, .csv or .parquet"
-                                  " (rows with prompt, question or text)",
+            # check_dataset says which types are read. Offline it opens on the shipped samples.
+            prompt_file = gr.File(sample, label="…or a prompts file: .jsonl, .json, .csv or"
+                                  " .parquet (rows with prompt, question or text)",
                                   elem_id="dataset-file", height=120)
     with gr.Row():
         # no minimum: out-of-range values are refused by check_dataset in a sentence (gradio's

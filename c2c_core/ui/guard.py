@@ -26,6 +26,7 @@ import re
 import secrets
 from typing import Any
 
+from .. import budget as _budget
 from ..errors import UserError
 
 
@@ -80,6 +81,9 @@ LIMITS = {
     "file_rows": ("C2C_MAX_FILE_ROWS", 100_000, "rows read from an uploaded prompts file"),
     "file_mb": ("C2C_MAX_FILE_MB", 64, "MB of data read from an uploaded prompts file (decoded)"),
     "session_disk_mb": ("C2C_SESSION_DISK_MB", 200, "MB of results kept for one session"),
+    "sharers": ("C2C_MAX_SHARERS", 2, "sharers in one pipeline (the published setups use 1-2)"),
+    "cpu_params_m": ("C2C_MAX_CPU_PARAMS_M", _budget.CPU_PARAMS_M,
+                     "million parameters of the models together on a CPU"),
 }
 
 
@@ -229,6 +233,30 @@ def check_sweep(ins: list[int], outs: list[int]) -> None:
         raise UserError(f"The longest sweep point has {most:,} prompt + output tokens; this"
                         f" server runs at most {cap:,} (C2C_MAX_SWEEP_TOKENS): use shorter"
                         " lengths.")
+
+
+def check_sharers(cfg) -> None:
+    n, cap = len(cfg.sharers), limit("sharers")
+    if n > cap:
+        raise FieldError(f"{n} sharers given; this server runs at most {cap} (C2C_MAX_SHARERS):"
+                         " name fewer sharers.", "sharer")
+
+
+def check_budget(cfg, held=None, batch: int = 1, tokens: int = 0,
+                 what: str = "This run") -> None:
+    """Before a job queues: sharers under the cap, the models' parameters under the CPU cap,
+    and their weights plus the KV cache of `batch` sequences of `tokens` tokens within the
+    device's free memory (plus what the models held now, `held`, would free by a swap)."""
+    from .. import budget
+    check_sharers(cfg)
+    held_bytes = 0
+    if held is not None:
+        try:
+            if budget.canonical_device(held.device) == budget.canonical_device(cfg.device):
+                held_bytes = budget.estimate(held).weights
+        except UserError:
+            pass
+    budget.check_fits(cfg, batch, tokens, held_bytes, what, cpu_params_cap=budget.cpu_params_cap())
 
 
 def check_short(text: str | None, label: str, cap: int = 256) -> None:

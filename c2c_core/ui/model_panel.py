@@ -203,8 +203,12 @@ def check_load(**settings) -> None:
 
 def load_models(progress=gr.Progress(), **settings):
     """Load (or keep) the models the panel names; yields the status line."""
+    from .common import swap_note
     try:
         cfg = run_config(settings)
+        swap = swap_note(cfg)
+        if swap:
+            yield status_md(swap, "warn")
         progress(None, desc="Loading models…")
         load_where_jobs_run(cfg)
     except UserError as e:
@@ -217,9 +221,29 @@ def model_status() -> str:
     return models_status()
 
 
+def held_settings():
+    """On page load: the model panel shows the pair the server holds now (a new tab would
+    otherwise show the preset default, and its first run would swap the shared models)."""
+    from ..config import PRESETS
+    from .common import held_models
+    cfg = held_models()
+    if cfg is None:
+        return tuple(gr.skip() for _ in range(6))
+    if cfg.preset in PRESETS:
+        names = (gr.update(value=cfg.preset), "", "", "")
+    else:
+        names = (gr.skip(), cfg.receiver.source, ", ".join(s.source for s in cfg.sharers),
+                 cfg.fuser.source or "untrained")
+    return (*names, cfg.device if cfg.device != "auto" else gr.skip(), cfg.dtype)
+
+
 def model_status_poll():
     """The status line, and whether to keep polling (only while models are loading)."""
-    return models_status(), gr.Timer(active=models_loading())
+    from . import fairqueue
+    from .common import RUN_LOCK
+    # polls while models load or any model job runs or waits (a run may swap the shared pair)
+    busy = models_loading() or RUN_LOCK.locked() or fairqueue.total_waiting() > 0
+    return models_status(), gr.Timer(active=busy)
 
 
 __all__ = ["ModelPanel", "RunSettings", "build_model_panel", "build_run_settings", "on_preset",

@@ -16,7 +16,7 @@ from ..prompts import BUILTIN_PROMPTS, resolve_prompts
 from ..runner import modes_of
 from . import guard
 from .. import worker
-from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, in_worker,
+from .common import (ALIVE_EVERY_S, MODELS, Job, clear_stop, error_outputs, in_worker, swap_note,
                      new_run_path, plot, run_config, session_dir, sized, status_md, stop_flag,
                      stop_button, token_counter, tokens_per_item, ui_message, user_error)
 
@@ -25,8 +25,6 @@ TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run un
               " read .gz); the stages are the `c2c/…` ranges. Its times are inflated by the"
               " profiler; the JSONL and the charts hold the clean run.")
 
-PROFILE_STEPS = ("Profiling: warm-up, the timed run, then a run under torch.profiler for the"
-                 " trace and op statistics…")
 STAGE_HEADS = {"stage": "stage", "ms": "time (ms)", "pct_of_e2e": "% of E2E", "count": "count"}
 
 
@@ -75,6 +73,22 @@ def build_profile_tab() -> ProfileTab:
                     height=270, visible=False)
     gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
     return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files, stop)
+
+
+#: Profile's phases as the status line names them (others are said as the run says them).
+PROFILE_PHASES = {"waiting": "waiting for the previous job to end",
+                  "loading models": "loading the models", "profiling": "starting",
+                  "warming up": "warm-up (not recorded)", "running": "the timed run"}
+PROFILE_ORDER = ("loading the models · warm-up · compile (fast engine) · timed run · profiled"
+                 " run for the trace · writing the trace")
+
+
+def profile_phase_line(job, elapsed: float) -> str:
+    """'**Profiling** · now: the timed run · 12 s' (the steps in order under it)."""
+    from .common import fmt_seconds
+    now = PROFILE_PHASES.get(job.phase, job.phase)
+    return (f"**Profiling** · now: {now} · {fmt_seconds(elapsed)} elapsed  \n"
+            f"<small>Steps: {PROFILE_ORDER}.</small>")
 
 
 def stage_table(record: dict) -> pd.DataFrame:
@@ -126,27 +140,33 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         modes = len(modes_of(cfg))
         about = per_item * (modes * (cfg.warmup + 1) + 1) if per_item else None
         stop = stop_flag(request)
+        swap = swap_note(cfg)
         job = Job(work, stop)
-        said, last = None, time.perf_counter()
+        said, last, t0 = None, time.perf_counter(), time.perf_counter()
         try:
             for _ in job.events():
-                if job.phase != said:  # the phase in the status line (a bar needs a share)
-                    said, last = job.phase, time.perf_counter()
-                    text = job.describe() if said in ("loading models", "waiting") else \
-                        "" if about else PROFILE_STEPS  # long runs: the bar says it
+                now = time.perf_counter()
+                if job.phase != said or now - last >= ALIVE_EVERY_S:
+                    # the phase and the time since Profile was pressed, in the status line
+                    # (each update also lets gradio notice a client gone)
+                    said, last = job.phase, now
+                    text = profile_phase_line(job, now - t0)
+                    if swap:
+                        text = swap + "  \n" + text
                     yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
-                elif time.perf_counter() - last >= ALIVE_EVERY_S:
-                    last = time.perf_counter()
-                    yield tuple(gr.skip() for _ in range(6))  # gradio notices a client gone
-                if about and job.phase == "profiling":
+                if about and job.phase not in ("loading models", "waiting"):
                     progress(min(job.tokens[0] / about, 0.99),
-                             desc=f"Profiling (warm-up, timed run, profiled run): token"
-                                  f" {job.tokens[0]} of about {about}")
+                             desc=f"token {job.tokens[0]} of about {about} (warm-up, timed run,"
+                                  " profiled run)")
+                else:
+                    progress(None, desc=PROFILE_PHASES.get(job.phase, job.phase))
         except GeneratorExit:  # the client went away: stop within a decode step
             stop.set()
             raise
         if job.cancelled or job.result is None:
-            yield (status_md("**Stopped** before the profile finished; nothing was recorded."),) \
+            from .common import stopped_during
+            yield (status_md(f"**Stopped**{stopped_during(job.phase)} before the profile"
+                             " finished; nothing was recorded."),) \
                 + tuple(gr.skip() for _ in range(5))
             return
         done = job.result
@@ -162,10 +182,10 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
     more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
     rec = done["record"]
     status = summary_line(rec, done["device"], done["dtype"]) + more
-    from ..summary import RunningSummary
-    busy = RunningSummary(recs).contention_note()
+    from ..summary import RunningSummary, contention_files
+    busy = contention_files({os.path.basename(paths.jsonl): list(RunningSummary(recs).shares)})
     if busy:
-        status += "  \n" + status_md(ui_message(busy), "warn")
+        status += "  \n" + status_md(busy, "warn")
     files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
     yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
             sized(plots.decode_steps_fig(steps), 360), files)

@@ -292,15 +292,12 @@ def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
 
 
 def contention_notes(sources: dict[str, list[dict]]) -> list[str]:
-    """One sentence per file whose CPU generations did not get their threads' time
-    (timing.cpu_share; summary.contention_note)."""
-    from ..summary import RunningSummary
-    notes = []
-    for name, recs in sources.items():
-        note = RunningSummary(recs).contention_note()
-        if note:
-            notes.append(f"{name}: {ui_message(note)}")
-    return notes
+    """One sentence for the view naming the files whose CPU generations did not get their
+    threads' time, with each one's median share (timing.cpu_share; summary.contention_files)."""
+    from ..summary import RunningSummary, contention_files
+    note = contention_files({name: list(RunningSummary(recs).shares)
+                             for name, recs in sources.items()})
+    return [note] if note else []  # one sentence for the view, naming its files
 
 
 def analyze(files, runs, skip_bad_lines, request: gr.Request):

@@ -15,7 +15,7 @@ from ..sweep import parse_lengths
 from ..worker import sweep_grid
 from ..runner import modes_of
 from . import guard
-from .common import (download_button, new_run_path, plot, records_table, status_md, stop_button,
+from .common import (check_memory, download_button, new_run_path, plot, records_table, status_md, stop_button,
                      ui_message,
                      run_config, sized, stream_records, user_error, md_text)
 
@@ -93,6 +93,9 @@ def check_sweep(input_lens: str, output_lens: str, batch_sizes: str = "1", **set
     from ..limits import check_sweep_context
     check_sweep_context(cfg, ins, outs)  # the models' contexts, from their config files
     guard.check_job_size(len(ins) * len(outs) * sum(bss), cfg.repeats, len(modes_of(cfg)))
+    # the largest point's KV cache: the biggest batch at the longest prompt + output
+    check_memory(cfg, max(bss), max(ins) + max(outs),
+                 f"The sweep's largest point (batch {max(bss)}, {max(ins) + max(outs):,} tokens)")
     return ins, outs, bss, cfg
 
 
