@@ -44,47 +44,12 @@ def cpu_params_cap() -> int:
 
 # --- configs -----------------------------------------------------------------------------------
 
-def _gguf_fields(path: str) -> dict:
-    """The metadata of a GGUF header (numeric arrays skipped; string arrays as their length)."""
-    from .limits import _GGUF_SCALARS
-    out: dict = {}
-    with open(path, "rb") as f:
-        def read(fmt: str):
-            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def value(vtype: int):
-            if vtype in _GGUF_SCALARS:
-                return read(_GGUF_SCALARS[vtype])
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                itype, count = read("I"), read("Q")
-                if itype in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[itype]), 1)
-                else:
-                    for _ in range(count):
-                        value(itype)
-                return count
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        read("I")
-        read("Q")
-        for _ in range(read("Q")):
-            key = string()
-            out[key] = value(read("I"))
-    return out
-
-
 @functools.lru_cache(maxsize=16)
 def gguf_config(path: str) -> dict | None:
     """A GGUF's architecture as the config fields the estimates use (None when unreadable)."""
     try:
-        m = _gguf_fields(path)
+        from .limits import gguf_fields
+        m = gguf_fields(path)
     except (OSError, ValueError, struct.error):
         return None
     arch = m.get("general.architecture")

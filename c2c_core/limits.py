@@ -200,9 +200,11 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
                  11: "q", 12: "d"}
 
 
-def gguf_context_length(path: str) -> int | None:
-    """`<architecture>.context_length` from a GGUF file's metadata header, read directly (the
-    header comes first; no tensor is touched), None when the header has none."""
+def gguf_fields(path: str) -> dict:
+    """The metadata of a GGUF file's header, read directly (the header comes first; no tensor is
+    touched): key -> value, numeric arrays skipped and string arrays given as their length.
+    Raises OSError, ValueError or struct.error on a file that is not GGUF."""
+    out: dict = {}
     with open(path, "rb") as f:
         def read(fmt: str):
             return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
@@ -219,27 +221,31 @@ def gguf_context_length(path: str) -> int | None:
                 itype, count = read("I"), read("Q")
                 if itype in _GGUF_SCALARS:  # skip numeric arrays without reading them one by one
                     f.seek(count * struct.calcsize("<" + _GGUF_SCALARS[itype]), 1)
-                    return None
-                for _ in range(count):
-                    value(itype)
-                return None
+                else:
+                    for _ in range(count):
+                        value(itype)
+                return count
             raise ValueError(f"unknown GGUF value type {vtype}")
 
         if f.read(4) != b"GGUF":
             raise ValueError("not a GGUF file")
         read("I")  # version
         read("Q")  # tensor count
-        arch, found = None, {}
         for _ in range(read("Q")):
             key = string()
-            v = value(read("I"))
-            if key == "general.architecture":
-                arch = v
-            elif key.endswith(".context_length"):
-                found[key] = v
-            if arch and f"{arch}.context_length" in found:
-                return int(found[f"{arch}.context_length"])
-        return int(next(iter(found.values()))) if found else None
+            out[key] = value(read("I"))
+    return out
+
+
+def gguf_context_length(path: str) -> int | None:
+    """`<architecture>.context_length` from a GGUF file's metadata header, None when the header
+    has none."""
+    m = gguf_fields(path)
+    found = {k: v for k, v in m.items() if k.endswith(".context_length")}
+    arch = m.get("general.architecture")
+    if arch and f"{arch}.context_length" in found:
+        return int(found[f"{arch}.context_length"])
+    return int(next(iter(found.values()))) if found else None
 
 
 def spec_context(spec) -> int | None:
