@@ -249,7 +249,8 @@ def _gb(n: float) -> str:
 
 def check_fits(cfg, batch: int = 1, tokens: int = 0, held_bytes: int = 0,
                what: str = "This run", configs: dict | None = None,
-               free: int | None = None, cpu_params_cap: int | None = None) -> Estimate:
+               free: int | None = None, cpu_params_cap: int | None = None,
+               host: str = "this server") -> Estimate:
     """Refuse, in one sentence, a run whose models and KV cache would not fit the device's free
     memory (plus `held_bytes`, what the models loaded now hold and a swap would free), or whose
     models are over `cpu_params_cap` parameters on a CPU."""
@@ -272,7 +273,7 @@ def check_fits(cfg, batch: int = 1, tokens: int = 0, held_bytes: int = 0,
         fix = ("pick smaller models (or dtype bfloat16)" if est.weights > have
                else "use a smaller batch or shorter lengths")
         raise UserError(f"{what} needs about {_gb(est.total)} (weights {_gb(est.weights)}{kv}),"
-                        f" more than the {_gb(have)} of {where} this server can give it now:"
+                        f" more than the {_gb(have)} of {where} {host} can give it now:"
                         f" {fix}.")
     return est
 

@@ -265,8 +265,20 @@ def cmd_dataset(args) -> int:
     return _run_items(args, items)
 
 
+def _check_memory(cfg, batch: int, tokens: int, what: str) -> None:
+    """Before any model loads: the models' weights and the KV cache of `batch` sequences of
+    `tokens` tokens must fit this machine's free memory (budget.check_fits), refused in one
+    sentence naming the estimate and the limit."""
+    from .budget import check_fits
+    check_fits(cfg, batch, tokens, what=what, host="this machine")
+
+
 def _run_items(args, items) -> int:
     cfg = run_config(args)
+    if items:  # a character counted as a token: an upper bound before the tokenizer loads
+        longest = max(len(getattr(it, "prompt", "") or "") for it in items)
+        _check_memory(cfg, min(cfg.batch_size, len(items)), longest + cfg.gen.max_new_tokens,
+                      "This run's largest batch")
     from . import distributed
     if distributed.active():  # started by torchrun: data-parallel, merged exactly once
         return distributed.run_items(args, cfg, items)
@@ -313,6 +325,8 @@ def cmd_sweep(args) -> int:
     bss = parse_lengths(args.batch_sizes, "--batch_sizes") if args.batch_sizes else None
     cfg = run_config(args)
     _check_sweep_context(cfg, ins, outs)
+    _check_memory(cfg, max(bss or [cfg.batch_size]), max(ins) + max(outs),
+                  "This sweep's largest point")
     _check_html(args)
     from . import distributed
     if distributed.active():

@@ -281,3 +281,16 @@ def test_other_prompts_under_one_id_are_not_duplicates():
     assert analysis.duplicates_note(analysis.to_frame(recs, "o.jsonl")) == ""
     copy = _recs(["alpha"]) * 2
     assert "occur more than once" in analysis.duplicates_note(analysis.to_frame(copy, "o.jsonl"))
+
+
+def test_a_sweep_that_cannot_fit_is_refused_before_loading(tmp_path, capsys, no_model_load):
+    """sweep --batch_sizes 1024 --input_lens 7000 sat for minutes on a CPU; the memory estimate
+    (weights + KV cache from the models' configs) refuses it at once, naming both."""
+    import time
+    t = time.monotonic()
+    assert main(["sweep", "--engine", "fast", "--batch_sizes", "1024", "--input_lens", "7000",
+                 "--output", str(tmp_path / "s.jsonl")]) == 2
+    assert time.monotonic() - t < 10
+    line = _last_error(capsys)
+    assert "needs about" in line and "KV cache" in line and "1,024 x 7,032 tokens" in line
+    assert "this machine" in line and not os.path.exists(tmp_path / "s.jsonl")
