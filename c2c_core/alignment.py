@@ -23,19 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ALIGNMENTS, RunConfig, default_of, one_of
+from .config import ALIGNMENTS, check_alignment  # noqa: F401  (re-exported)
 from .errors import UserError
 
 #: The per-token strategies (config.ALIGNMENTS without "none", which refuses such a sharer).
 STRATEGIES = tuple(a for a in ALIGNMENTS if a != "none")
 SHARED_FRACTION = 0.99
-
-
-def check_alignment(name: str | None) -> str:
-    name = (name or default_of(RunConfig, "alignment")).strip().lower()
-    if name not in ALIGNMENTS:
-        raise UserError(f"--alignment {name} is unknown; use {one_of(ALIGNMENTS)}.")
-    return name
 
 
 def vocab_size(tok) -> int:

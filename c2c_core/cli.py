@@ -17,6 +17,7 @@ from .config import (ALIGNMENTS, DEFAULT_PRESET, ENGINES, FUSIONS, PRESETS, TIMI
                      FuserSpec, GenerationConfig, ModelSpec, RunConfig, default_of, help_of)
 from .errors import UserError
 from .prompts import BUILTIN_PROMPTS
+from .summary import print_summary
 
 DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_timing_results.jsonl"}
 
@@ -136,15 +137,8 @@ def run_config(args):
 # --- running -------------------------------------------------------------------------------
 
 def _load(cfg):
-    from .loading import check_sources, load_pipeline
-    check_sources(cfg)  # a path that is not a model: one sentence before "Loading"
-    sharers = " + ".join(s.source for s in cfg.sharers)
-    print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {sharers} ...", file=sys.stderr)
-    pipe = load_pipeline(cfg)
-    print(f"Loaded: {pipe.describe()}", file=sys.stderr)
-    if pipe.info.get("fuser_note"):
-        print(f"Note: {pipe.info['fuser_note']}.", file=sys.stderr)
-    return pipe
+    from .loading import load_announced
+    return load_announced(cfg)
 
 
 def _lock_output(args, path: str | None = None) -> None:
@@ -209,21 +203,6 @@ def _run_with_bar(pipe, cfg, items, writer, skip):
     finally:
         bar.close()
     return summary
-
-
-def print_summary(records, out=None) -> None:
-    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode (records or a
-    RunningSummary)."""
-    from .summary import RunningSummary
-    out = out or sys.stdout
-    summary = records if isinstance(records, RunningSummary) else RunningSummary(records)
-    if not summary.count:
-        print("No records.", file=out)
-        return
-    print(summary.table().round(2).to_string(index=False), file=out)
-    for note in (summary.truncation_note(), summary.contention_note()):
-        if note:
-            print(note, file=out)
 
 
 def cmd_profile(args) -> int:

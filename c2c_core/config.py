@@ -301,13 +301,11 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise UserError(f"--warmup {cfg.warmup} must be >= 0.")
     if cfg.repeats < 1:
         raise UserError(f"--repeats {cfg.repeats} must be >= 1.")
-    from .limits import check_run_sizes
     check_run_sizes(cfg)  # fuser sizes, repeats, warm-up within the documented maxima
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads} must be >= 1.")
     if cfg.mode not in MODE_OPTIONS:
         raise UserError(f"--mode {cfg.mode} is unknown; use one of {', '.join(MODE_OPTIONS)}.")
-    from .alignment import check_alignment
     cfg.alignment = check_alignment(cfg.alignment)
     if cfg.fusion not in FUSIONS:
         raise UserError(f"--fusion {cfg.fusion} is unknown; use {one_of(FUSIONS)}.")
@@ -336,3 +334,43 @@ def resolve_engine(cfg: RunConfig, device) -> str:
     if getattr(device, "type", str(device)) == "cuda" or cfg.batch_size > 1:
         return "fast"
     return CPU_AUTO_ENGINE
+
+
+# --- documented limits (pure values; limits.py holds the checks that need models) ----------
+
+#: Largest untrained-fuser hidden_dim / intermediate_dim (the published fusers use 1024).
+MAX_FUSER_DIM = 4096
+#: Untrained-fuser depth: at least 2 (input and output layer), at most this.
+MIN_FUSER_LAYERS = 2
+MAX_FUSER_LAYERS = 8
+#: Largest untrained fuser, in parameters over all receiver layers (the default 1024/1024/3
+#: fuser for Qwen3-0.6B <- Qwen3-4B has 0.53 billion; 2 billion is 8 GB in float32).
+MAX_FUSER_PARAMS = 2_000_000_000
+#: Records per prompt (--repeats) and unrecorded warm-up generations (--warmup).
+MAX_REPEATS = 100
+MAX_WARMUP = 20
+
+
+def check_run_sizes(cfg) -> None:
+    """Fuser sizes, repeats and warm-up within the documented limits (a RunConfig)."""
+    f = cfg.fuser
+    for flag, v in (("--hidden_dim", f.hidden_dim), ("--intermediate_dim", f.intermediate_dim)):
+        if not 1 <= v <= MAX_FUSER_DIM:
+            raise UserError(f"{flag} {v} is out of range; use 1 to {MAX_FUSER_DIM} (the published"
+                            " fusers use 1024).")
+    if not MIN_FUSER_LAYERS <= f.num_layers <= MAX_FUSER_LAYERS:
+        raise UserError(f"--num_layers {f.num_layers} is out of range; use {MIN_FUSER_LAYERS} to"
+                        f" {MAX_FUSER_LAYERS} (the published fusers use 3).")
+    if cfg.repeats > MAX_REPEATS:
+        raise UserError(f"--repeats {cfg.repeats} is over the limit of {MAX_REPEATS}; run again"
+                        " with --append for more records.")
+    if cfg.warmup > MAX_WARMUP:
+        raise UserError(f"--warmup {cfg.warmup} is over the limit of {MAX_WARMUP}; a few warm-up"
+                        " runs are enough.")
+
+
+def check_alignment(name: str | None) -> str:
+    name = (name or default_of(RunConfig, "alignment")).strip().lower()
+    if name not in ALIGNMENTS:
+        raise UserError(f"--alignment {name} is unknown; use {one_of(ALIGNMENTS)}.")
+    return name

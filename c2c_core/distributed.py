@@ -580,11 +580,11 @@ def _work(store: _Store, env: DistEnv, cfg, units: list[Unit], plan: Plan, outpu
     if not plan.pending:
         store.set(f"ready/{env.rank}", repr(time.time()))
         return 0
-    from .cli import _load
+    from .loading import load_announced
     from .runner import modes_of, run_metadata, run_many, warm_up
     from .timing import Timer
 
-    pipe = _load(cfg)
+    pipe = load_announced(cfg)
     modes = modes_of(cfg)
     method = Timer(pipe.device, cfg.timing).method_name
     ident = {"run_id": plan.run_id, "world_size": env.world_size, "rank": env.rank}
@@ -655,7 +655,7 @@ def _wait_all(store: _Store, env: DistEnv, plan: Plan) -> None:
 
 def _report(args, res: MergeResult, plan: Plan, env: DistEnv, counts: dict[int, int],
             work_s: float, sweep_html: str | None) -> None:
-    from .cli import print_summary
+    from .summary import print_summary
     print_summary(res.records)
     ranks = ", ".join(f"rank {r}: {n}" for r, n in sorted(counts.items()))
     notes = []

@@ -3,8 +3,9 @@
 - Context: prompt tokens + new tokens must fit the receiver's context, and the sharer's in the
   modes that run it (`check_context`, called by the runner on every generation and, untimed,
   on every prompt before a run starts; `check_lengths` for a sweep before its models load).
-- Fuser sizes, repeats and warm-up runs: `MAX_*` below, checked by config.validate_run_config;
-  an untrained fuser's parameter count is checked against `MAX_FUSER_PARAMS` before it is built.
+- Fuser sizes, repeats and warm-up runs: `MAX_*` in config.py (pure values, checked by
+  config.validate_run_config); an untrained fuser's parameter count is checked against
+  `MAX_FUSER_PARAMS` before it is built (projector.check_fuser_params).
 - The web app's own caps (prompt characters, prompts and generations per job, uploads, disk)
   are in c2c_core/ui/guard.py.
 
@@ -16,64 +17,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 from typing import Any, Iterable
 
+from .config import (MAX_FUSER_DIM, MAX_FUSER_LAYERS, MAX_FUSER_PARAMS,  # noqa: F401
+                     MAX_REPEATS, MAX_WARMUP, MIN_FUSER_LAYERS, check_run_sizes)
 from .errors import UserError
-
-#: Largest untrained-fuser hidden_dim / intermediate_dim (the published fusers use 1024).
-MAX_FUSER_DIM = 4096
-#: Untrained-fuser depth: at least 2 (input and output layer), at most this.
-MIN_FUSER_LAYERS = 2
-MAX_FUSER_LAYERS = 8
-#: Largest untrained fuser, in parameters over all receiver layers (the default 1024/1024/3
-#: fuser for Qwen3-0.6B <- Qwen3-4B has 0.53 billion; 2 billion is 8 GB in float32).
-MAX_FUSER_PARAMS = 2_000_000_000
-#: Records per prompt (--repeats) and unrecorded warm-up generations (--warmup).
-MAX_REPEATS = 100
-MAX_WARMUP = 20
-
+from .projector import check_fuser_params  # noqa: F401  (re-exported)
 
 # --- sizes and counts --------------------------------------------------------------------
-
-def check_run_sizes(cfg) -> None:
-    """Fuser sizes, repeats and warm-up within the documented limits (a RunConfig)."""
-    f = cfg.fuser
-    for flag, v in (("--hidden_dim", f.hidden_dim), ("--intermediate_dim", f.intermediate_dim)):
-        if not 1 <= v <= MAX_FUSER_DIM:
-            raise UserError(f"{flag} {v} is out of range; use 1 to {MAX_FUSER_DIM} (the published"
-                            " fusers use 1024).")
-    if not MIN_FUSER_LAYERS <= f.num_layers <= MAX_FUSER_LAYERS:
-        raise UserError(f"--num_layers {f.num_layers} is out of range; use {MIN_FUSER_LAYERS} to"
-                        f" {MAX_FUSER_LAYERS} (the published fusers use 3).")
-    if cfg.repeats > MAX_REPEATS:
-        raise UserError(f"--repeats {cfg.repeats} is over the limit of {MAX_REPEATS}; run again"
-                        " with --append for more records.")
-    if cfg.warmup > MAX_WARMUP:
-        raise UserError(f"--warmup {cfg.warmup} is over the limit of {MAX_WARMUP}; a few warm-up"
-                        " runs are enough.")
-
-
-def check_fuser_params(receiver_config, sharer_config, hidden_dim: int, intermediate_dim: int,
-                       num_layers: int) -> int:
-    """The parameter count of an untrained fuser for this pair (built on the meta device: no
-    memory), refused over MAX_FUSER_PARAMS."""
-    import torch
-
-    from .projector import C2CProjector, kv_shape
-    lr, hr, dr = kv_shape(receiver_config)
-    _, hs, ds = kv_shape(sharer_config)
-    with torch.device("meta"):
-        proj = C2CProjector(ds, dr, hs, hr, hidden_dim=hidden_dim,
-                            intermediate_dim=intermediate_dim, num_layers=num_layers)
-    n = lr * sum(p.numel() for p in proj.parameters())
-    if n > MAX_FUSER_PARAMS:
-        raise UserError(f"An untrained fuser of hidden_dim {hidden_dim}, intermediate_dim"
-                        f" {intermediate_dim} and {num_layers} layers has {n / 1e9:.1f} billion"
-                        f" parameters for this pair, over the limit of"
-                        f" {MAX_FUSER_PARAMS / 1e9:.0f} billion; use smaller sizes.")
-    return n
-
 
 # --- context -----------------------------------------------------------------------------
 
@@ -166,7 +117,7 @@ def check_items(pipe, cfg, items: Iterable, modes: Iterable[str]) -> None:
     rctx, sctx = pipe_contexts(pipe)
     if rctx is None and sctx is None:
         return
-    from .runner import T2T_ANSWER_TEMPLATE, T2T_NOTE_INSTRUCTION, chat_ids
+    from .generation import T2T_ANSWER_TEMPLATE, T2T_NOTE_INSTRUCTION, chat_ids
     modes = list(modes)
     for it in items:
         what = f"Prompt {it.id}"
@@ -277,7 +228,7 @@ def spec_context(spec) -> int | None:
 def check_sweep_context(cfg, ins: list[int], outs: list[int]) -> None:
     """The longest shape against the models' contexts, read from their config files: a sweep
     that cannot fit is refused before any model loads (the runner checks again after)."""
-    from .runner import modes_of
+    from .generation import modes_of
     rctx, sctx = spec_context(cfg.receiver), spec_context(cfg.sharer)
     names = (cfg.receiver.source, cfg.sharer.source)
     for mode in modes_of(cfg):

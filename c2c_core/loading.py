@@ -346,7 +346,7 @@ def load_fuser_spec(spec: FuserSpec, receiver, sharer) -> Fuser:
     sharers = sharer if isinstance(sharer, (list, tuple)) else [sharer]
     configs = [m.config for m in sharers]
     if spec.source is None:
-        from .limits import check_fuser_params
+        from .projector import check_fuser_params
         for c in configs:  # before building: an oversize fuser never allocates
             check_fuser_params(receiver.config, c, spec.hidden_dim, spec.intermediate_dim,
                                spec.num_layers)
@@ -461,6 +461,20 @@ def check_ids_fit(cfg: RunConfig, tok, tok_src: str, receiver, slots: list[Share
                 f"Sharer {spec.source} has {embedding_rows(sl.model):,} embedding rows, fewer"
                 f" than the ids of {describe_vocab(feed, src)} it would be fed; pick a sharer"
                 " whose vocabulary covers them.")
+
+
+def load_announced(cfg: RunConfig) -> Pipeline:
+    """load_pipeline, saying on stderr what loads and what loaded (the CLI and each torchrun
+    rank); a source that is not a model is one sentence before "Loading"."""
+    import sys
+    check_sources(cfg)
+    sharers = " + ".join(s.source for s in cfg.sharers)
+    print(f"Loading {cfg.preset}: {cfg.receiver.source} <- {sharers} ...", file=sys.stderr)
+    pipe = load_pipeline(cfg)
+    print(f"Loaded: {pipe.describe()}", file=sys.stderr)
+    if pipe.info.get("fuser_note"):
+        print(f"Note: {pipe.info['fuser_note']}.", file=sys.stderr)
+    return pipe
 
 
 def load_pipeline(cfg: RunConfig) -> Pipeline:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import config as _config
 from .errors import UserError
 
 
@@ -336,3 +337,22 @@ def check_fuser_fits(fuser: Fuser, receiver_config, sharer_config) -> None:
                         f"Projector {i} expects sharer {a['source_num_heads']}x{a['source_dim']} and receiver"
                         f" {a['target_num_heads']}x{a['target_dim']} KV heads, but the loaded pair has"
                         f" {hs}x{ds} ({who}) and {hr}x{dr}; the fuser was trained for another pair.")
+
+
+def check_fuser_params(receiver_config, sharer_config, hidden_dim: int, intermediate_dim: int,
+                       num_layers: int) -> int:
+    """The parameter count of an untrained fuser for this pair (built on the meta device: no
+    memory), refused over MAX_FUSER_PARAMS."""
+    lr, hr, dr = kv_shape(receiver_config)
+    _, hs, ds = kv_shape(sharer_config)
+    with torch.device("meta"):
+        proj = C2CProjector(ds, dr, hs, hr, hidden_dim=hidden_dim,
+                            intermediate_dim=intermediate_dim, num_layers=num_layers)
+    n = lr * sum(p.numel() for p in proj.parameters())
+    cap = _config.MAX_FUSER_PARAMS  # read at call time (a test or an operator may lower it)
+    if n > cap:
+        raise UserError(f"An untrained fuser of hidden_dim {hidden_dim}, intermediate_dim"
+                        f" {intermediate_dim} and {num_layers} layers has {n / 1e9:.1f} billion"
+                        f" parameters for this pair, over the limit of"
+                        f" {cap / 1e9:.0f} billion; use smaller sizes.")
+    return n

@@ -5,6 +5,7 @@ and the app print (decode ms/token, tok/s, TTFT), 8 bytes per value."""
 from __future__ import annotations
 
 import math
+import sys
 from array import array
 from typing import Iterable
 
@@ -137,3 +138,17 @@ class RunningSummary:
                     f"TTFT {ttft:.1f} ms" if not math.isnan(ttft) else ""]
             parts.append(f"{mode}: " + ", ".join(b for b in bits if b) + " (medians)")
         return " · ".join(parts)
+
+
+def print_summary(records, out=None) -> None:
+    """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode (records or a
+    RunningSummary), and its truncation and contention notes: what the CLI prints after a run."""
+    out = out or sys.stdout
+    summary = records if isinstance(records, RunningSummary) else RunningSummary(records)
+    if not summary.count:
+        print("No records.", file=out)
+        return
+    print(summary.table().round(2).to_string(index=False), file=out)
+    for note in (summary.truncation_note(), summary.contention_note()):
+        if note:
+            print(note, file=out)

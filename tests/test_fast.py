@@ -256,3 +256,30 @@ def test_a_row_that_ends_early_in_a_batch_waits_and_says_so(loud, monkeypatch):
         assert abs(sum(t[f] for f in STAGE_FIELDS) + t["batch_wait_ms"] + t["other_ms"]
                    - t["e2e_ms"]) < 0.01
     assert te["e2e_ms"] == tl["e2e_ms"]  # both rows return with the batch
+
+
+def test_stacked_projector_is_built_before_any_timed_span(loud, monkeypatch):
+    """With --warmup 0 the first record's projection must not pay the one-off stacking of the
+    projector weights: prepare_plan (untimed) builds it, never a timed generation."""
+    from c2c_core import stacked
+    pipe, cfg = loud
+    pipe.fuser.__dict__.pop("_stacked", None)  # as loaded: not stacked yet
+    built, timing = [], [False]
+    real_init, real_gen = stacked.StackedFuser.__init__, fast.generate_batch
+
+    def init(self, *a, **k):
+        built.append(timing[0])
+        real_init(self, *a, **k)
+
+    def gen(*a, **k):
+        timing[0] = True
+        try:
+            return real_gen(*a, **k)
+        finally:
+            timing[0] = False
+
+    monkeypatch.setattr(stacked.StackedFuser, "__init__", init)
+    monkeypatch.setattr(fast, "generate_batch", gen)
+    c = replace(cfg, engine="fast", warmup=0)
+    recs = run_many(pipe, c, [PROMPTS[0]])
+    assert built == [False] and recs[0]["timing"]["projector_calls"] > 0

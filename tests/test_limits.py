@@ -149,6 +149,7 @@ def test_fuser_parameter_cap_is_checked_before_allocating():
 
 def test_load_pipeline_refuses_an_oversize_fuser(tiny_cfg_kwargs, monkeypatch):
     from c2c_core import loading
-    monkeypatch.setattr(limits, "MAX_FUSER_PARAMS", 1000)
+    from c2c_core import config
+    monkeypatch.setattr(config, "MAX_FUSER_PARAMS", 1000)  # the limit lives in config
     with pytest.raises(UserError, match="over the limit of 0 billion"):
         loading.load_pipeline(build_run_config(**tiny_cfg_kwargs))
