@@ -154,8 +154,10 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "e2e_ms": e2e,
         "other_ms": e2e - sum(tot.values()) - wait,
         "batch_wait_ms": wait,
-        "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else 0.0,
-        "e2e_tokens_per_second": n / (e2e / 1000.0) if e2e > 0 else 0.0,
+        # from the row's own last token: a row that stopped early in a batch does not count
+        # the steps it waited through for its batch mates (batch_wait_ms; 0 at batch size 1)
+        "tpot_ms": (e2e - wait - ttft) / (n - 1) if n > 1 else 0.0,
+        "e2e_tokens_per_second": n / ((e2e - wait) / 1000.0) if e2e - wait > 0 else 0.0,
         "decode_p50_ms": percentile(steps, 50),
         "decode_p90_ms": percentile(steps, 90),
         "decode_p99_ms": percentile(steps, 99),

@@ -283,3 +283,21 @@ def test_stacked_projector_is_built_before_any_timed_span(loud, monkeypatch):
     c = replace(cfg, engine="fast", warmup=0)
     recs = run_many(pipe, c, [PROMPTS[0]])
     assert built == [False] and recs[0]["timing"]["projector_calls"] > 0
+
+
+def test_a_row_that_stops_early_is_timed_to_its_own_end():
+    """tpot and end-to-end tok/s of a batch row that stopped early come from its own last token,
+    not from the batch's end (the steps it waited through are batch_wait_ms)."""
+    from c2c_core.generation import Generation, timing_fields
+    ms = 1_000_000
+    steps = [10.0, 10.0, 10.0]
+    g = Generation(tokens=[5, 6, 7, 8], stages={"decode": steps, "base_prefill": [20.0]},
+                   ttft_ns=25 * ms, e2e_ns=115 * ms, prompt_tokens=3, batch_size=2,
+                   batch_wait=[20.0, 20.0])  # its mate ran two more steps
+    t, _ = timing_fields(g)
+    assert t["e2e_ms"] == 115.0 and t["batch_wait_ms"] == 40.0
+    assert t["tpot_ms"] == pytest.approx((75 - 25) / 3, abs=1e-3)
+    assert t["e2e_tokens_per_second"] == pytest.approx(4 / 0.075, abs=1e-3)
+    alone = timing_fields(Generation(tokens=[5, 6, 7, 8], stages={"decode": steps}, ttft_ns=25 * ms,
+                                     e2e_ns=55 * ms, prompt_tokens=3))[0]
+    assert alone["tpot_ms"] == pytest.approx(10.0, abs=1e-3)  # batch size 1: unchanged
