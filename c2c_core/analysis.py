@@ -644,19 +644,6 @@ def split_runs(name: str, records: list[dict]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def split_sources(sources: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
-    """split_runs over several files, and one sentence per file that held several runs."""
-    out: dict[str, list[dict]] = {}
-    notes = []
-    for name, recs in sources.items():
-        parts = split_runs(name, recs)
-        out.update(parts)
-        if len(parts) > 1:
-            notes.append(f"{name} holds {len(parts)} runs with different settings; they are shown"
-                         f" apart as {', '.join(p for p, _ in parts)}.")
-    return out, notes
-
-
 #: `run` keys that say on what machine and with what settings a file was made.
 MACHINE_KEYS = ("device", "cpu", "threads")
 SETTING_KEYS = ("dtype", "torch", "transformers", "attn_implementation", "timing_method",

@@ -165,8 +165,8 @@ def resume_state(args, cfg, sweep: bool = False):
     from .runner import check_resume_settings
     if not args.resume:
         return None
-    check_resume_settings(args.output, cfg, sweep)
     done = done_records(args.output)
+    check_resume_settings(done, args.output, cfg, sweep)
     if done.note():
         print(f"Note: {done.note()}", file=sys.stderr)
     if done:

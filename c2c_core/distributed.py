@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import UserError
 from .records import Done, JsonlWriter, iter_jsonl, sweep_id
@@ -246,10 +246,11 @@ class Plan:
 
 
 def make_plan(output: str, units: list[Unit], resume: bool, fp: str = "",
-              truncate: bool = False) -> Plan:
+              truncate: bool = False, check: Callable[[Done], None] | None = None) -> Plan:
     """Rank 0, holding the output's lock: prepare the parts folder and pick the units to run;
     `truncate` (a run without --append or --resume) empties the output in place, as a
-    one-process run overwrites it.
+    one-process run overwrites it. `check` sees what --resume found done (records of other
+    settings are refused there) before anything is written.
 
     Without --resume, a parts folder holding records of an unfinished run is refused rather than
     overwritten. With --resume, records in --output and in the parts count as done, keyed by
@@ -271,6 +272,8 @@ def make_plan(output: str, units: list[Unit], resume: bool, fp: str = "",
                 done.add(r)
         for r in _read(existing):
             done.add(r)
+        if check is not None:
+            check(done)
     os.makedirs(pdir, exist_ok=True)
     pending, partial, skipped = [], {}, 0
     for i, u in enumerate(units):
@@ -375,10 +378,9 @@ def merge(output: str, units: list[Unit], plan: Plan, fresh: bool = True,
         raise UserError(f"Merge refused: {' and '.join(what)}; the parts in {pdir} are kept,"
                         f" {fix}.")
 
-    before = 0 if fresh or not os.path.exists(output) else \
-        sum(1 for _ in iter_jsonl(output, skip_bad_lines=True))
-    have = set() if fresh or not before else \
-        {_line(r) for r in iter_jsonl(output, skip_bad_lines=True)}
+    prior = [] if fresh or not os.path.exists(output) else \
+        [_line(r) for r in iter_jsonl(output, skip_bad_lines=True)]
+    before, have = len(prior), set(prior)
     earlier = []  # an earlier (resumed) run's records not yet in the output
     for r in _read(inherited):
         line = _line(r)
@@ -549,10 +551,10 @@ def _agree_on_plan(store: _Store, env: DistEnv, output: str, units: list[Unit], 
             from .fileio import lock_output
             from .runner import check_resume_settings
             args._output_lock = lock_output(output)
-            if args.resume:
-                check_resume_settings(output, cfg, sweep=kind == "sweep")
             plan = make_plan(output, units, resume=args.resume, fp=fp,
-                             truncate=not (args.resume or args.append))
+                             truncate=not (args.resume or args.append),
+                             check=lambda done: check_resume_settings(
+                                 done, args.output, cfg, sweep=kind == "sweep"))
         except UserError as e:
             store.set("plan", json.dumps({"error": str(e)}))
             raise

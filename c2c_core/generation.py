@@ -30,8 +30,7 @@ from .errors import UserError
 from .loading import Pipeline
 from .prompts import PromptItem as Item
 from .prompts import score
-from .records import (MODES, SHARER_STAGES, percentile, r3, settings_conflict,
-                      settings_digest)
+from .records import MODES, SHARER_STAGES, percentile, r3, settings_digest
 from .timing import STAGES, Timer, now_ns, sync
 
 
@@ -251,10 +250,10 @@ RESUME_FIX = ("rerun with the settings it was made with, pass --append instead o
               " another --output")
 
 
-def check_resume_settings(path: str, cfg: RunConfig, sweep: bool = False) -> None:
-    """--resume into `path`: refuse, before any model loads, a file whose records were made with
-    other settings (one sentence naming them)."""
-    conflict = settings_conflict(path, planned_settings(cfg, sweep), RESUME_FIX)
+def check_resume_settings(done, where: str, cfg: RunConfig, sweep: bool = False) -> None:
+    """--resume into `where`, whose records `done` (records.Done) holds: refuse, before any
+    model loads, records made with other settings (one sentence naming them)."""
+    conflict = done.settings_conflict(planned_settings(cfg, sweep), where, RESUME_FIX)
     if conflict:
         raise UserError(conflict)
 

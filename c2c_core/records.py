@@ -417,6 +417,7 @@ class Done:
         self.by_id: Counter = Counter()   # every record by (id, mode, repeat)
         self.legacy = 0   # records without input_digest (matched by id)
         self.total = 0
+        self.settings: dict[str, dict] = {}   # settings digest -> run.settings seen
         for r in records:
             self.add(r)
 
@@ -426,6 +427,20 @@ class Done:
         self.counts[k] += 1
         self.by_id[(f"id:{rec.get('id')}",) + k[1:]] += 1
         self.total += 1
+        s = settings_of(rec)
+        if s is not None:
+            self.settings.setdefault(settings_digest(s), s)
+
+    def settings_conflict(self, settings: dict, where: str, fix: str) -> str | None:
+        """The sentence refusing to resume into `where` when records in it were made with
+        other settings than `settings` (None when they match or carry none)."""
+        want = settings_digest(settings)
+        for digest, s in self.settings.items():
+            if digest != want:
+                diff = "; ".join(settings_diff(s, settings))
+                return (f"{where} holds records made with other settings ({diff}), and resuming"
+                        f" would mix the two in one run; {fix}.")
+        return None
 
     def take(self, digest: str | None, id_: Any, mode: str, repeat: int) -> bool:
         """`digest` None: match by id alone (a sweep shape, whose id names its input when the
@@ -456,21 +471,6 @@ def done_records(path: str | os.PathLike) -> Done:
     if not os.path.exists(path):
         return Done()
     return Done(iter_jsonl(path, skip_bad_lines=True))
-
-
-def settings_conflict(path: str | os.PathLike, settings: dict, fix: str) -> str | None:
-    """The sentence refusing to resume into `path` when its records were made with other
-    settings than `settings` (None when they match or carry none)."""
-    if not os.path.exists(path):
-        return None
-    want = settings_digest(settings)
-    for r in iter_jsonl(path, skip_bad_lines=True):
-        s = settings_of(r)
-        if s is not None and settings_digest(s) != want:
-            diff = "; ".join(settings_diff(s, settings))
-            return (f"{os.fspath(path)} holds records made with other settings ({diff}), and"
-                    f" resuming would mix the two in one run; {fix}.")
-    return None
 
 
 def is_done(skip: Any, item: Any, mode: str, repeat: int) -> bool:

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("C2C_FAST_COMPILE", "0")
 
 import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -131,3 +132,27 @@ def app_server(tiny_cfg_kwargs, tmp_path_factory):
 # progress a contributor can follow: each file's time, a line a minute from a long test
 from progress_plugin import (pytest_configure, pytest_runtest_logfinish,  # noqa: E402,F401
                              pytest_runtest_logstart, pytest_sessionfinish)
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Fail the test if any model loads: the error must come before."""
+    from c2c_core import loading
+    monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
+
+
+#: The real browser of the browser tests: Debian's chromium (never `playwright install`).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+
+
+def need_browser():
+    """For a browser test module, at import: skip the whole module (saying how to fix it) unless
+    chromium, gradio and playwright are here; returns playwright.sync_api."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (install it with `apt-get install -y chromium`);"
+                    " the browser test needs it", allow_module_level=True)
+    pytest.importorskip("gradio")
+    return pytest.importorskip("playwright.sync_api")

@@ -6,23 +6,17 @@ Screenshots go to artifacts/screenshots/ (look at them: layout is checked by eye
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (install it with `apt-get install -y chromium`);"
-                " the browser test needs it", allow_module_level=True)
-pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
+from conftest import CHROMIUM, SHOTS, need_browser
+from conftest import CHROMIUM_ARGS as ARGS
+
+sync_api = need_browser()
 
 from c2c_core.records import check_record, read_records  # noqa: E402
 
-SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 RUN_TIMEOUT_MS = 90_000
 pytestmark = pytest.mark.browser
 

@@ -5,23 +5,14 @@ leaves the page. The app runs without models (nothing here needs one)."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import CHROMIUM, SHOTS, free_port, need_browser
+from conftest import CHROMIUM_ARGS as ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (install it with `apt-get install -y chromium`);"
-                " the browser test needs it", allow_module_level=True)
-pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = need_browser()
 
-SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 OUTSIDE = "http://127.0.0.1:9/x"
 TAG = f"<img src={OUTSIDE}>"
 pytestmark = pytest.mark.browser

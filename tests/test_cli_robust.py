@@ -30,13 +30,6 @@ def model_args(tiny_models):
             "--max_new_tokens", "4", "--warmup", "0"]
 
 
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """Fail the test if any model loads: the error must come before."""
-    from c2c_core import loading
-    monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
-
-
 def one_line_error(capsys, *expected: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)

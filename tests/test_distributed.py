@@ -43,6 +43,12 @@ def _torchrun(launch: list[str], args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "c2c_core", *args]
 
 
+def _start(cmd):
+    """A command (a torchrun) in the background, in its own process group, output captured."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 def _run(cmd, timeout=900, cwd=None):
     p = subprocess.run(cmd, cwd=cwd or ROOT, env=_env(), capture_output=True, text=True,
                        timeout=timeout)
@@ -308,9 +314,7 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
     out = str(tmp_path / "o.jsonl")
     args = ["dataset", "--dataset_file", data, "--ignore_eos", *_model_args(tiny_models, 64),
             "--output", out]
-    proc = subprocess.Popen(_torchrun(_two_ranks(), args), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = _start(_torchrun(_two_ranks(), args))
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
@@ -357,9 +361,7 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
     out = str(tmp_path / "o.jsonl")
     args = ["dataset", "--dataset_file", data, "--ignore_eos", *_model_args(tiny_models, 128),
             "--output", out]
-    first = subprocess.Popen(_torchrun(_two_ranks(), args), cwd=ROOT, env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    first = _start(_torchrun(_two_ranks(), args))
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and first.poll() is None:
@@ -419,9 +421,7 @@ def test_two_nodes_on_one_host_sweep(tiny_models, tmp_path):
     cmds = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
                        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
                        "--rdzv_id", "c2c-test"], args) for i in (0, 1)]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for c in cmds]
+    procs = [_start(c) for c in cmds]
     logs = []
     try:
         for p in procs:

@@ -24,12 +24,6 @@ def model_args(tiny_models):
             "--max_new_tokens", "3", "--warmup", "0"]
 
 
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    from c2c_core import loading
-    monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
-
-
 def _last_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err)
