@@ -1,15 +1,15 @@
 """The web app: `python app.py`, or the `app_file` of a Hugging Face Space.
 
-Builds the Blocks UI from c2c_core.ui and launches it. Host and port follow gradio's own
+Builds the Blocks UI from c2c_core.frontends.ui and launches it. Host and port follow gradio's own
 settings (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; 127.0.0.1:7860 by default). The default
 models are the offline smollm2-demo pair, or the published Qwen3 pair when SPACE_ID is set.
 """
 
-# The models' worker process (multiprocessing "spawn", c2c_core/worker.py) imports this file
+# The models' worker process (multiprocessing "spawn", c2c_core/frontends/worker.py) imports this file
 # again as __mp_main__: it must neither import gradio nor build a second app there.
 if __name__ != "__mp_main__":
-    from c2c_core.ui import build_app, launch_kwargs, preload
-    from c2c_core.ui.common import space_runtime
+    from c2c_core.frontends.ui import build_app, launch_kwargs, preload
+    from c2c_core.frontends.ui.jobs import space_runtime
 
     demo = build_app()
 

@@ -36,7 +36,7 @@ def free_port() -> int:
 def main(out: str) -> None:
     from playwright.sync_api import sync_playwright
 
-    from c2c_core.ui import build_app, launch_kwargs
+    from c2c_core.frontends.ui import build_app, launch_kwargs
     os.makedirs(out, exist_ok=True)
     demo = build_app()
     port = free_port()

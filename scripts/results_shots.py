@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from c2c_core import runner  # noqa: E402
-from c2c_core.prompts import PromptItem  # noqa: E402
-from c2c_core.records import write_all  # noqa: E402
+from c2c_core.bench import runner  # noqa: E402
+from c2c_core.io.prompts import PromptItem  # noqa: E402
+from c2c_core.io.records import write_all  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -37,7 +37,7 @@ def records(n: int, device: str = "cpu", speed: float = 1.0, modes=("c2c",), see
     pipe = SimpleNamespace(tokenizer=_Tok(), device=torch.device("cpu"), eos_ids=set(),
                            sharers=[SimpleNamespace(name="SmolLM2-135M-Instruct", tokenizer=_Tok())],
                            info={"receiver": "SmolLM2-135M-Instruct", "sharer": "SmolLM2-135M-Instruct"})
-    from c2c_core.records import RUN_FIELDS
+    from c2c_core.io.records import RUN_FIELDS
     meta = {k: None for k in RUN_FIELDS} | {"frontend": "cli"}  # every key a record carries (values made up here)
     meta.update({"run_id": f"synthetic{seed}", "device": device,
                  "cpu": "Intel Xeon" if device == "cpu" else "AMD EPYC", "threads": 2,
@@ -80,7 +80,7 @@ def free_port() -> int:
 
 def serve_app(defaults: dict | None = None):
     """The app on a free local port: (demo, port)."""
-    from c2c_core.ui import build_app, launch_kwargs
+    from c2c_core.frontends.ui import build_app, launch_kwargs
     demo = build_app(defaults)
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from c2c_core import runner  # noqa: E402
-from c2c_core.config import build_run_config  # noqa: E402
-from c2c_core.memory import MB, rss_bytes  # noqa: E402
-from c2c_core.records import JsonlWriter  # noqa: E402
-from c2c_core.summary import RunningSummary  # noqa: E402
+from c2c_core.bench import runner  # noqa: E402
+from c2c_core.spec.config import build_run_config  # noqa: E402
+from c2c_core.measure.memory import MB, rss_bytes  # noqa: E402
+from c2c_core.io.records import JsonlWriter  # noqa: E402
+from c2c_core.report.summary import RunningSummary  # noqa: E402
 
 
 class _Tok:

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # results_shots
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", default="artifacts/screenshots")
-    from c2c_core.config import ENGINES
+    from c2c_core.spec.config import ENGINES
     ap.add_argument("--engine", default="fast", choices=ENGINES)
     ap.add_argument("--batch_sizes", default="1,4,8")
     ap.add_argument("--input_lens", default="16")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     a = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    from c2c_core import worker
+    from c2c_core.frontends import worker
     from results_shots import launch_chromium, serve_app
     os.makedirs(a.out, exist_ok=True)
     demo, port = serve_app({"dtype": a.dtype})

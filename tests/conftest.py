@@ -84,8 +84,8 @@ def tiny_cfg_kwargs(tiny_models):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_cfg_kwargs):
-    from c2c_core.config import build_run_config
-    from c2c_core.loading import load_pipeline
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.models.loading import load_pipeline
     cfg = build_run_config(**tiny_cfg_kwargs)
     return load_pipeline(cfg), cfg
 
@@ -112,8 +112,8 @@ def free_port() -> int:
 def app_server(tiny_cfg_kwargs, tmp_path_factory):
     """(demo, url): the web app on the tiny pair, in this process, with its own session root."""
     pytest.importorskip("gradio")
-    from c2c_core.ui import build_app, common, launch_kwargs
-    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    from c2c_core.frontends.ui import build_app, launch_kwargs, sessions
+    saved, sessions.SESSION_ROOT = sessions.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
     # the tiny models are local folders: this server's operator allows server paths
     mp = pytest.MonkeyPatch()
     mp.setenv("C2C_ALLOW_LOCAL_PATHS", "1")
@@ -123,10 +123,10 @@ def app_server(tiny_cfg_kwargs, tmp_path_factory):
                 **launch_kwargs())
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
-    from c2c_core import worker
+    from c2c_core.frontends import worker
     worker.shutdown()  # the next module's app starts its own worker process
     mp.undo()
-    common.SESSION_ROOT = saved
+    sessions.SESSION_ROOT = saved
 
 
 # progress a contributor can follow: each file's time, a line a minute from a long test
@@ -137,7 +137,7 @@ from progress_plugin import (pytest_configure, pytest_runtest_logfinish,  # noqa
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if any model loads: the error must come before."""
-    from c2c_core import loading
+    from c2c_core.models import loading
     monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
 
 

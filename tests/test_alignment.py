@@ -10,16 +10,16 @@ import json
 import pytest
 import torch
 
-from c2c_core.alignment import TokenAligner, same_ids
-from c2c_core.config import build_run_config
-from c2c_core.errors import UserError
-from c2c_core.fusion import fused_prefill, project_sharers
-from c2c_core.loading import load_pipeline
-from c2c_core.projector import load_fuser, save_fuser, untrained_fuser
-from c2c_core.prompts import PromptItem as Item
-from c2c_core.records import check_record
-from c2c_core.runner import run_many, run_one
-from c2c_core.timing import Timer
+from c2c_core.models.alignment import TokenAligner, same_ids
+from c2c_core.spec.config import build_run_config
+from c2c_core.spec.errors import UserError
+from c2c_core.models.fusion import fused_prefill, project_sharers
+from c2c_core.models.loading import load_pipeline
+from c2c_core.models.projector import load_fuser, save_fuser, untrained_fuser
+from c2c_core.io.prompts import PromptItem as Item
+from c2c_core.io.records import check_record
+from c2c_core.bench.runner import run_many, run_one
+from c2c_core.measure.timing import Timer
 
 from conftest import CORPUS, build_model
 
@@ -125,7 +125,7 @@ def test_alignment_cache_is_per_token(toks):
 # --- refusals ------------------------------------------------------------------------------
 
 def test_alignment_none_refuses_before_any_model_loads(tiny_cfg_kwargs, other_sharer, monkeypatch):
-    import c2c_core.loading as L
+    import c2c_core.models.loading as L
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
@@ -317,7 +317,7 @@ def test_multi_sharer_fuser_folder_round_trips_and_loads_strictly(two_sharers, t
 
 def test_one_sharer_path_is_unchanged_by_the_multi_sharer_code(tiny_pipe):
     """fused_prefill with one sharer = the same cache as the single-sharer c2c_prefill."""
-    from c2c_core.fusion import c2c_prefill
+    from c2c_core.models.fusion import c2c_prefill
     pipe, _ = tiny_pipe
     fuser = _open(untrained_fuser(pipe.receiver.config, pipe.sharer.config, 32, 32, 3), 2)
     ids = torch.arange(3, 12).unsqueeze(0)
@@ -330,7 +330,7 @@ def test_one_sharer_path_is_unchanged_by_the_multi_sharer_code(tiny_pipe):
 
 
 def test_cli_takes_several_sharers(tiny_cfg_kwargs, tiny_models, other_sharer, tmp_path):
-    from c2c_core.cli import build_parser, run_config
+    from c2c_core.frontends.cli import build_parser, run_config
     out = tmp_path / "o.jsonl"
     args = build_parser().parse_args([
         "batch", "--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
@@ -351,7 +351,7 @@ def test_app_runs_two_sharers_and_refuses_without_alignment(app_server, tiny_mod
     status, table, plot, file = client.predict(
         prompts="What is 25 * 17?", sharer=f"{tiny_models['sharer']}\n{other_sharer}",
         fusion="sequential", api_name="/batch")
-    from c2c_core.records import read_records
+    from c2c_core.io.records import read_records
     recs = read_records(file)
     assert len(recs) == 1 and check_record(recs[0]) == []
     assert len(recs[0]["timing"]["sharers"]) == 2 and recs[0]["run"]["fusion"] == "sequential"
@@ -367,8 +367,8 @@ def test_every_published_fuser_folder_has_a_preset_and_a_dummy_variant():
 
     from transformers import AutoConfig
 
-    from c2c_core.config import CONFIGS, PRESETS
-    from c2c_core.projector import kv_shape
+    from c2c_core.spec.config import CONFIGS, PRESETS
+    from c2c_core.models.projector import kv_shape
     folders = ["qwen3_0.6b+qwen3_4b_base_Fuser", "qwen3_0.6b+qwen2.5_0.5b_Fuser",
                "qwen3_0.6b+llam3.2_1b_Fuser", "qwen3_0.6b+qwen2.5_1.5b_math_Fuser",
                "qwen3_0.6b+qwen3_4b_Fuser", "qwen3_1.7b+qwen2.5_1.5b_Fuser",

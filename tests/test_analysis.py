@@ -7,9 +7,9 @@ import plotly.graph_objects as go
 import pytest
 from conftest import SEED_RECORD
 
-from c2c_core import analysis as A
-from c2c_core import plots as P
-from c2c_core.records import EXT_TIMING_FIELDS, SEED_TIMING_FIELDS
+from c2c_core.report import analysis as A
+from c2c_core.report import plots as P
+from c2c_core.io.records import EXT_TIMING_FIELDS, SEED_TIMING_FIELDS
 
 
 def rec(id_, mode="c2c", steps=(10.0, 12.0, 14.0, 16.0), ttft=100.0, repeat=0, correct=None,

@@ -14,7 +14,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from c2c_core.records import check_record, read_records  # noqa: E402
+from c2c_core.io.records import check_record, read_records  # noqa: E402
 
 from conftest import SEED_RECORD  # noqa: E402
 
@@ -165,10 +165,10 @@ def test_two_clients_queue_and_get_their_own_files(client, app_url):
 
 
 def test_session_folders_are_separate():
-    from c2c_core.errors import UserError
-    from c2c_core.ui.common import end_session, new_run_path, session_run_path, session_runs
+    from c2c_core.spec.errors import UserError
+    from c2c_core.frontends.ui.sessions import end_session, new_run_path, session_run_path, session_runs
 
-    from c2c_core.ui import guard
+    from c2c_core.frontends.ui import guard
 
     class Req:  # the same client-chosen hash; the server minted each its own cookie
         def __init__(self, h):
@@ -194,12 +194,12 @@ def test_session_folders_are_separate():
 
 def test_stop_flag_ends_a_run_and_keeps_records(tiny_cfg_kwargs, tmp_path, monkeypatch):
     """The Stop button's mechanism: the flag ends run_many after the current generation."""
-    from c2c_core.config import build_run_config
-    from c2c_core.prompts import resolve_prompts
-    from c2c_core.ui import common
-    from c2c_core.ui.common import stream_records
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.io.prompts import resolve_prompts
+    from c2c_core.frontends.ui import jobs
+    from c2c_core.frontends.ui.jobs import stream_records
 
-    monkeypatch.setattr(common, "TABLE_EVERY_S", 0.0)
+    monkeypatch.setattr(jobs, "TABLE_EVERY_S", 0.0)
 
     cfg = build_run_config(**tiny_cfg_kwargs)
     items = resolve_prompts(prompts=[f"prompt {i}" for i in range(50)])
@@ -224,8 +224,8 @@ def test_token_counter_counts_generated_tokens(tiny_pipe):
     """Per-token progress of long runs counts top-level forwards: one per generated token."""
     from dataclasses import replace
 
-    from c2c_core.runner import Item, run_one
-    from c2c_core.ui.common import token_counter
+    from c2c_core.bench.runner import Item, run_one
+    from c2c_core.frontends.ui.jobs import token_counter
     pipe, cfg = tiny_pipe
     cfg = replace(cfg, gen=replace(cfg.gen, max_new_tokens=12, ignore_eos=True))
     for mode in ("c2c", "sharer"):
@@ -255,8 +255,8 @@ def test_dataset_not_cached_offline_fails_at_once(client):
 def test_analyze_compares_modes_with_ratios(client, tmp_path, tiny_pipe):
     from dataclasses import replace
 
-    from c2c_core.records import write_all
-    from c2c_core.runner import run_many
+    from c2c_core.io.records import write_all
+    from c2c_core.bench.runner import run_many
     pipe, cfg = tiny_pipe
     recs = run_many(pipe, replace(cfg, mode="all", gen=replace(cfg.gen, t2t_note_tokens=3)),
                     ["Say hello", "What is 25 * 17?"])
@@ -297,7 +297,7 @@ def test_sweep_endpoint_batch_sizes_draw_latency_vs_throughput(client):
 def test_ratios_text_shows_accuracy_beside_latency():
     import pandas as pd
 
-    from c2c_core.ui.results_tab import NO_RATIOS, ratios_md
+    from c2c_core.frontends.ui.results_tab import NO_RATIOS, ratios_md
     table = pd.DataFrame({"mode": ["c2c", "t2t"], "accuracy": [0.5, 0.25], "n_scored": [4, 4]})
     text = ratios_md({"c2c_over_t2t": {"ttft_ms": 0.5, "e2e_ms": 0.6, "decode_avg_ms": 1.0,
                                        "n": 4, "paired": True}}, table)

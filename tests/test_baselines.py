@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from c2c_core.cli import main
-from c2c_core.records import check_record, digest_input, read_records
-from c2c_core.runner import run_many
-from c2c_core.sweep import run_sweep, synthetic_ids
+from c2c_core.frontends.cli import main
+from c2c_core.io.records import check_record, digest_input, read_records
+from c2c_core.bench.runner import run_many
+from c2c_core.bench.sweep import run_sweep, synthetic_ids
 
 
 def test_every_mode_gives_complete_records_and_receiver_equals_c2c(tiny_pipe):

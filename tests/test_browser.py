@@ -15,7 +15,7 @@ from conftest import CHROMIUM_ARGS as ARGS
 
 sync_api = need_browser()
 
-from c2c_core.records import check_record, read_records  # noqa: E402
+from c2c_core.io.records import check_record, read_records  # noqa: E402
 
 RUN_TIMEOUT_MS = 90_000
 pytestmark = pytest.mark.browser

@@ -20,15 +20,15 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def bare_app(tmp_path_factory):
-    from c2c_core.ui import build_app, common, launch_kwargs
-    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    from c2c_core.frontends.ui import build_app, launch_kwargs, sessions
+    saved, sessions.SESSION_ROOT = sessions.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
     demo = build_app()
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                 **launch_kwargs())
     yield f"http://127.0.0.1:{port}"
     demo.close()
-    common.SESSION_ROOT = saved
+    sessions.SESSION_ROOT = saved
 
 
 def _record(i: int, mode: str, run: dict) -> dict:

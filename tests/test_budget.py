@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from c2c_core import budget, worker
-from c2c_core.config import ModelSpec, build_run_config
-from c2c_core.errors import UserError
+from c2c_core.engines import budget
+from c2c_core.frontends import worker
+from c2c_core.spec.config import ModelSpec, build_run_config
+from c2c_core.spec.errors import UserError
 
 pytest.importorskip("gradio")
 
-from c2c_core.ui import common, guard, sweep_tab  # noqa: E402
+from c2c_core.frontends.ui import guard, runcfg, sweep_tab  # noqa: E402
 
 
 # --- estimates from the configs -------------------------------------------------------------
@@ -74,7 +75,7 @@ def test_device_spellings_name_one_cpu_and_odd_names_are_refused_in_a_sentence()
 
 
 def test_alternating_spellings_keep_one_worker_and_one_loaded_pair():
-    from c2c_core.models import ModelManager
+    from c2c_core.frontends.manager import ModelManager
     keys = {worker.device_key(build_run_config("smollm2-demo", device=d))
             for d in ("cpu", "cpu:0", "cpu:1", "cpu")}
     assert keys == {"cpu"}
@@ -90,7 +91,7 @@ def test_alternating_spellings_keep_one_worker_and_one_loaded_pair():
 
 
 def test_the_app_normalises_the_device_it_passes_on():
-    assert common.run_config({"preset": "smollm2-demo", "device": "cpu:1"}).device == "cpu"
+    assert runcfg.run_config({"preset": "smollm2-demo", "device": "cpu:1"}).device == "cpu"
 
 
 # --- refusals in the app, before anything queues -----------------------------------------------
@@ -107,13 +108,13 @@ def _refused(fn, *args, **kw) -> str:
 
 def test_too_many_sharers_are_refused_and_the_cap_is_configurable(monkeypatch):
     three = {"receiver": "smollm2", "sharer": "smollm2, smollm2, smollm2", "device": "cpu"}
-    msg = _refused(common.run_config, three)
+    msg = _refused(runcfg.run_config, three)
     assert "3 sharers given" in msg and "C2C_MAX_SHARERS" in msg
     fifty = dict(three, sharer=",".join(["smollm2"] * 50))
-    assert "50 sharers" in _refused(common.run_config, fifty)
-    common.run_config(dict(three, sharer="smollm2, smollm2"))  # the published setups: 1-2
+    assert "50 sharers" in _refused(runcfg.run_config, fifty)
+    runcfg.run_config(dict(three, sharer="smollm2, smollm2"))  # the published setups: 1-2
     monkeypatch.setenv("C2C_MAX_SHARERS", "3")
-    common.run_config(three)
+    runcfg.run_config(three)
 
 
 @pytest.mark.parametrize("preset", ["qwen3-8b+qwen2.5-7b-dummy", "qwen3-8b+qwen2.5-7b"])
@@ -121,10 +122,10 @@ def test_seven_to_eight_billion_parameter_models_are_refused_on_a_cpu(preset, mo
     monkeypatch.setenv("C2C_ALLOW_LOCAL_PATHS", "0")
     settings = {"preset": preset, "device": "cpu"}
     if preset.endswith("-dummy"):
-        msg = _refused(common.run_config, settings)
+        msg = _refused(runcfg.run_config, settings)
         assert "billion parameters" in msg and "C2C_MAX_CPU_PARAMS_M" in msg
     # by hand too: one 8B receiver with a small sharer
-    msg = _refused(common.run_config, {"receiver": "dummy:qwen3-8b", "sharer": "smollm2",
+    msg = _refused(runcfg.run_config, {"receiver": "dummy:qwen3-8b", "sharer": "smollm2",
                                        "device": "cpu", "dtype": "float32"})
     assert "8.2 billion" in msg or "RAM" in msg
 
@@ -149,7 +150,7 @@ def test_budget_check_uses_the_models_held_now(monkeypatch):
 def test_the_worker_checks_models_whose_config_it_fetched_before_dropping_the_loaded_pair():
     """A hub model whose config was not on the machine when the job was accepted: the worker
     checks it once preflight has read the config, before anything is unloaded or loaded."""
-    from c2c_core.models import ModelManager
+    from c2c_core.frontends.manager import ModelManager
     m = ModelManager()
     m.before_load = worker._budget_check(m)
     eight_b = budget.spec_config(ModelSpec("dummy:qwen3-8b"))
@@ -177,7 +178,7 @@ def test_gpu_free_memory_comes_from_nvidia_smi_without_a_cuda_context(monkeypatc
 
 def test_a_dataset_of_long_prompts_in_big_batches_is_refused_once_its_prompts_are_known(
         monkeypatch):
-    from c2c_core.prompts import PromptItem
+    from c2c_core.io.prompts import PromptItem
     cfg = build_run_config("smollm2-demo", device="cpu", dtype="float32", engine="fast",
                            batch_size=64)
     items = [PromptItem(i, "word " * 3000) for i in range(1, 65)]

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import pytest
 
-from c2c_core import cancel, runner
-from c2c_core.config import build_run_config
-from c2c_core.records import MODES, JsonlWriter, read_records
-from c2c_core.timing import Timer
+from c2c_core.measure import cancel
+from c2c_core.bench import runner
+from c2c_core.engines import eager
+from c2c_core.spec.config import build_run_config
+from c2c_core.io.records import MODES, JsonlWriter, read_records
+from c2c_core.measure.timing import Timer
 
 
 @pytest.fixture
 def counted_steps(monkeypatch):
     steps = [0]
-    real = runner.decode_step
+    real = eager.decode_step
 
     def step(*a, **k):
         steps[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "decode_step", step)
+    monkeypatch.setattr(eager, "decode_step", step)
     return steps
 
 

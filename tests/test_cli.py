@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from c2c_core.cli import main
-from c2c_core.records import check_record, read_records
+from c2c_core.frontends.cli import main
+from c2c_core.io.records import check_record, read_records
 
 
 @pytest.fixture()

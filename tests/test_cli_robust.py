@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from c2c_core import fileio, records
-from c2c_core.cli import main
-from c2c_core.errors import UserError
-from c2c_core.records import check_record, read_records
+from c2c_core.io import fileio, records
+from c2c_core.frontends.cli import main
+from c2c_core.spec.errors import UserError
+from c2c_core.io.records import check_record, read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,7 +224,7 @@ def test_undecodable_input_names_the_line_and_encoding_reads_it(tmp_path, model_
 
 
 def test_undecodable_csv_names_the_line(tmp_path):
-    from c2c_core.prompts import load_prompt_file
+    from c2c_core.io.prompts import load_prompt_file
     src = tmp_path / "p.csv"
     src.write_bytes("prompt\nfine\nna\u00efve\n".encode("cp1252"))
     with pytest.raises(UserError, match="p.csv line 3 is not valid utf-8"):
@@ -277,7 +277,7 @@ def test_sigterm_is_like_ctrl_c_and_the_output_is_locked_meanwhile(tmp_path, tin
 
 BUILDER = textwrap.dedent("""
     import os, sys, time
-    from c2c_core.fileio import build_once
+    from c2c_core.io.fileio import build_once
     out, log = sys.argv[1], sys.argv[2]
     def build(tmp):
         with open(log, "a") as f:
@@ -331,7 +331,7 @@ def test_failed_cache_build_leaves_nothing(tmp_path):
 def test_concurrent_smollm2_conversion(tmp_path):
     """Three shard processes converting the real SmolLM2 GGUF into an empty cache at once."""
     env = dict(os.environ, PYTHONPATH=ROOT, C2C_CACHE=str(tmp_path / "cache"))
-    code = ("import torch; from c2c_core.loading import load_gguf, smollm2_gguf_path;"
+    code = ("import torch; from c2c_core.models.loading import load_gguf, smollm2_gguf_path;"
             "m, t, out = load_gguf(smollm2_gguf_path(), torch.float32); print(out)")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from c2c_core import analysis as A
-from c2c_core.cli import main
+from c2c_core.report import analysis as A
+from c2c_core.frontends.cli import main
 
 
 def _records(n_prompts=40, repeats=2, factor=1.0, noise=0.08, seed=0, modes=("c2c",),

@@ -9,14 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from c2c_core.config import build_run_config
-from c2c_core.errors import UserError
-from c2c_core.fusion import c2c_prefill
-from c2c_core.loading import load_pipeline
-from c2c_core.projector import C2CProjector, load_fuser, save_fuser, untrained_fuser
-from c2c_core.records import check_record, read_records
-from c2c_core.runner import Item, generate, run_many, run_one
-from c2c_core.timing import Timer
+from c2c_core.spec.config import build_run_config
+from c2c_core.spec.errors import UserError
+from c2c_core.models.fusion import c2c_prefill
+from c2c_core.models.loading import load_pipeline
+from c2c_core.models.projector import C2CProjector, load_fuser, save_fuser, untrained_fuser
+from c2c_core.io.records import check_record, read_records
+from c2c_core.bench.runner import Item, generate, run_many, run_one
+from c2c_core.measure.timing import Timer
 
 
 def _tokens(pipe, cfg, mode, prompt="What is the capital of France?"):
@@ -81,7 +81,7 @@ def test_fuser_folder_roundtrip_reproduces_outputs(tmp_path, tiny_pipe):
 
 def test_fuser_dtype_is_encoded_like_the_published_files(tmp_path):
     p = C2CProjector(16, 16, 2, 2, hidden_dim=8, intermediate_dim=8, dtype=torch.bfloat16)
-    from c2c_core.projector import Fuser
+    from c2c_core.models.projector import Fuser
     save_fuser(Fuser(torch.nn.ModuleList([p]), {0: [(0, 0)]}), tmp_path)
     spec = json.loads((tmp_path / "projector_0.json").read_text())
     assert spec["init_args"]["dtype"] == {"__type__": "torch.dtype", "value": "bfloat16"}
@@ -173,7 +173,7 @@ def test_sync_timing_and_sampling_are_reproducible(tiny_pipe):
 def test_cut_file_is_readable_up_to_its_last_whole_record(tmp_path, tiny_pipe):
     pipe, cfg = tiny_pipe
     path = tmp_path / "r.jsonl"
-    from c2c_core.records import JsonlWriter
+    from c2c_core.io.records import JsonlWriter
     with JsonlWriter(path) as w:
         run_many(pipe, cfg, ["a", "b", "c"], writer=w)
     data = path.read_bytes()
@@ -203,10 +203,10 @@ def test_dummy_weights_from_a_config_file(tmp_path, tiny_models):
 def test_shipped_dummy_configs_match_the_reference_table():
     from transformers import AutoConfig
 
-    from c2c_core.config import CONFIGS
+    from c2c_core.spec.config import CONFIGS
     want = {"qwen3-0.6b": (28, 1024, 8, 128), "qwen3-4b-base": (36, 2560, 8, 128),
             "qwen2.5-0.5b-instruct": (24, 896, 2, 64), "smollm2-135m-instruct": (30, 576, 3, 64)}
-    from c2c_core.projector import kv_shape
+    from c2c_core.models.projector import kv_shape
     for name, (layers, hidden, kv, hd) in want.items():
         c = AutoConfig.from_pretrained(os.path.join(CONFIGS, f"{name}.json"))
         assert (c.num_hidden_layers, c.hidden_size) == (layers, hidden)
@@ -234,9 +234,9 @@ def test_hub_model_fails_fast_when_offline(monkeypatch):
 
 
 def test_out_of_memory_keeps_written_records(tmp_path, tiny_pipe, monkeypatch):
-    from c2c_core import runner
-    from c2c_core.errors import OutOfMemory
-    from c2c_core.records import JsonlWriter
+    from c2c_core.bench import runner
+    from c2c_core.spec.errors import OutOfMemory
+    from c2c_core.io.records import JsonlWriter
     pipe, cfg = tiny_pipe
     real, calls = runner.generate, []
 
@@ -257,7 +257,7 @@ def test_out_of_memory_keeps_written_records(tmp_path, tiny_pipe, monkeypatch):
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
     import time
 
-    from c2c_core import hub
+    from c2c_core.io import hub
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port

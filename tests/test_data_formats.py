@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from c2c_core.cli import main
-from c2c_core.errors import UserError
-from c2c_core.prompts import (PromptItem, _answer, _choices, default_max_new_tokens,
-                              extract_answer, load_prompt_file, score)
-from c2c_core.records import check_record, read_records
+from c2c_core.frontends.cli import main
+from c2c_core.spec.errors import UserError
+from c2c_core.io.prompts import (PromptItem, _answer, _choices, default_max_new_tokens,
+    extract_answer, load_prompt_file, score)
+from c2c_core.io.records import check_record, read_records
 
 LETTERED = "A. 3 lines\nB. 9 lines\nC. 12 lines\nD. 27 lines"
 #: The MMLU export from the issue: options as one preformatted string, answer "B. 9 lines".
@@ -121,7 +121,7 @@ def test_mmlu_style_file_runs_with_accuracy_shown(tmp_path, tiny_models, capsys)
 
 
 def test_gsm8k_style_file_gets_room_to_answer(tmp_path, monkeypatch, capsys):
-    from c2c_core import loading
+    from c2c_core.models import loading
     src = tmp_path / "gsm.jsonl"
     src.write_text(json.dumps({"question": "Natalia sold 48 clips in April and half as many in"
                                            " May. How many in all?",
@@ -143,7 +143,7 @@ def test_gsm8k_style_file_gets_room_to_answer(tmp_path, monkeypatch, capsys):
 
 
 def test_truncated_says_whether_the_cap_cut_the_answer(tiny_pipe):
-    from c2c_core.runner import Generation, make_record, run_metadata
+    from c2c_core.bench.runner import Generation, make_record, run_metadata
     pipe, cfg = tiny_pipe
     eos = next(iter(pipe.eos_ids))
     meta = run_metadata(pipe, cfg, "event")  # max_new_tokens 8
@@ -165,7 +165,7 @@ def test_truncated_says_whether_the_cap_cut_the_answer(tiny_pipe):
 
 def test_dataset_tab_shows_answers_accuracy_and_cut_offs():
     pytest.importorskip("gradio")
-    from c2c_core.ui.dataset_tab import accuracy_note, answers_table
+    from c2c_core.frontends.ui.dataset_tab import accuracy_note, answers_table
     from conftest import SEED_RECORD
     recs = [dict(SEED_RECORD, id=i, mode="c2c", answer="B", correct=c, truncated=t,
                  run={"max_new_tokens": 64}) for i, (c, t) in enumerate(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from c2c_core.config import build_run_config
-from c2c_core.loading import load_pipeline
-from c2c_core.records import check_record
-from c2c_core.runner import Item, run_one
+from c2c_core.spec.config import build_run_config
+from c2c_core.models.loading import load_pipeline
+from c2c_core.io.records import check_record
+from c2c_core.bench.runner import Item, run_one
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_the_default_pair_takes_bf16_only_on_a_cpu_with_native_bf16(monkeypatch)
     README), fp32 where bf16 would be emulated; an explicit --dtype always wins; CUDA is bf16."""
     import torch
 
-    from c2c_core import loading
+    from c2c_core.models import loading
     cfg = build_run_config()
     assert cfg.preset == "smollm2-demo" and cfg.cpu_dtype == "auto"
     cpu = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""torchrun data parallelism (c2c_core/distributed.py): the merge is exactly once and equals a
+"""torchrun data parallelism (c2c_core/frontends/distributed.py): the merge is exactly once and equals a
 one-process run; a killed rank is finished by --resume; two "nodes" on one host; report groups
 by device. Real `torchrun` (python -m torch.distributed.run) with gloo on the CPU, 2 processes."""
 
@@ -14,11 +14,12 @@ import time
 
 import pytest
 
-from c2c_core import analysis, distributed as D
-from c2c_core.analysis import column as A_col
-from c2c_core.cli import main
-from c2c_core.errors import UserError
-from c2c_core.records import check_record, read_records, write_all
+from c2c_core.report import analysis
+from c2c_core.frontends import distributed as D
+from c2c_core.report.analysis import column as A_col
+from c2c_core.frontends.cli import main
+from c2c_core.spec.errors import UserError
+from c2c_core.io.records import check_record, read_records, write_all
 
 from conftest import free_port
 
@@ -152,7 +153,7 @@ def test_plan_refuses_to_overwrite_parts_and_resume_runs_only_the_missing(tmp_pa
 
 
 def _drec(prompt, id_, mode="c2c", repeat=0, run_id="r1", rank=0):
-    from c2c_core.records import digest_input
+    from c2c_core.io.records import digest_input
     return _rec(id_, mode, repeat, rank, run_id) | {"prompt": prompt,
                                                       "input_digest": digest_input(prompt)}
 
@@ -240,7 +241,7 @@ def test_a_wait_gives_up_on_a_rank_that_stopped_beating(monkeypatch):
 
 
 def test_duplicate_ids_are_refused():
-    from c2c_core.prompts import PromptItem
+    from c2c_core.io.prompts import PromptItem
     with pytest.raises(UserError, match="id.*x occur more than once"):
         D.item_units([PromptItem("x", "a"), PromptItem("x", "b")], ["c2c"], 1)
 
@@ -355,7 +356,7 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
     """A torchrun run holds the output: a second torchrun launch and a one-process --resume are
     refused at once; a torchrun --resume while a one-process run holds it is refused too; the
     first run ends with every record exactly once."""
-    from c2c_core.fileio import OutputLock
+    from c2c_core.io.fileio import OutputLock
     n = 160  # long enough (~30 s here) to outlast a second torchrun's start
     data = _prompts_file(tmp_path / "p.jsonl", n)
     out = str(tmp_path / "o.jsonl")

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from c2c_core.ui import common, fairqueue  # noqa: E402
+from c2c_core.frontends.ui import fairqueue, jobs, sessions  # noqa: E402
 
 LONG = dict(max_new_tokens=400, ignore_eos=True, warmup=0)
 
@@ -72,7 +72,7 @@ def _busy(url: str):
     from gradio_client import Client
     job = Client(url, verbose=False).submit(prompts="Count to a hundred.\n" * 12,
                                             api_name="/batch", **LONG)
-    assert _wait(lambda: common.RUN_LOCK.locked(), 30)  # it runs: the slot is taken
+    assert _wait(lambda: jobs.RUN_LOCK.locked(), 30)  # it runs: the slot is taken
     return job
 
 
@@ -102,7 +102,7 @@ def test_jobs_of_clients_that_never_connect_are_dropped_and_honest_ones_run(app_
     # none of the absent clients' prompts ever ran
     import glob
     import os
-    for path in glob.glob(os.path.join(common.SESSION_ROOT, "*", "*.jsonl")):
+    for path in glob.glob(os.path.join(sessions.SESSION_ROOT, "*", "*.jsonl")):
         assert "never read" not in open(path).read()
 
 

@@ -12,13 +12,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from c2c_core import fast
-from c2c_core.config import build_run_config
-from c2c_core.errors import UserError
-from c2c_core.loading import load_pipeline
-from c2c_core.records import MODES, check_record
-from c2c_core.runner import Item, generate, run_many
-from c2c_core.timing import Timer
+from c2c_core.engines import fast
+from c2c_core.spec.config import build_run_config
+from c2c_core.spec.errors import UserError
+from c2c_core.models.loading import load_pipeline
+from c2c_core.io.records import MODES, check_record
+from c2c_core.bench.runner import Item, generate, run_many
+from c2c_core.measure.timing import Timer
 
 PROMPTS = ["What is the capital of France?", "Say hello.",
            "Explain machine learning in simple terms, please, with an example."]
@@ -103,7 +103,7 @@ def test_sampling_is_seeded(loud):
 
 
 def test_run_many_batches_write_records(loud, tmp_path):
-    from c2c_core.records import JsonlWriter, read_records
+    from c2c_core.io.records import JsonlWriter, read_records
     pipe, cfg = loud
     c = replace(cfg, engine="fast", batch_size=2, mode="all", warmup=1)
     path = tmp_path / "r.jsonl"
@@ -138,7 +138,7 @@ def test_known_delay_lands_in_its_stage(loud, monkeypatch):
     a sleep inside each decode step shows up in the decode steps and nowhere else. The machine is
     shared: each figure is the fastest of three runs, and "nowhere else" means less than half the
     delay."""
-    from c2c_core.runner import timing_fields
+    from c2c_core.bench.runner import timing_fields
     pipe, cfg = loud
     c = replace(cfg, engine="fast", gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=4))
     _plan(pipe, c, [[Item(1, PROMPTS[0])]], ["c2c"])
@@ -198,8 +198,8 @@ def test_compiled_step_equals_eager(tiny_cfg_kwargs):
 def test_cli_fast_engine_batches_sweep_and_profile(tiny_models, tmp_path):
     """The flags on the commands: batch with --batch_size, a sweep over batch sizes with its
     latency vs throughput plot, and a profile trace that still shows the c2c/<stage> ranges."""
-    from c2c_core.cli import main
-    from c2c_core.records import read_records
+    from c2c_core.frontends.cli import main
+    from c2c_core.io.records import read_records
     m = ["--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
          "--hidden_dim", "16", "--intermediate_dim", "16", "--device", "cpu", "--warmup", "0",
          "--max_new_tokens", "3", "--engine", "fast"]
@@ -227,10 +227,10 @@ def test_a_row_that_ends_early_in_a_batch_waits_and_says_so(loud, monkeypatch):
     the batch ran after it are its `batch_wait_ms`, not 'other' (sampling, bookkeeping)."""
     from dataclasses import replace
 
-    from c2c_core.fast import generate_batch
-    from c2c_core.records import STAGE_FIELDS
-    from c2c_core.runner import Item, timing_fields
-    from c2c_core.timing import Timer
+    from c2c_core.engines.fast import generate_batch
+    from c2c_core.io.records import STAGE_FIELDS
+    from c2c_core.bench.runner import Item, timing_fields
+    from c2c_core.measure.timing import Timer
     pipe, cfg = loud
     items = [Item(1, PROMPTS[0]), Item(2, PROMPTS[2])]
     cfg = replace(cfg, engine="fast", batch_size=2, gen=replace(cfg.gen, max_new_tokens=8,
@@ -243,7 +243,7 @@ def test_a_row_that_ends_early_in_a_batch_waits_and_says_so(loud, monkeypatch):
     stop = next((t for t in a[1:6] if first(a, t) < first(b, t)), None)
     if stop is None:
         pytest.skip("the tiny model's second row says every early token of the first as early")
-    from c2c_core import loading
+    from c2c_core.models import loading
     monkeypatch.setattr(type(pipe), "eos_ids", property(lambda self: {stop}))
     assert pipe.eos_ids == {stop} and loading.Pipeline is type(pipe)
     cfg = replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
@@ -261,7 +261,7 @@ def test_a_row_that_ends_early_in_a_batch_waits_and_says_so(loud, monkeypatch):
 def test_stacked_projector_is_built_before_any_timed_span(loud, monkeypatch):
     """With --warmup 0 the first record's projection must not pay the one-off stacking of the
     projector weights: prepare_plan (untimed) builds it, never a timed generation."""
-    from c2c_core import stacked
+    from c2c_core.models import stacked
     pipe, cfg = loud
     pipe.fuser.__dict__.pop("_stacked", None)  # as loaded: not stacked yet
     built, timing = [], [False]
@@ -288,7 +288,7 @@ def test_stacked_projector_is_built_before_any_timed_span(loud, monkeypatch):
 def test_a_row_that_stops_early_is_timed_to_its_own_end():
     """tpot and end-to-end tok/s of a batch row that stopped early come from its own last token,
     not from the batch's end (the steps it waited through are batch_wait_ms)."""
-    from c2c_core.generation import Generation, timing_fields
+    from c2c_core.engines.generation import Generation, timing_fields
     ms = 1_000_000
     steps = [10.0, 10.0, 10.0]
     g = Generation(tokens=[5, 6, 7, 8], stages={"decode": steps, "base_prefill": [20.0]},

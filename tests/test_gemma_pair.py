@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from c2c_core.alignment import TokenAligner, same_ids
-from c2c_core.config import build_run_config
-from c2c_core.loading import load_pipeline, load_tokenizer
-from c2c_core.config import ModelSpec
-from c2c_core.prompts import PromptItem as Item
-from c2c_core.records import check_record
-from c2c_core.runner import chat_ids, run_many
+from c2c_core.models.alignment import TokenAligner, same_ids
+from c2c_core.spec.config import build_run_config
+from c2c_core.models.loading import load_pipeline, load_tokenizer
+from c2c_core.spec.config import ModelSpec
+from c2c_core.io.prompts import PromptItem as Item
+from c2c_core.io.records import check_record
+from c2c_core.bench.runner import chat_ids, run_many
 
 # a shared 2-core machine can be 20x slower than an idle one: allow for it
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from c2c_core.projector import C2CProjector, Fuser
-from c2c_core.stacked import StackedFuser
+from c2c_core.models.projector import C2CProjector, Fuser
+from c2c_core.models.stacked import StackedFuser
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "c2c_projector.safetensors")
 

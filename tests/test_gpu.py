@@ -22,24 +22,24 @@ PROMPT = "The quick brown fox jumps over the lazy dog while the cat watches quie
 
 @pytest.fixture(scope="module")
 def gpu_pipe():
-    from c2c_core.config import build_run_config
-    from c2c_core.loading import load_pipeline
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.models.loading import load_pipeline
     cfg = build_run_config(PRESET, device="cuda", dtype="bfloat16", max_new_tokens=32,
                            ignore_eos=True, warmup=1, chat_template=False)
     return load_pipeline(cfg), cfg
 
 
 def _gen(pipe, cfg, engine, timing="event", mode="c2c", n=None):
-    from c2c_core.runner import Item, generate, timing_fields
-    from c2c_core.timing import Timer
+    from c2c_core.bench.runner import Item, generate, timing_fields
+    from c2c_core.measure.timing import Timer
     c = replace(cfg, engine=engine, gen=replace(cfg.gen, max_new_tokens=n or cfg.gen.max_new_tokens))
     g = generate(pipe, c, Item(1, PROMPT), mode, Timer(pipe.device, timing))
     return g, timing_fields(g)[0]
 
 
 def test_cuda_graph_decode_matches_eager_first_tokens(gpu_pipe):
-    from c2c_core import fast
-    from c2c_core.runner import Item
+    from c2c_core.engines import fast
+    from c2c_core.bench.runner import Item
     pipe, cfg = gpu_pipe
     eng = fast.engine_for(pipe, compile=True)
     for mode in ("c2c", "receiver"):
@@ -70,7 +70,7 @@ def test_event_and_sync_spans_measure_a_known_delay():
     events and with a sync per stage, each within 5% of the delay measured alone. This is a
     test of the timer, not of any model's speed: it cannot fail on a correct program (the
     earlier timed comparison of two eager generations could, on a host-bound decode)."""
-    from c2c_core.timing import Timer
+    from c2c_core.measure.timing import Timer
     dev = torch.device("cuda")
     cycles = 1_000_000
     while _sleep_ms(cycles, reps=1) < 20.0 and cycles < 2**34:  # calibrate to >= 20 ms
@@ -94,7 +94,7 @@ def test_event_spans_of_a_generation_fit_in_its_wall_time(gpu_pipe):
     e2e to no more than the host's clock around the whole call."""
     import time
 
-    from c2c_core.records import STAGE_FIELDS
+    from c2c_core.io.records import STAGE_FIELDS
     pipe, cfg = gpu_pipe
     for engine in ("eager", "fast"):
         for method in ("event", "sync"):
@@ -112,8 +112,8 @@ def test_event_spans_of_a_generation_fit_in_its_wall_time(gpu_pipe):
 def test_golden_bf16_on_gpu():
     from safetensors import safe_open
 
-    from c2c_core.projector import C2CProjector, Fuser
-    from c2c_core.stacked import StackedFuser
+    from c2c_core.models.projector import C2CProjector, Fuser
+    from c2c_core.models.stacked import StackedFuser
     path = os.path.join(os.path.dirname(__file__), "golden", "c2c_projector.safetensors")
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["meta"])
@@ -143,8 +143,8 @@ def test_golden_bf16_on_gpu():
 
 
 def test_batches_on_gpu(gpu_pipe):
-    from c2c_core.records import check_record
-    from c2c_core.runner import run_many
+    from c2c_core.io.records import check_record
+    from c2c_core.bench.runner import run_many
     pipe, cfg = gpu_pipe
     c = replace(cfg, engine="fast", batch_size=4, gen=replace(cfg.gen, max_new_tokens=16))
     recs = run_many(pipe, c, [PROMPT, "Say hello.", "What is 25 * 17?", "Write a haiku."])

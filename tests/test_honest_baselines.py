@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import torch
 
-from c2c_core.fusion import c2c_prefill, plain_prefill
-from c2c_core.runner import Item, generate
-from c2c_core.timing import Timer
+from c2c_core.models.fusion import c2c_prefill, plain_prefill
+from c2c_core.bench.runner import Item, generate
+from c2c_core.measure.timing import Timer
 
 PROMPTS = ["What is the capital of France?", "Say hello in one short sentence.",
            "Write a haiku about coding.", "What is 25 * 17?"]

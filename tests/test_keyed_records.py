@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from c2c_core import records
-from c2c_core.cli import main
-from c2c_core.records import check_record, read_records
-from c2c_core.sweep import parse_lengths
+from c2c_core.io import records
+from c2c_core.frontends.cli import main
+from c2c_core.io.records import check_record, read_records
+from c2c_core.bench.sweep import parse_lengths
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def _last_error(capsys) -> str:
 # --- digests -------------------------------------------------------------------------------
 
 def test_digest_names_the_input_not_its_row():
-    from c2c_core.prompts import PromptItem
+    from c2c_core.io.prompts import PromptItem
     a, b = PromptItem(1, "alpha one"), PromptItem(7, "alpha one")
     assert a.digest == b.digest and len(a.digest) == 16
     assert PromptItem(1, "BETA one").digest != a.digest
@@ -92,7 +92,7 @@ def test_resume_with_another_dtype_is_refused_before_loading(tmp_path, model_arg
     assert main(["batch", "--prompts", "alpha", "--output", str(out), "--dtype", "float32",
                  *model_args]) == 0
     before = out.read_bytes()
-    from c2c_core import loading
+    from c2c_core.models import loading
     monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
     capsys.readouterr()
     assert main(["batch", "--prompts", "alpha", "beta", "--output", str(out), "--resume",
@@ -219,8 +219,8 @@ def test_compare_on_a_contended_run_is_inconclusive_never_a_regression(tmp_path,
 
 
 def test_results_tab_compare_follows_the_same_rules():
-    from c2c_core import analysis
-    from c2c_core.ui.results_tab import compare_table
+    from c2c_core.report import analysis
+    from c2c_core.frontends.ui.results_tab import compare_table
     a = analysis.to_frame(_recs(["p1", "p2", "p3", "p4"] * 2, share=0.99), "a")
     b = analysis.to_frame(_recs(["p1", "p2", "p3", "p4"] * 2, ms=20.0, share=0.6), "b")
     t = compare_table(a, b)
@@ -263,14 +263,14 @@ def test_lengths_take_commas_and_spaces_alike():
     assert parse_lengths("16 32", "--input_lens") == [16, 32]
     assert parse_lengths("16, 32,64", "--input_lens") == [16, 32, 64]
     assert parse_lengths(" 8 ", "--input_lens") == [8]
-    from c2c_core.errors import UserError
+    from c2c_core.spec.errors import UserError
     with pytest.raises(UserError, match="whole numbers separated by commas or spaces"):
         parse_lengths("16;32", "--input_lens")
 
 
 def test_other_prompts_under_one_id_are_not_duplicates():
     """A file resumed with another prompt file holds id 1 twice, for two prompts: no copies."""
-    from c2c_core import analysis
+    from c2c_core.report import analysis
     recs = _recs(["alpha"]) + _recs(["BETA"])
     assert analysis.duplicates_note(analysis.to_frame(recs, "o.jsonl")) == ""
     copy = _recs(["alpha"]) * 2

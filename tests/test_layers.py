@@ -1,13 +1,21 @@
-"""No import cycle among c2c_core's modules, lazy (in-function) imports counted: a module never
-imports one that imports it back. The import graph is read from the source (ast), so the test
-needs no torch and fails naming the modules of any new cycle."""
+"""The layers of c2c_core hold, lazy (in-function) imports counted:
+- the layer contract in `.importlinter` (import-linter): spec < io < report < measure < models
+  < plan < engines < bench < frontends, each importing only those below it, and the eager and
+  fast engines never importing each other; a broken contract fails naming the import chain;
+- no import cycle among the modules, read from the source (ast), so it needs no torch and
+  names the modules of any new cycle."""
 
 from __future__ import annotations
 
 import ast
 import os
+import shutil
+import subprocess
+import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "c2c_core")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(REPO, "c2c_core")
+LINT = os.path.join(os.path.dirname(sys.executable), "lint-imports")
 
 
 def _modules() -> dict[str, str]:
@@ -90,5 +98,54 @@ def test_no_import_cycles():
 
 def test_the_cycle_check_can_fail():
     g = import_graph()
-    g["c2c_core.records"] = g["c2c_core.records"] | {"c2c_core.runner"}  # an upward import
-    assert any("c2c_core.records" in c and "c2c_core.runner" in c for c in cycles(g))
+    g["c2c_core.io.records"] = g["c2c_core.io.records"] | {"c2c_core.bench.runner"}  # an upward import
+    assert any("c2c_core.io.records" in c and "c2c_core.bench.runner" in c for c in cycles(g))
+
+
+def _lint(repo: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=repo)
+    return subprocess.run([LINT, "--no-cache", "--config", os.path.join(repo, ".importlinter")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_layer_contract_holds():
+    out = _lint(REPO)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "2 kept, 0 broken" in out.stdout
+
+
+def test_every_subpackage_is_in_the_contract():
+    with open(os.path.join(REPO, ".importlinter"), encoding="utf-8") as f:
+        text = f.read()
+    layers = text.split("layers =", 1)[1].split("[", 1)[0].split()
+    named = {x.strip("()") for x in layers}
+    packages = {d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py"))}
+    assert packages <= named, f"subpackages missing from the layer contract: {packages - named}"
+    flat = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    assert sorted(flat) == ["__init__.py", "__main__.py"], f"modules outside any layer: {flat}"
+
+
+def _scratch(tmp_path, edit_file: str, line: str) -> str:
+    repo = str(tmp_path / "repo")
+    shutil.copytree(ROOT, os.path.join(repo, "c2c_core"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(REPO, ".importlinter"), repo)
+    with open(os.path.join(repo, "c2c_core", edit_file), "a", encoding="utf-8") as f:
+        f.write("\n" + line + "\n")
+    return repo
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    # a lazy one counts too: it sits in a function body
+    repo = _scratch(tmp_path, "io/records.py",
+                    "def _later():\n    from ..bench import runner  # noqa: F401")
+    out = _lint(repo)
+    assert out.returncode != 0
+    assert "c2c_core.io.records -> c2c_core.bench.runner" in out.stdout, out.stdout[-3000:]
+
+
+def test_an_engine_importing_the_other_breaks_the_contract(tmp_path):
+    repo = _scratch(tmp_path, "engines/fast.py", "from . import eager  # noqa: F401,E402")
+    out = _lint(repo)
+    assert out.returncode != 0
+    assert "c2c_core.engines.fast -> c2c_core.engines.eager" in out.stdout, out.stdout[-3000:]

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from c2c_core import limits
-from c2c_core.cli import main
-from c2c_core.config import ModelSpec, build_run_config
-from c2c_core.errors import UserError
-from c2c_core.prompts import PromptItem
-from c2c_core.records import read_records
+from c2c_core.engines import limits
+from c2c_core.frontends.cli import main
+from c2c_core.spec.config import ModelSpec, build_run_config
+from c2c_core.spec.errors import UserError
+from c2c_core.io.prompts import PromptItem
+from c2c_core.io.records import read_records
 
 
 # --- context length from a config ---------------------------------------------------------
@@ -62,11 +62,14 @@ def test_check_lengths_per_mode():
 
 def test_runner_refuses_a_prompt_past_the_context_before_any_forward(tiny_pipe, tmp_path,
                                                                       monkeypatch):
-    from c2c_core import fusion, runner
-    from c2c_core.records import JsonlWriter
+    from c2c_core.models import fusion
+    from c2c_core.bench import runner
+    from c2c_core.io.records import JsonlWriter
     pipe, cfg = tiny_pipe  # context 4096, max_new_tokens 8
     forwards = []
-    monkeypatch.setattr(runner, "c2c_prefill", lambda *a, **k: forwards.append(1))
+    from c2c_core.engines import eager
+    for name in ("fused_prefill", "plain_prefill"):  # every prefill the eager engine runs
+        monkeypatch.setattr(eager, name, lambda *a, **k: forwards.append(1))
     monkeypatch.setattr(fusion, "c2c_prefill", lambda *a, **k: forwards.append(1))
     items = [PromptItem("short", "hi"), PromptItem("long", "x", input_ids=[5] * 4090)]
     out = tmp_path / "o.jsonl"
@@ -84,7 +87,7 @@ def test_runner_refuses_a_prompt_past_the_context_before_any_forward(tiny_pipe, 
 def test_t2t_checks_the_receivers_prompt_with_the_note(tiny_pipe):
     from dataclasses import replace
 
-    from c2c_core import runner
+    from c2c_core.bench import runner
     pipe, cfg = tiny_pipe
     c = replace(cfg, mode="t2t", gen=replace(cfg.gen, t2t_note_tokens=100))
     item = PromptItem("p", "x", input_ids=[5] * 3990)  # fits the sharer, not prompt + note + new
@@ -94,7 +97,7 @@ def test_t2t_checks_the_receivers_prompt_with_the_note(tiny_pipe):
 
 def test_sweep_past_the_context_is_refused_before_models_load(tiny_models, tmp_path, capsys,
                                                               monkeypatch):
-    from c2c_core import loading
+    from c2c_core.models import loading
     monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
     t = time.monotonic()
     rc = main(["sweep", "--input_lens", "16,10000", "--output_lens", "8",
@@ -107,7 +110,7 @@ def test_sweep_past_the_context_is_refused_before_models_load(tiny_models, tmp_p
 
 
 def test_sweep_on_the_default_preset_is_refused_in_under_a_second(tmp_path, capsys, monkeypatch):
-    from c2c_core import loading
+    from c2c_core.models import loading
     monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
     t = time.monotonic()
     assert main(["sweep", "--input_lens", "10000", "--output", str(tmp_path / "s.jsonl")]) == 2
@@ -136,7 +139,7 @@ def test_sizes_and_counts_have_documented_maxima(kw, message):
 def test_fuser_parameter_cap_is_checked_before_allocating():
     from transformers import AutoConfig
 
-    from c2c_core.config import CONFIGS
+    from c2c_core.spec.config import CONFIGS
     r = AutoConfig.from_pretrained(f"{CONFIGS}/qwen3-0.6b.json")
     s = AutoConfig.from_pretrained(f"{CONFIGS}/qwen3-4b-base.json")
     n = limits.check_fuser_params(r, s, 1024, 1024, 3)  # the published fuser's sizes
@@ -148,8 +151,8 @@ def test_fuser_parameter_cap_is_checked_before_allocating():
 
 
 def test_load_pipeline_refuses_an_oversize_fuser(tiny_cfg_kwargs, monkeypatch):
-    from c2c_core import loading
-    from c2c_core import config
+    from c2c_core.models import loading
+    from c2c_core.spec import config
     monkeypatch.setattr(config, "MAX_FUSER_PARAMS", 1000)  # the limit lives in config
     with pytest.raises(UserError, match="over the limit of 0 billion"):
         loading.load_pipeline(build_run_config(**tiny_cfg_kwargs))

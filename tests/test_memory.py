@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from c2c_core import memory
-from c2c_core.memory import MB, PeakRSS, describe_weights, rss_bytes, weights_mb
-from c2c_core.records import check_record
-from c2c_core.runner import Item, generate, run_many
-from c2c_core.summary import RunningSummary
-from c2c_core.timing import Timer
+from c2c_core.measure import memory
+from c2c_core.measure.memory import MB, PeakRSS, describe_weights, rss_bytes, weights_mb
+from c2c_core.io.records import check_record
+from c2c_core.bench.runner import Item, generate, run_many
+from c2c_core.report.summary import RunningSummary
+from c2c_core.measure.timing import Timer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,8 +69,8 @@ def test_unknown_memory_is_null_not_zero(tiny_pipe, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_reports_allocated_and_reserved(tiny_models):
-    from c2c_core.config import build_run_config
-    from c2c_core.loading import load_pipeline
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.models.loading import load_pipeline
     cfg = build_run_config(base_model=tiny_models["receiver"], teacher_model=tiny_models["sharer"],
                            hidden_dim=32, intermediate_dim=32, device="cuda", warmup=0,
                            max_new_tokens=4)
@@ -128,7 +128,7 @@ def test_5000_record_run_keeps_flat_memory(capsys):
 
 CONTENDED = r"""
 import os, sys, torch
-from c2c_core.memory import DeviceMemory
+from c2c_core.measure.memory import DeviceMemory
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # every thread on one core
 torch.set_num_threads(2)                                          # ... but two torch threads
 a = torch.randn(384, 384)
@@ -156,8 +156,8 @@ def test_cpu_share_reports_threads_that_did_not_get_their_cores():
 
 
 def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, capsys, tmp_path):
-    from c2c_core.cli import print_summary
-    from c2c_core.summary import contention_note
+    from c2c_core.frontends.cli import print_summary
+    from c2c_core.report.summary import contention_note
     pipe, cfg = tiny_pipe
     [rec] = run_many(pipe, replace(cfg, gen=replace(cfg.gen, max_new_tokens=3)), ["Hi"])
     share = rec["timing"]["cpu_share"]
@@ -172,20 +172,20 @@ def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, cap
     print_summary([rec])
     assert ("another program" in capsys.readouterr().out) == (share < 0.85)
     # a results file of such records: `report` warns per file, and so does the Results tab
-    from c2c_core.cli import main
-    from c2c_core.records import write_all
+    from c2c_core.frontends.cli import main
+    from c2c_core.io.records import write_all
     path = str(tmp_path / "busy.jsonl")
     write_all(path, [{**r, "id": i} for i, r in enumerate(busy)])
     assert main(["report", path]) == 0
     err = capsys.readouterr().err
     assert "Warning: busy.jsonl:" in err and "60%" in err, err
     pytest.importorskip("gradio")
-    from c2c_core.ui.results_tab import check_notes
+    from c2c_core.frontends.ui.results_tab import check_notes
     notes = check_notes({"busy": busy, "calm": [rec] * 3 if share >= 0.85 else []})
     busy_notes = [n for n in notes if "CPU threads' time" in n]
     # one sentence for the view, naming the busy file and its share, not the calm one
     assert len(busy_notes) == 1 and "busy 60%" in busy_notes[0] and "calm" not in busy_notes[0]
     assert busy_notes[0].count(". ") == 0 and busy_notes[0].endswith(".")
-    from c2c_core.summary import contention_files
+    from c2c_core.report.summary import contention_files
     two = contention_files({"a.jsonl": [0.5, 0.6], "b.jsonl": [0.7], "c.jsonl": [1.0]})
     assert two.startswith("CPU times inflated in a.jsonl 55%, b.jsonl 70% (") and "c.jsonl" not in two

@@ -12,12 +12,14 @@ import re
 import pandas as pd
 import pytest
 
-from c2c_core import analysis, config, records
-from c2c_core.cli import CONFIG_OPTIONS, OVERRIDES, build_parser
-from c2c_core.config import (ALIGNMENTS, DEVICES, DTYPES, ENGINES, FUSIONS, MODE_OPTIONS,
-                             TIMING_METHODS, help_of)
-from c2c_core.records import (MODES, STAGE_FIELDS, STAGES, TIMING, SweepShape, parse_sweep_id,
-                              sweep_id)
+from c2c_core.report import analysis
+from c2c_core.spec import config
+from c2c_core.io import records
+from c2c_core.frontends.cli import CONFIG_OPTIONS, OVERRIDES, build_parser
+from c2c_core.spec.config import (ALIGNMENTS, DEVICES, DTYPES, ENGINES, FUSIONS, MODE_OPTIONS,
+    TIMING_METHODS, help_of)
+from c2c_core.io.records import (MODES, STAGE_FIELDS, STAGES, TIMING, SweepShape, parse_sweep_id,
+    sweep_id)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,7 @@ def test_every_timing_field_has_a_label_and_a_unit():
 
 
 def test_every_stage_has_a_field_and_a_label():
-    from c2c_core import timing
+    from c2c_core.measure import timing
     assert timing.STAGES is STAGES
     assert STAGE_FIELDS == list(STAGES.values())
     assert len(set(STAGE_FIELDS)) == len(STAGE_FIELDS)
@@ -69,13 +71,13 @@ def test_every_stage_the_code_times_is_in_the_table():
 def test_derived_stage_lists():
     assert analysis.TTFT_STAGES[:-1] == [f for f in STAGE_FIELDS if f != "decode_total_ms"]
     assert set(analysis.E2E_STAGES) == set(STAGE_FIELDS) | {"batch_wait_ms", "other_ms"}
-    from c2c_core import plots
+    from c2c_core.report import plots
     for f in analysis.E2E_STAGES + analysis.TTFT_STAGES + plots.SWEEP_STAGES:
         assert f in plots.STAGE_COLORS and f in analysis.FIELDS, f
 
 
 def test_tsv_stage_table_uses_the_table():
-    from c2c_core.profiling import stage_rows
+    from c2c_core.bench.profiling import stage_rows
     t = {f: 1.0 for f in STAGE_FIELDS}
     t.update(other_ms=2.0, e2e_ms=len(STAGE_FIELDS) + 2.0, projector_calls=2,
              num_generated_tokens=3, sharer_generated_tokens=0)
@@ -86,7 +88,7 @@ def test_tsv_stage_table_uses_the_table():
 
 
 def test_summary_headings_are_the_analysis_columns():
-    from c2c_core.summary import RunningSummary
+    from c2c_core.report.summary import RunningSummary
     rec = {"mode": "c2c", "timing": {"decode_avg_ms": 1.0, "tokens_per_second": 1000.0,
                                      "ttft_ms": 3.0}}
     cols = list(RunningSummary([rec]).table().columns)
@@ -119,7 +121,9 @@ def test_cli_choices_equal_the_config_tuples():
 
 
 def test_option_tuples_agree_with_their_users():
-    from c2c_core import alignment, loading, runner, timing
+    from c2c_core.models import alignment, loading
+    from c2c_core.bench import runner
+    from c2c_core.measure import timing
     assert MODE_OPTIONS == (*MODES, config.ALL_MODES)
     assert timing.TIMING_METHODS is TIMING_METHODS
     assert set(alignment.STRATEGIES) | {"none"} == set(ALIGNMENTS)
@@ -137,7 +141,7 @@ def test_option_tuples_agree_with_their_users():
 
 def test_app_dropdowns_equal_the_config_lists():
     gr = pytest.importorskip("gradio")
-    from c2c_core.ui.model_panel import build_model_panel, build_run_settings
+    from c2c_core.frontends.ui.model_panel import build_model_panel, build_run_settings
     with gr.Blocks():
         panel, run = build_model_panel({}), build_run_settings({})
 
@@ -177,7 +181,7 @@ def test_sweep_id_forms_and_non_sweep_ids():
 
 
 def test_sweep_and_distributed_ids_agree():
-    from c2c_core.distributed import sweep_units
+    from c2c_core.frontends.distributed import sweep_units
     units = sweep_units([4, 9], [3], ["c2c"], 1)
     assert [u.id for u in units] == [sweep_id(4, 3), sweep_id(9, 3)]
 

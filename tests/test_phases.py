@@ -7,10 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from c2c_core import cancel, fast
-from c2c_core.config import build_run_config
-from c2c_core.loading import load_pipeline
-from c2c_core.runner import Item, run_many
+from c2c_core.measure import cancel
+from c2c_core.engines import fast
+from c2c_core.spec.config import build_run_config
+from c2c_core.models.loading import load_pipeline
+from c2c_core.bench.runner import Item, run_many
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_a_run_says_warm_up_then_timed_run(tiny_pipe):
 
 def test_the_job_shows_the_phase_it_is_told():
     pytest.importorskip("gradio")
-    from c2c_core.ui.common import Job, stopped_during
+    from c2c_core.frontends.ui.jobs import Job, stopped_during
     job = Job(lambda j: None)
     job.set_phase("compiling the receiver step for shape 2 of 3 (batch 1, 128 tokens)")
     assert job.describe().startswith("Compiling the receiver step for shape 2 of 3 (batch 1,"
@@ -78,13 +79,13 @@ def test_eta_in_mode_all_uses_each_modes_own_rate_and_does_not_jump(monkeypatch)
     seconds per record x its records to come, so at every record it is the true time left, and
     between records it counts down by at most the record in flight."""
     pytest.importorskip("gradio")
-    from c2c_core.ui import common
+    from c2c_core.frontends.ui import jobs
     clock = [100.0]
-    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(jobs.time, "perf_counter", lambda: clock[0])
     speed = {"c2c": 2.0, "receiver": 1.0, "sharer": 3.0, "t2t": 6.0}
     modes = list(speed)
     prompts = 10
-    job = common.Job(lambda j: None)
+    job = jobs.Job(lambda j: None)
     job.modes = modes
     job.on_progress(0, prompts * 4, None)
     order = [m for _ in range(prompts) for m in modes]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c2c_core import analysis, plots
+from c2c_core.report import analysis, plots
 
 
 def _frame():
@@ -33,7 +33,7 @@ def test_mode_chart_labels_are_two_short_lines_and_margins_grow_to_fit_them():
 
 
 def test_records_without_ids_are_numbered_from_one(tmp_path):
-    from c2c_core.prompts import load_prompt_file
+    from c2c_core.io.prompts import load_prompt_file
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     assert [i.id for i in load_prompt_file(str(f))] == [1, 2]
@@ -45,7 +45,7 @@ def test_the_dataset_tab_opens_offline_on_the_shipped_sample_prompts(monkeypatch
     pytest.importorskip("gradio")
     import gradio as gr
 
-    from c2c_core.ui import dataset_tab
+    from c2c_core.frontends.ui import dataset_tab
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with gr.Blocks():
         tab = dataset_tab.build_dataset_tab()
@@ -60,8 +60,8 @@ def test_the_dataset_tab_opens_offline_on_the_shipped_sample_prompts(monkeypatch
 
 
 def test_sweep_batch_rows_are_numbered_from_one(tiny_pipe):
-    from c2c_core.runner import Item
-    from c2c_core.sweep import batch_items, sweep_items
+    from c2c_core.bench.runner import Item
+    from c2c_core.bench.sweep import batch_items, sweep_items
     pipe, _cfg = tiny_pipe
     item = sweep_items(pipe.tokenizer, [4])[0]
     rows = batch_items(pipe.tokenizer, item, 4, 2, 3)

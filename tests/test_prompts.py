@@ -1,4 +1,4 @@
-"""Prompt sources, selection and scoring (c2c_core/prompts.py), on real files in tmp_path."""
+"""Prompt sources, selection and scoring (c2c_core/io/prompts.py), on real files in tmp_path."""
 
 import csv
 import json
@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from c2c_core.errors import HubUnavailable, UserError
-from c2c_core.prompts import (BUILTIN_PROMPTS, PromptItem, builtin_items, extract_answer,
-                              load_hf_dataset, load_prompt_file, parse_shard, resolve_prompts,
-                              score, select)
+from c2c_core.spec.errors import HubUnavailable, UserError
+from c2c_core.io.prompts import (BUILTIN_PROMPTS, PromptItem, builtin_items, extract_answer,
+    load_hf_dataset, load_prompt_file, parse_shard, resolve_prompts, score, select)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -354,7 +353,7 @@ def test_hf_hub_errors_translated(monkeypatch, exc, match):
         raise DatasetNotFoundError("Dataset 'nope/x' doesn't exist") if exc == "not_found" else exc
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr("c2c_core.prompts.hub.require_hub", lambda *a, **k: None)
+    monkeypatch.setattr("c2c_core.io.prompts.hub.require_hub", lambda *a, **k: None)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     with pytest.raises(UserError, match=match):
         load_hf_dataset("nope/x", config="zz")

@@ -17,8 +17,8 @@ from conftest import free_port
 
 pytest.importorskip("gradio")
 
-from c2c_core.errors import UserError  # noqa: E402
-from c2c_core.ui import guard  # noqa: E402
+from c2c_core.spec.errors import UserError  # noqa: E402
+from c2c_core.frontends.ui import guard, runcfg, sessions  # noqa: E402
 
 
 # --- names (no server) --------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_operator_opt_in_allows_paths_but_never_on_a_space(monkeypatch):
 
 
 def test_messages_lose_server_paths(public_env):
-    from c2c_core.ui.common import ui_message
+    from c2c_core.frontends.ui.texts import ui_message
     msg = ui_message("Fuser folder /srv/app/secret does not exist; see https://hf.co/a/b or Qwen/X.")
     assert "/srv" not in msg and "https://hf.co/a/b" in msg and "Qwen/X" in msg
 
@@ -94,20 +94,20 @@ def test_messages_lose_server_paths(public_env):
 def public_server(tmp_path_factory):
     """The app as a Space runs it (no local paths, default offline preset), models never
     loaded: every probe here must be refused before any model work."""
-    from c2c_core.ui import build_app, common, launch_kwargs
+    from c2c_core.frontends.ui import build_app, jobs, launch_kwargs, runcfg, sessions
     mp = pytest.MonkeyPatch()
     mp.delenv("C2C_ALLOW_LOCAL_PATHS", raising=False)
     mp.setenv("C2C_MAX_UPLOAD_MB", "2")
-    saved, common.SESSION_ROOT = common.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    saved, sessions.SESSION_ROOT = sessions.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
     demo = build_app()
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                 **launch_kwargs())
-    from c2c_core import worker
+    from c2c_core.frontends import worker
     worker.shutdown()  # no worker of an earlier module: this server starts with none
-    yield f"http://127.0.0.1:{port}/", common
+    yield f"http://127.0.0.1:{port}/"
     demo.close()
-    common.SESSION_ROOT = saved
+    sessions.SESSION_ROOT = saved
     mp.undo()
 
 
@@ -121,9 +121,9 @@ def _refused(url, api, **kw):
 
 
 def test_public_server_refuses_paths_and_oversize_input_at_once(public_server):
-    url, common = public_server
-    session_root = common.SESSION_ROOT
-    before = common.MODELS.pipe
+    url = public_server
+    session_root = sessions.SESSION_ROOT
+    before = runcfg.MODELS.pipe
     probes = [
         ("/dataset", dict(source="hf", dataset_name=session_root, dataset_config="",
                           split="test")),
@@ -145,19 +145,19 @@ def test_public_server_refuses_paths_and_oversize_input_at_once(public_server):
         assert "limit" in msg or "at most" in msg or "hub id" in msg or "fuser" in msg.lower(), msg
     # nothing was loaded, nothing was evicted: no job reached a worker process (nor, on the
     # in-process path, the app's own manager)
-    from c2c_core import worker
-    assert common.MODELS.pipe is before and worker.last_worker() is None
+    from c2c_core.frontends import worker
+    assert runcfg.MODELS.pipe is before and worker.last_worker() is None
 
 
 def test_a_1mb_prompt_is_refused_in_under_a_second(public_server):
-    url, _ = public_server
+    url = public_server
     msg, secs = _refused(url, "/profile", prompt="z" * (1 << 20))
     assert "characters" in msg and "C2C_MAX_PROMPT_CHARS" in msg
     assert secs < 1.0, secs
 
 
 def test_upload_bytes_per_request_are_capped(public_server):
-    url, _ = public_server
+    url = public_server
     files = [("files", (f"f{i}.jsonl", b"x" * (900 * 1024), "application/json"))
              for i in range(3)]  # 2.7 MB in one request; the cap is 2 MB here
     r = httpx.post(url + "gradio_api/upload", files=files, timeout=30)
@@ -191,8 +191,8 @@ def test_session_disk_quota(public_env, monkeypatch, tmp_path):
 # --- models are the operator's -----------------------------------------------------------------
 
 def test_fixed_models_refuse_another_pair(tiny_cfg_kwargs):
-    from c2c_core.config import build_run_config
-    from c2c_core.ui.common import ModelManager
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.frontends.manager import ModelManager
     m = ModelManager()
     cfg = build_run_config(**tiny_cfg_kwargs)
     m.fix(cfg)
@@ -204,8 +204,8 @@ def test_fixed_models_refuse_another_pair(tiny_cfg_kwargs):
 
 
 def test_a_failed_load_keeps_the_working_pipeline(tiny_cfg_kwargs, tmp_path):
-    from c2c_core.config import build_run_config
-    from c2c_core.ui.common import ModelManager
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.frontends.manager import ModelManager
     m = ModelManager()
     good = build_run_config(**tiny_cfg_kwargs)
     pipe = m.get(good)
@@ -247,14 +247,14 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     within about a second, and client B's job must start only after A's has ended. Both ways
     the app runs jobs: its worker process (the default) and in-process (ZeroGPU)."""
     from gradio_client import Client
-    from c2c_core import worker
-    from c2c_core.ui import common
+    from c2c_core.frontends import worker
+    from c2c_core.frontends.ui import jobs, runcfg, sessions
     monkeypatch.setenv("C2C_APP_WORKER", "1" if where == "worker" else "0")
     _, url = app_server
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    n_before = len(common.JOB_LOG)
-    sess = common.SESSION_ROOT
+    n_before = len(jobs.JOB_LOG)
+    sess = sessions.SESSION_ROOT
     files_before = {os.path.join(r, f) for r, _, fs in os.walk(sess) for f in fs}
     a = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, text=True)
     try:
@@ -262,7 +262,7 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
         # wait until A's job really generates: the run lock is held and its JSONL is open
         # (the models are loaded; with the worker, its process has started)
         deadline = time.time() + 120
-        while not common.RUN_LOCK.locked() or not (
+        while not jobs.RUN_LOCK.locked() or not (
                 {os.path.join(r, f) for r, _, fs in os.walk(sess) for f in fs} - files_before):
             assert time.time() < deadline, "client A's job never started"
             time.sleep(0.05)
@@ -277,7 +277,7 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     status, *_ = b.predict(prompts="What is 25 * 17?", max_new_tokens=4, warmup=0, repeats=1,
                            api_name="/batch")
     assert "Done" in status
-    jobs = list(common.JOB_LOG)[n_before:]
+    jobs = list(jobs.JOB_LOG)[n_before:]
     assert len(jobs) == 2, jobs
     (a0, a1), (b0, b1) = jobs
     assert a1 <= b0, "client B's job ran while A's generation was still going"
@@ -310,7 +310,7 @@ class _Req:
 
 
 def test_session_keys_come_from_the_server_never_from_the_client_hash():
-    from c2c_core.ui.common import request_stop, session_id, stop_flag, clear_stop
+    from c2c_core.frontends.ui.sessions import request_stop, session_id, stop_flag, clear_stop
     minted = guard.mint_session()
     key = guard.session_key(minted)
     assert key and key != minted and key in minted
@@ -341,14 +341,14 @@ def test_clients_with_colliding_hashes_cannot_reach_each_others_runs(public_serv
     server-minted cookie: one's runs can be neither listed, read, analysed nor deleted by the
     other."""
     from gradio_client import Client
-    from c2c_core.ui.common import session_runs
-    url, common = public_server
+    from c2c_core.frontends.ui.sessions import session_runs
+    url = public_server
     a, b = Client(url, verbose=False), Client(url, verbose=False)
     a.session_hash, b.session_hash = hashes
     ka = guard.session_key(a.cookies.get(guard.SESSION_COOKIE))
     kb = guard.session_key(b.cookies.get(guard.SESSION_COOKIE))
     assert ka and kb and ka != kb
-    folder = os.path.join(common.SESSION_ROOT, ka)
+    folder = os.path.join(sessions.SESSION_ROOT, ka)
     os.makedirs(folder, exist_ok=True)
     run = os.path.join(folder, "batch-20260101-000000.jsonl")
     with open(run, "w") as f:
@@ -357,7 +357,7 @@ def test_clients_with_colliding_hashes_cannot_reach_each_others_runs(public_serv
     name = os.path.basename(run)
     # (the API's /analyze takes only the run names the page listed for the session; the
     # handler behind it reads runs so)
-    from c2c_core.ui.results_tab import load_sources
+    from c2c_core.frontends.ui.results_tab import load_sources
     req_a = _Req(hashes[0], a.cookies[guard.SESSION_COOKIE])
     req_b = _Req(hashes[1], b.cookies[guard.SESSION_COOKIE])
     sources, errors = load_sources(None, [name], False, req_a)
@@ -368,21 +368,21 @@ def test_clients_with_colliding_hashes_cannot_reach_each_others_runs(public_serv
         assert not sources and "not a run of this session" in errors[0]
     assert session_runs(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE])) == []
     # B's page closing (unload) removes B's folder, never A's
-    common.end_session(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE]))
+    sessions.end_session(_Req(hashes[1], b.cookies[guard.SESSION_COOKIE]))
     assert os.path.exists(run)
     # a raw request forging A's hash and no cookie, or a cookie of its own making
     for cookie in ({}, {guard.SESSION_COOKIE: ka}, {guard.SESSION_COOKIE: "x"}):
         r = httpx.get(url + "gradio_api/info", cookies=cookie, timeout=30)
         fresh = guard.session_key(r.cookies.get(guard.SESSION_COOKIE))
         assert fresh and fresh not in (ka, kb)
-    common.end_session(_Req(hashes[0], a.cookies[guard.SESSION_COOKIE]))
+    sessions.end_session(_Req(hashes[0], a.cookies[guard.SESSION_COOKIE]))
     assert not os.path.exists(run)
 
 
 def test_direct_uploads_count_toward_the_session_quota(public_server, monkeypatch):
     """Files posted straight to /upload are charged to the session that posted them (a client
     stored 270 MB against a 200 MB cap), once: analysing them later charges nothing more."""
-    url, _ = public_server
+    url = public_server
     monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
     one = [("files", ("a.jsonl", b"a" * (600 * 1024), "application/json"))]
     with httpx.Client(timeout=30) as c:
@@ -407,7 +407,7 @@ def test_direct_uploads_count_toward_the_session_quota(public_server, monkeypatc
 
 
 def test_a_queue_join_without_a_session_hash_is_refused_in_a_sentence(public_server):
-    url, _ = public_server
+    url = public_server
     for h in ("", "   "):
         r = httpx.post(url + "gradio_api/queue/join", timeout=30,
                        json={"data": [], "fn_index": 0, "session_hash": h})
@@ -426,7 +426,7 @@ def test_a_queue_join_without_a_session_hash_is_refused_in_a_sentence(public_ser
 def test_out_of_range_api_values_get_a_sentence_not_a_bare_400(public_server, kw, says):
     """gradio refuses a value outside an input's range or choices with a 400 that
     gradio_client shows as a bare "400 Bad Request"; the app says it in a sentence."""
-    url, _ = public_server
+    url = public_server
     msg, secs = _refused(url, "/batch", prompts="hi", **kw)
     assert says in msg and "400 Bad Request" not in msg, msg
 
@@ -436,7 +436,7 @@ def test_a_chunked_upload_past_the_quota_is_removed_unless_another_session_holds
     """Without a Content-Length the quota is checked once gradio has stored the files: over it,
     they are removed and the client told why, but a file another session was charged for (gradio
     stores equal files at one path) is kept."""
-    url, _ = public_server
+    url = public_server
     monkeypatch.setenv("C2C_SESSION_UPLOAD_MB", "1")
 
     def chunked(c, name, data):

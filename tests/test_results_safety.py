@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from c2c_core.ui import results_tab  # noqa: E402
+from c2c_core.frontends.ui import results_tab  # noqa: E402
 
 TAG = "<img src=http://127.0.0.1:9/x>"
 
@@ -81,7 +81,7 @@ def test_tags_in_an_uploaded_file_reach_the_page_as_text(tmp_path):
 
 
 def test_a_run_that_is_a_list_or_text_is_read_without_raising(tmp_path):
-    from c2c_core.summary import RunningSummary
+    from c2c_core.report.summary import RunningSummary
     recs = [dict(record(1, run=[1, 2]), truncated=True), dict(record(2, run="x"), truncated=True),
             dict(record(3, run={"max_new_tokens": [8]}), truncated=True)]
     s = RunningSummary(recs)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c2c_core import analysis as A
-from c2c_core import plots as P
+from c2c_core.report import analysis as A
+from c2c_core.report import plots as P
 from test_analysis import rec
 
 
@@ -80,11 +80,11 @@ def test_key_columns_lead_the_summary():
 def test_uploaded_records_are_checked():
     import pytest
     pytest.importorskip("gradio")
-    from c2c_core.ui.results_tab import check_notes
+    from c2c_core.frontends.ui.results_tab import check_notes
     good = _file(3)
     for r in good:  # rec() builds consistent numbers; give it every field check_record wants
         r.update(mode="c2c", repeat=0)
-    from c2c_core.records import RUN_FIELDS
+    from c2c_core.io.records import RUN_FIELDS
     for r in good:
         r["run"] = {k: r["run"].get(k) for k in RUN_FIELDS} | {"frontend": "cli"}
         r["timing"]["sharer_decode_ms"] = 0.0
@@ -117,7 +117,7 @@ def test_ratios_text_names_the_median_of_per_prompt_ratios():
     """The Results tab's line shows the median of per-prompt ratios and says so, not "paired by
     id" beside a ratio of medians (which for these records is 0.5, on the other side of 1)."""
     pytest.importorskip("gradio")
-    from c2c_core.ui.results_tab import ratios_md
+    from c2c_core.frontends.ui.results_tab import ratios_md
     from test_analysis import skewed_records
     table, ratios = A.compare_modes(A.to_frame(skewed_records()))
     text = ratios_md(ratios, table)
@@ -131,7 +131,7 @@ def test_ratios_text_names_the_median_of_per_prompt_ratios():
 def test_a_vs_b_table_says_not_judged():
     """Too few pairs: the A-vs-B table's regression is "n/a", not False."""
     pytest.importorskip("gradio")
-    from c2c_core.ui.results_tab import compare_table
+    from c2c_core.frontends.ui.results_tab import compare_table
     t = compare_table(A.to_frame(_file(3), "a"), A.to_frame(_file(3, 3.0), "b"))
     assert (t["verdict"] == "too few pairs").all() and (t["regression"] == "n/a").all()
     many = compare_table(A.to_frame(_file(8), "a"), A.to_frame(_file(8, 3.0), "b"))

@@ -11,41 +11,42 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from c2c_core import cancel, worker  # noqa: E402
-from c2c_core.config import build_run_config  # noqa: E402
-from c2c_core.ui import common, model_panel  # noqa: E402
+from c2c_core.measure import cancel  # noqa: E402
+from c2c_core.frontends import worker
+from c2c_core.spec.config import build_run_config  # noqa: E402
+from c2c_core.frontends.ui import model_panel, runcfg  # noqa: E402
 
 
 def test_a_run_on_another_pair_says_what_it_replaces(monkeypatch):
     held = build_run_config("smollm2-demo", device="cpu")
-    monkeypatch.setattr(common, "held_models", lambda: held)
+    monkeypatch.setattr(runcfg, "held_models", lambda: held)
     other = build_run_config("smollm2+gemma3-demo", device="cpu")
-    note = common.swap_note(other)
+    note = runcfg.swap_note(other)
     assert note == ("This run will load smollm2+gemma3-demo (smollm2 ← gemma3) in place of"
                     " smollm2-demo (smollm2 ← smollm2), which every session of this server"
                     " shares.")
     # the same pair, another spelling of the device: nothing is replaced
-    assert common.swap_note(build_run_config("smollm2-demo", device="cpu:1")) is None
-    monkeypatch.setattr(common, "held_models", lambda: None)
-    assert common.swap_note(other) is None  # nothing loaded yet: nothing replaced
+    assert runcfg.swap_note(build_run_config("smollm2-demo", device="cpu:1")) is None
+    monkeypatch.setattr(runcfg, "held_models", lambda: None)
+    assert runcfg.swap_note(other) is None  # nothing loaded yet: nothing replaced
 
 
 def test_a_new_tab_shows_the_pair_the_server_holds(monkeypatch):
     held = build_run_config("smollm2+gemma3-demo", device="cpu", dtype="float32")
-    monkeypatch.setattr(common, "held_models", lambda: held)
+    monkeypatch.setattr(runcfg, "held_models", lambda: held)
     preset, receiver, sharer, fuser, device, dtype = model_panel.held_settings()
     assert preset["value"] == "smollm2+gemma3-demo" and (receiver, sharer, fuser) == ("", "", "")
     assert (device, dtype) == ("cpu", "float32")
     by_hand = build_run_config(base_model="dummy:qwen3-0.6b", teacher_model="smollm2, smollm2",
                                device="cpu")
-    monkeypatch.setattr(common, "held_models", lambda: by_hand)
+    monkeypatch.setattr(runcfg, "held_models", lambda: by_hand)
     _, receiver, sharer, fuser, _, _ = model_panel.held_settings()
     assert (receiver, sharer, fuser) == ("dummy:qwen3-0.6b", "smollm2, smollm2", "untrained")
 
 
 def test_fixed_models_never_swap_whatever_the_device_spelling(monkeypatch):
-    from c2c_core.errors import UserError
-    from c2c_core.models import ModelManager
+    from c2c_core.spec.errors import UserError
+    from c2c_core.frontends.manager import ModelManager
     m = ModelManager()
     m.fix(build_run_config("smollm2-demo", device="cpu"))
     m.check_allowed(build_run_config("smollm2-demo", device="cpu:0"))
@@ -55,8 +56,8 @@ def test_fixed_models_never_swap_whatever_the_device_spelling(monkeypatch):
 
 def test_a_client_leaving_mid_profile_ends_the_job_without_a_traceback(tiny_cfg_kwargs,
                                                                         tmp_path, capfd):
-    from c2c_core.profiling import profile_paths
-    from c2c_core.prompts import resolve_prompts
+    from c2c_core.bench.profiling import profile_paths
+    from c2c_core.io.prompts import resolve_prompts
     cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 400, "ignore_eos": True})
     folder = tmp_path / "session"
     folder.mkdir()

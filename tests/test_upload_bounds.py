@@ -16,8 +16,8 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
-from c2c_core.errors import UserError  # noqa: E402
-from c2c_core.prompts import FileCaps, load_prompt_file  # noqa: E402
+from c2c_core.spec.errors import UserError  # noqa: E402
+from c2c_core.io.prompts import FileCaps, load_prompt_file  # noqa: E402
 
 CAPS = FileCaps(100_000, 64 * 2**20, "C2C_MAX_FILE_ROWS", "C2C_MAX_FILE_MB")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +66,8 @@ def test_delta_byte_array_parquet_is_refused_from_its_footer(tmp_path, monkeypat
 CHILD = textwrap.dedent("""
     import sys, psutil
     import pyarrow.parquet  # loaded in the server already (gradio, pandas): not the read
-    from c2c_core.errors import UserError
-    from c2c_core.prompts import FileCaps, load_prompt_file
+    from c2c_core.spec.errors import UserError
+    from c2c_core.io.prompts import FileCaps, load_prompt_file
     p = psutil.Process()
     before = p.memory_info().rss
     try:
@@ -108,7 +108,7 @@ def test_a_parquet_within_the_caps_still_reads(tmp_path):
 def test_a_json_array_streams_element_by_element(tmp_path, monkeypatch):
     """Tiny read chunks split every element across reads: the rows are those json.loads finds,
     and an error names the line it is on."""
-    import c2c_core.prompts as prompts
+    import c2c_core.io.prompts as prompts
     monkeypatch.setattr(prompts, "_JSON_CHUNK", 7)
     rows = [{"prompt": f"p {i} \u00e9 [x], {{y}}", "answer": i, "options": None} for i in range(50)]
     good = tmp_path / "rows.json"
@@ -126,7 +126,7 @@ def test_a_json_array_streams_element_by_element(tmp_path, monkeypatch):
 
 
 def test_a_json_array_over_the_row_cap_is_refused_while_reading(tmp_path, monkeypatch):
-    import c2c_core.prompts as prompts
+    import c2c_core.io.prompts as prompts
     seen = []
     real = prompts._row_item
     monkeypatch.setattr(prompts, "_row_item", lambda *a: seen.append(1) or real(*a))
@@ -175,8 +175,8 @@ def test_gzip_and_extension_less_prompt_files_get_a_sentence(tmp_path, name):
 
 def test_the_dataset_validator_says_what_is_wrong_with_a_file_or_a_number(tmp_path):
     pytest.importorskip("gradio")
-    from c2c_core.ui.dataset_tab import check_dataset
-    from c2c_core.ui.guard import FieldError
+    from c2c_core.frontends.ui.dataset_tab import check_dataset
+    from c2c_core.frontends.ui.guard import FieldError
     for name in ("p.jsonl.gz", "noext"):
         with pytest.raises(FieldError) as e:
             check_dataset("file", "", "", "test", str(tmp_path / name), 10, 0)
@@ -190,7 +190,7 @@ def test_the_dataset_validator_says_what_is_wrong_with_a_file_or_a_number(tmp_pa
 
 def test_results_files_of_another_type_get_a_sentence(tmp_path):
     pytest.importorskip("gradio")
-    from c2c_core.ui.results_tab import load_sources
+    from c2c_core.frontends.ui.results_tab import load_sources
     gz, bare = tmp_path / "r.jsonl.gz", tmp_path / "r"
     gz.write_bytes(b"\x1f\x8b\x08\x00")
     bare.write_bytes(b'{"id": 1}\n')
@@ -203,7 +203,7 @@ def test_results_files_of_another_type_get_a_sentence(tmp_path):
 def test_a_prompts_files_columns_reach_the_status_line_as_text(tmp_path):
     """A refused prompts file is named with its columns: tags among them are shown, not drawn."""
     pytest.importorskip("gradio")
-    from c2c_core.ui.dataset_tab import run_dataset
+    from c2c_core.frontends.ui.dataset_tab import run_dataset
     path = tmp_path / "cols.jsonl"
     path.write_text('{"<img src=http://127.0.0.1:9/x>": "a"}\n', encoding="utf-8")
     gen = run_dataset("file", "", "", "test", str(path), 1, 0, "", False, request=None,

@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from c2c_core.records import check_record, read_records
+from c2c_core.io.records import check_record, read_records
 
 pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 
-from c2c_core import worker  # noqa: E402
+from c2c_core.frontends import worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +28,19 @@ def url(app_server):
 @pytest.fixture
 def ui_never_generates(monkeypatch):
     """In this (the UI's) process, any generation fails the test: the worker does them."""
-    import c2c_core.profiling
-    import c2c_core.runner
+    import c2c_core.bench.profiling
+    import c2c_core.bench.runner
 
     def forbidden(*_a, **_k):
         raise AssertionError("the UI process ran a generation")
     monkeypatch.setenv("C2C_APP_WORKER", "1")
-    for mod, name in ((c2c_core.runner, "generate"), (c2c_core.runner, "run_many"),
-                      (c2c_core.runner, "run_one"), (c2c_core.profiling, "profile_item")):
+    for mod, name in ((c2c_core.bench.runner, "generate"), (c2c_core.bench.runner, "run_many"),
+                      (c2c_core.bench.runner, "run_one"), (c2c_core.bench.profiling, "profile_item")):
         monkeypatch.setattr(mod, name, forbidden)
 
 
 def test_batch_profile_and_sweep_run_in_the_worker_process(url, ui_never_generates):
-    from c2c_core.ui.common import models_status
+    from c2c_core.frontends.ui.runcfg import models_status
     c = Client(url, verbose=False)
     status, _table, _fig, path = c.predict(prompts="What is 25 * 17?\nSay hello.", repeats=2,
                                            max_new_tokens=6, warmup=0, api_name="/batch")
@@ -66,9 +66,9 @@ def test_batch_profile_and_sweep_run_in_the_worker_process(url, ui_never_generat
 def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkeypatch):
     """The Stop flag (set in the UI process) ends the worker's generation mid-way: a long
     record is cut off, the records before it are kept, and the worker stays up."""
-    from c2c_core.config import build_run_config
-    from c2c_core.prompts import resolve_prompts
-    from c2c_core.ui.common import stream_records
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.io.prompts import resolve_prompts
+    from c2c_core.frontends.ui.jobs import stream_records
     monkeypatch.setenv("C2C_APP_WORKER", "1")
     cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 3000, "ignore_eos": True})
     items = resolve_prompts(prompts=["a", "b", "c"])
@@ -103,14 +103,14 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
 
 
 def test_a_killed_worker_fails_the_job_in_one_sentence_and_the_next_job_works(url, monkeypatch):
-    from c2c_core.ui import common
+    from c2c_core.frontends.ui import runcfg, sessions
     monkeypatch.setenv("C2C_APP_WORKER", "1")
     c = Client(url, verbose=False)
     # make sure the worker has its models, then start a long job and kill the worker mid-way
     c.predict(prompts="hi", max_new_tokens=2, warmup=0, api_name="/batch")
     w = worker.last_worker()
     old = w.pid
-    sess = common.SESSION_ROOT
+    sess = sessions.SESSION_ROOT
     before = {os.path.join(r, f) for r, _, fs in os.walk(sess) for f in fs}
     job = c.submit(prompts="one\ntwo\nthree", max_new_tokens=600, ignore_eos=True, repeats=5,
                    warmup=0, api_name="/batch")
@@ -129,8 +129,8 @@ def test_a_killed_worker_fails_the_job_in_one_sentence_and_the_next_job_works(ur
     assert "worker process" in msg and "SIGKILL" in msg and "Traceback" not in msg, msg
     kept = read_records(new[0])
     assert kept and all(check_record(r) == [] for r in kept)  # finished records stay
-    assert "none loaded" in common.models_status() and "worker process" in \
-        common.models_status()
+    assert "none loaded" in runcfg.models_status() and "worker process" in \
+        runcfg.models_status()
     # the next job starts a fresh worker and works
     status, *_ , path = c.predict(prompts="What is 25 * 17?", max_new_tokens=4, warmup=0,
                                   api_name="/batch")
@@ -167,7 +167,7 @@ def test_zerogpu_keeps_the_in_process_path(monkeypatch):
 
 
 def test_cli_records_say_cli(tiny_cfg_kwargs, tmp_path):
-    from c2c_core.cli import main
+    from c2c_core.frontends.cli import main
     out = tmp_path / "cli.jsonl"
     rc = main(["batch", "--prompts", "Hello", "--base_model", tiny_cfg_kwargs["base_model"],
                "--teacher_model", tiny_cfg_kwargs["teacher_model"], "--hidden_dim", "32",
@@ -183,7 +183,7 @@ def test_cli_records_say_cli(tiny_cfg_kwargs, tmp_path):
 def test_overhead_app_vs_cli_prints_the_ratio(tiny_cfg_kwargs, capsys):
     """The benchmark runs (the ratio's goal is checked by reading its output, not here)."""
     import json
-    from c2c_core.cli import main
+    from c2c_core.frontends.cli import main
     rc = main(["overhead", "--app_vs_cli", "--prompts", "Hello", "What is 2+2?",
                "--base_model", tiny_cfg_kwargs["base_model"], "--teacher_model",
                tiny_cfg_kwargs["teacher_model"], "--hidden_dim", "32", "--intermediate_dim", "32",

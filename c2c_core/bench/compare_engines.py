@@ -1,0 +1,105 @@
+"""`python -m c2c_core engines`: the eager and the fast engine side by side, interleaved in one
+process on one machine (a benchmark that prints numbers, never a timed test).
+
+Per repeat, in alternating order: one C2C generation on each engine (TTFT, projection, decode
+ms/token), then the fast engine at batch 1 and at batch B (decode tokens/s of the whole batch).
+Prints a table, then one JSON line of fast/eager ratios and batch-B/batch-1 tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+
+from ..report.analysis import column
+from ..spec.errors import UserError
+from ..io.prompts import BUILTIN_PROMPTS
+from ..io.records import percentile
+from .runner import Item, generate, timing_fields
+from ..measure.timing import Timer
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _spread(xs: list[float]) -> str:
+    return (f"{_med(xs):9.2f}  (p25 {percentile(xs, 25):.2f}, p75 {percentile(xs, 75):.2f},"
+            f" n={len(xs)})")
+
+
+def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | None = None,
+                  out=print) -> dict:
+    from ..engines import fast
+    if cfg.gen.max_new_tokens < 2:
+        raise UserError("engines needs --max_new_tokens >= 2 to have decode steps to compare.")
+    if batch < 2:
+        raise UserError(f"--bench_batch {batch} must be >= 2 to compare with batch 1.")
+    repeats = max(repeats, 3)
+    gen = replace(cfg.gen, ignore_eos=True)
+    eager = replace(cfg, engine="eager", batch_size=1, gen=gen)
+    fastc = replace(cfg, engine="fast", batch_size=1, gen=gen)
+    item = Item(1, prompt or BUILTIN_PROMPTS[0])
+    items = [Item(i + 1, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]) for i in range(batch)]
+    eng = fast.engine_for(pipe)
+    compile_s = fast.prepare_plan(pipe, fastc, [[item], items[:1], items], ["c2c"])
+    for c in (eager, fastc):  # warm-up, unrecorded
+        for _ in range(max(cfg.warmup, 1)):
+            generate(pipe, c, item, "c2c", Timer(pipe.device, cfg.timing))
+    for b in (items[:1], items):
+        fast.generate_batch(pipe, fastc, b, "c2c", Timer(pipe.device, cfg.timing))
+    m = {e: {"ttft_ms": [], "projector_total_ms": [], "decode_avg_ms": [], "e2e_ms": []}
+         for e in ("eager", "fast")}
+    tps = {1: [], batch: []}
+    same_tokens = True
+    for r in range(repeats):
+        order = (("eager", eager), ("fast", fastc)) if r % 2 == 0 else (("fast", fastc), ("eager", eager))
+        toks = {}
+        for name, c in order:
+            g = generate(pipe, c, item, "c2c", Timer(pipe.device, cfg.timing))
+            t, _ = timing_fields(g)
+            for k in m[name]:
+                m[name][k].append(t[k])
+            toks[name] = g.tokens
+        same_tokens &= toks["eager"] == toks["fast"]
+        for b in ((1, batch) if r % 2 == 0 else (batch, 1)):
+            gs = fast.generate_batch(pipe, fastc, items[:b], "c2c", Timer(pipe.device, cfg.timing))
+            tps[b].append(gs[0].batch_tokens_per_second)
+    ratio = {k: _med(m["fast"][k]) / _med(m["eager"][k]) for k in m["fast"]}
+    bratio = _med(tps[batch]) / _med(tps[1])
+    dev = pipe.device.type
+    out(f"device: {pipe.device} ({pipe.describe()}), threads {__import__('torch').get_num_threads()}")
+    out(f"c2c, {gen.max_new_tokens} new tokens (ignore_eos), prompt {item.prompt!r};"
+        f" fast engine {eng.name}, compile+capture {compile_s:.1f} s in warm-up;"
+        f" interleaved repeats: {repeats}")
+    out(f"{'metric':24s} {'eager (median)':>14s} {'fast (median)':>40s}  fast/eager")
+    for k in m["fast"]:  # headings from the one table of field names (analysis.column)
+        out(f"{column(k, ''):24s} {_med(m['eager'][k]):14.2f} {_spread(m['fast'][k]):>40s}  {ratio[k]:.3f}")
+    out(f"{'fast batch 1 tok/s':24s} {_spread(tps[1])}")
+    out(f"{f'fast batch {batch} tok/s':24s} {_spread(tps[batch])}  x{bratio:.2f}")
+    fp32 = pipe.dtype == __import__("torch").float32
+    out(f"greedy tokens identical (eager vs fast, batch 1): {same_tokens}"
+        + ("" if fp32 else " (exact agreement is expected in fp32 only: the engines round"
+                           " differently in half precision)"))
+    saved_ms = _med(m["eager"]["e2e_ms"]) - _med(m["fast"]["e2e_ms"])
+    payback = compile_s * 1000.0 / saved_ms if saved_ms > 0 else None
+    if payback is None:
+        out("fast never pays back its warm-up here: it is not faster end to end")
+    else:
+        out(f"fast pays back its {compile_s:.1f} s warm-up after {payback:.0f} generations of this"
+            f" size (~{payback * gen.max_new_tokens:,.0f} tokens) in one process")
+    result = {"device": dev, "dtype": str(pipe.dtype).removeprefix("torch."),
+              "engine_fast": eng.name, "repeats": repeats, "max_new_tokens": gen.max_new_tokens,
+              "compile_s": round(compile_s, 2),
+              "ttft_ratio": round(ratio["ttft_ms"], 4),
+              "projection_ratio": round(ratio["projector_total_ms"], 4),
+              "decode_ratio": round(ratio["decode_avg_ms"], 4),
+              "e2e_ratio": round(ratio["e2e_ms"], 4),
+              "batch": batch, f"batch{batch}_over_batch1_tokens_per_second": round(bratio, 3),
+              "eager_decode_ms": round(_med(m["eager"]["decode_avg_ms"]), 3),
+              "fast_decode_ms": round(_med(m["fast"]["decode_avg_ms"]), 3),
+              "same_tokens": same_tokens,
+              "payback_generations": round(payback, 1) if payback is not None else None}
+    out(json.dumps(result))
+    return result

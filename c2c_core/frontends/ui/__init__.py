@@ -1,0 +1,208 @@
+"""The Gradio web app: the only package that imports gradio.
+
+`build_app()` creates the Blocks (model panel and run settings in a sidebar; Profile, Batch,
+Dataset and Results tabs) and wires every event in one place; `launch_kwargs()` holds what
+`launch()` needs (theme, css, upload limit). Model work shares one queue slot
+(`concurrency_limit=1`); each tab's run is also a named API endpoint (`profile`, `batch`,
+`dataset`, `analyze`) for `gradio_client`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+
+from ...spec.config import build_run_config, default_preset
+from . import (batch_tab, dataset_tab, fairqueue, guard, model_panel, profile_tab, results_tab,
+    sweep_tab)
+from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
+from .render import enable_download, show_files
+from .runcfg import MODELS, load_models, models_status
+from .sessions import end_session, purge_old_sessions
+from .texts import WAITING_JS, validator
+
+#: Jobs waiting in gradio's queue at most (a full queue refuses new ones at once).
+MAX_QUEUE = guard._env_int("C2C_MAX_QUEUE", 64)
+
+TITLE = "C2C timing workbench"
+INTRO = ("Time **Cache-to-Cache** inference stage by stage: the receiver and the sharer prefill"
+         " the prompt, projectors write the sharer's KV cache into the receiver's, and the"
+         " receiver decodes. Pick models on the left, then profile one prompt, run a batch or a"
+         " dataset, and compare result files.")
+
+CSS = """
+.c2c-header h1 { margin-bottom: 0.1em; }
+.c2c-header p { margin-top: 0; color: var(--body-text-color-subdued); }
+.c2c-status { min-height: 1.6em; }
+.c2c-models { padding: 0.45em 0.8em; border-radius: var(--radius-md);
+              background: var(--background-fill-secondary); font-size: 0.95em; }
+.c2c-models p { margin: 0; }
+.c2c-note { font-size: 0.92em; color: var(--body-text-color-subdued); }
+.c2c-note p { margin: 0.2em 0; }
+footer { display: none !important; }
+/* a run's progress box goes below its status line, in the flow, not over it (gradio places it
+   absolutely over the whole component, which hid the status text while a job ran) */
+.block.c2c-status { display: flex; flex-direction: column; }
+.block.c2c-status > [data-testid="status-tracker"] {
+  position: relative !important; inset: auto !important; order: 2; width: 100% !important;
+  height: auto !important; min-height: 3.2em; padding: 0.2em 0 !important;
+  background: transparent !important; }
+.block.c2c-status > [data-testid="status-tracker"].hide { min-height: 0; padding: 0 !important; }
+/* and the line stays readable while the job runs (gradio fades a pending markdown to 0.2) */
+.block.c2c-status [data-testid="markdown-wrapper"].pending { opacity: 1 !important; }
+/* a failed run says why in its status line and in a toast: no "Error" badge over the line */
+:is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
+  > [data-testid="status-tracker"]:has(> .error) { display: none !important; }
+"""
+
+
+def launch_kwargs() -> dict:
+    """Keyword arguments for `demo.launch()` (host and port stay with gradio's settings)."""
+    from starlette.middleware import Middleware
+    return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
+            "max_file_size": MAX_UPLOAD,
+            # total bytes per upload request (max_file_size is per file)
+            # every request carries a session key the server minted (guard.SessionCookie)
+            # (outermost first: the upload cap charges the session the cookie names); the
+            # fair queue notes which clients have their message stream open
+            "app_kwargs": {"middleware": [Middleware(guard.SessionCookie),
+                                          Middleware(guard.UploadLimit),
+                                          Middleware(fairqueue.Connections)]}}
+
+
+def preload(defaults: dict | None = None, background: bool = True) -> threading.Thread | None:
+    """Load the default models now (in a thread unless `background` is False), where jobs
+    run: in the worker process, or in this one on ZeroGPU / with C2C_APP_WORKER=0."""
+    d = dict(defaults or {})
+    fixed = {k: d.pop(k) for k in ("preset", "base_model", "teacher_model", "fuser") if k in d}
+    cfg = build_run_config(fixed.get("preset") or default_preset(), fixed.get("base_model"),
+                           fixed.get("teacher_model"), fixed.get("fuser"),
+                           **{k: v for k, v in d.items() if k in (
+                               "device", "dtype", "hidden_dim", "intermediate_dim",
+                               "num_layers")})
+
+    if guard.models_fixed():
+        MODELS.fix(cfg)  # the operator's pair: clients can neither swap nor unload it
+
+    def work():
+        try:
+            load_models(cfg)
+        except Exception as e:  # noqa: BLE001 - the first run reports it in the page
+            print(f"Preloading {cfg.preset} failed: {e}")
+
+    if not background:
+        work()
+        return None
+    t = threading.Thread(target=work, daemon=True, name="c2c-preload")
+    t.start()
+    return t
+
+
+def build_app(defaults: dict | None = None) -> gr.Blocks:
+    """The Blocks app. `defaults` pre-fills the model panel and run settings, using
+    build_run_config's keyword names (preset, base_model, teacher_model, fuser, device, dtype,
+    hidden_dim, intermediate_dim, num_layers, mode, max_new_tokens, warmup, repeats, ...)."""
+    defaults = dict(defaults or {})
+    purge_old_sessions()
+    with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes=["c2c-header"])
+        with gr.Sidebar(width=370, label="Settings"):
+            panel = model_panel.build_model_panel(defaults)
+            settings = model_panel.build_run_settings(defaults)
+        panel.status = gr.Markdown(models_status(), label="models", elem_id="model-status",
+                                   elem_classes=["c2c-models"])
+        with gr.Tabs():
+            with gr.Tab("Profile", id="profile"):
+                prof = profile_tab.build_profile_tab()
+            with gr.Tab("Batch", id="batch"):
+                batch = batch_tab.build_batch_tab()
+            with gr.Tab("Dataset", id="dataset"):
+                data = dataset_tab.build_dataset_tab()
+            with gr.Tab("Sweep", id="sweep"):
+                sweep = sweep_tab.build_sweep_tab()
+            with gr.Tab("Results", id="results") as results_tab_item:
+                res = results_tab.build_results_tab()
+        _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item)
+    demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
+    fairqueue.install(demo)  # model jobs: clients that are there, one waiting per session
+    return demo
+
+
+def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item) -> None:
+    """Every event of the app, in one place."""
+    model_kw = {**panel.inputs(), **settings.inputs()}
+    model_job = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE)
+
+    panel.preset.change(model_panel.on_preset, panel.preset,
+                        [panel.receiver, panel.sharer, panel.fuser, panel.note],
+                        api_visibility="private", queue=False)
+    panel.load.click(gpu()(model_panel.load_models), inputs_kwargs=panel.inputs(),
+                     outputs=panel.status, api_name="load_models", show_progress_on=panel.status,
+                     validator=validator(model_panel.check_load), **model_job)
+    # the status line follows a background load (app start) until the models are in
+    poll = gr.Timer(2.0, active=False)
+    demo.load(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
+              queue=False, show_progress="hidden")
+    # a new tab shows the pair the server holds now, not the preset default
+    demo.load(model_panel.held_settings, None,
+              [panel.preset, panel.receiver, panel.sharer, panel.fuser, panel.device, panel.dtype],
+              api_visibility="private", queue=False, show_progress="hidden")
+    poll.tick(model_panel.model_status_poll, None, [panel.status, poll], api_visibility="private",
+              queue=False, show_progress="hidden")
+
+    # each run: first a browser-side "waiting" line, then the queued model job (the endpoint)
+    def waiting(button, status):
+        # the models' status line follows the run (it may load another pair for everyone)
+        button.click(lambda: gr.Timer(active=True), None, poll, api_visibility="private",
+                     queue=False, show_progress="hidden")
+        return button.click(None, None, status, js=WAITING_JS, api_visibility="private",
+                            queue=False, show_progress="hidden")
+
+    ev_prof = waiting(prof.run, prof.status).then(
+        gpu()(profile_tab.run_profile), inputs=[prof.prompt], inputs_kwargs=model_kw,
+        outputs=prof.outputs(), api_name="profile", show_progress_on=[prof.status],
+        validator=validator(profile_tab.check_profile), **model_job)
+    ev_batch = waiting(batch.run, batch.status).then(
+        gpu()(batch_tab.run_batch), inputs=[batch.prompts], inputs_kwargs=model_kw,
+        outputs=batch.outputs(), api_name="batch", show_progress_on=[batch.status],
+        validator=validator(batch_tab.check_batch), **model_job)
+    ev_data = waiting(data.run, data.status).then(
+        gpu(600)(dataset_tab.run_dataset), inputs=list(data.inputs().values()),
+        inputs_kwargs=model_kw, outputs=data.outputs(), api_name="dataset",
+        show_progress_on=[data.status], validator=validator(dataset_tab.check_dataset),
+        **model_job)
+    ev_sweep = waiting(sweep.run, sweep.status).then(
+        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens, sweep.batch_sizes],
+        inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
+        show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
+        **model_job)
+    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's,
+        # and removes its job still waiting in the queue
+        tab.stop.click(fairqueue.stop_run, None, tab.status, api_visibility="private",
+                       concurrency_limit=None, show_progress="hidden")
+    data.prompt_file.upload(lambda: "file", None, data.source, queue=False,
+                            api_visibility="private")
+
+    # after each run: its downloads, the status line (memory), the Results tab's run list
+    private = dict(api_visibility="private", queue=False, show_progress="hidden")
+    ev_prof.then(show_files, prof.files, prof.files, **private)
+    ev_batch.then(enable_download, batch.file, batch.file, **private)
+    ev_data.then(enable_download, data.file, data.file, **private)
+    ev_sweep.then(enable_download, sweep.file, sweep.file, **private)
+    for ev in (ev_prof, ev_batch, ev_data, ev_sweep):
+        ev.then(model_panel.model_status, None, panel.status, api_visibility="private",
+                queue=False)
+        ev.then(results_tab.refresh_runs, None, res.runs, api_visibility="private", queue=False)
+    results_tab_item.select(results_tab.refresh_runs, None, res.runs, api_visibility="private",
+                            queue=False)
+
+    res.analyze.click(results_tab.analyze, res.inputs(), res.outputs(), api_name="analyze",
+                      show_progress_on=[res.status])
+    for dd in (res.file_a, res.file_b):
+        dd.input(results_tab.compare_pair, [*res.inputs(), res.file_a, res.file_b],
+                 res.compare_outputs(), api_visibility="private")
+    demo.unload(end_session)
+
+
+__all__ = ["build_app", "launch_kwargs", "preload"]

@@ -1,0 +1,407 @@
+"""Running a job from the page: the background Job that maps run_many's progress onto
+gr.Progress (phases, ETA, Stop), the worker-process hand-off, the model queue, and
+stream_records, which streams a run's records into a tab as they are written.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from ...measure import cancel
+from ...spec.config import ALL_MODES, RunConfig
+from ...spec.errors import UserError
+from .. import worker
+from . import guard
+from .runcfg import MODELS, swap_note
+from .sessions import clear_stop, stop_flag
+from .texts import md_text, status_md, ui_message, user_error
+
+
+#: Largest upload accepted (gradio checks it before our code sees the file).
+MAX_UPLOAD = "50mb"
+#: Every model job shares one queue slot: one generation at a time on the device.
+MODEL_QUEUE = "model"
+#: From this many new tokens on, progress also moves per token (a forward hook counts them).
+LONG_GENERATION = 128
+#: Minimum seconds between table refreshes while a run streams records. The results file is
+#: handed to the page once, at the end (each hand-over copies it into gradio's cache).
+TABLE_EVERY_S = 0.5
+#: The live results table shows this many of the newest records (the file holds them all).
+LIVE_ROWS = 200
+#: A running job says something to gradio at least this often, so that a client that went away
+#: is noticed (gradio checks after each update) and its generation stopped within a step.
+ALIVE_EVERY_S = 1.0
+#: Seconds between checks of the session's disk quota while a run writes records.
+DISK_EVERY_S = 5.0
+
+
+def in_worker(job: "Job", kind: str, cfg: RunConfig, **payload) -> Any:
+    """Run one job in cfg's worker process on behalf of `job` (its progress, phase, token
+    count and stop flag), returning the worker's result once the worker has ended it."""
+    def on_message(msg: tuple) -> None:
+        if msg[0] == "progress":
+            job.on_progress(*msg[2:])
+        elif msg[0] == "phase":
+            job.set_phase(msg[2])
+
+    def on_start(w: worker.WorkerClient) -> None:
+        job.tokens = worker.SharedCount(w.tokens)
+
+    return worker.worker_for(cfg).call(kind, {"cfg": cfg, **payload},
+                                       fixed=(MODELS.fixed_key, MODELS.fixed_label),
+                                       should_stop=job.stop.is_set, on_message=on_message,
+                                       on_start=on_start)
+
+
+# --- background job with progress ---------------------------------------------------------
+
+@contextmanager
+def token_counter(pipe, enabled: bool) -> Iterator[list[int]]:
+    """Counts top-level forwards of the receiver and sharer (= tokens produced) for per-token
+    progress of long generations. Prefill sections call the decoder body, so they do not count.
+    The hook costs about a microsecond per token; it is only installed for long generations."""
+    counter = [0]
+    handles = []
+    if enabled:
+        def hook(*_):
+            counter[0] += 1
+        for m in {id(m): m for m in (pipe.receiver, *(sl.model for sl in pipe.sharers))}.values():
+            handles.append(m.register_forward_hook(hook))
+    try:
+        yield counter
+    finally:
+        for h in handles:
+            h.remove()
+
+
+#: One model job at a time, for real: gradio's queue slot frees when a client goes away, but
+#: the next job's worker waits here until the previous generation has actually ended.
+RUN_LOCK = threading.Lock()
+#: (start, end) perf_counter seconds of the last model jobs, held RUN_LOCK to release (tests
+#: and the abuse check read it to prove that no two jobs overlapped).
+JOB_LOG: "collections.deque[tuple[float, float]]" = collections.deque(maxlen=256)
+
+
+class Job:
+    """Runs `work(job)` in a thread so a callback can keep yielding (records as they
+    arrive, progress ticks) while the model works. With the worker process (the default),
+    `work` hands the job to it (`in_worker`) and relays what it sends; the thread then only
+    waits, and the job ends when the worker has ended it. `work` passes `job.on_progress` and
+    `job.stop.is_set` to `run_many`, and may point `job.tokens` at a token counter. The work
+    runs under RUN_LOCK and a cancel scope: setting `job.stop` ends it within one decode
+    step."""
+
+    _END = object()
+
+    def __init__(self, work: Callable[["Job"], Any], stop: threading.Event | None = None,
+                 warmup: int = 0):
+        self.work = work
+        self.stop = stop or threading.Event()
+        self.warmup = warmup
+        self.q: queue.Queue = queue.Queue()
+        self.done, self.total = 0, 0
+        self.phase = "loading models"
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.created = time.perf_counter()  # the elapsed time counts from here
+        self.record_at: list[float] = []   # when each record arrived (for the ETA)
+        self.first_batch = 1                # rows in the first generation (its batch size)
+        #: the run's modes in their interleaved order (the ETA adds each mode's own rate)
+        self.modes: list[str] = []
+        self.mode_done: collections.Counter = collections.Counter()
+        self.mode_secs: collections.Counter = collections.Counter()  # timed seconds per mode
+        self.mode_timed: collections.Counter = collections.Counter()  # records in mode_secs
+        self.last_mode: str | None = None
+        self.tokens = [0]
+        self.cancelled = False
+        self.ended: float | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="c2c-job")
+
+    def on_progress(self, done: int, total: int, rec: dict | None) -> None:
+        self.done, self.total = done, total
+        self.tokens[0] = 0
+        if rec is None:  # run_many starts: the models are loaded
+            self.phase = "warming up" if self.warmup else "running"
+            self.started = time.perf_counter()
+        else:
+            self.phase = "running"
+            if not self.record_at:
+                b = rec.get("batch_size") if isinstance(rec, dict) else None
+                self.first_batch = b if isinstance(b, int) and b > 0 else 1
+            now = time.perf_counter()
+            mode = rec.get("mode") if isinstance(rec, dict) else None
+            if len(self.record_at) >= self.first_batch:
+                # the time since the previous record went to this one (a batch's rows arrive
+                # together: its time spreads over them); the first generation is left out, it
+                # also paid the warm-up and the fast engine's compile
+                self.mode_secs[mode] += now - self.record_at[-1]
+                self.mode_timed[mode] += 1
+            self.mode_done[mode] += 1
+            self.last_mode = mode
+            self.record_at.append(now)
+            self.q.put(rec)
+
+    def set_phase(self, phase: str) -> None:
+        """What the job does now, as the run says it (cancel.say): "timed run" is the records'
+        phase ("running"), anything else ("compiling … shape 2 of 4", "profiled run for the
+        trace") is shown as it is."""
+        self.phase = "running" if phase == "timed run" else phase
+
+    def _run(self) -> None:
+        from ...bench.runner import FRONTEND
+        FRONTEND.set("app")  # this thread's records (the in-process path) say so
+        try:
+            if not RUN_LOCK.acquire(blocking=False):
+                self.phase = "waiting"
+                while not RUN_LOCK.acquire(timeout=0.1):
+                    if self.stop.is_set():
+                        raise cancel.Cancelled()
+            t0 = time.perf_counter()
+            self.phase = "loading models"
+            try:
+                with cancel.scope(self.stop.is_set), cancel.reporting(self.set_phase):
+                    self.result = self.work(self)
+            finally:
+                JOB_LOG.append((t0, time.perf_counter()))
+                RUN_LOCK.release()
+        except cancel.Cancelled:
+            self.cancelled = True
+        except BaseException as e:  # noqa: BLE001 - handed to the callback's thread
+            self.error = e
+        finally:
+            self.ended = time.perf_counter()
+            self.q.put(self._END)
+
+    def events(self, tick: float = 0.25) -> Iterator[list[dict]]:
+        """Yields lists of new records (empty lists as ticks); re-raises the worker's error."""
+        self._thread.start()
+        while True:
+            try:
+                item = self.q.get(timeout=tick)
+            except queue.Empty:
+                yield []
+                continue
+            batch = []
+            while item is not self._END:
+                batch.append(item)
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
+            if item is self._END:
+                break
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def fraction(self, per_item_tokens: int | None) -> float | None:
+        """Share done (None while loading or warming up: gradio shows a spinner and a clock)."""
+        if not self.total or self.phase != "running":
+            return None
+        part = min(self.tokens[0] / per_item_tokens, 0.99) if per_item_tokens else 0.0
+        return min((self.done + part) / self.total, 1.0)
+
+    def describe(self, unit: str = "generation") -> str:
+        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+        if self.phase == "waiting":
+            return "Waiting for the previous job to end…" + took
+        if self.phase == "loading models":
+            return "Loading models…" + took
+        if self.phase == "warming up":
+            return "Warm-up (not recorded)…" + took
+        if self.phase != "running":  # a phase the run said (compiling a shape, the trace…)
+            return self.phase[:1].upper() + self.phase[1:] + "…" + took
+        text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
+        if self.tokens[0]:
+            text += f", token {self.tokens[0]}"
+        eta = self.eta()
+        if eta is not None:
+            text += f" · ETA {fmt_seconds(eta)}"
+        return text + f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left: per mode, its own seconds per record x its records still to come (mode
+        `all` interleaves modes of very different speeds); less the time the record in flight
+        has run, at most its mode's expected time (so the ETA does not fall to 0 between
+        records and jump back). None until every mode has a timed record."""
+        now = time.perf_counter() if now is None else now
+        modes = self.modes or [m for m in self.mode_done]
+        if not modes or not self.total or self.done >= self.total or not self.record_at:
+            return None
+        if any(not self.mode_timed[m] for m in modes):
+            return None
+        rate = {m: self.mode_secs[m] / self.mode_timed[m] for m in modes}
+        each = self.total / len(modes)
+        left = {m: max(each - self.mode_done[m], 0.0) for m in modes}
+        todo = sum(rate[m] * left[m] for m in modes)
+        i = modes.index(self.last_mode) if self.last_mode in modes else -1
+        nxt = next((modes[(i + k) % len(modes)] for k in range(1, len(modes) + 1)
+                    if left[modes[(i + k) % len(modes)]] > 0), modes[0])
+        return max(todo - min(now - self.record_at[-1], rate[nxt]), 0.0)
+
+
+def stopped_during(phase: str) -> str:
+    """' during …' for a stop that ended a run outside its timed generations."""
+    if phase.startswith(("compiling", "preparing")):
+        m = re.search(r"shape \d+ of \d+", phase)
+        return " during the fast engine's compile" + (f" (at {m.group(0)})" if m else "")
+    if phase == "loading models":
+        return " while the models loaded"
+    if phase == "warming up":
+        return " during the warm-up"
+    return ""
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 10:
+        return f"{max(s, 0):.1f} s"
+    s = int(round(s))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def tokens_per_item(cfg: RunConfig) -> int | None:
+    """Forwards per record for per-token progress; None for short generations (no hook)."""
+    if cfg.gen.max_new_tokens < LONG_GENERATION:
+        return None
+    n = cfg.gen.max_new_tokens
+    return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", ALL_MODES) else n
+
+
+# --- ZeroGPU -------------------------------------------------------------------------------
+
+def gpu(duration: int = 120) -> Callable:
+    """`spaces.GPU(duration=...)` on a Hugging Face ZeroGPU Space; a no-op elsewhere."""
+    try:
+        import spaces  # type: ignore
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+def space_runtime() -> bool:
+    """True when the `spaces` package is importable (ZeroGPU hardware)."""
+    try:
+        import spaces  # type: ignore  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# --- streaming a run into the page ---------------------------------------------------------
+
+def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
+                   stop: threading.Event | None = None, unit: str = "generation",
+                   runner: Callable | None = None, request: gr.Request | None = None):
+    """Run `items` into `path` in the worker process (or, on the in-process path, a thread) and
+    yield `render(records, status, file)` as
+    records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
+    that goes away ends the run within one decode step; the session's disk quota ends it too.
+    A UserError is said in the status line and raised as gr.Error. Every finished record is in
+    the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
+    (same arguments after the items), e.g. a length sweep; it must pickle (a module-level
+    function, or a partial of one) to travel to the worker process.
+
+    Streams: only the newest LIVE_ROWS records and a running summary stay in memory; `render`
+    gets those rows and, as `summary=`, the RunningSummary of every record so far."""
+    from collections import deque
+
+    from ...io.records import JsonlWriter
+    from ...bench.runner import run_many
+    from ...report.summary import RunningSummary
+    per_item = tokens_per_item(cfg)
+    folder = os.path.dirname(path)
+    guard.check_disk(folder)
+    own_stop = stop is None
+    stop = stop if stop is not None else stop_flag(request)
+    full = threading.Event()
+
+    def work(job: Job):
+        if worker.enabled():  # the generations run in the worker process, which writes path
+            return in_worker(job, "run", cfg, items=items, path=path, runner=runner,
+                             count_tokens=per_item is not None)
+        pipe = MODELS.get(cfg)
+        from ...engines.budget import check_batches
+        check_batches(cfg, items)  # the largest batch's KV cache, prompts known
+        with JsonlWriter(path) as w, token_counter(pipe, per_item is not None) as counter:
+            job.tokens = counter
+            return (runner or run_many)(pipe, cfg, items, writer=w, on_progress=job.on_progress,
+                                        should_stop=job.stop.is_set, keep=False)
+
+    job = Job(work, stop, cfg.warmup)
+    from ...bench.runner import modes_of
+    job.modes = list(modes_of(cfg))
+    recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
+    summary = RunningSummary()
+    swap = swap_note(cfg)
+    first = render([], status_md((swap + "  \n" if swap else "")
+                                 + "Started: loading models and warming up if needed…", "run"),
+                   gr.skip(), summary=summary)
+    alive = tuple(gr.skip() for _ in first)
+    yield first
+    last_table = last_yield = last_disk = time.perf_counter()
+    try:
+        for batch in job.events():
+            recs.extend(batch)
+            for r in batch:
+                summary.add(r)
+            progress(job.fraction(per_item), desc=job.describe(unit))
+            now = time.perf_counter()
+            if now - last_disk >= DISK_EVERY_S:
+                last_disk = now
+                if guard.over_disk(folder):
+                    full.set()
+                    job.stop.set()
+            if batch and now - last_table >= TABLE_EVERY_S:
+                last_table = last_yield = now
+                msg = f"Running: {summary.count} of {job.total} record(s) done… {summary.line()}"
+                yield render(list(recs), status_md(msg, "run"), gr.skip(), summary=summary)
+                # a yield turns the page's progress bar into a "generating" border: redraw it
+                progress(job.fraction(per_item), desc=job.describe(unit))
+            elif now - last_yield >= ALIVE_EVERY_S:
+                last_yield = now
+                yield alive  # lets gradio notice a client that went away
+    except UserError as e:
+        kept = f" {summary.count} finished record(s) are in the download." if recs else ""
+        yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),
+                     path if recs else None, summary=summary)
+        raise user_error(e) from None
+    except GeneratorExit:  # the client went away: its generation stops within a decode step
+        job.stop.set()
+        raise
+    finally:
+        if own_stop:
+            clear_stop(request, stop)
+    if full.is_set():
+        msg = status_md(f"**Stopped:** this session's results reached the disk limit"
+                        f" ({guard.limit('session_disk_mb')} MB, C2C_SESSION_DISK_MB) after"
+                        f" {summary.count} record(s); download them and reload the page for a new"
+                        " session.", "warn")
+    elif (job.stop.is_set() or job.cancelled) and summary.count < job.total:
+        during = stopped_during(job.phase)
+        msg = status_md(f"**Stopped**{during} after {summary.count} of {job.total or '?'}"
+                        " record(s); the finished ones are in the download.")
+    else:
+        secs = time.perf_counter() - job.started
+        msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"
+                        f" `{os.path.basename(path)}`.", "ok")
+    if summary.count > LIVE_ROWS:
+        msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
+    if summary.count:
+        msg += f"  \n{summary.line()}"
+    from ...report.summary import contention_files
+    busy = contention_files({os.path.basename(path): list(summary.shares)})
+    if busy:
+        msg += "  \n" + status_md(busy, "warn")
+    yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)

@@ -1,0 +1,193 @@
+"""Profile tab: one prompt in detail — response, stage table, stage-breakdown chart, decode-step
+latency line, and the JSONL / TSV / Chrome trace / op-stats downloads."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from ...report import analysis, plots
+from ...spec.errors import UserError
+from ...io.prompts import BUILTIN_PROMPTS, resolve_prompts
+from ...bench.runner import modes_of
+from . import guard
+from .. import worker
+from .jobs import ALIVE_EVERY_S, Job, in_worker, token_counter, tokens_per_item
+from .render import plot, sized, stop_button
+from .runcfg import MODELS, swap_note, run_config
+from .sessions import clear_stop, new_run_path, session_dir, stop_flag
+from .texts import error_outputs, status_md, ui_message, user_error
+
+TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
+              " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
+              " read .gz); the stages are the `c2c/…` ranges. Its times are inflated by the"
+              " profiler; the JSONL and the charts hold the clean run.")
+
+STAGE_HEADS = {"stage": "stage", "ms": "time (ms)", "pct_of_e2e": "% of E2E", "count": "count"}
+
+
+@dataclass
+class ProfileTab:
+    prompt: gr.Textbox
+    run: gr.Button
+    status: gr.Markdown
+    response: gr.Textbox
+    stages: gr.Dataframe
+    breakdown: gr.Plot
+    steps: gr.Plot
+    files: gr.File
+    stop: gr.Button
+
+    def outputs(self) -> list:
+        return [self.status, self.response, self.stages, self.breakdown, self.steps, self.files]
+
+
+def build_profile_tab() -> ProfileTab:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(BUILTIN_PROMPTS[0], lines=3, max_lines=12, label="Prompt",
+                                elem_id="profile-prompt")
+        with gr.Column(scale=2, min_width=220):
+            gr.Examples([[p] for p in BUILTIN_PROMPTS], inputs=prompt, label="Built-in prompts")
+    with gr.Row():
+        run = gr.Button("Profile", variant="primary", elem_id="profile-run", scale=4)
+        stop = stop_button("profile-stop")
+    status = gr.Markdown("One warm-up (if set), the timed run, then a separate run under the"
+                         " profiler for the trace. Model jobs wait in one queue; the progress"
+                         " box shows your place.", label="status", elem_id="profile-status",
+                         elem_classes=["c2c-status"], min_height=56)
+    response = gr.Textbox(label="Response", lines=2, max_lines=12, interactive=False,
+                          elem_id="profile-response")
+    with gr.Row(equal_height=False):
+        stages = gr.Dataframe(pd.DataFrame(columns=list(STAGE_HEADS.values())),
+                              label="Stages of the timed run", interactive=False, scale=6,
+                              elem_id="profile-stages", min_width=380,
+                              column_widths=["48%", "20%", "18%", "14%"])
+        with gr.Column(scale=5):
+            breakdown = plot(plots.stage_breakdown_fig({}), "profile-breakdown", 360)
+    steps = plot(plots.decode_steps_fig(pd.DataFrame()), "profile-steps", 360)
+    files = gr.File(label="Downloads: JSONL · TSV stage table · Chrome trace · op stats",
+                    file_count="multiple", interactive=False, elem_id="profile-files",
+                    height=270, visible=False)
+    gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
+    return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files, stop)
+
+
+#: Profile's phases as the status line names them (others are said as the run says them).
+PROFILE_PHASES = {"waiting": "waiting for the previous job to end",
+                  "loading models": "loading the models", "profiling": "starting",
+                  "warming up": "warm-up (not recorded)", "running": "the timed run"}
+PROFILE_ORDER = ("loading the models · warm-up · compile (fast engine) · timed run · profiled"
+                 " run for the trace · writing the trace")
+
+
+def profile_phase_line(job, elapsed: float) -> str:
+    """'**Profiling** · now: the timed run · 12 s' (the steps in order under it)."""
+    from .jobs import fmt_seconds
+    now = PROFILE_PHASES.get(job.phase, job.phase)
+    return (f"**Profiling** · now: {now} · {fmt_seconds(elapsed)} elapsed  \n"
+            f"<small>Steps: {PROFILE_ORDER}.</small>")
+
+
+def stage_table(record: dict) -> pd.DataFrame:
+    from ...bench.profiling import stage_rows
+    rows = pd.DataFrame(stage_rows(record))
+    return rows[list(STAGE_HEADS)].rename(columns=STAGE_HEADS)
+
+
+def summary_line(rec: dict, device: str, dtype: str) -> str:
+    t = rec["timing"]
+    return (f"**Done** ({rec.get('mode', 'c2c')}): TTFT {t['ttft_ms']:.1f} ms · decode"
+            f" {t['decode_avg_ms']:.2f} ms/token ({t['tokens_per_second']:.1f} tok/s) ·"
+            f" {t['num_generated_tokens']} tokens · E2E {t['e2e_ms']:.1f} ms · on"
+            f" {device} {dtype}.")
+
+
+def check_profile(prompt: str, **settings):
+    """The profile's checks that need no model (also its validator: run before it queues)."""
+    guard.check_prompt_text(prompt)
+    return run_config(settings, repeats=1)
+
+
+def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **settings):
+    """Profile one prompt: status, response, stage table, two figures and the 4 files (a
+    generator only so that a failure can say itself in the status line before raising)."""
+    from ...bench.profiling import profile_item, profile_paths
+    stop = None
+    try:
+        cfg = check_profile(prompt, **settings)
+        items = resolve_prompts(prompt=prompt or "")
+        guard.check_disk(session_dir(request))
+        path = new_run_path(request, "profile")
+        paths = profile_paths(path, gz=True)
+        per_item = tokens_per_item(cfg)
+
+        def work(job):
+            if worker.enabled():  # the worker process runs it and writes the four files
+                return in_worker(job, "profile", cfg, item=items[0], paths=paths,
+                                 count_tokens=per_item is not None)
+            pipe = MODELS.get(cfg)
+            job.phase = "profiling"
+            with token_counter(pipe, per_item is not None) as counter:
+                job.tokens = counter
+                rec, _stats = profile_item(pipe, cfg, items[0], paths)
+            return {"record": rec, "device": pipe.device.type,
+                    "dtype": str(pipe.dtype).removeprefix("torch.")}
+
+        # tokens of all generations: warm-up(s) and timed run per mode, then the profiled run
+        modes = len(modes_of(cfg))
+        about = per_item * (modes * (cfg.warmup + 1) + 1) if per_item else None
+        stop = stop_flag(request)
+        swap = swap_note(cfg)
+        job = Job(work, stop)
+        said, last, t0 = None, time.perf_counter(), time.perf_counter()
+        try:
+            for _ in job.events():
+                now = time.perf_counter()
+                if job.phase != said or now - last >= ALIVE_EVERY_S:
+                    # the phase and the time since Profile was pressed, in the status line
+                    # (each update also lets gradio notice a client gone)
+                    said, last = job.phase, now
+                    text = profile_phase_line(job, now - t0)
+                    if swap:
+                        text = swap + "  \n" + text
+                    yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
+                if about and job.phase not in ("loading models", "waiting"):
+                    progress(min(job.tokens[0] / about, 0.99),
+                             desc=f"token {job.tokens[0]} of about {about} (warm-up, timed run,"
+                                  " profiled run)")
+                else:
+                    progress(None, desc=PROFILE_PHASES.get(job.phase, job.phase))
+        except GeneratorExit:  # the client went away: stop within a decode step
+            stop.set()
+            raise
+        if job.cancelled or job.result is None:
+            from .jobs import stopped_during
+            yield (status_md(f"**Stopped**{stopped_during(job.phase)} before the profile"
+                             " finished; nothing was recorded."),) \
+                + tuple(gr.skip() for _ in range(5))
+            return
+        done = job.result
+    except UserError as e:
+        yield error_outputs(e, 6)
+        raise user_error(e) from None
+    finally:
+        if stop is not None:
+            clear_stop(request, stop)
+    from ...io.records import read_records
+    recs = read_records(paths.jsonl)
+    steps = analysis.steps_frame(recs)
+    more = f" ({len(recs)} records: {', '.join(r['mode'] for r in recs)})" if len(recs) > 1 else ""
+    rec = done["record"]
+    status = summary_line(rec, done["device"], done["dtype"]) + more
+    from ...report.summary import RunningSummary, contention_files
+    busy = contention_files({os.path.basename(paths.jsonl): list(RunningSummary(recs).shares)})
+    if busy:
+        status += "  \n" + status_md(busy, "warn")
+    files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
+    yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
+            sized(plots.decode_steps_fig(steps), 360), files)
