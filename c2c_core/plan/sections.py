@@ -35,6 +35,9 @@ tests/test_plan_sections.py checks against vectors produced by the reference its
   other templateless tokenizers, and every tokenizer when templates are off, read plain text
   with their own special tokens (e.g. BOS), as generation.chat_ids does today; the added special
   tokens form the template sections.
+For engines: either sequence can end in padding (a receiver whose closing template is shorter,
+e.g. Gemma 3 <- SmolLM2), so the first new token comes from the last non-pad receiver position,
+and pads are masked out of attention (the reference numbers positions 0..L-1, pads included).
 Same tokenizer (ids mean the same tokens): no padding, one id sequence for both, and the
 projection stays today's: every position but the last (the reference's instruction / last-token
 sections), so a caller can use `plan_sections` for any pair.
@@ -132,9 +135,9 @@ def pad_id(tok) -> int:
 
 
 def _render(tok, template: str, message: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": message}], chat_template=template,
-                                   tokenize=False, add_generation_prompt=True,
-                                   enable_thinking=False)
+    kw = {} if template is getattr(tok, "chat_template", None) else {"chat_template": template}
+    return tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False, **kw)
 
 
 def _templated(tok, template: str, message: str) -> tuple[list[int], int, int]:
@@ -243,11 +246,13 @@ def plan_sections(receiver_tok, sharer_tok, message: str, strategy: str = "first
     alignment.same_ids); None compares the two vocabularies for equality."""
     if same_tokenizer is None:
         same_tokenizer = _same_vocab(receiver_tok, sharer_tok)
-    r_ids, ra, rb, r_fmt = encode_sections(receiver_tok, message, chat_template, receiver_name)
-    if not r_ids:
-        raise UserError("The prompt encodes to no tokens; give it some text.")
     if same_tokenizer:  # today's plan: the receiver's ids for both, all but the last projected
+        template, r_fmt = template_of(receiver_tok, chat_template, receiver_name)
+        r_ids = (receiver_tok(_render(receiver_tok, template, message), add_special_tokens=False)
+                 if template else receiver_tok(message, add_special_tokens=True))["input_ids"]
         n = len(r_ids)
+        if not n:
+            raise UserError("The prompt encodes to no tokens; give it some text.")
         ids, no = tuple(r_ids), (False,) * n
         return SectionedAlignment(ids, ids, no, no, (True,) * (n - 1) + (False,),
                                   (Section("instruction", 0, n - 1, n - 1, n - 1),
@@ -255,6 +260,7 @@ def plan_sections(receiver_tok, sharer_tok, message: str, strategy: str = "first
                                   "none", r_fmt, r_fmt)
     if strategy not in STRATEGIES:
         raise UserError(f"Alignment strategy {strategy} is unknown; use first or longest.")
+    r_ids, ra, rb, r_fmt = encode_sections(receiver_tok, message, chat_template, receiver_name)
     s_ids, sa, sb, s_fmt = encode_sections(sharer_tok, message, chat_template, sharer_name)
     r_pad, s_pad = pad_id(receiver_tok), pad_id(sharer_tok)
     if rb > ra:  # template, message, template
