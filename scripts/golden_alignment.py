@@ -90,8 +90,8 @@ def main() -> None:
     sys.path.insert(0, ref_dir)
     from rosetta.model.aligner import TokenAligner  # the reference, from the clone
 
-    from c2c_core.config import ModelSpec
-    from c2c_core.loading import load_tokenizer
+    from c2c_core.spec.config import ModelSpec
+    from c2c_core.models.loading import load_tokenizer
     from c2c_core.plan.sections import GEMMA3_CHAT_TEMPLATE
 
     toks = {}

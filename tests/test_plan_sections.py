@@ -16,10 +16,10 @@ import os
 
 import pytest
 
-from c2c_core.config import ModelSpec
-from c2c_core.errors import UserError
-from c2c_core.generation import chat_ids
-from c2c_core.loading import load_tokenizer
+from c2c_core.spec.config import ModelSpec
+from c2c_core.spec.errors import UserError
+from c2c_core.engines.generation import chat_ids
+from c2c_core.models.loading import load_tokenizer
 from c2c_core.plan.sections import (GEMMA3_CHAT_TEMPLATE, SectionedAlignment, plan_sections,
                                     template_of)
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..spec.errors import UserError
 
 STRATEGIES = ("first", "longest")
 
