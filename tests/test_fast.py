@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from c2c_core.engines import fast
+from c2c_core.models.stacked import stacked_for
 from c2c_core.spec.config import build_run_config
 from c2c_core.spec.errors import UserError
 from c2c_core.models.loading import load_pipeline
@@ -163,10 +164,11 @@ def _check_delays(pipe, c, keys, best, monkeypatch):
     base = best()
     eng = fast.engine_for(pipe)
     delay = 300.0
-    real = eng.project
-    monkeypatch.setattr(eng, "project", lambda *a: (time.sleep(delay / 1e3), real(*a))[1])
+    st = stacked_for(pipe.fuser)  # the stacked pass, inside the projection span
+    real = st.project_caches
+    monkeypatch.setattr(st, "project_caches", lambda *a: (time.sleep(delay / 1e3), real(*a))[1])
     t = best()
-    monkeypatch.setattr(eng, "project", real)
+    monkeypatch.setattr(st, "project_caches", real)
     assert delay <= t["projector_total_ms"] - base["projector_total_ms"] + 1 < 2.5 * delay  # sleep overshoots on a loaded machine
     assert t["ttft_ms"] - base["ttft_ms"] >= delay - 5  # the projection is before the 1st token
     for k in keys[:4] + ("decode_avg_ms", "other_ms"):

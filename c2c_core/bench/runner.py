@@ -28,12 +28,13 @@ from ..spec.config import RunConfig
 from ..spec.errors import OutOfMemory
 
 
-def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer) -> Generation:
+def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,
+             repeat: int = 0) -> Generation:
     """One timed generation of `item` in `mode` by the engine the config resolves to (the fast
     engine runs it as a batch of one). The clock starts before tokenization."""
     if engine_of(pipe, cfg) == "fast":
-        return fast.generate_batch(pipe, cfg, [item], mode, timer)[0]
-    return eager.generate(pipe, cfg, item, mode, timer)
+        return fast.generate_batch(pipe, cfg, [item], mode, timer, [repeat])[0]
+    return eager.generate(pipe, cfg, item, mode, timer, repeat)
 
 # --- driving -------------------------------------------------------------------------------
 
@@ -41,7 +42,7 @@ def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer
 def run_one(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str = "c2c", repeat: int = 0,
             meta: dict | None = None, annotate: bool = False) -> dict:
     timer = Timer(pipe.device, cfg.timing, annotate=annotate)
-    g = generate(pipe, cfg, item, mode, timer)
+    g = generate(pipe, cfg, item, mode, timer, repeat)
     return make_record(pipe, item, mode, repeat, g,
                        meta if meta is not None else run_metadata(pipe, cfg, timer.method_name))
 

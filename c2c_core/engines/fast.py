@@ -31,9 +31,10 @@ import torch
 
 from ..measure import cancel
 from ..spec.errors import UserError
-from ..models.fusion import decoder
-from .generation import (T2T_ANSWER_TEMPLATE, T2T_NOTE_INSTRUCTION, Generation, chat_ids,
-    make_record, modes_of, run_metadata, start_generation, sync_safe, to_item)
+from ..models.fusion import decoder, project_sharers, sample
+from ..plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
+from .generation import (Generation, make_record, modes_of, run_metadata, sharers_of,
+                         start_generation, sync_safe, to_item)
 from ..io.records import is_done
 from ..models.stacked import stacked_for
 from ..measure.timing import Timer
@@ -51,36 +52,28 @@ def bucket(n: int) -> int:
     return L
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] left-padded with pad_id, and pad [B] = padding positions per row."""
+@dataclass
+class Rows:
+    """A batch of rows left-padded to one length: ids [B, T]; lp [B] left padding per row; ok
+    [B, T] False at every padding position (left, and a sectioned plan's inner padding)."""
+    ids: torch.Tensor
+    lp: torch.Tensor
+    ok: torch.Tensor
+
+    def ok_to(self, L: int) -> torch.Tensor:
+        """ok over L cache positions: positions past the prompt (new tokens) are real."""
+        B, T = self.ok.shape
+        return torch.cat([self.ok, self.ok.new_ones(B, L - T)], 1)
+
+
+def layout(rows: list[list[int]], pads: list[list[bool] | None], pad_id: int, device) -> Rows:
     T = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long,
                        device=device)
-    pad = torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
-    return ids, pad
-
-
-def _filter_logits(x: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    if top_k and top_k > 0:
-        kth = torch.topk(x, min(top_k, x.shape[-1])).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sx, idx = torch.sort(x, descending=True)
-        p = torch.softmax(sx, -1)
-        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix reaching top_p
-        x = torch.full_like(x, float("-inf")).scatter(-1, idx, sx.masked_fill(drop, float("-inf")))
-    return x
-
-
-def sample_nosync(logits: torch.Tensor, gen, generator) -> torch.Tensor:
-    """Next tokens [B, 1] on the device without reading anything back: argmax, or (sampling) the
-    exponential trick argmax(p / E), E ~ Exp(1) from the seeded generator."""
-    if not gen.do_sample:
-        return logits.argmax(-1, keepdim=True)
-    x = _filter_logits(logits.float() / max(gen.temperature, 1e-5), gen.top_p, gen.top_k)
-    p = torch.softmax(x, -1)
-    e = torch.empty_like(p).exponential_(1.0, generator=generator)
-    return (p / e).argmax(-1, keepdim=True)
+    lp = torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
+    ok = torch.tensor([[False] * (T - len(r)) + [not q for q in (p or [False] * len(r))]
+                       for r, p in zip(rows, pads)], dtype=torch.bool, device=device)
+    return Rows(ids, lp, ok)
 
 
 @dataclass
@@ -104,16 +97,13 @@ class FastEngine:
         self._caches: dict = {}
         self._steps: dict = {}
         self._ready: set = set()
-        for m in {id(pipe.receiver): pipe.receiver, id(pipe.sharer): pipe.sharer}.values():
+        models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
+        for m in {id(m): m for m in models}.values():
             impl = getattr(m.config, "_attn_implementation", None) or "eager"
             if impl not in ("sdpa", "eager"):
                 raise UserError(f"The fast engine supports the sdpa and eager attention"
                                 f" implementations, not {impl}; use --attn_implementation sdpa"
                                 " or --engine eager.")
-            types = getattr(m.config, "layer_types", None) or []
-            if any(t != "full_attention" for t in types):
-                raise UserError("The fast engine supports full-attention layers only (this model"
-                                " has sliding-window layers); use --engine eager.")
         if compile:
             import torch._dynamo
             cfg = torch._dynamo.config
@@ -140,7 +130,7 @@ class FastEngine:
         c = self._caches.get(key)
         if c is None:
             m = self.model(role)
-            c = StaticCache(config=m.config, max_cache_len=L)
+            c = StaticCache(config=_full_attention(m.config), max_cache_len=L)
             from ..models.projector import kv_shape
             _, heads, hd = kv_shape(m.config)
             c.early_initialization(B, heads, hd, self.pipe.dtype, self.device)
@@ -159,18 +149,21 @@ class FastEngine:
         return torch.zeros(keep.shape, dtype=dt, device=keep.device).masked_fill(
             ~keep, torch.finfo(dt).min)
 
-    def _prefill_args(self, role: str, start: int, q: int, L: int, pad: torch.Tensor):
+    def _prefill_args(self, role: str, start: int, q: int, L: int, rows: Rows):
+        """A query sees earlier real positions (and itself: a padding query is never fully
+        masked); positions count from the row's first real token, inner padding included (as
+        the reference numbers them)."""
         i = torch.arange(start, start + q, device=self.device)[:, None]        # [q, 1]
         j = torch.arange(L, device=self.device)[None]                          # [1, L]
-        keep = (j <= i)[None] & ((j[None] >= pad[:, None, None]) | (j == i)[None])
-        pos = (i.T - pad[:, None]).clamp(min=0)                                  # [B, q]
+        keep = (j <= i)[None] & (rows.ok_to(L)[:, None, :] | (j == i)[None])
+        pos = (i.T - rows.lp[:, None]).clamp(min=0)                             # [B, q]
         return self._mask(role, keep), pos
 
-    def prefill(self, role: str, cache, emb: torch.Tensor, start: int, pad: torch.Tensor,
+    def prefill(self, role: str, cache, emb: torch.Tensor, start: int, rows: Rows,
                 logits: bool) -> torch.Tensor | None:
         """Run emb [B, q, H] at cache positions [start, start+q); the last position's logits
         [B, V] when `logits`, else only fill the cache (no LM head)."""
-        mask, pos = self._prefill_args(role, start, emb.shape[1], cache.layers[0].max_cache_len, pad)
+        mask, pos = self._prefill_args(role, start, emb.shape[1], cache.layers[0].max_cache_len, rows)
         m = self.model(role)
         if not logits:
             decoder(m)(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
@@ -187,12 +180,13 @@ class FastEngine:
         sdpa = m.config._attn_implementation == "sdpa"
         dt = self.pipe.dtype
 
-        def step(tok: torch.Tensor, c: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        def step(tok: torch.Tensor, c: torch.Tensor, lp: torch.Tensor,
+                 ok: torch.Tensor) -> torch.Tensor:
             ar = torch.arange(L, device=tok.device)
-            keep = ((ar[None] >= pad[:, None]) & (ar[None] <= c))[:, None, None, :]   # [B,1,1,L]
+            keep = (ok & (ar[None] <= c))[:, None, None, :]                        # [B,1,1,L]
             mask = keep if sdpa else torch.zeros(keep.shape, dtype=dt, device=tok.device) \
                 .masked_fill(~keep, torch.finfo(dt).min)
-            pos = (c - pad)[:, None]
+            pos = (c - lp)[:, None]
             out = m(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1, :]
@@ -202,25 +196,41 @@ class FastEngine:
             return step
         return torch.compile(step, mode="reduce-overhead" if self.cuda else None, dynamic=False)
 
+    def check_window(self, role: str, L: int) -> None:
+        """A model that decodes here with sliding-window layers: its static cache and our masks
+        treat every layer as full attention, which is exact while the whole cache fits in the
+        window (the packaged Gemma 3: 512 positions). Past it, refuse in one sentence."""
+        cfg = self.model(role).config
+        window = getattr(cfg, "sliding_window", None)
+        if window and any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])) \
+                and L > window:
+            raise UserError(f"The fast engine decodes the {role} (sliding-window attention of"
+                            f" {window} positions) only while prompt + new tokens fit in"
+                            f" {window}; this run needs {L}: use shorter prompts, fewer"
+                            " --max_new_tokens, or --engine eager.")
+
     def prepare(self, role: str, B: int, L: int, greedy: bool) -> None:
         """Allocate the cache and compile (and on CUDA capture) the step for this shape: a dummy
         prefill of one token, three steps, then the cache is reset. Timed into compile_s."""
         key = (role, B, L, greedy)
         if key in self._ready:
             return
+        self.check_window(role, L)
         t0 = time.perf_counter()
         with torch.inference_mode():
             cache = self.cache(role, B, L)
             if key not in self._steps:
                 self._steps[key] = self._make_step(role, cache, L, greedy)
             m = self.model(role)
-            pad = torch.zeros(B, dtype=torch.long, device=self.device)
             ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-            self.prefill(role, cache, m.get_input_embeddings()(ids), 0, pad, logits=False)
+            rows = Rows(ids, torch.zeros(B, dtype=torch.long, device=self.device),
+                        torch.ones(B, 1, dtype=torch.bool, device=self.device))
+            self.prefill(role, cache, m.get_input_embeddings()(ids), 0, rows, logits=False)
+            ok = rows.ok_to(L)
             for k in range(1, 4):
                 if self.cuda and self.compile:
                     torch.compiler.cudagraph_mark_step_begin()
-                self._steps[key](ids, torch.tensor(k, device=self.device), pad).clone()
+                self._steps[key](ids, torch.tensor(k, device=self.device), rows.lp, ok).clone()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
             self.cache(role, B, L)
@@ -239,8 +249,8 @@ class FastEngine:
 
     # --- generation ------------------------------------------------------------------------
 
-    def decode(self, role: str, cache, L: int, logits: torch.Tensor, pad: torch.Tensor,
-               start: int, n_max: int, gen, eos: set[int], ignore_eos: bool, generator,
+    def decode(self, role: str, cache, L: int, logits: torch.Tensor, rows: Rows,
+               start: int, n_max: int, gen, eos: set[int], ignore_eos: bool, gens,
                timer: Timer, stage: str, on_first=None) -> Decoded:
         """First token from the prefill logits, then one step per further token; the first new
         token is written at cache position `start`."""
@@ -248,9 +258,10 @@ class FastEngine:
         greedy = not gen.do_sample
         step = self._steps[(role, B, L, greedy)]
         dev = self.device
-        pad_id = self.pad_id
+        pad_id = self.pad_id(role)
+        ok, lp = rows.ok_to(L), rows.lp
         out = torch.empty(B, n_max, dtype=torch.long, device=dev)
-        tok = sample_nosync(logits, gen, generator)                              # [B, 1]
+        tok = sample(logits, gen, gens)                                          # [B, 1]
         out[:, :1] = tok
         eos_t = torch.tensor(sorted(eos) or [-1], dtype=torch.long, device=dev)
         done = torch.isin(tok[:, 0], eos_t) if not ignore_eos else None
@@ -268,8 +279,8 @@ class FastEngine:
             with timer.span(stage):
                 if mark:
                     torch.compiler.cudagraph_mark_step_begin()
-                r = step(tok, c, pad)
-                tok = (r if greedy else sample_nosync(r, gen, generator)).clone()
+                r = step(tok, c, lp, ok)
+                tok = (r if greedy else sample(r, gen, gens)).clone()
                 if done is not None:
                     tok = tok.masked_fill(done[:, None], pad_id)
                     done = done | torch.isin(tok[:, 0], eos_t)
@@ -281,75 +292,118 @@ class FastEngine:
             rows = [_cut_at_eos(r, eos) for r in rows]
         return Decoded(rows, n - 1)
 
-    @property
-    def pad_id(self) -> int:
-        tok = self.pipe.tokenizer
+    def pad_id(self, role: str = "receiver") -> int:
+        """The padding id of the model that reads the rows: "receiver", "sharer" (sharer 1) or
+        "sharerK"."""
+        k = 0 if role == "receiver" else int(role[6:] or 1)
+        tok = self.pipe.tokenizer if k == 0 else self.pipe.sharers[k - 1].tokenizer
         for v in (tok.pad_token_id, tok.eos_token_id):
             if isinstance(v, int):
                 return v
         return 0
 
-    def c2c_prefill(self, ids: torch.Tensor, pad: torch.Tensor, L: int, with_sharer: bool,
-                    timer: Timer):
-        """Sectioned prefill of a left-padded batch ids [B, T]: receiver and sharer over the
-        first T-1 positions, one batched projection, then the last token (without the sharer:
-        one plain prefill of the receiver, the honest baseline). Returns the receiver
-        cache, last-token logits [B, V] and the projector calls (layer pairs)."""
-        B, T = ids.shape
+    def c2c_prefill(self, rows: Rows, feeds: list, L: int, with_sharer: bool, timer: Timer):
+        """Sectioned prefill of a left-padded batch rows.ids [B, T]: the receiver and every
+        sharer over the first T-1 positions, the projection, then the last token (without the
+        sharer: one plain prefill of the receiver, the honest baseline). `feeds`: per sharer
+        (k, its Rows, its projection mask [B, T-1] bool or None for all). Returns the receiver
+        cache, last-token logits [B, V] and the projector calls per sharer."""
+        B, T = rows.ids.shape
         n = T - 1
         r_model = self.pipe.receiver
         with timer.span("base_embedding"):
-            r_emb = r_model.get_input_embeddings()(ids)
+            r_emb = r_model.get_input_embeddings()(rows.ids)
         r_cache = self.cache("receiver", B, L)
         if not with_sharer:  # the receiver alone: one plain prefill, as the eager engine does
             cancel.check()
             with timer.span("base_prefill"):
-                logits = self.prefill("receiver", r_cache, r_emb, 0, pad, logits=True)
-            return r_cache, logits, 0
-        calls = 0
+                logits = self.prefill("receiver", r_cache, r_emb, 0, rows, logits=True)
+            return r_cache, logits, {}
+        calls: dict[int, int] = {}
         if n > 0:
             cancel.check()
             with timer.span("base_prefill"):
-                self.prefill("receiver", r_cache, r_emb[:, :n], 0, pad, logits=False)
-            if with_sharer:
+                self.prefill("receiver", r_cache, r_emb[:, :n], 0, rows, logits=False)
+            s_caches, masks = [], []
+            for k, srows, mask in feeds:
                 cancel.check()
-                with timer.span("teacher_embedding"):
-                    s_emb = self.pipe.sharer.get_input_embeddings()(ids[:, :n])
-                s_cache = self.cache("sharer", B, L)
-                with timer.span("teacher_prefill"):
-                    self.prefill("sharer", s_cache, s_emb, 0, pad, logits=False)
-                with timer.span("projection"):
-                    calls = self.project(r_cache, s_cache, n)
+                model = self.pipe.sharers[k - 1].model
+                with timer.span("teacher_embedding", who=k):
+                    s_emb = model.get_input_embeddings()(srows.ids[:, :n])
+                with timer.span("teacher_prefill", who=k):
+                    s_caches.append(self.sharer_prefill(model, s_emb, srows, n))
+                masks.append(mask)
+            cancel.check()
+            calls = self.project(r_cache, s_caches, n, masks, timer)
+            del s_caches
         with timer.span("base_prefill"):
-            logits = self.prefill("receiver", r_cache, r_emb[:, n:], n, pad, logits=True)
+            logits = self.prefill("receiver", r_cache, r_emb[:, n:], n, rows, logits=True)
         return r_cache, logits, calls
 
-    def project(self, r_cache, s_cache, n: int) -> int:
-        fuser = self.pipe.fuser
-        st = stacked_for(fuser)
-        if st is not None:
-            return st.project_caches(r_cache.layers, s_cache.layers, n)
-        calls = 0  # projectors of different sizes: one call per pair, still one span
-        for t, pairs in fuser.mapping.items():
-            rl = r_cache.layers[t]
-            for s, i in pairs:
-                sl = s_cache.layers[s]
-                k, v = fuser.projectors[i]((sl.keys[:, :, :n], sl.values[:, :, :n]),
-                                           (rl.keys[:, :, :n], rl.values[:, :, :n]))
-                rl.keys[:, :, :n].copy_(k)
-                rl.values[:, :, :n].copy_(v)
-                calls += 1
-        return calls
+    def sharer_prefill(self, model, emb: torch.Tensor, srows: Rows, n: int):
+        """A sharer in c2c only fills a cache to project (it never decodes): a cache holding its
+        prompt only (n positions, full length in every layer, freed after the projection) and
+        our own masks, a sliding window applied where the model's layers have one."""
+        from transformers import DynamicCache
+        i = torch.arange(n, device=self.device)[:, None]
+        j = torch.arange(n, device=self.device)[None]
+        keep = (j <= i)[None] & (srows.ok[:, None, :n] | (j == i)[None])          # [B, n, n]
+        pos = (i.T - srows.lp[:, None]).clamp(min=0)
+        cfg = model.config
+        mask = self._mask_for(model, keep)
+        window = getattr(cfg, "sliding_window", None)
+        if window and any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+            mask = {"full_attention": mask,
+                    "sliding_attention": self._mask_for(model, keep & ((i - j) < window)[None])}
+        cache = DynamicCache()
+        decoder(model)(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                       past_key_values=cache, use_cache=True)
+        return cache
 
-    def plain_prefill(self, role: str, ids: torch.Tensor, pad: torch.Tensor, L: int,
-                      timer: Timer, emb_stage: str, prefill_stage: str):
+    def _mask_for(self, model, keep: torch.Tensor) -> torch.Tensor:
+        keep = keep[:, None]
+        if model.config._attn_implementation == "sdpa":
+            return keep
+        dt = self.pipe.dtype
+        return torch.zeros(keep.shape, dtype=dt, device=keep.device).masked_fill(
+            ~keep, torch.finfo(dt).min)
+
+    def project(self, r_cache, s_caches: list, n: int, masks: list, timer: Timer) -> dict[int, int]:
+        """All sharers' projections. One sharer reading the receiver's positions with projectors
+        of one size: one stacked pass over every layer pair (stacked.py); otherwise the eager
+        engine's projection (fusion.project_sharers: parallel or sequential, first pair wins,
+        masks) over the static cache's first n positions."""
+        fuser = self.pipe.fuser
+        st = stacked_for(fuser) if len(s_caches) == 1 else None
+        if st is not None:
+            with timer.span("projection", who=1):
+                return {1: st.project_caches(r_cache.layers, s_caches[0].layers, n, masks[0])}
+        return project_sharers(fuser, r_cache, s_caches, n, timer, self.pipe.fusion, masks,
+                               static=True)
+
+    def plain_prefill(self, role: str, rows: Rows, L: int, timer: Timer, emb_stage: str,
+                      prefill_stage: str, who: int | None = None):
         m = self.model(role)
-        with timer.span(emb_stage):
-            emb = m.get_input_embeddings()(ids)
-        cache = self.cache(role, ids.shape[0], L)
-        with timer.span(prefill_stage):
-            logits = self.prefill(role, cache, emb, 0, pad, logits=True)
+        with timer.span(emb_stage, who=who):
+            emb = m.get_input_embeddings()(rows.ids)
+        cache = self.cache(role, rows.ids.shape[0], L)
+        with timer.span(prefill_stage, who=who):
+            logits = self.prefill(role, cache, emb, 0, rows, logits=True)
         return cache, logits
+
+
+def _full_attention(config):
+    """The config a static cache is built from: every layer full-length. A sliding-window model
+    decodes here only while its whole cache fits in the window (check_window), where sliding
+    and full attention see the same positions; our masks say which."""
+    types = getattr(config, "layer_types", None) or []
+    if not any(t != "full_attention" for t in types):
+        return config
+    import copy
+    c = copy.copy(config)
+    c.layer_types = ["full_attention"] * len(types)
+    c.sliding_window = None
+    return c
 
 
 def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
@@ -370,33 +424,7 @@ def engine_for(pipe, compile: bool | None = None) -> FastEngine:
 
 # --- generation of a batch of items (the runner's `generate`, B >= 1) -----------------------
 
-def encode(pipe, cfg, item, mode: str) -> list[int]:
-    """The ids the first model reads, as runner.generate encodes them."""
-    if item.input_ids is not None:
-        ids = list(item.input_ids)
-    elif mode == "t2t":
-        ids = chat_ids(pipe.tokenizer, T2T_NOTE_INSTRUCTION.format(question=item.prompt),
-                       cfg.chat_template)
-    else:
-        ids = chat_ids(pipe.tokenizer, item.prompt, cfg.chat_template)
-    if not ids:
-        raise UserError(f"Prompt {item.id} encodes to no tokens; give it some text.")
-    return ids
-
-
-T2T_SLACK = 16  # re-encoding a decoded note may add a few tokens
-
-
-def _t2t_answer_bound(pipe, cfg, item) -> int:
-    if item.input_ids is not None:
-        base = len(item.input_ids)
-    else:
-        base = len(chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(note="", question=item.prompt),
-                            cfg.chat_template))
-    return base + cfg.gen.t2t_note_tokens + T2T_SLACK
-
-
-def plan(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
+def shapes_of(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
     """Every (kind, role, B, L[, greedy]) a run over `batches` x `modes` will use."""
     g = cfg.gen
     greedy = not g.do_sample
@@ -404,17 +432,14 @@ def plan(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
     for items in batches:
         B = len(items)
         for mode in modes:
-            T = max(len(encode(pipe, cfg, it, mode)) for it in items)
+            T = max(len(build_plan(pipe, cfg, it, mode).ids) for it in items)
             if mode in ("c2c", "receiver"):
-                L = bucket(T + g.max_new_tokens)
-                keys.add(("step", "receiver", B, L, greedy))
-                if mode == "c2c":
-                    keys.add(("cache", "sharer", B, L))
+                keys.add(("step", "receiver", B, bucket(T + g.max_new_tokens), greedy))
             elif mode == "sharer":
                 keys.add(("step", "sharer", B, bucket(T + g.max_new_tokens), greedy))
             elif mode == "t2t":
                 keys.add(("step", "sharer", B, bucket(T + g.t2t_note_tokens), greedy))
-                T2 = max(_t2t_answer_bound(pipe, cfg, it) for it in items)
+                T2 = max(t2t_answer_bound(pipe, cfg, it) for it in items)
                 keys.add(("step", "receiver", B, bucket(T2 + g.max_new_tokens), greedy))
     return keys
 
@@ -429,7 +454,7 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         t0 = time.perf_counter()
         stacked_for(pipe.fuser)
         eng.compile_s += time.perf_counter() - t0
-    keys = sorted(plan(pipe, cfg, batches, modes), key=str)
+    keys = sorted(shapes_of(pipe, cfg, batches, modes), key=str)
     steps = [k for k in keys if k[0] == "step" and tuple(k[1:]) not in eng._ready]
     done = 0
     for k in keys:
@@ -449,7 +474,8 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     return eng.compile_s - before
 
 
-def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
+def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
+                   repeats: list[int] | None = None) -> list:
     """One timed generation of a batch of items in `mode`: one Generation per item, each with
     the batch's stage times (its own decode steps: those it took part in). The clock starts
     before tokenization."""
@@ -459,62 +485,84 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
         raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
     mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
     try:
-        return _generate_batch(pipe, cfg, items, mode, timer, mem)
+        return _generate_batch(pipe, cfg, items, mode, timer, mem, repeats or [0] * len(items))
     finally:
         mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
 
 
-def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> list:
+def _feeds(plans, pipe, eng, dev) -> list:
+    """Per sharer: (k, its Rows, its projection mask [B, T-1] or None when every row projects
+    all of [0, n))."""
+    T = max(len(p.ids) for p in plans)
+    out = []
+    for j, f0 in enumerate(plans[0].feeds):
+        k = f0.who
+        fs = [p.feeds[j] for p in plans]
+        srows = layout([f.ids for f in fs], [f.pad for f in fs], eng.pad_id(f"sharer{k}"), dev)
+        mask = None
+        if any(f.project is not None for f in fs) or len({len(p.ids) for p in plans}) > 1:
+            rows = []
+            for p, f in zip(plans, fs):
+                proj = f.project if f.project is not None else [True] * (len(p.ids) - 1)
+                rows.append([False] * (T - len(p.ids)) + list(proj))
+            mask = torch.tensor(rows, dtype=torch.bool, device=dev)
+            if bool(mask.all()):
+                mask = None
+        out.append((k, srows, mask))
+    return out
+
+
+def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeats) -> list:
     from ..measure.timing import now_ns
     eng = engine_for(pipe)
     dev = pipe.device
     g = cfg.gen
     greedy = not g.do_sample
-    generator, eos, ttft, mark_first, wall0, t0 = start_generation(pipe, cfg)
-    rows = [encode(pipe, cfg, it, mode) for it in items]
-    B = len(rows)
-    calls, notes = 0, [[] for _ in rows]
+    gens, _, ttft, mark_first, wall0, t0 = start_generation(pipe, cfg, list(zip(items, repeats)))
+    plans = [build_plan(pipe, cfg, it, mode, timer, r) for it, r in zip(items, repeats)]
+    eos = plans[0].eos
+    rows_ids = [p.ids for p in plans]
+    B = len(plans)
+    calls, notes = {}, [[] for _ in plans]
     with torch.inference_mode():
         if mode in ("c2c", "receiver"):
-            ids, pad = left_pad(rows, eng.pad_id, dev)
-            L = bucket(ids.shape[1] + g.max_new_tokens)
+            rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev)
+            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
             eng.ensure("receiver", B, L, greedy)
-            cache, logits, calls = eng.c2c_prefill(ids, pad, L, mode == "c2c", timer)
-            dec = eng.decode("receiver", cache, L, logits, pad, ids.shape[1], g.max_new_tokens, g,
-                             eos, g.ignore_eos, generator, timer, "decode", mark_first)
+            feeds = _feeds(plans, pipe, eng, dev) if mode == "c2c" else []
+            cache, logits, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer)
+            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
+                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
+                             mark_first)
         elif mode == "sharer":
-            ids, pad = left_pad(rows, eng.pad_id, dev)
-            L = bucket(ids.shape[1] + g.max_new_tokens)
+            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
+            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
             eng.ensure("sharer", B, L, greedy)
-            cache, logits = eng.plain_prefill("sharer", ids, pad, L, timer, "teacher_embedding",
-                                              "teacher_prefill")
-            dec = eng.decode("sharer", cache, L, logits, pad, ids.shape[1], g.max_new_tokens, g,
-                             eos, g.ignore_eos, generator, timer, "decode", mark_first)
+            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                              "teacher_prefill", who=1)
+            dec = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
+                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
+                             mark_first)
         else:  # t2t: the note stops at EOS (capped by t2t_note_tokens), then the answer
-            ids, pad = left_pad(rows, eng.pad_id, dev)
-            L = bucket(ids.shape[1] + g.t2t_note_tokens)
+            sh1 = pipe.sharers[0]
+            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
+            L = bucket(rows.ids.shape[1] + g.t2t_note_tokens)
             eng.ensure("sharer", B, L, greedy)
-            cache, logits = eng.plain_prefill("sharer", ids, pad, L, timer, "teacher_embedding",
-                                              "teacher_prefill")
-            note = eng.decode("sharer", cache, L, logits, pad, ids.shape[1], g.t2t_note_tokens,
-                              g, eos, False, generator, timer, "sharer_decode")
+            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                              "teacher_prefill", who=1)
+            note = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
+                              g.t2t_note_tokens, g, sh1.eos_ids, False, gens, timer,
+                              "sharer_decode")
             notes = note.tokens
-            rows2 = []
-            for it, nt in zip(items, notes):
-                if it.input_ids is not None:
-                    rows2.append([t for t in nt if t not in eos] + list(it.input_ids))
-                else:
-                    text = pipe.tokenizer.decode(nt, skip_special_tokens=True).strip()
-                    rows2.append(chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(
-                        note=text, question=it.prompt), cfg.chat_template))
-            rows = rows2  # prompt_tokens = what the receiver read
-            ids, pad = left_pad(rows, eng.pad_id, dev)
-            L = bucket(max(ids.shape[1], max(_t2t_answer_bound(pipe, cfg, it) for it in items))
+            rows_ids = [t2t_answer_ids(pipe, cfg, it, nt) for it, nt in zip(items, notes)]
+            rows = layout(rows_ids, [None] * B, eng.pad_id(), dev)
+            L = bucket(max(rows.ids.shape[1], max(t2t_answer_bound(pipe, cfg, it) for it in items))
                        + g.max_new_tokens)
             eng.ensure("receiver", B, L, greedy)
-            cache, logits, _ = eng.c2c_prefill(ids, pad, L, False, timer)
-            dec = eng.decode("receiver", cache, L, logits, pad, ids.shape[1], g.max_new_tokens, g,
-                             eos, g.ignore_eos, generator, timer, "decode", mark_first)
+            cache, logits, _ = eng.c2c_prefill(rows, [], L, False, timer)
+            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
+                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
+                             mark_first)
     t_end = now_ns()
     wall1 = time.time()
     stages = timer.finish()
@@ -530,8 +578,12 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> lis
         # the steps the batch still ran for longer rows: this row's wait, not its "other"
         wait = (stages["decode"][len(toks) - 1:]
                 + stages["sharer_decode"][max(len(notes[i]) - 1, 0):])
-        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows[i]), calls, notes[i],
-                         mem.allocated_mb, mem.reserved_mb, wall0, wall1)
+        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows_ids[i]),
+                         sum(calls.values()), notes[i], mem.allocated_mb, mem.reserved_mb,
+                         wall0, wall1, sharers=sharers_of(pipe, plans[i]),
+                         by_sharer=timer.by_who, sharer_calls=dict(calls),
+                         speaker=1 if mode == "sharer" else 0,
+                         sharer_prompt_format=plans[i].prompt_format)
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         gen.cpu_share = mem.cpu_share
         gen.batch_wait = list(wait)
@@ -580,7 +632,8 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
             for todo, r, m in jobs:
                 if should_stop and should_stop():
                     break
-                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing))
+                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing),
+                                      [r] * len(todo))
                 for it, g in zip(todo, gens):
                     rec = make_record(pipe, it, m, r, g, meta)
                     if writer:

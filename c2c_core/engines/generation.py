@@ -33,19 +33,15 @@ from ..io.prompts import PromptItem as Item
 from ..io.prompts import score
 from ..io.records import MODES, SHARER_STAGES, percentile, r3, settings_digest
 from ..measure.timing import STAGES, Timer, now_ns, sync
+# prompts as each model reads them live in the plan layer; engines and callers read them here too
+from ..models.fusion import generators
+from ..plan.item import (T2T_ANSWER_TEMPLATE, T2T_NOTE_INSTRUCTION, chat_ids,  # noqa: F401
+                         prompt_format, row_seed)
 
 
 #: Which front end started the run, written into every record as `run.frontend`: "cli" unless
 #: the web app's runner (its worker process, or its job thread on ZeroGPU) sets "app".
 FRONTEND: contextvars.ContextVar[str] = contextvars.ContextVar("c2c_frontend", default="cli")
-
-
-T2T_NOTE_INSTRUCTION = (
-    "Write a short background note with facts that would help someone answer the question"
-    " below. Do not answer the question itself.\n\nQuestion: {question}")
-
-
-T2T_ANSWER_TEMPLATE = "Background note:\n{note}\n\nQuestion: {question}"
 
 
 @dataclass
@@ -65,7 +61,7 @@ class Generation:
     by_sharer: dict = field(default_factory=dict)        # sharer number -> stage -> [ms]
     sharer_calls: dict = field(default_factory=dict)     # sharer number -> projector calls
     speaker: int = 0                                     # who wrote `tokens`: 0 receiver, k sharer k
-    sharer_prompt_format: str | None = None              # sharer/t2t: "chat_template" or "plain"
+    sharer_prompt_format: str | None = None  # sharer/t2t: plan.item.prompt_format's value
     batch_size: int = 1                          # the fast engine generates batches
     batch_index: int = 0
     batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
@@ -73,50 +69,31 @@ class Generation:
     batch_wait: list[float] = field(default_factory=list)  # batch steps run after this row ended
 
 
-def prompt_format(tokenizer, chat_template: bool = True) -> str:
-    """How chat_ids encodes for this tokenizer: "chat_template", or "plain" text (with the
-    tokenizer's own special tokens, e.g. BOS) when it has no template or templates are off."""
-    return "chat_template" if chat_template and getattr(tokenizer, "chat_template", None) else "plain"
-
-
-def chat_ids(tokenizer, text: str, chat_template: bool = True) -> list[int]:
-    if prompt_format(tokenizer, chat_template) == "chat_template":
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                            add_generation_prompt=True, tokenize=True,
-                                            enable_thinking=False)
-        if hasattr(out, "keys"):  # BatchEncoding
-            out = out["input_ids"]
-        return list(out)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
 def engine_of(pipe: Pipeline, cfg: RunConfig) -> str:
-    """eager | fast. The fast engine runs one sharer fed the receiver's own ids: several
-    sharers or token alignment run on the eager engine (asked for explicitly, a refusal)."""
+    """eager | fast: both engines run every plan (any pair, any number of sharers)."""
     from ..spec.config import resolve_engine
-    engine = resolve_engine(cfg, pipe.device)
-    sharers = getattr(pipe, "sharers", None) or []
-    if engine == "fast" and (len(sharers) > 1 or any(getattr(s, "aligner", None) for s in sharers)):
-        if cfg.engine == "fast" or cfg.batch_size > 1:
-            raise UserError("The fast engine runs one sharer that reads the receiver's tokens;"
-                            " with several sharers or token alignment use --engine eager and"
-                            " --batch_size 1.")
-        return "eager"
-    return engine
+    return resolve_engine(cfg, pipe.device)
 
 
-def start_generation(pipe: Pipeline, cfg: RunConfig) -> tuple:
+def start_generation(pipe: Pipeline, cfg: RunConfig, rows: list[tuple] = ()) -> tuple:
     """What every generation (both engines) sets up before its clock starts, then the clock:
-    (sampling generator or None, EOS ids, first-token times, the marker that appends to them,
-    wall-clock start, t0 in ns). A stop asked for before this point ends it here."""
-    gen = None
+    (one sampling generator per (item, repeat) row, seeded from (seed, prompt id, repeat), or
+    None when greedy; EOS ids; first-token times, the marker that appends to them; wall-clock
+    start; t0 in ns). A stop asked for before this point ends it here."""
+    gens = None
     if cfg.gen.do_sample:
-        gen = torch.Generator(device=pipe.device).manual_seed(cfg.gen.seed)
+        gens = generators(pipe.device, [row_seed(cfg.gen.seed, it.id, r) for it, r in rows] or
+                          [cfg.gen.seed])
     eos = pipe.eos_ids
     ttft: list[int] = []
     cancel.check()
     wall0 = time.time()
-    return gen, eos, ttft, (lambda: ttft.append(now_ns())), wall0, now_ns()
+    return gens, eos, ttft, (lambda: ttft.append(now_ns())), wall0, now_ns()
+
+
+def sharers_of(pipe: Pipeline, plan) -> list[dict]:
+    """timing.sharers of a record: every sharer that ran, with the alignment it read."""
+    return [{"model": pipe.sharers[k - 1].name, "alignment": al} for k, al in plan.ran]
 
 
 def timing_fields(g: Generation) -> tuple[dict, list[float]]:

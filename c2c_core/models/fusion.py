@@ -6,8 +6,12 @@ Every function takes the Timer so each stage is one span; nothing here reads the
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from ..measure import cancel
 from .projector import Fuser
@@ -28,13 +32,17 @@ def embed(model, ids: torch.Tensor, timer: Timer, stage: str, who: int | None = 
         return model.get_input_embeddings()(ids)  # [1, T, H]
 
 
-def prefill_cache(model, embeds: torch.Tensor, cache: DynamicCache) -> None:
+def prefill_cache(model, embeds: torch.Tensor, cache: DynamicCache,
+                  attention_mask: torch.Tensor | None = None) -> None:
     """Run the layers over a section only to fill the cache (no LM head)."""
-    decoder(model)(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    decoder(model)(inputs_embeds=embeds, past_key_values=cache, use_cache=True,
+                   attention_mask=attention_mask)
 
 
-def last_logits(model, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def last_logits(model, embeds: torch.Tensor, cache: DynamicCache,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    out = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                attention_mask=attention_mask)
     return out.logits[:, -1, :]  # [1, V]
 
 
@@ -46,8 +54,21 @@ def project(fuser: Fuser, r_cache: DynamicCache, s_cache: DynamicCache, n: int,
     return project_sharers(fuser, r_cache, [s_cache], n, timer)[1]
 
 
+def mask_bounds(mask: torch.Tensor | None, n: int) -> tuple[int, int]:
+    """[lo, hi): the positions < n a projection mask ([n] or [B, n]) covers in any row (all of
+    [0, n) for None)."""
+    if mask is None:
+        return 0, n
+    idx = torch.nonzero(mask[..., :n].reshape(-1, min(n, mask.shape[-1])).any(0)).flatten()
+    if idx.numel() == 0:
+        return 0, 0
+    return int(idx[0]), int(idx[-1]) + 1
+
+
 def project_sharers(fuser: Fuser, r_cache: DynamicCache, s_caches: list[DynamicCache], n: int,
-                    timer: Timer, fusion: str = "parallel") -> dict[int, int]:
+                    timer: Timer, fusion: str = "parallel",
+                    masks: list[torch.Tensor | None] | None = None,
+                    static: bool = False) -> dict[int, int]:
     """Project every sharer (1, 2, ... as in the fuser's map) into the receiver's cache, as the
     reference does:
     - a receiver layer with several (sharer layer, projector) pairs runs them all against the
@@ -55,24 +76,41 @@ def project_sharers(fuser: Fuser, r_cache: DynamicCache, s_caches: list[DynamicC
     - "sequential": sharer k projects from the cache as sharers 1..k-1 left it;
     - "parallel" (two or more sharers): every sharer projects from the clean receiver cache and
       the cache becomes base + sum of the sharers' (k' - k_r) residuals. With one sharer both
-      modes write k' directly. The final add is timed in the last sharer's projection span.
+      modes write k' directly. The final add is timed in the last sharer's projection span;
+    - `masks[k-1]` (bool [n] or [B, n], from the plan): the receiver positions sharer k
+      projects (the message of a sectioned plan); None: every position of [0, n). Positions
+      outside it keep the receiver's own keys and values;
+    - `static`: the receiver cache is a static one (the fast engine's), longer than n; the
+      instruction positions are its first n.
     Spans are tagged with the sharer number. Returns projector calls per sharer."""
     calls = {k: 0 for k in range(1, len(s_caches) + 1)}
     parallel = fusion == "parallel" and len(s_caches) > 1
     deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, s_cache in enumerate(s_caches, start=1):
+        mask = masks[k - 1] if masks else None
+        lo0, hi = mask_bounds(mask, n)
         for t, pairs in fuser.sharer_maps[k].items():
             rl = r_cache.layers[t]
-            m = rl.keys.shape[2]  # = n, or the last window of it in a sliding-window layer
-            lo = n - m
+            # = n, or the last window of it in a sliding-window layer of a dynamic cache
+            m = n if static else rl.keys.shape[2]
+            w0 = n - m
+            lo = max(lo0, w0)
+            if hi <= lo:
+                continue
             with timer.span("projection", who=k):
-                rk, rv = rl.keys[:, :, :m], rl.values[:, :, :m]
-                outs = [fuser.projectors[i]((s_cache.layers[s].keys[:, :, lo:n],
-                                             s_cache.layers[s].values[:, :, lo:n]), (rk, rv))
+                rk, rv = rl.keys[:, :, lo - w0:hi - w0], rl.values[:, :, lo - w0:hi - w0]
+                outs = [fuser.projectors[i]((s_cache.layers[s].keys[:, :, lo:hi],
+                                             s_cache.layers[s].values[:, :, lo:hi]), (rk, rv))
                         for s, i in pairs]
                 nk, nv = outs[0]
+                if mask is not None and not bool(mask[..., lo:hi].all()):
+                    sel = mask[..., lo:hi].reshape(-1, 1, hi - lo, 1)
+                    nk, nv = torch.where(sel, nk, rk), torch.where(sel, nv, rv)
                 if parallel:
-                    dk, dv = nk - rk, nv - rv
+                    dk = torch.zeros_like(rl.keys[:, :, :m])
+                    dv = torch.zeros_like(rl.values[:, :, :m])
+                    dk[:, :, lo - w0:hi - w0] = nk - rk
+                    dv[:, :, lo - w0:hi - w0] = nv - rv
                     if t in deltas:
                         dk, dv = deltas[t][0] + dk, deltas[t][1] + dv
                     deltas[t] = (dk, dv)
@@ -84,36 +122,51 @@ def project_sharers(fuser: Fuser, r_cache: DynamicCache, s_caches: list[DynamicC
         with timer.span("projection", who=len(s_caches)):
             for t, (dk, dv) in deltas.items():
                 rl = r_cache.layers[t]
-                m = rl.keys.shape[2]
+                m = n if static else rl.keys.shape[2]
                 rl.keys[:, :, :m].add_(dk)
                 rl.values[:, :, :m].add_(dv)
     return calls
 
 
-def decode_step(model, token: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+def decode_step(model, token: torch.Tensor, cache: DynamicCache,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One receiver forward for one new token [1, 1] -> next-token logits [1, V].
-
-    The single place a static-cache / CUDA-graph decode would replace."""
-    out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    `attention_mask` [1, cache + 1] only when the prompt holds padding (a sectioned plan)."""
+    out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                attention_mask=attention_mask)
     return out.logits[:, -1, :]
 
 
-def sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy or sampled next token, [1, 1] on the logits' device."""
-    if not do_sample:
-        return logits.argmax(-1, keepdim=True)
-    x = logits.float() / max(temperature, 1e-5)
+@functools.lru_cache(maxsize=16)
+def _warpers(temperature: float, top_p: float, top_k: int) -> LogitsProcessorList:
+    """transformers' own temperature, top-k and top-p warpers, in generate()'s order."""
+    out = LogitsProcessorList([TemperatureLogitsWarper(max(float(temperature), 1e-5))])
     if top_k and top_k > 0:
-        kth = torch.topk(x, min(top_k, x.shape[-1])).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
+        out.append(TopKLogitsWarper(int(top_k)))
     if 0.0 < top_p < 1.0:
-        sx, idx = torch.sort(x, descending=True)
-        cum = torch.softmax(sx, -1).cumsum(-1)
-        drop = cum - torch.softmax(sx, -1) > top_p  # keep the smallest prefix reaching top_p
-        sx = sx.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(-1, idx, sx)
-    return torch.multinomial(torch.softmax(x, -1), 1, generator=generator)
+        out.append(TopPLogitsWarper(float(top_p)))
+    return out
+
+
+def sample(logits: torch.Tensor, gen, generators: list | None) -> torch.Tensor:
+    """Next tokens [B, 1] from logits [B, V], both engines alike and without reading anything
+    back to the host: argmax (greedy), or the warped distribution p sampled by the exponential
+    trick argmax(p / E), E ~ Exp(1) drawn from row b's own seeded generator, so a row's tokens
+    depend on its seed only (never on its batch mates or the engine)."""
+    if not gen.do_sample:
+        return logits.argmax(-1, keepdim=True)
+    x = _warpers(gen.temperature, gen.top_p, gen.top_k)(None, logits.float())
+    p = torch.softmax(x, -1)
+    e = torch.stack([torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
+                     .exponential_(1.0, generator=g) for g in generators])
+    return (p / e).argmax(-1, keepdim=True)
+
+
+def generators(device, seeds: list[int | None]) -> list | None:
+    """One sampling generator per row (None: greedy)."""
+    if not seeds or seeds[0] is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def c2c_prefill(receiver, sharer, fuser: Fuser | None, ids: torch.Tensor,
@@ -126,13 +179,16 @@ def c2c_prefill(receiver, sharer, fuser: Fuser | None, ids: torch.Tensor,
     return cache, logits, sum(calls.values())
 
 
-def fused_prefill(receiver, sharers: list[tuple[torch.nn.Module, torch.Tensor]],
-                  fuser: Fuser | None, ids: torch.Tensor, timer: Timer,
-                  fusion: str = "parallel") -> tuple[DynamicCache, torch.Tensor, dict[int, int]]:
-    """Sectioned prefill with any number of sharers, each given as (model, its ids [1, >= T-1]):
-    the receiver's ids, or the aligned ids for a sharer with its own tokenizer (same length).
+def fused_prefill(receiver, sharers: list[tuple], fuser: Fuser | None, ids: torch.Tensor,
+                  timer: Timer, fusion: str = "parallel", keep: torch.Tensor | None = None,
+                  ) -> tuple[DynamicCache, torch.Tensor, dict[int, int]]:
+    """Sectioned prefill with any number of sharers, each given as (model, its ids [1, >= T-1])
+    or (model, ids, its keep mask [1, T] or None, its projection mask [T-1] bool or None): the
+    receiver's ids, or a plan's aligned ids for a sharer with its own tokenizer (same length).
     The instruction section (all tokens but the last) is prefilled by the receiver and every
-    sharer, projected (project_sharers), then the receiver reads the last token.
+    sharer, projected (project_sharers), then the receiver reads the last token. `keep` [1, T]
+    (1 real, 0 padding) masks the receiver's padding out of attention; positions count the
+    padding, as the reference numbers them.
 
     Returns the receiver cache, the last-token logits [1, V] and projector calls per sharer."""
     n = ids.shape[1] - 1  # instruction section = all tokens but the last
@@ -141,24 +197,28 @@ def fused_prefill(receiver, sharers: list[tuple[torch.nn.Module, torch.Tensor]],
     calls: dict[int, int] = {}
     if n > 0:
         with timer.span("base_prefill"):
-            prefill_cache(receiver, r_emb[:, :n], r_cache)
+            prefill_cache(receiver, r_emb[:, :n], r_cache,
+                          None if keep is None else keep[:, :n])
         if sharers and fuser is not None:
-            s_caches = []
-            for k, (model, s_ids) in enumerate(sharers, start=1):
+            s_caches, masks = [], []
+            for k, feed in enumerate(sharers, start=1):
+                model, s_ids = feed[0], feed[1]
+                s_keep = feed[2] if len(feed) > 2 else None
+                masks.append(feed[3] if len(feed) > 3 else None)
                 cancel.check()
                 s_emb = embed(model, s_ids[:, :n], timer, "teacher_embedding", who=k)
                 # full-length layers: a sliding-window sharer keeps every position to project
                 # (its own attention still uses its window: the mask comes from its config)
                 s_cache = DynamicCache()
                 with timer.span("teacher_prefill", who=k):
-                    prefill_cache(model, s_emb, s_cache)
+                    prefill_cache(model, s_emb, s_cache, None if s_keep is None else s_keep[:, :n])
                 s_caches.append(s_cache)
             cancel.check()
-            calls = project_sharers(fuser, r_cache, s_caches, n, timer, fusion)
+            calls = project_sharers(fuser, r_cache, s_caches, n, timer, fusion, masks)
             del s_caches
         cancel.check()
     with timer.span("base_prefill"):
-        logits = last_logits(receiver, r_emb[:, n:], r_cache)
+        logits = last_logits(receiver, r_emb[:, n:], r_cache, keep)
     return r_cache, logits, calls
 
 

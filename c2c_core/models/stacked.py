@@ -118,10 +118,12 @@ class StackedFuser:
         out = tgt.float().view(E, M, self.ht, self.dt) + gate * w * proj.float().view(E, M, self.ht, self.dt)
         return out.to(tgt.dtype).view(E, M, -1)
 
-    def project_caches(self, r_layers, s_layers, n: int) -> int:
+    def project_caches(self, r_layers, s_layers, n: int, mask: torch.Tensor | None = None) -> int:
         """Project positions [0, n) of every mapped pair: receiver cache layers `r_layers[t]` get
-        projector(sharer `s_layers[s]`, receiver) written in place. Layers expose .keys/.values
-        [B, H, T, D]. Returns the number of layer pairs."""
+        projector(sharer `s_layers[s]`, receiver) written in place; a receiver layer with several
+        pairs keeps its first pair's result (as the reference), though every pair is computed.
+        `mask` [B, n] bool: only those positions are written (a sectioned plan's message).
+        Layers expose .keys/.values [B, H, T, D]. Returns the number of layer pairs."""
         P = self.P
 
         def rows(layers, idx, attr):  # -> [P, B*n, H*D]
@@ -135,9 +137,18 @@ class StackedFuser:
         out = self.project(src, tgt)                                             # [2P, B*n, Ht*Dt]
         B = r_layers[r_idx[0]].keys.shape[0]
         out = out.view(2 * P, B, n, self.ht, self.dt).transpose(2, 3)            # [2P, B, Ht, n, Dt]
+        sel = None if mask is None else mask[:, None, :n, None]                   # [B, 1, n, 1]
+        written = set()
         for j, t in enumerate(r_idx):
-            r_layers[t].keys[:, :, :n].copy_(out[j])
-            r_layers[t].values[:, :, :n].copy_(out[P + j])
+            if t in written:  # the first pair of a receiver layer wins
+                continue
+            written.add(t)
+            k, v = out[j], out[P + j]
+            if sel is not None:
+                k = torch.where(sel, k, r_layers[t].keys[:, :, :n])
+                v = torch.where(sel, v, r_layers[t].values[:, :, :n])
+            r_layers[t].keys[:, :, :n].copy_(k)
+            r_layers[t].values[:, :, :n].copy_(v)
         return P
 
 
