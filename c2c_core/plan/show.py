@@ -15,6 +15,7 @@ tokens gets the most pads any plan puts there, and a sharer without that pad pos
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass
 
 from ..spec.errors import UserError
@@ -127,22 +128,47 @@ def plan_view(receiver_tok, sharer_toks: list, prompt: str, strategy: str = "fir
                           for t, p in zip(sharer_toks, plans)))
 
 
+#: Tokenizers kept for the next call (the web app asks once per Profile run): a few pairs.
+_TOKENIZERS: dict = {}
+_KEEP = 4
+_LOCK = threading.Lock()
+
+
+def tokenizers_for(cfg) -> tuple[object, list]:
+    """(receiver tokenizer, sharer tokenizers) of a RunConfig, the last few pairs kept."""
+    from ..models.loading import load_tokenizers
+    key = repr((cfg.receiver, list(cfg.sharers)))  # ModelSpec is not hashable
+    with _LOCK:
+        hit = _TOKENIZERS.pop(key, None)
+        if hit is None:
+            tok, _, stoks = load_tokenizers(cfg)
+            hit = (tok, [t for t, _ in stoks])
+        _TOKENIZERS[key] = hit  # most recent last
+        while len(_TOKENIZERS) > _KEEP:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        return hit
+
+
 def show_plan(cfg, prompt: str, strategy: str | None = None) -> PlanView:
     """plan_view for a RunConfig's tokenizers (tokenizers only: no weights load)."""
-    from ..models.loading import load_tokenizers
     if not (prompt or "").strip():  # before any tokenizer loads
         raise UserError("The prompt is empty; give it some text to align.")
-    tok, _, stoks = load_tokenizers(cfg)
-    return plan_view(tok, [t for t, _ in stoks], prompt, strategy or cfg.alignment,
-                     cfg.chat_template, receiver_name=cfg.receiver.source,
-                     sharer_names=[s.source for s in cfg.sharers])
+    tok, stoks = tokenizers_for(cfg)
+    with _LOCK:  # one tokenizer, one caller at a time (the app's threads share them)
+            return plan_view(tok, stoks, prompt, strategy or cfg.alignment, cfg.chat_template,
+                         receiver_name=cfg.receiver.source,
+                         sharer_names=[s.source for s in cfg.sharers])
 
 
 # --- the table -----------------------------------------------------------------------------
 
-def table_columns(view: PlanView) -> list[str]:
+def table_columns(view: PlanView, names: bool = True) -> list[str]:
+    """The table's headers; names=False: "sharer" / "sharer k" instead of the models' names."""
     cols = ["position", "section", "receiver", "receiver id"]
-    for name in view.sharers:
+    n = len(view.sharers)
+    labels = view.sharers if names else ("sharer",) if n == 1 else tuple(
+        f"sharer {k}" for k in range(1, n + 1))
+    for name in labels:
         cols += [name, f"{name} id", f"projected ({name})" if len(view.sharers) > 1 else "projected"]
     return cols
 
