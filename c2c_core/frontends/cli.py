@@ -1,5 +1,5 @@
-"""`python -m c2c_core <profile|batch|dataset|sweep|report|compare|overhead>`: each subcommand is
-`add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
+"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|compare|overhead|engines>`: each
+subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
 non-zero exit, with the records already written left intact.
@@ -280,6 +280,25 @@ def cmd_overhead(args) -> int:
         app_vs_cli(pipe, cfg, args.prompts or list(BUILTIN_PROMPTS), repeats=args.bench_repeats)
     else:
         overhead(pipe, cfg, repeats=args.bench_repeats, prompt=args.prompt)
+    return 0
+
+
+def cmd_align(args) -> int:
+    """Each model's tokens side by side for one prompt: tokenizers only, no weights."""
+    import json
+
+    from ..plan.show import format_table, show_plan, summary_line, to_json
+    if not (args.prompt or "").strip():  # before the preset or any tokenizer is read
+        raise UserError("--prompt is empty; give it some text to align.")
+    view = show_plan(run_config(args), args.prompt)
+    if args.json:
+        print(json.dumps(to_json(view), ensure_ascii=False))
+        return 0
+    print(format_table(view))
+    if not view.any_different:
+        print("Every sharer reads the receiver's tokenizer: its ids are fed as they are"
+              " (no alignment, no padding).")
+    print(summary_line(view))
     return 0
 
 
@@ -604,6 +623,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p, "sweep_timing_results.jsonl")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("align", help="each model's tokens for one prompt, side by side: sections,"
+                       " padding, what is projected (tokenizers only, no weights load)")
+    p.add_argument("--prompt", required=True, help="the user message to align")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (receiver_ids, sharer_ids and projection_mask per"
+                        " sharer, pad masks, sections, strategy) instead of the table")
+    p.add_argument("--no_chat_template", action="store_true", help="align the raw prompt text")
+    add_model_args(p)
+    p.set_defaults(func=cmd_align)
+
     p = sub.add_parser("report", help="compare modes in JSONL files: table, ratios, charts")
     p.add_argument("files", nargs="+", help="JSONL result files")
     p.add_argument("--html", help="write the charts as one HTML file")
@@ -671,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`align ... | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if errno.errorcode.get(e.errno) not in _ENV_ERRNOS:
             raise

@@ -293,10 +293,16 @@ def load_tokenizer(spec: ModelSpec):
     if kind == "gguf":
         path = gguf_path(spec.source)
         out = _gguf_cache_dir(path)
-        if os.path.isfile(os.path.join(out, "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(out), spec.source
+        for folder in (out, out + "-tokenizer"):  # the converted model, or the tokenizer alone
+            if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+                return AutoTokenizer.from_pretrained(folder), spec.source
         d, f = os.path.split(os.path.abspath(path))
-        return AutoTokenizer.from_pretrained(d, gguf_file=f), spec.source
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)  # ~9 s: kept for the next process
+        try:
+            build_once(out + "-tokenizer", tok.save_pretrained, done_file="tokenizer_config.json")
+        except UserError:  # an unwritable cache only costs the next process the same 9 s
+            pass
+        return tok, spec.source
     if kind == "dummy":
         src = spec.tokenizer or "smollm2"
         try:
@@ -425,6 +431,13 @@ def sharer_tokenizers(cfg: RunConfig, tok, tok_src: str) -> list[tuple[object, s
     return out
 
 
+def load_tokenizers(cfg: RunConfig) -> tuple[object, str, list[tuple[object, str]]]:
+    """The receiver's tokenizer, its source, and (tokenizer, source) per sharer: tokenizers
+    only, no weights (load_pipeline starts with this; `align` and the Profile tab stop here)."""
+    tok, tok_src = load_tokenizer(cfg.receiver)
+    return tok, tok_src, sharer_tokenizers(cfg, tok, tok_src)
+
+
 def plan_alignment(cfg: RunConfig, tok, tok_src: str, stoks: list[tuple[object, str]]) -> list:
     """One TokenAligner (or None) per sharer; refuses a sharer whose tokenizer differs when
     --alignment none. Runs before any model loads."""
@@ -485,8 +498,7 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     dtype = resolve_dtype(cfg.dtype, device, cfg.cpu_dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tok, tok_src = load_tokenizer(cfg.receiver)
-    stoks = sharer_tokenizers(cfg, tok, tok_src)
+    tok, tok_src, stoks = load_tokenizers(cfg)
     aligners = plan_alignment(cfg, tok, tok_src, stoks)
     n_sh = len(cfg.sharers)
     try:

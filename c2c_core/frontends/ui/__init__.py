@@ -163,6 +163,10 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         gpu()(profile_tab.run_profile), inputs=[prof.prompt], inputs_kwargs=model_kw,
         outputs=prof.outputs(), api_name="profile", show_progress_on=[prof.status],
         validator=validator(profile_tab.check_profile), **model_job)
+    # the Profile tab's token alignment (tokenizers only): beside the job, not in its endpoint
+    prof.run.click(profile_tab.show_alignment, inputs=[prof.prompt], inputs_kwargs=model_kw,
+                   outputs=prof.align_outputs(), api_visibility="private",
+                   show_progress="hidden", concurrency_limit=2, concurrency_id="alignment")
     ev_batch = waiting(batch.run, batch.status).then(
         gpu()(batch_tab.run_batch), inputs=[batch.prompts], inputs_kwargs=model_kw,
         outputs=batch.outputs(), api_name="batch", show_progress_on=[batch.status],

@@ -20,7 +20,7 @@ from .jobs import ALIVE_EVERY_S, Job, in_worker, token_counter, tokens_per_item
 from .render import plot, sized, stop_button
 from .runcfg import MODELS, swap_note, run_config
 from .sessions import clear_stop, new_run_path, session_dir, stop_flag
-from .texts import error_outputs, status_md, ui_message, user_error
+from .texts import error_outputs, md_text, status_md, ui_message, user_error
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
               " open it in [ui.perfetto.dev](https://ui.perfetto.dev) or chrome://tracing (both"
@@ -41,9 +41,15 @@ class ProfileTab:
     steps: gr.Plot
     files: gr.File
     stop: gr.Button
+    align_box: gr.Accordion  # not an output of the profile endpoint: its own private event
+    align_note: gr.Markdown
+    align_table: gr.Dataframe
 
     def outputs(self) -> list:
         return [self.status, self.response, self.stages, self.breakdown, self.steps, self.files]
+
+    def align_outputs(self) -> list:
+        return [self.align_box, self.align_note, self.align_table]
 
 
 def build_profile_tab() -> ProfileTab:
@@ -74,7 +80,54 @@ def build_profile_tab() -> ProfileTab:
                     file_count="multiple", interactive=False, elem_id="profile-files",
                     height=270, visible=False)
     gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
-    return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files, stop)
+    # shown for a pair whose sharer has its own tokenizer, when Profile is pressed
+    with gr.Accordion("Token alignment", open=False, visible=False,
+                      elem_id="profile-alignment") as align_box:
+        align_note = gr.Markdown(ALIGN_NOTE, elem_classes=["c2c-note"])
+        align_table = gr.Dataframe(pd.DataFrame(columns=ALIGN_EMPTY), interactive=False,
+                                   datatype="str", elem_id="profile-alignment-table",
+                                   max_height=420)
+    return ProfileTab(prompt, run, status, response, stages, breakdown, steps, files, stop,
+                      align_box, align_note, align_table)
+
+
+ALIGN_NOTE = ("Each model reads the prompt with its own chat template; the shorter template"
+              " section is padded at its end, message tokens are aligned one to one, and the"
+              " sharer's cache is projected on message positions only.")
+ALIGN_EMPTY = ["position", "section", "receiver", "receiver id", "sharer", "sharer id",
+               "projected"]
+
+
+def alignment_table(prompt: str, **settings) -> tuple[pd.DataFrame, str] | None:
+    """The plan's side-by-side table for the prompt being profiled (tokenizers only, no
+    weights), one row per receiver position, and its summary line; None when every sharer reads
+    the receiver's tokenizer (nothing to see). Raises UserError as the profile's checks do."""
+    from ...plan.show import show_plan, summary_line, table_columns, table_rows
+    cfg = check_profile(prompt, **settings)
+    view = show_plan(cfg, prompt)
+    if not view.any_different:
+        return None
+    # headers say "sharer" (a name a client typed stays in the escaped note, not a header)
+    frame = pd.DataFrame(table_rows(view), columns=table_columns(view, names=False))
+    names = ", ".join(f"{label}: {name}" for label, name in zip(
+        table_columns(view, names=False)[4::3], view.sharers))
+    return frame, f"{summary_line(view)} ({names})."
+
+
+def show_alignment(prompt: str, **settings):
+    """The Token alignment accordion: shown with the table for a pair with different
+    tokenizers, hidden otherwise, and hidden (never a traceback) when it cannot be built."""
+    try:
+        got = alignment_table(prompt, **settings)
+    except Exception as e:  # noqa: BLE001 - the profile's own status line says what is wrong
+        if not isinstance(e, UserError):
+            print(f"Token alignment table failed: {type(e).__name__}: {e}")
+        got = None
+    if got is None:
+        return gr.Accordion(visible=False), gr.skip(), pd.DataFrame(columns=ALIGN_EMPTY)
+    frame, summary = got
+    return (gr.Accordion(visible=True),
+            f"{md_text(summary)}  \n{ALIGN_NOTE}", frame)
 
 
 #: Profile's phases as the status line names them (others are said as the run says them).

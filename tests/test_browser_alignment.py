@@ -1,0 +1,57 @@
+"""The Profile tab's Token alignment table in a real browser, on the packaged SmolLM2 <- Gemma
+pair (different tokenizers): it appears when Profile is pressed (tokenizers only: before the
+model job has done anything), collapsed, and its cells show token texts such as <|im_start|>
+as text. The model job it started is stopped at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import CHROMIUM, free_port, need_browser
+from conftest import CHROMIUM_ARGS as ARGS
+
+sync_api = need_browser()
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    from c2c_core.frontends import worker
+    from c2c_core.frontends.ui import build_app, launch_kwargs, sessions
+    saved, sessions.SESSION_ROOT = sessions.SESSION_ROOT, str(tmp_path_factory.mktemp("sessions"))
+    demo = build_app(defaults={"preset": "smollm2+gemma3-demo", "max_new_tokens": 2,
+                               "warmup": 0})
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    worker.shutdown()
+    sessions.SESSION_ROOT = saved
+
+
+def test_profile_shows_the_token_alignment_collapsed(url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.wait_for_selector("#profile-run")
+        assert not page.locator("#profile-alignment").is_visible()  # until Profile is pressed
+        page.fill("#profile-prompt textarea", "What is 25 * 17?")
+        page.click("#profile-run")
+        page.wait_for_selector("#profile-alignment", state="visible")
+        page.click("#profile-stop")  # the model job is not what this test is about
+        assert not page.locator("#profile-alignment-table").is_visible()  # collapsed
+        page.click("#profile-alignment button, #profile-alignment .label-wrap")
+        page.wait_for_selector("#profile-alignment-table [role=grid]", state="visible")
+        page.wait_for_function(
+            "() => document.querySelector('#profile-alignment-table').innerText"
+            ".includes('<|im_start|>')")
+        text = page.inner_text("#profile-alignment-table")
+        # token texts as text (the grid draws the first rows only: template and pads)
+        assert '"<|im_start|>"' in text and '"<start_of_turn>"' in text and "pad" in text
+        note = page.inner_text("#profile-alignment")
+        assert "receiver positions" in note and "gemma3" in note
+        browser.close()
