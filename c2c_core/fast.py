@@ -170,6 +170,8 @@ class FastEngine:
                 raise UserError("The fast engine supports full-attention layers only (this model"
                                 " has sliding-window layers); use --engine eager.")
         if compile:
+            from . import compile_cache  # inductor's caches under C2C_CACHE, before any compile
+            self.compile_cache = compile_cache.setup()
             import torch._dynamo
             cfg = torch._dynamo.config
             # one compiled step per (model, batch size, bucket, greedy): allow many
@@ -315,6 +317,9 @@ class FastEngine:
         if key in self._ready:
             return
         t0 = time.perf_counter()
+        if self.compile_cache is not None:
+            from .compile_cache import counts
+            hits0, misses0 = counts()
         with torch.inference_mode():
             cache = self.cache(role, B, L, use=False)
             if key not in self._steps:
@@ -332,6 +337,10 @@ class FastEngine:
             self.cache(role, B, L, use=False)
         self._ready.add(key)
         self.compile_s += time.perf_counter() - t0
+        if self.compile_cache is not None:  # from inductor's FX graph cache, or compiled now
+            hits, misses = counts()
+            self.compile_cache["hits"] += hits - hits0
+            self.compile_cache["misses"] += misses - misses0
 
     def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
         """A shape warm-up did not cover (a longer t2t note than planned): prepare it now, outside
@@ -578,6 +587,7 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer) -> list:
 
 
 def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> list:
+    from .hardware import floor_for
     from .timing import now_ns
     eng = engine_for(pipe)
     eng.begin()  # the caches this generation takes are not evicted under it
@@ -636,6 +646,9 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> lis
     dec_ms = sum(stages["decode"])
     dec_tokens = sum(len(t) - 1 for t in dec.tokens)
     batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
+    # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
+    kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows, dec.tokens)))
+    all_tokens = sum(len(t) for t in dec.tokens)
     out = []
     for i, toks in enumerate(dec.tokens):
         st = dict(stages)
@@ -649,6 +662,8 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem) -> lis
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         gen.cpu_share = mem.cpu_share
         gen.batch_wait = list(wait)
+        gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
+        gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
         out.append(gen)
     return out
 

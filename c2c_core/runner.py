@@ -163,6 +163,7 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
                       by_sharer=timer.by_who, sharer_calls=by_calls,
                       speaker=1 if mode == "sharer" else 0, sharer_prompt_format=fmt)
     gen.cpu_share = mem.cpu_share
+    gen.energy_j = mem.energy_j
     return gen
 
 

@@ -126,7 +126,8 @@ def test_peak_memory_is_measured_from_a_reset_per_generation(monkeypatch):
                         lambda d=None: (calls.append("reset"), peak.update(v=0)))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: peak["v"])
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d=None: peak["v"])
-    monkeypatch.setattr(memory, "_nvml_energy_mj", lambda d: None, raising=False)
+    from c2c_core import hardware
+    monkeypatch.setattr(hardware, "nvml_energy_mj", lambda d: None)
     out = []
     for size in (900 * 2**20, 100 * 2**20):  # a big generation, then a small one
         m = memory.DeviceMemory(torch.device("cuda:0")).__enter__()
