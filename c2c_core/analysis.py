@@ -51,6 +51,9 @@ _SUMMARY_STATS = [
     ("e2e_ms", ("mean", "p50", "p90")),
     ("decode_avg_ms", ("mean", "p50", "p90", "p99")),
     ("tokens_per_second", ("mean", "p50")),
+    # how close to the limit (null, so NaN, on a CPU or without NVML)
+    ("decode_floor_ratio", ("p50",)),
+    ("joules_per_token", ("p50",)),
 ]
 #: C2C against each baseline (README "What the ratios mean"): receiver = the cost of fusion over
 #: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
@@ -307,7 +310,8 @@ def _stat(s: pd.Series, stat: str) -> float:
 
 
 def _round(key: str, x: float) -> float:
-    return round(x, 1 if FIELDS.get(key, ("", ""))[1] == "tok/s" else 2)
+    unit = FIELDS.get(key, ("", ""))[1]
+    return round(x, 1 if unit == "tok/s" else 4 if unit == "J/token" else 2)
 
 
 def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.DataFrame:

@@ -169,3 +169,18 @@ def test_a_cpu_record_with_a_given_bandwidth_has_a_consistent_floor(tiny_pipe, m
     t = rec["timing"]
     assert t["decode_floor_ms"] > 0 and t["decode_floor_ratio"] > 1
     assert check_record(rec) == []
+
+
+def test_profile_summary_and_results_summary_show_the_limits(cpu_record):
+    pytest.importorskip("gradio")
+    from c2c_core import analysis
+    from c2c_core.ui.profile_tab import limits_line
+    t = {"decode_floor_ms": 0.25, "decode_floor_ratio": 8.84, "energy_j": 3.0,
+         "joules_per_token": 0.2727}
+    assert limits_line(t) == (" Decode floor 0.2500 ms/token (measured 8.84x it) · energy 3.00 J"
+                              " (0.2727 J/token).")
+    assert "unknown" in limits_line({"decode_floor_ms": None, "energy_j": None})
+    assert limits_line({}) == ""  # an older record: nothing said
+    summary = analysis.summarize(analysis.to_frame([cpu_record]))
+    for col in ("decode over floor x p50", "energy per token J/token p50"):
+        assert col in summary.columns and summary[col].isna().all()  # null on a CPU
