@@ -55,6 +55,8 @@ _SUMMARY_STATS = [
     ("decode_floor_ratio", ("p50",)),
     ("joules_per_token", ("p50",)),
 ]
+#: Summary metrics shown only when some record in the table has them (null on a CPU).
+_WHEN_KNOWN = {"decode_floor_ratio", "joules_per_token"}
 #: C2C against each baseline (README "What the ratios mean"): receiver = the cost of fusion over
 #: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
 _RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver"),
@@ -334,7 +336,11 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.Da
         row["accuracy"] = round(float(scored.astype(float).mean()), 3) if len(scored) else math.nan
         row["n_scored"] = len(scored)
         rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=cols)
+    # the limit columns only where some record knows them (a GPU in the table, NVML)
+    unknown = [column(m, s) for m, stats in _SUMMARY_STATS if m in _WHEN_KNOWN for s in stats
+               if out[column(m, s)].isna().all()]
+    return out.drop(columns=unknown)
 
 
 def slowest(df: pd.DataFrame, n: int = 10, by: str = "decode_total_ms") -> pd.DataFrame:

@@ -181,6 +181,10 @@ def test_profile_summary_and_results_summary_show_the_limits(cpu_record):
                               " (0.2727 J/token).")
     assert "unknown" in limits_line({"decode_floor_ms": None, "energy_j": None})
     assert limits_line({}) == ""  # an older record: nothing said
+    cols = ("decode over floor x p50", "energy per token J/token p50")
     summary = analysis.summarize(analysis.to_frame([cpu_record]))
-    for col in ("decode over floor x p50", "energy per token J/token p50"):
-        assert col in summary.columns and summary[col].isna().all()  # null on a CPU
+    assert not set(cols) & set(summary.columns)  # null on a CPU: no empty columns
+    known = _with(cpu_record, decode_floor_ms=cpu_record["timing"]["decode_avg_ms"] / 8,
+                  decode_floor_ratio=8.0, energy_j=2.0, joules_per_token=0.25)
+    summary = analysis.summarize(analysis.to_frame([known]))
+    assert summary[cols[0]].tolist() == [8.0] and summary[cols[1]].tolist() == [0.25]
