@@ -51,6 +51,9 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
         fast.generate_batch(pipe, fastc, b, "c2c", Timer(pipe.device, cfg.timing))
     m = {e: {"ttft_ms": [], "projector_total_ms": [], "decode_avg_ms": [], "e2e_ms": []}
          for e in ("eager", "fast")}
+    from ..engines.floor import floor_for
+    limits = {e: {"decode_floor_ms": [], "decode_floor_ratio": [], "joules_per_token": []}
+              for e in ("eager", "fast")}
     tps = {1: [], batch: []}
     same_tokens = True
     for r in range(repeats):
@@ -58,9 +61,14 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
         toks = {}
         for name, c in order:
             g = generate(pipe, c, item, "c2c", Timer(pipe.device, cfg.timing))
+            if g.decode_floor_ms is None:
+                g.decode_floor_ms = floor_for(pipe, g)
             t, _ = timing_fields(g)
             for k in m[name]:
                 m[name][k].append(t[k])
+            for k in limits[name]:
+                if t[k] is not None:
+                    limits[name][k].append(t[k])
             toks[name] = g.tokens
         same_tokens &= toks["eager"] == toks["fast"]
         for b in ((1, batch) if r % 2 == 0 else (batch, 1)):
@@ -82,6 +90,27 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     out(f"greedy tokens identical (eager vs fast, batch 1): {same_tokens}"
         + ("" if fp32 else " (exact agreement is expected in fp32 only: the engines round"
                            " differently in half precision)"))
+    from ..engines.compile_cache import describe, state
+    from ..measure.hardware import BANDWIDTH_ENV, bandwidth_gbs, device_name
+    med_or_none = lambda xs: round(_med(xs), 4) if xs else None  # noqa: E731
+    floor = med_or_none(limits["fast"]["decode_floor_ms"])
+    fr, er = (med_or_none(limits[e]["decode_floor_ratio"]) for e in ("fast", "eager"))
+    if floor is None:
+        out(f"decode floor: null ({device_name(pipe.device)}: memory bandwidth unknown; set"
+            f" {BANDWIDTH_ENV}); decode/floor ratio: null")
+    else:
+        out(f"decode floor: {floor:.4f} ms/token (receiver weights + KV at"
+            f" {bandwidth_gbs(device_name(pipe.device)):,.0f} GB/s); decode/floor ratio: fast"
+            f" {fr:.2f}x, eager {er:.2f}x")
+    jpt = {e: med_or_none(limits[e]["joules_per_token"]) for e in ("fast", "eager")}
+    out("energy: " + (f"fast {jpt['fast']} J/token, eager {jpt['eager']} J/token (NVML)"
+                      if jpt["fast"] is not None else "null (no NVML energy counter here)"))
+    out(describe(compile_s, eng.compile_cache) + (" (the fast engine runs uncompiled)"
+                                                  if not eng.compile else ""))
+    cs = eng.cache_stats()
+    out(f"static caches: {cs['held_mb']:,.1f} MB held of a {cs['cap_mb']:,.0f} MB cap"
+        f" ({cs['caches']} caches); cache reuse ratio {cs['reuse_ratio']}"
+        f" ({cs['reuses']} of {cs['requests']} requests reused, {cs['evictions']} evictions)")
     saved_ms = _med(m["eager"]["e2e_ms"]) - _med(m["fast"]["e2e_ms"])
     payback = compile_s * 1000.0 / saved_ms if saved_ms > 0 else None
     if payback is None:
@@ -100,6 +129,12 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               "eager_decode_ms": round(_med(m["eager"]["decode_avg_ms"]), 3),
               "fast_decode_ms": round(_med(m["fast"]["decode_avg_ms"]), 3),
               "same_tokens": same_tokens,
+              "decode_floor_ms": floor, "fast_decode_floor_ratio": fr,
+              "eager_decode_floor_ratio": er, "fast_joules_per_token": jpt["fast"],
+              "compile_cache": state(eng.compile_cache),
+              "compile_cache_dir": (eng.compile_cache or {}).get("dir"),
+              "cache_reuse_ratio": cs["reuse_ratio"], "cache_held_mb": cs["held_mb"],
+              "cache_evictions": cs["evictions"],
               "payback_generations": round(payback, 1) if payback is not None else None}
     out(json.dumps(result))
     return result

@@ -6,6 +6,10 @@ way each stage runs differs:
 - Static caches (transformers' StaticCache) for receiver and sharer, one per (role, batch size,
   length bucket), allocated once and reused: a generation resets their write position only.
   Buckets are powers of two >= 64 covering prompt + new tokens, so a run compiles a few shapes.
+  The c2c sharer's cache holds its prompt only (it never decodes; rounded up to 64 positions).
+  Together they are held under a cap in bytes (C2C_CACHE_CAP_MB; default half the free memory):
+  when a new shape needs room the least recently used caches (and the compiled steps bound to
+  them) are freed. `cache_stats()` counts requests, reuses and evictions.
 - Our own 4-D attention mask (left padding: row b's first `pad[b]` positions are padding; a
   padding query sees only itself, so no row is fully masked) and explicit position ids, so every
   step has fixed shapes and nothing is recomputed from Python state.
@@ -42,6 +46,14 @@ from ..measure.timing import Timer
 BUCKET_MIN = 64
 #: Let `C2C_FAST_COMPILE=0` run the fast engine's static-cache path without torch.compile.
 COMPILE_ENV = "C2C_FAST_COMPILE"
+#: The bytes (in MB) the fast engine's static caches may hold together; least recently used
+#: caches are freed when a new shape needs room. Default: CACHE_SHARE of the memory free on the
+#: device when the engine is made (after the weights loaded).
+CACHE_CAP_ENV = "C2C_CACHE_CAP_MB"
+CACHE_SHARE = 0.5
+#: The sharer's prefill-only cache (c2c mode) is sized to its prompt rounded up to this many
+#: positions: it never decodes, and its prefill is not compiled, so it needs no power of two.
+SHARER_ROUND = 64
 
 
 def bucket(n: int) -> int:
@@ -50,6 +62,45 @@ def bucket(n: int) -> int:
     while L < n:
         L *= 2
     return L
+
+
+def sharer_role(k: int) -> str:
+    """The cache role of sharer k: "sharer" for sharer 1 (it also decodes in sharer/t2t
+    modes), "sharerK" for the others."""
+    return "sharer" if k == 1 else f"sharer{k}"
+
+
+def sharer_len(n: int) -> int:
+    """The c2c sharer cache length for a prompt section of n positions (a multiple of
+    SHARER_ROUND): the prompt only, never prompt + max_new_tokens."""
+    return max(-(-n // SHARER_ROUND), 1) * SHARER_ROUND
+
+
+def cache_cap_bytes(device) -> int:
+    """The static-cache cap: C2C_CACHE_CAP_MB, else CACHE_SHARE of the device's free memory now
+    (unbounded when that cannot be read)."""
+    v = os.environ.get(CACHE_CAP_ENV, "").strip()
+    if v:
+        try:
+            return max(int(float(v) * 2**20), 0)
+        except ValueError:
+            raise UserError(f"{CACHE_CAP_ENV}={v[:20]} is not a number of MB; set e.g."
+                            f" {CACHE_CAP_ENV}=4096.") from None
+    free = None
+    if device.type == "cuda":
+        try:
+            free = int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - unknown: no cap
+            free = None
+    else:
+        from .budget import free_bytes
+        free = free_bytes("cpu")
+    return int(free * CACHE_SHARE) if free else 2**62
+
+
+def _lru():
+    from collections import OrderedDict
+    return OrderedDict()
 
 
 @dataclass
@@ -94,9 +145,18 @@ class FastEngine:
         self.cuda = self.device.type == "cuda"
         self.compile_s = 0.0          # seconds spent in prepare() (compile, capture, allocation)
         self.late = 0                 # prepare() calls that happened outside warm-up
-        self._caches: dict = {}
+        self._caches = _lru()         # (role, B, L) -> StaticCache, least recently used first
         self._steps: dict = {}
         self._ready: set = set()
+        self.cache_cap = cache_cap_bytes(self.device)  # bytes the static caches may hold
+        self.cache_bytes = 0          # bytes they hold now
+        self.cache_requests = 0       # caches a generation asked for ...
+        self.cache_reuses = 0         # ... and found allocated (cache reuse ratio = these / those)
+        self.cache_evictions = 0
+        self._epoch = 0               # one per generation (and per prepared shape): what it
+        self._used: dict = {}         # touched is never evicted under it
+        self._born: dict = {}         # (role, B, L) -> the epoch that allocated it
+        self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
         for m in {id(m): m for m in models}.values():
             impl = getattr(m.config, "_attn_implementation", None) or "eager"
@@ -105,6 +165,8 @@ class FastEngine:
                                 f" implementations, not {impl}; use --attn_implementation sdpa"
                                 " or --engine eager.")
         if compile:
+            from . import compile_cache  # inductor's caches under C2C_CACHE, before any compile
+            self.compile_cache = compile_cache.setup()
             import torch._dynamo
             cfg = torch._dynamo.config
             # one compiled step per (model, batch size, bucket, greedy): allow many
@@ -119,25 +181,79 @@ class FastEngine:
         return "fast" if self.compile else "fast-nocompile"
 
     def model(self, role: str):
-        return self.pipe.receiver if role == "receiver" else self.pipe.sharer
+        """"receiver", "sharer" (sharer 1) or "sharerK" (sharer K)."""
+        if role == "receiver":
+            return self.pipe.receiver
+        return self.pipe.sharers[int(role[6:] or 1) - 1].model
 
     # --- caches and masks ------------------------------------------------------------------
 
-    def cache(self, role: str, B: int, L: int):
-        """The (role, B, L) static cache with its write position reset to 0."""
+    def begin(self) -> None:
+        """A new generation (or a shape being prepared): the caches it takes are kept from
+        eviction until the next begin()."""
+        self._epoch += 1
+
+    def cache_nbytes(self, role: str, B: int, L: int) -> int:
+        """Bytes of the (role, B, L) static cache: layers x B x kv heads x L x head_dim x
+        (keys, values) x dtype bytes."""
+        from ..models.projector import kv_shape
+        layers, heads, hd = kv_shape(self.model(role).config)
+        return layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
+
+    def _evict_for(self, need: int) -> None:
+        """Free least recently used caches (and the compiled steps bound to them) until `need`
+        more bytes fit under the cap; a cache the current generation took stays."""
+        for key in list(self._caches):
+            if self.cache_bytes + need <= self.cache_cap:
+                return
+            if self._used.get(key) == self._epoch:
+                continue
+            self._caches.pop(key)
+            self._used.pop(key, None)
+            self._born.pop(key, None)
+            self.cache_bytes -= self.cache_nbytes(*key)
+            self.cache_evictions += 1
+            for k in [k for k in self._steps if k[:3] == key]:  # they hold the cache
+                del self._steps[k]
+            self._ready -= {k for k in self._ready if k[:3] == key}
+        if self.cache_bytes + need > self.cache_cap:
+            warnings.warn(f"fast engine: the static caches one generation needs"
+                          f" ({(self.cache_bytes + need) / 2**20:,.0f} MB) exceed the cache cap"
+                          f" ({self.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}); allocating anyway.")
+
+    def cache(self, role: str, B: int, L: int, use: bool = True):
+        """The (role, B, L) static cache with its write position reset to 0. `use`: a
+        generation's request (counted in the reuse ratio); False for warm-up's own calls."""
         from transformers import StaticCache
         key = (role, B, L)
         c = self._caches.get(key)
+        if use:  # a reuse: allocated before this generation began (not by its own late prepare)
+            self.cache_requests += 1
+            self.cache_reuses += c is not None and self._born.get(key) != self._epoch
         if c is None:
+            need = self.cache_nbytes(role, B, L)
+            self._evict_for(need)
             m = self.model(role)
             c = StaticCache(config=_full_attention(m.config), max_cache_len=L)
             from ..models.projector import kv_shape
             _, heads, hd = kv_shape(m.config)
             c.early_initialization(B, heads, hd, self.pipe.dtype, self.device)
             self._caches[key] = c
+            self._born[key] = self._epoch
+            self.cache_bytes += need
+        self._caches.move_to_end(key)
+        self._used[key] = self._epoch
         for layer in c.layers:
             layer.cumulative_length.zero_()
         return c
+
+    def cache_stats(self) -> dict:
+        """What the static caches hold and how often a generation found its cache allocated."""
+        req = self.cache_requests
+        return {"held_mb": round(self.cache_bytes / 2**20, 3),
+                "cap_mb": round(self.cache_cap / 2**20, 3), "caches": len(self._caches),
+                "requests": req, "reuses": self.cache_reuses, "evictions": self.cache_evictions,
+                "reuse_ratio": round(self.cache_reuses / req, 4) if req else None}
 
     def _mask(self, role: str, keep: torch.Tensor) -> torch.Tensor:
         """keep [B, q, L] bool -> the 4-D mask the model's attention wants."""
@@ -217,8 +333,11 @@ class FastEngine:
             return
         self.check_window(role, L)
         t0 = time.perf_counter()
+        if self.compile_cache is not None:
+            from .compile_cache import counts
+            hits0, misses0 = counts()
         with torch.inference_mode():
-            cache = self.cache(role, B, L)
+            cache = self.cache(role, B, L, use=False)
             if key not in self._steps:
                 self._steps[key] = self._make_step(role, cache, L, greedy)
             m = self.model(role)
@@ -233,9 +352,13 @@ class FastEngine:
                 self._steps[key](ids, torch.tensor(k, device=self.device), rows.lp, ok).clone()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-            self.cache(role, B, L)
+            self.cache(role, B, L, use=False)
         self._ready.add(key)
         self.compile_s += time.perf_counter() - t0
+        if self.compile_cache is not None:  # from inductor's FX graph cache, or compiled now
+            hits, misses = counts()
+            self.compile_cache["hits"] += hits - hits0
+            self.compile_cache["misses"] += misses - misses0
 
     def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
         """A shape warm-up did not cover (a longer t2t note than planned): prepare it now, outside
@@ -331,7 +454,7 @@ class FastEngine:
                 with timer.span("teacher_embedding", who=k):
                     s_emb = model.get_input_embeddings()(srows.ids[:, :n])
                 with timer.span("teacher_prefill", who=k):
-                    s_caches.append(self.sharer_prefill(model, s_emb, srows, n))
+                    s_caches.append(self.sharer_prefill(k, s_emb, srows, n))
                 masks.append(mask)
             cancel.check()
             calls = self.project(r_cache, s_caches, n, masks, timer)
@@ -340,14 +463,20 @@ class FastEngine:
             logits = self.prefill("receiver", r_cache, r_emb[:, n:], n, rows, logits=True)
         return r_cache, logits, calls
 
-    def sharer_prefill(self, model, emb: torch.Tensor, srows: Rows, n: int):
-        """A sharer in c2c only fills a cache to project (it never decodes): a cache holding its
-        prompt only (n positions, full length in every layer, freed after the projection) and
-        our own masks, a sliding window applied where the model's layers have one."""
-        from transformers import DynamicCache
+    def sharer_prefill(self, k: int, emb: torch.Tensor, srows: Rows, n: int):
+        """A sharer in c2c only fills a cache to project (it never decodes): its static cache
+        holds its prompt only (sharer_len(n) positions, every layer full-length so that all n
+        can be projected), with our own masks, a sliding window applied where its layers have
+        one."""
+        role = sharer_role(k)
+        model = self.model(role)
+        B = emb.shape[0]
+        cache = self.cache(role, B, sharer_len(n))
+        Ls = cache.layers[0].max_cache_len
         i = torch.arange(n, device=self.device)[:, None]
-        j = torch.arange(n, device=self.device)[None]
-        keep = (j <= i)[None] & (srows.ok[:, None, :n] | (j == i)[None])          # [B, n, n]
+        j = torch.arange(Ls, device=self.device)[None]
+        ok = srows.ok_to(Ls) if srows.ok.shape[1] < Ls else srows.ok[:, :Ls]
+        keep = (j <= i)[None] & (ok[:, None, :] | (j == i)[None])                # [B, n, Ls]
         pos = (i.T - srows.lp[:, None]).clamp(min=0)
         cfg = model.config
         mask = self._mask_for(model, keep)
@@ -355,7 +484,6 @@ class FastEngine:
         if window and any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
             mask = {"full_attention": mask,
                     "sliding_attention": self._mask_for(model, keep & ((i - j) < window)[None])}
-        cache = DynamicCache()
         decoder(model)(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                        past_key_values=cache, use_cache=True)
         return cache
@@ -435,6 +563,9 @@ def shapes_of(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
             T = max(len(build_plan(pipe, cfg, it, mode).ids) for it in items)
             if mode in ("c2c", "receiver"):
                 keys.add(("step", "receiver", B, bucket(T + g.max_new_tokens), greedy))
+                if mode == "c2c" and T > 1:  # each sharer reads the first T-1 positions
+                    for k in range(1, len(pipe.sharers) + 1):
+                        keys.add(("cache", sharer_role(k), B, sharer_len(T - 1)))
             elif mode == "sharer":
                 keys.add(("step", "sharer", B, bucket(T + g.max_new_tokens), greedy))
             elif mode == "t2t":
@@ -455,11 +586,18 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         stacked_for(pipe.fuser)
         eng.compile_s += time.perf_counter() - t0
     keys = sorted(shapes_of(pipe, cfg, batches, modes), key=str)
+    planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
+    if planned > eng.cache_cap:
+        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
+                      f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
+                      " least recently used are freed as shapes change, and a shape needed again"
+                      " is prepared again between generations.")
     steps = [k for k in keys if k[0] == "step" and tuple(k[1:]) not in eng._ready]
     done = 0
     for k in keys:
         # a Stop or a client gone ends the run between two shapes: one shape's compile at most
         cancel.check()
+        eng.begin()  # each shape on its own: the cap may free an earlier one for it
         if k[0] == "step":
             if tuple(k[1:]) not in eng._ready:
                 done += 1
@@ -469,7 +607,7 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         else:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                eng.cache(*k[1:])
+                eng.cache(*k[1:], use=False)
             eng.compile_s += time.perf_counter() - t0
     return eng.compile_s - before
 
@@ -514,7 +652,9 @@ def _feeds(plans, pipe, eng, dev) -> list:
 
 def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeats) -> list:
     from ..measure.timing import now_ns
+    from .floor import floor_for
     eng = engine_for(pipe)
+    eng.begin()  # the caches this generation takes are not evicted under it
     dev = pipe.device
     g = cfg.gen
     greedy = not g.do_sample
@@ -570,6 +710,9 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     dec_ms = sum(stages["decode"])
     dec_tokens = sum(len(t) - 1 for t in dec.tokens)
     batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
+    # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
+    kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows, dec.tokens)))
+    all_tokens = sum(len(t) for t in dec.tokens)
     out = []
     for i, toks in enumerate(dec.tokens):
         st = dict(stages)
@@ -587,6 +730,8 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         gen.cpu_share = mem.cpu_share
         gen.batch_wait = list(wait)
+        gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
+        gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
         out.append(gen)
     return out
 

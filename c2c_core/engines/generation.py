@@ -67,6 +67,11 @@ class Generation:
     batch_tokens_per_second: float | None = None  # decode tokens/s of the whole batch
     cpu_share: float | None = None  # CPU: CPU time got / (wall x threads); None on CUDA
     batch_wait: list[float] = field(default_factory=list)  # batch steps run after this row ended
+    # how close to the limit (hardware.py): set by make_record from the pipeline when None
+    decode_floor_ms: float | None = None
+    kv_context_tokens: float | None = None  # cached positions a decode step reads, mean (batch: all rows)
+    energy_j: float | None = None           # NVML energy of the generation (batch: the whole batch)
+    energy_tokens: int | None = None        # tokens that energy produced (batch: all rows)
 
 
 def engine_of(pipe: Pipeline, cfg: RunConfig) -> str:
@@ -148,9 +153,22 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
                                     else g.batch_tokens_per_second)
     ints = {"projector_calls", "num_generated_tokens", "prompt_tokens", "sharer_generated_tokens"}
     t = {k: (v if k in ints or v is None else r3(v)) for k, v in t.items()}
+    t.update(limit_fields(g, t["decode_avg_ms"]))
     t["alignment_ms"] = tot["alignment_ms"]
     t["sharers"] = sharers
     return t, steps
+
+
+def limit_fields(g: Generation, decode_avg_ms: float) -> dict:
+    """decode_floor_ms and its ratio to the measured step, energy_j and joules_per_token (null
+    when unknown: no bandwidth for this card, no NVML, no decode step). Floor and ratio are
+    rounded finer than the ms fields (a floor is a fraction of a millisecond)."""
+    floor = None if g.decode_floor_ms is None else round(float(g.decode_floor_ms), 6)
+    ratio = (round(decode_avg_ms / floor, 3) if floor and decode_avg_ms > 0 else None)
+    e = None if g.energy_j is None else round(float(g.energy_j), 3)
+    n = g.energy_tokens or len(g.tokens)
+    return {"decode_floor_ms": floor, "decode_floor_ratio": ratio, "energy_j": e,
+            "joules_per_token": round(e / n, 6) if e is not None and n else None}
 
 
 def sharer_entries(g: Generation) -> list[dict]:
@@ -297,6 +315,9 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
 
 def make_record(pipe: Pipeline, item: Item, mode: str, repeat: int, g: Generation,
                 meta: dict) -> dict:
+    if g.decode_floor_ms is None:
+        from .floor import floor_for
+        g.decode_floor_ms = floor_for(pipe, g)
     timing, steps = timing_fields(g)
     rec = {
         "id": item.id,

@@ -83,6 +83,18 @@ TIMING: dict[str, TimingField] = {
     # batches (fast engine): decode tokens per second of the whole batch (= tokens_per_second
     # at batch size 1)
     "batch_tokens_per_second": TimingField("batch decode", "tok/s"),
+    # how close to the limit (hardware.py): the least time a decode step can take, the bytes
+    # it must read (the decoding model's weights in their dtype + the KV cache so far, mean
+    # over the steps; a batch's step reads every row's) / the card's memory bandwidth from
+    # hardware.BANDWIDTH_GBS; null when the card is unknown (a CPU) or there is no decode step
+    "decode_floor_ms": TimingField("decode floor", "ms/token"),
+    # measured decode_avg_ms / decode_floor_ms (>= 1; null when the floor is)
+    "decode_floor_ratio": TimingField("decode over floor", "x"),
+    # the device's energy during the generation (a batch's: the whole batch), from NVML's
+    # total-energy counter; null when not an NVIDIA GPU or not readable
+    "energy_j": TimingField("energy", "J"),
+    # energy_j / the tokens it produced (a batch's: every row's tokens)
+    "joules_per_token": TimingField("energy per token", "J/token"),
 }
 
 #: `timing` fields of the seed's format (units in the names; counts are plain ints).
@@ -123,13 +135,17 @@ RUN_FIELDS = [
 
 #: Fields that are null when the platform cannot measure them (never 0.0 for "unknown").
 NULLABLE_FIELDS = {"timing.peak_memory_mb", "timing.peak_memory_reserved_mb", "run.weights_mb",
-                   "timing.cpu_share"}
+                   "timing.cpu_share", "timing.decode_floor_ms", "timing.decode_floor_ratio",
+                   "timing.energy_j", "timing.joules_per_token"}
+#: Fields that are never negative when known (the limit fields; null = unknown).
+NON_NEGATIVE_FIELDS = ["decode_floor_ms", "decode_floor_ratio", "energy_j", "joules_per_token"]
 #: Fields added after records were first written: an older record without them is still valid.
 LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alignment_ms",
                 "timing.batch_tokens_per_second", "batch_size", "batch_index", "run.world_size",
                 "run.rank", "run.engine", "run.compile_s", "run.frontend",
                 "timing.cpu_share", "timing.batch_wait_ms", "input_digest", "run.settings",
-                "run.settings_digest"}
+                "run.settings_digest", "timing.decode_floor_ms", "timing.decode_floor_ratio",
+                "timing.energy_j", "timing.joules_per_token"}
 #: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
 #: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower): its
 #: times are inflated; `compare` calls such a run inconclusive.
@@ -539,7 +555,33 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     if t["other_ms"] < -tol_ms:
         problems.append("other_ms < 0")
     problems += _check_sharers(t, tol_ms)
+    problems += _check_limits(t, rec.get("batch_size"))
     return problems
+
+
+def _check_limits(t: dict, batch_size: Any) -> list[str]:
+    """The limit fields: never negative; the ratio is decode_avg_ms / decode_floor_ms (null
+    with the floor); joules_per_token goes with energy_j (energy / tokens at batch size 1)."""
+    out = [f"timing.{k} < 0" for k in NON_NEGATIVE_FIELDS if (t.get(k) or 0) < 0]
+    if out:
+        return out
+    floor, ratio, avg = t.get("decode_floor_ms"), t.get("decode_floor_ratio"), t["decode_avg_ms"]
+    if ratio is not None and not floor:
+        out.append("timing.decode_floor_ratio without timing.decode_floor_ms")
+    elif floor and avg > 0 and ratio is None:
+        out.append("timing.decode_floor_ratio is null beside a decode floor")
+    elif floor and ratio is not None and abs(ratio - avg / floor) > 1e-3 + 1e-4 * ratio:
+        out.append(f"timing.decode_floor_ratio {ratio} != decode_avg_ms / decode_floor_ms"
+                   f" ({avg / floor:.3f})")
+    e, jpt, n = t.get("energy_j"), t.get("joules_per_token"), t["num_generated_tokens"]
+    if (e is None) != (jpt is None) and n:
+        out.append("timing.joules_per_token and timing.energy_j: one is null, not both")
+    elif e is not None and jpt is not None and n:
+        if jpt > e + 1e-3:
+            out.append("timing.joules_per_token > timing.energy_j")
+        elif (batch_size or 1) == 1 and abs(jpt * n - e) > 1e-3 + 1e-6 * n:
+            out.append("timing.joules_per_token != energy_j / num_generated_tokens")
+    return out
 
 
 #: `timing.sharers` entry field -> the total it must add up to.

@@ -132,6 +132,8 @@ class DeviceMemory:
         self.allocated_mb: float | None = None
         self.reserved_mb: float | None = None
         self.cpu_share: float | None = None
+        self.energy_j: float | None = None   # NVML's energy counter over the generation (CUDA)
+        self._energy0: int | None = None
         self._open = False
         self._t0 = (0.0, 0.0)
 
@@ -140,7 +142,9 @@ class DeviceMemory:
             return self
         self._open = True
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # this generation's peak only
+            from .hardware import nvml_energy_mj
+            self._energy0 = nvml_energy_mj(self.device)
         else:
             self._rss = PeakRSS().__enter__()
             self._t0 = (time.process_time(), time.perf_counter())
@@ -157,6 +161,11 @@ class DeviceMemory:
                 self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / MB
             except RuntimeError:  # e.g. after a device error: unknown, not zero
                 pass
+            if self._energy0 is not None:
+                from .hardware import nvml_energy_mj
+                e1 = nvml_energy_mj(self.device)
+                if e1 is not None and e1 >= self._energy0:
+                    self.energy_j = (e1 - self._energy0) / 1000.0
         elif self._rss is not None:
             cpu, wall = time.process_time() - self._t0[0], time.perf_counter() - self._t0[1]
             self._rss.__exit__(*exc)

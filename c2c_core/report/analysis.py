@@ -52,7 +52,12 @@ _SUMMARY_STATS = [
     ("e2e_ms", ("mean", "p50", "p90")),
     ("decode_avg_ms", ("mean", "p50", "p90", "p99")),
     ("tokens_per_second", ("mean", "p50")),
+    # how close to the limit (null, so NaN, on a CPU or without NVML)
+    ("decode_floor_ratio", ("p50",)),
+    ("joules_per_token", ("p50",)),
 ]
+#: Summary metrics shown only when some record in the table has them (null on a CPU).
+_WHEN_KNOWN = {"decode_floor_ratio", "joules_per_token"}
 #: C2C against each baseline (README "What the ratios mean"): receiver = the cost of fusion over
 #: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
 _RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver"),
@@ -308,7 +313,8 @@ def _stat(s: pd.Series, stat: str) -> float:
 
 
 def _round(key: str, x: float) -> float:
-    return round(x, 1 if FIELDS.get(key, ("", ""))[1] == "tok/s" else 2)
+    unit = FIELDS.get(key, ("", ""))[1]
+    return round(x, 1 if unit == "tok/s" else 4 if unit == "J/token" else 2)
 
 
 def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.DataFrame:
@@ -331,7 +337,11 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.Da
         row["accuracy"] = round(float(scored.astype(float).mean()), 3) if len(scored) else math.nan
         row["n_scored"] = len(scored)
         rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows, columns=cols)
+    # the limit columns only where some record knows them (a GPU in the table, NVML)
+    unknown = [column(m, s) for m, stats in _SUMMARY_STATS if m in _WHEN_KNOWN for s in stats
+               if out[column(m, s)].isna().all()]
+    return out.drop(columns=unknown)
 
 
 def slowest(df: pd.DataFrame, n: int = 10, by: str = "decode_total_ms") -> pd.DataFrame:

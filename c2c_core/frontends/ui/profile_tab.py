@@ -154,10 +154,27 @@ def stage_table(record: dict) -> pd.DataFrame:
 
 def summary_line(rec: dict, device: str, dtype: str) -> str:
     t = rec["timing"]
-    return (f"**Done** ({rec.get('mode', 'c2c')}): TTFT {t['ttft_ms']:.1f} ms · decode"
+    line = (f"**Done** ({rec.get('mode', 'c2c')}): TTFT {t['ttft_ms']:.1f} ms · decode"
             f" {t['decode_avg_ms']:.2f} ms/token ({t['tokens_per_second']:.1f} tok/s) ·"
             f" {t['num_generated_tokens']} tokens · E2E {t['e2e_ms']:.1f} ms · on"
             f" {device} {dtype}.")
+    return line + limits_line(t)
+
+
+def limits_line(t: dict) -> str:
+    """' Decode floor 0.2500 ms/token (measured 8.84x it) · energy 3.0 J (0.27 J/token).' when
+    known; on a CPU (no bandwidth, no NVML) it says the floor is unknown."""
+    floor, ratio = t.get("decode_floor_ms"), t.get("decode_floor_ratio")
+    parts = []
+    if floor is not None:
+        parts.append(f"decode floor {floor:.4f} ms/token"
+                     + (f" (measured {ratio:.2f}x it)" if ratio is not None else ""))
+    elif "decode_floor_ms" in t:
+        parts.append("decode floor unknown here (no memory bandwidth for this device)")
+    if t.get("energy_j") is not None:
+        parts.append(f"energy {t['energy_j']:.2f} J ({t.get('joules_per_token') or 0:.4f} J/token)")
+    text = " · ".join(parts)
+    return f" {text[:1].upper()}{text[1:]}." if parts else ""
 
 
 def check_profile(prompt: str, **settings):
