@@ -16,17 +16,11 @@ import os
 import shutil
 import stat
 import uuid
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import filelock
 
 from ..spec.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks; temp + rename still hold
-    fcntl = None  # type: ignore[assignment]
 
 #: errno values that mean "the disk (or quota) is full".
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -129,21 +123,9 @@ def lock_output(path: str) -> OutputLock:
     return OutputLock(path).acquire()
 
 
-@contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """A blocking exclusive lock on the file `path` (created if needed)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+def file_lock(path: str) -> filelock.FileLock:
+    """A blocking exclusive lock on the file `path` (created if needed, kept after release)."""
+    return filelock.FileLock(path, thread_local=False)
 
 
 def build_once(out: str, build: Callable[[str], None], done_file: str = "config.json") -> bool:
