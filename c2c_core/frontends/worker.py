@@ -18,6 +18,10 @@ If the worker dies (killed for memory, a segfault), the job fails with one sente
 This module imports no gradio: the worker process imports only the core.
 """
 
+# Not a concurrent.futures.ProcessPoolExecutor(mp_context=spawn) (issue 17 part 6): a future gives
+# one result at the end and cannot cancel a running job, while a job here streams records, phases
+# and status lines as they happen and stops within one decode step; and a dead pool worker is a
+# BrokenProcessPool without the exit code that names the signal (SIGKILL: out of memory).
 from __future__ import annotations
 
 import itertools

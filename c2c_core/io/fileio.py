@@ -16,15 +16,11 @@ import os
 import shutil
 import stat
 import uuid
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
+
+import filelock
 
 from ..spec.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks; temp + rename still hold
-    fcntl = None  # type: ignore[assignment]
 
 #: errno values that mean "the disk (or quota) is full".
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -73,41 +69,46 @@ def check_writable(path: str, flag: str = "--output") -> None:
 class OutputLock:
     """An exclusive, non-blocking lock on a results file, held until `release` (or the process
     ends, even by kill -9: the kernel drops flock locks with the process). The lock is on the
-    file itself (opened for appending, so nothing is changed), never on a sidecar file."""
+    file itself (opened for appending, so nothing is changed), never on a sidecar file.
+
+    It is `filelock.UnixFileLock` (flock) with `preserve_lock_file=True`: the results file is
+    the lock file, so it must never be unlinked on release nor turned into a soft-lock marker
+    (a pid written into the JSONL) on a file system without flock; there we warn and run
+    unlocked, as before. Without fcntl (Windows) nothing is locked: a Windows lock is mandatory
+    and would stop this run's own writer from appending to the file."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        self._fd: int | None = None
+        self._lock: filelock.UnixFileLock | None = None
 
     def acquire(self) -> "OutputLock":
-        if fcntl is None:
+        if not filelock.unix_has_fcntl:
             return self
+        # the real path: filelock opens with O_NOFOLLOW, and a symlinked --output is fine
+        lock = filelock.UnixFileLock(os.path.realpath(self.path), blocking=False,
+                                     thread_local=False, preserve_lock_file=True)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            lock.acquire()
+        except filelock.Timeout:
+            raise UserError(f"{self.path} is being written by another run; wait for it to"
+                            " finish or give this run another --output.") from None
         except OSError as e:
+            if e.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                import sys  # a file system without locks (some network mounts): run unlocked
+                print(f"Warning: {self.path} could not be locked ({e.strerror or e}); make sure no"
+                      " other run writes it meanwhile.", file=sys.stderr)
+                return self
             raise UserError(os_error_sentence(e, self.path) + ".") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{self.path} is being written by another run; wait for it to"
-                                " finish or give this run another --output.") from None
-            import sys  # a file system without locks (some network mounts): run unlocked
-            print(f"Warning: {self.path} could not be locked ({e.strerror or e}); make sure no"
-                  " other run writes it meanwhile.", file=sys.stderr)
-            return self
-        self._fd = fd
+        self._lock = lock
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._lock is not None:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._lock.release()
             finally:
-                os.close(self._fd)
-                self._fd = None
+                self._lock = None
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
@@ -122,21 +123,9 @@ def lock_output(path: str) -> OutputLock:
     return OutputLock(path).acquire()
 
 
-@contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """A blocking exclusive lock on the file `path` (created if needed)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+def file_lock(path: str) -> filelock.FileLock:
+    """A blocking exclusive lock on the file `path` (created if needed, kept after release)."""
+    return filelock.FileLock(path, thread_local=False)
 
 
 def build_once(out: str, build: Callable[[str], None], done_file: str = "config.json") -> bool:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator, NamedTuple
+
+import numpy as np
 
 from ..spec.config import MODES  # noqa: F401  (records.MODES for readers of the format)
 from ..spec.errors import UserError
@@ -188,14 +189,10 @@ def parse_sweep_id(value: Any) -> SweepShape | None:
 # --- building ------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), 0.0 for an empty list."""
-    if not values:
+    """numpy's default (linear-interpolated) percentile as a plain float, 0.0 for an empty list."""
+    if len(values) == 0:
         return 0.0
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return float(np.percentile(values, q, method="linear"))
 
 
 def r3(x: float) -> float:

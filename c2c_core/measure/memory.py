@@ -3,56 +3,44 @@ allocator's peaks (GPU), and the weights of each part of the pipeline.
 
 CPU: a poller thread reads the process's RSS every `interval_s` (5 ms) from the moment the
 generation starts until it ends, plus once at each end, and keeps the largest value (the way
-optimum-benchmark measures CPU memory). On Linux a read is one `pread` of /proc/self/statm on a
-file kept open (a few microseconds, no allocation worth the name); elsewhere psutil. Unknown
-memory is None (null in the record), never 0.
+optimum-benchmark measures CPU memory). A read is `psutil.Process().memory_info().rss` (about
+10 us on Linux, where psutil reads /proc/self/statm). Unknown memory is None (null in the
+record), never 0.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
+import psutil
 import torch
 
 MB = 2**20  # the `_mb` fields are mebibytes
 
 #: Poll period of the RSS sampler (optimum-benchmark polls every 1-5 ms; at 5 ms the poller costs
-#: about 1% of a core on this 2-core CPU; spikes shorter than that between two reads
+#: about 1.5% of a core on this 2-core CPU; spikes shorter than that between two reads
 #: can be missed, which the README says).
 POLL_INTERVAL_S = 0.005
 
 
-def _statm_reader():
-    """A function returning this process's RSS in bytes, or None when it cannot be read."""
-    try:
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-        page = os.sysconf("SC_PAGE_SIZE")
+def _psutil_reader():
+    """A function returning this process's RSS in bytes, or None when it cannot be read.
 
-        def read_statm() -> int | None:
-            try:
-                return int(os.pread(fd, 128, 0).split()[1]) * page
-            except (OSError, ValueError, IndexError):
-                return None
-
-        if read_statm() is not None:
-            return read_statm
-        os.close(fd)
-    except (OSError, ValueError, AttributeError):
-        pass
+    Against the hand-written pread of /proc/self/statm it replaced: 10 us a read instead of 1,
+    the poller 1.5% of a core instead of 0.9%, and no measurable change in the timings of a
+    small-op CPU loop (median ratio 0.99 over 40 interleaved runs)."""
     try:
-        import psutil
         proc = psutil.Process()
 
-        def read_psutil() -> int | None:
+        def read_rss() -> int | None:
             try:
                 return proc.memory_info().rss
-            except Exception:  # noqa: BLE001 - memory is optional information
+            except (psutil.Error, OSError, NotImplementedError):  # optional information
                 return None
 
-        return read_psutil if read_psutil() is not None else None
-    except Exception:  # noqa: BLE001
+        return read_rss if read_rss() is not None else None
+    except (psutil.Error, OSError, NotImplementedError):
         return None
 
 
@@ -66,7 +54,7 @@ def rss_bytes() -> int | None:
     if _READ_RSS is None:
         with _READ_LOCK:
             if _READ_RSS is None:
-                _READ_RSS = _statm_reader() or (lambda: None)
+                _READ_RSS = _psutil_reader() or (lambda: None)
     return _READ_RSS()
 
 

@@ -23,6 +23,11 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.detach() for t in tensors]).contiguous()
 
 
+# Kept rather than torch.func.vmap over the one projector (issue 17 part 6): vmap's batching rule
+# for a linear with bias is a matmul then an add (rounded twice), where nn.Linear's addmm and our
+# baddbmm round once, so in bf16 vmap matched the per-pair projectors in 0/36 outputs (ours 36/36)
+# and failed tests/test_golden.py's stacked bf16 check (0.039 off); its speed was no issue
+# (vmap/ours median 0.99 fp32, 0.96 bf16 on CPU: scripts/bench_stacked.py).
 class StackedFuser:
     """All (receiver layer, sharer layer, projector) pairs of a fuser as one batched module.
 
