@@ -24,10 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def child(preset: str, max_new_tokens: int, device: str) -> None:
     import torch  # noqa: F401
     from c2c_core.engines import compile_cache, fast
-    from c2c_core.config import build_run_config
-    from c2c_core.loading import load_pipeline
-    from c2c_core.prompts import BUILTIN_PROMPTS
-    from c2c_core.runner import Item
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.models.loading import load_pipeline
+    from c2c_core.io.prompts import BUILTIN_PROMPTS
+    from c2c_core.bench.runner import Item
     cfg = build_run_config(preset, max_new_tokens=max_new_tokens, engine="fast", device=device)
     pipe = load_pipeline(cfg)
     eng = fast.engine_for(pipe, compile=True)

@@ -62,7 +62,7 @@ def test_cache_states_and_the_line_engines_prints():
 def test_engines_prints_floor_ratio_compile_cache_and_reuse_ratio(tiny_pipe, tmp_cache, monkeypatch):
     from c2c_core.engines import fast
     from c2c_core.measure import hardware
-    from c2c_core.engines import engines_bench
+    from c2c_core.bench.compare_engines import engines_bench
     monkeypatch.delenv(hardware.BANDWIDTH_ENV, raising=False)
     pipe, cfg = tiny_pipe
     fast.engine_for(pipe, compile=False)

@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from c2c_core import fast
-from c2c_core.config import build_run_config
-from c2c_core.loading import load_pipeline
-from c2c_core.runner import Item, generate
-from c2c_core.timing import Timer
+from c2c_core.engines import fast
+from c2c_core.spec.config import build_run_config
+from c2c_core.models.loading import load_pipeline
+from c2c_core.bench.runner import Item, generate
+from c2c_core.measure.timing import Timer
 
 PROMPTS = ["Say hello.", "What is the capital of France?",
            "Explain machine learning in simple terms, please, with an example. " * 4]
@@ -40,7 +40,7 @@ def _gen(pipe, cfg, prompts, mode="c2c", engine="fast", **gen):
 def test_held_bytes_stay_under_the_cap_as_shapes_change(pipe_cfg):
     pipe, cfg, eng = pipe_cfg
     shapes = [PROMPTS[:1], PROMPTS[2:], PROMPTS[:2], PROMPTS, PROMPTS[:1], PROMPTS[1:]]
-    need = [sum(eng.cache_nbytes(*k[1:4]) for k in fast.plan(
+    need = [sum(eng.cache_nbytes(*k[1:4]) for k in fast.shapes_of(
         pipe, cfg, [[Item(i, p) for i, p in enumerate(ps)]], ["c2c"])) for ps in shapes]
     eng.cache_cap = int(1.5 * max(need))  # the largest generation fits; not all of them
     assert sum(need) > eng.cache_cap
@@ -100,7 +100,7 @@ def test_the_sharer_cache_holds_its_prompt_only(pipe_cfg, prompt):
     assert eng._caches[s_key].layers[0].keys.shape[2] == L
     # the receiver's holds prompt + new tokens; the sharer's never does
     assert r_key[2] == fast.bucket(g.prompt_tokens + 200) > L
-    planned = fast.plan(pipe, cfg, [[Item(1, prompt)]], ["c2c"])
+    planned = fast.shapes_of(pipe, cfg, [[Item(1, prompt)]], ["c2c"])
     assert ("cache", "sharer", 1, L) in planned
 
 
@@ -108,11 +108,11 @@ def test_the_cap_comes_from_the_environment_or_the_free_memory(monkeypatch):
     monkeypatch.setenv(fast.CACHE_CAP_ENV, "12.5")
     assert fast.cache_cap_bytes(torch.device("cpu")) == int(12.5 * 2**20)
     monkeypatch.delenv(fast.CACHE_CAP_ENV)
-    from c2c_core import budget
+    from c2c_core.engines import budget
     monkeypatch.setattr(budget, "free_bytes", lambda d: 8 * 2**30)
     assert fast.cache_cap_bytes(torch.device("cpu")) == 4 * 2**30
     monkeypatch.setenv(fast.CACHE_CAP_ENV, "lots")
-    from c2c_core.errors import UserError
+    from c2c_core.spec.errors import UserError
     with pytest.raises(UserError, match="C2C_CACHE_CAP_MB"):
         fast.cache_cap_bytes(torch.device("cpu"))
 
@@ -120,7 +120,7 @@ def test_the_cap_comes_from_the_environment_or_the_free_memory(monkeypatch):
 def test_peak_memory_is_measured_from_a_reset_per_generation(monkeypatch):
     """On CUDA every generation resets the allocator's peaks before it starts, so its peak never
     carries an earlier generation's (faked here: no GPU)."""
-    from c2c_core import memory
+    from c2c_core.measure import memory
     calls, peak = [], {"v": 0}
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
                         lambda d=None: (calls.append("reset"), peak.update(v=0)))

@@ -12,8 +12,8 @@ import torch
 
 from c2c_core.measure import hardware
 from c2c_core.engines import floor
-from c2c_core.generation import Generation, limit_fields
-from c2c_core.records import check_record
+from c2c_core.engines.generation import Generation, limit_fields
+from c2c_core.io.records import check_record
 
 
 @pytest.mark.parametrize("name, gbs", [
@@ -86,7 +86,7 @@ def test_energy_is_null_without_nvml_and_read_from_it_on_nvidia(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 0)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d=None: 0)
-    from c2c_core.memory import DeviceMemory
+    from c2c_core.measure.memory import DeviceMemory
     m = DeviceMemory(torch.device("cuda:0")).__enter__()
     m.__exit__(None, None, None)
     assert m.energy_j == pytest.approx(250.5)
@@ -111,9 +111,9 @@ def test_limit_fields_from_a_generation():
 
 @pytest.fixture(scope="module")
 def cpu_record(tiny_pipe):
-    from c2c_core.generation import run_metadata
-    from c2c_core.runner import Item, generate, make_record
-    from c2c_core.timing import Timer
+    from c2c_core.engines.generation import run_metadata
+    from c2c_core.bench.runner import Item, generate, make_record
+    from c2c_core.measure.timing import Timer
     pipe, cfg = tiny_pipe
     g = generate(pipe, cfg, Item(1, "Say hello."), "c2c", Timer(pipe.device))
     return make_record(pipe, Item(1, "Say hello."), "c2c", 0, g, run_metadata(pipe, cfg, "perf_counter"))
@@ -160,9 +160,9 @@ def test_check_record_rejects_negative_or_inconsistent_limits(cpu_record):
 
 
 def test_a_cpu_record_with_a_given_bandwidth_has_a_consistent_floor(tiny_pipe, monkeypatch):
-    from c2c_core.generation import run_metadata
-    from c2c_core.runner import Item, generate, make_record
-    from c2c_core.timing import Timer
+    from c2c_core.engines.generation import run_metadata
+    from c2c_core.bench.runner import Item, generate, make_record
+    from c2c_core.measure.timing import Timer
     monkeypatch.setenv(hardware.BANDWIDTH_ENV, "20")
     pipe, cfg = tiny_pipe
     g = generate(pipe, cfg, Item(1, "Say hello."), "c2c", Timer(pipe.device))
@@ -174,8 +174,8 @@ def test_a_cpu_record_with_a_given_bandwidth_has_a_consistent_floor(tiny_pipe, m
 
 def test_profile_summary_and_results_summary_show_the_limits(cpu_record):
     pytest.importorskip("gradio")
-    from c2c_core import analysis
-    from c2c_core.ui.profile_tab import limits_line
+    from c2c_core.report import analysis
+    from c2c_core.frontends.ui.profile_tab import limits_line
     t = {"decode_floor_ms": 0.25, "decode_floor_ratio": 8.84, "energy_j": 3.0,
          "joules_per_token": 0.2727}
     assert limits_line(t) == (" Decode floor 0.2500 ms/token (measured 8.84x it) · energy 3.00 J"

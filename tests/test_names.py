@@ -56,14 +56,13 @@ def test_every_stage_the_code_times_is_in_the_table():
     """Stage names passed to the timer as literals (timer.span("x"), or as a stage argument)
     must be stages of records.STAGES: a typo would be a KeyError mid-run."""
     used = set()
-    folder = os.path.join(ROOT, "c2c_core")
-    for name in os.listdir(folder):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                src = f.read()
-            used |= set(re.findall(r"\bspan\(\"(\w+)\"", src))
-            used |= set(re.findall(r"\"((?:base|teacher|sharer)_(?:embedding|prefill|decode))\"",
-                                   src))
+    paths = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(ROOT, "c2c_core"))
+             for n in names if n.endswith(".py")]  # every layer's modules
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        used |= set(re.findall(r"\bspan\(\"(\w+)\"", src))
+        used |= set(re.findall(r"\"((?:base|teacher|sharer)_(?:embedding|prefill|decode))\"", src))
     assert {"projection", "base_prefill", "teacher_prefill", "sharer_decode"} <= used
     assert used <= set(STAGES), used - set(STAGES)
 

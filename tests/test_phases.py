@@ -27,7 +27,7 @@ def test_stop_during_compile_ends_between_two_shapes(fresh_pipe):
     items = [Item(id=1, prompt="Say hello in one short sentence.")]
     modes = ["c2c", "sharer"]  # a receiver step and a sharer step: two shapes to prepare
     eng = fast.engine_for(pipe)
-    shapes = [k for k in fast.plan(pipe, cfg, [items], modes) if k[0] == "step"]
+    shapes = [k for k in fast.shapes_of(pipe, cfg, [items], modes) if k[0] == "step"]
     assert len(shapes) >= 2
     said, prepared = [], []
     real = eng.prepare

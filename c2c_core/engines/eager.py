@@ -141,6 +141,7 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
                      sharer_calls=by_calls, speaker=1 if mode == "sharer" else 0,
                      sharer_prompt_format=plan.prompt_format)
     gen.cpu_share = mem.cpu_share
+    gen.energy_j = mem.energy_j
     return gen
 
 

@@ -711,7 +711,7 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     dec_tokens = sum(len(t) - 1 for t in dec.tokens)
     batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
     # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
-    kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows, dec.tokens)))
+    kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows_ids, dec.tokens)))
     all_tokens = sum(len(t) for t in dec.tokens)
     out = []
     for i, toks in enumerate(dec.tokens):

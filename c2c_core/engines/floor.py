@@ -5,7 +5,7 @@ model's config (models/projector.kv_shape)."""
 
 from __future__ import annotations
 
-from ..measure.hardware import bandwidth_gbs, decode_floor_ms, device_name, weight_bytes
+from ..measure import hardware
 from ..models.projector import kv_shape
 
 
@@ -22,7 +22,7 @@ def floor_for(pipe, g, model=None) -> float | None:
     n = len(g.tokens)
     if n < 2:
         return None
-    gbs = bandwidth_gbs(device_name(pipe.device))
+    gbs = hardware.bandwidth_gbs(hardware.device_name(pipe.device))
     if gbs is None:
         return None
     if model is None:
@@ -30,4 +30,5 @@ def floor_for(pipe, g, model=None) -> float | None:
     ctx = g.kv_context_tokens
     if ctx is None:
         ctx = (g.prompt_tokens + n / 2) * max(g.batch_size, 1)
-    return decode_floor_ms(weight_bytes(model), kv_bytes_per_token(model, pipe.dtype), ctx, gbs)
+    return hardware.decode_floor_ms(hardware.weight_bytes(model),
+                                   kv_bytes_per_token(model, pipe.dtype), ctx, gbs)
