@@ -31,7 +31,7 @@ class _Tok:
         return "synthetic answer " * 4
 
 
-def _fake_generate(pipe, cfg, item, mode, timer):
+def _fake_generate(pipe, cfg, item, mode, timer, repeat=0):
     steps = [10.0 + (i % 7) * 0.1 for i in range(64)]
     stages = {k: [] for k in runner.STAGES}
     stages.update(base_embedding=[0.1], base_prefill=[5.0], decode=steps)

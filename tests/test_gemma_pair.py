@@ -80,7 +80,7 @@ def test_alignment_on_gsm8k_questions(real_toks, strategy, direction):
 @pytest.fixture(scope="module")
 def gemma_pair():
     cfg = build_run_config("smollm2+gemma3-demo", mode="all", max_new_tokens=3, t2t_note_tokens=3,
-                           warmup=0, hidden_dim=64, intermediate_dim=64)
+                           warmup=0, hidden_dim=64, intermediate_dim=64, dtype="float32")
     return load_pipeline(cfg), cfg
 
 
@@ -96,9 +96,42 @@ def test_gemma_pair_runs_every_mode(gemma_pair):
     c2c, recv, sharer, t2t = recs
     assert c2c["timing"]["alignment_ms"] > 0 and c2c["timing"]["projector_calls"] == 30
     assert c2c["response"] == recv["response"]  # untrained fuser: gate closed
-    assert sharer["sharer_prompt_format"] == t2t["sharer_prompt_format"] == "plain"
+    # the sharer speaks for itself with Gemma 3's published template (its GGUF carries none)
+    assert sharer["sharer_prompt_format"] == t2t["sharer_prompt_format"] == "gemma3_template"
     gem = pipe.sharers[0].tokenizer
-    assert sharer["timing"]["prompt_tokens"] == len(gem(GSM8K_STYLE[1])["input_ids"])
+    ids = chat_ids(gem, GSM8K_STYLE[1], True, pipe.sharers[0].name)
+    assert sharer["timing"]["prompt_tokens"] == len(ids)
+    assert gem.decode(ids[:4]).startswith("<bos><start_of_turn>user\n")
+
+
+@pytest.mark.parametrize("pair", ["gemma", "two"])
+def test_fast_engine_gives_the_eager_tokens_on_the_real_pairs(gemma_pair, pair):
+    """The packaged SmolLM2 <- Gemma pair (own tokenizer: sectioned plan, padded sharer,
+    sliding-window sharer) and SmolLM2 + Gemma as two sharers, every mode: the fast engine at
+    batch 1 and at batch 2 writes the eager engine's tokens (fp32, greedy, a few tokens)."""
+    from dataclasses import replace
+
+    from c2c_core.engines import fast
+    from c2c_core.bench.runner import generate
+    from c2c_core.measure.timing import Timer
+    if pair == "gemma":
+        pipe, cfg = gemma_pair
+    else:
+        cfg = build_run_config(base_model="smollm2", teacher_model=["smollm2", "gemma3"],
+                               mode="all", max_new_tokens=3, t2t_note_tokens=3, warmup=0,
+                               hidden_dim=64, intermediate_dim=64, dtype="float32")
+        pipe = load_pipeline(cfg)
+    cfg = replace(cfg, gen=replace(cfg.gen, ignore_eos=True))
+    fast.engine_for(pipe, compile=False)
+    items = [Item(1, GSM8K_STYLE[1]), Item(2, "写一首关于猫的诗 🙂")]
+    for mode in ("c2c", "receiver", "sharer", "t2t"):
+        eager = [generate(pipe, replace(cfg, engine="eager"), it, mode, Timer(pipe.device)).tokens
+                 for it in items]
+        f1 = [generate(pipe, replace(cfg, engine="fast"), it, mode, Timer(pipe.device)).tokens
+              for it in items]
+        f2 = [g.tokens for g in fast.generate_batch(pipe, replace(cfg, engine="fast"), items,
+                                                     mode, Timer(pipe.device))]
+        assert f1 == eager and f2 == eager, (mode, eager, f1, f2)
 
 
 def test_two_sharers_smollm2_and_gemma():
