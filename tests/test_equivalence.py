@@ -138,3 +138,42 @@ def test_both_engines_write_the_same_record_fields(pairs, pair):
         assert e["timing"]["prompt_tokens"] == f["timing"]["prompt_tokens"]
         assert (e["timing"]["alignment_ms"] > 0) == (f["timing"]["alignment_ms"] > 0)
         assert e["response"] == f["response"]
+
+
+@pytest.fixture(scope="module")
+def sliding_sharer(tiny_models, tmp_path_factory):
+    """A tiny Gemma 3 sharer (the receiver's tokenizer) with a sliding window of 8 positions in
+    two of its three layers: prompts and caches far longer than the window."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    tok = AutoTokenizer.from_pretrained(tiny_models["receiver"])
+    d = str(tmp_path_factory.mktemp("sliding") / "sharer")
+    torch.manual_seed(3)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, sliding_window=8, max_position_embeddings=512,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                           bos_token_id=tok.eos_token_id)
+    Gemma3ForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sliding_window_sharer_past_its_window(tiny_cfg_kwargs, sliding_sharer, mode):
+    """The fast engine gives a sliding-window sharer the model's own attention (its sliding
+    layers drop keys past the window) in its prefill and in its decode steps, with caches far
+    longer than the window: the eager tokens, batch 1 and batch 4."""
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "teacher_model": sliding_sharer,
+                              "max_new_tokens": 6, "t2t_note_tokens": 12}, ignore_eos=True)
+    pipe = load_pipeline(cfg)
+    _loud(pipe)
+    g = torch.Generator().manual_seed(1)  # Gemma's scaled embeddings want smaller weights
+    with torch.no_grad():
+        for _, p in pipe.sharers[0].model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() == 2 else 0.1))
+    eager = _tokens(pipe, cfg, mode, "eager", 1)
+    if mode == "sharer":
+        assert len({tuple(t) for t in eager}) > 1, eager  # the rows differ
+    assert _tokens(pipe, cfg, mode, "fast", 1) == eager
+    assert _tokens(pipe, cfg, mode, "fast", 4) == eager

@@ -255,15 +255,11 @@ class FastEngine:
                 "requests": req, "reuses": self.cache_reuses, "evictions": self.cache_evictions,
                 "reuse_ratio": round(self.cache_reuses / req, 4) if req else None}
 
-    def _mask(self, role: str, keep: torch.Tensor) -> torch.Tensor:
-        """keep [B, q, L] bool -> the 4-D mask the model's attention wants."""
-        m = self.model(role)
-        keep = keep[:, None]
-        if m.config._attn_implementation == "sdpa":
-            return keep
-        dt = self.pipe.dtype
-        return torch.zeros(keep.shape, dtype=dt, device=keep.device).masked_fill(
-            ~keep, torch.finfo(dt).min)
+    def _mask(self, role: str, keep: torch.Tensor, dist: torch.Tensor | None = None):
+        """keep [B, q, L] bool -> the 4-D mask the model's attention wants. A model with
+        sliding-window layers gets one per layer type: the sliding one also drops keys `dist`
+        (query position - key position, [q, L]) >= its window, as its own masks would."""
+        return self._mask_for(self.model(role), keep, dist)
 
     def _prefill_args(self, role: str, start: int, q: int, L: int, rows: Rows):
         """A query sees earlier real positions (and itself: a padding query is never fully
@@ -273,7 +269,7 @@ class FastEngine:
         j = torch.arange(L, device=self.device)[None]                          # [1, L]
         keep = (j <= i)[None] & (rows.ok_to(L)[:, None, :] | (j == i)[None])
         pos = (i.T - rows.lp[:, None]).clamp(min=0)                             # [B, q]
-        return self._mask(role, keep), pos
+        return self._mask(role, keep, i - j), pos
 
     def prefill(self, role: str, cache, emb: torch.Tensor, start: int, rows: Rows,
                 logits: bool) -> torch.Tensor | None:
@@ -296,12 +292,20 @@ class FastEngine:
         sdpa = m.config._attn_implementation == "sdpa"
         dt = self.pipe.dtype
 
+        window = _window(m.config)
+
+        def as_mask(keep):
+            return keep if sdpa else torch.zeros(keep.shape, dtype=dt, device=keep.device) \
+                .masked_fill(~keep, torch.finfo(dt).min)
+
         def step(tok: torch.Tensor, c: torch.Tensor, lp: torch.Tensor,
                  ok: torch.Tensor) -> torch.Tensor:
             ar = torch.arange(L, device=tok.device)
             keep = (ok & (ar[None] <= c))[:, None, None, :]                        # [B,1,1,L]
-            mask = keep if sdpa else torch.zeros(keep.shape, dtype=dt, device=tok.device) \
-                .masked_fill(~keep, torch.finfo(dt).min)
+            mask = as_mask(keep)
+            if window:  # sliding layers see the last `window` positions only
+                mask = {"full_attention": mask,
+                        "sliding_attention": as_mask(keep & ((c - ar) < window)[None, None, None])}
             pos = (c - lp)[:, None]
             out = m(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
@@ -312,26 +316,12 @@ class FastEngine:
             return step
         return torch.compile(step, mode="reduce-overhead" if self.cuda else None, dynamic=False)
 
-    def check_window(self, role: str, L: int) -> None:
-        """A model that decodes here with sliding-window layers: its static cache and our masks
-        treat every layer as full attention, which is exact while the whole cache fits in the
-        window (the packaged Gemma 3: 512 positions). Past it, refuse in one sentence."""
-        cfg = self.model(role).config
-        window = getattr(cfg, "sliding_window", None)
-        if window and any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])) \
-                and L > window:
-            raise UserError(f"The fast engine decodes the {role} (sliding-window attention of"
-                            f" {window} positions) only while prompt + new tokens fit in"
-                            f" {window}; this run needs {L}: use shorter prompts, fewer"
-                            " --max_new_tokens, or --engine eager.")
-
     def prepare(self, role: str, B: int, L: int, greedy: bool) -> None:
         """Allocate the cache and compile (and on CUDA capture) the step for this shape: a dummy
         prefill of one token, three steps, then the cache is reset. Timed into compile_s."""
         key = (role, B, L, greedy)
         if key in self._ready:
             return
-        self.check_window(role, L)
         t0 = time.perf_counter()
         if self.compile_cache is not None:
             from .compile_cache import counts
@@ -478,23 +468,23 @@ class FastEngine:
         ok = srows.ok_to(Ls) if srows.ok.shape[1] < Ls else srows.ok[:, :Ls]
         keep = (j <= i)[None] & (ok[:, None, :] | (j == i)[None])                # [B, n, Ls]
         pos = (i.T - srows.lp[:, None]).clamp(min=0)
-        cfg = model.config
-        mask = self._mask_for(model, keep)
-        window = getattr(cfg, "sliding_window", None)
-        if window and any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-            mask = {"full_attention": mask,
-                    "sliding_attention": self._mask_for(model, keep & ((i - j) < window)[None])}
+        mask = self._mask_for(model, keep, i - j)
         decoder(model)(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                        past_key_values=cache, use_cache=True)
         return cache
 
-    def _mask_for(self, model, keep: torch.Tensor) -> torch.Tensor:
-        keep = keep[:, None]
-        if model.config._attn_implementation == "sdpa":
-            return keep
-        dt = self.pipe.dtype
-        return torch.zeros(keep.shape, dtype=dt, device=keep.device).masked_fill(
-            ~keep, torch.finfo(dt).min)
+    def _mask_for(self, model, keep: torch.Tensor, dist: torch.Tensor | None = None):
+        def one(k):
+            k = k[:, None]
+            if model.config._attn_implementation == "sdpa":
+                return k
+            dt = self.pipe.dtype
+            return torch.zeros(k.shape, dtype=dt, device=k.device).masked_fill(
+                ~k, torch.finfo(dt).min)
+        window = _window(model.config)
+        if not window or dist is None:
+            return one(keep)
+        return {"full_attention": one(keep), "sliding_attention": one(keep & (dist < window)[None])}
 
     def project(self, r_cache, s_caches: list, n: int, masks: list, timer: Timer) -> dict[int, int]:
         """All sharers' projections. One sharer reading the receiver's positions with projectors
@@ -520,10 +510,18 @@ class FastEngine:
         return cache, logits
 
 
+def _window(config) -> int | None:
+    """The sliding window of a model with sliding-window layers; None when every layer attends
+    to all positions."""
+    w = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    return int(w) if w and any(t == "sliding_attention" for t in types) else None
+
+
 def _full_attention(config):
-    """The config a static cache is built from: every layer full-length. A sliding-window model
-    decodes here only while its whole cache fits in the window (check_window), where sliding
-    and full attention see the same positions; our masks say which."""
+    """The config a static cache is built from: every layer full-length, sliding ones included
+    (they keep every position; our masks give each layer type what it may see, so the
+    attention is exactly the model's own: the sliding mask drops keys past the window)."""
     types = getattr(config, "layer_types", None) or []
     if not any(t != "full_attention" for t in types):
         return config
