@@ -123,17 +123,20 @@ def test_two_sharers_that_pad_differently_share_one_grid(toks):
     assert view.same_tokenizer == (False, True)
     assert any(cross.receiver_pad_mask) and not any(same.receiver_pad_mask)
     n = len(view.where)
-    assert n == len(cross.receiver_ids)
-    assert view.sharer_ids(0) == list(cross.sharer_ids)
-    assert view.projection_mask(0) == list(cross.projection_mask)
+    # the receiver's trailing padding is cut, as the engines cut it; the last position is read
+    # after the projection, so it is never projected
+    L = max(i for i, pad in enumerate(cross.receiver_pad_mask) if not pad) + 1
+    assert n == L
+    assert view.sharer_ids(0) == list(cross.sharer_ids[:L])
+    assert view.projection_mask(0) == list(cross.projection_mask[:L - 1]) + [False]
     ids = view.sharer_ids(1)
     assert [i for i in ids if i is not None] == list(same.sharer_ids)
-    assert [i is None for i in ids] == list(cross.receiver_pad_mask)
+    assert [i is None for i in ids] == list(cross.receiver_pad_mask[:L])
     assert not any(p for p, i in zip(view.projection_mask(1), ids) if i is None)
     assert sum(view.projection_mask(1)) == same.projected
     rows = table_rows(view)
     assert len(rows) == n and all(len(r) == 4 + 3 * 2 for r in rows)
-    assert {r[7] for r, pad in zip(rows, cross.receiver_pad_mask) if pad} == {"-"}
+    assert {r[7] for r, pad in zip(rows, cross.receiver_pad_mask[:L]) if pad} == {"-"}
     data = to_json(view)
     assert all(len(x) == n for x in [data["receiver_ids"], *data["sharer_ids"],
                                      *data["projection_mask"]])

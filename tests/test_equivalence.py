@@ -177,3 +177,32 @@ def test_a_sliding_window_sharer_past_its_window(tiny_cfg_kwargs, sliding_sharer
         assert len({tuple(t) for t in eager}) > 1, eager  # the rows differ
     assert _tokens(pipe, cfg, mode, "fast", 1) == eager
     assert _tokens(pipe, cfg, mode, "fast", 4) == eager
+
+
+@pytest.mark.parametrize("direction", ["receiver_templated", "receiver_plain"])
+def test_align_shows_the_plan_the_engines_run(tiny_cfg_kwargs, tiny_models, other_sharer,
+                                              direction):
+    """`align` (plan/show.py) and the engines' plan (plan/item.py) agree position by position:
+    receiver ids, sharer ids and the projected positions. receiver_plain: the receiver reads
+    plain text and the sharer's closing template is longer, so the receiver's sequence ends in
+    padding, which both cut."""
+    from c2c_core.bench.runner import Item as It
+    from c2c_core.plan.item import build_plan
+    from c2c_core.plan.show import plan_view
+    if direction == "receiver_templated":
+        kw = {"teacher_model": other_sharer}
+    else:
+        kw = {"base_model": other_sharer, "teacher_model": tiny_models["receiver"]}
+    cfg = build_run_config(**{**tiny_cfg_kwargs, **kw})
+    pipe = load_pipeline(cfg)
+    for prompt in PROMPTS:
+        plan = build_plan(pipe, cfg, It(1, prompt), "c2c")
+        view = plan_view(pipe.tokenizer, [sl.tokenizer for sl in pipe.sharers], prompt,
+                         cfg.alignment, cfg.chat_template)
+        assert list(view.receiver_ids) == plan.ids
+        f = plan.feeds[0]
+        assert view.sharer_ids(0) == f.ids
+        assert view.projection_mask(0)[:-1] == (f.project or [True] * plan.n_instr)
+        assert view.projection_mask(0)[-1] is False
+        if direction == "receiver_plain":
+            assert plan.pad is None or not plan.pad[-1]

@@ -9,7 +9,8 @@ The grid: every plan holds the receiver's own tokens in the same order, plus rec
 a template section of that sharer is longer. With one sharer (or sharers padding alike) the grid
 is that plan's positions exactly. With sharers that pad differently, a gap between two receiver
 tokens gets the most pads any plan puts there, and a sharer without that pad position shows
-"-" (nothing fed there, nothing projected).
+"-" (nothing fed there, nothing projected). Receiver padding at the very end is left out,
+as the engines cut it (plan/item.py), so the grid is the positions a run reads.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ class PlanView:
         p = self.plans[k]
         return [None if w[k] is None else p.sharer_ids[w[k]] for w in self.where]
 
+    def projected(self, k: int, row: int) -> bool:
+        """Whether sharer k's KV is projected at this row. The last position never is: the
+        receiver reads it after the projection (the reference's last-token section)."""
+        i = self.where[row][k]
+        return i is not None and row < len(self.where) - 1 and self.plans[k].projection_mask[i]
+
     def projection_mask(self, k: int) -> list[bool]:
-        p = self.plans[k]
-        return [w[k] is not None and p.projection_mask[w[k]] for w in self.where]
+        return [self.projected(k, row) for row in range(len(self.where))]
 
     def sharer_pad_mask(self, k: int) -> list[bool]:
         p = self.plans[k]
@@ -116,6 +122,11 @@ def plan_view(receiver_tok, sharer_toks: list, prompt: str, strategy: str = "fir
                                    same_tokenizer=alike))
         same.append(alike)
     where = _grid(plans)
+    # the engines cut the receiver's trailing padding (plan.item: the first new token comes from
+    # its last real position); show what they run
+    while len(where) > 1 and all(
+            i is None or plans[k].receiver_pad_mask[i] for k, i in enumerate(where[-1])):
+        where.pop()
     r_ids, r_pad = [], []
     for w in where:
         k, i = next((k, i) for k, i in enumerate(w) if i is not None)
@@ -188,7 +199,7 @@ def table_rows(view: PlanView) -> list[list[str]]:
                 cells += [ABSENT, "", "no"]
                 continue
             text = "pad" if p.sharer_pad_mask[i] else view.sharer_texts[k][i]
-            cells += [text, str(p.sharer_ids[i]), "yes" if p.projection_mask[i] else "no"]
+            cells += [text, str(p.sharer_ids[i]), "yes" if view.projected(k, row) else "no"]
         rows.append(cells)
     return rows
 
