@@ -156,3 +156,50 @@ def need_browser():
                     " the browser test needs it", allow_module_level=True)
     pytest.importorskip("gradio")
     return pytest.importorskip("playwright.sync_api")
+
+
+OTHER_CORPUS = [c.upper() + " and more words" for c in CORPUS] + ["lowercase text here too"]
+
+
+def build_other_tokenizer(folder: str):
+    """A WordPiece tokenizer unlike the receiver's byte-level BPE: other ids, other specials
+    (and no chat template: it reads plain text)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    special = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    tk.train_from_iterator(OTHER_CORPUS * 4, trainers.WordPieceTrainer(vocab_size=180,
+                                                                       special_tokens=special))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]",
+                                  bos_token="[BOS]", pad_token="[PAD]")
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def other_sharer(tmp_path_factory):
+    """A tiny Qwen3 sharer with its own tokenizer (build_other_tokenizer)."""
+    d = str(tmp_path_factory.mktemp("other") / "sharer")
+    tok = build_other_tokenizer(d)
+    build_model(d, "qwen3", len(tok), tok.eos_token_id, layers=3, seed=5)
+    return d
+
+
+def loud_weights(pipe, scale: float = 2.4) -> None:
+    """Random weights scaled up (varied greedy tokens instead of one repeated id) in every model
+    of a pipeline, and the fuser's gates open with random projectors, so the projection changes
+    what the receiver says; tests that compare tokens would prove little otherwise."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
+        for m in {id(m): m for m in models}.values():
+            for _, p in m.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * (scale / p.shape[1] ** 0.5))
+        for proj in pipe.fuser.projectors:
+            proj.key_gate_logit.fill_(1.0)
+            proj.value_gate_logit.fill_(1.0)

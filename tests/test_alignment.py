@@ -23,34 +23,6 @@ from c2c_core.measure.timing import Timer
 
 from conftest import CORPUS, build_model
 
-OTHER_CORPUS = [c.upper() + " and more words" for c in CORPUS] + ["lowercase text here too"]
-
-
-def build_other_tokenizer(folder: str):
-    """A WordPiece tokenizer unlike the receiver's byte-level BPE: other ids, other specials."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece()
-    special = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    tk.train_from_iterator(OTHER_CORPUS * 4, trainers.WordPieceTrainer(vocab_size=180,
-                                                                       special_tokens=special))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]",
-                                  bos_token="[BOS]", pad_token="[PAD]")
-    tok.save_pretrained(folder)
-    return tok
-
-
-@pytest.fixture(scope="module")
-def other_sharer(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("other") / "sharer")
-    tok = build_other_tokenizer(d)
-    build_model(d, "qwen3", len(tok), tok.eos_token_id, layers=3, seed=5)
-    return d
-
-
 @pytest.fixture(scope="module")
 def toks(tiny_models, other_sharer):
     from transformers import AutoTokenizer

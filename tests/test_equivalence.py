@@ -22,33 +22,18 @@ from c2c_core.measure.timing import Timer
 from c2c_core.models.loading import load_pipeline
 from c2c_core.spec.config import build_run_config
 
-from test_alignment import build_other_tokenizer
-from conftest import build_model
+from conftest import loud_weights
 
 PROMPTS = ["What is the capital of France?", "Say hello.",
            "Explain machine learning in simple terms, please, with an example.",
            "Name three colours and one number: 42."]
 
 
-@pytest.fixture(scope="module")
-def other_sharer(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("eq-other") / "sharer")
-    tok = build_other_tokenizer(d)
-    build_model(d, "qwen3", len(tok), tok.eos_token_id, layers=3, seed=5)
-    return d
-
-
 def _loud(pipe) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
-        for m in {id(m): m for m in models}.values():
-            for _, p in m.named_parameters():
-                if p.dim() == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * (2.4 / p.shape[1] ** 0.5))
+    loud_weights(pipe)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random projectors too: the projection is not a copy of the input
         for proj in pipe.fuser.projectors:
-            proj.key_gate_logit.fill_(1.0)
-            proj.value_gate_logit.fill_(1.0)
             for _, p in proj.named_parameters():
                 if p.dim() == 2:
                     p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[1] ** 0.5))

@@ -21,6 +21,8 @@ from c2c_core.io.records import MODES, check_record
 from c2c_core.bench.runner import Item, generate, run_many
 from c2c_core.measure.timing import Timer
 
+from conftest import loud_weights
+
 PROMPTS = ["What is the capital of France?", "Say hello.",
            "Explain machine learning in simple terms, please, with an example."]
 
@@ -31,15 +33,7 @@ def loud(tiny_cfg_kwargs):
     fuser whose gates are open (the projection changes the receiver's cache)."""
     cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 8}, engine="eager")
     pipe = load_pipeline(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in {id(pipe.receiver): pipe.receiver, id(pipe.sharer): pipe.sharer}.values():
-            for name, p in m.named_parameters():
-                if p.dim() == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * (2.4 / p.shape[1] ** 0.5))
-        for proj in pipe.fuser.projectors:
-            proj.key_gate_logit.fill_(1.0)
-            proj.value_gate_logit.fill_(1.0)
+    loud_weights(pipe)
     fast.engine_for(pipe, compile=False)
     return pipe, cfg
 
