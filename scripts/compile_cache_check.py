@@ -21,14 +21,15 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(preset: str, max_new_tokens: int, device: str) -> None:
+def child(preset: str, max_new_tokens: int, device: str, tokenizer: str | None) -> None:
     import torch  # noqa: F401
     from c2c_core.engines import compile_cache, fast
     from c2c_core.spec.config import build_run_config
     from c2c_core.models.loading import load_pipeline
     from c2c_core.io.prompts import BUILTIN_PROMPTS
     from c2c_core.bench.runner import Item
-    cfg = build_run_config(preset, max_new_tokens=max_new_tokens, engine="fast", device=device)
+    cfg = build_run_config(preset, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                           engine="fast", device=device)
     pipe = load_pipeline(cfg)
     eng = fast.engine_for(pipe, compile=True)
     s = fast.prepare_plan(pipe, cfg, [[Item(1, BUILTIN_PROMPTS[0])]], ["c2c"])
@@ -43,11 +44,12 @@ def main() -> int:
     ap.add_argument("--preset", default="smollm2-demo")
     ap.add_argument("--max_new_tokens", type=int, default=8)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer for dummy weights (as the CLI's)")
     ap.add_argument("--cache", default=None, help="C2C_CACHE to use (default: a fresh temp folder)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.preset, a.max_new_tokens, a.device)
+        child(a.preset, a.max_new_tokens, a.device, a.tokenizer)
         return 0
     cache = a.cache or tempfile.mkdtemp(prefix="c2c-compile-check-")
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
@@ -56,7 +58,8 @@ def main() -> int:
     for which in ("first", "second"):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--preset",
                               a.preset, "--max_new_tokens", str(a.max_new_tokens),
-                              "--device", a.device], env=env, capture_output=True, text=True)
+                              "--device", a.device]
+                             + (["--tokenizer", a.tokenizer] if a.tokenizer else []), env=env, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode or not line:
             print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)

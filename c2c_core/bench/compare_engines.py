@@ -56,6 +56,7 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               for e in ("eager", "fast")}
     tps = {1: [], batch: []}
     same_tokens = True
+    prompt_tokens = None
     for r in range(repeats):
         order = (("eager", eager), ("fast", fastc)) if r % 2 == 0 else (("fast", fastc), ("eager", eager))
         toks = {}
@@ -70,6 +71,7 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
                 if t[k] is not None:
                     limits[name][k].append(t[k])
             toks[name] = g.tokens
+            prompt_tokens = t.get("prompt_tokens")
         same_tokens &= toks["eager"] == toks["fast"]
         for b in ((1, batch) if r % 2 == 0 else (batch, 1)):
             gs = fast.generate_batch(pipe, fastc, items[:b], "c2c", Timer(pipe.device, cfg.timing))
@@ -128,6 +130,12 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               "batch": batch, f"batch{batch}_over_batch1_tokens_per_second": round(bratio, 3),
               "eager_decode_ms": round(_med(m["eager"]["decode_avg_ms"]), 3),
               "fast_decode_ms": round(_med(m["fast"]["decode_avg_ms"]), 3),
+              # the medians behind the ratios (scripts/gpu_table.py compares them with goals)
+              "eager_ttft_ms": round(_med(m["eager"]["ttft_ms"]), 3),
+              "fast_ttft_ms": round(_med(m["fast"]["ttft_ms"]), 3),
+              "eager_projection_ms": round(_med(m["eager"]["projector_total_ms"]), 3),
+              "fast_projection_ms": round(_med(m["fast"]["projector_total_ms"]), 3),
+              "prompt_tokens": prompt_tokens,
               "same_tokens": same_tokens,
               "decode_floor_ms": floor, "fast_decode_floor_ratio": fr,
               "eager_decode_floor_ratio": er, "fast_joules_per_token": jpt["fast"],
