@@ -149,3 +149,14 @@ def test_an_engine_importing_the_other_breaks_the_contract(tmp_path):
     out = _lint(repo)
     assert out.returncode != 0
     assert "c2c_core.engines.fast -> c2c_core.engines.eager" in out.stdout, out.stdout[-3000:]
+
+
+def test_a_long_module_says_why_at_its_top():
+    """No module over ~500 lines without a reason written in its docstring ("over 500 lines")."""
+    long = []
+    for m, path in _modules().items():
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        if src.count("\n") > 520 and "over 500 lines" not in (ast.get_docstring(ast.parse(src)) or ""):
+            long.append(f"{m} ({src.count(chr(10))} lines)")
+    assert not long, f"long modules without a reason at their top: {long}"

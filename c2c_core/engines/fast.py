@@ -22,6 +22,9 @@ way each stage runs differs:
 - The projection of all layer pairs is one batched pass (stacked.py) inside one span.
 - Batches: left padding, attention mask and position ids; per-row EOS (a finished row keeps
   producing padding until every row is done).
+
+Over 500 lines for now: caches, masks, the compiled step and the batch driver are one engine;
+the next split is the batch driver (generate_batch, run_many_fast) into a module of its own.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ All ranks must see the same `--output` folder (one box, or a filesystem all node
 checks that at the start. Only the store is used to coordinate (no collectives). Every rank
 beats a heartbeat counter in the store; every wait gives up with one sentence when a rank it
 waits on has not beaten for `C2C_DIST_DEAD_S` seconds (default 120: a dead remote node).
+
+Kept as one module (over 500 lines) on purpose: the work queue, heartbeats, part files and
+the exactly-once merge are one protocol over the rendezvous store; its invariants read in one file.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 Hugging Face datasets; row selection (offset, sample count, shards) and answer scoring.
 
 No torch here: the CLI and the UI validate the prompt options before any model loads.
+
+Kept as one module (over 500 lines) on purpose: the file formats, hub datasets and row
+selection share one set of bounds (C2C_MAX_FILE_ROWS / _MB) and one set of error sentences.
 """
 
 from __future__ import annotations

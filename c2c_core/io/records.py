@@ -2,6 +2,9 @@
 
 The seed's field names are a public contract (users' jq and pandas recipes read them): we add
 fields, never rename. One record = one generation of one prompt (one mode, one repeat).
+
+Kept as one module (over 500 lines) on purpose: the field table, check_record, the reader and
+the writer are one contract; apart, a field could reach one and not the others.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Tokenizer + receiver + sharer + fuser -> Pipeline (pretrained | gguf | dummy weights).
 
 Load once, run many: the runner takes a Pipeline as an argument.
+
+Kept as one module (over 500 lines) on purpose: the three weight sources share one cache
+folder, one build lock and one Pipeline; split by source, their shared rules would scatter.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Accepts current records and the original scripts' legacy variants (SPEC.md): `normalize` maps
 them onto the current shape, and everything downstream reads only that shape.
+
+Kept as one module (over 500 lines) on purpose: every table (summary, compare, sweep, batch)
+reads the same normalised frame and the one FIELDS table.
 """
 
 from __future__ import annotations

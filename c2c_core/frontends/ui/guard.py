@@ -15,6 +15,9 @@ once. So, in the app (the CLI keeps local paths):
   sentence that names the limit and the fix.
 - with ``C2C_FIXED_MODELS=1`` (the default on a Space) the models loaded at start are the only
   ones: clients cannot load others or unload them.
+
+Kept as one module (over 500 lines) on purpose: every refusal a public client can meet is in
+one place, to audit at once.
 """
 
 from __future__ import annotations
