@@ -44,9 +44,9 @@ def _torchrun(launch: list[str], args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "c2c_core", *args]
 
 
-def _start(cmd):
+def _start(cmd, **env):
     """A command (a torchrun) in the background, in its own process group, output captured."""
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env={**_env(), **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -357,12 +357,13 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
     refused at once; a torchrun --resume while a one-process run holds it is refused too; the
     first run ends with every record exactly once."""
     from c2c_core.io.fileio import OutputLock
-    n = 160  # long enough (~30 s here) to outlast a second torchrun's start
+    n = 48  # the first run is paused while the others try, so its length does not matter
     data = _prompts_file(tmp_path / "p.jsonl", n)
     out = str(tmp_path / "o.jsonl")
     args = ["dataset", "--dataset_file", data, "--ignore_eos", *_model_args(tiny_models, 128),
             "--output", out]
-    first = _start(_torchrun(_two_ranks(), args))
+    # paused below while the others try: its peers' heartbeats must not be judged dead then
+    first = _start(_torchrun(_two_ranks(), args), C2C_DIST_DEAD_S="900")
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and first.poll() is None:
@@ -370,13 +371,19 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
                 break
             time.sleep(0.05)
         assert first.poll() is None, "the first run should still be running"
-        t = time.monotonic()
-        rc, log = _run(_torchrun(_two_ranks(), args + ["--resume"]), timeout=300)
-        assert rc != 0 and "is being written by another run" in log, log[-2000:]
-        assert main(args + ["--resume"]) == 2
-        assert "is being written by another run" in capsys.readouterr().err
-        assert time.monotonic() - t < 240
-        assert first.poll() is None, "the refusals must have met a running first run"
+        # pause the first run (it keeps its lock) so that, however slowly a second torchrun
+        # starts on a loaded machine, the refusals below meet a run in progress
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            rc, log = _run(_torchrun(_two_ranks(), args + ["--resume"]), timeout=300)
+            assert rc != 0 and "is being written by another run" in log, log[-2000:]
+            assert main(args + ["--resume"]) == 2
+            assert "is being written by another run" in capsys.readouterr().err
+            assert time.monotonic() - t < 240
+            assert first.poll() is None, "the refusals must have met a running first run"
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
         log, _ = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
