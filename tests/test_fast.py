@@ -275,7 +275,7 @@ def test_stacked_projector_is_built_before_any_timed_span(loud, monkeypatch):
             timing[0] = False
 
     monkeypatch.setattr(stacked.StackedFuser, "__init__", init)
-    monkeypatch.setattr(fast, "generate_batch", gen)
+    monkeypatch.setattr(fast.batch, "generate_batch", gen)  # run_many_fast's own reference
     c = replace(cfg, engine="fast", warmup=0)
     recs = run_many(pipe, c, [PROMPTS[0]])
     assert built == [False] and recs[0]["timing"]["projector_calls"] > 0

@@ -145,10 +145,10 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
 
 
 def test_an_engine_importing_the_other_breaks_the_contract(tmp_path):
-    repo = _scratch(tmp_path, "engines/fast.py", "from . import eager  # noqa: F401,E402")
+    repo = _scratch(tmp_path, "engines/fast/engine.py", "from .. import eager  # noqa: F401,E402")
     out = _lint(repo)
     assert out.returncode != 0
-    assert "c2c_core.engines.fast -> c2c_core.engines.eager" in out.stdout, out.stdout[-3000:]
+    assert "c2c_core.engines.fast.engine -> c2c_core.engines.eager" in out.stdout, out.stdout[-3000:]
 
 
 def test_a_long_module_says_why_at_its_top():

@@ -2,7 +2,7 @@
 
 Items x repeats x modes are interleaved per prompt so drift hits every mode equally; each record
 is written and flushed as soon as it exists. The eager engine (engines/eager.py) generates one
-prompt at a time here; the fast engine (engines/fast.py) takes the whole item list in batches.
+prompt at a time here; the fast engine (engines/fast/) takes the whole item list in batches.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Modes (every record says which):
   prompt (plain prefill of note + question).
 
 The faithful baseline: plain transformers forwards with dynamic caches. The fast engine
-(engines/fast.py) runs the same workload with static caches and compiled steps; neither engine
+(engines/fast/) runs the same workload with static caches and compiled steps; neither engine
 imports the other (tests/test_layers.py).
 """
 

@@ -1,31 +1,10 @@
-"""The fast engine: static KV caches, a compiled decode step, one batched projection, batches.
+"""The fast engine's machinery: static caches (LRU under a byte cap), our own masks (left and
+inner padding, sliding windows per layer type), the compiled decode step, the c2c prefill and
+the projection. The package's docstring (engines/fast/__init__.py) says what the engine is;
+batch.py drives it over a batch of items.
 
-Same stages, same spans, same record format as the eager engine (fusion.py + runner.py); only the
-way each stage runs differs:
-
-- Static caches (transformers' StaticCache) for receiver and sharer, one per (role, batch size,
-  length bucket), allocated once and reused: a generation resets their write position only.
-  Buckets are powers of two >= 64 covering prompt + new tokens, so a run compiles a few shapes.
-  The c2c sharer's cache holds its prompt only (it never decodes; rounded up to 64 positions).
-  Together they are held under a cap in bytes (C2C_CACHE_CAP_MB; default half the free memory):
-  when a new shape needs room the least recently used caches (and the compiled steps bound to
-  them) are freed. `cache_stats()` counts requests, reuses and evictions.
-- Our own 4-D attention mask (left padding: row b's first `pad[b]` positions are padding; a
-  padding query sees only itself, so no row is fully masked) and explicit position ids, so every
-  step has fixed shapes and nothing is recomputed from Python state.
-- The decode step (`step(tok, c, pad)`) is compiled with torch.compile: mode "reduce-overhead"
-  (CUDA graphs) on a GPU, inductor on a CPU. Compilation and graph capture happen in `prepare()`
-  during warm-up for every (model, batch, bucket) a run will use, never inside a timed span; the
-  seconds go to `compile_s` (run.compile_s in the records).
-- Greedy decoding is an on-device argmax; sampling uses the exponential trick with the seeded
-  generator (no host sync); with --ignore_eos no step reads a value back to the host.
-- The projection of all layer pairs is one batched pass (stacked.py) inside one span.
-- Batches: left padding, attention mask and position ids; per-row EOS (a finished row keeps
-  producing padding until every row is done).
-
-Over 500 lines for now: caches, masks, the compiled step and the batch driver are one engine;
-the next split is the batch driver (generate_batch, run_many_fast) into a module of its own.
-"""
+Kept as one module (over 500 lines) on purpose: the caches, the masks, the compiled steps and
+the prefills share one FastEngine's state (cache LRU, ready shapes, compile time)."""
 
 from __future__ import annotations
 
@@ -36,15 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..measure import cancel
-from ..spec.errors import UserError
-from ..models.fusion import decoder, project_sharers, sample
-from ..plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
-from .generation import (Generation, make_record, modes_of, run_metadata, sharers_of,
-                         start_generation, sync_safe, to_item)
-from ..io.records import is_done
-from ..models.stacked import stacked_for
-from ..measure.timing import Timer
+from ...measure import cancel
+from ...spec.errors import UserError
+from ...models.fusion import decoder, project_sharers, sample
+from ...models.stacked import stacked_for
+from ...measure.timing import Timer
 
 BUCKET_MIN = 64
 #: Let `C2C_FAST_COMPILE=0` run the fast engine's static-cache path without torch.compile.
@@ -96,7 +71,7 @@ def cache_cap_bytes(device) -> int:
         except Exception:  # noqa: BLE001 - unknown: no cap
             free = None
     else:
-        from .budget import free_bytes
+        from ..budget import free_bytes
         free = free_bytes("cpu")
     return int(free * CACHE_SHARE) if free else 2**62
 
@@ -168,7 +143,7 @@ class FastEngine:
                                 f" implementations, not {impl}; use --attn_implementation sdpa"
                                 " or --engine eager.")
         if compile:
-            from . import compile_cache  # inductor's caches under C2C_CACHE, before any compile
+            from .. import compile_cache  # inductor's caches under C2C_CACHE, before any compile
             self.compile_cache = compile_cache.setup()
             import torch._dynamo
             cfg = torch._dynamo.config
@@ -199,7 +174,7 @@ class FastEngine:
     def cache_nbytes(self, role: str, B: int, L: int) -> int:
         """Bytes of the (role, B, L) static cache: layers x B x kv heads x L x head_dim x
         (keys, values) x dtype bytes."""
-        from ..models.projector import kv_shape
+        from ...models.projector import kv_shape
         layers, heads, hd = kv_shape(self.model(role).config)
         return layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
 
@@ -238,7 +213,7 @@ class FastEngine:
             self._evict_for(need)
             m = self.model(role)
             c = StaticCache(config=_full_attention(m.config), max_cache_len=L)
-            from ..models.projector import kv_shape
+            from ...models.projector import kv_shape
             _, heads, hd = kv_shape(m.config)
             c.early_initialization(B, heads, hd, self.pipe.dtype, self.device)
             self._caches[key] = c
@@ -327,7 +302,7 @@ class FastEngine:
             return
         t0 = time.perf_counter()
         if self.compile_cache is not None:
-            from .compile_cache import counts
+            from ..compile_cache import counts
             hits0, misses0 = counts()
         with torch.inference_mode():
             cache = self.cache(role, B, L, use=False)
@@ -549,249 +524,3 @@ def engine_for(pipe, compile: bool | None = None) -> FastEngine:
         eng = FastEngine(pipe, compile)
         pipe._fast_engine = eng
     return eng
-
-
-# --- generation of a batch of items (the runner's `generate`, B >= 1) -----------------------
-
-def shapes_of(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
-    """Every (kind, role, B, L[, greedy]) a run over `batches` x `modes` will use."""
-    g = cfg.gen
-    greedy = not g.do_sample
-    keys = set()
-    for items in batches:
-        B = len(items)
-        for mode in modes:
-            T = max(len(build_plan(pipe, cfg, it, mode).ids) for it in items)
-            if mode in ("c2c", "receiver"):
-                keys.add(("step", "receiver", B, bucket(T + g.max_new_tokens), greedy))
-                if mode == "c2c" and T > 1:  # each sharer reads the first T-1 positions
-                    for k in range(1, len(pipe.sharers) + 1):
-                        keys.add(("cache", sharer_role(k), B, sharer_len(T - 1)))
-            elif mode == "sharer":
-                keys.add(("step", "sharer", B, bucket(T + g.max_new_tokens), greedy))
-            elif mode == "t2t":
-                keys.add(("step", "sharer", B, bucket(T + g.t2t_note_tokens), greedy))
-                T2 = max(t2t_answer_bound(pipe, cfg, it) for it in items)
-                keys.add(("step", "receiver", B, bucket(T2 + g.max_new_tokens), greedy))
-    return keys
-
-
-def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
-    """Compile/capture/allocate everything the run needs; returns the seconds it took now."""
-    eng = engine_for(pipe)
-    before = eng.compile_s
-    if pipe.fuser is not None and "c2c" in modes:
-        # the stacked projector weights (a one-off copy of every projector, ~1 GB for the
-        # published fusers) are built here, untimed, never inside a recorded projection span
-        t0 = time.perf_counter()
-        stacked_for(pipe.fuser)
-        eng.compile_s += time.perf_counter() - t0
-    keys = sorted(shapes_of(pipe, cfg, batches, modes), key=str)
-    planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
-    if planned > eng.cache_cap:
-        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
-                      f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
-                      " least recently used are freed as shapes change, and a shape needed again"
-                      " is prepared again between generations.")
-    steps = [k for k in keys if k[0] == "step" and tuple(k[1:]) not in eng._ready]
-    done = 0
-    for k in keys:
-        # a Stop or a client gone ends the run between two shapes: one shape's compile at most
-        cancel.check()
-        eng.begin()  # each shape on its own: the cap may free an earlier one for it
-        if k[0] == "step":
-            if tuple(k[1:]) not in eng._ready:
-                done += 1
-                cancel.say(f"{'compiling' if eng.compile else 'preparing'} the {k[1]} step for"
-                           f" shape {done} of {len(steps)} (batch {k[2]}, {k[3]} tokens)")
-            eng.prepare(*k[1:])
-        else:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                eng.cache(*k[1:], use=False)
-            eng.compile_s += time.perf_counter() - t0
-    return eng.compile_s - before
-
-
-def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
-                   repeats: list[int] | None = None) -> list:
-    """One timed generation of a batch of items in `mode`: one Generation per item, each with
-    the batch's stage times (its own decode steps: those it took part in). The clock starts
-    before tokenization."""
-    from ..measure.memory import DeviceMemory
-    from ..io.records import MODES
-    if mode not in MODES:
-        raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
-    mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
-    try:
-        return _generate_batch(pipe, cfg, items, mode, timer, mem, repeats or [0] * len(items))
-    finally:
-        mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
-
-
-def _feeds(plans, pipe, eng, dev) -> list:
-    """Per sharer: (k, its Rows, its projection mask [B, T-1] or None when every row projects
-    all of [0, n))."""
-    T = max(len(p.ids) for p in plans)
-    out = []
-    for j, f0 in enumerate(plans[0].feeds):
-        k = f0.who
-        fs = [p.feeds[j] for p in plans]
-        srows = layout([f.ids for f in fs], [f.pad for f in fs], eng.pad_id(f"sharer{k}"), dev)
-        mask = None
-        if any(f.project is not None for f in fs) or len({len(p.ids) for p in plans}) > 1:
-            rows = []
-            for p, f in zip(plans, fs):
-                proj = f.project if f.project is not None else [True] * (len(p.ids) - 1)
-                rows.append([False] * (T - len(p.ids)) + list(proj))
-            mask = torch.tensor(rows, dtype=torch.bool, device=dev)
-            if bool(mask.all()):
-                mask = None
-        out.append((k, srows, mask))
-    return out
-
-
-def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeats) -> list:
-    from ..measure.timing import now_ns
-    from .floor import floor_for
-    eng = engine_for(pipe)
-    eng.begin()  # the caches this generation takes are not evicted under it
-    dev = pipe.device
-    g = cfg.gen
-    greedy = not g.do_sample
-    gens, _, ttft, mark_first, wall0, t0 = start_generation(pipe, cfg, list(zip(items, repeats)))
-    plans = [build_plan(pipe, cfg, it, mode, timer, r) for it, r in zip(items, repeats)]
-    eos = plans[0].eos
-    rows_ids = [p.ids for p in plans]
-    B = len(plans)
-    calls, notes = {}, [[] for _ in plans]
-    with torch.inference_mode():
-        if mode in ("c2c", "receiver"):
-            rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev)
-            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
-            eng.ensure("receiver", B, L, greedy)
-            feeds = _feeds(plans, pipe, eng, dev) if mode == "c2c" else []
-            cache, logits, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer)
-            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
-                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
-                             mark_first)
-        elif mode == "sharer":
-            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
-            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
-            eng.ensure("sharer", B, L, greedy)
-            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
-                                              "teacher_prefill", who=1)
-            dec = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
-                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
-                             mark_first)
-        else:  # t2t: the note stops at EOS (capped by t2t_note_tokens), then the answer
-            sh1 = pipe.sharers[0]
-            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
-            L = bucket(rows.ids.shape[1] + g.t2t_note_tokens)
-            eng.ensure("sharer", B, L, greedy)
-            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
-                                              "teacher_prefill", who=1)
-            note = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
-                              g.t2t_note_tokens, g, sh1.eos_ids, False, gens, timer,
-                              "sharer_decode")
-            notes = note.tokens
-            rows_ids = [t2t_answer_ids(pipe, cfg, it, nt) for it, nt in zip(items, notes)]
-            rows = layout(rows_ids, [None] * B, eng.pad_id(), dev)
-            L = bucket(max(rows.ids.shape[1], max(t2t_answer_bound(pipe, cfg, it) for it in items))
-                       + g.max_new_tokens)
-            eng.ensure("receiver", B, L, greedy)
-            cache, logits, _ = eng.c2c_prefill(rows, [], L, False, timer)
-            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
-                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
-                             mark_first)
-    t_end = now_ns()
-    wall1 = time.time()
-    stages = timer.finish()
-    mem.__exit__(None, None, None)  # the peaks of this generation
-    dec_ms = sum(stages["decode"])
-    dec_tokens = sum(len(t) - 1 for t in dec.tokens)
-    batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
-    # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
-    kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows_ids, dec.tokens)))
-    all_tokens = sum(len(t) for t in dec.tokens)
-    out = []
-    for i, toks in enumerate(dec.tokens):
-        st = dict(stages)
-        st["decode"] = stages["decode"][:len(toks) - 1]
-        st["sharer_decode"] = stages["sharer_decode"][:max(len(notes[i]) - 1, 0)]
-        # the steps the batch still ran for longer rows: this row's wait, not its "other"
-        wait = (stages["decode"][len(toks) - 1:]
-                + stages["sharer_decode"][max(len(notes[i]) - 1, 0):])
-        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows_ids[i]),
-                         sum(calls.values()), notes[i], mem.allocated_mb, mem.reserved_mb,
-                         wall0, wall1, sharers=sharers_of(pipe, plans[i]),
-                         by_sharer=timer.by_who, sharer_calls=dict(calls),
-                         speaker=1 if mode == "sharer" else 0,
-                         sharer_prompt_format=plans[i].prompt_format)
-        gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
-        gen.cpu_share = mem.cpu_share
-        gen.batch_wait = list(wait)
-        gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
-        gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
-        out.append(gen)
-    return out
-
-
-def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=None, skip=None,
-                  meta=None) -> list[dict]:
-    """runner.run_many on the fast engine: items in batches of cfg.batch_size (per batch: each
-    repeat, modes interleaved), every shape prepared before anything is timed, then
-    `cfg.warmup` unrecorded generations of the first batch per mode. One record per item."""
-    from ..spec.errors import OutOfMemory
-    items = [to_item(x) for x in items]
-    for i, it in enumerate(items):
-        if it.id is None:
-            it.id = i + 1
-    modes = modes_of(cfg)
-    B = max(int(cfg.batch_size), 1)
-    chunks = [items[k:k + B] for k in range(0, len(items), B)]
-    jobs = []
-    for ch in chunks:  # the eager order at batch 1: item, repeat, mode
-        for r in range(cfg.repeats):
-            for m in modes:
-                todo = [it for it in ch if not is_done(skip, it, m, r)]
-                if todo:
-                    jobs.append((todo, r, m))
-    if meta is None:
-        meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
-    out: list[dict] = []
-    total = sum(len(j[0]) for j in jobs)
-    if on_progress:
-        on_progress(0, total, None)
-    try:
-        with cancel.scope(should_stop):  # a stop also ends the running generation
-            if jobs:
-                spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
-                meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
-                cancel.check()
-                cancel.say("warming up" if cfg.warmup else "timed run")
-                for m in modes:
-                    for _ in range(cfg.warmup):
-                        generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
-            if cfg.warmup:
-                cancel.say("timed run")
-            for todo, r, m in jobs:
-                if should_stop and should_stop():
-                    break
-                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing),
-                                      [r] * len(todo))
-                for it, g in zip(todo, gens):
-                    rec = make_record(pipe, it, m, r, g, meta)
-                    if writer:
-                        writer.write(rec)
-                    out.append(rec)
-                    if on_progress:
-                        on_progress(len(out), total, rec)
-    except cancel.Cancelled:
-        pass  # stopped mid-generation: that batch has no records; the others are kept
-    except torch.OutOfMemoryError:
-        sync_safe(pipe)
-        raise OutOfMemory(
-            f"CUDA out of memory after {len(out)} record(s); reduce --batch_size or"
-            " --max_new_tokens, or use shorter prompts (records already written are kept).") from None
-    return out

@@ -1,0 +1,266 @@
+"""The fast engine over a batch of items (the driver's `generate` for B >= 1, and run_many):
+every shape a run needs prepared before anything is timed, then one timed generation per batch
+and mode, one Generation (and record) per item."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from ...io.records import is_done
+from ...measure import cancel
+from ...measure.timing import Timer
+from ...models.stacked import stacked_for
+from ...plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
+from ...spec.errors import UserError
+from ..generation import (Generation, make_record, modes_of, run_metadata, sharers_of,
+                          start_generation, sync_safe, to_item)
+from .engine import CACHE_CAP_ENV, bucket, engine_for, layout, sharer_len, sharer_role
+
+
+# --- generation of a batch of items (the runner's `generate`, B >= 1) -----------------------
+
+def shapes_of(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
+    """Every (kind, role, B, L[, greedy]) a run over `batches` x `modes` will use."""
+    g = cfg.gen
+    greedy = not g.do_sample
+    keys = set()
+    for items in batches:
+        B = len(items)
+        for mode in modes:
+            T = max(len(build_plan(pipe, cfg, it, mode).ids) for it in items)
+            if mode in ("c2c", "receiver"):
+                keys.add(("step", "receiver", B, bucket(T + g.max_new_tokens), greedy))
+                if mode == "c2c" and T > 1:  # each sharer reads the first T-1 positions
+                    for k in range(1, len(pipe.sharers) + 1):
+                        keys.add(("cache", sharer_role(k), B, sharer_len(T - 1)))
+            elif mode == "sharer":
+                keys.add(("step", "sharer", B, bucket(T + g.max_new_tokens), greedy))
+            elif mode == "t2t":
+                keys.add(("step", "sharer", B, bucket(T + g.t2t_note_tokens), greedy))
+                T2 = max(t2t_answer_bound(pipe, cfg, it) for it in items)
+                keys.add(("step", "receiver", B, bucket(T2 + g.max_new_tokens), greedy))
+    return keys
+
+
+def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
+    """Compile/capture/allocate everything the run needs; returns the seconds it took now."""
+    eng = engine_for(pipe)
+    before = eng.compile_s
+    if pipe.fuser is not None and "c2c" in modes:
+        # the stacked projector weights (a one-off copy of every projector, ~1 GB for the
+        # published fusers) are built here, untimed, never inside a recorded projection span
+        t0 = time.perf_counter()
+        stacked_for(pipe.fuser)
+        eng.compile_s += time.perf_counter() - t0
+    keys = sorted(shapes_of(pipe, cfg, batches, modes), key=str)
+    planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
+    if planned > eng.cache_cap:
+        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
+                      f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
+                      " least recently used are freed as shapes change, and a shape needed again"
+                      " is prepared again between generations.")
+    steps = [k for k in keys if k[0] == "step" and tuple(k[1:]) not in eng._ready]
+    done = 0
+    for k in keys:
+        # a Stop or a client gone ends the run between two shapes: one shape's compile at most
+        cancel.check()
+        eng.begin()  # each shape on its own: the cap may free an earlier one for it
+        if k[0] == "step":
+            if tuple(k[1:]) not in eng._ready:
+                done += 1
+                cancel.say(f"{'compiling' if eng.compile else 'preparing'} the {k[1]} step for"
+                           f" shape {done} of {len(steps)} (batch {k[2]}, {k[3]} tokens)")
+            eng.prepare(*k[1:])
+        else:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                eng.cache(*k[1:], use=False)
+            eng.compile_s += time.perf_counter() - t0
+    return eng.compile_s - before
+
+
+def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
+                   repeats: list[int] | None = None) -> list:
+    """One timed generation of a batch of items in `mode`: one Generation per item, each with
+    the batch's stage times (its own decode steps: those it took part in). The clock starts
+    before tokenization."""
+    from ...measure.memory import DeviceMemory
+    from ...io.records import MODES
+    if mode not in MODES:
+        raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
+    mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
+    try:
+        return _generate_batch(pipe, cfg, items, mode, timer, mem, repeats or [0] * len(items))
+    finally:
+        mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
+
+
+def _feeds(plans, pipe, eng, dev) -> list:
+    """Per sharer: (k, its Rows, its projection mask [B, T-1] or None when every row projects
+    all of [0, n))."""
+    T = max(len(p.ids) for p in plans)
+    out = []
+    for j, f0 in enumerate(plans[0].feeds):
+        k = f0.who
+        fs = [p.feeds[j] for p in plans]
+        srows = layout([f.ids for f in fs], [f.pad for f in fs], eng.pad_id(f"sharer{k}"), dev)
+        mask = None
+        if any(f.project is not None for f in fs) or len({len(p.ids) for p in plans}) > 1:
+            rows = []
+            for p, f in zip(plans, fs):
+                proj = f.project if f.project is not None else [True] * (len(p.ids) - 1)
+                rows.append([False] * (T - len(p.ids)) + list(proj))
+            mask = torch.tensor(rows, dtype=torch.bool, device=dev)
+            if bool(mask.all()):
+                mask = None
+        out.append((k, srows, mask))
+    return out
+
+
+def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeats) -> list:
+    from ...measure.timing import now_ns
+    from ..floor import floor_for
+    eng = engine_for(pipe)
+    eng.begin()  # the caches this generation takes are not evicted under it
+    dev = pipe.device
+    g = cfg.gen
+    greedy = not g.do_sample
+    gens, _, ttft, mark_first, wall0, t0 = start_generation(pipe, cfg, list(zip(items, repeats)))
+    plans = [build_plan(pipe, cfg, it, mode, timer, r) for it, r in zip(items, repeats)]
+    eos = plans[0].eos
+    rows_ids = [p.ids for p in plans]
+    B = len(plans)
+    calls, notes = {}, [[] for _ in plans]
+    with torch.inference_mode():
+        if mode in ("c2c", "receiver"):
+            rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev)
+            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
+            eng.ensure("receiver", B, L, greedy)
+            feeds = _feeds(plans, pipe, eng, dev) if mode == "c2c" else []
+            cache, logits, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer)
+            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
+                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
+                             mark_first)
+        elif mode == "sharer":
+            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
+            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
+            eng.ensure("sharer", B, L, greedy)
+            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                              "teacher_prefill", who=1)
+            dec = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
+                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
+                             mark_first)
+        else:  # t2t: the note stops at EOS (capped by t2t_note_tokens), then the answer
+            sh1 = pipe.sharers[0]
+            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
+            L = bucket(rows.ids.shape[1] + g.t2t_note_tokens)
+            eng.ensure("sharer", B, L, greedy)
+            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                              "teacher_prefill", who=1)
+            note = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
+                              g.t2t_note_tokens, g, sh1.eos_ids, False, gens, timer,
+                              "sharer_decode")
+            notes = note.tokens
+            rows_ids = [t2t_answer_ids(pipe, cfg, it, nt) for it, nt in zip(items, notes)]
+            rows = layout(rows_ids, [None] * B, eng.pad_id(), dev)
+            L = bucket(max(rows.ids.shape[1], max(t2t_answer_bound(pipe, cfg, it) for it in items))
+                       + g.max_new_tokens)
+            eng.ensure("receiver", B, L, greedy)
+            cache, logits, _ = eng.c2c_prefill(rows, [], L, False, timer)
+            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
+                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
+                             mark_first)
+    t_end = now_ns()
+    wall1 = time.time()
+    stages = timer.finish()
+    mem.__exit__(None, None, None)  # the peaks of this generation
+    dec_ms = sum(stages["decode"])
+    dec_tokens = sum(len(t) - 1 for t in dec.tokens)
+    batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
+    # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
+    kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows_ids, dec.tokens)))
+    all_tokens = sum(len(t) for t in dec.tokens)
+    out = []
+    for i, toks in enumerate(dec.tokens):
+        st = dict(stages)
+        st["decode"] = stages["decode"][:len(toks) - 1]
+        st["sharer_decode"] = stages["sharer_decode"][:max(len(notes[i]) - 1, 0)]
+        # the steps the batch still ran for longer rows: this row's wait, not its "other"
+        wait = (stages["decode"][len(toks) - 1:]
+                + stages["sharer_decode"][max(len(notes[i]) - 1, 0):])
+        gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows_ids[i]),
+                         sum(calls.values()), notes[i], mem.allocated_mb, mem.reserved_mb,
+                         wall0, wall1, sharers=sharers_of(pipe, plans[i]),
+                         by_sharer=timer.by_who, sharer_calls=dict(calls),
+                         speaker=1 if mode == "sharer" else 0,
+                         sharer_prompt_format=plans[i].prompt_format)
+        gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
+        gen.cpu_share = mem.cpu_share
+        gen.batch_wait = list(wait)
+        gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
+        gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
+        out.append(gen)
+    return out
+
+
+def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=None, skip=None,
+                  meta=None) -> list[dict]:
+    """runner.run_many on the fast engine: items in batches of cfg.batch_size (per batch: each
+    repeat, modes interleaved), every shape prepared before anything is timed, then
+    `cfg.warmup` unrecorded generations of the first batch per mode. One record per item."""
+    from ...spec.errors import OutOfMemory
+    items = [to_item(x) for x in items]
+    for i, it in enumerate(items):
+        if it.id is None:
+            it.id = i + 1
+    modes = modes_of(cfg)
+    B = max(int(cfg.batch_size), 1)
+    chunks = [items[k:k + B] for k in range(0, len(items), B)]
+    jobs = []
+    for ch in chunks:  # the eager order at batch 1: item, repeat, mode
+        for r in range(cfg.repeats):
+            for m in modes:
+                todo = [it for it in ch if not is_done(skip, it, m, r)]
+                if todo:
+                    jobs.append((todo, r, m))
+    if meta is None:
+        meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
+    out: list[dict] = []
+    total = sum(len(j[0]) for j in jobs)
+    if on_progress:
+        on_progress(0, total, None)
+    try:
+        with cancel.scope(should_stop):  # a stop also ends the running generation
+            if jobs:
+                spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
+                meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
+                cancel.check()
+                cancel.say("warming up" if cfg.warmup else "timed run")
+                for m in modes:
+                    for _ in range(cfg.warmup):
+                        generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
+            if cfg.warmup:
+                cancel.say("timed run")
+            for todo, r, m in jobs:
+                if should_stop and should_stop():
+                    break
+                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing),
+                                      [r] * len(todo))
+                for it, g in zip(todo, gens):
+                    rec = make_record(pipe, it, m, r, g, meta)
+                    if writer:
+                        writer.write(rec)
+                    out.append(rec)
+                    if on_progress:
+                        on_progress(len(out), total, rec)
+    except cancel.Cancelled:
+        pass  # stopped mid-generation: that batch has no records; the others are kept
+    except torch.OutOfMemoryError:
+        sync_safe(pipe)
+        raise OutOfMemory(
+            f"CUDA out of memory after {len(out)} record(s); reduce --batch_size or"
+            " --max_new_tokens, or use shorter prompts (records already written are kept).") from None
+    return out
