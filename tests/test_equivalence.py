@@ -191,3 +191,19 @@ def test_align_shows_the_plan_the_engines_run(tiny_cfg_kwargs, tiny_models, othe
         assert view.projection_mask(0)[-1] is False
         if direction == "receiver_plain":
             assert plan.pad is None or not plan.pad[-1]
+
+
+def test_the_context_check_counts_the_plans_ids(pairs, monkeypatch):
+    """check_items (before any generation) counts what each mode's plan feeds the first model:
+    the sharer's own ids in sharer/t2t mode, not the receiver's encoding of the prompt."""
+    from c2c_core.engines import limits
+    from c2c_core.plan.item import build_plan, chat_ids
+    pipe, cfg = pairs["own_tokenizer"]
+    seen = []
+    monkeypatch.setattr(limits, "check_context", lambda p, c, n, mode, *a: seen.append((mode, n)))
+    monkeypatch.setattr(limits, "pipe_contexts", lambda p: (4096, 4096))
+    item = Item(1, PROMPTS[2])
+    limits.check_items(pipe, cfg, [item], ["c2c", "sharer"])
+    want = {m: len(build_plan(pipe, cfg, item, m).ids) for m in ("c2c", "sharer")}
+    assert dict(seen) == want
+    assert want["sharer"] != len(chat_ids(pipe.tokenizer, PROMPTS[2], cfg.chat_template))

@@ -117,21 +117,18 @@ def check_items(pipe, cfg, items: Iterable, modes: Iterable[str]) -> None:
     rctx, sctx = pipe_contexts(pipe)
     if rctx is None and sctx is None:
         return
-    from .generation import T2T_ANSWER_TEMPLATE, T2T_NOTE_INSTRUCTION, chat_ids
+    from ..plan.item import T2T_ANSWER_TEMPLATE, build_plan, chat_ids
     modes = list(modes)
     for it in items:
         what = f"Prompt {it.id}"
         for mode in modes:
-            if it.input_ids is not None:
-                n, n2 = len(it.input_ids), None
-            elif mode == "t2t":
-                n = len(chat_ids(pipe.tokenizer, T2T_NOTE_INSTRUCTION.format(question=it.prompt),
-                                 cfg.chat_template))
+            # the ids the generation's plan gives the first model (its own template and, for a
+            # sharer with its own tokenizer, the sectioned layout), so the check counts them
+            n, n2 = len(build_plan(pipe, cfg, it, mode).ids), None
+            if mode == "t2t" and it.input_ids is None:
                 # the note's tokens, re-read by the receiver, plus its answer prompt around them
                 n2 = cfg.gen.t2t_note_tokens + len(chat_ids(pipe.tokenizer, T2T_ANSWER_TEMPLATE.format(
                     note="", question=it.prompt), cfg.chat_template))
-            else:
-                n, n2 = len(chat_ids(pipe.tokenizer, it.prompt, cfg.chat_template)), None
             check_context(pipe, cfg, n, mode, what, n2)
 
 
