@@ -89,6 +89,7 @@ def project_sharers(fuser: Fuser, r_cache: DynamicCache, s_caches: list[DynamicC
     for k, s_cache in enumerate(s_caches, start=1):
         mask = masks[k - 1] if masks else None
         lo0, hi = mask_bounds(mask, n)
+        sels: dict[int, torch.Tensor | None] = {}  # per window start: read once, not per layer
         for t, pairs in fuser.sharer_maps[k].items():
             rl = r_cache.layers[t]
             # = n, or the last window of it in a sliding-window layer of a dynamic cache
@@ -103,8 +104,11 @@ def project_sharers(fuser: Fuser, r_cache: DynamicCache, s_caches: list[DynamicC
                                              s_cache.layers[s].values[:, :, lo:hi]), (rk, rv))
                         for s, i in pairs]
                 nk, nv = outs[0]
-                if mask is not None and not bool(mask[..., lo:hi].all()):
-                    sel = mask[..., lo:hi].reshape(-1, 1, hi - lo, 1)
+                if mask is not None and lo not in sels:
+                    part = mask[..., lo:hi]
+                    sels[lo] = None if bool(part.all()) else part.reshape(-1, 1, hi - lo, 1)
+                sel = sels.get(lo)
+                if sel is not None:
                     nk, nv = torch.where(sel, nk, rk), torch.where(sel, nv, rv)
                 if parallel:
                     dk = torch.zeros_like(rl.keys[:, :, :m])

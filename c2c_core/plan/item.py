@@ -24,11 +24,12 @@ were template positions no sharer projects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
 from ..spec.errors import UserError
-from .sections import SectionedAlignment, encode_sections, plan_sections
+from .sections import SectionedAlignment, encode_sections, plan_sections, template_of
 
 T2T_NOTE_INSTRUCTION = (
     "Write a short background note with facts that would help someone answer the question"
@@ -40,23 +41,23 @@ T2T_ANSWER_TEMPLATE = "Background note:\n{note}\n\nQuestion: {question}"
 def prompt_format(tokenizer, chat_template: bool = True, name: str | None = None) -> str:
     """How a model reads a prompt: "chat_template" (its own), "gemma3_template" (Gemma 3's
     published one, for a Gemma 3 tokenizer without its own) or "plain" text with its special
-    tokens (no template, or templates off)."""
-    return encode_sections(tokenizer, "x", chat_template, name)[3]
+    tokens (no template, or templates off). Gemma 3's is given only to a model named (`name`)."""
+    fmt = template_of(tokenizer, chat_template, name)[1]
+    return "plain" if fmt == "gemma3_template" and name is None else fmt
 
 
 def chat_ids(tokenizer, text: str, chat_template: bool = True, name: str | None = None) -> list[int]:
     """A model's ids for one user message, with its own chat template (see prompt_format)."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
+    fmt = prompt_format(tokenizer, chat_template, name)
+    if fmt == "chat_template":
         out = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                             add_generation_prompt=True, tokenize=True,
                                             enable_thinking=False)
         if hasattr(out, "keys"):  # BatchEncoding
             out = out["input_ids"]
         return list(out)
-    if chat_template and name is not None:
-        ids, _, _, fmt = encode_sections(tokenizer, text, chat_template, name)
-        if fmt != "plain":
-            return list(ids)
+    if fmt != "plain":  # Gemma 3's published template, rendered as sections.py renders it
+        return list(encode_sections(tokenizer, text, chat_template, name)[0])
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
@@ -246,13 +247,5 @@ def _nonempty(ids, item) -> None:
         raise UserError(f"Prompt {item.id} encodes to no tokens; give it some text.")
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _span(timer, who: int):
-    return timer.span("alignment", who=who) if timer is not None else _Null()
+    return timer.span("alignment", who=who) if timer is not None else contextlib.nullcontext()

@@ -267,23 +267,13 @@ class FastEngine:
 
     def _make_step(self, role: str, cache, L: int, greedy: bool):
         m = self.model(role)
-        sdpa = m.config._attn_implementation == "sdpa"
-        dt = self.pipe.dtype
-
-        window = _window(m.config)
-
-        def as_mask(keep):
-            return keep if sdpa else torch.zeros(keep.shape, dtype=dt, device=keep.device) \
-                .masked_fill(~keep, torch.finfo(dt).min)
+        mask_for = self._mask_for
 
         def step(tok: torch.Tensor, c: torch.Tensor, lp: torch.Tensor,
                  ok: torch.Tensor) -> torch.Tensor:
             ar = torch.arange(L, device=tok.device)
-            keep = (ok & (ar[None] <= c))[:, None, None, :]                        # [B,1,1,L]
-            mask = as_mask(keep)
-            if window:  # sliding layers see the last `window` positions only
-                mask = {"full_attention": mask,
-                        "sliding_attention": as_mask(keep & ((c - ar) < window)[None, None, None])}
+            keep = (ok & (ar[None] <= c))[:, None, :]                              # [B, 1, L]
+            mask = mask_for(m, keep, (c - ar)[None])  # sliding layers: the last `window` only
             pos = (c - lp)[:, None]
             out = m(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
