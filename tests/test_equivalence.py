@@ -9,6 +9,7 @@ vary and the projection changes what the receiver says (else equality would prov
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -69,6 +70,20 @@ def _tokens(pipe, cfg, mode, engine, batch, **gen):
     return [g.tokens for g in fast.generate_batch(pipe, c, items, mode, Timer(pipe.device))]
 
 
+@contextmanager
+def graphs(pipe, on: bool = True, lag: int = 1):
+    """The fast engine as on a GPU: prefills and projection as prepared callables over prompts
+    padded to a bucket (not compiled here: compile is off in tests) and the EOS check `lag`
+    steps late."""
+    eng = fast.engine_for(pipe)
+    was = eng.graphs, eng.eos_lag
+    eng.graphs, eng.eos_lag = on, lag
+    try:
+        yield eng
+    finally:
+        eng.graphs, eng.eos_lag = was
+
+
 @pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.parametrize("mode", MODES)
 def test_eager_fast_and_batches_give_the_same_tokens(pairs, pair, mode):
@@ -77,6 +92,10 @@ def test_eager_fast_and_batches_give_the_same_tokens(pairs, pair, mode):
     assert len({tuple(t) for t in eager}) > 1 or len(set(eager[0])) > 1, eager  # tokens vary
     assert _tokens(pipe, cfg, mode, "fast", 1) == eager
     assert _tokens(pipe, cfg, mode, "fast", 4) == eager
+    with graphs(pipe) as eng:  # bucketed prompts, prepared prefills and projection
+        assert _tokens(pipe, cfg, mode, "fast", 1) == eager
+        assert _tokens(pipe, cfg, mode, "fast", 4) == eager
+        assert any(k[3][0] == "fill" for k in eng._steps if isinstance(k[3], tuple))
 
 
 def test_the_projection_changes_the_answer(pairs):
@@ -93,6 +112,9 @@ def test_sampled_rows_depend_on_their_seed_only(pairs, pair):
     eager = _tokens(pipe, cfg, "c2c", "eager", 1, **s)
     assert _tokens(pipe, cfg, "c2c", "fast", 1, **s) == eager
     assert _tokens(pipe, cfg, "c2c", "fast", 4, **s) == eager
+    with graphs(pipe):
+        assert _tokens(pipe, cfg, "c2c", "fast", 1, **s) == eager
+        assert _tokens(pipe, cfg, "c2c", "fast", 4, **s) == eager
     greedy = _tokens(pipe, cfg, "c2c", "eager", 1)
     assert eager != greedy  # it did sample
     other_seed = _tokens(pipe, cfg, "c2c", "eager", 1, **{**s, "seed": 8})

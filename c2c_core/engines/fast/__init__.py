@@ -27,7 +27,7 @@ The package: engine.py (caches, masks, the compiled step, prefill and projection
 (a batch of items through it); the names callers use are here.
 """
 
-from .batch import generate_batch, prepare_plan, run_many_fast, shapes_of  # noqa: F401
-from .engine import (BUCKET_MIN, CACHE_CAP_ENV, COMPILE_ENV, SHARER_ROUND,  # noqa: F401
-                     FastEngine, Rows, bucket, cache_cap_bytes, engine_for, layout, sharer_len,
-                     sharer_role)
+from .batch import answer_len, generate_batch, prepare_plan, run_many_fast, shapes_of  # noqa: F401
+from .engine import (BUCKET_MIN, CACHE_CAP_ENV, COMPILE_ENV, GRAPHS_ENV,  # noqa: F401
+                     SHARER_ROUND, FastEngine, Rows, bucket, cache_cap_bytes, engine_for, layout,
+                     prompt_bucket, sharer_len, sharer_role)

@@ -17,32 +17,60 @@ from ...plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
 from ...spec.errors import UserError
 from ..generation import (Generation, make_record, modes_of, run_metadata, sharers_of,
                           start_generation, sync_safe, to_item)
-from .engine import CACHE_CAP_ENV, bucket, engine_for, layout, sharer_len, sharer_role
+from .engine import (CACHE_CAP_ENV, bucket, engine_for, layout, prompt_bucket, sharer_len,
+                     sharer_role)
 
 
 # --- generation of a batch of items (the runner's `generate`, B >= 1) -----------------------
 
 def shapes_of(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
-    """Every (kind, role, B, L[, greedy]) a run over `batches` x `modes` will use."""
+    """Every shape a run over `batches` x `modes` will use: ("step", role, B, L, greedy) decode
+    steps, ("cache", role, B, L) c2c sharer caches, and under graphs ("fill", role, B, L, q)
+    prefills of q positions and ("proj", "receiver", B, L, n) projections. The first three
+    fields after the kind are always the cache it uses."""
+    eng = engine_for(pipe)
     g = cfg.gen
     greedy = not g.do_sample
     keys = set()
+
+    def fill(role, B, L, q):
+        if eng.graphs and q > 0:
+            keys.add(("fill", role, B, L, q))
+
     for items in batches:
         B = len(items)
         for mode in modes:
-            T = max(len(build_plan(pipe, cfg, it, mode).ids) for it in items)
+            T = eng.prompt_len(max(len(build_plan(pipe, cfg, it, mode).ids) for it in items))
             if mode in ("c2c", "receiver"):
-                keys.add(("step", "receiver", B, bucket(T + g.max_new_tokens), greedy))
+                L = bucket(T + g.max_new_tokens)
+                keys.add(("step", "receiver", B, L, greedy))
+                fill("receiver", B, L, T - 1)
                 if mode == "c2c" and T > 1:  # each sharer reads the first T-1 positions
                     for k in range(1, len(pipe.sharers) + 1):
                         keys.add(("cache", sharer_role(k), B, sharer_len(T - 1)))
+                        fill(sharer_role(k), B, sharer_len(T - 1), T - 1)
+                    if eng.graphs and eng._stacked_one():
+                        keys.add(("proj", "receiver", B, L, T - 1))
             elif mode == "sharer":
-                keys.add(("step", "sharer", B, bucket(T + g.max_new_tokens), greedy))
+                L = bucket(T + g.max_new_tokens)
+                keys.add(("step", "sharer", B, L, greedy))
+                fill("sharer", B, L, T - 1)
             elif mode == "t2t":
-                keys.add(("step", "sharer", B, bucket(T + g.t2t_note_tokens), greedy))
-                T2 = max(t2t_answer_bound(pipe, cfg, it) for it in items)
-                keys.add(("step", "receiver", B, bucket(T2 + g.max_new_tokens), greedy))
+                L = bucket(T + g.t2t_note_tokens)
+                keys.add(("step", "sharer", B, L, greedy))
+                fill("sharer", B, L, T - 1)
+                T2 = answer_len(eng, pipe, cfg, items)
+                L2 = bucket(T2 + g.max_new_tokens)
+                keys.add(("step", "receiver", B, L2, greedy))
+                fill("receiver", B, L2, T2 - 1)
     return keys
+
+
+def answer_len(eng, pipe, cfg, items) -> int:
+    """The t2t answer's padded length: under graphs the bucket of its bound (the note's length is
+    only known after it is written), so the answer's prefill shape is prepared in warm-up."""
+    bound = max(t2t_answer_bound(pipe, cfg, it) for it in items)
+    return prompt_bucket(bound) if eng.graphs else bound
 
 
 def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
@@ -55,25 +83,36 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         t0 = time.perf_counter()
         stacked_for(pipe.fuser)
         eng.compile_s += time.perf_counter() - t0
-    keys = sorted(shapes_of(pipe, cfg, batches, modes), key=str)
+    keys = list(shapes_of(pipe, cfg, batches, modes))
     planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
     if planned > eng.cache_cap:
         warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
                       f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
                       " least recently used are freed as shapes change, and a shape needed again"
                       " is prepared again between generations.")
-    steps = [k for k in keys if k[0] == "step" and tuple(k[1:]) not in eng._ready]
+    # steps first (a fill's and a projection's warm-up writes into caches a step shares)
+    keys.sort(key=lambda k: ({"step": 0, "cache": 1, "fill": 2, "proj": 3}[k[0]], str(k)))
+    ready = {"step": lambda k: tuple(k[1:]), "fill": lambda k: eng.fill_key(*k[1:]),
+             "proj": lambda k: eng.proj_key(k[2], k[3], k[4])}
+    what = {"step": "step", "fill": "prefill", "proj": "projection"}
+    todo = [k for k in keys if k[0] in ready and ready[k[0]](k) not in eng._ready]
     done = 0
     for k in keys:
         # a Stop or a client gone ends the run between two shapes: one shape's compile at most
         cancel.check()
         eng.begin()  # each shape on its own: the cap may free an earlier one for it
-        if k[0] == "step":
-            if tuple(k[1:]) not in eng._ready:
+        if k[0] in ready:
+            if ready[k[0]](k) not in eng._ready:
                 done += 1
-                cancel.say(f"{'compiling' if eng.compile else 'preparing'} the {k[1]} step for"
-                           f" shape {done} of {len(steps)} (batch {k[2]}, {k[3]} tokens)")
-            eng.prepare(*k[1:])
+                cancel.say(f"{'compiling' if eng.compile else 'preparing'} the {k[1]}"
+                           f" {what[k[0]]} for shape {done} of {len(todo)} (batch {k[2]},"
+                           f" {k[3]} tokens)")
+            if k[0] == "step":
+                eng.prepare(*k[1:])
+            elif k[0] == "fill":
+                eng.prepare_fill(*k[1:])
+            else:
+                eng.prepare_proj(k[2], k[3], k[4])
         else:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -98,17 +137,16 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
         mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
 
 
-def _feeds(plans, pipe, eng, dev) -> list:
-    """Per sharer: (k, its Rows, its projection mask [B, T-1] or None when every row projects
-    all of [0, n))."""
-    T = max(len(p.ids) for p in plans)
+def _feeds(plans, pipe, eng, dev, T: int) -> list:
+    """Per sharer: (k, its Rows left-padded to T, its projection mask [B, T-1] or None when
+    every row projects all of [0, T-1))."""
     out = []
     for j, f0 in enumerate(plans[0].feeds):
         k = f0.who
         fs = [p.feeds[j] for p in plans]
-        srows = layout([f.ids for f in fs], [f.pad for f in fs], eng.pad_id(f"sharer{k}"), dev)
+        srows = layout([f.ids for f in fs], [f.pad for f in fs], eng.pad_id(f"sharer{k}"), dev, T)
         mask = None
-        if any(f.project is not None for f in fs) or len({len(p.ids) for p in plans}) > 1:
+        if any(f.project is not None for f in fs) or any(len(p.ids) < T for p in plans):
             rows = []
             for p, f in zip(plans, fs):
                 proj = f.project if f.project is not None else [True] * (len(p.ids) - 1)
@@ -136,43 +174,44 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     calls, notes = {}, [[] for _ in plans]
     with torch.inference_mode():
         if mode in ("c2c", "receiver"):
-            rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev)
-            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
+            T = eng.prompt_len(max(len(r) for r in rows_ids))
+            rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev, T)
+            L = bucket(T + g.max_new_tokens)
             eng.ensure("receiver", B, L, greedy)
-            feeds = _feeds(plans, pipe, eng, dev) if mode == "c2c" else []
-            cache, logits, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer)
-            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
-                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
-                             mark_first)
+            feeds = _feeds(plans, pipe, eng, dev, T) if mode == "c2c" else []
+            cache, first, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer, greedy)
+            dec = eng.decode("receiver", cache, L, first, rows, T, g.max_new_tokens, g, eos,
+                             g.ignore_eos, gens, timer, "decode", mark_first)
         elif mode == "sharer":
-            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
-            L = bucket(rows.ids.shape[1] + g.max_new_tokens)
+            T = eng.prompt_len(max(len(r) for r in rows_ids))
+            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev, T)
+            L = bucket(T + g.max_new_tokens)
             eng.ensure("sharer", B, L, greedy)
-            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
-                                              "teacher_prefill", who=1)
-            dec = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
-                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
-                             mark_first)
+            cache, first = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                             "teacher_prefill", greedy, who=1)
+            dec = eng.decode("sharer", cache, L, first, rows, T, g.max_new_tokens, g, eos,
+                             g.ignore_eos, gens, timer, "decode", mark_first)
         else:  # t2t: the note stops at EOS (capped by t2t_note_tokens), then the answer
             sh1 = pipe.sharers[0]
-            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev)
-            L = bucket(rows.ids.shape[1] + g.t2t_note_tokens)
+            T = eng.prompt_len(max(len(r) for r in rows_ids))
+            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev, T)
+            L = bucket(T + g.t2t_note_tokens)
             eng.ensure("sharer", B, L, greedy)
-            cache, logits = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
-                                              "teacher_prefill", who=1)
-            note = eng.decode("sharer", cache, L, logits, rows, rows.ids.shape[1],
-                              g.t2t_note_tokens, g, sh1.eos_ids, False, gens, timer,
-                              "sharer_decode")
+            cache, first = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                             "teacher_prefill", greedy, who=1)
+            note = eng.decode("sharer", cache, L, first, rows, T, g.t2t_note_tokens, g,
+                              sh1.eos_ids, False, gens, timer, "sharer_decode")
             notes = note.tokens
             rows_ids = [t2t_answer_ids(pipe, cfg, it, nt) for it, nt in zip(items, notes)]
-            rows = layout(rows_ids, [None] * B, eng.pad_id(), dev)
-            L = bucket(max(rows.ids.shape[1], max(t2t_answer_bound(pipe, cfg, it) for it in items))
-                       + g.max_new_tokens)
+            T = max(len(r) for r in rows_ids)
+            bound = answer_len(eng, pipe, cfg, items)  # the cache planned in warm-up
+            rows = layout(rows_ids, [None] * B, eng.pad_id(), dev, max(T, bound) if eng.graphs else T)
+            T = rows.ids.shape[1]
+            L = bucket(max(T, bound) + g.max_new_tokens)
             eng.ensure("receiver", B, L, greedy)
-            cache, logits, _ = eng.c2c_prefill(rows, [], L, False, timer)
-            dec = eng.decode("receiver", cache, L, logits, rows, rows.ids.shape[1],
-                             g.max_new_tokens, g, eos, g.ignore_eos, gens, timer, "decode",
-                             mark_first)
+            cache, first, _ = eng.c2c_prefill(rows, [], L, False, timer, greedy)
+            dec = eng.decode("receiver", cache, L, first, rows, T, g.max_new_tokens, g, eos,
+                             g.ignore_eos, gens, timer, "decode", mark_first)
     t_end = now_ns()
     wall1 = time.time()
     stages = timer.finish()
@@ -183,14 +222,17 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
     kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows_ids, dec.tokens)))
     all_tokens = sum(len(t) for t in dec.tokens)
+    longest = max(len(t) for t in dec.tokens)
+    note_longest = max(len(t) for t in notes)
     out = []
     for i, toks in enumerate(dec.tokens):
         st = dict(stages)
         st["decode"] = stages["decode"][:len(toks) - 1]
         st["sharer_decode"] = stages["sharer_decode"][:max(len(notes[i]) - 1, 0)]
-        # the steps the batch still ran for longer rows: this row's wait, not its "other"
-        wait = (stages["decode"][len(toks) - 1:]
-                + stages["sharer_decode"][max(len(notes[i]) - 1, 0):])
+        # the steps the batch still ran for longer rows: this row's wait, not its "other"; a
+        # step past the longest row (the EOS check's lag on CUDA, engine.eos_lag) is "other"
+        wait = (stages["decode"][len(toks) - 1:longest - 1]
+                + stages["sharer_decode"][max(len(notes[i]) - 1, 0):max(note_longest - 1, 0)])
         gen = Generation(toks, st, ttft[0] - t0, t_end - t0, len(rows_ids[i]),
                          sum(calls.values()), notes[i], mem.allocated_mb, mem.reserved_mb,
                          wall0, wall1, sharers=sharers_of(pipe, plans[i]),

@@ -32,6 +32,10 @@ CACHE_SHARE = 0.5
 #: The sharer's prefill-only cache (c2c mode) is sized to its prompt rounded up to this many
 #: positions: it never decodes, and its prefill is not compiled, so it needs no power of two.
 SHARER_ROUND = 64
+#: Compile (and on CUDA graph-capture) the prefills and the projection too, per (batch, prompt
+#: length bucket): "auto" (default) on CUDA only, where a prefill is bound by kernel launches;
+#: "1" everywhere; "0" never (then prompts are not padded to a bucket either).
+GRAPHS_ENV = "C2C_FAST_PREFILL_GRAPHS"
 
 
 def bucket(n: int) -> int:
@@ -40,6 +44,14 @@ def bucket(n: int) -> int:
     while L < n:
         L *= 2
     return L
+
+
+def prompt_bucket(n: int) -> int:
+    """The prompt length a batch is left-padded to when its prefills are compiled, so that a run
+    compiles a few prefill shapes, not one per prompt length: a multiple of 16 up to 128, of 64
+    up to 1,024, then of 256."""
+    step = 16 if n <= 128 else 64 if n <= 1024 else 256
+    return max(-(-n // step), 1) * step
 
 
 def sharer_role(k: int) -> str:
@@ -90,13 +102,18 @@ class Rows:
     ok: torch.Tensor
 
     def ok_to(self, L: int) -> torch.Tensor:
-        """ok over L cache positions: positions past the prompt (new tokens) are real."""
+        """ok over L cache positions: positions past the prompt (new tokens) are real; a cache
+        shorter than the rows (a c2c sharer's, which holds all but the last) takes the first L."""
         B, T = self.ok.shape
+        if L <= T:
+            return self.ok[:, :L]
         return torch.cat([self.ok, self.ok.new_ones(B, L - T)], 1)
 
 
-def layout(rows: list[list[int]], pads: list[list[bool] | None], pad_id: int, device) -> Rows:
-    T = max(len(r) for r in rows)
+def layout(rows: list[list[int]], pads: list[list[bool] | None], pad_id: int, device,
+           T: int | None = None) -> Rows:
+    """Left-pad `rows` to T (default: the longest row) positions."""
+    T = max([len(r) for r in rows] + [T or 0])
     ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long,
                        device=device)
     lp = torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
@@ -114,17 +131,29 @@ class Decoded:
 class FastEngine:
     """Per pipeline: the static caches and the compiled steps, built on demand and kept."""
 
-    def __init__(self, pipe, compile: bool | None = None):
+    def __init__(self, pipe, compile: bool | None = None, graphs: bool | None = None):
         self.pipe = pipe
         self.device = pipe.device
         if compile is None:
             compile = os.environ.get(COMPILE_ENV, "1") not in ("0", "false", "no")
         self.compile = compile
         self.cuda = self.device.type == "cuda"
+        if graphs is None:
+            v = os.environ.get(GRAPHS_ENV, "auto").strip().lower()
+            graphs = self.cuda if v in ("", "auto") else v not in ("0", "false", "no")
+        #: prefills and projection as prepared callables per (batch, prompt bucket): compiled
+        #: when `compile`, the prompt left-padded to prompt_bucket() either way
+        self.graphs = graphs
+        #: decode steps the EOS check trails by: on CUDA the host reads "every row ended" one
+        #: step late (a copy that does not wait for the step just queued), so the device always
+        #: has the next step; at most one step runs past the end (its time is the record's
+        #: other_ms). 0 on a CPU, where nothing runs ahead of the host anyway.
+        self.eos_lag = 1 if self.cuda else 0
         self.compile_s = 0.0          # seconds spent in prepare() (compile, capture, allocation)
         self.late = 0                 # prepare() calls that happened outside warm-up
         self._caches = _lru()         # (role, B, L) -> StaticCache, least recently used first
-        self._steps: dict = {}
+        self._steps: dict = {}        # (role, B, L, what) -> compiled step / fill / projection
+        self._binds: dict = {}        # ... -> the caches it holds (when more than its own)
         self._ready: set = set()
         self.cache_cap = cache_cap_bytes(self.device)  # bytes the static caches may hold
         self.cache_bytes = 0          # bytes they hold now
@@ -157,6 +186,10 @@ class FastEngine:
     @property
     def name(self) -> str:
         return "fast" if self.compile else "fast-nocompile"
+
+    def prompt_len(self, n: int) -> int:
+        """The length a batch whose longest prompt has n positions is padded to."""
+        return prompt_bucket(n) if self.graphs else n
 
     def model(self, role: str):
         """"receiver", "sharer" (sharer 1) or "sharerK" (sharer K)."""
@@ -191,8 +224,10 @@ class FastEngine:
             self._born.pop(key, None)
             self.cache_bytes -= self.cache_nbytes(*key)
             self.cache_evictions += 1
-            for k in [k for k in self._steps if k[:3] == key]:  # they hold the cache
-                del self._steps[k]
+            for k in [k for k in self._steps if key in self._binds.get(k, (k[:3],))]:
+                del self._steps[k]  # a step, fill or projection bound to the cache goes with it
+                self._binds.pop(k, None)
+                self._ready.discard(k)
             self._ready -= {k for k in self._ready if k[:3] == key}
         if self.cache_bytes + need > self.cache_cap:
             warnings.warn(f"fast engine: the static caches one generation needs"
@@ -233,37 +268,18 @@ class FastEngine:
                 "requests": req, "reuses": self.cache_reuses, "evictions": self.cache_evictions,
                 "reuse_ratio": round(self.cache_reuses / req, 4) if req else None}
 
-    def _mask(self, role: str, keep: torch.Tensor, dist: torch.Tensor | None = None):
-        """keep [B, q, L] bool -> the 4-D mask the model's attention wants. A model with
-        sliding-window layers gets one per layer type: the sliding one also drops keys `dist`
-        (query position - key position, [q, L]) >= its window, as its own masks would."""
-        return self._mask_for(self.model(role), keep, dist)
+    # --- prepared callables: the decode step, the prefills ("fills"), the projection ----------
 
-    def _prefill_args(self, role: str, start: int, q: int, L: int, rows: Rows):
-        """A query sees earlier real positions (and itself: a padding query is never fully
-        masked); positions count from the row's first real token, inner padding included (as
-        the reference numbers them)."""
-        i = torch.arange(start, start + q, device=self.device)[:, None]        # [q, 1]
-        j = torch.arange(L, device=self.device)[None]                          # [1, L]
-        keep = (j <= i)[None] & (rows.ok_to(L)[:, None, :] | (j == i)[None])
-        pos = (i.T - rows.lp[:, None]).clamp(min=0)                             # [B, q]
-        return self._mask(role, keep, i - j), pos
+    def _compiled(self, fn):
+        if not self.compile:
+            return fn
+        return torch.compile(fn, mode="reduce-overhead" if self.cuda else None, dynamic=False)
 
-    def prefill(self, role: str, cache, emb: torch.Tensor, start: int, rows: Rows,
-                logits: bool) -> torch.Tensor | None:
-        """Run emb [B, q, H] at cache positions [start, start+q); the last position's logits
-        [B, V] when `logits`, else only fill the cache (no LM head)."""
-        mask, pos = self._prefill_args(role, start, emb.shape[1], cache.layers[0].max_cache_len, rows)
-        m = self.model(role)
-        if not logits:
-            decoder(m)(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                       past_key_values=cache, use_cache=True)
-            return None
-        out = m(inputs_embeds=emb, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
-
-    # --- the decode step --------------------------------------------------------------------
+    def _run(self, fn, *args):
+        """Call a prepared callable; on CUDA graphs, a new step of the graph trees first."""
+        if self.cuda and self.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args)
 
     def _make_step(self, role: str, cache, L: int, greedy: bool):
         m = self.model(role)
@@ -280,14 +296,51 @@ class FastEngine:
             logits = out.logits[:, -1, :]
             return logits.argmax(-1, keepdim=True) if greedy else logits.float()
 
-        if not self.compile:
-            return step
-        return torch.compile(step, mode="reduce-overhead" if self.cuda else None, dynamic=False)
+        return self._compiled(step)
 
-    def prepare(self, role: str, B: int, L: int, greedy: bool) -> None:
-        """Allocate the cache and compile (and on CUDA capture) the step for this shape: a dummy
-        prefill of one token, three steps, then the cache is reset. Timed into compile_s."""
-        key = (role, B, L, greedy)
+    def _make_fill(self, role: str, cache, q: int, L: int, compiled: bool = True):
+        """Run emb [B, q, H] at cache positions [0, q) to fill the cache (no LM head). A query
+        sees earlier real positions (and itself: a padding query is never fully masked);
+        positions count from the row's first real token, inner padding included (as the
+        reference numbers them)."""
+        m = self.model(role)
+        body = decoder(m)
+        mask_for = self._mask_for
+
+        def fill(emb: torch.Tensor, ok: torch.Tensor, lp: torch.Tensor) -> None:
+            i = torch.arange(q, device=emb.device)[:, None]                        # [q, 1]
+            j = torch.arange(L, device=emb.device)[None]                           # [1, L]
+            keep = (j <= i)[None] & (ok[:, None, :] | (j == i)[None])             # [B, q, L]
+            pos = (i.T - lp[:, None]).clamp(min=0)                                  # [B, q]
+            body(inputs_embeds=emb, attention_mask=mask_for(m, keep, i - j), position_ids=pos,
+                 past_key_values=cache, use_cache=True)
+
+        return self._compiled(fill) if compiled else fill
+
+    def _make_proj(self, r_cache, s_cache, n: int):
+        """The stacked projection of positions [0, n) of one sharer's cache into the
+        receiver's, every layer pair in one pass (stacked.py), as one callable of the mask."""
+        st = stacked_for(self.pipe.fuser)
+        if self.cuda and self.compile:  # graph inputs at fixed addresses: never copied per replay
+            for t in list(st.w.values()) + [st.gate_logit]:
+                torch._dynamo.mark_static_address(t)
+
+        def proj(mask: torch.Tensor) -> None:
+            st.project_caches(r_cache.layers, s_cache.layers, n, mask)
+
+        return self._compiled(proj)
+
+    @staticmethod
+    def fill_key(role: str, B: int, L: int, q: int) -> tuple:
+        return (role, B, L, ("fill", q))
+
+    @staticmethod
+    def proj_key(B: int, L: int, n: int) -> tuple:
+        return ("receiver", B, L, ("proj", n, sharer_len(n)))
+
+    def _prepared(self, key: tuple, warm) -> None:
+        """Allocate, compile and (on CUDA) capture the callable `key` by running `warm()`, then
+        reset the caches it wrote; the seconds go to compile_s."""
         if key in self._ready:
             return
         t0 = time.perf_counter()
@@ -295,22 +348,9 @@ class FastEngine:
             from ..compile_cache import counts
             hits0, misses0 = counts()
         with torch.inference_mode():
-            cache = self.cache(role, B, L, use=False)
-            if key not in self._steps:
-                self._steps[key] = self._make_step(role, cache, L, greedy)
-            m = self.model(role)
-            ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-            rows = Rows(ids, torch.zeros(B, dtype=torch.long, device=self.device),
-                        torch.ones(B, 1, dtype=torch.bool, device=self.device))
-            self.prefill(role, cache, m.get_input_embeddings()(ids), 0, rows, logits=False)
-            ok = rows.ok_to(L)
-            for k in range(1, 4):
-                if self.cuda and self.compile:
-                    torch.compiler.cudagraph_mark_step_begin()
-                self._steps[key](ids, torch.tensor(k, device=self.device), rows.lp, ok).clone()
+            warm()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-            self.cache(role, B, L, use=False)
         self._ready.add(key)
         self.compile_s += time.perf_counter() - t0
         if self.compile_cache is not None:  # from inductor's FX graph cache, or compiled now
@@ -318,53 +358,151 @@ class FastEngine:
             self.compile_cache["hits"] += hits - hits0
             self.compile_cache["misses"] += misses - misses0
 
-    def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
+    def prepare(self, role: str, B: int, L: int, greedy: bool) -> None:
+        """Allocate the cache and compile (and on CUDA capture) the step for this shape: a dummy
+        prefill of one token, three steps, then the cache is reset. Timed into compile_s."""
+        key = (role, B, L, greedy)
+
+        def warm():
+            cache = self.cache(role, B, L, use=False)
+            if key not in self._steps:
+                self._steps[key] = self._make_step(role, cache, L, greedy)
+            ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+            rows = Rows(ids, torch.zeros(B, dtype=torch.long, device=self.device),
+                        torch.ones(B, 1, dtype=torch.bool, device=self.device))
+            ok = rows.ok_to(L)
+            for k in range(0, 4):
+                self._run(self._steps[key], ids, torch.tensor(k, device=self.device), rows.lp,
+                          ok).clone()
+            self.cache(role, B, L, use=False)
+
+        self._prepared(key, warm)
+
+    def prepare_fill(self, role: str, B: int, L: int, q: int) -> None:
+        """The compiled fill of q prompt positions into the (role, B, L) cache (graphs only)."""
+        key = self.fill_key(role, B, L, q)
+
+        def warm():
+            cache = self.cache(role, B, L, use=False)
+            if key not in self._steps:
+                self._steps[key] = self._make_fill(role, cache, q, L)
+            H = self.model(role).get_input_embeddings().weight.shape[1]
+            emb = torch.zeros(B, q, H, dtype=self.pipe.dtype, device=self.device)
+            ok = torch.ones(B, L, dtype=torch.bool, device=self.device)
+            lp = torch.zeros(B, dtype=torch.long, device=self.device)
+            for _ in range(3):
+                self.cache(role, B, L, use=False)
+                self._run(self._steps[key], emb, ok, lp)
+            self.cache(role, B, L, use=False)
+
+        self._prepared(key, warm)
+
+    def prepare_proj(self, B: int, L: int, n: int) -> None:
+        """The compiled stacked projection of n positions from sharer 1's prompt cache into the
+        (receiver, B, L) cache (graphs only, one sharer with stacked projectors)."""
+        key = self.proj_key(B, L, n)
+        s_key = (sharer_role(1), B, sharer_len(n))
+
+        def warm():
+            r_cache = self.cache("receiver", B, L, use=False)
+            s_cache = self.cache(*s_key, use=False)
+            if key not in self._steps:
+                self._steps[key] = self._make_proj(r_cache, s_cache, n)
+                self._binds[key] = (("receiver", B, L), s_key)
+            mask = torch.ones(B, n, dtype=torch.bool, device=self.device)
+            for _ in range(3):
+                self._run(self._steps[key], mask)
+            self.cache("receiver", B, L, use=False)
+
+        self._prepared(key, warm)
+
+    def _late(self, what: str, key: tuple, prepare) -> None:
         """A shape warm-up did not cover (a longer t2t note than planned): prepare it now, outside
         any span, and say so; its cost lands in this generation's `other_ms`."""
-        if (role, B, L, greedy) not in self._ready:
+        if key not in self._ready:
             self.late += 1
             if self.compile:
-                warnings.warn(f"fast engine: compiling the {role} step for batch {B}, bucket {L}"
-                              " outside warm-up; this generation's e2e includes it.")
-            self.prepare(role, B, L, greedy)
+                warnings.warn(f"fast engine: compiling the {what} for batch {key[1]}, bucket"
+                              f" {key[2]} outside warm-up; this generation's e2e includes it.")
+            prepare()
+
+    def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
+        self._late(f"{role} step", (role, B, L, greedy), lambda: self.prepare(role, B, L, greedy))
+
+    def ensure_fill(self, role: str, B: int, L: int, q: int) -> None:
+        if self.graphs and q > 0:
+            self._late(f"{role} prefill", self.fill_key(role, B, L, q),
+                       lambda: self.prepare_fill(role, B, L, q))
+
+    def ensure_proj(self, B: int, L: int, n: int) -> None:
+        if self.graphs and n > 0 and self._stacked_one():
+            self._late("projection", self.proj_key(B, L, n), lambda: self.prepare_proj(B, L, n))
+
+    def _stacked_one(self) -> bool:
+        """One sharer whose projectors stack: the projection is one prepared pass."""
+        return (self.pipe.fuser is not None and len(self.pipe.sharers) == 1
+                and stacked_for(self.pipe.fuser) is not None)
 
     # --- generation ------------------------------------------------------------------------
 
-    def decode(self, role: str, cache, L: int, logits: torch.Tensor, rows: Rows,
+    def fill(self, role: str, cache, emb: torch.Tensor, rows: Rows) -> None:
+        """Fill cache positions [0, q) with emb [B, q, H] (the prompt but its last token):
+        the prepared fill under graphs, else the same function run eagerly."""
+        B, q = emb.shape[:2]
+        if q == 0:
+            return
+        L = cache.layers[0].max_cache_len
+        fn = self._steps.get(self.fill_key(role, B, L, q)) if self.graphs else None
+        if fn is None:
+            fn = self._make_fill(role, cache, q, L, compiled=False)
+        self._run(fn, emb, rows.ok_to(L), rows.lp)
+
+    def first(self, role: str, cache, rows: Rows, greedy: bool):
+        """The prompt's last token through the decode step (at position T-1): the first new
+        token [B, 1] when greedy, else the logits [B, V] to sample it from."""
+        B, T = rows.ids.shape
+        L = cache.layers[0].max_cache_len
+        step = self._steps[(role, B, L, greedy)]
+        out = self._run(step, rows.ids[:, -1:], torch.tensor(T - 1, device=self.device),
+                        rows.lp, rows.ok_to(L))
+        return out.clone()
+
+    def decode(self, role: str, cache, L: int, first: torch.Tensor, rows: Rows,
                start: int, n_max: int, gen, eos: set[int], ignore_eos: bool, gens,
                timer: Timer, stage: str, on_first=None) -> Decoded:
-        """First token from the prefill logits, then one step per further token; the first new
-        token is written at cache position `start`."""
-        B = logits.shape[0]
+        """The first token from first() (a token when greedy, else logits to sample), then one
+        step per further token; the first new token is written at cache position `start`.
+        Without --ignore_eos the host reads "every row ended" eos_lag steps late (see
+        __init__); the steps past the end are in Decoded.steps, not in any row's tokens."""
+        B = first.shape[0]
         greedy = not gen.do_sample
         step = self._steps[(role, B, L, greedy)]
         dev = self.device
         pad_id = self.pad_id(role)
         ok, lp = rows.ok_to(L), rows.lp
         out = torch.empty(B, n_max, dtype=torch.long, device=dev)
-        tok = sample(logits, gen, gens)                                          # [B, 1]
+        tok = first if greedy else sample(first, gen, gens)                      # [B, 1]
         out[:, :1] = tok
         eos_t = torch.tensor(sorted(eos) or [-1], dtype=torch.long, device=dev)
         done = torch.isin(tok[:, 0], eos_t) if not ignore_eos else None
-        first = tok[:, 0].tolist()  # the first token is on the host: TTFT is honest
-        del first
+        first_host = tok[:, 0].tolist()  # the first token is on the host: TTFT is honest
+        del first_host
         if on_first is not None:
             on_first()
         c = torch.tensor(start, dtype=torch.long, device=dev)
         n = 1
-        mark = self.cuda and self.compile
+        ended = _Ended(done, self.eos_lag, self.cuda)
         while n < n_max:
-            if done is not None and bool(done.all()):
+            if ended.all():
                 break
             cancel.check()  # Stop / a client gone: end within one decode step
             with timer.span(stage):
-                if mark:
-                    torch.compiler.cudagraph_mark_step_begin()
-                r = step(tok, c, lp, ok)
+                r = self._run(step, tok, c, lp, ok)
                 tok = (r if greedy else sample(r, gen, gens)).clone()
                 if done is not None:
                     tok = tok.masked_fill(done[:, None], pad_id)
                     done = done | torch.isin(tok[:, 0], eos_t)
+                    ended.update(done)
                 out[:, n:n + 1] = tok
                 c = c + 1
             n += 1
@@ -383,63 +521,48 @@ class FastEngine:
                 return v
         return 0
 
-    def c2c_prefill(self, rows: Rows, feeds: list, L: int, with_sharer: bool, timer: Timer):
+    def c2c_prefill(self, rows: Rows, feeds: list, L: int, with_sharer: bool, timer: Timer,
+                    greedy: bool):
         """Sectioned prefill of a left-padded batch rows.ids [B, T]: the receiver and every
-        sharer over the first T-1 positions, the projection, then the last token (without the
-        sharer: one plain prefill of the receiver, the honest baseline). `feeds`: per sharer
-        (k, its Rows, its projection mask [B, T-1] bool or None for all). Returns the receiver
-        cache, last-token logits [B, V] and the projector calls per sharer."""
+        sharer over the first T-1 positions, the projection, then the last token through the
+        decode step (without the sharer: the receiver alone, the honest baseline). `feeds`: per
+        sharer (k, its Rows, its projection mask [B, T-1] bool or None for all). Returns the
+        receiver cache, first() of the last token and the projector calls per sharer."""
         B, T = rows.ids.shape
         n = T - 1
         r_model = self.pipe.receiver
+        self.ensure_fill("receiver", B, L, n)  # outside every span: a late compile is `other`
+        if with_sharer and n > 0:
+            for k, _, _ in feeds:
+                self.ensure_fill(sharer_role(k), B, sharer_len(n), n)
+            if len(feeds) == 1:
+                self.ensure_proj(B, L, n)
         with timer.span("base_embedding"):
-            r_emb = r_model.get_input_embeddings()(rows.ids)
+            r_emb = r_model.get_input_embeddings()(rows.ids[:, :n])
         r_cache = self.cache("receiver", B, L)
-        if not with_sharer:  # the receiver alone: one plain prefill, as the eager engine does
-            cancel.check()
-            with timer.span("base_prefill"):
-                logits = self.prefill("receiver", r_cache, r_emb, 0, rows, logits=True)
-            return r_cache, logits, {}
         calls: dict[int, int] = {}
-        if n > 0:
-            cancel.check()
-            with timer.span("base_prefill"):
-                self.prefill("receiver", r_cache, r_emb[:, :n], 0, rows, logits=False)
+        cancel.check()
+        with timer.span("base_prefill"):
+            self.fill("receiver", r_cache, r_emb, rows)
+        if with_sharer and n > 0:
             s_caches, masks = [], []
             for k, srows, mask in feeds:
                 cancel.check()
                 model = self.pipe.sharers[k - 1].model
+                role = sharer_role(k)
                 with timer.span("teacher_embedding", who=k):
                     s_emb = model.get_input_embeddings()(srows.ids[:, :n])
+                s_cache = self.cache(role, B, sharer_len(n))
                 with timer.span("teacher_prefill", who=k):
-                    s_caches.append(self.sharer_prefill(k, s_emb, srows, n))
+                    self.fill(role, s_cache, s_emb, srows)
+                s_caches.append(s_cache)
                 masks.append(mask)
             cancel.check()
             calls = self.project(r_cache, s_caches, n, masks, timer)
             del s_caches
         with timer.span("base_prefill"):
-            logits = self.prefill("receiver", r_cache, r_emb[:, n:], n, rows, logits=True)
-        return r_cache, logits, calls
-
-    def sharer_prefill(self, k: int, emb: torch.Tensor, srows: Rows, n: int):
-        """A sharer in c2c only fills a cache to project (it never decodes): its static cache
-        holds its prompt only (sharer_len(n) positions, every layer full-length so that all n
-        can be projected), with our own masks, a sliding window applied where its layers have
-        one."""
-        role = sharer_role(k)
-        model = self.model(role)
-        B = emb.shape[0]
-        cache = self.cache(role, B, sharer_len(n))
-        Ls = cache.layers[0].max_cache_len
-        i = torch.arange(n, device=self.device)[:, None]
-        j = torch.arange(Ls, device=self.device)[None]
-        ok = srows.ok_to(Ls) if srows.ok.shape[1] < Ls else srows.ok[:, :Ls]
-        keep = (j <= i)[None] & (ok[:, None, :] | (j == i)[None])                # [B, n, Ls]
-        pos = (i.T - srows.lp[:, None]).clamp(min=0)
-        mask = self._mask_for(model, keep, i - j)
-        decoder(model)(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                       past_key_values=cache, use_cache=True)
-        return cache
+            first = self.first("receiver", r_cache, rows, greedy)
+        return r_cache, first, calls
 
     def _mask_for(self, model, keep: torch.Tensor, dist: torch.Tensor | None = None):
         def one(k):
@@ -456,26 +579,78 @@ class FastEngine:
 
     def project(self, r_cache, s_caches: list, n: int, masks: list, timer: Timer) -> dict[int, int]:
         """All sharers' projections. One sharer reading the receiver's positions with projectors
-        of one size: one stacked pass over every layer pair (stacked.py); otherwise the eager
-        engine's projection (fusion.project_sharers: parallel or sequential, first pair wins,
-        masks) over the static cache's first n positions."""
+        of one size: one stacked pass over every layer pair (stacked.py; the prepared callable
+        under graphs); otherwise the eager engine's projection (fusion.project_sharers: parallel
+        or sequential, first pair wins, masks) over the static cache's first n positions."""
         fuser = self.pipe.fuser
         st = stacked_for(fuser) if len(s_caches) == 1 else None
         if st is not None:
+            B, L = r_cache.layers[0].keys.shape[0], r_cache.layers[0].max_cache_len
+            fn = self._steps.get(self.proj_key(B, L, n)) if self.graphs else None
             with timer.span("projection", who=1):
-                return {1: st.project_caches(r_cache.layers, s_caches[0].layers, n, masks[0])}
+                if fn is None:
+                    return {1: st.project_caches(r_cache.layers, s_caches[0].layers, n, masks[0])}
+                mask = masks[0]
+                if mask is None:
+                    mask = torch.ones(B, n, dtype=torch.bool, device=self.device)
+                self._run(fn, mask)
+                return {1: st.P}
         return project_sharers(fuser, r_cache, s_caches, n, timer, self.pipe.fusion, masks,
                                static=True)
 
     def plain_prefill(self, role: str, rows: Rows, L: int, timer: Timer, emb_stage: str,
-                      prefill_stage: str, who: int | None = None):
+                      prefill_stage: str, greedy: bool, who: int | None = None):
+        """One model alone over the whole prompt (sharer and t2t modes): fill all but the last
+        token, then the last through the decode step. Returns the cache and first()."""
         m = self.model(role)
+        B, T = rows.ids.shape
+        self.ensure_fill(role, B, L, T - 1)
         with timer.span(emb_stage, who=who):
-            emb = m.get_input_embeddings()(rows.ids)
-        cache = self.cache(role, rows.ids.shape[0], L)
+            emb = m.get_input_embeddings()(rows.ids[:, :T - 1])
+        cache = self.cache(role, B, L)
         with timer.span(prefill_stage, who=who):
-            logits = self.prefill(role, cache, emb, 0, rows, logits=True)
-        return cache, logits
+            self.fill(role, cache, emb, rows)
+            first = self.first(role, cache, rows, greedy)
+        return cache, first
+
+
+class _Ended:
+    """Whether every row of a batch has ended, read `lag` steps late: the flag of each step is
+    copied to the host without waiting (pinned memory, an event); all() waits only for the step
+    `lag` before the newest, so the newest can still be running. lag 0: read now (a sync)."""
+
+    def __init__(self, done: torch.Tensor | None, lag: int, cuda: bool):
+        self.lag, self.cuda, self.done = lag, cuda, done
+        self.queue: list = []
+        if done is not None:
+            self.update(done)
+
+    def update(self, done: torch.Tensor) -> None:
+        self.done = done
+        if not self.lag:
+            return
+        flag = done.all()
+        if self.cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self.queue.append((host, ev))
+        else:
+            self.queue.append((flag, None))
+
+    def all(self) -> bool:
+        if self.done is None:
+            return False
+        if not self.lag:
+            return bool(self.done.all())
+        if len(self.queue) <= self.lag:
+            return False
+        host, ev = self.queue[-1 - self.lag]
+        del self.queue[:-1 - self.lag]
+        if ev is not None:
+            ev.synchronize()
+        return bool(host)
 
 
 def _window(config) -> int | None:
