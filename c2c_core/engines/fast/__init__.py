@@ -13,12 +13,16 @@ way each stage runs differs:
 - Our own 4-D attention mask (left padding: row b's first `pad[b]` positions are padding; a
   padding query sees only itself, so no row is fully masked) and explicit position ids, so every
   step has fixed shapes and nothing is recomputed from Python state.
-- The decode step (`step(tok, c, pad)`) is compiled with torch.compile: mode "reduce-overhead"
-  (CUDA graphs) on a GPU, inductor on a CPU. Compilation and graph capture happen in `prepare()`
-  during warm-up for every (model, batch, bucket) a run will use, never inside a timed span; the
-  seconds go to `compile_s` (run.compile_s in the records).
+- The decode step (`step(tok, c, lp, ok)`) is compiled with torch.compile: mode
+  "reduce-overhead" (CUDA graphs) on a GPU, inductor on a CPU; the prompt's last token runs
+  through it too. Under `graphs` (C2C_FAST_PREFILL_GRAPHS; default on CUDA) each model's prefill
+  of the prompt but its last token ("fill") and the stacked projection are prepared the same
+  way per (batch, prompt bucket), the prompt left-padded to prompt_bucket(). Compilation and
+  graph capture happen in warm-up (`prepare*()`) for every shape a run will use, never inside a
+  timed span; the seconds go to `compile_s` (run.compile_s in the records).
 - Greedy decoding is an on-device argmax; sampling uses the exponential trick with the seeded
-  generator (no host sync); with --ignore_eos no step reads a value back to the host.
+  generator (no host sync); with --ignore_eos no step reads a value back to the host, and
+  without it, on CUDA, "every row ended" is read one step late (engine.eos_lag).
 - The projection of all layer pairs is one batched pass (stacked.py) inside one span.
 - Batches: left padding, attention mask and position ids; per-row EOS (a finished row keeps
   producing padding until every row is done).
