@@ -7,8 +7,9 @@
 # script <= 8 minutes); the second-process compile check is skipped past GPU_CHECK_BUDGET_S.
 # Usage: bash scripts/gpu_check.sh [--dry-run] [tokenizer]
 #   --dry-run (or GPU_CHECK_DRY=1): only print the table from the files already under $OUT.
-#   The reference column is filled from $OUT/reference.json when a clone of thu-nics/C2C is at
-#   $C2C_REF or ../C2C; otherwise it says n/a.
+#   The reference column is filled from $OUT/reference.json, written by
+#   scripts/reference_timing.py when a clone of thu-nics/C2C is at $C2C_REF or ../C2C; otherwise
+#   (or when that run fails) it says n/a.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 PY=${PYTHON:-python3}
@@ -89,5 +90,20 @@ try:
 except (OSError, KeyError, ValueError) as e:
     print("profile stats: n/a", e)
 PY
+# the reference's figures: thu-nics/C2C's rosetta on the same workload (scripts/reference_timing.py,
+# ~60 s), only with a clone at $C2C_REF or ../C2C; a failure prints one line and the column says n/a
+rm -f "$OUT/reference.json"
+REF=$("$PY" -c "import os, sys; sys.path.insert(0, sys.argv[1]); import gpu_table; print(gpu_table.find_reference(os.environ.get('C2C_REF')) or '')" "$HERE" 2>/dev/null)
+if [ -n "$REF" ]; then
+  step "reference timing, $REF (~60 s)"
+  if "$PY" "$HERE/reference_timing.py" --reference "$REF" $(tok) --out "$OUT" >"$OUT/reference.log" 2>&1; then
+    tail -1 "$OUT/reference.log"
+  else
+    rm -f "$OUT/reference.json"
+    echo "reference timing failed, the reference column says n/a: $(tail -1 "$OUT/reference.log") (log: $OUT/reference.log)"
+  fi
+else
+  step "reference timing skipped: no clone of thu-nics/C2C at \$C2C_REF or ../C2C"
+fi
 step "table (issue 19's figures and goals)"
 "$PY" "$HERE/gpu_table.py" "$OUT"

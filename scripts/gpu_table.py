@@ -12,7 +12,8 @@ CPU with canned files):
 - fast-<preset>.jsonl, eager-<preset>.jsonl: `batch` records, used for the short-prompt figures
   only when engines.json is missing;
 - reference.json (read only when a clone of thu-nics/C2C is at $C2C_REF or ../C2C): the
-  reference's figures under the row keys below ({"decode_ms": 33.4, ...}).
+  reference's figures under the row keys below ({"decode_ms": 33.4, ...}), written by
+  scripts/reference_timing.py.
 A figure whose file is missing or failed shows "n/a" (null in the JSON), never a guess.
 
     python scripts/gpu_table.py [out_dir]        # default: $OUT or gpu_check_out
