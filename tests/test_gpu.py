@@ -41,15 +41,23 @@ def test_cuda_graph_decode_matches_eager_first_tokens(gpu_pipe):
     from c2c_core.engines import fast
     from c2c_core.bench.runner import Item
     pipe, cfg = gpu_pipe
+    import warnings
     eng = fast.engine_for(pipe, compile=True)
-    for mode in ("c2c", "receiver"):
-        fast.prepare_plan(pipe, replace(cfg, engine="fast"), [[Item(1, PROMPT)]], [mode])
+    assert eng.graphs  # on CUDA the prefills and the projection are captured by default
+    for mode in ("c2c", "receiver", "sharer"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*could not capture")
+            fast.prepare_plan(pipe, replace(cfg, engine="fast"), [[Item(1, PROMPT)]], [mode])
         e, _ = _gen(pipe, cfg, "eager", mode=mode)
         f, t = _gen(pipe, cfg, "fast", mode=mode)
         # bf16: kernels differ (static cache, graphs), so only the first tokens must agree
         assert f.tokens[:8] == e.tokens[:8], (mode, e.tokens, f.tokens)
         assert len(f.stages["decode"]) == len(f.tokens) - 1
     assert eng.late == 0
+    # every fill and the projection is one CUDA graph (a capture that failed would run op by op)
+    prepared = [k for k in eng._ready if isinstance(k[3], tuple)]
+    assert {k[3][0] for k in prepared} == {"fill", "proj"}, prepared
+    assert all(hasattr(eng._steps[k], "graph") for k in prepared)
 
 
 def _sleep_ms(cycles: int, reps: int = 5) -> float:

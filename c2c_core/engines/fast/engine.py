@@ -298,7 +298,7 @@ class FastEngine:
 
         return self._compiled(step)
 
-    def _make_fill(self, role: str, cache, q: int, L: int, compiled: bool = True):
+    def _make_fill(self, role: str, cache, q: int, L: int):
         """Run emb [B, q, H] at cache positions [0, q) to fill the cache (no LM head). A query
         sees earlier real positions (and itself: a padding query is never fully masked);
         positions count from the row's first real token, inner padding included (as the
@@ -315,20 +315,42 @@ class FastEngine:
             body(inputs_embeds=emb, attention_mask=mask_for(m, keep, i - j), position_ids=pos,
                  past_key_values=cache, use_cache=True)
 
-        return self._compiled(fill) if compiled else fill
+        return fill
 
     def _make_proj(self, r_cache, s_cache, n: int):
         """The stacked projection of positions [0, n) of one sharer's cache into the
         receiver's, every layer pair in one pass (stacked.py), as one callable of the mask."""
         st = stacked_for(self.pipe.fuser)
-        if self.cuda and self.compile:  # graph inputs at fixed addresses: never copied per replay
-            for t in list(st.w.values()) + [st.gate_logit]:
-                torch._dynamo.mark_static_address(t)
 
         def proj(mask: torch.Tensor) -> None:
             st.project_caches(r_cache.layers, s_cache.layers, n, mask)
 
-        return self._compiled(proj)
+        return proj
+
+    def _ready_callable(self, fn, static: tuple, what: str, reset=None):
+        """A fill or the projection as it will run in every generation of its shape: on CUDA one
+        CUDA graph of `fn` as it is (captured in warm-up in about the time of one run: no
+        inductor compile, which is what made the first result wait), on a CPU torch.compile'd
+        (inductor); `fn` itself with compile off. `static`: example inputs (on CUDA, the
+        graph's input buffers); `reset()` before each warm-up run (a fill writes from its
+        cache's position 0). A capture that fails leaves `fn` op by op, with a warning."""
+        if not self.compile:
+            return fn
+        if not self.cuda:
+            return torch.compile(fn, dynamic=False)
+        try:
+            return _capture(fn, static, self.device, self._graph_pool(), reset)
+        except Exception as e:  # noqa: BLE001 - the shape still runs, only slower
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"fast engine: could not capture the {what} in a CUDA graph"
+                          f" ({type(e).__name__}: {str(e)[:200]}); it runs op by op.")
+            return fn
+
+    def _graph_pool(self):
+        """One memory pool for every captured fill and projection: they never run at once."""
+        if getattr(self, "_pool", None) is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     @staticmethod
     def fill_key(role: str, B: int, L: int, q: int) -> tuple:
@@ -379,26 +401,28 @@ class FastEngine:
         self._prepared(key, warm)
 
     def prepare_fill(self, role: str, B: int, L: int, q: int) -> None:
-        """The compiled fill of q prompt positions into the (role, B, L) cache (graphs only)."""
+        """The prepared fill of q prompt positions into the (role, B, L) cache (graphs only)."""
         key = self.fill_key(role, B, L, q)
 
         def warm():
             cache = self.cache(role, B, L, use=False)
-            if key not in self._steps:
-                self._steps[key] = self._make_fill(role, cache, q, L)
             H = self.model(role).get_input_embeddings().weight.shape[1]
-            emb = torch.zeros(B, q, H, dtype=self.pipe.dtype, device=self.device)
-            ok = torch.ones(B, L, dtype=torch.bool, device=self.device)
-            lp = torch.zeros(B, dtype=torch.long, device=self.device)
-            for _ in range(3):
-                self.cache(role, B, L, use=False)
-                self._run(self._steps[key], emb, ok, lp)
-            self.cache(role, B, L, use=False)
+            static = (torch.zeros(B, q, H, dtype=self.pipe.dtype, device=self.device),
+                      torch.ones(B, L, dtype=torch.bool, device=self.device),
+                      torch.zeros(B, dtype=torch.long, device=self.device))
+            reset = lambda: self.cache(role, B, L, use=False)  # noqa: E731
+            if key not in self._steps:
+                self._steps[key] = self._ready_callable(self._make_fill(role, cache, q, L),
+                                                        static, f"{role} prefill", reset)
+            for _ in range(3):  # compile (CPU) / replay the captured graph (CUDA)
+                reset()
+                self._run(self._steps[key], *static)
+            reset()
 
         self._prepared(key, warm)
 
     def prepare_proj(self, B: int, L: int, n: int) -> None:
-        """The compiled stacked projection of n positions from sharer 1's prompt cache into the
+        """The prepared stacked projection of n positions from sharer 1's prompt cache into the
         (receiver, B, L) cache (graphs only, one sharer with stacked projectors)."""
         key = self.proj_key(B, L, n)
         s_key = (sharer_role(1), B, sharer_len(n))
@@ -406,10 +430,11 @@ class FastEngine:
         def warm():
             r_cache = self.cache("receiver", B, L, use=False)
             s_cache = self.cache(*s_key, use=False)
-            if key not in self._steps:
-                self._steps[key] = self._make_proj(r_cache, s_cache, n)
-                self._binds[key] = (("receiver", B, L), s_key)
             mask = torch.ones(B, n, dtype=torch.bool, device=self.device)
+            if key not in self._steps:
+                self._steps[key] = self._ready_callable(self._make_proj(r_cache, s_cache, n),
+                                                        (mask,), "projection")
+                self._binds[key] = (("receiver", B, L), s_key)
             for _ in range(3):
                 self._run(self._steps[key], mask)
             self.cache("receiver", B, L, use=False)
@@ -454,7 +479,7 @@ class FastEngine:
         L = cache.layers[0].max_cache_len
         fn = self._steps.get(self.fill_key(role, B, L, q)) if self.graphs else None
         if fn is None:
-            fn = self._make_fill(role, cache, q, L, compiled=False)
+            fn = self._make_fill(role, cache, q, L)
         self._run(fn, emb, rows.ok_to(L), rows.lp)
 
     def first(self, role: str, cache, rows: Rows, greedy: bool):
@@ -612,6 +637,36 @@ class FastEngine:
             self.fill(role, cache, emb, rows)
             first = self.first(role, cache, rows, greedy)
         return cache, first
+
+
+def _capture(fn, static: tuple, device, pool, reset=None):
+    """fn(*static) as one CUDA graph: two warm-up runs on a side stream (lazy initialisations,
+    cuBLAS workspaces), then the capture. The returned callable copies its arguments into the
+    graph's input buffers (`static`) and replays it; it returns nothing (fills and the
+    projection write into the static caches, whose addresses are fixed)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            if reset is not None:
+                reset()
+            fn(*static)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    if reset is not None:
+        reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn(*static)
+
+    def replay(*args) -> None:
+        for buf, a in zip(static, args):
+            if a is not buf:
+                buf.copy_(a)
+        graph.replay()
+
+    replay.graph = graph
+    return replay
 
 
 class _Ended:
