@@ -16,8 +16,9 @@ way each stage runs differs:
 - The decode step (`step(tok, c, lp, ok)`) is compiled with torch.compile: mode
   "reduce-overhead" (CUDA graphs) on a GPU, inductor on a CPU; the prompt's last token runs
   through it too. Under `graphs` (C2C_FAST_PREFILL_GRAPHS; default on CUDA) each model's prefill
-  of the prompt but its last token ("fill") and the stacked projection are prepared the same
-  way per (batch, prompt bucket), the prompt left-padded to prompt_bucket(). Compilation and
+  of the prompt but its last token ("fill") and the stacked projection are prepared per (batch,
+  prompt bucket), the prompt left-padded to prompt_bucket(): on CUDA captured as plain CUDA
+  graphs (no inductor compile), on a CPU compiled by inductor. Compilation and
   graph capture happen in warm-up (`prepare*()`) for every shape a run will use, never inside a
   timed span; the seconds go to `compile_s` (run.compile_s in the records).
 - Greedy decoding is an on-device argmax; sampling uses the exponential trick with the seeded
