@@ -135,3 +135,26 @@ def test_peak_memory_is_measured_from_a_reset_per_generation(monkeypatch):
         m.__exit__(None, None, None)
         out.append(m.allocated_mb)
     assert calls == ["reset", "reset"] and out == [900.0, 100.0]
+
+
+@pytest.mark.filterwarnings("ignore:fast engine")
+def test_under_graphs_an_evicted_cache_takes_its_fills_and_projection_with_it(pipe_cfg):
+    """The prepared fills and the projection hold caches (the projection two: the receiver's and
+    the sharer's); when the cap frees a cache, every callable bound to it goes too, and a shape
+    needed again is prepared again with the same tokens."""
+    pipe, cfg, eng = pipe_cfg
+    eng.graphs = True
+    shapes = [PROMPTS[:1], PROMPTS[2:], PROMPTS[:2], PROMPTS, PROMPTS[:1]]
+    first = [g.tokens for g in _gen(pipe, cfg, PROMPTS[:1])]
+    need = [sum(eng.cache_nbytes(*k[1:4]) for k in fast.shapes_of(
+        pipe, cfg, [[Item(i, p) for i, p in enumerate(ps)]], ["c2c"])) for ps in shapes]
+    eng.cache_cap = int(1.2 * max(need))
+    for prompts in shapes:
+        _gen(pipe, cfg, prompts)
+        assert eng.cache_bytes <= eng.cache_cap, eng.cache_stats()
+        for k in eng._steps:  # nothing prepared outlives a cache it writes into
+            assert all(c in eng._caches for c in eng._binds.get(k, (k[:3],))), k
+    assert eng.cache_evictions > 0
+    kinds = {k[3][0] for k in eng._steps if isinstance(k[3], tuple)}
+    assert kinds == {"fill", "proj"}, kinds
+    assert [g.tokens for g in _gen(pipe, cfg, PROMPTS[:1])] == first
