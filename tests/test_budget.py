@@ -63,6 +63,24 @@ def test_check_fits_refuses_over_the_free_memory_and_credits_what_a_swap_frees()
         budget.check_fits(cfg, 1, 0, free=1000)
 
 
+def test_the_fast_engine_is_estimated_at_its_static_cache_length_not_its_tokens():
+    """The fast engine allocates a cache per (batch, length bucket): a prompt padded to its
+    bucket, then a power of two. 1,040 tokens take a 2,048-position cache, so the estimate (and
+    the refusal's sentence) counts 2,048; the eager engine's dynamic cache counts 1,040."""
+    from c2c_core.engines.shapes import bucket, cache_len_at_most, prompt_bucket
+    fast = build_run_config("smollm2-demo", device="cpu", dtype="float32", engine="fast")
+    eager = build_run_config("smollm2-demo", device="cpu", dtype="float32", engine="eager")
+    e, f = budget.estimate(eager, 4, 1040), budget.estimate(fast, 4, 1040)
+    assert e.positions == 1040 and f.positions == 2048 and f.kv == e.kv * 2048 // 1040
+    # the bound covers every split of the tokens into prompt and new tokens
+    for tokens in (1, 17, 64, 100, 129, 1000, 1040, 5000):
+        for new in range(0, tokens, max(tokens // 7, 1)):  # a prompt has a token at least
+            assert bucket(prompt_bucket(tokens - new) + new) <= cache_len_at_most(tokens)
+    with pytest.raises(UserError, match="static caches hold up to 2,048 positions"):
+        budget.check_fits(fast, 4, 1040, free=int(e.total / 0.85) + 1)
+    budget.check_fits(eager, 4, 1040, free=int(e.total / 0.85) + 1)
+
+
 # --- one spelling per device ---------------------------------------------------------------
 
 def test_device_spellings_name_one_cpu_and_odd_names_are_refused_in_a_sentence():

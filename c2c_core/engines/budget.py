@@ -3,7 +3,9 @@
 - weights: the parameter count from each model's config (embeddings, attention, gated MLP,
   the output head unless tied), times the bytes of the run's dtype;
 - KV cache: layers x kv_heads x head_dim x 2 (keys and values) x dtype bytes, per token and
-  sequence, for the receiver and every sharer;
+  sequence, for the receiver and every sharer; on the fast engine per position of the longest
+  static cache it may allocate (shapes.cache_len_at_most: the prompt padded to its bucket, then
+  a power of two), not per token;
 - the device's memory now: a CPU's available RAM (psutil, and the container's cgroup limit when
   one is set), a GPU's free memory (torch.cuda.mem_get_info).
 
@@ -212,6 +214,7 @@ class Estimate:
     kv: int               # bytes of the KV caches of every sequence at its longest
     params: int           # parameters of all models
     unknown: list[str]    # models whose config is not on this machine (not counted)
+    positions: int = 0    # cache positions per sequence counted (the fast engine's bucket)
 
     @property
     def total(self) -> int:
@@ -229,6 +232,10 @@ def estimate(cfg, batch: int = 1, tokens: int = 0, configs: dict | None = None) 
     the dtype the run will use. `configs` (source -> config dict) replaces the file lookup."""
     device = canonical_device(cfg.device)
     nbytes = DTYPE_BYTES.get(dtype_name(cfg, device), 4)
+    positions = tokens
+    if tokens > 0 and _fast(cfg, device):  # its static caches: padded prompt, length bucket
+        from .shapes import cache_len_at_most
+        positions = cache_len_at_most(tokens)
     weights = kv = params = 0
     unknown: list[str] = []
     for spec in (cfg.receiver, *cfg.sharers):
@@ -239,8 +246,15 @@ def estimate(cfg, batch: int = 1, tokens: int = 0, configs: dict | None = None) 
         n = param_count(c)
         params += n
         weights += n * nbytes
-        kv += kv_bytes_per_token(c, nbytes) * max(tokens, 0) * max(batch, 1)
-    return Estimate(weights, kv, params, unknown)
+        kv += kv_bytes_per_token(c, nbytes) * max(positions, 0) * max(batch, 1)
+    return Estimate(weights, kv, params, unknown, positions)
+
+
+def _fast(cfg, device: str) -> bool:
+    """Whether the run will use the fast engine (static caches sized in buckets)."""
+    from ..spec.config import resolve_engine
+    on_cuda = device.startswith("cuda") or (device == "auto" and _cuda())
+    return resolve_engine(cfg, "cuda" if on_cuda else "cpu") == "fast"
 
 
 def _gb(n: float) -> str:
@@ -269,7 +283,8 @@ def check_fits(cfg, batch: int = 1, tokens: int = 0, held_bytes: int = 0,
     if est.total > have:
         where = "RAM" if on_cpu else "GPU memory"
         kv = (f" + a KV cache of {_gb(est.kv)} for {batch:,} x {tokens:,} tokens"
-              if est.kv else "")
+              + (f" (the fast engine's static caches hold up to {est.positions:,} positions)"
+                 if est.positions > tokens else "") if est.kv else "")
         fix = ("pick smaller models (or dtype bfloat16)" if est.weights > have
                else "use a smaller batch or shorter lengths")
         raise UserError(f"{what} needs about {_gb(est.total)} (weights {_gb(est.weights)}{kv}),"

@@ -20,8 +20,8 @@ from ...spec.errors import UserError
 from ...models.fusion import decoder, project_sharers, sample
 from ...models.stacked import stacked_for
 from ...measure.timing import Timer
+from ..shapes import BUCKET_MIN, SHARER_ROUND, bucket, prompt_bucket, sharer_len  # noqa: F401
 
-BUCKET_MIN = 64
 #: Let `C2C_FAST_COMPILE=0` run the fast engine's static-cache path without torch.compile.
 COMPILE_ENV = "C2C_FAST_COMPILE"
 #: The bytes (in MB) the fast engine's static caches may hold together; least recently used
@@ -29,41 +29,16 @@ COMPILE_ENV = "C2C_FAST_COMPILE"
 #: device when the engine is made (after the weights loaded).
 CACHE_CAP_ENV = "C2C_CACHE_CAP_MB"
 CACHE_SHARE = 0.5
-#: The sharer's prefill-only cache (c2c mode) is sized to its prompt rounded up to this many
-#: positions: it never decodes, and its prefill is not compiled, so it needs no power of two.
-SHARER_ROUND = 64
 #: Compile (and on CUDA graph-capture) the prefills and the projection too, per (batch, prompt
 #: length bucket): "auto" (default) on CUDA only, where a prefill is bound by kernel launches;
 #: "1" everywhere; "0" never (then prompts are not padded to a bucket either).
 GRAPHS_ENV = "C2C_FAST_PREFILL_GRAPHS"
 
 
-def bucket(n: int) -> int:
-    """The static cache length for n positions: a power of two >= BUCKET_MIN."""
-    L = BUCKET_MIN
-    while L < n:
-        L *= 2
-    return L
-
-
-def prompt_bucket(n: int) -> int:
-    """The prompt length a batch is left-padded to when its prefills are compiled, so that a run
-    compiles a few prefill shapes, not one per prompt length: a multiple of 16 up to 128, of 64
-    up to 1,024, then of 256."""
-    step = 16 if n <= 128 else 64 if n <= 1024 else 256
-    return max(-(-n // step), 1) * step
-
-
 def sharer_role(k: int) -> str:
     """The cache role of sharer k: "sharer" for sharer 1 (it also decodes in sharer/t2t
     modes), "sharerK" for the others."""
     return "sharer" if k == 1 else f"sharer{k}"
-
-
-def sharer_len(n: int) -> int:
-    """The c2c sharer cache length for a prompt section of n positions (a multiple of
-    SHARER_ROUND): the prompt only, never prompt + max_new_tokens."""
-    return max(-(-n // SHARER_ROUND), 1) * SHARER_ROUND
 
 
 def cache_cap_bytes(device) -> int:
