@@ -20,6 +20,7 @@ from ...spec.errors import UserError
 from ...models.fusion import decoder, project_sharers, sample
 from ...models.stacked import stacked_for
 from ...measure.timing import Timer
+from .graphs import Ended, capture
 from ..shapes import BUCKET_MIN, SHARER_ROUND, bucket, prompt_bucket, sharer_len  # noqa: F401
 
 #: Let `C2C_FAST_COMPILE=0` run the fast engine's static-cache path without torch.compile.
@@ -314,7 +315,7 @@ class FastEngine:
         if not self.cuda:
             return torch.compile(fn, dynamic=False)
         try:
-            return _capture(fn, static, self.device, self._graph_pool(), reset)
+            return capture(fn, static, self.device, self._graph_pool(), reset)
         except Exception as e:  # noqa: BLE001 - the shape still runs, only slower
             torch.cuda.synchronize(self.device)
             warnings.warn(f"fast engine: could not capture the {what} in a CUDA graph"
@@ -491,7 +492,7 @@ class FastEngine:
             on_first()
         c = torch.tensor(start, dtype=torch.long, device=dev)
         n = 1
-        ended = _Ended(done, self.eos_lag, self.cuda)
+        ended = Ended(done, self.eos_lag, self.cuda)
         while n < n_max:
             if ended.all():
                 break
@@ -612,75 +613,6 @@ class FastEngine:
             self.fill(role, cache, emb, rows)
             first = self.first(role, cache, rows, greedy)
         return cache, first
-
-
-def _capture(fn, static: tuple, device, pool, reset=None):
-    """fn(*static) as one CUDA graph: two warm-up runs on a side stream (lazy initialisations,
-    cuBLAS workspaces), then the capture. The returned callable copies its arguments into the
-    graph's input buffers (`static`) and replays it; it returns nothing (fills and the
-    projection write into the static caches, whose addresses are fixed)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            if reset is not None:
-                reset()
-            fn(*static)
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    if reset is not None:
-        reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn(*static)
-
-    def replay(*args) -> None:
-        for buf, a in zip(static, args):
-            if a is not buf:
-                buf.copy_(a)
-        graph.replay()
-
-    replay.graph = graph
-    return replay
-
-
-class _Ended:
-    """Whether every row of a batch has ended, read `lag` steps late: the flag of each step is
-    copied to the host without waiting (pinned memory, an event); all() waits only for the step
-    `lag` before the newest, so the newest can still be running. lag 0: read now (a sync)."""
-
-    def __init__(self, done: torch.Tensor | None, lag: int, cuda: bool):
-        self.lag, self.cuda, self.done = lag, cuda, done
-        self.queue: list = []
-        if done is not None:
-            self.update(done)
-
-    def update(self, done: torch.Tensor) -> None:
-        self.done = done
-        if not self.lag:
-            return
-        flag = done.all()
-        if self.cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self.queue.append((host, ev))
-        else:
-            self.queue.append((flag, None))
-
-    def all(self) -> bool:
-        if self.done is None:
-            return False
-        if not self.lag:
-            return bool(self.done.all())
-        if len(self.queue) <= self.lag:
-            return False
-        host, ev = self.queue[-1 - self.lag]
-        del self.queue[:-1 - self.lag]
-        if ev is not None:
-            ev.synchronize()
-        return bool(host)
 
 
 def _window(config) -> int | None:
