@@ -39,6 +39,11 @@ step "pytest -m gpu (~40 s)"
 step "engines (~100 s)"
 "$PY" -m c2c_core engines --preset $PRE $(tok) --prompt "$P" --no_chat_template \
   --max_new_tokens 128 --bench_batch 64 --bench_repeats 3 2>&1 | grep -v '%|' | tee "$OUT/engines.json"
+# the same with the decode step captured as it is instead of compiled (C2C_FAST_STEP=capture):
+# no inductor compile at all, so warm-up takes seconds; is its step as fast? (~45 s)
+step "engines, step captured without compile (~45 s)"
+C2C_FAST_STEP=capture "$PY" -m c2c_core engines --preset $PRE $(tok) --prompt "$P" --no_chat_template \
+  --max_new_tokens 128 --bench_batch 64 --bench_repeats 3 2>&1 | grep -v '%|' | tee "$OUT/engines-capture.json"
 # TTFT at 1,024 tokens: an exact-length prompt, 8 new tokens, c2c (~50 s: one new shape to compile)
 for engine in fast eager; do
   step "sweep --input_lens 1024, $engine (~25 s)"

@@ -9,6 +9,8 @@ CPU with canned files):
   decode floor ratios, compile_s);
 - long-fast.jsonl, long-eager.jsonl: `sweep --input_lens 1024` records (TTFT at 1,024 tokens);
 - compile_cache.json: `scripts/compile_cache_check.py`'s output (first and second process);
+- engines-capture.json: the same `engines` run with C2C_FAST_STEP=capture (the decode step one
+  CUDA graph of the step as it is, no compile): its decode, TTFT and warm-up seconds;
 - fast-<preset>.jsonl, eager-<preset>.jsonl: `batch` records, used for the short-prompt figures
   only when engines.json is missing;
 - reference.json (read only when a clone of thu-nics/C2C is at $C2C_REF or ../C2C): the
@@ -40,6 +42,10 @@ ROWS = [
     ("compile_second_ratio", "second process's compile / first's", ("<=", 0.35)),
     ("batch_ratio", "batch B vs batch 1 tokens/s (x)", (">=", 40.0)),
     ("decode_floor_ratio", "decode over its floor (x)", None),
+    # the other way to make the step one launch (C2C_FAST_STEP=capture): no compile at all
+    ("capture_decode_ms", "decode ms/token (batch 1), step captured, not compiled", ("<=", 1.0)),
+    ("capture_ttft_ms", "TTFT ms, short prompt, step captured", ("<=", 15.0)),
+    ("capture_warmup_s", "warm-up s before the first result, step captured", None),
 ]
 
 
@@ -149,6 +155,12 @@ def build(out: str, reference_dir: str | None = None) -> dict:
     batch = eng.get("batch")
     if batch is not None:
         vals["batch_ratio"]["fast"] = _num(eng.get(f"batch{batch}_over_batch1_tokens_per_second"))
+    cap = _last_json_line(os.path.join(out, "engines-capture.json")) or {}
+    for key, ckey in (("capture_decode_ms", "fast_decode_ms"), ("capture_ttft_ms", "fast_ttft_ms"),
+                      ("capture_warmup_s", "compile_s")):
+        vals[key]["fast"] = _num(cap.get(ckey))
+        if cap.get(ckey) is not None:
+            sources[f"{key}.fast"] = "engines-capture.json (C2C_FAST_STEP=capture)"
     vals["decode_floor_ratio"]["fast"] = _num(eng.get("fast_decode_floor_ratio"))
     vals["decode_floor_ratio"]["eager"] = _num(eng.get("eager_decode_floor_ratio"))
     ptoks = eng.get("prompt_tokens") or short["fast"].get("prompt_tokens")

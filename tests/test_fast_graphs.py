@@ -141,3 +141,30 @@ def test_compiled_prefills_and_projection_give_the_eager_tokens(tiny_cfg_kwargs)
         e = generate(pipe, replace(cfg, engine="eager"), Item(1, p), "c2c", Timer(pipe.device))
         assert r["response"] == pipe.tokenizer.decode(e.tokens, skip_special_tokens=True)
         assert check_record(r) == []
+
+
+def test_the_step_mode_is_checked_and_capture_on_a_cpu_runs_the_step_uncompiled(loud,
+                                                                               monkeypatch):
+    """C2C_FAST_STEP=capture makes the CUDA decode step one captured graph of the step as it is
+    (no compile); a CPU has no graphs, so there it runs uncompiled, with the same tokens. A
+    mistyped mode is refused in one sentence naming the two it takes."""
+    from c2c_core.spec.errors import UserError
+    pipe, cfg = loud
+    monkeypatch.setenv("C2C_FAST_STEP", "turbo")
+    with pytest.raises(UserError, match=r"C2C_FAST_STEP=turbo .*compile \(default\) or"
+                                        r" C2C_FAST_STEP=capture"):
+        fast.FastEngine(pipe, compile=True)
+    monkeypatch.setenv("C2C_FAST_STEP", "capture")
+    old = pipe._fast_engine
+    eng = pipe._fast_engine = fast.FastEngine(pipe, compile=True)
+    try:
+        assert eng.name == "fast-capture" and eng.step_mode == "capture"
+        c = replace(cfg, gen=replace(cfg.gen, ignore_eos=True))
+        item = Item(1, PROMPTS[0])
+        got = fast.generate_batch(pipe, c, [item], "c2c", Timer(pipe.device))[0].tokens
+        step = [v for k, v in eng._steps.items() if isinstance(k[3], bool)]
+        assert step and not any(hasattr(s, "_torchdynamo_orig_callable") for s in step)
+    finally:
+        pipe._fast_engine = old
+    assert got == generate(pipe, replace(c, engine="eager"), item, "c2c",
+                           Timer(pipe.device)).tokens

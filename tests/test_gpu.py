@@ -60,6 +60,29 @@ def test_cuda_graph_decode_matches_eager_first_tokens(gpu_pipe):
     assert all(hasattr(eng._steps[k], "graph") for k in prepared)
 
 
+def test_a_captured_step_gives_the_compiled_steps_first_tokens(gpu_pipe, monkeypatch):
+    """C2C_FAST_STEP=capture: the decode step is one CUDA graph of the step as it is (no
+    compile); it gives the eager engine's first tokens, and every step is a graph."""
+    import warnings
+    from c2c_core.engines import fast
+    from c2c_core.bench.runner import Item
+    pipe, cfg = gpu_pipe
+    monkeypatch.setenv("C2C_FAST_STEP", "capture")
+    old = getattr(pipe, "_fast_engine", None)
+    eng = pipe._fast_engine = fast.FastEngine(pipe, compile=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*could not capture")
+            fast.prepare_plan(pipe, replace(cfg, engine="fast"), [[Item(1, PROMPT)]], ["c2c"])
+        e, _ = _gen(pipe, cfg, "eager")
+        f, _ = _gen(pipe, cfg, "fast")
+        assert f.tokens[:8] == e.tokens[:8], (e.tokens, f.tokens)
+        steps = [k for k in eng._ready if isinstance(k[3], bool)]
+        assert steps and all(hasattr(eng._steps[k], "graph") for k in steps)
+    finally:
+        pipe._fast_engine = old
+
+
 def _sleep_ms(cycles: int, reps: int = 5) -> float:
     """The median wall time of torch.cuda._sleep(cycles) alone, host clock around a sync."""
     import time

@@ -81,6 +81,24 @@ def test_rows_goals_and_met(tmp_path):
     assert b["figure"].startswith("batch 64 vs batch 1")
     f = rows["decode_floor_ratio"]
     assert (f["fast"], f["eager"], f["met"]) == (3.65, 101.6, "n/a")
+    for k in ("capture_decode_ms", "capture_ttft_ms", "capture_warmup_s"):
+        assert rows[k]["fast"] is None and rows[k]["met"] == "n/a"  # no capture run: n/a
+
+
+def test_the_captured_step_rows_come_from_their_own_engines_run(tmp_path):
+    out = str(tmp_path / "out")
+    _write(out)
+    cap = {**ENGINES, "engine_fast": "fast-capture", "fast_step": "capture", "compile_s": 4.2,
+           "fast_decode_ms": 1.31, "fast_ttft_ms": 9.5}
+    with open(os.path.join(out, "engines-capture.json"), "w") as f:
+        f.write("device: cuda:0 (...)\n" + json.dumps(cap) + "\n")
+    table = gt.build(out, None)
+    rows = _rows(table)
+    d, t, w = rows["capture_decode_ms"], rows["capture_ttft_ms"], rows["capture_warmup_s"]
+    assert (d["fast"], d["goal"], d["met"]) == (1.31, "<= 1", "no")
+    assert (t["fast"], t["met"]) == (9.5, "yes") and (w["fast"], w["met"]) == (4.2, "n/a")
+    assert rows["decode_ms"]["fast"] == 0.912  # the compiled step's row is unchanged
+    assert table["sources"]["capture_decode_ms.fast"].startswith("engines-capture.json")
 
 
 def test_missing_reference_and_missing_runs_are_na(tmp_path, monkeypatch):

@@ -81,7 +81,7 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     dev = pipe.device.type
     out(f"device: {pipe.device} ({pipe.describe()}), threads {__import__('torch').get_num_threads()}")
     out(f"c2c, {gen.max_new_tokens} new tokens (ignore_eos), prompt {item.prompt!r};"
-        f" fast engine {eng.name} (prefills and projection"
+        f" fast engine {eng.name} (decode step: {eng.step_mode}; prefills and projection"
         f" {'prepared per prompt bucket' if eng.graphs else 'op by op'}),"
         f" compile+capture {compile_s:.1f} s in warm-up;"
         f" interleaved repeats: {repeats}")
@@ -123,7 +123,8 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
         out(f"fast pays back its {compile_s:.1f} s warm-up after {payback:.0f} generations of this"
             f" size (~{payback * gen.max_new_tokens:,.0f} tokens) in one process")
     result = {"device": dev, "dtype": str(pipe.dtype).removeprefix("torch."),
-              "engine_fast": eng.name, "fast_prefill_graphs": eng.graphs, "repeats": repeats, "max_new_tokens": gen.max_new_tokens,
+              "engine_fast": eng.name, "fast_prefill_graphs": eng.graphs,
+              "fast_step": eng.step_mode, "repeats": repeats, "max_new_tokens": gen.max_new_tokens,
               "compile_s": round(compile_s, 2),
               "ttft_ratio": round(ratio["ttft_ms"], 4),
               "projection_ratio": round(ratio["projector_total_ms"], 4),

@@ -30,6 +30,11 @@ COMPILE_ENV = "C2C_FAST_COMPILE"
 #: device when the engine is made (after the weights loaded).
 CACHE_CAP_ENV = "C2C_CACHE_CAP_MB"
 CACHE_SHARE = 0.5
+#: How the decode step becomes one launch on CUDA: "compile" (default), torch.compile with CUDA
+#: graphs (inductor fuses the small ops; every shape compiles, ~30 s each the first time), or
+#: "capture", one CUDA graph of the step as it is (no compile: ready in about one step's time;
+#: more, unfused kernels per step). On a CPU "capture" runs the step uncompiled.
+STEP_ENV = "C2C_FAST_STEP"
 #: Compile (and on CUDA graph-capture) the prefills and the projection too, per (batch, prompt
 #: length bucket): "auto" (default) on CUDA only, where a prefill is bound by kernel launches;
 #: "1" everywhere; "0" never (then prompts are not padded to a bucket either).
@@ -120,6 +125,12 @@ class FastEngine:
         #: prefills and projection as prepared callables per (batch, prompt bucket): compiled
         #: when `compile`, the prompt left-padded to prompt_bucket() either way
         self.graphs = graphs
+        step = os.environ.get(STEP_ENV, "compile").strip().lower() or "compile"
+        if step not in ("compile", "capture"):
+            raise UserError(f"{STEP_ENV}={step[:20]} is not a decode step mode; set"
+                            f" {STEP_ENV}=compile (default) or {STEP_ENV}=capture.")
+        #: "compile" or "capture" (STEP_ENV): how the decode step is prepared
+        self.step_mode = step
         #: decode steps the EOS check trails by: on CUDA the host reads "every row ended" one
         #: step late (a copy that does not wait for the step just queued), so the device always
         #: has the next step; at most one step runs past the end (its time is the record's
@@ -161,7 +172,9 @@ class FastEngine:
 
     @property
     def name(self) -> str:
-        return "fast" if self.compile else "fast-nocompile"
+        if not self.compile:
+            return "fast-nocompile"
+        return "fast-capture" if self.step_mode == "capture" else "fast"
 
     def prompt_len(self, n: int) -> int:
         """The length a batch whose longest prompt has n positions is padded to."""
@@ -272,7 +285,7 @@ class FastEngine:
             logits = out.logits[:, -1, :]
             return logits.argmax(-1, keepdim=True) if greedy else logits.float()
 
-        return self._compiled(step)
+        return step if self.step_mode == "capture" else self._compiled(step)
 
     def _make_fill(self, role: str, cache, q: int, L: int):
         """Run emb [B, q, H] at cache positions [0, q) to fill the cache (no LM head). A query
@@ -314,8 +327,12 @@ class FastEngine:
             return fn
         if not self.cuda:
             return torch.compile(fn, dynamic=False)
+        return self._captured(fn, static, what, self._graph_pool(), reset)
+
+    def _captured(self, fn, static: tuple, what: str, pool, reset=None):
+        """capture() with a fallback: a capture that fails warns and leaves `fn` op by op."""
         try:
-            return capture(fn, static, self.device, self._graph_pool(), reset)
+            return capture(fn, static, self.device, pool, reset)
         except Exception as e:  # noqa: BLE001 - the shape still runs, only slower
             torch.cuda.synchronize(self.device)
             warnings.warn(f"fast engine: could not capture the {what} in a CUDA graph"
@@ -363,14 +380,19 @@ class FastEngine:
 
         def warm():
             cache = self.cache(role, B, L, use=False)
-            if key not in self._steps:
-                self._steps[key] = self._make_step(role, cache, L, greedy)
             ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-            rows = Rows(ids, torch.zeros(B, dtype=torch.long, device=self.device),
-                        torch.ones(B, 1, dtype=torch.bool, device=self.device))
-            ok = rows.ok_to(L)
+            lp = torch.zeros(B, dtype=torch.long, device=self.device)
+            ok = torch.ones(B, L, dtype=torch.bool, device=self.device)
+            if key not in self._steps:
+                step = self._make_step(role, cache, L, greedy)
+                if self.step_mode == "capture" and self.cuda and self.compile:
+                    # its own pool: the step's output stays live until the caller clones it
+                    c0 = torch.zeros((), dtype=torch.long, device=self.device)
+                    reset = lambda: self.cache(role, B, L, use=False)  # noqa: E731
+                    step = self._captured(step, (ids, c0, lp, ok), f"{role} step", None, reset)
+                self._steps[key] = step
             for k in range(0, 4):
-                self._run(self._steps[key], ids, torch.tensor(k, device=self.device), rows.lp,
+                self._run(self._steps[key], ids, torch.tensor(k, device=self.device), lp,
                           ok).clone()
             self.cache(role, B, L, use=False)
 
@@ -422,8 +444,11 @@ class FastEngine:
         any span, and say so; its cost lands in this generation's `other_ms`."""
         if key not in self._ready:
             self.late += 1
-            if self.compile:
-                warnings.warn(f"fast engine: compiling the {what} for batch {key[1]}, bucket"
+            step = isinstance(key[3], bool)
+            how = ("capturing" if self.cuda and (not step or self.step_mode == "capture")
+                   else None if step and self.step_mode == "capture" else "compiling")
+            if self.compile and how:
+                warnings.warn(f"fast engine: {how} the {what} for batch {key[1]}, bucket"
                               f" {key[2]} outside warm-up; this generation's e2e includes it.")
             prepare()
 

@@ -10,8 +10,11 @@ import torch
 def capture(fn, static: tuple, device, pool, reset=None):
     """fn(*static) as one CUDA graph: two warm-up runs on a side stream (lazy initialisations,
     cuBLAS workspaces), then the capture. The returned callable copies its arguments into the
-    graph's input buffers (`static`) and replays it; it returns nothing (fills and the
-    projection write into the static caches, whose addresses are fixed)."""
+    graph's input buffers (`static`), replays it and returns the captured call's output: the
+    same tensors every replay, overwritten by the next one (a decode step's token: clone it;
+    fills and the projection return nothing, they write into the static caches, whose
+    addresses are fixed). `pool`: a memory pool shared with graphs that never run at once and
+    leave no output (None: the graph's own)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -25,13 +28,14 @@ def capture(fn, static: tuple, device, pool, reset=None):
         reset()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
-        fn(*static)
+        out = fn(*static)
 
-    def replay(*args) -> None:
+    def replay(*args):
         for buf, a in zip(static, args):
             if a is not buf:
                 buf.copy_(a)
         graph.replay()
+        return out
 
     replay.graph = graph
     return replay
