@@ -151,9 +151,9 @@ def _feeds(plans, pipe, eng, dev, T: int) -> list:
             for p, f in zip(plans, fs):
                 proj = f.project if f.project is not None else [True] * (len(p.ids) - 1)
                 rows.append([False] * (T - len(p.ids)) + list(proj))
-            mask = torch.tensor(rows, dtype=torch.bool, device=dev)
-            if bool(mask.all()):
-                mask = None
+            # all True is decided on the host: reading the device's mask back would sync
+            mask = (None if all(all(r) for r in rows)
+                    else torch.tensor(rows, dtype=torch.bool, device=dev))
         out.append((k, srows, mask))
     return out
 
@@ -216,13 +216,14 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     wall1 = time.time()
     stages = timer.finish()
     mem.__exit__(None, None, None)  # the peaks of this generation
-    dec_ms = sum(stages["decode"])
+    longest = max(len(t) for t in dec.tokens)
+    # the batch's steps that produced a token (not the late EOS check's step past the end)
+    dec_ms = sum(stages["decode"][:longest - 1])
     dec_tokens = sum(len(t) - 1 for t in dec.tokens)
     batch_tps = dec_tokens / (dec_ms / 1000.0) if dec_ms > 0 else 0.0
     # a batch step reads every row's cache: mean positions per step over the batch (hardware.py)
     kv_ctx = float(sum(len(r) + len(t) / 2 for r, t in zip(rows_ids, dec.tokens)))
     all_tokens = sum(len(t) for t in dec.tokens)
-    longest = max(len(t) for t in dec.tokens)
     note_longest = max(len(t) for t in notes)
     out = []
     for i, toks in enumerate(dec.tokens):

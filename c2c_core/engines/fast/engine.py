@@ -150,6 +150,7 @@ class FastEngine:
         self._epoch = 0               # one per generation (and per prepared shape): what it
         self._used: dict = {}         # touched is never evicted under it
         self._born: dict = {}         # (role, B, L) -> the epoch that allocated it
+        self._pool = None             # the captured graphs' memory pool (_graph_pool)
         self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
         for m in {id(m): m for m in models}.values():
@@ -340,9 +341,27 @@ class FastEngine:
             return fn
 
     def _graph_pool(self):
-        """One memory pool for every captured fill and projection: they never run at once."""
-        if getattr(self, "_pool", None) is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        """One memory pool for every captured graph (fills, projections, captured steps: they
+        run one at a time, and a step's output is cloned before anything else runs), kept for
+        the engine's life by an anchor graph captured into it first. That first capture also
+        allocates cuBLAS's workspace for the capture stream inside this pool, so evicting a
+        cache (which destroys the graphs bound to it) never frees a workspace that graphs still
+        alive point at."""
+        if self._pool is None:
+            pool = torch.cuda.graph_pool_handle()
+            a = torch.ones(64, 64, dtype=self.pipe.dtype, device=self.device)
+            cur = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):  # the cuBLAS handle exists before the capture
+                a @ a
+            cur.wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            anchor = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(anchor, pool=pool):
+                b = a @ a
+            self._anchor = (anchor, a, b)
+            self._pool = pool
         return self._pool
 
     @staticmethod
@@ -386,10 +405,10 @@ class FastEngine:
             if key not in self._steps:
                 step = self._make_step(role, cache, L, greedy)
                 if self.step_mode == "capture" and self.cuda and self.compile:
-                    # its own pool: the step's output stays live until the caller clones it
                     c0 = torch.zeros((), dtype=torch.long, device=self.device)
                     reset = lambda: self.cache(role, B, L, use=False)  # noqa: E731
-                    step = self._captured(step, (ids, c0, lp, ok), f"{role} step", None, reset)
+                    step = self._captured(step, (ids, c0, lp, ok), f"{role} step",
+                                          self._graph_pool(), reset)
                 self._steps[key] = step
             for k in range(0, 4):
                 self._run(self._steps[key], ids, torch.tensor(k, device=self.device), lp,
@@ -489,9 +508,18 @@ class FastEngine:
         B, T = rows.ids.shape
         L = cache.layers[0].max_cache_len
         step = self._steps[(role, B, L, greedy)]
-        out = self._run(step, rows.ids[:, -1:], torch.tensor(T - 1, device=self.device),
-                        rows.lp, rows.ok_to(L))
+        # a fresh [B, 1] with the strides warm-up used (a view of the last column, even
+        # "contiguous" at B = 1, keeps stride T, and the compiled step would compile again,
+        # inside this span); the position is made on the device: a host-to-device copy would
+        # wait for the fills and the projection before this launch
+        last = rows.ids.new_empty((B, 1)).copy_(rows.ids[:, -1:])
+        out = self._run(step, last, self._scalar(T - 1), rows.lp, rows.ok_to(L))
         return out.clone()
+
+    def _scalar(self, v: int) -> torch.Tensor:
+        """A 0-d long tensor on the device, written by a kernel (no host-to-device copy, which
+        waits for the device's queue)."""
+        return torch.full((), v, dtype=torch.long, device=self.device)
 
     def decode(self, role: str, cache, L: int, first: torch.Tensor, rows: Rows,
                start: int, n_max: int, gen, eos: set[int], ignore_eos: bool, gens,
@@ -515,7 +543,7 @@ class FastEngine:
         del first_host
         if on_first is not None:
             on_first()
-        c = torch.tensor(start, dtype=torch.long, device=dev)
+        c = self._scalar(start)
         n = 1
         ended = Ended(done, self.eos_lag, self.cuda)
         while n < n_max:

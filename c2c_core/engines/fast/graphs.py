@@ -13,8 +13,8 @@ def capture(fn, static: tuple, device, pool, reset=None):
     graph's input buffers (`static`), replays it and returns the captured call's output: the
     same tensors every replay, overwritten by the next one (a decode step's token: clone it;
     fills and the projection return nothing, they write into the static caches, whose
-    addresses are fixed). `pool`: a memory pool shared with graphs that never run at once and
-    leave no output (None: the graph's own)."""
+    addresses are fixed). `pool`: a memory pool shared with graphs that never run at once (an
+    output must be cloned before another of them runs)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -44,11 +44,18 @@ def capture(fn, static: tuple, device, pool, reset=None):
 class Ended:
     """Whether every row of a batch has ended, read `lag` steps late: the flag of each step is
     copied to the host without waiting (pinned memory, an event); all() waits only for the step
-    `lag` before the newest, so the newest can still be running. lag 0: read now (a sync)."""
+    `lag` before the newest, so the newest can still be running. lag 0: read now (a sync). The
+    pinned buffers and events are made once, here (outside any span), and used in turn."""
 
     def __init__(self, done: torch.Tensor | None, lag: int, cuda: bool):
         self.lag, self.cuda, self.done = lag, cuda, done
-        self.queue: list = []
+        self.count = 0  # flags written
+        n = lag + 2     # the slot read (count-1-lag) is never the next one written
+        if lag and cuda:
+            self.slots = [(torch.empty((), dtype=torch.bool, pin_memory=True), torch.cuda.Event())
+                          for _ in range(n)]
+        else:
+            self.slots = [None] * n
         if done is not None:
             self.update(done)
 
@@ -56,25 +63,26 @@ class Ended:
         self.done = done
         if not self.lag:
             return
+        k = self.count % len(self.slots)
         flag = done.all()
         if self.cuda:
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host, ev = self.slots[k]
             host.copy_(flag, non_blocking=True)
-            ev = torch.cuda.Event()
             ev.record()
-            self.queue.append((host, ev))
         else:
-            self.queue.append((flag, None))
+            self.slots[k] = flag
+        self.count += 1
 
     def all(self) -> bool:
         if self.done is None:
             return False
         if not self.lag:
             return bool(self.done.all())
-        if len(self.queue) <= self.lag:
+        if self.count <= self.lag:
             return False
-        host, ev = self.queue[-1 - self.lag]
-        del self.queue[:-1 - self.lag]
-        if ev is not None:
+        slot = self.slots[(self.count - 1 - self.lag) % len(self.slots)]
+        if self.cuda:
+            host, ev = slot
             ev.synchronize()
-        return bool(host)
+            return bool(host)
+        return bool(slot)
