@@ -174,3 +174,16 @@ def test_the_step_mode_is_checked_and_capture_on_a_cpu_runs_the_step_uncompiled(
         pipe._fast_engine = old
     assert got == generate(pipe, replace(c, engine="eager"), item, "c2c",
                            Timer(pipe.device)).tokens
+
+
+@pytest.mark.parametrize("compile_,step_mode,cuda,kind,said", [
+    (False, "compile", True, "graph", "preparing"), (True, "compile", True, "step", "compiling"),
+    (True, "compile", True, "graph", "capturing"), (True, "capture", True, "step", "capturing"),
+    (True, "compile", False, "graph", "compiling"), (True, "capture", False, "step", "preparing"),
+])
+def test_the_progress_line_says_what_warm_up_does(compile_, step_mode, cuda, kind, said):
+    """The app's progress line and the late-shape warning name what happens: a compile, a CUDA
+    graph capture, or only allocating."""
+    from types import SimpleNamespace
+    eng = SimpleNamespace(compile=compile_, step_mode=step_mode, cuda=cuda)
+    assert fast.FastEngine.verb(eng, kind) == said

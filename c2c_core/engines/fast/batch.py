@@ -104,7 +104,7 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         if k[0] in ready:
             if ready[k[0]](k) not in eng._ready:
                 done += 1
-                cancel.say(f"{'compiling' if eng.compile else 'preparing'} the {k[1]}"
+                cancel.say(f"{eng.verb('step' if k[0] == 'step' else 'graph')} the {k[1]}"
                            f" {what[k[0]]} for shape {done} of {len(todo)} (batch {k[2]},"
                            f" {k[3]} tokens)")
             if k[0] == "step":

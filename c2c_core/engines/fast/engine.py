@@ -458,15 +458,24 @@ class FastEngine:
 
         self._prepared(key, warm)
 
+    def verb(self, kind: str) -> str:
+        """What preparing a "step" or a "graph" (fill, projection) does here: "compiling"
+        (torch.compile), "capturing" (one CUDA graph, no compile) or "preparing" (allocating
+        only: compile off, or a step to capture on a CPU)."""
+        if not self.compile:
+            return "preparing"
+        capture = kind != "step" or self.step_mode == "capture"
+        if capture:
+            return "capturing" if self.cuda else ("compiling" if kind != "step" else "preparing")
+        return "compiling"
+
     def _late(self, what: str, key: tuple, prepare) -> None:
         """A shape warm-up did not cover (a longer t2t note than planned): prepare it now, outside
         any span, and say so; its cost lands in this generation's `other_ms`."""
         if key not in self._ready:
             self.late += 1
-            step = isinstance(key[3], bool)
-            how = ("capturing" if self.cuda and (not step or self.step_mode == "capture")
-                   else None if step and self.step_mode == "capture" else "compiling")
-            if self.compile and how:
+            how = self.verb("step" if isinstance(key[3], bool) else "graph")
+            if how != "preparing":
                 warnings.warn(f"fast engine: {how} the {what} for batch {key[1]}, bucket"
                               f" {key[2]} outside warm-up; this generation's e2e includes it.")
             prepare()
