@@ -15,7 +15,8 @@ from ..engines import eager, fast
 from ..engines.generation import (FRONTEND, RESUME_FIX, T2T_ANSWER_TEMPLATE,  # noqa: F401
                                   T2T_NOTE_INSTRUCTION, Generation, chat_ids,
                                   check_resume_settings, engine_of, make_record, modes_of,
-                                  planned_settings, prompt_format, run_metadata, run_settings,
+                                  out_of_memory, planned_settings, prompt_format, run_metadata,
+                                  run_settings,
                                   sharer_entries, start_generation, sweep_settings, sync_safe,
                                   timing_fields, to_item, with_settings)
 from ..engines.limits import check_items
@@ -25,7 +26,6 @@ from ..measure import cancel
 from ..measure.timing import STAGES, Timer  # noqa: F401  (STAGES: runner.STAGES for scripts)
 from ..models.loading import Pipeline
 from ..spec.config import RunConfig
-from ..spec.errors import OutOfMemory
 
 
 def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,
@@ -109,10 +109,7 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     except cancel.Cancelled:
         pass  # stopped mid-generation: that generation has no record; the others are kept
     except torch.OutOfMemoryError:
-        sync_safe(pipe)
-        raise OutOfMemory(
-            f"CUDA out of memory after {done} record(s); reduce --max_new_tokens or use"
-            " shorter prompts (records already written are kept).") from None
+        raise out_of_memory(pipe, done, "reduce --max_new_tokens or use shorter prompts") from None
     return out
 
 

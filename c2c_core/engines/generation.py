@@ -370,3 +370,12 @@ def sync_safe(pipe: Pipeline) -> None:
             sync(pipe.device)
         except RuntimeError:
             pass
+
+
+def out_of_memory(pipe: Pipeline, written: int, fix: str):
+    """After a CUDA out-of-memory error: free what the allocator holds and return the
+    one-sentence OutOfMemory to raise, with the run's own remedy (`fix`)."""
+    from ..spec.errors import OutOfMemory
+    sync_safe(pipe)
+    return OutOfMemory(f"CUDA out of memory after {written} record(s); {fix} (records already"
+                       " written are kept).")

@@ -15,8 +15,8 @@ from ...measure.timing import Timer
 from ...models.stacked import stacked_for
 from ...plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
 from ...spec.errors import UserError
-from ..generation import (Generation, make_record, modes_of, run_metadata, sharers_of,
-                          start_generation, sync_safe, to_item)
+from ..generation import (Generation, make_record, modes_of, out_of_memory, run_metadata,
+                          sharers_of, start_generation, to_item)
 from .engine import (CACHE_CAP_ENV, bucket, engine_for, layout, prompt_bucket, sharer_len,
                      sharer_role)
 
@@ -158,6 +158,22 @@ def _feeds(plans, pipe, eng, dev, T: int) -> list:
     return out
 
 
+def _sharer_alone(eng, rows_ids: list, n_max: int, eos, ignore_eos: bool, g, gens, timer: Timer,
+                  stage: str, on_first=None):
+    """Sharer 1 alone over its own prompt rows (sharer mode's answer, t2t's note): its prefill
+    in the teacher spans, then up to n_max tokens decoded in `stage`."""
+    B = len(rows_ids)
+    greedy = not g.do_sample
+    T = eng.prompt_len(max(len(r) for r in rows_ids))
+    rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), eng.device, T)
+    L = bucket(T + n_max)
+    eng.ensure("sharer", B, L, greedy)
+    cache, first = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
+                                     "teacher_prefill", greedy, who=1)
+    return eng.decode("sharer", cache, L, first, rows, T, n_max, g, eos, ignore_eos, gens, timer,
+                      stage, on_first)
+
+
 def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeats) -> list:
     from ...measure.timing import now_ns
     from ..floor import floor_for
@@ -183,25 +199,11 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
             dec = eng.decode("receiver", cache, L, first, rows, T, g.max_new_tokens, g, eos,
                              g.ignore_eos, gens, timer, "decode", mark_first)
         elif mode == "sharer":
-            T = eng.prompt_len(max(len(r) for r in rows_ids))
-            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev, T)
-            L = bucket(T + g.max_new_tokens)
-            eng.ensure("sharer", B, L, greedy)
-            cache, first = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
-                                             "teacher_prefill", greedy, who=1)
-            dec = eng.decode("sharer", cache, L, first, rows, T, g.max_new_tokens, g, eos,
-                             g.ignore_eos, gens, timer, "decode", mark_first)
+            dec = _sharer_alone(eng, rows_ids, g.max_new_tokens, eos, g.ignore_eos, g, gens,
+                                timer, "decode", mark_first)
         else:  # t2t: the note stops at EOS (capped by t2t_note_tokens), then the answer
-            sh1 = pipe.sharers[0]
-            T = eng.prompt_len(max(len(r) for r in rows_ids))
-            rows = layout(rows_ids, [None] * B, eng.pad_id("sharer"), dev, T)
-            L = bucket(T + g.t2t_note_tokens)
-            eng.ensure("sharer", B, L, greedy)
-            cache, first = eng.plain_prefill("sharer", rows, L, timer, "teacher_embedding",
-                                             "teacher_prefill", greedy, who=1)
-            note = eng.decode("sharer", cache, L, first, rows, T, g.t2t_note_tokens, g,
-                              sh1.eos_ids, False, gens, timer, "sharer_decode")
-            notes = note.tokens
+            notes = _sharer_alone(eng, rows_ids, g.t2t_note_tokens, pipe.sharers[0].eos_ids,
+                                  False, g, gens, timer, "sharer_decode").tokens
             rows_ids = [t2t_answer_ids(pipe, cfg, it, nt) for it, nt in zip(items, notes)]
             T = max(len(r) for r in rows_ids)
             bound = answer_len(eng, pipe, cfg, items)  # the cache planned in warm-up
@@ -254,7 +256,6 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
     """runner.run_many on the fast engine: items in batches of cfg.batch_size (per batch: each
     repeat, modes interleaved), every shape prepared before anything is timed, then
     `cfg.warmup` unrecorded generations of the first batch per mode. One record per item."""
-    from ...spec.errors import OutOfMemory
     items = [to_item(x) for x in items]
     for i, it in enumerate(items):
         if it.id is None:
@@ -302,8 +303,6 @@ def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=N
     except cancel.Cancelled:
         pass  # stopped mid-generation: that batch has no records; the others are kept
     except torch.OutOfMemoryError:
-        sync_safe(pipe)
-        raise OutOfMemory(
-            f"CUDA out of memory after {len(out)} record(s); reduce --batch_size or"
-            " --max_new_tokens, or use shorter prompts (records already written are kept).") from None
+        raise out_of_memory(pipe, len(out), "reduce --batch_size or --max_new_tokens, or use"
+                            " shorter prompts") from None
     return out

@@ -106,7 +106,6 @@ def layout(rows: list[list[int]], pads: list[list[bool] | None], pad_id: int, de
 @dataclass
 class Decoded:
     tokens: list[list[int]]       # per row, cut after its first EOS (unless EOS is ignored)
-    steps: int                    # decode steps the batch ran (= longest row - 1)
 
 
 class FastEngine:
@@ -536,7 +535,7 @@ class FastEngine:
         """The first token from first() (a token when greedy, else logits to sample), then one
         step per further token; the first new token is written at cache position `start`.
         Without --ignore_eos the host reads "every row ended" eos_lag steps late (see
-        __init__); the steps past the end are in Decoded.steps, not in any row's tokens."""
+        __init__); the steps past the end are timed in `stage`, not in any row's tokens."""
         B = first.shape[0]
         greedy = not gen.do_sample
         step = self._steps[(role, B, L, greedy)]
@@ -572,7 +571,7 @@ class FastEngine:
         rows = out[:, :n].tolist()
         if not ignore_eos:
             rows = [_cut_at_eos(r, eos) for r in rows]
-        return Decoded(rows, n - 1)
+        return Decoded(rows)
 
     def pad_id(self, role: str = "receiver") -> int:
         """The padding id of the model that reads the rows: "receiver", "sharer" (sharer 1) or
