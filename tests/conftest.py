@@ -188,6 +188,19 @@ def other_sharer(tmp_path_factory):
     return d
 
 
+def open_fuser(pipe, seed: int = 1) -> None:
+    """The fuser's projectors random (seeded; a fresh projector is near a copy of its input)
+    with their gates open, so the projection changes what the receiver says."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for proj in pipe.fuser.projectors:
+            for _, p in proj.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[1] ** 0.5))
+            proj.key_gate_logit.fill_(1.0)
+            proj.value_gate_logit.fill_(1.0)
+
+
 def loud_weights(pipe, scale: float = 2.4) -> None:
     """Random weights scaled up (varied greedy tokens instead of one repeated id) in every model
     of a pipeline, and the fuser's gates open with random projectors, so the projection changes

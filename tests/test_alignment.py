@@ -195,7 +195,10 @@ def test_two_sharers_write_per_sharer_times_that_sum_to_the_totals(two_sharers):
     c2c = next(r for r in recs if r["mode"] == "c2c")
     t = c2c["timing"]
     assert [e["model"] for e in t["sharers"]] == [sl.name for sl in pipe.sharers]
-    assert [e["projector_calls"] for e in t["sharers"]] == [2, 2] and t["projector_calls"] == 4
+    # the same-tokenizer sharer projects the opening template and the message, each its own
+    # section (projected before the next runs, as the reference); the other sharer the message
+    assert [e["projector_calls"] for e in t["sharers"]] == [4, 2] and t["projector_calls"] == 6
+    assert [s["projected"] for s in t["sections"]] == [True, True, False, False]
     for f, total in (("embedding_ms", "teacher_embedding_ms"), ("prefill_ms", "teacher_prefill_ms"),
                      ("projection_ms", "projector_total_ms"), ("alignment_ms", "alignment_ms")):
         assert sum(e[f] for e in t["sharers"]) == pytest.approx(t[total], abs=1e-6)

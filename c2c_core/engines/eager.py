@@ -1,8 +1,8 @@
 """The eager engine: one generation of one prompt in one mode, every stage timed.
 
 Modes (every record says which):
-- c2c: sectioned prefill of receiver and sharer, projection into the receiver cache, receiver
-  decode;
+- c2c: sectioned prefill of receiver and sharer in the reference's order (each projected
+  section written into the receiver cache before the next section runs), receiver decode;
 - receiver: the receiver alone, one plain prefill (what a user runs without C2C; C2C's second
   forward for the last token is part of C2C's cost, so it is not in this baseline);
 - sharer: the sharer alone, one plain prefill (its decode goes into the decode fields);
@@ -45,6 +45,13 @@ def _keep(pad: list[bool] | None, device) -> torch.Tensor | None:
     if not pad or not any(pad):
         return None
     return torch.tensor([[0 if p else 1 for p in pad]], dtype=torch.long, device=device)
+
+
+def _sharer_inputs(pipe, plan, device) -> list[tuple]:
+    """fused_prefill's sharers: (model, ids [1, T], keep mask or None, projection mask or None)."""
+    return [(pipe.sharers[f.who - 1].model, _ids_tensor(f.ids, device), _keep(f.pad, device),
+             None if f.project is None else torch.tensor(f.project, device=device))
+            for f in plan.feeds]
 
 
 # --- generation ----------------------------------------------------------------------------
@@ -99,11 +106,9 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
     with torch.inference_mode():
         if mode == "c2c":
             keep = _keep(plan.pad, dev)
-            s_in = [(pipe.sharers[f.who - 1].model, _ids_tensor(f.ids, dev), _keep(f.pad, dev),
-                     None if f.project is None else torch.tensor(f.project, device=dev))
-                    for f in plan.feeds]
+            s_in = _sharer_inputs(pipe, plan, dev)
             cache, logits, by_calls = fused_prefill(pipe.receiver, s_in, pipe.fuser, x, timer,
-                                                    pipe.fusion, keep)
+                                                    pipe.fusion, keep, plan.segments())
             calls = sum(by_calls.values())
             tokens = _decode_loop(pipe.receiver, cache, logits, cfg.gen.max_new_tokens, eos, cfg,
                                   gens, timer, "decode", mark_first, keep)
@@ -142,7 +147,21 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
                      sharer_prompt_format=plan.prompt_format)
     gen.cpu_share = mem.cpu_share
     gen.energy_j = mem.energy_j
+    if mode == "c2c":
+        gen.sections = plan.sections_record()
     return gen
+
+
+def first_logits(pipe: Pipeline, cfg: RunConfig, item: Item) -> torch.Tensor:
+    """The c2c prefill of one item (as _generate runs it) and its first-token logits [1, V], no
+    decode: what tests compare with the reference's forward."""
+    plan = build_plan(pipe, cfg, item, "c2c")
+    dev = pipe.device
+    with torch.inference_mode():
+        _, logits, _ = fused_prefill(pipe.receiver, _sharer_inputs(pipe, plan, dev), pipe.fuser, _ids_tensor(plan.ids, dev),
+                                     Timer(dev), pipe.fusion, _keep(plan.pad, dev),
+                                     plan.segments())
+    return logits
 
 
 def _no_ignore_eos(cfg: RunConfig) -> RunConfig:

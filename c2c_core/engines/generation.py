@@ -72,6 +72,7 @@ class Generation:
     kv_context_tokens: float | None = None  # cached positions a decode step reads, mean (batch: all rows)
     energy_j: float | None = None           # NVML energy of the generation (batch: the whole batch)
     energy_tokens: int | None = None        # tokens that energy produced (batch: all rows)
+    sections: list[dict] | None = None      # c2c: the prefill's sections (plan.sections_record)
 
 
 def engine_of(pipe: Pipeline, cfg: RunConfig) -> str:
@@ -156,6 +157,8 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
     t.update(limit_fields(g, t["decode_avg_ms"]))
     t["alignment_ms"] = tot["alignment_ms"]
     t["sharers"] = sharers
+    if g.sections is not None:
+        t["sections"] = g.sections
     return t, steps
 
 

@@ -555,6 +555,7 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     if t["other_ms"] < -tol_ms:
         problems.append("other_ms < 0")
     problems += _check_sharers(t, tol_ms)
+    problems += _check_sections(t)
     problems += _check_limits(t, rec.get("batch_size"))
     return problems
 
@@ -605,6 +606,26 @@ def _check_sharers(t: dict, tol_ms: float) -> list[str]:
         elif abs(sum(e[f] for e in sh) - t[total]) > (0 if f == "projector_calls" else tol_ms):
             out.append(f"timing.sharers {f} do not add up to timing.{total}")
     return out
+
+
+def _check_sections(t: dict) -> list[str]:
+    """`timing.sections` (optional, c2c): the prefill's sections in order, from position 0 to
+    the prompt's end, each {start, end, projected}; the last one (the last token) never
+    projected."""
+    sec = t.get("sections")
+    if sec is None:
+        return []
+    ok = isinstance(sec, list) and sec and all(
+        isinstance(e, dict) and isinstance(e.get("start"), int) and isinstance(e.get("end"), int)
+        and isinstance(e.get("projected"), bool) for e in sec)
+    if not ok:
+        return ["timing.sections is not a list of {start, end, projected}"]
+    if sec[0]["start"] != 0 or any(a["end"] != b["start"] for a, b in zip(sec, sec[1:])) \
+            or any(e["end"] < e["start"] for e in sec):
+        return ["timing.sections do not follow each other from position 0"]
+    if sec[-1]["end"] != t.get("prompt_tokens") or sec[-1]["projected"]:
+        return ["timing.sections do not end at the prompt's last token, unprojected"]
+    return []
 
 
 def write_all(path: str | os.PathLike, records: Iterable[dict]) -> None:

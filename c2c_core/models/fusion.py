@@ -185,45 +185,79 @@ def c2c_prefill(receiver, sharer, fuser: Fuser | None, ids: torch.Tensor,
 
 def fused_prefill(receiver, sharers: list[tuple], fuser: Fuser | None, ids: torch.Tensor,
                   timer: Timer, fusion: str = "parallel", keep: torch.Tensor | None = None,
+                  segments: list[tuple[int, int, bool]] | None = None,
                   ) -> tuple[DynamicCache, torch.Tensor, dict[int, int]]:
-    """Sectioned prefill with any number of sharers, each given as (model, its ids [1, >= T-1])
-    or (model, ids, its keep mask [1, T] or None, its projection mask [T-1] bool or None): the
+    """Sectioned prefill with any number of sharers, each given as (model, its ids [1, T]) or
+    (model, ids, its keep mask [1, T] or None, its projection mask [tail] bool or None): the
     receiver's ids, or a plan's aligned ids for a sharer with its own tokenizer (same length).
-    The instruction section (all tokens but the last) is prefilled by the receiver and every
-    sharer, projected (project_sharers), then the receiver reads the last token. `keep` [1, T]
-    (1 real, 0 padding) masks the receiver's padding out of attention; positions count the
-    padding, as the reference numbers them.
+    `keep` [1, T] (1 real, 0 padding) masks the receiver's padding out of attention; positions
+    count the padding, as the reference numbers them.
+
+    In the reference's order (RosettaModel.forward): `segments` (plan.Plan.segments(); default:
+    all tokens but the last, projected) are prefilled by the receiver one after another, each
+    attending to the cache as fused so far; after a segment marked projected, every sharer
+    prefills its positions up to that segment's end (its own cache, continued) and the
+    segment's projection is written into the receiver's cache before the next segment runs;
+    then the receiver reads the last token. Same-tokenizer plans have one segment.
 
     Returns the receiver cache, the last-token logits [1, V] and projector calls per sharer."""
-    n = ids.shape[1] - 1  # instruction section = all tokens but the last
+    n = ids.shape[1] - 1
+    segs = segments if segments is not None else ([(0, n, True)] if n > 0 else [])
     r_emb = embed(receiver, ids, timer, "base_embedding")
     r_cache = new_cache(receiver)
-    calls: dict[int, int] = {}
-    if n > 0:
-        with timer.span("base_prefill"):
-            prefill_cache(receiver, r_emb[:, :n], r_cache,
-                          None if keep is None else keep[:, :n])
-        if sharers and fuser is not None:
-            s_caches, masks = [], []
-            for k, feed in enumerate(sharers, start=1):
-                model, s_ids = feed[0], feed[1]
-                s_keep = feed[2] if len(feed) > 2 else None
-                masks.append(feed[3] if len(feed) > 3 else None)
-                cancel.check()
-                s_emb = embed(model, s_ids[:, :n], timer, "teacher_embedding", who=k)
-                # full-length layers: a sliding-window sharer keeps every position to project
-                # (its own attention still uses its window: the mask comes from its config)
-                s_cache = DynamicCache()
-                with timer.span("teacher_prefill", who=k):
-                    prefill_cache(model, s_emb, s_cache, None if s_keep is None else s_keep[:, :n])
-                s_caches.append(s_cache)
-            cancel.check()
-            calls = project_sharers(fuser, r_cache, s_caches, n, timer, fusion, masks)
-            del s_caches
+    calls: dict[int, int] = {k: 0 for k in range(1, len(sharers) + 1)} if fuser else {}
+    # full-length layers: a sliding-window sharer keeps every position to project (its own
+    # attention still uses its window: the mask comes from its config)
+    s_caches = [DynamicCache() for _ in sharers]
+    s_done = [0] * len(sharers)
+    for s, e, projected in segs:
         cancel.check()
+        if e > s:
+            with timer.span("base_prefill"):
+                prefill_cache(receiver, r_emb[:, s:e], r_cache,
+                              None if keep is None else keep[:, :e])
+        if not (projected and sharers and fuser is not None):
+            continue
+        masks = []
+        for k, feed in enumerate(sharers, start=1):
+            model, s_ids = feed[0], feed[1]
+            s_keep = feed[2] if len(feed) > 2 else None
+            mask = feed[3] if len(feed) > 3 else None
+            masks.append(section_mask(mask, s, e, ids.device))
+            if s_done[k - 1] < e:
+                cancel.check()
+                a = s_done[k - 1]
+                s_emb = embed(model, s_ids[:, a:e], timer, "teacher_embedding", who=k)
+                with timer.span("teacher_prefill", who=k):
+                    prefill_cache(model, s_emb, s_caches[k - 1],
+                                  None if s_keep is None else s_keep[:, :e])
+                s_done[k - 1] = e
+        cancel.check()
+        for k, c in project_sharers(fuser, r_cache, s_caches, e, timer, fusion, masks).items():
+            calls[k] = calls.get(k, 0) + c
+    del s_caches
+    cancel.check()
     with timer.span("base_prefill"):
         logits = last_logits(receiver, r_emb[:, n:], r_cache, keep)
     return r_cache, logits, calls
+
+
+def section_mask(mask: torch.Tensor | None, s: int, e: int, device) -> torch.Tensor | None:
+    """A projection mask over [0, e) that covers only the section [s, e): `mask` ([tail] or
+    [B, tail] bool, None for every position) cut to it. None when that is all of [0, e)."""
+    if mask is None:
+        if s == 0:
+            return None
+        out = torch.zeros(e, dtype=torch.bool, device=device)
+        out[s:] = True
+        return out
+    if s == 0 and mask.shape[-1] == e:
+        return mask
+    out = torch.zeros(mask.shape[:-1] + (e,), dtype=torch.bool, device=mask.device)
+    w = min(e, mask.shape[-1])
+    if w > s:
+        out[..., s:w] = mask[..., s:w]
+    return out
 
 
 def plain_prefill(model, ids: torch.Tensor, timer: Timer, emb_stage: str,

@@ -29,7 +29,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from ..spec.errors import UserError
-from .sections import SectionedAlignment, encode_sections, plan_sections, template_of
+from .sections import SectionedAlignment, encode_sections, plan_sections, tail_of, template_of
 
 T2T_NOTE_INSTRUCTION = (
     "Write a short background note with facts that would help someone answer the question"
@@ -74,7 +74,7 @@ class Feed:
     who: int                         # sharer number, 1-based
     ids: list[int]
     pad: list[bool] | None           # True at padding positions; None: no padding
-    project: list[bool] | None       # over [0, n): True where projected; None: all of [0, n)
+    project: list[bool] | None       # over [0, tail): True where projected; None: all of it
     alignment: str = "none"          # "none" (the receiver's ids), "first" or "longest"
 
 
@@ -89,11 +89,45 @@ class Plan:
     seed: int | None = None          # sampling seed of this row; None: greedy
     sections: SectionedAlignment | None = None        # the first aligned sharer's, for display
     ran: list[tuple[int, str]] = field(default_factory=list)  # (sharer, alignment) that ran
+    #: c2c: where the last section starts (the receiver alone reads [tail, len(ids)); the
+    #: sharers fill [0, tail) and nothing past it is projected); None: len(ids) - 1
+    tail: int | None = None
+    #: c2c: the ends of the sections some sharer projects, in order: the receiver's prefill
+    #: stops at each, and that section's projection is written before the next section runs
+    #: (RosettaModel.forward's order); None: (tail,) when there is a sharer to project
+    cuts: tuple[int, ...] | None = None
 
     @property
     def n_instr(self) -> int:
-        """Positions prefilled (and projected) before the last token."""
+        """Positions prefilled before the last token."""
         return len(self.ids) - 1
+
+    @property
+    def last_start(self) -> int:
+        return len(self.ids) - 1 if self.tail is None else self.tail
+
+    @property
+    def cut_at(self) -> tuple[int, ...]:
+        if self.cuts is not None:
+            return self.cuts
+        return (self.last_start,) if self.feeds and self.last_start > 0 else ()
+
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """The receiver's prefill before the last token, in order: (start, end, projected
+        after it). One segment per run of sections between two projections."""
+        n, out, s = len(self.ids) - 1, [], 0
+        for c in self.cut_at:
+            out.append((s, c, True))
+            s = c
+        if s < n:
+            out.append((s, n, False))
+        return out
+
+    def sections_record(self) -> list[dict]:
+        """timing.sections of a record: the receiver's prefill segments and the last token."""
+        out = [{"start": s, "end": e, "projected": p} for s, e, p in self.segments()]
+        n = len(self.ids)
+        return out + [{"start": n - 1, "end": n, "projected": False}] if n else out
 
     @property
     def padded(self) -> bool:
@@ -157,26 +191,30 @@ def _sectioned(pipe, cfg, item, timer, eos, seed) -> Plan:
         r_ids, r_pad = list(first.receiver_ids), list(first.receiver_pad_mask)
         s = {k: (list(a.sharer_ids), list(a.sharer_pad_mask), list(a.projection_mask))
              for k, a in aligned.items()}
+        secs = [(x.kind, x.start, x.end) for x in first.sections]
     else:
-        r_ids, r_pad, s = _common_layout(aligned)
+        r_ids, r_pad, s, secs = _common_layout(aligned)
     # cut trailing receiver padding: the last position is a real receiver token
     last = max(i for i, p in enumerate(r_pad) if not p)
     L = last + 1
     r_ids, r_pad = r_ids[:L], r_pad[:L]
-    n = L - 1
-    proj_same = [not p for p in r_pad[:n]]  # a same-tokenizer sharer beside them: every real one
+    tail = tail_of(secs, r_pad)  # the last section: the receiver's alone
+    proj_same = [not p for p in r_pad[:tail]]  # a same-tokenizer sharer beside them: every real one
     feeds = []
     for k, sl in enumerate(pipe.sharers, start=1):
         if k in s:
             ids, pad, proj = s[k]
-            feeds.append(Feed(k, ids[:L], _or_none(pad[:L]), proj[:n], sl.alignment))
+            feeds.append(Feed(k, ids[:L], _or_none(pad[:L]), proj[:tail], sl.alignment))
         else:
             feeds.append(Feed(k, r_ids, _or_none(r_pad), proj_same))
     if not any(any(f.project) for f in feeds):
         raise UserError(f"Prompt {item.id} has no message tokens to project (only template);"
                         " give it some text.")
+    # a cut after every section (clipped to the tail) that some sharer projects into
+    cuts = sorted({min(e, tail) for _, st, e in secs if st < min(e, tail)
+                   and any(any(f.project[st:min(e, tail)]) for f in feeds)})
     return Plan("c2c", r_ids, _or_none(r_pad), feeds, eos, None, seed, first,
-                [(f.who, f.alignment) for f in feeds])
+                [(f.who, f.alignment) for f in feeds], tail, tuple(cuts))
 
 
 def _common_layout(aligned: dict[int, SectionedAlignment]):
@@ -187,6 +225,8 @@ def _common_layout(aligned: dict[int, SectionedAlignment]):
                         " run them one at a time (or turn chat templates off).")
     lens = [max(x[j].end - x[j].start for x in secs) for j in range(len(secs[0]))]
     any_a = next(iter(aligned.values()))
+    starts = [sum(lens[:j]) for j in range(len(lens))]
+    layout = [(sec.kind, a, a + n) for sec, a, n in zip(any_a.sections, starts, lens)]
     r_ids, r_pad = [], []
     for j, sec in enumerate(any_a.sections):
         real = list(any_a.receiver_ids[sec.start:sec.start + sec.receiver_tokens])
@@ -203,7 +243,7 @@ def _common_layout(aligned: dict[int, SectionedAlignment]):
             pad += [False] * len(real) + [True] * (lens[j] - len(real))
             proj += [sec.kind == "message"] * lens[j]
         out[k] = (ids, pad, proj)
-    return r_ids, r_pad, out
+    return r_ids, r_pad, out, layout
 
 
 def _pad_token(ids, mask) -> int:

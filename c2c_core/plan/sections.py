@@ -104,6 +104,30 @@ class SectionedAlignment:
         return sum(self.projection_mask)
 
 
+#: Section kinds whose sharer KV is projected (the reference's kv_cache_index [1, 0]).
+PROJECTED_KINDS = ("message", "instruction")
+
+
+def tail_of(sections, receiver_pad) -> int:
+    """Where the reference's last section starts: the receiver alone reads it (its last
+    position gives the first new token), no sharer fills it and nothing in it is projected
+    (RosettaModel.forward's last-section branch). `sections`: (kind, start, end) in order;
+    `receiver_pad`: True at receiver padding (a trailing run of it is cut by the plan).
+
+    The last section is the last one holding a real receiver token. When that section is a
+    projected one (no closing template after the message: plain text), its last token alone
+    is the last section, as in the same-tokenizer split; the reference always renders a chat
+    template, so it has no such case."""
+    real = [i for i, p in enumerate(receiver_pad) if not p]
+    if not real:
+        return 0
+    end = real[-1] + 1
+    for kind, start, stop in reversed(list(sections)):
+        if start < end and any(not p for p in receiver_pad[start:min(stop, end)]):
+            return end - 1 if kind in PROJECTED_KINDS else start
+    return end - 1
+
+
 def is_gemma3(tok, name: str | None = None) -> bool:
     """A Gemma 3 tokenizer: by name (the caller's, or the tokenizer's path), or a Gemma
     tokenizer class whose vocabulary has Gemma 3's image marker."""

@@ -20,7 +20,7 @@ import threading
 from dataclasses import asdict, dataclass
 
 from ..spec.errors import UserError
-from .sections import SectionedAlignment, plan_sections
+from .sections import SectionedAlignment, plan_sections, tail_of
 
 #: A grid cell where a sharer has no position (another sharer's pad).
 ABSENT = "-"
@@ -49,10 +49,14 @@ class PlanView:
         return [None if w[k] is None else p.sharer_ids[w[k]] for w in self.where]
 
     def projected(self, k: int, row: int) -> bool:
-        """Whether sharer k's KV is projected at this row. The last position never is: the
-        receiver reads it after the projection (the reference's last-token section)."""
+        """Whether sharer k's KV is projected at this row. The plan's last section never is:
+        the receiver reads it alone after the projection (sections.tail_of)."""
         i = self.where[row][k]
-        return i is not None and row < len(self.where) - 1 and self.plans[k].projection_mask[i]
+        return i is not None and i < self._tail(k) and self.plans[k].projection_mask[i]
+
+    def _tail(self, k: int) -> int:
+        p = self.plans[k]
+        return tail_of([(s.kind, s.start, s.end) for s in p.sections], p.receiver_pad_mask)
 
     def projection_mask(self, k: int) -> list[bool]:
         return [self.projected(k, row) for row in range(len(self.where))]

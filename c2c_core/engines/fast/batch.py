@@ -25,32 +25,38 @@ from .engine import (CACHE_CAP_ENV, bucket, engine_for, layout, prompt_bucket, s
 
 def shapes_of(pipe, cfg, batches: list[list], modes: list[str]) -> set[tuple]:
     """Every shape a run over `batches` x `modes` will use: ("step", role, B, L, greedy) decode
-    steps, ("cache", role, B, L) c2c sharer caches, and under graphs ("fill", role, B, L, q)
-    prefills of q positions and ("proj", "receiver", B, L, n) projections. The first three
-    fields after the kind are always the cache it uses."""
+    steps, ("cache", role, B, L) c2c sharer caches, and under graphs ("fill", role, B, L, q, s)
+    prefills of q positions from position s and ("proj", "receiver", B, L, n, ns) projections.
+    The first three fields after the kind are always the cache it uses."""
     eng = engine_for(pipe)
     g = cfg.gen
     greedy = not g.do_sample
     keys = set()
 
-    def fill(role, B, L, q):
+    def fill(role, B, L, q, s=0):
         if eng.graphs and q > 0:
-            keys.add(("fill", role, B, L, q))
+            keys.add(("fill", role, B, L, q, s))
 
     for items in batches:
         B = len(items)
         for mode in modes:
-            T = eng.prompt_len(max(len(build_plan(pipe, cfg, it, mode).ids) for it in items))
+            plans = [build_plan(pipe, cfg, it, mode) for it in items]
+            T = eng.prompt_len(max(len(p.ids) for p in plans))
             if mode in ("c2c", "receiver"):
                 L = bucket(T + g.max_new_tokens)
                 keys.add(("step", "receiver", B, L, greedy))
-                fill("receiver", B, L, T - 1)
-                if mode == "c2c" and T > 1:  # each sharer reads the first T-1 positions
+                cuts = cut_columns(plans, T)[0] if mode == "c2c" and T > 1 else []
+                a = 0
+                for c in cuts + [T - 1]:  # the receiver's sections, in order
+                    fill("receiver", B, L, c - a, a)
+                    a = c
+                if cuts:  # each sharer reads the positions before the last cut
+                    ns = cuts[-1]
                     for k in range(1, len(pipe.sharers) + 1):
-                        keys.add(("cache", sharer_role(k), B, sharer_len(T - 1)))
-                        fill(sharer_role(k), B, sharer_len(T - 1), T - 1)
+                        keys.add(("cache", sharer_role(k), B, sharer_len(ns)))
+                        fill(sharer_role(k), B, sharer_len(ns), ns)
                     if eng.graphs and eng._stacked_one():
-                        keys.add(("proj", "receiver", B, L, T - 1))
+                        keys.update(("proj", "receiver", B, L, c, ns) for c in cuts)
             elif mode == "sharer":
                 L = bucket(T + g.max_new_tokens)
                 keys.add(("step", "sharer", B, L, greedy))
@@ -93,7 +99,7 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     # steps first (a fill's and a projection's warm-up writes into caches a step shares)
     keys.sort(key=lambda k: ({"step": 0, "cache": 1, "fill": 2, "proj": 3}[k[0]], str(k)))
     ready = {"step": lambda k: tuple(k[1:]), "fill": lambda k: eng.fill_key(*k[1:]),
-             "proj": lambda k: eng.proj_key(k[2], k[3], k[4])}
+             "proj": lambda k: eng.proj_key(*k[2:])}
     what = {"step": "step", "fill": "prefill", "proj": "projection"}
     todo = [k for k in keys if k[0] in ready and ready[k[0]](k) not in eng._ready]
     done = 0
@@ -112,7 +118,7 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
             elif k[0] == "fill":
                 eng.prepare_fill(*k[1:])
             else:
-                eng.prepare_proj(k[2], k[3], k[4])
+                eng.prepare_proj(*k[2:])
         else:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -137,25 +143,64 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
         mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
 
 
-def _feeds(plans, pipe, eng, dev, T: int) -> list:
-    """Per sharer: (k, its Rows left-padded to T, its projection mask [B, T-1] or None when
-    every row projects all of [0, T-1))."""
+def cut_columns(plans, T: int) -> tuple[list[int], list[list[int | None]]]:
+    """Where a batch left-padded to T projects: the columns where any row's projected section
+    ends (plan.Plan.cut_at), in order, and per such column each row's section start there
+    (None: no section of that row ends at that column). The batch's receiver fills stop at
+    every one of these columns; a row's projection is written at its own columns only, so
+    each row sees the reference's order whatever its batch mates' sections are (a row whose
+    fill is split at a mate's column computes the same keys and values: nothing is projected
+    in between for it). Rows of one pair and template usually share every column."""
+    per_row = []
+    for p in plans:
+        lp = T - len(p.ids)
+        cols = [lp + c for c in p.cut_at]
+        per_row.append(dict(zip(cols, [lp + x for x in [0] + list(p.cut_at[:-1])])))
+    cuts = sorted(set().union(*per_row)) if per_row else []
+    return cuts, [[r.get(c) for r in per_row] for c in cuts]
+
+
+def _feeds(plans, pipe, eng, dev, T: int, cuts: list[int], starts: list) -> list:
+    """Per sharer: (k, its Rows left-padded to T, per cut column c its projection mask
+    [B, c] bool, True where a row projects in the section that ends at c, or None when that
+    is every position of [0, c) in every row)."""
     out = []
     for j, f0 in enumerate(plans[0].feeds):
         k = f0.who
         fs = [p.feeds[j] for p in plans]
         srows = layout([f.ids for f in fs], [f.pad for f in fs], eng.pad_id(f"sharer{k}"), dev, T)
-        mask = None
-        if any(f.project is not None for f in fs) or any(len(p.ids) < T for p in plans):
-            rows = []
-            for p, f in zip(plans, fs):
-                proj = f.project if f.project is not None else [True] * (len(p.ids) - 1)
-                rows.append([False] * (T - len(p.ids)) + list(proj))
+        full = []  # each row's projected columns, over [0, last cut)
+        for p, f in zip(plans, fs):
+            proj = f.project if f.project is not None else [True] * p.last_start
+            full.append([False] * (T - len(p.ids)) + list(proj))
+        masks = []
+        for c, st in zip(cuts, starts):
+            rows = [[False] * c if a is None else [False] * a + (r + [False] * c)[a:c]
+                    for r, a in zip(full, st)]
             # all True is decided on the host: reading the device's mask back would sync
-            mask = (None if all(all(r) for r in rows)
-                    else torch.tensor(rows, dtype=torch.bool, device=dev))
-        out.append((k, srows, mask))
+            masks.append(None if all(all(r) for r in rows)
+                         else torch.tensor(rows, dtype=torch.bool, device=dev))
+        out.append((k, srows, masks))
     return out
+
+
+def first_logits(pipe, cfg, items: list) -> torch.Tensor:
+    """The c2c prefill of a batch of items (as _generate_batch runs it) and its first-token
+    logits [B, V], no decode: what tests compare with the reference's forward."""
+    from ...measure.timing import Timer
+    eng = engine_for(pipe)
+    eng.begin()
+    plans = [build_plan(pipe, cfg, it, "c2c") for it in items]
+    B, dev = len(plans), pipe.device
+    T = eng.prompt_len(max(len(p.ids) for p in plans))
+    rows = layout([p.ids for p in plans], [p.pad for p in plans], eng.pad_id(), dev, T)
+    L = bucket(T + cfg.gen.max_new_tokens)
+    with torch.inference_mode():
+        eng.ensure("receiver", B, L, False)
+        cuts, starts = cut_columns(plans, T)
+        feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts)
+        _, logits, _ = eng.c2c_prefill(rows, feeds, L, True, Timer(dev), False, cuts)
+    return logits
 
 
 def _sharer_alone(eng, rows_ids: list, n_max: int, eos, ignore_eos: bool, g, gens, timer: Timer,
@@ -194,8 +239,10 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
             rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev, T)
             L = bucket(T + g.max_new_tokens)
             eng.ensure("receiver", B, L, greedy)
-            feeds = _feeds(plans, pipe, eng, dev, T) if mode == "c2c" else []
-            cache, first, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer, greedy)
+            cuts, starts = cut_columns(plans, T) if mode == "c2c" else (None, None)
+            feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts) if mode == "c2c" else []
+            cache, first, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer, greedy,
+                                                  cuts)
             dec = eng.decode("receiver", cache, L, first, rows, T, g.max_new_tokens, g, eos,
                              g.ignore_eos, gens, timer, "decode", mark_first)
         elif mode == "sharer":
@@ -247,6 +294,8 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
         gen.batch_wait = list(wait)
         gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
         gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
+        if mode == "c2c":
+            gen.sections = plans[i].sections_record()
         out.append(gen)
     return out
 

@@ -17,7 +17,7 @@ import torch
 
 from ...measure import cancel
 from ...spec.errors import UserError
-from ...models.fusion import decoder, project_sharers, sample
+from ...models.fusion import decoder, project_sharers, sample, section_mask
 from ...models.stacked import stacked_for
 from ...measure.timing import Timer
 from .graphs import Ended, capture
@@ -287,17 +287,18 @@ class FastEngine:
 
         return step if self.step_mode == "capture" else self._compiled(step)
 
-    def _make_fill(self, role: str, cache, q: int, L: int):
-        """Run emb [B, q, H] at cache positions [0, q) to fill the cache (no LM head). A query
-        sees earlier real positions (and itself: a padding query is never fully masked);
-        positions count from the row's first real token, inner padding included (as the
-        reference numbers them)."""
+    def _make_fill(self, role: str, cache, q: int, L: int, s: int = 0):
+        """Run emb [B, q, H] at cache positions [s, s + q) to fill the cache (no LM head; the
+        cache's write position is s: the sections before it are filled). A query sees earlier
+        real positions (and itself: a padding query is never fully masked); positions count
+        from the row's first real token, inner padding included (as the reference numbers
+        them)."""
         m = self.model(role)
         body = decoder(m)
         mask_for = self._mask_for
 
         def fill(emb: torch.Tensor, ok: torch.Tensor, lp: torch.Tensor) -> None:
-            i = torch.arange(q, device=emb.device)[:, None]                        # [q, 1]
+            i = torch.arange(s, s + q, device=emb.device)[:, None]                 # [q, 1]
             j = torch.arange(L, device=emb.device)[None]                           # [1, L]
             keep = (j <= i)[None] & (ok[:, None, :] | (j == i)[None])             # [B, q, L]
             pos = (i.T - lp[:, None]).clamp(min=0)                                  # [B, q]
@@ -364,12 +365,14 @@ class FastEngine:
         return self._pool
 
     @staticmethod
-    def fill_key(role: str, B: int, L: int, q: int) -> tuple:
-        return (role, B, L, ("fill", q))
+    def fill_key(role: str, B: int, L: int, q: int, s: int = 0) -> tuple:
+        return (role, B, L, ("fill", q, s))
 
     @staticmethod
-    def proj_key(B: int, L: int, n: int) -> tuple:
-        return ("receiver", B, L, ("proj", n, sharer_len(n)))
+    def proj_key(B: int, L: int, n: int, ns: int | None = None) -> tuple:
+        """The projection of positions [0, n) from sharer 1's cache of its first ns positions
+        (ns: where the sharer stops, the plan's last section; n by default)."""
+        return ("receiver", B, L, ("proj", n, sharer_len(n if ns is None else ns)))
 
     def _prepared(self, key: tuple, warm) -> None:
         """Allocate, compile and (on CUDA) capture the callable `key` by running `warm()`, then
@@ -416,9 +419,10 @@ class FastEngine:
 
         self._prepared(key, warm)
 
-    def prepare_fill(self, role: str, B: int, L: int, q: int) -> None:
-        """The prepared fill of q prompt positions into the (role, B, L) cache (graphs only)."""
-        key = self.fill_key(role, B, L, q)
+    def prepare_fill(self, role: str, B: int, L: int, q: int, s: int = 0) -> None:
+        """The prepared fill of q prompt positions from position s into the (role, B, L) cache
+        (graphs only)."""
+        key = self.fill_key(role, B, L, q, s)
 
         def warm():
             cache = self.cache(role, B, L, use=False)
@@ -426,9 +430,15 @@ class FastEngine:
             static = (torch.zeros(B, q, H, dtype=self.pipe.dtype, device=self.device),
                       torch.ones(B, L, dtype=torch.bool, device=self.device),
                       torch.zeros(B, dtype=torch.long, device=self.device))
-            reset = lambda: self.cache(role, B, L, use=False)  # noqa: E731
+
+            def reset():  # the cache as the sections before this one leave it: s written
+                c = self.cache(role, B, L, use=False)
+                if s:
+                    for layer in c.layers:
+                        layer.cumulative_length.fill_(s)
+
             if key not in self._steps:
-                self._steps[key] = self._ready_callable(self._make_fill(role, cache, q, L),
+                self._steps[key] = self._ready_callable(self._make_fill(role, cache, q, L, s),
                                                         static, f"{role} prefill", reset)
             for _ in range(3):  # compile (CPU) / replay the captured graph (CUDA)
                 reset()
@@ -437,11 +447,12 @@ class FastEngine:
 
         self._prepared(key, warm)
 
-    def prepare_proj(self, B: int, L: int, n: int) -> None:
-        """The prepared stacked projection of n positions from sharer 1's prompt cache into the
-        (receiver, B, L) cache (graphs only, one sharer with stacked projectors)."""
-        key = self.proj_key(B, L, n)
-        s_key = (sharer_role(1), B, sharer_len(n))
+    def prepare_proj(self, B: int, L: int, n: int, ns: int | None = None) -> None:
+        """The prepared stacked projection of n positions from sharer 1's prompt cache (of its
+        first ns positions) into the (receiver, B, L) cache (graphs only, one sharer with
+        stacked projectors)."""
+        key = self.proj_key(B, L, n, ns)
+        s_key = (sharer_role(1), B, key[3][2])
 
         def warm():
             r_cache = self.cache("receiver", B, L, use=False)
@@ -482,14 +493,15 @@ class FastEngine:
     def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
         self._late(f"{role} step", (role, B, L, greedy), lambda: self.prepare(role, B, L, greedy))
 
-    def ensure_fill(self, role: str, B: int, L: int, q: int) -> None:
+    def ensure_fill(self, role: str, B: int, L: int, q: int, s: int = 0) -> None:
         if self.graphs and q > 0:
-            self._late(f"{role} prefill", self.fill_key(role, B, L, q),
-                       lambda: self.prepare_fill(role, B, L, q))
+            self._late(f"{role} prefill", self.fill_key(role, B, L, q, s),
+                       lambda: self.prepare_fill(role, B, L, q, s))
 
-    def ensure_proj(self, B: int, L: int, n: int) -> None:
+    def ensure_proj(self, B: int, L: int, n: int, ns: int | None = None) -> None:
         if self.graphs and n > 0 and self._stacked_one():
-            self._late("projection", self.proj_key(B, L, n), lambda: self.prepare_proj(B, L, n))
+            self._late("projection", self.proj_key(B, L, n, ns),
+                       lambda: self.prepare_proj(B, L, n, ns))
 
     def _stacked_one(self) -> bool:
         """One sharer whose projectors stack: the projection is one prepared pass."""
@@ -498,16 +510,17 @@ class FastEngine:
 
     # --- generation ------------------------------------------------------------------------
 
-    def fill(self, role: str, cache, emb: torch.Tensor, rows: Rows) -> None:
-        """Fill cache positions [0, q) with emb [B, q, H] (the prompt but its last token):
-        the prepared fill under graphs, else the same function run eagerly."""
+    def fill(self, role: str, cache, emb: torch.Tensor, rows: Rows, s: int = 0) -> None:
+        """Fill cache positions [s, s + q) with emb [B, q, H] (a section of the prompt before
+        its last token; the cache holds [0, s)): the prepared fill under graphs, else the same
+        function run eagerly."""
         B, q = emb.shape[:2]
         if q == 0:
             return
         L = cache.layers[0].max_cache_len
-        fn = self._steps.get(self.fill_key(role, B, L, q)) if self.graphs else None
+        fn = self._steps.get(self.fill_key(role, B, L, q, s)) if self.graphs else None
         if fn is None:
-            fn = self._make_fill(role, cache, q, L)
+            fn = self._make_fill(role, cache, q, L, s)
         self._run(fn, emb, rows.ok_to(L), rows.lp)
 
     def first(self, role: str, cache, rows: Rows, greedy: bool):
@@ -584,44 +597,66 @@ class FastEngine:
         return 0
 
     def c2c_prefill(self, rows: Rows, feeds: list, L: int, with_sharer: bool, timer: Timer,
-                    greedy: bool):
-        """Sectioned prefill of a left-padded batch rows.ids [B, T]: the receiver and every
-        sharer over the first T-1 positions, the projection, then the last token through the
-        decode step (without the sharer: the receiver alone, the honest baseline). `feeds`: per
-        sharer (k, its Rows, its projection mask [B, T-1] bool or None for all). Returns the
-        receiver cache, first() of the last token and the projector calls per sharer."""
+                    greedy: bool, cuts: list[int] | None = None):
+        """Sectioned prefill of a left-padded batch rows.ids [B, T] in the reference's order
+        (fusion.fused_prefill): the receiver fills the sections before each cut in turn, and
+        at each cut every sharer has filled its positions up to the last cut (its caches do not
+        depend on the receiver's) and that section's projection is written before the next
+        section runs; then the last token through the decode step. `cuts`: the columns where a
+        projected section of some row ends (batch.cut_columns; default: T-1, the same-tokenizer
+        split); without the sharer: the receiver alone, one fill (the honest baseline).
+        `feeds`: per sharer (k, its Rows, per cut its projection mask [B, cut] bool, or None
+        for every position before it). Returns the receiver cache, first() of the last token
+        and the projector calls per sharer."""
         B, T = rows.ids.shape
         n = T - 1
+        if not (with_sharer and feeds and n > 0):
+            cuts = []
+        elif cuts is None:
+            cuts = [n]
+        segs, a = [], 0
+        for c in cuts:
+            segs.append((a, c, True))
+            a = c
+        if a < n:
+            segs.append((a, n, False))
+        ns = cuts[-1] if cuts else 0  # the sharers read [0, ns)
         r_model = self.pipe.receiver
-        self.ensure_fill("receiver", B, L, n)  # outside every span: a late compile is `other`
-        if with_sharer and n > 0:
-            for k, _, _ in feeds:
-                self.ensure_fill(sharer_role(k), B, sharer_len(n), n)
-            if len(feeds) == 1:
-                self.ensure_proj(B, L, n)
+        for a, c, _ in segs:  # outside every span: a late compile is `other`
+            self.ensure_fill("receiver", B, L, c - a, a)
+        for k, _, _ in (feeds if cuts else []):
+            self.ensure_fill(sharer_role(k), B, sharer_len(ns), ns)
+        if cuts and len(feeds) == 1:
+            for c in cuts:
+                self.ensure_proj(B, L, c, ns)
         with timer.span("base_embedding"):
             r_emb = r_model.get_input_embeddings()(rows.ids[:, :n])
         r_cache = self.cache("receiver", B, L)
         calls: dict[int, int] = {}
-        cancel.check()
-        with timer.span("base_prefill"):
-            self.fill("receiver", r_cache, r_emb, rows)
-        if with_sharer and n > 0:
-            s_caches, masks = [], []
-            for k, srows, mask in feeds:
-                cancel.check()
-                model = self.pipe.sharers[k - 1].model
-                role = sharer_role(k)
-                with timer.span("teacher_embedding", who=k):
-                    s_emb = model.get_input_embeddings()(srows.ids[:, :n])
-                s_cache = self.cache(role, B, sharer_len(n))
-                with timer.span("teacher_prefill", who=k):
-                    self.fill(role, s_cache, s_emb, srows)
-                s_caches.append(s_cache)
-                masks.append(mask)
+        s_caches: list = []
+        for a, c, projected in segs:
             cancel.check()
-            calls = self.project(r_cache, s_caches, n, masks, timer)
-            del s_caches
+            with timer.span("base_prefill"):
+                self.fill("receiver", r_cache, r_emb[:, a:c], rows, a)
+            if not projected:
+                continue
+            if not s_caches:
+                for k, srows, _ in feeds:
+                    cancel.check()
+                    model = self.pipe.sharers[k - 1].model
+                    role = sharer_role(k)
+                    with timer.span("teacher_embedding", who=k):
+                        s_emb = model.get_input_embeddings()(srows.ids[:, :ns])
+                    s_cache = self.cache(role, B, sharer_len(ns))
+                    with timer.span("teacher_prefill", who=k):
+                        self.fill(role, s_cache, s_emb, srows)
+                    s_caches.append(s_cache)
+            cancel.check()
+            j = cuts.index(c)
+            masks = [m[j] if m else section_mask(None, a, c, self.device) for _, _, m in feeds]
+            for k, v in self.project(r_cache, s_caches, c, masks, timer, ns).items():
+                calls[k] = calls.get(k, 0) + v
+        del s_caches
         with timer.span("base_prefill"):
             first = self.first("receiver", r_cache, rows, greedy)
         return r_cache, first, calls
@@ -639,7 +674,8 @@ class FastEngine:
             return one(keep)
         return {"full_attention": one(keep), "sliding_attention": one(keep & (dist < window)[None])}
 
-    def project(self, r_cache, s_caches: list, n: int, masks: list, timer: Timer) -> dict[int, int]:
+    def project(self, r_cache, s_caches: list, n: int, masks: list, timer: Timer,
+                ns: int | None = None) -> dict[int, int]:
         """All sharers' projections. One sharer reading the receiver's positions with projectors
         of one size: one stacked pass over every layer pair (stacked.py; the prepared callable
         under graphs); otherwise the eager engine's projection (fusion.project_sharers: parallel
@@ -648,11 +684,13 @@ class FastEngine:
         st = stacked_for(fuser) if len(s_caches) == 1 else None
         if st is not None:
             B, L = r_cache.layers[0].keys.shape[0], r_cache.layers[0].max_cache_len
-            fn = self._steps.get(self.proj_key(B, L, n)) if self.graphs else None
+            fn = self._steps.get(self.proj_key(B, L, n, ns)) if self.graphs else None
+            mask = masks[0]
+            if mask is not None and mask.dim() == 1:
+                mask = mask.expand(B, n)
             with timer.span("projection", who=1):
                 if fn is None:
-                    return {1: st.project_caches(r_cache.layers, s_caches[0].layers, n, masks[0])}
-                mask = masks[0]
+                    return {1: st.project_caches(r_cache.layers, s_caches[0].layers, n, mask)}
                 if mask is None:
                     mask = torch.ones(B, n, dtype=torch.bool, device=self.device)
                 self._run(fn, mask)
