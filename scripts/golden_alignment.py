@@ -7,6 +7,15 @@ directions (each as receiver = the reference's "slm"), for a few varied prompts 
 strategies, the way its evaluator calls it for generation (one user message, generation prompt
 on, thinking off). It writes ids and masks to tests/golden/alignment_smollm2_gemma3.json.
 
+It also stores, under "token_rule", the reference's exact-length rule (`align_tokens`: one sharer
+id per receiver id) in both directions and both strategies, for groups of receiver ids: each
+PROMPT's text encoded without special tokens, one prompt in the receiver's chat template, the
+receiver's all_special_ids, its pad / eos / bos / unk ids, its other added special tokens (chat
+markers and the like, which the reference treats as ordinary text), ids whose text the sharer
+encodes to nothing, ids the sharer splits into several pieces (and ties on the longest piece),
+and every STRIDE-th id of the vocabulary. The tests check c2c_core.models.alignment.TokenAligner
+against these ids.
+
 Templates: SmolLM2 uses its own; the Gemma GGUF has none, so the reference's Gemma tokenizer is
 given c2c_core.plan.sections.GEMMA3_CHAT_TEMPLATE (Gemma 3's published template), the one our
 plan supplies for it.
@@ -59,11 +68,48 @@ DIFFERS = {
     "in_system_prompt": "Face",                # SmolLM2's system prompt ends "... Hugging Face"
 }
 DIRECTIONS = [("smollm2", "gemma3"), ("gemma3", "smollm2")]
+STRIDE = 97       # every 97th receiver id: a sample of the whole vocabulary
+PICK = 48         # at most this many ids per found group
 STRATEGIES = ("first", "longest")
 
 
 def bits(mask) -> str:
     return "".join("1" if m else "0" for m in mask)
+
+
+def _text(tok, i: int) -> str:
+    return tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def token_groups(r, s) -> dict[str, list[int]]:
+    """Named groups of receiver ids for the exact-length rule, receiver r and sharer s."""
+    special = set(r.all_special_ids)
+    groups = {f"prompt:{pid}": list(r(text, add_special_tokens=False)["input_ids"])
+              for pid, text in PROMPTS.items() if text}
+    chat = r.apply_chat_template([{"role": "user", "content": PROMPTS["arithmetic"]}],
+                                 tokenize=False, add_generation_prompt=True)
+    groups["chat:arithmetic"] = list(r(chat, add_special_tokens=False)["input_ids"])
+    groups["all_special_ids"] = list(r.all_special_ids)
+    groups["roles"] = [i for i in (r.pad_token_id, r.eos_token_id, r.bos_token_id,
+                                   r.unk_token_id) if i is not None]
+    added = sorted(int(i) for i, t in r.added_tokens_decoder.items()
+                   if t.special and int(i) not in special)
+    groups["added_special"] = added[:PICK]
+    nothing, several, ties = [], [], []
+    for i in range(len(r)):
+        if i in special:
+            continue
+        pieces = s.encode(_text(r, i), add_special_tokens=False)
+        if not pieces:
+            nothing.append(i)
+        elif len(pieces) > 1:
+            lens = [len(_text(s, p)) for p in pieces]
+            (ties if lens.count(max(lens)) > 1 else several).append(i)
+    groups["encodes_to_nothing"] = nothing[:PICK]
+    groups["several_pieces"] = several[:PICK] + several[-PICK:]
+    groups["longest_ties"] = ties[:PICK]
+    groups["stride"] = list(range(0, len(r), STRIDE))
+    return groups
 
 
 def reference_dir(path: str) -> tuple[str, str]:
@@ -132,6 +178,17 @@ def main() -> None:
                 differs.append({"receiver": receiver, "sharer": sharer, "strategy": strategy,
                                 "prompt_id": pid, "prompt": prompt, "reference": what})
 
+    token_rule = []
+    for receiver, sharer in DIRECTIONS:
+        groups = token_groups(toks[receiver], toks[sharer])
+        for strategy in STRATEGIES:
+            al = TokenAligner(slm_tokenizer=toks[receiver], llm_tokenizer=toks[sharer],
+                              strategy=strategy)
+            for group, ids in groups.items():
+                token_rule.append({"receiver": receiver, "sharer": sharer, "strategy": strategy,
+                                   "group": group, "receiver_ids": ids,
+                                   "sharer_ids": [int(i) for i in al.align_tokens(ids)]})
+
     import transformers
     out = {
         "about": "Reference sectioned alignment (TokenAligner.align_chat_messages) on the"
@@ -146,12 +203,16 @@ def main() -> None:
         "gemma3_chat_template": GEMMA3_CHAT_TEMPLATE,
         "cases": cases,
         "reference_differs": differs,
+        "token_rule_about": "Reference exact-length rule (TokenAligner.align_tokens): for each"
+                            " group of receiver ids, the sharer id of each.",
+        "token_rule": token_rule,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, separators=(",", ":"))
         f.write("\n")
-    print(f"{len(cases)} cases, {len(differs)} differences -> {args.out}"
+    print(f"{len(cases)} cases, {len(differs)} differences, {len(token_rule)} token groups"
+          f" ({sum(len(t['receiver_ids']) for t in token_rule):,} ids) -> {args.out}"
           f" ({os.path.getsize(args.out):,} bytes)")
 
 

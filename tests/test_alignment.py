@@ -55,7 +55,7 @@ def test_aligned_tokens_match_the_receiver_tokens(toks, strategy):
         assert len(out) == len(ids) and all(0 <= i < len(o) for i in out)
         for rid, sid in zip(ids, out):
             if rid in r.all_special_ids:
-                assert sid in o_special  # chat markers have no match: the sharer's UNK
+                assert sid in o_special  # by role, else no literal match: the sharer's UNK
                 continue
             piece = o.decode([sid]).replace("##", "").strip().lower()
             rtext = r.decode([rid]).strip().lower()
@@ -75,13 +75,18 @@ def test_aligned_tokens_match_the_receiver_tokens(toks, strategy):
 def test_special_tokens_map_by_role_then_text(toks):
     r, o = toks
     al = TokenAligner(r, o, "first")
-    assert al.align([r.eos_token_id]) == [o.eos_token_id]        # role: eos -> eos
+    assert al.align([r.eos_token_id]) == [o.eos_token_id]        # role: pad = eos -> eos wins
     assert al.align([r.unk_token_id]) == [o.unk_token_id]        # role: unk -> unk
+    # a chat marker outside the receiver's all_special_ids is ordinary text, as in the reference:
+    # the sharer's first piece of "<|user|>"
     marker = r.convert_tokens_to_ids("<|user|>")
-    assert al.align([marker]) == [o.unk_token_id] and marker in al.unmapped
+    assert marker not in r.all_special_ids
+    assert al.align([marker]) == o.encode("<|user|>", add_special_tokens=False)[:1]
     rev = TokenAligner(o, r, "first")                            # the other way round
     assert rev.align([o.eos_token_id]) == [r.eos_token_id]
-    assert rev.align([o.convert_tokens_to_ids("[BOS]")]) == [r.unk_token_id]  # r has no BOS
+    assert rev.align([o.pad_token_id]) == [r.pad_token_id]       # role: pad -> pad
+    bos = o.convert_tokens_to_ids("[BOS]")  # r has no BOS and no "[BOS]": r's UNK
+    assert rev.align([bos]) == [r.unk_token_id] and bos in rev.unmapped
 
 
 def test_alignment_cache_is_per_token(toks):

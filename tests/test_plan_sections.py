@@ -4,6 +4,10 @@
   (made by scripts/golden_alignment.py with the reference's own aligner) equals our plan exactly:
   ids, pad masks, projection mask, sections. Our Gemma tokenizer is the packaged GGUF one with no
   template, so this also checks the supplied Gemma 3 template renders as the reference saw it;
+- token rule: every group of receiver ids under "token_rule" in the same golden (the reference's
+  exact-length `align_tokens`: prompts, chat markers, every special id, roles, ids the sharer
+  encodes to nothing or splits, a stride over each vocabulary) equals models.alignment's
+  TokenAligner, the one rule sweeps and the sectioned plan's message both use;
 - where the reference fails or aligns the wrong text, what we do instead;
 - tiny hand-made tokenizers with known ids: pad side, pad id (EOS when no pad), section
   boundaries, first / longest, a template-less tokenizer, the same-tokenizer plan.
@@ -19,6 +23,7 @@ import pytest
 from c2c_core.spec.config import ModelSpec
 from c2c_core.spec.errors import UserError
 from c2c_core.engines.generation import chat_ids
+from c2c_core.models.alignment import TokenAligner
 from c2c_core.models.loading import load_tokenizer
 from c2c_core.plan.sections import (GEMMA3_CHAT_TEMPLATE, SectionedAlignment, plan_sections,
                                     template_of)
@@ -75,6 +80,40 @@ def test_golden_covers_what_it_claims(golden):
     for c in golden["cases"]:
         for m in (c["receiver_pad_mask"], c["sharer_pad_mask"]):
             assert not any(a == b == "1" for a, b in zip(m, c["projection_mask"]))
+
+
+def test_token_rule_equals_reference(real, golden):
+    """Exact-length ids: our TokenAligner gives the reference's align_tokens ids, group by group."""
+    rule = golden["token_rule"]
+    assert {(t["receiver"], t["strategy"]) for t in rule} == {
+        (r, s) for r in ("smollm2", "gemma3") for s in ("first", "longest")}
+    aligners = {}
+    bad = []
+    for t in rule:
+        key = (t["receiver"], t["sharer"], t["strategy"])
+        if key not in aligners:
+            aligners[key] = TokenAligner(real[t["receiver"]], real[t["sharer"]], t["strategy"])
+        got = aligners[key].align(t["receiver_ids"])
+        bad += [(*key, t["group"], rid, want, g)
+                for rid, want, g in zip(t["receiver_ids"], t["sharer_ids"], got) if want != g]
+    assert not bad, f"{len(bad)} ids differ from the reference, e.g. {bad[:8]}"
+
+
+def test_token_rule_golden_covers_what_it_claims(real, golden):
+    groups = {(t["receiver"], t["strategy"], t["group"]): t for t in golden["token_rule"]}
+    for name, tok in real.items():
+        t = groups[(name, "first", "all_special_ids")]
+        assert t["receiver_ids"] == list(tok.all_special_ids)
+        assert set(t["receiver_ids"]) >= {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id,
+                                          tok.unk_token_id}
+        assert groups[(name, "first", "added_special")]["receiver_ids"]  # chat markers etc.
+        assert groups[(name, "first", "longest_ties")]["receiver_ids"]
+        pieces = (name, "first", "several_pieces")
+        assert groups[pieces]["sharer_ids"] != groups[(name, "longest", "several_pieces")][
+            "sharer_ids"]
+    # Gemma tokens whose text SmolLM2 encodes to nothing: the sharer's UNK (SmolLM2's is 0)
+    t = groups[("gemma3", "first", "encodes_to_nothing")]
+    assert t["receiver_ids"] and set(t["sharer_ids"]) == {real["smollm2"].unk_token_id}
 
 
 def test_where_the_reference_fails_or_misplaces(real, golden):
@@ -153,15 +192,16 @@ def _receiver():
     return tok
 
 
-def _sharer():
-    """Characters, plus the merge 'll'; no pad token (its EOS pads)."""
+def _sharer(unk: str | None = None):
+    """Characters, plus the merge 'll'; no pad token (its EOS pads); no UNK unless given."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
     vocab = {c: 100 + i for i, c in enumerate(CHARS)}
     vocab["ll"] = 200
     tk = Tokenizer(models.BPE(vocab, [("l", "l")]))
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<s_end>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<s_end>",
+                                  **({"unk_token": unk} if unk else {}))
     tok.add_special_tokens({"additional_special_tokens": ["<s_u>", "<s_a>"]})
     tok.chat_template = S_TEMPLATE
     return tok
@@ -217,3 +257,25 @@ def test_tiny_other_direction_and_edge_cases(tiny):
     # same tokenizer: today's plan, strategy ignored
     same = plan_sections(r, r, "hello world", "middle")
     assert same.receiver_ids == same.sharer_ids and same.projected == len(same.receiver_ids) - 1
+
+
+def test_tiny_token_rule_pad_is_eos_and_fallback_is_unk_or_0(tiny):
+    """The reference's special-token rule where the real pair cannot show it (both have a pad and
+    an UNK); checked by hand against the reference's align_tokens on these tokenizers."""
+    r, s = tiny
+    R = {t: r.convert_tokens_to_ids(t) for t in ["[UNK]", "<r_end>", "<r_pad>", "<r_sys>"]}
+    s_end = s.eos_token_id
+    al = TokenAligner(r, s, "first")
+    # a sharer without UNK: a special token with no match (here the receiver's UNK, whose role
+    # the sharer lacks, and a marker) becomes 0, not the sharer's EOS
+    assert al.align([R["[UNK]"], R["<r_sys>"]]) == [0, 0]
+    assert al.unmapped == {R["[UNK]"], R["<r_sys>"]}
+    # a sharer without a pad token: its EOS is its pad, so the receiver's pad maps to it
+    assert al.align([R["<r_pad>"], R["<r_end>"]]) == [s_end, s_end]
+    su = _sharer(unk="<s_unk>")
+    al = TokenAligner(r, su, "first")
+    assert al.align([R["<r_pad>"], R["[UNK]"], R["<r_sys>"]]) == [
+        su.eos_token_id, su.unk_token_id, su.unk_token_id]  # pad by role, not the UNK fallback
+    # the other way: the sharer-as-receiver's pad is its EOS; pad then eos, the later role wins
+    rev = TokenAligner(s, r, "first")
+    assert rev.align([s_end, s.convert_tokens_to_ids("<s_u>")]) == [R["<r_end>"], R["[UNK]"]]

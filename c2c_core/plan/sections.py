@@ -12,9 +12,12 @@ its evaluator and training adapter build from the result). Written from that des
   (right, inside the section) with that model's pad id (its EOS id when it has none) to the
   longer length; the pad masks are True there;
 - the message section has the receiver's tokens, and the sharer gets one token per receiver token
-  (the receiver token's text re-encoded by the sharer: its first piece, or its longest piece;
-  special tokens by role, then by literal text, else the sharer's UNK or 0). The sharer's own
-  message tokens are not used;
+  by the reference's token rule, `c2c_core.models.alignment.TokenAligner` (the same code that
+  aligns exact-length ids): special tokens (the receiver's all_special_ids) by role (pad-or-EOS,
+  eos, bos, unk; a later role wins), then by literal text, else the sharer's `unk_token_id or 0`;
+  any other token's text re-encoded by the sharer, keeping its first piece or its longest piece
+  (`unk_token_id or 0` when it encodes to nothing). The sharer's own message tokens are not
+  used;
 - the sharer's cache is projected on message positions only (`projection_mask`); template and
   pad positions are not (the reference's kv_cache_index -1).
 
@@ -48,9 +51,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..models.alignment import STRATEGIES, TokenAligner, pad_or_eos
 from ..spec.errors import UserError
-
-STRATEGIES = ("first", "longest")
 
 #: Gemma 3's published chat template (string content; its image items are left out).
 GEMMA3_CHAT_TEMPLATE = (
@@ -150,10 +152,10 @@ def template_of(tok, chat_template: bool = True, name: str | None = None) -> tup
 
 
 def pad_id(tok) -> int:
-    for role in ("pad_token_id", "eos_token_id"):
-        i = getattr(tok, role, None)
-        if i is not None:
-            return int(i)
+    """The id that pads a template section: the tokenizer's pad, its EOS when it has none."""
+    i = pad_or_eos(tok)
+    if i is not None:
+        return i
     raise UserError(f"Tokenizer {getattr(tok, 'name_or_path', '?')} has neither a pad nor an EOS"
                     " token; the sectioned alignment needs one to pad template sections.")
 
@@ -211,51 +213,6 @@ def encode_sections(tok, message: str, chat_template: bool = True,
     return ids, a, b, fmt
 
 
-class _TokenMap:
-    """One sharer id per receiver id (the reference's token rule), cached per receiver id."""
-
-    def __init__(self, r, s, strategy: str) -> None:
-        self.r, self.s, self.strategy, self.cache = r, s, strategy, {}
-        self.r_special = set(r.all_special_ids)
-        roles = {}  # receiver role id -> sharer role id; a later role wins on a shared id
-        for rid, sid in ((pad_id(r), pad_id(s)), (r.eos_token_id, s.eos_token_id),
-                         (r.bos_token_id, s.bos_token_id), (r.unk_token_id, s.unk_token_id)):
-            roles[rid] = sid
-        self.roles = roles
-        self.fallback = s.unk_token_id or 0
-
-    def _text(self, tok, i: int) -> str:
-        return tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def _one(self, rid: int) -> int:
-        text = self._text(self.r, rid)
-        if rid in self.r_special:
-            if self.roles.get(rid) is not None:
-                return int(self.roles[rid])
-            sid = self.s.convert_tokens_to_ids(text)
-            return int(sid) if sid is not None and sid != self.s.unk_token_id else self.fallback
-        pieces = self.s.encode(text, add_special_tokens=False)
-        if not pieces:
-            return self.fallback
-        if self.strategy == "first" or len(pieces) == 1:
-            return int(pieces[0])
-        best, best_len = pieces[0], 0  # longest text; the first such on ties
-        for p in pieces:
-            n = len(self._text(self.s, p))
-            if n > best_len:
-                best, best_len = p, n
-        return int(best)
-
-    def __call__(self, ids) -> list[int]:
-        out = []
-        for rid in ids:
-            rid = int(rid)
-            if rid not in self.cache:
-                self.cache[rid] = self._one(rid)
-            out.append(self.cache[rid])
-        return out
-
-
 def _same_vocab(r, s) -> bool:
     return r is s or (len(r) == len(s) and r.get_vocab() == s.get_vocab())
 
@@ -293,7 +250,7 @@ def plan_sections(receiver_tok, sharer_tok, message: str, strategy: str = "first
                  ("template", r_ids[rb:], s_ids[sb:])]
     else:  # no message tokens: one template section, nothing projected
         parts = [("template", r_ids, s_ids[:sa] + s_ids[sb:])]
-    align = _TokenMap(receiver_tok, sharer_tok, strategy)
+    align = TokenAligner(receiver_tok, sharer_tok, strategy).align
     rx, sx, rm, sm, proj, sections = [], [], [], [], [], []
     for kind, r, s in parts:
         start = len(rx)
