@@ -11,25 +11,14 @@ tests/golden/c2c_forward.json. For the SmolLM2 <- Gemma pair it first checks tha
 and masks are the reference's own `TokenAligner.align_chat_messages` output, so that golden is the
 reference end to end.
 
-Shims, each applied at run time in this process only (the clone is never edited), listed in the
-JSON under "shims":
-- scripts/reference_timing.py's: `DynamicCache.key_cache` / `.value_cache` and
-  `Cache.__getitem__` (removed in transformers 5, used by the reference), and the guard for
-  thu-nics/C2C issue #7 (an unguarded include_response-only store);
-- the decode mask: the reference's decode steps pass `attention_mask[:, :end]`, cut to the call's
-  length (1). transformers 4.52 (the reference's) read such a short mask as "no padding";
-  transformers 5 pads it with False, so every step would see position 0 only. Shim: the
-  receiver's forward gets a short mask extended on the left with ones (4.52's reading);
-- full-length sharer caches: the reference reads a sharer's cache by absolute position
-  (`source_key_cache[:, :, start:end]`); under transformers 5 a sliding-window layer of a fresh
-  cache keeps only its window, so a sliding sharer's positions would be misread. Shim: a sharer
-  called without a cache gets `DynamicCache()` (full-length layers; its attention still applies
-  its window from its config), as our engines keep it.
+Shims: c2c_core/bench/reference.py's (its docstring names each; the JSON lists them under
+"shims"): the transformers 4 cache API, thu-nics/C2C issue #7, transformers 4.52's reading of
+the decode steps' short attention mask, and full-length sharer caches.
 
     python scripts/golden_forward.py --reference /path/to/C2C [--cases a,b] [--out FILE]
 
 A plan with receiver padding would decode differently under the 4.52 mask reading (its decode
-steps attend to the receiver's pads; ours mask them): such a case is refused, not stored.
+steps attend to the receiver's pads; ours mask them): bench.reference refuses it.
 """
 
 from __future__ import annotations
@@ -48,75 +37,6 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
 OUT = os.path.join(ROOT, "tests", "golden", "c2c_forward.json")
-
-
-def mask_shim(model) -> None:
-    """The receiver reads a short attention mask as 4.52 did (see the module docstring)."""
-    orig = model.forward
-
-    def forward(*a, attention_mask=None, past_key_values=None, input_ids=None, **k):
-        if attention_mask is not None and past_key_values is not None and input_ids is not None:
-            want = past_key_values.get_seq_length() + input_ids.shape[1]
-            short = want - attention_mask.shape[1]
-            if short > 0:
-                attention_mask = __import__("torch").cat(
-                    [attention_mask.new_ones(attention_mask.shape[0], short), attention_mask], 1)
-        return orig(*a, attention_mask=attention_mask, past_key_values=past_key_values,
-                    input_ids=input_ids, **k)
-
-    model.forward = forward
-
-
-def full_cache_shim(model) -> None:
-    """A sharer called without a cache gets a full-length DynamicCache (module docstring)."""
-    from transformers import DynamicCache
-    orig = model.forward
-
-    def forward(*a, past_key_values=None, **k):
-        if past_key_values is None:
-            past_key_values = DynamicCache()
-        return orig(*a, past_key_values=past_key_values, **k)
-
-    model.forward = forward
-
-
-def reference_model(RosettaModel, create_projector, pipe):
-    """A RosettaModel over our pipeline's own models, with projectors holding our fuser's weights
-    (the published checkpoint format), mapped as our fuser maps them."""
-    import torch
-    fuser = pipe.fuser
-    projectors = []
-    for p in fuser.projectors:
-        args = {k: v for k, v in p.init_args.items() if k != "dtype"}
-        q = create_projector("C2CProjector", **args, dtype=torch.float32)
-        missing, unexpected = q.load_state_dict(p.state_dict(), strict=False)
-        if [m for m in missing if m != "gate_temperature"] or unexpected:
-            raise SystemExit(f"projector weights do not fit the reference: {missing} {unexpected}")
-        projectors.append(q.eval())
-    model = RosettaModel(model_list=[pipe.receiver] + [sl.model for sl in pipe.sharers],
-                         base_model_idx=0, projector_list=projectors, include_response=False,
-                         multi_source_fusion_mode=pipe.fusion).eval()
-    for k, m in fuser.sharer_maps.items():
-        for t, pairs in m.items():
-            for s, i in pairs:
-                model.set_projector_config(source_model_idx=k, source_model_layer_idx=s,
-                                           target_model_idx=0, target_model_layer_idx=t,
-                                           projector_idx=i)
-    return model
-
-
-def reference_inputs(plan, device):
-    import torch
-    from forward_cases import reference_sections
-    L = len(plan.ids)
-    ids = [torch.tensor([plan.ids], device=device)] + \
-          [torch.tensor([f.ids], device=device) for f in plan.feeds]
-    pads = [plan.pad] + [f.pad for f in plan.feeds]
-    masks = [torch.tensor([[0 if q else 1 for q in (p or [False] * L)]], device=device)
-             for p in pads]
-    index = [torch.tensor([b, 0], dtype=torch.long).repeat(e - a, 1).unsqueeze(0).to(device)
-             for a, e, b in reference_sections(plan)]
-    return ids, masks, torch.arange(L, device=device)[None], index
 
 
 def check_alignment(pipe, cfg, plan, prompt, aligner_cls) -> None:
@@ -152,38 +72,23 @@ def _strategy(aligner_cls, name: str):
     raise SystemExit(f"the reference has no alignment strategy {name}")
 
 
-def run_case(name: str, folders, ref) -> dict:
-    import torch
-    from c2c_core.plan.item import build_plan
+def run_case(name: str, folders, clone: str, aligner_cls) -> dict:
+    from c2c_core.bench.reference import reference_tokens
+    from c2c_core.plan.item import build_plan, reference_sections
     from c2c_core.io.prompts import PromptItem as Item
     from forward_cases import CASES, NEW_TOKENS, build_case, logits_entry, prompts_of
-    RosettaModel, create_projector, aligner_cls = ref
     pipe, cfg = build_case(name, folders)
-    model = reference_model(RosettaModel, create_projector, pipe)
-    mask_shim(pipe.receiver)
-    for sl in pipe.sharers:
-        full_cache_shim(sl.model)
     out = {"settings": {"alignment": cfg.alignment, "fusion": pipe.fusion,
                         "receiver": pipe.info.get("receiver"),
                         "sharers": [sl.name for sl in pipe.sharers]}, "prompts": {}}
     for i, prompt in enumerate(prompts_of(name), start=1):
-        plan = build_plan(pipe, cfg, Item(i, prompt), "c2c")
-        if plan.padded:
-            raise SystemExit(f"{name}: the receiver's sequence holds padding for {prompt!r};"
-                             " the 4.52 decode mask would attend to it (see the docstring)")
+        item = Item(i, prompt)
+        plan = build_plan(pipe, cfg, item, "c2c")
         if CASES[name][0] == "real":
             check_alignment(pipe, cfg, plan, prompt, aligner_cls)
-        ids, masks, pos, index = reference_inputs(plan, pipe.device)
-        with torch.no_grad():
-            first = model.forward(kv_cache_index=index, input_ids=ids, attention_mask=masks,
-                                  position_ids=pos, use_cache=True).logits[0, -1]
-            toks = model.generate(kv_cache_index=index, input_ids=ids, attention_mask=masks,
-                                  position_ids=pos, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                  eos_token_id=-1, pad_token_id=0)
-        new = [int(t) for t in toks[0, len(plan.ids):]]
+        first, new = reference_tokens(pipe, cfg, item, clone, NEW_TOKENS)
         out["prompts"][prompt] = {"tokens": new, "logits": logits_entry(first),
-                                  "sections": [list(s) for s in
-                                               __import__("forward_cases").reference_sections(plan)]}
+                                  "sections": [list(s) for s in reference_sections(plan)]}
         print(f"{name}: {prompt[:40]!r} -> {new}", flush=True)
     return out
 
@@ -199,13 +104,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import torch
     import transformers
-    from reference_timing import _commit, load_reference
+    from reference_timing import _commit
+    from c2c_core.bench.reference import SHIMS_WHILE_RUNNING, load_reference
     from forward_cases import CASES, tiny_folders
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    RosettaModel, create_projector, _, shims = load_reference(args.reference)
+    shims = load_reference(args.reference)[3] + SHIMS_WHILE_RUNNING
     from rosetta.model.aligner import TokenAligner as RefAligner
-    shims += ["receiver forward: a short attention mask extended with ones (4.52's reading)",
-              "sharer forward: a full-length DynamicCache when called without one"]
     names = [c for c in args.cases.split(",") if c] or list(CASES)
     old = {}
     if os.path.exists(args.out):
@@ -216,7 +120,7 @@ def main(argv=None) -> int:
         cases = dict(old)
         for name in names:
             torch.manual_seed(0)
-            cases[name] = run_case(name, folders, (RosettaModel, create_projector, RefAligner))
+            cases[name] = run_case(name, folders, args.reference, RefAligner)
     doc = {"reference_commit": _commit(args.reference), "transformers": transformers.__version__,
            "torch": torch.__version__, "dtype": "float32", "device": "cpu", "shims": shims,
            "cases": {k: cases[k] for k in CASES if k in cases}}

@@ -27,8 +27,9 @@ Each is the median over --repeats generations after one unrecorded warm-up. Rows
 apply to the reference (compile, batch, decode floor) are null, so the table says n/a.
 
 Running under the pinned transformers 5.x (the reference targets 4.52), three shims are applied
-at run time, in this process only (the clone is never edited), each only where it is needed;
-the JSON lists those applied under "shims":
+at run time (c2c_core/bench/reference.py, shared with `engines --reference` and
+scripts/golden_forward.py), in this process only (the clone is never edited), each only where
+it is needed; the JSON lists those applied under "shims":
 - `DynamicCache.key_cache` / `.value_cache`: transformers 5 removed these lists (the layers
   hold `.keys` / `.values`); the reference's clone_kv_cache and its in-place projection writes
   use them. Shim: list-like views over `cache.layers` (indexing, iteration, append).
@@ -53,14 +54,12 @@ Anything else that breaks stops the script with one sentence naming it, exit sta
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 
@@ -90,101 +89,6 @@ class Refusal(Exception):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-# ---------------------------------------------------------------- shims (transformers 5) ----
-
-class _LayerList:
-    """A cache's per-layer keys (or values) as the list transformers 4 kept."""
-
-    def __init__(self, cache, attr: str):
-        self._cache, self._attr = cache, attr
-
-    def __len__(self):
-        return len(self._cache.layers)
-
-    def __getitem__(self, i):
-        return getattr(self._cache.layers[i], self._attr)
-
-    def __iter__(self):
-        return (getattr(layer, self._attr) for layer in self._cache.layers)
-
-    def append(self, t):
-        from transformers.cache_utils import DynamicLayer
-        layers = self._cache.layers
-        if self._attr == "keys":  # a new layer; its values come with the matching append below
-            layer = DynamicLayer()
-            layer.lazy_initialization(t, t)
-            layer.keys, layer.values = t, None
-            layers.append(layer)
-        else:
-            next(layer for layer in layers if layer.values is None).values = t
-
-
-def install_cache_shims() -> list[str]:
-    """The transformers 4 cache API the reference uses, where this transformers lacks it."""
-    from transformers.cache_utils import Cache, DynamicCache
-    done = []
-    if not hasattr(DynamicCache(), "key_cache"):
-        DynamicCache.key_cache = property(lambda self: _LayerList(self, "keys"))
-        DynamicCache.value_cache = property(lambda self: _LayerList(self, "values"))
-        done.append("DynamicCache.key_cache/value_cache (views over cache.layers)")
-    if not hasattr(Cache, "__getitem__"):
-        Cache.__getitem__ = lambda self, i: (self.layers[i].keys, self.layers[i].values)
-        done.append("Cache.__getitem__ (cache[i] -> (keys, values))")
-    return done
-
-
-_GUARD = "self.include_response"
-_ONLY_WITH_RESPONSE = ("base_output_kv_cache", "source_output_kv_cache")
-
-
-def _unguarded_store(node) -> bool:
-    """`x = clone_kv_cache(base_output_kv_cache)` (or the source's): set only with include_response."""
-    v = getattr(node, "value", None)
-    return (isinstance(node, ast.Assign) and isinstance(v, ast.Call)
-            and getattr(v.func, "id", None) == "clone_kv_cache" and len(v.args) == 1
-            and getattr(v.args[0], "id", None) in _ONLY_WITH_RESPONSE)
-
-
-class _Guard(ast.NodeTransformer):
-    def __init__(self):
-        self.wrapped = 0
-
-    def generic_visit(self, node):
-        super().generic_visit(node)
-        guarded = isinstance(node, ast.If) and ast.unparse(node.test) == _GUARD
-        for name in ("body", "orelse"):
-            stmts = getattr(node, name, None)
-            if not isinstance(stmts, list) or (guarded and name == "body"):
-                continue
-            new = []
-            for s in stmts:
-                if _unguarded_store(s):
-                    self.wrapped += 1
-                    s = ast.If(test=ast.parse(_GUARD, mode="eval").body, body=[s], orelse=[])
-                new.append(s)
-            setattr(node, name, new)
-        return node
-
-
-def guard_include_response_bug(cls) -> list[str]:
-    """thu-nics/C2C issue #7: recompile RosettaModel.forward with the include_response-only
-    stores guarded; nothing when the clone's forward has no such unguarded store."""
-    fn = cls.forward
-    lines, first = inspect.getsourcelines(fn)
-    tree = ast.parse(textwrap.dedent("".join(lines)))
-    g = _Guard()
-    tree = ast.fix_missing_locations(g.visit(tree))
-    ast.increment_lineno(tree, first - 1)  # tracebacks name the clone's own lines
-    if not g.wrapped:
-        return []
-    ns: dict = {}
-    exec(compile(tree, inspect.getsourcefile(fn) or "<rosetta>", "exec"),
-         sys.modules[cls.__module__].__dict__, ns)
-    cls.forward = ns[fn.__name__]
-    return [f"RosettaModel.forward: {g.wrapped} include_response-only cache stores guarded"
-            " (thu-nics/C2C#7)"]
 
 
 # ------------------------------------------------------------------------- timing ----------
@@ -246,9 +150,12 @@ def one_generation(model, ids, max_new_tokens: int, clock: Clock, spans: list) -
     import torch
     n = ids.shape[1]
     dev = ids.device
-    # the reference's split: every token but the last projected from sharer 1, the last not
-    index = [torch.tensor([1, 0], dtype=torch.long).repeat(n - 1, 1).unsqueeze(0).to(dev),
-             torch.tensor([-1, 0], dtype=torch.long).repeat(1, 1).unsqueeze(0).to(dev)]
+    # the sections our plan runs for these ids (plan.item.reference_sections): one sharer on
+    # the receiver's ids, so every token but the last projected from sharer 1, the last not
+    from c2c_core.plan.item import Feed, Plan, reference_sections
+    plan = Plan("c2c", list(ids[0].tolist()), feeds=[Feed(1, list(ids[0].tolist()), None, None)])
+    index = [torch.tensor([b, 0], dtype=torch.long).repeat(e - a, 1).unsqueeze(0).to(dev)
+             for a, e, b in reference_sections(plan)]
     marks = TokenMarks(clock)
     spans.clear()
     clock.sync()
@@ -280,37 +187,6 @@ def measured(model, ids, max_new_tokens: int, repeats: int, clock: Clock, spans:
 
 
 # ------------------------------------------------------------------------ building ---------
-
-def load_reference(path: str):
-    """rosetta from the clone at `path` (put first on sys.path), with the shims it needs."""
-    if not os.path.isfile(os.path.join(path, "rosetta", "model", "wrapper.py")):
-        raise Refusal(f"{path} is not a clone of thu-nics/C2C (no rosetta/model/wrapper.py).", 2)
-    import transformers
-    shims = install_cache_shims()
-    sys.path.insert(0, os.path.abspath(path))
-    try:
-        from rosetta.model.projector import create_projector
-        from rosetta.model.wrapper import RosettaModel
-    except Exception as e:  # noqa: BLE001 - whatever the reference's imports raise
-        raise Refusal(f"the reference at {path} does not import under transformers"
-                      f" {transformers.__version__} ({_first_line(e)}).") from None
-    shims += guard_include_response_bug(RosettaModel)
-    return RosettaModel, create_projector, _last_aligned(path), shims
-
-
-def _last_aligned(path: str):
-    """The reference's own last_aligned mapping (rosetta/train/model_utils.py, loaded alone so
-    the training package's dataset imports stay out), or the same rule written out."""
-    import importlib.util
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "rosetta_model_utils", os.path.join(path, "rosetta", "train", "model_utils.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return lambda lr, ls: mod.last_aligned_sources(lr, ls, 1)
-    except Exception:  # noqa: BLE001 - an older or trimmed clone: C2C_REFERENCE.md's rule
-        return lambda lr, ls: {t: [min(max(t + ls - lr, 0), ls - 1)] for t in range(lr)}
-
 
 def _head(config) -> tuple[int, int]:
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -438,7 +314,11 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    RosettaModel, create_projector, mapping, shims = load_reference(clone)
+    from c2c_core.bench.reference import ReferenceUnavailable, load_reference
+    try:
+        RosettaModel, create_projector, mapping, shims = load_reference(clone)
+    except ReferenceUnavailable as e:
+        raise Refusal(str(e), e.code) from None
     try:
         model, projectors, vocab, offsets = build(args, RosettaModel, create_projector, mapping,
                                                   device, dtype)

@@ -189,14 +189,18 @@ def other_sharer(tmp_path_factory):
 
 
 def open_fuser(pipe, seed: int = 1) -> None:
-    """The fuser's projectors random (seeded; a fresh projector is near a copy of its input)
-    with their gates open, so the projection changes what the receiver says."""
+    """The fuser's projectors random (every parameter from one seeded generator, so the same
+    weights in any process; a fresh projector is near a copy of its input) with their gates
+    open, so the projection changes what the receiver says."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad():  # every parameter from `g`: nothing left to the global RNG's state
         for proj in pipe.fuser.projectors:
-            for _, p in proj.named_parameters():
+            for name, p in proj.named_parameters():
+                r = torch.randn(p.shape, generator=g)
                 if p.dim() == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[1] ** 0.5))
+                    p.copy_(r * (1.0 / p.shape[1] ** 0.5))
+                elif p.dim() == 1:
+                    p.copy_(1.0 + 0.1 * r if "norm" in name else 0.1 * r)
             proj.key_gate_logit.fill_(1.0)
             proj.value_gate_logit.fill_(1.0)
 
@@ -216,3 +220,26 @@ def loud_weights(pipe, scale: float = 2.4) -> None:
         for proj in pipe.fuser.projectors:
             proj.key_gate_logit.fill_(1.0)
             proj.value_gate_logit.fill_(1.0)
+
+
+#: A bare mirror of thu-nics/C2C (the reference) that tests clone when present.
+C2C_MIRROR = os.environ.get("C2C_MIRROR", "/work/.mirror/thu-nics+C2C/repo")
+
+
+@pytest.fixture(scope="session")
+def reference_clone(tmp_path_factory):
+    """A clone of the reference made from the local mirror; the test is skipped, with the
+    reason, where there is none."""
+    import shutil
+    import subprocess
+    if not os.path.isdir(C2C_MIRROR):
+        pytest.skip(f"no mirror of thu-nics/C2C at {C2C_MIRROR} (set C2C_MIRROR), so there is no"
+                    " reference to run")
+    if shutil.which("git") is None:
+        pytest.skip("no git to clone the reference mirror")
+    dest = str(tmp_path_factory.mktemp("ref") / "C2C")
+    r = subprocess.run(["git", "clone", "-q", C2C_MIRROR, dest], capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"the mirror {C2C_MIRROR} could not be cloned: {r.stderr.strip()[:200]}")
+    return dest

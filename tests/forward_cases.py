@@ -113,27 +113,6 @@ def prompts_of(name: str) -> list[str]:
     return TINY_PROMPTS if CASES[name][0] == "tiny" else REAL_PROMPTS
 
 
-def reference_sections(plan) -> list[tuple[int, int, int]]:
-    """The plan as the reference's evaluator gives it to kv_cache_index: (start, end, sharer
-    bitmask or -1) per section, a new section wherever the set of sharers projecting a
-    position changes (its evaluator splits at message-mask transitions) or at one of the plan's
-    cuts; the last section (plan.last_start on) never projected."""
-    tail, L = plan.last_start, len(plan.ids)
-    bits = []
-    for i in range(tail):
-        b = 0
-        for f in plan.feeds:
-            if f.project is None or f.project[i]:
-                b |= 1 << (f.who - 1)
-        bits.append(b or -1)
-    out, a = [], 0
-    for i in range(1, tail + 1):
-        if i == tail or bits[i] != bits[i - 1] or i in plan.cut_at:
-            out.append((a, i, bits[a]))
-            a = i
-    return out + [(tail, L, -1)]
-
-
 def logits_entry(logits: torch.Tensor) -> dict:
     """What the golden keeps of first-token logits [V]: all of them, or the top TOP_K."""
     x = logits.detach().float().flatten()

@@ -29,8 +29,40 @@ def _spread(xs: list[float]) -> str:
             f" n={len(xs)})")
 
 
+def section_cost(pipe, cfg, item, repeats: int) -> dict | None:
+    """What the reference's order costs the receiver's prefill on this prompt: the eager c2c
+    prefill's base_prefill with the receiver filling section by section (what runs) against
+    one fill of every position before the projection (the order used before, another
+    computation on a sectioned plan), interleaved, medians. None for a one-section plan."""
+    import torch
+    from ..engines.eager import sharer_inputs
+    from ..models.fusion import fused_prefill
+    from ..plan.item import build_plan
+    plan = build_plan(pipe, cfg, item, "c2c")
+    segs = plan.segments()
+    if len(segs) < 2:
+        return None
+    n = len(plan.ids) - 1
+    ids = torch.tensor([plan.ids], device=pipe.device)
+    keep = None if not plan.padded else torch.tensor([[0 if p else 1 for p in plan.pad]],
+                                                     device=pipe.device)
+    s_in = sharer_inputs(pipe, plan, pipe.device)
+    got = {"sections": [], "one_fill": []}
+    for r in range(repeats + 1):  # the first pair warms up
+        order = (("sections", segs), ("one_fill", [(0, n, True)]))
+        for name, sg in (order if r % 2 == 0 else order[::-1]):
+            t = Timer(pipe.device, cfg.timing)
+            with torch.inference_mode():
+                fused_prefill(pipe.receiver, s_in, pipe.fuser, ids, t, pipe.fusion, keep, sg)
+            if r:
+                got[name].append(sum(t.finish().get("base_prefill", [])))
+    a, b = _med(got["sections"]), _med(got["one_fill"])
+    return {"segments": len(segs), "sections_ms": round(a, 3), "one_fill_ms": round(b, 3),
+            "ratio": round(a / b, 4) if b else None}
+
+
 def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | None = None,
-                  out=print) -> dict:
+                  out=print, reference: str | None = None) -> dict:
     from ..engines import fast
     if cfg.gen.max_new_tokens < 2:
         raise UserError("engines needs --max_new_tokens >= 2 to have decode steps to compare.")
@@ -147,5 +179,23 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               "cache_reuse_ratio": cs["reuse_ratio"], "cache_held_mb": cs["held_mb"],
               "cache_evictions": cs["evictions"],
               "payback_generations": round(payback, 1) if payback is not None else None}
+    cost = section_cost(pipe, eager, item, repeats) if pipe.fuser is not None else None
+    if cost:
+        out(f"receiver prefill in {cost['segments']} segments (the reference's order):"
+            f" {cost['sections_ms']:.2f} ms vs {cost['one_fill_ms']:.2f} ms in one fill before"
+            f" the projection (eager, interleaved medians): x{cost['ratio']}")
+    result["section_cost"] = cost
+    result["reference_same_tokens"] = None
+    if reference:
+        from .reference import reference_tokens
+        try:
+            _, ref = reference_tokens(pipe, eager, item, reference, gen.max_new_tokens)
+        except UserError as e:
+            out(f"reference tokens: not compared ({e})")
+        else:
+            same = ref == toks["eager"]
+            result["reference_same_tokens"] = same
+            out(f"greedy tokens identical to the reference's (thu-nics/C2C RosettaModel on this"
+                f" pipeline and plan, eager): {same}")
     out(json.dumps(result))
     return result

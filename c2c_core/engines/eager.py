@@ -47,7 +47,7 @@ def _keep(pad: list[bool] | None, device) -> torch.Tensor | None:
     return torch.tensor([[0 if p else 1 for p in pad]], dtype=torch.long, device=device)
 
 
-def _sharer_inputs(pipe, plan, device) -> list[tuple]:
+def sharer_inputs(pipe, plan, device) -> list[tuple]:
     """fused_prefill's sharers: (model, ids [1, T], keep mask or None, projection mask or None)."""
     return [(pipe.sharers[f.who - 1].model, _ids_tensor(f.ids, device), _keep(f.pad, device),
              None if f.project is None else torch.tensor(f.project, device=device))
@@ -106,7 +106,7 @@ def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Time
     with torch.inference_mode():
         if mode == "c2c":
             keep = _keep(plan.pad, dev)
-            s_in = _sharer_inputs(pipe, plan, dev)
+            s_in = sharer_inputs(pipe, plan, dev)
             cache, logits, by_calls = fused_prefill(pipe.receiver, s_in, pipe.fuser, x, timer,
                                                     pipe.fusion, keep, plan.segments())
             calls = sum(by_calls.values())
@@ -158,7 +158,7 @@ def first_logits(pipe: Pipeline, cfg: RunConfig, item: Item) -> torch.Tensor:
     plan = build_plan(pipe, cfg, item, "c2c")
     dev = pipe.device
     with torch.inference_mode():
-        _, logits, _ = fused_prefill(pipe.receiver, _sharer_inputs(pipe, plan, dev), pipe.fuser, _ids_tensor(plan.ids, dev),
+        _, logits, _ = fused_prefill(pipe.receiver, sharer_inputs(pipe, plan, dev), pipe.fuser, _ids_tensor(plan.ids, dev),
                                      Timer(dev), pipe.fusion, _keep(plan.pad, dev),
                                      plan.segments())
     return logits

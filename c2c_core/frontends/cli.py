@@ -315,7 +315,8 @@ def cmd_engines(args) -> int:
     cfg = run_config(args)
     pipe = _load(cfg)
     batch = args.bench_batch or (64 if pipe.device.type == "cuda" else 8)
-    engines_bench(pipe, cfg, repeats=args.bench_repeats, batch=batch, prompt=args.prompt)
+    engines_bench(pipe, cfg, repeats=args.bench_repeats, batch=batch, prompt=args.prompt,
+                  reference=args.reference or os.environ.get("C2C_REF") or None)
     return 0
 
 
@@ -670,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench_batch", type=int, default=None,
                    help="batch size compared with batch 1 (default 8 on a CPU, 64 on CUDA)")
     p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
+    p.add_argument("--reference", default=None,
+                   help="a clone of thu-nics/C2C (default $C2C_REF): its greedy tokens for the"
+                        " same pipeline and plan beside ours")
     add_model_args(p)
     add_run_args(p, None, outputs=False)
     p.set_defaults(func=cmd_engines, max_new_tokens=32)

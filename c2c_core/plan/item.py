@@ -9,6 +9,12 @@ A `Plan` says, for one item in one mode, everything an engine needs that is not 
   sectioned alignment (sections.py): template sections padded to equal length, the message
   aligned token by token, only message positions projected. Own tokenizer, exact-length ids (a
   sweep): the receiver's ids mapped one to one (alignment.TokenAligner), every position projected;
+- c2c: the order of work (`tail`, `cuts`, `segments()`): the reference's RosettaModel.forward
+  prefills the receiver section by section and writes a projected section into the receiver's
+  cache before the next one runs; its last section is the receiver's alone (no sharer fills it,
+  nothing is projected there). The plan says where that last section starts and where each
+  projected section ends; `reference_sections()` gives the same as the reference's
+  kv_cache_index;
 - the EOS ids of the model that writes the answer, the prompt format recorded for a sharer that
   speaks, and the sampling seed of this row, from (seed, prompt id, repeat), so a row's tokens
   never depend on its batch mates or on the engine.
@@ -132,6 +138,27 @@ class Plan:
     @property
     def padded(self) -> bool:
         return bool(self.pad) and any(self.pad)
+
+
+def reference_sections(plan: Plan) -> list[tuple[int, int, int]]:
+    """A c2c plan as the reference's evaluator gives it to RosettaModel's kv_cache_index:
+    (start, end, sharer bitmask or -1) per section, a new section wherever the set of sharers
+    projecting a position changes (the evaluator splits at message-mask transitions) or at one
+    of the plan's cuts; the last section (plan.last_start on) never projected."""
+    tail, L = plan.last_start, len(plan.ids)
+    bits = []
+    for i in range(tail):
+        b = 0
+        for f in plan.feeds:
+            if f.project is None or f.project[i]:
+                b |= 1 << (f.who - 1)
+        bits.append(b or -1)
+    out, a = [], 0
+    for i in range(1, tail + 1):
+        if i == tail or bits[i] != bits[i - 1] or i in plan.cut_at:
+            out.append((a, i, bits[a]))
+            a = i
+    return out + [(tail, L, -1)]
 
 
 def build_plan(pipe, cfg, item, mode: str, timer=None, repeat: int = 0) -> Plan:
