@@ -159,3 +159,36 @@ def test_under_graphs_an_evicted_cache_takes_its_fills_and_projection_with_it(pi
     kinds = {k[3][0] for k in eng._steps if isinstance(k[3], tuple)}
     assert kinds == {"fill", "proj"}, kinds
     assert [g.tokens for g in _gen(pipe, cfg, PROMPTS[:1])] == first
+
+
+@pytest.mark.filterwarnings("ignore:fast engine")
+def test_a_ready_shape_is_kept_while_its_generation_prepares_another(pipe_cfg):
+    """Issue 25 part 2: the receiver's step and fills are ready, the sharer's fill is not (it was
+    freed); preparing it inside the generation needs room, and the least recently used cache is
+    the receiver's, which this generation is about to use. It stays: a ready shape a generation
+    needs counts as in use (before: the step went with its cache and first() hit a KeyError)."""
+    pipe, cfg, eng = pipe_cfg
+    eng.graphs = True
+    want = _gen(pipe, cfg, PROMPTS[:1])[0].tokens
+    s_key = next(k for k in eng._caches if k[0] == "sharer")
+    for k in [k for k in eng._steps if k[:3] == s_key]:  # the sharer's cache and fill freed
+        del eng._steps[k]
+        eng._ready.discard(k)
+    eng._caches.pop(s_key)
+    eng.cache_bytes -= eng.cache_nbytes(*s_key)
+    eng.cache_cap = eng.cache_bytes  # no room: the next cache evicts the least recently used
+    assert _gen(pipe, cfg, PROMPTS[:1])[0].tokens == want
+    assert any(k[0] == "receiver" for k in eng._caches)
+
+
+def test_a_generation_larger_than_the_cap_is_refused_before_it_runs(pipe_cfg):
+    """Issue 25 part 2: a generation's caches are held together, so a run whose largest
+    generation needs more than the cap is refused in one sentence before anything runs."""
+    from c2c_core.spec.errors import UserError
+    pipe, cfg, eng = pipe_cfg
+    items = [Item(i + 1, p) for i, p in enumerate(PROMPTS)]
+    eng.cache_cap = eng.cache_nbytes("receiver", 3, 64)  # less than batch 3's caches
+    with pytest.raises(UserError, match="cache cap") as e:
+        fast.prepare_plan(pipe, cfg, [items], ["c2c"])
+    assert "C2C_CACHE_CAP_MB" in str(e.value) and "\n" not in str(e.value)
+    assert not eng._ready  # nothing was prepared

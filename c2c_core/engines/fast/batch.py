@@ -79,6 +79,24 @@ def answer_len(eng, pipe, cfg, items) -> int:
     return prompt_bucket(bound) if eng.graphs else bound
 
 
+def check_one_generation_fits(pipe, cfg, batches: list[list], modes: list[str]) -> None:
+    """Every cache one generation uses is held at once (it is never evicted under it): refuse,
+    before anything runs, a run whose largest generation needs more than the cache cap."""
+    eng = engine_for(pipe)
+    worst, where = 0, None
+    for items in batches:
+        for mode in modes:
+            need = sum(eng.cache_nbytes(*c) for c in
+                       {tuple(k[1:4]) for k in shapes_of(pipe, cfg, [items], [mode])})
+            if need > worst:
+                worst, where = need, (len(items), mode)
+    if worst > eng.cache_cap:
+        raise UserError(f"One generation of this run (batch {where[0]}, {where[1]} mode) needs"
+                        f" {worst / 2**20:,.1f} MB of static caches, more than the fast engine's"
+                        f" cache cap ({eng.cache_cap / 2**20:,.1f} MB); raise {CACHE_CAP_ENV},"
+                        " or use a smaller --batch_size or shorter prompts or outputs.")
+
+
 def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     """Compile/capture/allocate everything the run needs; returns the seconds it took now."""
     eng = engine_for(pipe)
@@ -90,6 +108,7 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         stacked_for(pipe.fuser)
         eng.compile_s += time.perf_counter() - t0
     keys = list(shapes_of(pipe, cfg, batches, modes))
+    check_one_generation_fits(pipe, cfg, batches, modes)
     planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
     if planned > eng.cache_cap:
         warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"

@@ -480,15 +480,22 @@ class FastEngine:
         return "compiling"
 
     def _late(self, what: str, key: tuple, prepare) -> None:
-        """A shape warm-up did not cover (a longer t2t note than planned): prepare it now, outside
-        any span, and say so; its cost lands in this generation's `other_ms`."""
-        if key not in self._ready:
-            self.late += 1
-            how = self.verb("step" if isinstance(key[3], bool) else "graph")
-            if how != "preparing":
-                warnings.warn(f"fast engine: {how} the {what} for batch {key[1]}, bucket"
-                              f" {key[2]} outside warm-up; this generation's e2e includes it.")
-            prepare()
+        """A shape this generation needs. Ready: its caches count as in use by this generation
+        (a shape prepared next never evicts them). Not ready (warm-up did not cover it, e.g. a
+        longer t2t note than planned, or the cap freed it): prepare it now, outside any span,
+        and say so; its cost lands in this generation's `other_ms`."""
+        if key in self._ready:
+            for ck in self._binds.get(key, (key[:3],)):
+                if ck in self._caches:
+                    self._used[ck] = self._epoch
+                    self._caches.move_to_end(ck)
+            return
+        self.late += 1
+        how = self.verb("step" if isinstance(key[3], bool) else "graph")
+        if how != "preparing":
+            warnings.warn(f"fast engine: {how} the {what} for batch {key[1]}, bucket"
+                          f" {key[2]} outside warm-up; this generation's e2e includes it.")
+        prepare()
 
     def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
         self._late(f"{role} step", (role, B, L, greedy), lambda: self.prepare(role, B, L, greedy))
