@@ -102,6 +102,12 @@ SEED_RECORD = {
 }
 
 
+#: Seconds after which a test counts as hung. A hang guard only, never a claim about speed:
+#: CI's machine may be loaded (load 9-17 on 2 cores stretched 0.3 s steps to several seconds),
+#: so a test checks what happened and in what order, and bounds time only to catch a hang.
+HANG_S = 60
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from c2c_core.io import fileio, records
 from c2c_core.frontends.cli import main
 from c2c_core.spec.errors import UserError
 from c2c_core.io.records import check_record, read_records
+from conftest import HANG_S  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +100,7 @@ def test_unwritable_output_is_found_before_models_load(tmp_path, capsys, no_mode
     monkeypatch.setattr(fileio, "open", read_only, raising=False)
     t = time.monotonic()
     assert main(["batch", "--output", str(tmp_path / "o.jsonl")]) == 2
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < HANG_S  # a hang guard; no_model_load: before any load
     one_line_error(capsys, "read-only", "pick another --output")
 
 
@@ -134,7 +135,7 @@ def test_a_second_run_on_a_locked_output_refuses(tmp_path, capsys, no_model_load
         for flags in (["--resume"], ["--append"], []):
             t = time.monotonic()
             assert main(["batch", "--output", str(out), *flags]) == 2
-            assert time.monotonic() - t < 5
+            assert time.monotonic() - t < HANG_S  # a hang guard: it does not wait for the lock
             one_line_error(capsys, f"{out} is being written by another run")
     assert out.read_text() == ""  # nothing truncated or appended by the refused runs
 
