@@ -296,14 +296,24 @@ BUILDER = textwrap.dedent("""
 """)
 
 
+def _kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 def test_cache_folder_built_once_by_concurrent_processes(tmp_path):
     out, log = tmp_path / "cache" / "model-abc", tmp_path / "builds.log"
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(out), str(log)], env=env,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err
+    finally:
+        _kill_all(procs)  # on a failure or a timeout none of them outlives the test
     assert len(log.read_text().split()) == 1  # one process converted; three reused its folder
     assert not [p for p in os.listdir(out.parent) if ".tmp-" in p]  # no temp folders left
 
@@ -337,10 +347,13 @@ def test_concurrent_smollm2_conversion(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = []
-    for p in procs:
-        o, e = p.communicate(timeout=900)
-        assert p.returncode == 0, e
-        outs.append(o.strip())
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=900)
+            assert p.returncode == 0, e
+            outs.append(o.strip())
+    finally:
+        _kill_all(procs)
     assert len(set(outs)) == 1
     assert not [p for p in os.listdir(os.path.dirname(outs[0])) if ".tmp-" in p]
 

@@ -21,7 +21,7 @@ from c2c_core.frontends.cli import main
 from c2c_core.spec.errors import UserError
 from c2c_core.io.records import check_record, read_records, write_all
 
-from conftest import HANG_S, free_port
+from conftest import HANG_S, free_port, run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,8 +51,8 @@ def _start(cmd, **env):
 
 
 def _run(cmd, timeout=900, cwd=None):
-    p = subprocess.run(cmd, cwd=cwd or ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
+    # its own process group, killed on a timeout: torchrun's ranks must not outlive it
+    p = run_group(cmd, cwd=cwd or ROOT, env=_env(), timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
 
