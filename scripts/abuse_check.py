@@ -22,10 +22,12 @@ with no leak, no traceback, nothing failed and the app alive.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +42,10 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTINEL = "C2C-ABUSE-SENTINEL-7f3a"
+#: Seconds after which a call counts as hung. A hang guard only: no probe is judged by how
+#: fast it answered (the machine may be loaded; under load 9-17 on 2 cores a bound of 3 s
+#: failed), only by what it answered and in what order things happened.
+HANG_S = 300.0
 #: A refusal with no sentence of ours: gradio's or httpx's status line only.
 BARE = re.compile(r"\b400 Bad Request\b|^HTTPStatusError")
 
@@ -92,8 +98,8 @@ def has_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" in text or bool(re.search(r'File "/[^"]+", line', text))
 
 
-def judge_refusal(ctx: Ctx, name: str, fn, max_secs: float | None = None,
-                  must_say: str | None = None, sent: str | None = None) -> Result:
+def judge_refusal(ctx: Ctx, name: str, fn, must_say: str | None = None,
+                  sent: str | None = None) -> Result:
     t = time.perf_counter()
     try:
         out = fn()
@@ -105,9 +111,6 @@ def judge_refusal(ctx: Ctx, name: str, fn, max_secs: float | None = None,
             return Result(name, "LEAK", "; ".join(bad) + f" | {short(text)}", secs)
         if has_traceback(text):
             return Result(name, "TRACEBACK", short(text), secs)
-        if max_secs is not None and secs > max_secs:
-            return Result(name, "FAILED", f"refused, but after {secs:.2f} s (> {max_secs} s)",
-                          secs)
         if must_say and must_say not in text:
             return Result(name, "FAILED", f"refused without saying {must_say!r}: {short(text)}",
                           secs)
@@ -127,7 +130,7 @@ def short(text: str, n: int = 150) -> str:
     return t if len(t) <= n else t[: n - 1] + "…"
 
 
-def call(client, api_name: str, timeout: float = 300, **kw):
+def call(client, api_name: str, timeout: float = HANG_S, **kw):
     """client.predict with a bound on the wait (a hung server must not hang the check)."""
     return client.submit(api_name=api_name, **kw).result(timeout=timeout)
 
@@ -231,9 +234,9 @@ def size_probes(ctx: Ctx) -> list[tuple[str, object, dict]]:
     return [
         ("1 MB prompt to /profile", lambda: call(c, prompt="x" * (1 << 20),
                                                        api_name="/profile"),
-         {"max_secs": 1.0, "must_say": "C2C_MAX_PROMPT_CHARS"}),
+         {"must_say": "C2C_MAX_PROMPT_CHARS"}),
         ("1 MB prompt list to /batch", lambda: call(c, prompts="y\n" * (1 << 19),
-                                                          api_name="/batch"), {"max_secs": 2.0}),
+                                                          api_name="/batch"), {}),
         ("5,000 prompts to /batch", lambda: call(c,
             prompts="\n".join(f"q{i}" for i in range(5000)), api_name="/batch"), {}),
         ("max_new_tokens = 100,000", lambda: call(c, prompts="hi", max_new_tokens=100_000,
@@ -261,21 +264,21 @@ def size_probes(ctx: Ctx) -> list[tuple[str, object, dict]]:
          {}),
         ("device = cuda:99", lambda: call(c, prompts="hi", device="cuda:99",
                                                api_name="/batch"), {}),
-        # the memory budget: refused before anything loads, in about a second
+        # the memory budget: refused before anything loads, saying which budget
         ("50 sharers", lambda: call(c, prompts="hi", receiver="smollm2",
             sharer=",".join(["smollm2"] * 50), api_name="/batch"),
-         {"max_secs": 2.0, "must_say": "C2C_MAX_SHARERS"}),
+         {"must_say": "C2C_MAX_SHARERS"}),
         ("7-8B dummy pair on a CPU", lambda: call(c, prompts="hi",
             preset="qwen3-8b+qwen2.5-7b-dummy", device="cpu", api_name="/batch"),
-         {"max_secs": 2.0, "must_say": "billion parameters"}),
+         {"must_say": "billion parameters"}),
         ("8B dummy receiver by hand on a CPU", lambda: call(c, receiver="dummy:qwen3-8b",
             sharer="smollm2", device="cpu", dtype="float32", api_name="/load_models"),
-         {"max_secs": 2.0, "must_say": "billion parameters"}),
+         {"must_say": "billion parameters"}),
         ("sweep batch 1024 x 8,000 tokens", lambda: call(c, input_lens="8000",
             output_lens="16", batch_sizes="1024", engine="fast", api_name="/sweep"),
-         {"max_secs": 2.0, "must_say": "KV cache"}),
+         {"must_say": "KV cache"}),
         ("device = meta", lambda: call(c, prompts="hi", device="meta", api_name="/batch"),
-         {"max_secs": 2.0, "must_say": "use auto, cpu or cuda"}),
+         {"must_say": "use auto, cpu or cuda"}),
     ]
 
 
@@ -331,19 +334,23 @@ def upload_probes(ctx: Ctx) -> list[Result]:
     return out
 
 
-KILLED_CLIENT = textwrap.dedent("""
+KILLED_PROMPT = "Count from one to one thousand in words."
+KILLED_CLIENT = textwrap.dedent(f"""
     import sys, time
     from gradio_client import Client
     c = Client(sys.argv[1], verbose=False)
     if sys.argv[2] == "batch":
-        job = c.submit(prompts="Count from one to one thousand in words.", max_new_tokens=1500,
+        job = c.submit(prompts={KILLED_PROMPT!r}, max_new_tokens=1500, mode="c2c",
                        ignore_eos=True, repeats=3, warmup=1, api_name="/batch")
     else:
-        job = c.submit(prompt="Count from one to one thousand in words.", max_new_tokens=1500,
+        job = c.submit(prompt={KILLED_PROMPT!r}, max_new_tokens=1500,
                        ignore_eos=True, warmup=1, api_name="/profile")
     print("submitted", flush=True)
     time.sleep(3600)
 """)
+#: Records the killed client's job writes when it runs to its end (None: not judged; a
+#: profile's records are not counted here).
+KILLED_RECORDS = {"batch": 3, "profile": None}
 
 
 def session_records(ctx: Ctx) -> list[dict]:
@@ -365,11 +372,19 @@ def overlaps(recs: list[dict]) -> int:
 
 
 def disconnect_probe(ctx: Ctx, kind: str, run_for: float = 4.0) -> Result:
-    """Kill -9 a client mid-run; a short job from another client must then start at once."""
+    """Kill -9 a client mid-run: its job must end cut short (cancelled, not run to its end), a
+    short job from another client must then run, its generation starting after every
+    generation of the killed job ended, and no two generations of the session may overlap.
+
+    Judged by order, not by seconds: on a loaded machine the next generation started 5.4 s
+    after the kill and a bound of 3 s failed. A job that was not cancelled shows as all of its
+    records written before the next job's (it runs to its end first); a hung one as the next
+    job's call running past its bound (HANG_S, a hang guard only)."""
     name = f"client killed during a long /{kind}"
     script = os.path.join(ctx.tmp, "killed_client.py")
     with open(script, "w") as f:
         f.write(KILLED_CLIENT)
+    before = {json.dumps(r, sort_keys=True) for r in session_records(ctx)}
     a = subprocess.Popen([sys.executable, script, ctx.url, kind], stdout=subprocess.PIPE,
                          text=True)
     try:
@@ -379,24 +394,36 @@ def disconnect_probe(ctx: Ctx, kind: str, run_for: float = 4.0) -> Result:
     finally:
         a.send_signal(signal.SIGKILL)
         a.wait()
-    killed = time.time()
     t = time.perf_counter()
     try:
         status, *_ = call(ctx.client(), prompts="What is 2+2?", max_new_tokens=4, warmup=0,
-                                          api_name="/batch")
+                          api_name="/batch", timeout=HANG_S)
     except Exception as e:  # noqa: BLE001
         return Result(name, "FAILED", f"the next job failed: {short(str(e))}")
     waited = time.perf_counter() - t
     recs = session_records(ctx)
-    mine = [r for r in recs if r.get("prompt") == "What is 2+2?"]
+    new = [r for r in recs if json.dumps(r, sort_keys=True) not in before]
+    mine = [r for r in new if r.get("prompt") == "What is 2+2?"]
+    killed = [r for r in new if r.get("prompt") == KILLED_PROMPT]
     if not mine:
         return Result(name, "FAILED", f"the next job wrote no record ({short(status)})")
-    start = max(r["run"]["gen_start_unix"] for r in mine)
+    start = min(r["run"]["gen_start_unix"] for r in mine)
+    killed_end = max((r["run"]["gen_end_unix"] for r in killed), default=None)
     ov = overlaps(recs)
-    detail = (f"next generation started {start - killed:.2f} s after the kill; next job took"
-              f" {waited:.1f} s; overlapping generations: {ov}")
-    ok = start - killed < 3.0 and ov == 0
-    return Result(name, "ok" if ok else "FAILED", detail, waited)
+    full = KILLED_RECORDS[kind]
+    problems = []
+    if full is not None and len(killed) >= full:
+        problems.append(f"the killed job ran to its end ({len(killed)} of {full} records)")
+    if killed_end is not None and start < killed_end:
+        problems.append("the next generation started before the killed job's last one ended")
+    if ov:
+        problems.append(f"{ov} overlapping generations")
+    detail = (f"killed job: {len(killed)} of {full if full is not None else '?'} records, cut"
+              f" short; next generation started after it; next job took {waited:.1f} s;"
+              f" overlapping generations: {ov}")
+    if problems:
+        return Result(name, "FAILED", "; ".join(problems) + f" | {detail}", waited)
+    return Result(name, "ok", detail, waited)
 
 
 def parallel_probe(ctx: Ctx, n: int) -> Result:
@@ -412,7 +439,7 @@ def parallel_probe(ctx: Ctx, n: int) -> Result:
             errors.append(str(e))
 
     t = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for th in threads:
         th.start()
     for th in threads:
@@ -528,7 +555,12 @@ def stop_queued_probe(ctx: Ctx) -> Result:
                                                                       "ITERATING"):
             time.sleep(0.2)
         job = b.submit(prompts=marker, max_new_tokens=4, warmup=0, api_name="/batch")
-        time.sleep(1.0)
+        # its join must have reached the queue before the second one (a fixed sleep was a race
+        # on a loaded machine); HANG_S only guards against a hang
+        deadline = time.time() + HANG_S
+        while time.time() < deadline and job.status().code.name in ("STARTING",
+                                                                    "JOINING_QUEUE"):
+            time.sleep(0.1)
         second = _raw_join(ctx, "batch", b.session_hash, {"prompts": marker + " 2"},
                            cookies=dict(getattr(b, "cookies", None) or {}))
         cfg = httpx.get(f"{ctx.url}config", timeout=30).json()
@@ -794,8 +826,10 @@ def _strings(v):
             yield from _strings(x)
 
 
-def long_steps_probe(ctx: Ctx, max_secs: float = 30) -> Result:
-    """A 15 MB results file with 1.5 M decode steps per record (170 s before; `report` 1 s)."""
+def long_steps_probe(ctx: Ctx, max_secs: float = 120) -> Result:
+    """A 15 MB results file with 1.5 M decode steps per record (170 s before; `report` 1 s).
+    max_secs only catches that old path or a hang (6.5 s on an idle 2-core machine, several
+    times that under load); tests/test_results_safety.py checks what the page gets."""
     path = os.path.join(ctx.tmp, "long-steps.jsonl")
     with open(path, "w") as f:
         for i in range(2):
@@ -841,9 +875,71 @@ def start_app(tmp: str, port: int, log_path: str) -> subprocess.Popen:
     env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", TMPDIR=tmp,
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONUNBUFFERED="1")
-    log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open(log_path, "w") as log:
+        # its own process group (its worker process joins it): stop_app ends them together
+        return subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def app_tree(app: subprocess.Popen | None) -> set[int]:
+    """The app's pid and its descendants' (its worker), while they can still be found."""
+    if app is None:
+        return set()
+    import psutil
+    try:
+        return {app.pid} | {k.pid for k in psutil.Process(app.pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def running(pids: set[int]) -> list[int]:
+    """Those of pids that still run (a zombie, dead but not yet reaped, does not)."""
+    import psutil
+    out = []
+    for pid in sorted(pids):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def stop_app(app: subprocess.Popen | None, grace: float = 20) -> None:
+    """SIGTERM the app's process group (the app and its worker), SIGKILL what is left after
+    `grace` seconds. Safe to call twice and after the app died on its own (its worker may
+    not have)."""
+    if app is None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(app.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break  # the group is gone: nothing left to stop
+        try:
+            app.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # the app exited: its worker gets the same time to follow
+            deadline = time.time() + grace
+            while time.time() < deadline:
+                try:
+                    os.killpg(app.pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                time.sleep(0.1)
+    try:
+        app.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _exit_on_signal(signum, _frame):
+    """SIGTERM / SIGHUP / SIGINT: unwind main() so its finally stops the app and removes the
+    temporary folder (a second signal while that runs is ignored: cleanup must finish)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def make_secrets(tmp: str) -> str:
@@ -865,12 +961,30 @@ def main(argv=None) -> int:
                     " (uploads: bombs, gzip, sessions, tags, long files, upload quota)")
     ap.add_argument("--startup_timeout", type=float, default=180)
     args = ap.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     tmp = tempfile.mkdtemp(prefix="c2c-abuse-")
-    port = free_port()
+    app: subprocess.Popen | None = None
+    tree: set[int] = set()
+
+    def cleanup():
+        tree.update(app_tree(app))
+        stop_app(app)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(cleanup)  # also on an exception that escapes main
+    try:
+        app = start_app(tmp, (port := free_port()), os.path.join(tmp, "server.log"))
+        return _run(args, tmp, port, app, tree)
+    finally:
+        cleanup()
+        atexit.unregister(cleanup)
+
+
+def _run(args, tmp: str, port: int, app: subprocess.Popen, tree: set[int]) -> int:
     log_path = os.path.join(tmp, "server.log")
     ctx = Ctx(f"http://127.0.0.1:{port}/", tmp, make_secrets(tmp),
               os.path.join(tmp, "c2c-workbench-sessions"), log_path)
-    app = start_app(tmp, port, log_path)
     ctx.server_pid = app.pid
     results = ctx.results
     try:
@@ -884,6 +998,7 @@ def main(argv=None) -> int:
 
         def record(r: Result):
             results.append(r)
+            tree.update(app_tree(app))  # the worker's pid too, while it is the app's child
             if not alive(ctx):
                 results.append(Result(f"app alive after: {r.probe}", "FAILED", "app is down"))
             print(f"  {r.outcome:<12} {r.secs:6.2f}s  {r.probe}", flush=True)
@@ -914,11 +1029,9 @@ def main(argv=None) -> int:
         record(control_probe(ctx))
         is_alive = alive(ctx) and app.poll() is None
     finally:
-        app.terminate()
-        try:
-            app.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        tree.update(app_tree(app))
+        stop_app(app)
+    left = running(tree)  # the app and its worker must be gone now
     server_log = open(log_path, errors="replace").read()
     server_tb = server_log.count("Traceback (most recent call last)")
     ends: dict[str, int] = {}  # each server traceback's exception line (the last unindented one)
@@ -945,13 +1058,15 @@ def main(argv=None) -> int:
                              for r in results),
         "server_growth_mb_max": max(ctx.growth_mb.values(), default=0.0),
         "server_log_tracebacks": server_tb,
+        "app_pids": sorted(tree),
+        "left_running": left,
         "fast": args.fast,
     }
     for line, n in ends.items():
         print(f"server log traceback x{n}: {line}")
     print(json.dumps(counts))
     bad = counts["leaks"] or counts["tracebacks"] or counts["not_refused"] or counts["failed"] \
-        or counts["bare_refusals"] or counts["server_growth_mb_max"] >= 500
+        or counts["bare_refusals"] or counts["server_growth_mb_max"] >= 500 or left
     return 0 if is_alive and not bad else 1
 
 

@@ -12,7 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # cores); tests/test_fast.py::test_compiled_step_equals_eager compiles explicitly
 os.environ.setdefault("C2C_FAST_COMPILE", "0")
 
+import signal  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -100,6 +102,33 @@ SEED_RECORD = {
                "num_generated_tokens": 3, "decode_steps": [0.05, 0.06, 0.07]},
     "timing_breakdown_ms": [50.0, 60.0, 70.0],
 }
+
+
+#: Seconds after which a test counts as hung. A hang guard only, never a claim about speed:
+#: CI's machine may be loaded (load 9-17 on 2 cores stretched 0.3 s steps to several seconds),
+#: so a test checks what happened and in what order, and bounds time only to catch a hang.
+HANG_S = 60
+
+
+def run_group(cmd, *, timeout: float, capture_output: bool = True, text: bool = True,
+              **popen_kw) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, timeout=...) for a command that starts
+    processes of its own (torchrun's ranks, a shell script's python): it runs in a process
+    group of its own, and the whole group is SIGKILLed on a timeout or any exception, and
+    after it ends (nothing it started may outlive it). subprocess.run kills only the child."""
+    assert capture_output and text, "run_group always captures text"
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, **popen_kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if p.returncode is None:  # timed out or interrupted: reap it (and close its pipes)
+            p.communicate()
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def free_port() -> int:

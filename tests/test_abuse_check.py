@@ -1,29 +1,71 @@
 """The abuse check's fast subset, as CI runs it: the app started the way a Space runs it, every
-probe refused cleanly, nothing leaked, no traceback, the app alive at the end."""
+probe refused cleanly, nothing leaked, no traceback, the app alive at the end, and the app and
+its worker gone when the check ends (also when this test fails or times out)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: A hang guard only: the fast subset takes about two minutes on an idle 2-core machine.
+HANG_S = 900
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop the check and everything it started: SIGTERM first (the script then stops its
+    app's process group and removes its folder), then SIGKILL to its own group and to any
+    descendant still found (the app runs in a group of its own)."""
+    import psutil
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        kids = []
+    proc.terminate()
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for k in kids:
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
 
 
 @pytest.mark.slow
 def test_abuse_check_fast_subset():
     pytest.importorskip("gradio")
+    psutil = pytest.importorskip("psutil")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("C2C_ALLOW_LOCAL_PATHS", None)
-    out = subprocess.run([sys.executable, "scripts/abuse_check.py", "--fast"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
-    lines = out.stdout.strip().splitlines()
-    assert lines, out.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "scripts/abuse_check.py", "--fast"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=HANG_S)
+    finally:
+        if proc.poll() is None:  # timed out (or this test was interrupted): end it all
+            _end(proc)
+    lines = stdout.strip().splitlines()
+    assert lines, stderr[-3000:]
     counts = json.loads(lines[-1])
-    report = out.stdout[-6000:]
+    report = stdout[-6000:]
+    # the app and its worker were stopped by the script itself (its own finally)
+    assert counts["app_pids"] and counts["left_running"] == [], report
+    alive = [p for p in counts["app_pids"] if psutil.pid_exists(p)
+             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], (alive, report)
     assert counts["app_alive"], report
     assert counts["leaks"] == 0, report
     assert counts["tracebacks"] == 0, report
@@ -36,5 +78,5 @@ def test_abuse_check_fast_subset():
     assert counts["crashes"] == 0, report
     assert counts["server_growth_mb_max"] < 500, report
     for probe in ("parquet bomb", "sessions: hashes 'x' and 'x!'", "<img> tags", "1.5 M steps"):
-        assert probe in report or probe in out.stdout, (probe, report)
-    assert out.returncode == 0, report
+        assert probe in report or probe in stdout, (probe, report)
+    assert proc.returncode == 0, report

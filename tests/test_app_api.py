@@ -249,7 +249,8 @@ def test_dataset_not_cached_offline_fails_at_once(client):
     msg = str(e.value)
     assert "no-such-owner/no-such-dataset" in msg and "upload a prompts file" in msg
     assert "--" not in msg
-    assert time.perf_counter() - t0 < 30
+    from conftest import HANG_S
+    assert time.perf_counter() - t0 < HANG_S  # a hang guard; offline, nothing retries
 
 
 def test_analyze_compares_modes_with_ratios(client, tmp_path, tiny_pipe):

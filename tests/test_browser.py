@@ -6,11 +6,12 @@ Screenshots go to artifacts/screenshots/ (look at them: layout is checked by eye
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CHROMIUM, SHOTS, need_browser
+from conftest import CHROMIUM, HANG_S, SHOTS, need_browser
 from conftest import CHROMIUM_ARGS as ARGS
 
 sync_api = need_browser()
@@ -211,9 +212,14 @@ def test_waiting_job_shows_its_queue_place(page, app_url):
     job = Client(app_url, verbose=False).submit(prompts="one\ntwo", max_new_tokens=600,
                                                 ignore_eos=True, api_name="/batch")
     try:
-        page.wait_for_timeout(300)
+        # the batch must hold the slot before the click (a fixed 300 ms wait was a race on a
+        # loaded machine); the bounds below are hang guards only
+        deadline = time.time() + HANG_S
+        while job.status().code.name not in ("PROCESSING", "ITERATING", "PROGRESS"):
+            assert time.time() < deadline, "the batch never started"
+            page.wait_for_timeout(50)
         page.click("#profile-run")
-        text = wait_text(page, "#profile-status", "queue: 1/", timeout=15_000)
+        text = wait_text(page, "#profile-status", "queue: 1/", timeout=HANG_S * 1000)
         assert "one model job runs at a time" in text
         shot(page, "07_waiting_in_queue")
     finally:

@@ -13,6 +13,7 @@ import pytest
 
 from c2c_core.frontends.cli import main
 from c2c_core.io.records import check_record, read_records
+from conftest import HANG_S  # noqa: E402
 
 
 @pytest.fixture()
@@ -115,7 +116,7 @@ def test_input_errors_exit_nonzero_with_one_line(argv, message, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
-    assert time.monotonic() - t < 10  # found before any model loads
+    assert time.monotonic() - t < HANG_S  # a hang guard only (the machine may be loaded)
 
 
 def test_malformed_line_is_named_and_can_be_skipped(tmp_path, model_args, capsys):

@@ -19,6 +19,7 @@ from c2c_core.io import fileio, records
 from c2c_core.frontends.cli import main
 from c2c_core.spec.errors import UserError
 from c2c_core.io.records import check_record, read_records
+from conftest import HANG_S  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +100,7 @@ def test_unwritable_output_is_found_before_models_load(tmp_path, capsys, no_mode
     monkeypatch.setattr(fileio, "open", read_only, raising=False)
     t = time.monotonic()
     assert main(["batch", "--output", str(tmp_path / "o.jsonl")]) == 2
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < HANG_S  # a hang guard; no_model_load: before any load
     one_line_error(capsys, "read-only", "pick another --output")
 
 
@@ -134,7 +135,7 @@ def test_a_second_run_on_a_locked_output_refuses(tmp_path, capsys, no_model_load
         for flags in (["--resume"], ["--append"], []):
             t = time.monotonic()
             assert main(["batch", "--output", str(out), *flags]) == 2
-            assert time.monotonic() - t < 5
+            assert time.monotonic() - t < HANG_S  # a hang guard: it does not wait for the lock
             one_line_error(capsys, f"{out} is being written by another run")
     assert out.read_text() == ""  # nothing truncated or appended by the refused runs
 
@@ -295,14 +296,24 @@ BUILDER = textwrap.dedent("""
 """)
 
 
+def _kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 def test_cache_folder_built_once_by_concurrent_processes(tmp_path):
     out, log = tmp_path / "cache" / "model-abc", tmp_path / "builds.log"
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(out), str(log)], env=env,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err
+    finally:
+        _kill_all(procs)  # on a failure or a timeout none of them outlives the test
     assert len(log.read_text().split()) == 1  # one process converted; three reused its folder
     assert not [p for p in os.listdir(out.parent) if ".tmp-" in p]  # no temp folders left
 
@@ -336,10 +347,13 @@ def test_concurrent_smollm2_conversion(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = []
-    for p in procs:
-        o, e = p.communicate(timeout=900)
-        assert p.returncode == 0, e
-        outs.append(o.strip())
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=900)
+            assert p.returncode == 0, e
+            outs.append(o.strip())
+    finally:
+        _kill_all(procs)
     assert len(set(outs)) == 1
     assert not [p for p in os.listdir(os.path.dirname(outs[0])) if ".tmp-" in p]
 

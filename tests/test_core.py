@@ -17,6 +17,7 @@ from c2c_core.models.projector import C2CProjector, load_fuser, save_fuser, untr
 from c2c_core.io.records import check_record, read_records
 from c2c_core.bench.runner import Item, generate, run_many, run_one
 from c2c_core.measure.timing import Timer
+from conftest import HANG_S  # noqa: E402
 
 
 def _tokens(pipe, cfg, mode, prompt="What is the capital of France?"):
@@ -230,7 +231,7 @@ def test_hub_model_fails_fast_when_offline(monkeypatch):
     t = time.monotonic()
     with pytest.raises(UserError, match="Qwen/Qwen3-0.6B.*HF_HUB_OFFLINE"):
         load_pipeline(cfg)
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < HANG_S  # a hang guard only
 
 
 def test_out_of_memory_keeps_written_records(tmp_path, tiny_pipe, monkeypatch):
@@ -265,4 +266,4 @@ def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
     t = time.monotonic()
     with pytest.raises(UserError, match="cannot be reached"):
         hub.require_hub("Receiver model Qwen/Qwen3-0.6B")
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < HANG_S  # a hang guard only

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("gradio")
 
 from c2c_core.frontends.ui import fairqueue, jobs, sessions  # noqa: E402
+from conftest import HANG_S  # noqa: E402
 
 LONG = dict(max_new_tokens=400, ignore_eos=True, warmup=0)
 
@@ -76,7 +77,7 @@ def _busy(url: str):
     return job
 
 
-def _wait(cond, timeout=20.0):
+def _wait(cond, timeout=HANG_S):
     t = time.time()
     while not cond():
         if time.time() - t > timeout:

@@ -98,9 +98,10 @@ def _sleep_ms(cycles: int, reps: int = 5) -> float:
 
 def test_event_and_sync_spans_measure_a_known_delay():
     """A span around a known GPU delay (torch.cuda._sleep, ~20 ms) reads that delay with CUDA
-    events and with a sync per stage, each within 5% of the delay measured alone. This is a
-    test of the timer, not of any model's speed: it cannot fail on a correct program (the
-    earlier timed comparison of two eager generations could, on a host-bound decode)."""
+    events and with a sync per stage: between the delay measured alone, less 5%, and its
+    longest reading alone, plus 5%. This is a test of the timer, not of any model's speed: it
+    cannot fail on a correct program (the earlier timed comparison of two eager generations
+    could, on a host-bound decode)."""
     from c2c_core.measure.timing import Timer
     dev = torch.device("cuda")
     cycles = 1_000_000
@@ -114,10 +115,14 @@ def test_event_and_sync_spans_measure_a_known_delay():
             with t.span("decode"):
                 torch.cuda._sleep(cycles)
             seen[method].append(t.finish()["decode"][0])
-    ref = sorted(alone)[2]
+    # A loaded host only stretches readings (a preempted launch or sync wake-up), so compare
+    # the least stretched span with the least and the most stretched alone figures: a span
+    # holding the delay reads at least the delay (5% slack: the alone figure adds a launch and
+    # a sync), and no more than the delay ever read alone (a double count or a wait on other
+    # work would exceed both). Neither bound fails because the host is busy (the earlier
+    # median-within-5% could, with the sync method's host clock).
     for method, ms in seen.items():
-        med = sorted(ms)[2]
-        assert abs(med - ref) <= 0.05 * ref, (method, med, ref)
+        assert 0.95 * min(alone) <= min(ms) <= 1.05 * max(alone), (method, ms, alone)
 
 
 def test_event_spans_of_a_generation_fit_in_its_wall_time(gpu_pipe):

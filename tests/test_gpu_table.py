@@ -10,10 +10,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+from conftest import run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("gpu_table", os.path.join(ROOT, "scripts", "gpu_table.py"))
@@ -167,8 +168,7 @@ def test_dry_run_prints_the_table_from_existing_files(tmp_path):
     out = str(tmp_path / "out")
     _write(out)
     env = {**os.environ, "OUT": out, "GPU_CHECK_DRY": "1", "PYTHON": sys.executable}
-    r = subprocess.run([bash, "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = run_group([bash, "scripts/gpu_check.sh"], cwd=ROOT, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "decode ms/token (batch 1)" in r.stdout and os.path.exists(os.path.join(out, "gpu_check.json"))
 
@@ -179,8 +179,7 @@ def test_refuses_without_a_gpu(tmp_path):
         pytest.skip("needs a machine without nvidia-smi")
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     env.pop("GPU_CHECK_DRY", None)
-    r = subprocess.run([bash, "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = run_group([bash, "scripts/gpu_check.sh"], cwd=ROOT, env=env, timeout=60)
     assert r.returncode == 2
     msg = (r.stdout + r.stderr).strip()
     assert len(msg.splitlines()) == 1 and "GPU" in msg, msg

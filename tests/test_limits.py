@@ -13,6 +13,7 @@ from c2c_core.spec.config import ModelSpec, build_run_config
 from c2c_core.spec.errors import UserError
 from c2c_core.io.prompts import PromptItem
 from c2c_core.io.records import read_records
+from conftest import HANG_S  # noqa: E402
 
 
 # --- context length from a config ---------------------------------------------------------
@@ -103,18 +104,18 @@ def test_sweep_past_the_context_is_refused_before_models_load(tiny_models, tmp_p
     rc = main(["sweep", "--input_lens", "16,10000", "--output_lens", "8",
                "--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
                "--output", str(tmp_path / "s.jsonl")])
-    assert time.monotonic() - t < 1.0
+    assert time.monotonic() - t < HANG_S  # a hang guard; load_pipeline fails the test
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: --input_lens 10000 is 10,000 tokens")
     assert "context of 4,096 tokens" in err[-1] and "Traceback" not in "\n".join(err)
 
 
-def test_sweep_on_the_default_preset_is_refused_in_under_a_second(tmp_path, capsys, monkeypatch):
+def test_sweep_on_the_default_preset_is_refused_before_models_load(tmp_path, capsys, monkeypatch):
     from c2c_core.models import loading
     monkeypatch.setattr(loading, "load_pipeline", lambda cfg: pytest.fail("models loaded"))
     t = time.monotonic()
     assert main(["sweep", "--input_lens", "10000", "--output", str(tmp_path / "s.jsonl")]) == 2
-    assert time.monotonic() - t < 1.0
+    assert time.monotonic() - t < HANG_S  # a hang guard; load_pipeline fails the test
     err = capsys.readouterr().err
     assert "over the receiver's context of 8,192 tokens (smollm2)" in err
 
@@ -147,7 +148,7 @@ def test_fuser_parameter_cap_is_checked_before_allocating():
     t = time.monotonic()
     with pytest.raises(UserError, match=r"6\.3 billion parameters .* limit of 2 billion"):
         limits.check_fuser_params(r, s, 4096, 4096, 3)
-    assert time.monotonic() - t < 5  # meta device: nothing allocated
+    assert time.monotonic() - t < HANG_S  # a hang guard (meta device: nothing allocated)
 
 
 def test_load_pipeline_refuses_an_oversize_fuser(tiny_cfg_kwargs, monkeypatch):
