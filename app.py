@@ -16,6 +16,10 @@ if __name__ != "__mp_main__":
 if __name__ == "__main__":
     import os
     import tempfile
+
+    from c2c_core.frontends.ui.gate import bound_output
+    # no line the server prints holds more than 2 KB (gradio prints a bad request's values)
+    bound_output()
     # Serve from an empty working folder: a client's hub-shaped name (owner/name) can then never
     # be a folder below this one, which transformers or datasets would read from disk.
     os.chdir(tempfile.mkdtemp(prefix="c2c-app-cwd-"))

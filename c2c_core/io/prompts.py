@@ -458,11 +458,40 @@ def _text_stream(path: str, name: str, encoding: str | None) -> Iterator[io.Text
 
 
 def _csv_rows(path: str, name: str, encoding: str | None, budget: _Budget) -> Iterator[dict]:
+    """A CSV file's rows. A field over the csv module's limit (131,072 characters; no prompt a
+    model here takes is that long, and a longer text belongs in a .jsonl file) or holding a NUL
+    character is refused in one sentence naming the file and its line, as is a row the csv
+    module cannot parse (its error reached the app as a bare exception, the CLI as a
+    traceback)."""
     with _text_stream(path, name, encoding) as f:
         reader = csv.DictReader(f)
-        for row in reader:
-            budget.add(rows=1, nbytes=sum(len(v) for v in row.values() if isinstance(v, str)))
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                line = reader.reader.line_num
+                if "field larger than field limit" in str(e):
+                    raise UserError(f"{name} line {line:,} has a field over"
+                                    f" {csv.field_size_limit():,} characters, the most a CSV"
+                                    " field may hold here: shorten it, or give the prompts as"
+                                    " a .jsonl file.") from None
+                raise UserError(f"{name} line {line:,} is not CSV this reader can parse"
+                                f" ({_csv_reason(e)}): save it as CSV again, or give the"
+                                " prompts as a .jsonl file.") from None
+            values = [v for v in row.values() if isinstance(v, str)]
+            values += [x for v in row.values() if isinstance(v, list) for x in v]
+            if any("\x00" in v for v in values) or any("\x00" in k for k in row if k):
+                raise UserError(f"{name} line {reader.line_num:,} holds a NUL character, which"
+                                " no text prompt has: save the file as plain-text CSV.")
+            budget.add(rows=1, nbytes=sum(len(v) for v in values))
             yield row
+
+
+def _csv_reason(e: Exception) -> str:
+    """The csv module's complaint, short and without the row's text."""
+    return str(e).split(":")[0][:80] or "malformed row"
 
 
 def _read_rows(path: str, ext: str, skip_bad_lines: bool,

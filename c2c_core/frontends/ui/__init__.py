@@ -14,8 +14,8 @@ import threading
 import gradio as gr
 
 from ...spec.config import build_run_config, default_preset
-from . import (batch_tab, dataset_tab, fairqueue, guard, model_panel, profile_tab, results_tab,
-    sweep_tab)
+from . import (batch_tab, dataset_tab, fairqueue, gate, guard, model_panel, profile_tab,
+    results_tab, sweep_tab)
 from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
 from .render import enable_download, show_files
 from .runcfg import MODELS, load_models, models_status
@@ -60,13 +60,18 @@ footer { display: none !important; }
 def launch_kwargs() -> dict:
     """Keyword arguments for `demo.launch()` (host and port stay with gradio's settings)."""
     from starlette.middleware import Middleware
+    gate.bound_logs()  # no log record holds more than 2 KB of a request's values
     return {"theme": gr.themes.Soft(primary_hue="teal", secondary_hue="slate"), "css": CSS,
             "max_file_size": MAX_UPLOAD,
-            # total bytes per upload request (max_file_size is per file)
-            # every request carries a session key the server minted (guard.SessionCookie)
-            # (outermost first: the upload cap charges the session the cookie names); the
-            # fair queue notes which clients have their message stream open
-            "app_kwargs": {"middleware": [Middleware(guard.SessionCookie),
+            # outermost first: every body capped before anything reads it (gate.BodyLimit);
+            # every request carries a session key the server minted (guard.SessionCookie); a
+            # session hash is used only under the cookie that first named it
+            # (gate.StreamOwners); total bytes per upload request (max_file_size is per file),
+            # charged to the session the cookie names; the fair queue notes which clients have
+            # their message stream open
+            "app_kwargs": {"middleware": [Middleware(gate.BodyLimit),
+                                          Middleware(guard.SessionCookie),
+                                          Middleware(gate.StreamOwners),
                                           Middleware(guard.UploadLimit),
                                           Middleware(fairqueue.Connections)]}}
 
