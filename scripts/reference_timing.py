@@ -78,17 +78,10 @@ PROJECTOR_ARGS = {"num_layers": 3, "dropout": 0.1, "initial_temperature": 1.0,
 NOT_MEASURED = ("compile_first_s", "compile_second_ratio", "batch_ratio", "decode_floor_ratio")
 
 
-class Refusal(Exception):
-    """One sentence for the user and an exit status."""
-
-    def __init__(self, sentence: str, code: int = 3):
-        super().__init__(sentence)
-        self.code = code
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+sys.path.insert(0, ROOT)
+# one sentence for the user and an exit status; the first line of an exception
+from c2c_core.bench.reference import ReferenceUnavailable as Refusal  # noqa: E402
+from c2c_core.bench.reference import first_line as _first_line  # noqa: E402
 
 
 # ------------------------------------------------------------------------- timing ----------
@@ -314,11 +307,8 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from c2c_core.bench.reference import ReferenceUnavailable, load_reference
-    try:
-        RosettaModel, create_projector, mapping, shims = load_reference(clone)
-    except ReferenceUnavailable as e:
-        raise Refusal(str(e), e.code) from None
+    from c2c_core.bench.reference import load_reference
+    RosettaModel, create_projector, mapping, shims = load_reference(clone)
     try:
         model, projectors, vocab, offsets = build(args, RosettaModel, create_projector, mapping,
                                                   device, dtype)

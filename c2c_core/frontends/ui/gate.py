@@ -200,7 +200,7 @@ class StreamOwners:
             h = _hash_in_body(body)
             if h is not None:
                 hashes.append(h)
-            receive = _replay(body, receive)
+            receive = guard.replay(body, receive)
         if hashes:
             key = guard.session_key(guard._cookies(list(scope.get("headers") or []))
                                     .get(guard.SESSION_COOKIE))
@@ -211,18 +211,6 @@ class StreamOwners:
                     REFUSED.append((scope.get("path", ""), h))
                     return await _answer(send, 403, NOT_YOURS)
         return await self.app(scope, receive, send)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-    return replay
 
 
 # --- bounded logs -----------------------------------------------------------------------------

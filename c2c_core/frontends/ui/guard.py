@@ -608,15 +608,20 @@ async def _join_with_a_hash(scope, receive, send):
                                 (b"content-length", str(len(text)).encode())]})
         await send({"type": "http.response.body", "body": text})
         return None, body
+    return replay(body, receive), body
+
+
+def replay(body: bytes, receive):
+    """An ASGI `receive` that gives the body already read once, then the connection's own."""
     sent = False
 
-    async def replay():
+    async def again():
         nonlocal sent
         if sent:
             return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
-    return replay, body
+    return again
 
 
 # --- messages ---------------------------------------------------------------------------------
