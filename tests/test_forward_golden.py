@@ -164,3 +164,7 @@ def test_engines_compares_with_the_reference_and_prices_the_sections(folders, re
     assert res["reference_same_tokens"] is True, lines
     assert res["section_cost"]["segments"] == 2 and res["section_cost"]["sections_ms"] > 0
     assert any("identical to the reference's" in x and x.endswith("True") for x in lines)
+    # the contention note's measure, as every other command has it (printed when contended)
+    assert 0 < res["cpu_share"] <= 1.5
+    noted = any("CPU threads' time" in x for x in lines)
+    assert res["cpu_share"] < 0.851 if noted else res["cpu_share"] >= 0.849

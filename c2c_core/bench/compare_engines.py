@@ -16,6 +16,7 @@ from ..report.analysis import column
 from ..spec.errors import UserError
 from ..io.prompts import BUILTIN_PROMPTS
 from ..io.records import percentile
+from ..report.summary import contention_note
 from .runner import Item, generate, timing_fields
 from ..measure.timing import Timer
 
@@ -89,6 +90,7 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     tps = {1: [], batch: []}
     same_tokens = True
     prompt_tokens = None
+    shares: list[float] = []  # timing.cpu_share of every timed generation (CPU)
     for r in range(repeats):
         order = (("eager", eager), ("fast", fastc)) if r % 2 == 0 else (("fast", fastc), ("eager", eager))
         toks = {}
@@ -104,6 +106,8 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
                     limits[name][k].append(t[k])
             toks[name] = g.tokens
             prompt_tokens = t.get("prompt_tokens")
+            if t.get("cpu_share") is not None:
+                shares.append(t["cpu_share"])
         same_tokens &= toks["eager"] == toks["fast"]
         for b in ((1, batch) if r % 2 == 0 else (batch, 1)):
             gs = fast.generate_batch(pipe, fastc, items[:b], "c2c", Timer(pipe.device, cfg.timing))
@@ -123,6 +127,9 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     out(f"{'fast batch 1 tok/s':24s} {_spread(tps[1])}")
     out(f"{f'fast batch {batch} tok/s':24s} {_spread(tps[batch])}  x{bratio:.2f}")
     fp32 = pipe.dtype == __import__("torch").float32
+    busy = contention_note(shares)
+    if busy:  # the ratios are side by side, but a contended run's times are still inflated
+        out(busy)
     out(f"greedy tokens identical (eager vs fast, batch 1): {same_tokens}"
         + ("" if fp32 else " (exact agreement is expected in fp32 only: the engines round"
                            " differently in half precision)"))
@@ -178,7 +185,8 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               "compile_cache_dir": (eng.compile_cache or {}).get("dir"),
               "cache_reuse_ratio": cs["reuse_ratio"], "cache_held_mb": cs["held_mb"],
               "cache_evictions": cs["evictions"],
-              "payback_generations": round(payback, 1) if payback is not None else None}
+              "payback_generations": round(payback, 1) if payback is not None else None,
+              "cpu_share": round(_med(shares), 3) if shares else None}
     cost = section_cost(pipe, eager, item, repeats) if pipe.fuser is not None else None
     if cost:
         out(f"receiver prefill in {cost['segments']} segments (the reference's order):"
