@@ -727,12 +727,16 @@ def upload_guard_probes(ctx: Ctx, fast: bool) -> list[Result]:
 
 def session_probes(ctx: Ctx) -> list[Result]:
     """Clients whose session hashes collide or look alike ('x', 'x!', 'x..', empty) each get a
-    session key the server minted: one's run is not another's."""
+    session key the server minted: one's run is not another's (B, on A's very hash, is refused
+    or reads nothing of A's)."""
     from gradio_client import Client
     out = []
-    for ha, hb in (("x", "x"), ("x", "x!"), ("x", "x.."), ("", "")):
+    for i, (ha, hb) in enumerate((("x", "x"), ("x", "x!"), ("x", "x.."), ("", ""))):
         name = f"sessions: hashes {ha!r} and {hb!r} are isolated"
         a, b = Client(ctx.url, verbose=False), Client(ctx.url, verbose=False)
+        # each pair on hashes of its own ("p1-x", "p1-x!"): a hash belongs to the first cookie
+        # that used it (gate.StreamOwners), so a later pair's A reusing "x" would be refused
+        ha, hb = (f"p{i}-{ha}" if ha else ha), (f"p{i}-{hb}" if hb else hb)
         a.session_hash, b.session_hash = ha, hb
         secret = f"{SENTINEL} prompt of session {ha!r}"
         t = time.perf_counter()
