@@ -132,8 +132,10 @@ def test_one_waiting_job_per_session_and_stop_removes_it(app_server, monkeypatch
                                       "session_hash": "one-waiting", "event_data": None,
                                       "trigger_id": None})
 
-        # another session sending this page's hash neither removes its job nor is blocked
-        assert press_stop(other).status_code == 200
+        # another session sending this page's hash is refused (the hash is this cookie's:
+        # gate.StreamOwners) and does not remove its job
+        refused = press_stop(other)
+        assert refused.status_code == 403 and "session" in refused.text
         time.sleep(1.0)
         assert fairqueue.waiting_jobs("one-waiting") == 1
         # Stop, pressed in this session: its waiting job leaves the queue, its client is told
