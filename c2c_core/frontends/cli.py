@@ -1,5 +1,5 @@
-"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|compare|overhead|engines>`: each
-subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
+"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|compare|overhead|engines>`:
+each subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
 non-zero exit, with the records already written left intact.
@@ -21,6 +21,7 @@ from ..spec.config import (ALIGNMENTS, DEFAULT_PRESET, ENGINES, FUSIONS, PRESETS
 from ..spec.errors import UserError
 from ..io.prompts import BUILTIN_PROMPTS
 from ..report.summary import print_summary
+from .reporting import write_run_summary
 
 DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_timing_results.jsonl"}
 
@@ -221,6 +222,7 @@ def cmd_profile(args) -> int:
     print_summary([rec])
     print(f"Wrote {paths.jsonl}, {paths.tsv}, {paths.trace} (open in ui.perfetto.dev or"
           f" chrome://tracing), {paths.stats}")
+    write_run_summary(args, paths.jsonl)
     return 0
 
 
@@ -268,10 +270,15 @@ def _run_items(args, items) -> int:
     skip = resume_state(args, cfg)
     pipe = _load(cfg)
     writer = _writer(args)
-    with writer:
-        summary = _run_with_bar(pipe, cfg, items, writer, skip)
+    try:
+        with writer:
+            summary = _run_with_bar(pipe, cfg, items, writer, skip)
+    except BaseException:  # stopped or failed: the records so far get their summary too
+        write_run_summary(args)
+        raise
     print_summary(summary)
     print(f"Wrote {summary.count} record(s) to {args.output}")
+    write_run_summary(args)
     return 0
 
 
@@ -341,16 +348,21 @@ def cmd_sweep(args) -> int:
 
     from ..report.summary import RunningSummary
     summary = RunningSummary()
-    with writer, tqdm(unit="gen", file=sys.stderr) as bar:
-        def on_progress(done, total, rec):
-            bar.total = total
-            bar.update(done - bar.n)
-            if rec is not None:
-                summary.add(rec)
-        run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
-                  keep=False, batch_sizes=bss)
+    try:
+        with writer, tqdm(unit="gen", file=sys.stderr) as bar:
+            def on_progress(done, total, rec):
+                bar.total = total
+                bar.update(done - bar.n)
+                if rec is not None:
+                    summary.add(rec)
+            run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
+                      keep=False, batch_sizes=bss)
+    except BaseException:  # stopped or failed: the records so far get their summary too
+        write_run_summary(args)
+        raise
     print_summary(summary)
     print(f"Wrote {summary.count} record(s) to {args.output}")
+    write_run_summary(args)
     if args.html:  # from the file: this run's records (and any it resumed or appended to)
         from ..report.analysis import to_frame
         from ..report.plots import batch_curve_fig, sweep_fig
@@ -366,9 +378,10 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _frames(paths: list[str], skip_bad_lines: bool):
+def _frames(paths: list[str], skip_bad_lines: bool, summaries: dict | None = None):
     """One frame of the files' records, each run of other settings in a file (an --append of
-    another run) as its own source, said on stderr."""
+    another run) as its own source, said on stderr. `summaries`, when given, gets each
+    source's run summary (report.runreport.build_summary) for the HTML page."""
     import pandas as pd
 
     from ..report.analysis import split_runs, to_frame
@@ -379,6 +392,10 @@ def _frames(paths: list[str], skip_bad_lines: bool):
         if not recs:
             raise UserError(f"{p} holds no records; run a benchmark into it first.")
         runs = split_runs(os.path.basename(p), recs)
+        if summaries is not None:
+            from ..report.runreport import build_summary
+            for name, part in runs:
+                summaries[name] = build_summary(part, source=name)
         if len(runs) > 1:
             print(f"Note: {p} holds {len(runs)} runs with different settings; they are shown"
                   f" apart: {', '.join(name for name, _ in runs)}.", file=sys.stderr)
@@ -433,7 +450,8 @@ def cmd_report(args) -> int:
 
     from ..report.analysis import compare_modes
     _check_html(args)
-    df = _frames(args.files, args.skip_bad_lines)
+    summaries: dict = {}
+    df = _frames(args.files, args.skip_bad_lines, summaries if args.html else None)
     _warn_duplicates(df)
     _warn_contention(df)
     table, ratios = compare_modes(df)
@@ -441,17 +459,26 @@ def cmd_report(args) -> int:
     for name, r in ratios.items():
         print(ratio_line(name, r))
     if args.html:
-        from ..report.analysis import sweep_input_lens
-        from ..report.plots import mode_compare_figs, sweep_fig
-        figs = list(mode_compare_figs(df).values())
-        if sweep_input_lens(df["id"]).notna().any():
-            figs.append(sweep_fig(df))
-        with open(args.html, "w", encoding="utf-8") as f:
-            for i, fig in enumerate(figs):
-                f.write(fig.to_html(full_html=i == 0, include_plotlyjs=i == 0))
+        _write_report_html(args.html, df, summaries, ratios)
         print(f"Wrote {args.html}")
     print(json.dumps({"ratios": ratios}, default=str))
     return 0
+
+
+def _write_report_html(path: str, df, summaries: dict, ratios: dict) -> None:
+    """`report --html`: one self-contained page (report.runreport.html_report): the notes, run
+    metadata, per-mode statistics and stage medians per file, the ratios and the charts."""
+    from ..report.analysis import duplicates_note, sweep_input_lens
+    from ..report.plots import mode_compare_figs, stage_bars_fig, sweep_fig
+    from ..report.runreport import html_report, write_text
+    figs = list(mode_compare_figs(df).values())
+    if sweep_input_lens(df["id"]).notna().any():
+        figs.append(sweep_fig(df))
+    elif len(df) <= 200:  # per-sample bars stay readable for a few hundred records
+        figs.append(stage_bars_fig(df))
+    notes = [n for n in [duplicates_note(df)] if n]
+    lines = [ratio_line(name, r) for name, r in ratios.items()]
+    write_text(path, html_report(summaries, figs, notes, lines))
 
 
 def _json_safe(v):

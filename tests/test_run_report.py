@@ -1,0 +1,121 @@
+"""The run report: every CLI run writes `<stem>.summary.json` (settings, environment, per-mode
+statistics); `report --html` is one self-contained, escaped page."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from c2c_core.frontends.cli import main
+from c2c_core.io.records import read_records, write_all
+from c2c_core.report.runreport import build_summary, summary_path
+
+
+@pytest.fixture()
+def model_args(tiny_models):
+    return ["--base_model", tiny_models["receiver"], "--teacher_model", tiny_models["sharer"],
+            "--hidden_dim", "32", "--intermediate_dim", "32", "--device", "cpu",
+            "--max_new_tokens", "5", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def run_file(tiny_models, tmp_path_factory):
+    """A batch of two prompts in modes c2c and receiver, with its summary."""
+    out = tmp_path_factory.mktemp("rr") / "b.jsonl"
+    assert main(["batch", "--output", str(out), "--prompts", "What is 2+2?", "Name a color.",
+                 "--mode", "all", "--base_model", tiny_models["receiver"], "--teacher_model",
+                 tiny_models["sharer"], "--hidden_dim", "32", "--intermediate_dim", "32",
+                 "--device", "cpu", "--max_new_tokens", "5", "--warmup", "0"]) == 0
+    return out
+
+
+def test_summary_path_sits_beside_the_jsonl():
+    assert summary_path("runs/x.jsonl") == "runs/x.summary.json"
+    assert summary_path("out.txt") == "out.summary.json"
+
+
+def test_batch_writes_a_summary_with_settings_environment_and_statistics(run_file):
+    s = json.loads((run_file.parent / "b.summary.json").read_text())
+    recs = read_records(run_file)
+    assert s["records"] == len(recs)
+    # settings: what was asked, and what the records say ran
+    assert s["settings"]["requested"]["command"] == "batch"
+    assert s["settings"]["requested"]["mode"] == "all"
+    assert s["settings"]["run_settings"][0]["device"] == "cpu"
+    env = s["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    assert env["device"] == "cpu" and env["cpu"] and env["threads"] >= 1
+    assert 0 < env["cpu_share"]["median"] <= 1.5 and env["cpu_share"]["n"] == len(recs)
+    # per mode: count and the percentiles, the stage medians
+    modes = s["modes"]
+    assert set(modes) == {r["mode"] for r in recs}
+    for mode, per in modes.items():
+        mine = [r for r in recs if r["mode"] == mode]
+        assert per["count"] == len(mine) == 2
+        ttfts = sorted(r["timing"]["ttft_ms"] for r in mine)
+        assert per["ttft_ms"]["p50"] == pytest.approx(sum(ttfts) / 2, rel=1e-3)
+        assert per["ttft_ms"]["p50"] <= per["ttft_ms"]["p90"] <= per["ttft_ms"]["p99"]
+        for m in ("tpot_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second"):
+            assert set(per[m]) >= {"n", "mean", "p50", "p90", "p99"}
+        assert per["stage_medians_ms"]["decode_total_ms"] > 0
+
+
+def test_summary_of_contended_records_says_so(run_file):
+    recs = read_records(run_file)
+    for r in recs:
+        r["timing"]["cpu_share"] = 0.4
+    s = build_summary(recs)
+    assert s["environment"]["cpu_share"]["contended"] is True
+    assert "another program was using the cores" in s["environment"]["cpu_share"]["note"]
+    assert any("another program" in n for n in s["notes"])
+
+
+def test_profile_and_sweep_write_their_summaries(tmp_path, model_args):
+    prof = tmp_path / "p.jsonl"
+    assert main(["profile", "--prompt", "Hi", "--output", str(prof), *model_args]) == 0
+    s = json.loads((tmp_path / "p.summary.json").read_text())
+    assert s["records"] == 1 and s["settings"]["requested"]["command"] == "profile"
+    sw = tmp_path / "s.jsonl"
+    assert main(["sweep", "--input_lens", "4,8", "--output_lens", "3", "--output", str(sw),
+                 *model_args]) == 0
+    s = json.loads((tmp_path / "s.summary.json").read_text())
+    assert s["records"] == 2 and s["modes"]["c2c"]["count"] == 2
+
+
+def test_report_html_is_one_escaped_self_contained_page(run_file, tmp_path, capsys):
+    recs = read_records(run_file)
+    for r in recs:  # strangers' records: markup in an id, a prompt and the run metadata
+        r["id"] = "<script>alert('id')</script>"
+        r["prompt"] = "</script><script>alert('prompt')</script>"
+        r["run"]["cpu"] = "<img src=x onerror=alert('cpu')>"
+    evil = tmp_path / "evil.jsonl"
+    write_all(evil, recs)
+    page = tmp_path / "r.html"
+    assert main(["report", str(run_file), str(evil), "--html", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "<script>alert" not in text and "<img src=x" not in text
+    assert "&lt;img src=x onerror=alert(&#x27;cpu&#x27;)&gt;" in text  # shown, as text
+    # the run metadata and per-mode tables, for both files
+    assert "Run metadata" in text and torch.__version__ in text
+    assert text.count("Statistics per mode") == 2 and "TTFT ms p50" in text
+    assert "Stage medians" in text and "c2c over receiver" in text
+    # the charts work offline: plotly's JS inline, no script loaded from elsewhere
+    assert _loaded_from_elsewhere(text) == []
+    assert text.count("Plotly.newPlot") >= 2 and len(text) > 1_000_000
+
+
+def _loaded_from_elsewhere(text: str) -> list[str]:
+    """The addresses the page's tags would load (script src, link href, img src)."""
+    from html.parser import HTMLParser
+    found = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            for k, v in attrs:
+                if (tag, k) in {("script", "src"), ("link", "href"), ("img", "src")} and v:
+                    found.append(v)
+    Tags().feed(text)
+    return found
