@@ -1,5 +1,6 @@
 """The run report: every CLI run writes `<stem>.summary.json` (settings, environment, per-mode
-statistics); `report --html` is one self-contained, escaped page."""
+statistics); `report --html` is one self-contained, escaped page; `run CONFIG.yaml` sweeps a
+command over the axes a config file lists."""
 
 from __future__ import annotations
 
@@ -119,3 +120,60 @@ def _loaded_from_elsewhere(text: str) -> list[str]:
                     found.append(v)
     Tags().feed(text)
     return found
+
+
+def _config(tmp_path, text: str):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+def _models_yaml(tiny_models, out) -> str:
+    return (f"output: {out}\nbase_model: {tiny_models['receiver']}\n"
+            f"teacher_model: [{tiny_models['sharer']}]\nhidden_dim: 32\nintermediate_dim: 32\n"
+            "device: cpu\nmax_new_tokens: 4\nwarmup: 0\n")
+
+
+def test_run_config_sweeps_every_combination_into_its_own_file(tmp_path, tiny_models, capsys):
+    out = tmp_path / "exp"
+    cfg = _config(tmp_path, _models_yaml(tiny_models, out)
+                  + "command: batch\nprompts: [\"One plus one?\", \"Two plus two?\"]\n"
+                    "dtype: [float32, bfloat16]\nbatch_size: [1, 2]\n")
+    page = tmp_path / "exp.html"
+    assert main(["run", str(cfg), "--html", str(page)]) == 0
+    whole = json.loads((out / "experiment.summary.json").read_text())
+    assert whole["status"] == "complete" and whole["axes"] == ["batch_size", "dtype"]
+    points = whole["points"]
+    assert len(points) == 4
+    assert {(p["settings"]["dtype"], p["settings"]["batch_size"]) for p in points} == {
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)}
+    for p in points:
+        recs = read_records(p["output"])
+        assert len(recs) == 2 and p["records"] == 2  # the prompt list passed whole
+        assert {r["run"]["dtype"] for r in recs} == {p["settings"]["dtype"]}
+        assert {r.get("batch_size", 1) for r in recs} == {p["settings"]["batch_size"]}
+        assert p["modes"]["c2c"]["count"] == 2
+        assert json.loads(open(p["summary"]).read())["records"] == 2
+    text = page.read_text(encoding="utf-8")
+    assert text.count("Statistics per mode") == 4
+
+
+@pytest.mark.parametrize("body, said", [
+    ("dtpye: [float32]\n", "unknown key 'dtpye' for command batch; allowed keys: command,"
+                           " output,"),
+    ("command: engines\n", "command 'engines' cannot run from a config file"),
+    ("dtype: [float32, float99]\n", "float99"),
+    ("batch_size: []\n", "batch_size is an empty list"),
+    ("- a\n- b\n", "must hold a mapping of settings"),
+    ("dtype: [float32\n", "is not valid YAML"),
+])
+def test_run_config_refuses_a_bad_file_in_one_sentence_before_any_run(tmp_path, tiny_models,
+                                                                       capsys, body, said):
+    out = tmp_path / "exp"
+    head = "" if body.startswith("-") else _models_yaml(tiny_models, out)
+    cfg = _config(tmp_path, head + body)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and said in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (out / "experiment.summary.json").exists()  # nothing ran

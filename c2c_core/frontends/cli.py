@@ -1,4 +1,4 @@
-"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|compare|overhead|engines>`:
+"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|overhead|engines>`:
 each subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
@@ -481,6 +481,12 @@ def _write_report_html(path: str, df, summaries: dict, ratios: dict) -> None:
     write_text(path, html_report(summaries, figs, notes, lines))
 
 
+def cmd_run(args) -> int:
+    """`run CONFIG.yaml`: every point of the experiment (frontends.experiment)."""
+    from .experiment import Cli, run_experiment
+    return run_experiment(Cli(build_parser, run_config, main), args.config, html=args.html)
+
+
 def _json_safe(v):
     """NaN -> None and numpy scalars -> Python, so the JSON line is strict JSON."""
     if hasattr(v, "item"):
@@ -669,6 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="write the charts as one HTML file")
     p.add_argument("--skip_bad_lines", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="an experiment from a YAML file: a command's options, any"
+                       " given as a list swept (engine x dtype x preset x batch ...), one JSONL"
+                       " and summary.json per point, experiment.summary.json for all")
+    p.add_argument("config", help="YAML file: command (batch, dataset, sweep or profile), output"
+                   " (a folder) and the command's options by name, e.g. dtype: [float32, bfloat16]")
+    p.add_argument("--html", help="also write the report of all points (report --html) here")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run B vs run A, paired by (input digest, mode, repeat);"
                        " exit 1 on a regression beyond the noise, 2 when they cannot be compared,"
