@@ -53,15 +53,20 @@ def test_model_jobs_share_one_queue_slot(app_url):
     assert demo.max_file_size == 50 * 1024 * 1024
 
 
-def test_profile_returns_four_valid_files(client):
+def test_profile_returns_five_valid_files(client):
     status, response, stages, breakdown, steps, files = client.predict(
         prompt="What is 25 * 17?", api_name="/profile")
     assert "TTFT" in status and "ms" in status
     names = sorted(os.path.basename(f) for f in files)
-    assert len(files) == 4
+    assert len(files) == 5
     by_ext = {("trace" if f.endswith("_trace.json.gz") else "stats" if f.endswith("_stats.json")
+               else "summary" if f.endswith(".summary.json")
                else os.path.splitext(f)[1]): f for f in files}
-    assert set(by_ext) == {".jsonl", ".tsv", "trace", "stats"}, names
+    assert set(by_ext) == {".jsonl", ".tsv", "trace", "stats", "summary"}, names
+    with open(by_ext["summary"]) as f:  # the run report: settings, machine, per-mode numbers
+        summary = json.load(f)
+    assert summary["records"] == 1 and summary["settings"]["requested"]["frontend"] == "app"
+    assert summary["environment"]["frontend"] == "app" and summary["modes"]["c2c"]["count"] == 1
     rec = valid_jsonl(by_ext[".jsonl"], 1)[0]
     assert rec["prompt"] == "What is 25 * 17?" and rec["response"] == response
     with open(by_ext[".tsv"]) as f:

@@ -127,6 +127,10 @@ def test_batch_fills_table_and_downloads(page, tmp_path):
     assert table_rows(page, "#batch-table") == 3
     recs = valid_records(download(page, "#batch-file", None, tmp_path), 3)
     assert [r["prompt"] for r in recs] == ["Say hello.", "What is 25 * 17?", "Write a haiku."]
+    # the run's summary.json is offered beside it: settings, machine, statistics per mode
+    summary = json.loads(download(page, "#batch-summary", None, tmp_path).read_text())
+    assert summary["records"] == 3 and summary["modes"]["c2c"]["count"] == 3
+    assert summary["settings"]["requested"]["command"] == "batch"
     shot(page, "03_batch")
 
 

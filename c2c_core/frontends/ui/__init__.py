@@ -17,7 +17,7 @@ from ...spec.config import build_run_config, default_preset
 from . import (batch_tab, dataset_tab, fairqueue, gate, guard, model_panel, profile_tab,
     results_tab, sweep_tab)
 from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
-from .render import enable_download, show_files
+from .render import enable_download, offer_summary, show_files
 from .runcfg import MODELS, load_models, models_status
 from .sessions import end_session, purge_old_sessions
 from .texts import WAITING_JS, validator
@@ -199,6 +199,8 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     ev_batch.then(enable_download, batch.file, batch.file, **private)
     ev_data.then(enable_download, data.file, data.file, **private)
     ev_sweep.then(enable_download, sweep.file, sweep.file, **private)
+    for ev, tab in ((ev_batch, batch), (ev_data, data), (ev_sweep, sweep)):  # its summary.json
+        ev.then(offer_summary, tab.file, tab.summary, **private)
     for ev in (ev_prof, ev_batch, ev_data, ev_sweep):
         ev.then(model_panel.model_status, None, panel.status, api_visibility="private",
                 queue=False)

@@ -14,7 +14,7 @@ from ...io.prompts import BUILTIN_PROMPTS, resolve_prompts
 from ...bench.runner import modes_of
 from . import guard
 from .jobs import stream_records
-from .render import download_button, plot, stop_button, records_table, sized
+from .render import download_button, plot, stop_button, records_table, sized, summary_button
 from .runcfg import check_memory, run_config
 from .sessions import new_run_path
 from .texts import status_md, ui_message, user_error, md_text
@@ -29,6 +29,7 @@ class BatchTab:
     plot: gr.Plot
     file: gr.DownloadButton
     stop: gr.Button
+    summary: gr.DownloadButton | None = None  # after the run, beside its JSONL
 
     def outputs(self) -> list:
         return [self.status, self.table, self.plot, self.file]
@@ -41,12 +42,13 @@ def build_batch_tab() -> BatchTab:
         run = gr.Button("Run batch", variant="primary", elem_id="batch-run", scale=4)
         stop = stop_button("batch-stop")
         file = download_button("batch-file", scale=1, min_width=200)
+        summary = summary_button("batch-summary", scale=1, min_width=200)
     status = gr.Markdown("Each prompt × repeat × mode is one record (one JSONL line).",
                          label="status", elem_id="batch-status", elem_classes=["c2c-status"], min_height=56)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="batch-table", max_height=360)
     fig = plot(plots.stage_bars_fig(pd.DataFrame()), "batch-plot")
-    return BatchTab(prompts, run, status, table, fig, file, stop)
+    return BatchTab(prompts, run, status, table, fig, file, stop, summary)
 
 
 def render(recs: list[dict], status: str, file, summary=None):

@@ -15,7 +15,8 @@ from ...io.prompts import check_file_type, resolve_prompts, skipped_note
 from ...bench.runner import modes_of
 from . import guard
 from .jobs import stream_records
-from .render import download_button, integer_counts, plot, records_table, sized, stop_button
+from .render import (download_button, integer_counts, plot, records_table, sized, stop_button,
+    summary_button)
 from .runcfg import run_config
 from .sessions import clear_stop, session_id, new_run_path, request_stop, stop_flag
 from .texts import status_md, ui_message, user_error, md_text
@@ -40,6 +41,7 @@ class DatasetTab:
     table: gr.Dataframe
     plot: gr.Plot
     file: gr.DownloadButton
+    summary: gr.DownloadButton | None = None  # after the run, beside its JSONL
 
     def inputs(self) -> dict:
         names = ["source", "dataset_name", "dataset_config", "split", "prompt_file",
@@ -85,6 +87,7 @@ def build_dataset_tab() -> DatasetTab:
         run = gr.Button("Run dataset", variant="primary", elem_id="dataset-run", scale=4)
         stop = stop_button("dataset-stop")
         file = download_button("dataset-file-out", scale=1, min_width=200)
+        summary = summary_button("dataset-summary", scale=1, min_width=200)
     status = gr.Markdown("Stop ends the run within one decode step; the finished records"
                          " stay downloadable.", label="status", elem_id="dataset-status",
                          elem_classes=["c2c-status"], min_height=56)
@@ -92,7 +95,7 @@ def build_dataset_tab() -> DatasetTab:
                          interactive=False, elem_id="dataset-table", max_height=360)
     fig = plot(plots.decode_hist_fig(pd.DataFrame()), "dataset-plot")
     return DatasetTab(source, name, config, split, prompt_file, num, offset, field, skip, run,
-                      stop, status, table, fig, file)
+                      stop, status, table, fig, file, summary)
 
 
 def answers_table(recs: list[dict]) -> pd.DataFrame:

@@ -373,6 +373,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                 last_yield = now
                 yield alive  # lets gradio notice a client that went away
     except UserError as e:
+        if recs:
+            write_app_summary(cfg, path, runner)
         kept = f" {summary.count} finished record(s) are in the download." if recs else ""
         yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),
                      path if recs else None, summary=summary)
@@ -404,4 +406,24 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     busy = contention_files({os.path.basename(path): list(summary.shares)})
     if busy:
         msg += "  \n" + status_md(busy, "warn")
+    if summary.count:
+        write_app_summary(cfg, path, runner)
     yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)
+
+
+def write_app_summary(cfg: RunConfig, path: str, runner: Callable | None = None) -> str | None:
+    """The run's `<stem>.summary.json` beside its JSONL (report.runreport), offered with the
+    download; the settings are the run's config (and a sweep's lengths). A summary that cannot
+    be written leaves the records as they are."""
+    import dataclasses
+
+    from ...report.runreport import write_summary
+    settings: dict[str, Any] = {"frontend": "app",
+                                "command": os.path.basename(path).split("-", 1)[0],
+                                "config": dataclasses.asdict(cfg)}
+    if runner is not None and getattr(runner, "keywords", None):
+        settings["sweep"] = dict(runner.keywords)
+    try:
+        return write_summary(path, settings)
+    except (OSError, ValueError, UserError):
+        return None

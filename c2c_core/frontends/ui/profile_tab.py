@@ -16,7 +16,8 @@ from ...io.prompts import BUILTIN_PROMPTS, resolve_prompts
 from ...bench.runner import modes_of
 from . import guard
 from .. import worker
-from .jobs import ALIVE_EVERY_S, Job, in_worker, token_counter, tokens_per_item
+from .jobs import (ALIVE_EVERY_S, Job, in_worker, token_counter, tokens_per_item,
+    write_app_summary)
 from .render import plot, sized, stop_button
 from .runcfg import MODELS, swap_note, run_config
 from .sessions import clear_stop, new_run_path, session_dir, stop_flag
@@ -76,7 +77,8 @@ def build_profile_tab() -> ProfileTab:
         with gr.Column(scale=5):
             breakdown = plot(plots.stage_breakdown_fig({}), "profile-breakdown", 360)
     steps = plot(plots.decode_steps_fig(pd.DataFrame()), "profile-steps", 360)
-    files = gr.File(label="Downloads: JSONL · TSV stage table · Chrome trace · op stats",
+    files = gr.File(label="Downloads: JSONL · TSV stage table · Chrome trace · op stats ·"
+                    " run summary",
                     file_count="multiple", interactive=False, elem_id="profile-files",
                     height=270, visible=False)
     gr.Markdown(TRACE_NOTE, elem_classes=["c2c-note"])
@@ -258,6 +260,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
     busy = contention_files({os.path.basename(paths.jsonl): list(RunningSummary(recs).shares)})
     if busy:
         status += "  \n" + status_md(busy, "warn")
-    files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats) if os.path.exists(p)]
+    report = write_app_summary(cfg, paths.jsonl)
+    files = [p for p in (paths.jsonl, paths.tsv, paths.trace, paths.stats, report)
+             if p and os.path.exists(p)]
     yield (status, rec["response"], stage_table(rec), sized(plots.stage_breakdown_fig(rec), 360),
             sized(plots.decode_steps_fig(steps), 360), files)

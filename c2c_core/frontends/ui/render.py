@@ -84,6 +84,31 @@ def enable_download(path: str | None):
     return gr.DownloadButton(interactive=bool(path))
 
 
+def summary_button(elem_id: str, **kw) -> gr.DownloadButton:
+    """"Download summary": the run's summary.json (settings, environment, statistics per
+    mode), enabled once the run has written it."""
+    return gr.DownloadButton("Download summary", value=None, interactive=False, elem_id=elem_id,
+                             **kw)
+
+
+def offer_summary(file: str | None, request: gr.Request):
+    """After a run: the summary button holds the summary.json beside the run's JSONL (`file`
+    is gradio's copy of it: found again by name in this session's folder, never elsewhere)."""
+    import os
+
+    from ...report.runreport import summary_path
+    from ...spec.errors import UserError
+    from .sessions import session_run_path
+    path = None
+    if file:
+        try:
+            found = summary_path(session_run_path(request, os.path.basename(str(file))))
+            path = found if os.path.isfile(found) else None
+        except UserError:
+            path = None
+    return gr.DownloadButton(value=path, interactive=bool(path))
+
+
 def show_files(files):
     """After a profile: the file list is shown once it holds files."""
     return gr.File(visible=bool(files))

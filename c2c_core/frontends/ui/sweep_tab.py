@@ -16,7 +16,7 @@ from ..worker import sweep_grid
 from ...bench.runner import modes_of
 from . import guard
 from .jobs import stream_records
-from .render import download_button, plot, records_table, stop_button, sized
+from .render import download_button, plot, records_table, stop_button, sized, summary_button
 from .runcfg import check_memory, run_config
 from .sessions import new_run_path
 from .texts import status_md, ui_message, user_error, md_text
@@ -34,6 +34,7 @@ class SweepTab:
     file: gr.DownloadButton
     batch_plot: gr.Plot
     stop: gr.Button
+    summary: gr.DownloadButton | None = None  # after the run, beside its JSONL
 
     def outputs(self) -> list:
         return [self.status, self.table, self.plot, self.file, self.batch_plot]
@@ -51,6 +52,7 @@ def build_sweep_tab() -> SweepTab:
         run = gr.Button("Run sweep", variant="primary", elem_id="sweep-run", scale=4)
         stop = stop_button("sweep-stop")
         file = download_button("sweep-file", scale=1, min_width=200)
+        summary = summary_button("sweep-summary", scale=1, min_width=200)
     status = gr.Markdown("Each length pair × mode × repeat is one record; the mode and repeats"
                          " come from the run settings on the left.", elem_id="sweep-status",
                          elem_classes=["c2c-status"], min_height=56)
@@ -58,7 +60,7 @@ def build_sweep_tab() -> SweepTab:
     bfig = plot(plots.batch_curve_fig([]), "sweep-batch-plot", 380)
     table = gr.Dataframe(records_table([]), label="Results (fills in as records arrive)",
                          interactive=False, elem_id="sweep-table", max_height=300)
-    return SweepTab(ins, outs, bss, run, status, fig, table, file, bfig, stop)
+    return SweepTab(ins, outs, bss, run, status, fig, table, file, bfig, stop, summary)
 
 
 def render(recs: list[dict], status: str, file, summary=None):
