@@ -291,6 +291,10 @@ def test_two_ranks_merge_equals_one_process(tiny_models, tmp_path):
     assert last["distributed"]["records"] == 32
     assert sum(last["distributed"]["new_per_rank"].values()) == 32
     assert not os.path.exists(D.parts_dir(two))
+    # the merged file's summary, as a one-process run writes it
+    summary = json.loads((tmp_path / "two.summary.json").read_text())
+    assert summary["records"] == 32 and summary["environment"]["world_size"] == 2
+    assert summary["modes"]["c2c"]["count"] == 8
 
 
 def _children(pid):

@@ -676,6 +676,8 @@ def _report(args, res: MergeResult, plan: Plan, env: DistEnv, counts: dict[int, 
         from ..report.plots import sweep_fig
         sweep_fig(to_frame(iter_jsonl(args.output))).write_html(sweep_html, include_plotlyjs=True)
         print(f"Wrote {sweep_html}")
+    from .reporting import write_run_summary
+    write_run_summary(args)  # of the merged file, as a single-process run writes it
     print(json.dumps({"distributed": {"world_size": env.world_size, "records": len(res.records),
                                       "new_per_rank": counts, "resumed": plan.skipped,
                                       "output": args.output, "work_s": round(work_s, 3)}}))
