@@ -84,6 +84,22 @@ def test_profile_and_sweep_write_their_summaries(tmp_path, model_args):
                  *model_args]) == 0
     s = json.loads((tmp_path / "s.summary.json").read_text())
     assert s["records"] == 2 and s["modes"]["c2c"]["count"] == 2
+    # a sweep's summary also has each shape on its own
+    assert [(r["input_len"], r["output_len"], r["count"]) for r in s["shapes"]] == [(4, 3, 1),
+                                                                                   (8, 3, 1)]
+    assert all(r["ttft_ms p50"] > 0 for r in s["shapes"])
+
+
+def test_a_file_of_two_settings_is_summarized_per_run_too(run_file):
+    recs = read_records(run_file)
+    other = json.loads(json.dumps(recs))
+    for r in other:
+        r["run"]["settings"]["dtype"] = "bfloat16"
+    s = build_summary(recs + other)
+    assert s["modes"]["c2c"]["count"] == 4  # pooled
+    assert [r["settings"]["dtype"] for r in s["runs"]] == ["float32", "bfloat16"]
+    assert all(r["modes"]["c2c"]["count"] == 2 for r in s["runs"])
+    assert any("2 runs with different settings" in n for n in s["notes"])
 
 
 def test_report_html_is_one_escaped_self_contained_page(run_file, tmp_path, capsys):
@@ -156,6 +172,8 @@ def test_run_config_sweeps_every_combination_into_its_own_file(tmp_path, tiny_mo
         assert json.loads(open(p["summary"]).read())["records"] == 2
     text = page.read_text(encoding="utf-8")
     assert text.count("Statistics per mode") == 4
+    # a point with the models of the one before it keeps them: (float32, 2), (bfloat16, 2)
+    assert capsys.readouterr().err.count("Models of the previous point kept") == 2
 
 
 @pytest.mark.parametrize("body, said", [

@@ -79,9 +79,12 @@ class _RunFields:
         self.settings: dict[str, dict] = {}   # settings digest -> settings
         self.run_ids: list[str] = []
         self.started: list[str] = []
+        self.digests: list[str | None] = []   # each record's settings digest, in file order
 
     def add(self, rec: Any) -> None:
         run = rec.get("run") if isinstance(rec, dict) else None
+        st = run.get("settings") if isinstance(run, dict) else None
+        self.digests.append(settings_digest(st) if isinstance(st, dict) else None)
         if not isinstance(run, dict):
             return
         for k in ENV_KEYS + RUN_SETTING_KEYS:
@@ -90,7 +93,6 @@ class _RunFields:
                 v = _clean(run[k])
                 if v not in seen:
                     seen.append(v)
-        st = run.get("settings")
         if isinstance(st, dict):
             self.settings.setdefault(settings_digest(st), _clean(
                 {k: st.get(k) for k in SETTINGS_KEYS}))
@@ -138,6 +140,36 @@ def mode_statistics(df: pd.DataFrame) -> dict:
     return out
 
 
+#: A sweep's per-shape table: the medians of these.
+SHAPE_METRICS = ("ttft_ms", "tpot_ms", "e2e_ms", "decode_avg_ms", "tokens_per_second")
+
+
+def shape_statistics(df: pd.DataFrame) -> list[dict]:
+    """A length sweep's records per (mode, prompt tokens, output tokens, batch size): count and
+    the medians; [] when no record id is a sweep id."""
+    from ..io.records import parse_sweep_id
+    if df.empty:
+        return []
+    shapes = df["id"].map(parse_sweep_id)
+    known = shapes.notna()
+    if not known.any():
+        return []
+    d = df[known].assign(input_len=[s.input_len for s in shapes[known]],
+                         output_len=[s.output_len for s in shapes[known]],
+                         batch=[s.batch for s in shapes[known]])
+    rows = []
+    for (mode, i, o, b), g in d.groupby(["mode", "input_len", "output_len", "batch"], sort=True):
+        row: dict[str, Any] = {"mode": mode, "input_len": int(i), "output_len": int(o),
+                               "batch": int(b), "count": int(len(g))}
+        for m in SHAPE_METRICS:
+            if m in g.columns:
+                row[f"{m} p50"] = _stat(pd.to_numeric(g[m], errors="coerce").dropna(), "p50")
+        rows.append(row)
+    order = {m: k for k, m in enumerate(analysis.ordered_modes(d["mode"]))}
+    return sorted(rows, key=lambda r: (r["input_len"], r["output_len"], r["batch"],
+                                       order.get(r["mode"], 99)))
+
+
 def _stat(s: pd.Series, stat: str) -> float | None:
     if not len(s):
         return None
@@ -170,6 +202,17 @@ def build_summary(records: Iterable[dict], settings: dict | None = None,
     if share is not None:
         env["cpu_share"] = share
     notes = [n for n in (analysis.duplicates_note(df), (share or {}).get("note")) if n]
+    extra: dict[str, Any] = {}
+    shapes = shape_statistics(df)
+    if shapes:
+        extra["shapes"] = shapes
+    if len(fields.settings) > 1:  # an --append of other settings: also each run on its own
+        notes.append(f"The file holds {len(fields.settings)} runs with different settings; the"
+                     " per-mode statistics pool them, `runs` gives each on its own.")
+        df = df.assign(_settings=fields.digests)
+        extra["runs"] = [{"settings": fields.settings[dg],
+                          "modes": mode_statistics(df[df["_settings"] == dg])}
+                         for dg in fields.settings]
     return _clean({
         "summary_version": SUMMARY_VERSION,
         "source": source or None,
@@ -182,6 +225,7 @@ def build_summary(records: Iterable[dict], settings: dict | None = None,
                      "run_settings": list(fields.settings.values())},
         "environment": env,
         "modes": mode_statistics(df),
+        **extra,
         "notes": notes,
     })
 
@@ -323,6 +367,9 @@ def html_report(summaries: dict[str, dict], figs: list, notes: Iterable[str] = (
         parts.append(table_html(_stats_table(stats)) if stats else "<p>No records.</p>")
         if any(per.get("stage_medians_ms") for per in stats.values()):
             parts.append("<p class=small>Stage medians (ms)</p>" + table_html(_stage_table(stats)))
+        if s.get("shapes"):
+            parts.append("<p class=small>Per shape (medians)</p>"
+                         + table_html(pd.DataFrame(s["shapes"])))
         parts += [f"<div class=note>{esc(n)}</div>" for n in s.get("notes") or []]
     lines = list(ratio_lines)
     if lines:
