@@ -140,9 +140,28 @@ def run_config(args):
 
 # --- running -------------------------------------------------------------------------------
 
+#: While `run CONFIG` runs ("on"): the last point's models (key, pipe), kept for the next point
+#: when it needs the same ones (another batch size, mode or engine): no second load.
+_SHARED_MODELS: dict = {}
+
+
 def _load(cfg):
     from ..models.loading import load_announced
-    return load_announced(cfg)
+    if not _SHARED_MODELS.get("on"):
+        return load_announced(cfg)
+    from .manager import ModelManager
+    key = ModelManager.key_of(cfg)
+    if _SHARED_MODELS.get("key") == key:
+        print("Models of the previous point kept (same models, device, dtype and threads).",
+              file=sys.stderr)
+        return _SHARED_MODELS["pipe"]
+    _SHARED_MODELS.pop("pipe", None)  # the previous point's models go before the next load
+    _SHARED_MODELS.pop("key", None)
+    import gc
+    gc.collect()
+    pipe = load_announced(cfg)
+    _SHARED_MODELS.update(key=key, pipe=pipe)
+    return pipe
 
 
 def _lock_output(args, path: str | None = None) -> None:
@@ -484,7 +503,11 @@ def _write_report_html(path: str, df, summaries: dict, ratios: dict) -> None:
 def cmd_run(args) -> int:
     """`run CONFIG.yaml`: every point of the experiment (frontends.experiment)."""
     from .experiment import Cli, run_experiment
-    return run_experiment(Cli(build_parser, run_config, main), args.config, html=args.html)
+    _SHARED_MODELS["on"] = True
+    try:
+        return run_experiment(Cli(build_parser, run_config, main), args.config, html=args.html)
+    finally:
+        _SHARED_MODELS.clear()
 
 
 def _json_safe(v):
