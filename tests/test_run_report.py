@@ -173,7 +173,32 @@ def test_run_config_sweeps_every_combination_into_its_own_file(tmp_path, tiny_mo
     text = page.read_text(encoding="utf-8")
     assert text.count("Statistics per mode") == 4
     # a point with the models of the one before it keeps them: (float32, 2), (bfloat16, 2)
-    assert capsys.readouterr().err.count("Models of the previous point kept") == 2
+    said = capsys.readouterr()
+    assert said.err.count("Models of the previous point kept") == 2
+    # the closing table: a row per point and mode with its axes and medians
+    table = said.out[said.out.index("Wrote " + str(out / "experiment.summary.json")):]
+    assert "TTFT ms p50" in table and "bfloat16" in table
+    assert sum(line.split()[:1] in (["p01"], ["p02"], ["p03"], ["p04"])
+               for line in table.splitlines()) == 4
+
+
+def test_a_failing_point_stops_the_experiment_and_keeps_what_ran(tmp_path, tiny_models,
+                                                                  capsys):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"prompt": "What is 3 + 4?"}) + "\n")
+    bad.write_text('{"prompt": "ok"}\n{not json}\n')
+    out = tmp_path / "exp"
+    cfg = _config(tmp_path, _models_yaml(tiny_models, out)
+                  + f"command: dataset\ndataset_file: [{good}, {bad}]\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "line 2" in err[-1] and "Traceback" not in err[-2]
+    whole = json.loads((out / "experiment.summary.json").read_text())
+    assert whole["status"] == "stopped" and whole["points_planned"] == 2
+    first, second = whole["points"]
+    assert first["status"] == "done" and first["records"] == 1
+    assert len(read_records(first["output"])) == 1  # the finished point's records are kept
+    assert second["status"] == "failed" and second["records"] == 0
 
 
 @pytest.mark.parametrize("body, said", [

@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import sys
+import time
 from typing import Any, Callable, NamedTuple
 
 from ..spec.errors import UserError
@@ -213,13 +214,15 @@ def run_experiment(cli: Cli, path: str, html: str | None = None) -> int:
     try:
         for i, (p, args) in enumerate(zip(points, parsed), 1):
             print(f"[{i}/{len(points)}] {p.name}: {_combo_words(p.combo)}", file=sys.stderr)
+            t0, ok = time.time(), False
             try:
                 args.func(args)
+                ok = True
             finally:
                 lock = getattr(args, "_output_lock", None)
                 if lock is not None:
                     lock.release()
-                done.append(_point_entry(p))
+                done.append(_point_entry(p, t0, ok))
     except BaseException:
         status = "stopped"
         raise
@@ -229,6 +232,7 @@ def run_experiment(cli: Cli, path: str, html: str | None = None) -> int:
                            "status": status, "points_planned": len(points),
                            "points": done})
         print(f"Wrote {whole} ({len(done)} of {len(points)} point(s))")
+    print(points_table(done))
     if html is not None:
         files = [p.output for p in points if os.path.exists(p.output)]
         if files and cli.main(["report", *files, "--html", html]) != 0:
@@ -236,16 +240,16 @@ def run_experiment(cli: Cli, path: str, html: str | None = None) -> int:
     return 0
 
 
-def _point_entry(p: Point) -> dict:
-    """A point in the experiment summary: its settings, files and (its summary.json's)
-    statistics per mode."""
+def _point_entry(p: Point, started: float, ok: bool) -> dict:
+    """A point in the experiment summary: its settings, files, status and (its summary.json's,
+    when this run wrote it: not one left by an earlier run) statistics per mode."""
     import json
 
     from ..report.runreport import summary_path
     entry: dict[str, Any] = {"name": p.name, "settings": p.combo, "output": p.output,
-                             "argv": p.argv}
+                             "argv": p.argv, "status": "done" if ok else "failed"}
     sp = summary_path(p.output)
-    if os.path.exists(sp):
+    if os.path.exists(sp) and os.path.getmtime(sp) >= started - 1:
         with open(sp, encoding="utf-8") as f:
             s = json.load(f)
         entry.update(summary=sp, records=s.get("records"), modes=s.get("modes"),
@@ -253,3 +257,23 @@ def _point_entry(p: Point) -> dict:
     else:
         entry.update(summary=None, records=0)
     return entry
+
+
+#: The experiment's closing table: per point and mode, these medians.
+TABLE_METRICS = ("ttft_ms", "tpot_ms", "decode_avg_ms", "tokens_per_second")
+
+
+def points_table(points: list[dict]) -> str:
+    """Each point's axes and, per mode, its count and medians, as printed text."""
+    import pandas as pd
+
+    from ..report.analysis import column
+    rows = []
+    for p in points:
+        for mode, per in (p.get("modes") or {"": {"count": 0}}).items():
+            row: dict[str, Any] = {"point": p["name"][:3], **p["settings"], "mode": mode,
+                                   "count": per.get("count", 0)}
+            for m in TABLE_METRICS:
+                row[column(m, "p50")] = (per.get(m) or {}).get("p50")
+            rows.append(row)
+    return pd.DataFrame(rows).to_string(index=False, na_rep="") if rows else "No points ran."
