@@ -207,6 +207,8 @@ def test_a_failing_point_stops_the_experiment_and_keeps_what_ran(tmp_path, tiny_
     ("command: engines\n", "command 'engines' cannot run from a config file"),
     ("dtype: [float32, float99]\n", "float99"),
     ("batch_size: []\n", "batch_size is an empty list"),
+    ("ignore_eos: maybe\n", "exp.yaml: ignore_eos is a switch: give it true or false"),
+    ("output: out.jsonl\n", "output is a folder for the experiment's files"),
     ("- a\n- b\n", "must hold a mapping of settings"),
     ("dtype: [float32\n", "is not valid YAML"),
 ])

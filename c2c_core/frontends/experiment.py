@@ -143,7 +143,10 @@ def plan(config: dict, where: str, build_parser: Callable) -> tuple[str, str, li
         output = os.path.join(out_dir, f"{name}.jsonl")
         argv = [command, "--output", output]
         for k, v in {**fixed, **combo}.items():
-            argv += _argv_value(k, options[k], v)
+            try:
+                argv += _argv_value(k, options[k], v)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
         points.append(Point(name, combo, argv, output))
     return command, out_dir, points
 
