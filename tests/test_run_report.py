@@ -138,6 +138,12 @@ def _loaded_from_elsewhere(text: str) -> list[str]:
     return found
 
 
+def test_run_config_refuses_an_output_file_for_its_folder(tmp_path, capsys):
+    cfg = _config(tmp_path, "command: batch\noutput: out.jsonl\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "output is a folder for the experiment's files" in capsys.readouterr().err
+
+
 def _config(tmp_path, text: str):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(text)
@@ -208,7 +214,7 @@ def test_a_failing_point_stops_the_experiment_and_keeps_what_ran(tmp_path, tiny_
     ("dtype: [float32, float99]\n", "float99"),
     ("batch_size: []\n", "batch_size is an empty list"),
     ("ignore_eos: maybe\n", "exp.yaml: ignore_eos is a switch: give it true or false"),
-    ("output: out.jsonl\n", "output is a folder for the experiment's files"),
+    ("dtype: float32\ndtype: [bfloat16]\n", "key 'dtype' is given twice (lines 9 and 10)"),
     ("- a\n- b\n", "must hold a mapping of settings"),
     ("dtype: [float32\n", "is not valid YAML"),
 ])

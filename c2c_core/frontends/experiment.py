@@ -39,12 +39,39 @@ NOT_ALLOWED = {"output", "html", "help"}
 DEFAULT_OUTPUT = "experiment"
 
 
+class _Twice(Exception):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+def _strict_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (yaml would keep the last
+    silently: an axis written twice would lose its first values)."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str) and key in seen:
+                    raise _Twice(key, seen[key], line)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+    return Strict
+
+
 def load_config(path: str) -> dict:
     """The YAML mapping in `path`, or one sentence saying what is wrong with the file."""
     import yaml
     from ..io.fileio import read_text
     try:
-        data = yaml.safe_load(read_text(path))
+        data = yaml.load(read_text(path), Loader=_strict_loader())  # noqa: S506 - a SafeLoader
+    except _Twice as e:
+        raise UserError(f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.again});"
+                        " keep one (a list of values runs each of them).") from None
     except FileNotFoundError:
         raise UserError(f"Config file not found: {path}; check the path.") from None
     except yaml.YAMLError as e:
