@@ -286,14 +286,15 @@ def esc(v: Any) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
 
-def table_html(df: pd.DataFrame) -> str:
-    """A DataFrame as an escaped HTML table (numbers right-aligned)."""
+def table_html(df: pd.DataFrame, align_numbers: bool = True) -> str:
+    """A DataFrame as an escaped HTML table (numbers right-aligned unless not `align_numbers`:
+    a key-value table reads better aligned left)."""
     head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
     rows = []
     for row in df.itertuples(index=False):
         cells = []
         for v in row:
-            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            num = align_numbers and isinstance(v, (int, float)) and not isinstance(v, bool)
             cells.append(f"<td{' class=num' if num else ''}>{esc(v)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -305,7 +306,7 @@ def _kv_table(per_source: dict[str, dict]) -> str:
     for meta in per_source.values():
         keys += [k for k in meta if k not in keys]
     rows = [{"": k, **{src: meta.get(k) for src, meta in per_source.items()}} for k in keys]
-    return table_html(pd.DataFrame(rows, columns=["", *per_source]))
+    return table_html(pd.DataFrame(rows, columns=["", *per_source]), align_numbers=False)
 
 
 def run_metadata(summary: dict) -> dict:
