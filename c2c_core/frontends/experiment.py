@@ -304,6 +304,15 @@ def points_table(points: list[dict]) -> str:
             row: dict[str, Any] = {"point": p["name"][:3], **p["settings"], "mode": mode,
                                    "count": per.get("count", 0)}
             for m in TABLE_METRICS:
-                row[column(m, "p50")] = (per.get(m) or {}).get("p50")
+                v = (per.get(m) or {}).get("p50")
+                row[column(m, "p50")] = round(v, 2) if isinstance(v, float) else v
+            # a point that competed for its cores has inflated CPU times: say so in its row
+            share = ((p.get("environment") or {}).get("cpu_share") or {}).get("median")
+            row["cpu_share"] = share
             rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False, na_rep="") if rows else "No points ran."
+    if not rows:
+        return "No points ran."
+    table = pd.DataFrame(rows)
+    if table["cpu_share"].isna().all():
+        table = table.drop(columns=["cpu_share"])
+    return table.to_string(index=False, na_rep="")
