@@ -142,11 +142,10 @@ class Point:
 
 def plan(config: dict, where: str, build_parser: Callable) -> tuple[str, str, list[Point]]:
     """(command, output folder, points) of a config file (`build_parser`: the CLI's)."""
-    unknown_own = config.get("command", "batch")
-    if unknown_own not in COMMANDS:
-        raise UserError(f"{where}: command {unknown_own!r} cannot run from a config file; use"
+    command = config.get("command", "batch")
+    if command not in COMMANDS:
+        raise UserError(f"{where}: command {command!r} cannot run from a config file; use"
                         f" one of {', '.join(COMMANDS)}.")
-    command = unknown_own
     parser = _subparser(build_parser, command)
     options = _options(parser)
     bad = [k for k in config if k not in OWN_KEYS and k not in options]
