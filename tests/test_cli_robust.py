@@ -272,6 +272,9 @@ def test_sigterm_is_like_ctrl_c_and_the_output_is_locked_meanwhile(tmp_path, tin
     assert "Traceback" not in err
     recs = read_records(out)
     assert recs and all(check_record(r) == [] for r in recs)
+    # the stopped run still gets its report, of every record it wrote
+    summary = json.loads((tmp_path / "o.summary.json").read_text())
+    assert summary["records"] == len(recs) and summary["modes"]["c2c"]["count"] == len(recs)
 
 
 # --- the converted-weights cache ------------------------------------------------------------
