@@ -114,7 +114,8 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
                       f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
                       " least recently used are freed as shapes change, and a shape needed again"
-                      " is prepared again between generations.")
+                      " is prepared again inside the generation that needs it (its records'"
+                      " timing.late_prepare_ms).")
     # steps first (a fill's and a projection's warm-up writes into caches a step shares)
     keys.sort(key=lambda k: ({"step": 0, "cache": 1, "fill": 2, "proj": 3}[k[0]], str(k)))
     ready = {"step": lambda k: tuple(k[1:]), "fill": lambda k: eng.fill_key(*k[1:]),
@@ -243,6 +244,7 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     from ..floor import floor_for
     eng = engine_for(pipe)
     eng.begin()  # the caches this generation takes are not evicted under it
+    late0 = eng.late_s  # what this generation pays below to prepare a shape not ready
     dev = pipe.device
     g = cfg.gen
     greedy = not g.do_sample
@@ -311,6 +313,7 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         gen.cpu_share = mem.cpu_share
         gen.batch_wait = list(wait)
+        gen.late_prepare_ms = (eng.late_s - late0) * 1000.0  # the batch's clock: every row's
         gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
         gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
         if mode == "c2c":

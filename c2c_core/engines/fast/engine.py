@@ -137,6 +137,10 @@ class FastEngine:
         self.eos_lag = 1 if self.cuda else 0
         self.compile_s = 0.0          # seconds spent in prepare() (compile, capture, allocation)
         self.late = 0                 # prepare() calls that happened outside warm-up
+        #: seconds spent preparing inside generations: late prepare()s and caches a generation
+        #: had to allocate (batch.py puts the difference over a generation in its records'
+        #: late_prepare_ms)
+        self.late_s = 0.0
         self._caches = _lru()         # (role, B, L) -> StaticCache, least recently used first
         self._steps: dict = {}        # (role, B, L, what) -> compiled step / fill / projection
         self._binds: dict = {}        # ... -> the caches it holds (when more than its own)
@@ -233,6 +237,7 @@ class FastEngine:
             self.cache_requests += 1
             self.cache_reuses += c is not None and self._born.get(key) != self._epoch
         if c is None:
+            t0 = time.perf_counter()
             need = self.cache_nbytes(role, B, L)
             self._evict_for(need)
             m = self.model(role)
@@ -243,6 +248,8 @@ class FastEngine:
             self._caches[key] = c
             self._born[key] = self._epoch
             self.cache_bytes += need
+            if use:  # allocated inside a generation's clock: preparation it paid for
+                self.late_s += time.perf_counter() - t0
         self._caches.move_to_end(key)
         self._used[key] = self._epoch
         for layer in c.layers:
@@ -483,7 +490,8 @@ class FastEngine:
         """A shape this generation needs. Ready: its caches count as in use by this generation
         (a shape prepared next never evicts them). Not ready (warm-up did not cover it, e.g. a
         longer t2t note than planned, or the cap freed it): prepare it now, outside any span,
-        and say so; its cost lands in this generation's `other_ms`."""
+        and say so; its cost lands in this generation's `other_ms`, and its seconds in
+        `late_s` (the records' late_prepare_ms)."""
         if key in self._ready:
             for ck in self._binds.get(key, (key[:3],)):
                 if ck in self._caches:
@@ -495,7 +503,9 @@ class FastEngine:
         if how != "preparing":
             warnings.warn(f"fast engine: {how} the {what} for batch {key[1]}, bucket"
                           f" {key[2]} outside warm-up; this generation's e2e includes it.")
+        t0 = time.perf_counter()
         prepare()
+        self.late_s += time.perf_counter() - t0
 
     def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
         self._late(f"{role} step", (role, B, L, greedy), lambda: self.prepare(role, B, L, greedy))
