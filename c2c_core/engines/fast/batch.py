@@ -1,6 +1,6 @@
-"""The fast engine over a batch of items (the driver's `generate` for B >= 1, and run_many):
-every shape a run needs prepared before anything is timed, then one timed generation per batch
-and mode, one Generation (and record) per item."""
+"""The fast engine over a batch of items: every shape a run needs prepared before anything is
+timed (prepare_plan), and one timed generation of a batch in one mode (generate_batch, one
+Generation per item), which the one job loop (bench/runner.run_many) calls per job."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import warnings
 
 import torch
 
-from ...io.records import is_done
 from ...measure import cancel
 from ...measure.timing import Timer
 from ...models.stacked import stacked_for
 from ...plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
 from ...spec.errors import UserError
-from ..generation import (Generation, make_record, modes_of, out_of_memory, run_metadata,
-                          sharers_of, start_generation, to_item)
+from ..generation import Generation, sharers_of, start_generation
 from .engine import (CACHE_CAP_ENV, bucket, engine_for, layout, prompt_bucket, sharer_len,
                      sharer_role)
 
@@ -321,59 +319,3 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
         out.append(gen)
     return out
 
-
-def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=None, skip=None,
-                  meta=None) -> list[dict]:
-    """runner.run_many on the fast engine: items in batches of cfg.batch_size (per batch: each
-    repeat, modes interleaved), every shape prepared before anything is timed, then
-    `cfg.warmup` unrecorded generations of the first batch per mode. One record per item."""
-    items = [to_item(x) for x in items]
-    for i, it in enumerate(items):
-        if it.id is None:
-            it.id = i + 1
-    modes = modes_of(cfg)
-    B = max(int(cfg.batch_size), 1)
-    chunks = [items[k:k + B] for k in range(0, len(items), B)]
-    jobs = []
-    for ch in chunks:  # the eager order at batch 1: item, repeat, mode
-        for r in range(cfg.repeats):
-            for m in modes:
-                todo = [it for it in ch if not is_done(skip, it, m, r)]
-                if todo:
-                    jobs.append((todo, r, m))
-    if meta is None:
-        meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
-    out: list[dict] = []
-    total = sum(len(j[0]) for j in jobs)
-    if on_progress:
-        on_progress(0, total, None)
-    try:
-        with cancel.scope(should_stop):  # a stop also ends the running generation
-            if jobs:
-                spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
-                meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
-                cancel.check()
-                cancel.say("warming up" if cfg.warmup else "timed run")
-                for m in modes:
-                    for _ in range(cfg.warmup):
-                        generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
-            if cfg.warmup:
-                cancel.say("timed run")
-            for todo, r, m in jobs:
-                if should_stop and should_stop():
-                    break
-                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing),
-                                      [r] * len(todo))
-                for it, g in zip(todo, gens):
-                    rec = make_record(pipe, it, m, r, g, meta)
-                    if writer:
-                        writer.write(rec)
-                    out.append(rec)
-                    if on_progress:
-                        on_progress(len(out), total, rec)
-    except cancel.Cancelled:
-        pass  # stopped mid-generation: that batch has no records; the others are kept
-    except torch.OutOfMemoryError:
-        raise out_of_memory(pipe, len(out), "reduce --batch_size or --max_new_tokens, or use"
-                            " shorter prompts") from None
-    return out
