@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from ...measure import cancel
-from ...measure.timing import Timer
+from ...measure.timing import Timer, on_device
 from ...models.stacked import stacked_for
 from ...plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
 from ...spec.errors import UserError
@@ -96,7 +96,13 @@ def check_one_generation_fits(pipe, cfg, batches: list[list], modes: list[str]) 
 
 
 def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
-    """Compile/capture/allocate everything the run needs; returns the seconds it took now."""
+    """Compile/capture/allocate everything the run needs, on the models' device; returns the
+    seconds it took now."""
+    with on_device(pipe.device):
+        return _prepare_plan(pipe, cfg, batches, modes)
+
+
+def _prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     eng = engine_for(pipe)
     before = eng.compile_s
     if pipe.fuser is not None and "c2c" in modes:
@@ -154,11 +160,13 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
     from ...io.records import MODES
     if mode not in MODES:
         raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
-    mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
-    try:
-        return _generate_batch(pipe, cfg, items, mode, timer, mem, repeats or [0] * len(items))
-    finally:
-        mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
+    with on_device(pipe.device):  # the models' device, not the thread's current one
+        mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
+        try:
+            return _generate_batch(pipe, cfg, items, mode, timer, mem,
+                                   repeats or [0] * len(items))
+        finally:
+            mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
 
 
 def cut_columns(plans, T: int) -> tuple[list[int], list[list[int | None]]]:
@@ -205,7 +213,7 @@ def _feeds(plans, pipe, eng, dev, T: int, cuts: list[int], starts: list) -> list
 def first_logits(pipe, cfg, items: list) -> torch.Tensor:
     """The c2c prefill of a batch of items (as _generate_batch runs it) and its first-token
     logits [B, V], no decode: what tests compare with the reference's forward."""
-    from ...measure.timing import Timer
+    from ...measure.timing import Timer, on_device
     eng = engine_for(pipe)
     eng.begin()
     plans = [build_plan(pipe, cfg, it, "c2c") for it in items]
@@ -213,7 +221,7 @@ def first_logits(pipe, cfg, items: list) -> torch.Tensor:
     T = eng.prompt_len(max(len(p.ids) for p in plans))
     rows = layout([p.ids for p in plans], [p.pad for p in plans], eng.pad_id(), dev, T)
     L = bucket(T + cfg.gen.max_new_tokens)
-    with torch.inference_mode():
+    with torch.inference_mode(), on_device(dev):
         eng.ensure("receiver", B, L, False)
         cuts, starts = cut_columns(plans, T)
         feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts)
