@@ -270,7 +270,8 @@ class FastEngine:
     def _compiled(self, fn):
         if not self.compile:
             return fn
-        return torch.compile(fn, mode="reduce-overhead" if self.cuda else None, dynamic=False)
+        return torch.compile(fn, mode="reduce-overhead" if self.cuda else None, dynamic=False,
+                             fullgraph=True)  # a graph break is an error, not a slow step
 
     def _run(self, fn, *args):
         """Call a prepared callable; on CUDA graphs, a new step of the graph trees first."""
@@ -335,7 +336,7 @@ class FastEngine:
         if not self.compile:
             return fn
         if not self.cuda:
-            return torch.compile(fn, dynamic=False)
+            return torch.compile(fn, dynamic=False, fullgraph=True)
         return self._captured(fn, static, what, self._graph_pool(), reset)
 
     def capture_stream(self):
