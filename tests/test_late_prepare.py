@@ -133,6 +133,7 @@ def test_report_and_compare_say_how_many_records_they_leave_out(late_recs, tmp_p
     assert out.err.count("1 record(s) paid for late preparation") == 2  # A and B
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["pairs"] == {"receiver": 2}  # the late record has no pair left
+    assert summary["late_records"] == {"a": 1, "b": 1} and summary["late_included"] is False
 
 
 def test_the_results_tab_compares_without_them(late_recs):
@@ -141,3 +142,14 @@ def test_the_results_tab_compares_without_them(late_recs):
     df = to_frame(recs, "a.jsonl")
     table = compare_table(df, df.assign(source="b.jsonl"))
     assert set(table["pairs"]) == {2}
+
+
+def test_the_run_summary_says_how_many_paid(late_recs):
+    import io
+
+    from c2c_core.report.summary import RunningSummary, print_summary
+    recs, _ = late_recs
+    out = io.StringIO()
+    print_summary(recs, out)
+    assert "1 of 3 record(s) paid for late preparation" in out.getvalue()
+    assert RunningSummary(recs[:1]).late_note() == ""

@@ -493,7 +493,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 def _compare_files(args, state: dict) -> tuple[int, dict]:
     from ..report.analysis import (COMPARE_METRICS, compare_runs, contended, contention_reason,
         has_timing, mark_contended, pair_on, prompt_mismatch, regressions, source_differences,
-        split_runs, to_frame, without_late)
+        paid_late, split_runs, to_frame, without_late)
     from ..io.records import read_records
     recs = {}
     for path in (args.a, args.b):
@@ -522,6 +522,7 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
         raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
                         " to compare; pick --mode from the modes both files hold.")
     a, b = a[a["mode"].isin(modes)], b[b["mode"].isin(modes)]
+    late = {"a": int(paid_late(a).sum()), "b": int(paid_late(b).sum())}
     a, late_a = without_late(a, args.include_late)
     b, late_b = without_late(b, args.include_late)
     for path, note in ((args.a, late_a), (args.b, late_b)):
@@ -571,6 +572,7 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
         print(f"{mode}: {n} pair(s) by ({what}, mode, repeat), of {int((a['mode'] == mode).sum())}"
               f" record(s) in A and {int((b['mode'] == mode).sum())} in B{judged}.")
     summary = {"pairs": state["pairs"], "paired_by": on, "min_pairs": args.min_pairs,
+               "late_records": late, "late_included": bool(args.include_late),
                "regressions": [], "not_judged": state["not_judged"], "metrics": state["metrics"]}
     if contention:
         print(f"INCONCLUSIVE: {contention}")
