@@ -378,3 +378,4 @@ def test_the_engines_run_on_cuda_1_while_the_current_device_is_cuda_0(tiny_cfg_k
     assert eng.late == 0 and torch.cuda.current_device() == 0
     _graphs_are_captured(eng)
     assert all(b.device == torch.device("cuda:1") for b in eng._anchor[1:])
+    assert all(st.device == torch.device("cuda:1") for st in eng.streams())

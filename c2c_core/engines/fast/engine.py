@@ -154,7 +154,7 @@ class FastEngine:
         self._used: dict = {}         # touched is never evicted under it
         self._born: dict = {}         # (role, B, L) -> the epoch that allocated it
         self._pool = None             # the captured graphs' memory pool (_graph_pool)
-        self._stream = None           # the one stream every capture runs on (capture_stream)
+        self._streams = None          # (warm-up, capture) streams of every capture (streams())
         self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
         for m in {id(m): m for m in models}.values():
@@ -339,18 +339,21 @@ class FastEngine:
             return torch.compile(fn, dynamic=False, fullgraph=True)
         return self._captured(fn, static, what, self._graph_pool(), reset)
 
-    def capture_stream(self):
-        """The engine's one capture stream, on its device: every graph is captured (and
-        warmed up) on it, so captures share one cuBLAS workspace instead of one per stream."""
-        if self._stream is None:
+    def streams(self) -> tuple:
+        """The engine's (warm-up, capture) streams, made once on its device: every capture
+        warms up on the first and is captured on the second (graphs.capture), so the engine
+        holds two cuBLAS workspaces, not one per capture; the capture stream's lives in the
+        graph pool (_graph_pool)."""
+        if self._streams is None:
             with on_device(self.device):
-                self._stream = torch.cuda.Stream(self.device)
-        return self._stream
+                self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return self._streams
 
     def _captured(self, fn, static: tuple, what: str, pool, reset=None):
         """capture() with a fallback: a capture that fails warns and leaves `fn` op by op."""
         try:
-            return capture(fn, static, self.device, pool, reset, self.capture_stream())
+            warm, cap = self.streams()
+            return capture(fn, static, self.device, pool, reset, cap, warm)
         except Exception as e:  # noqa: BLE001 - the shape still runs, only slower
             torch.cuda.synchronize(self.device)
             warnings.warn(f"fast engine: could not capture the {what} in a CUDA graph"
@@ -361,22 +364,22 @@ class FastEngine:
         """One memory pool for every captured graph (fills, projections, captured steps: they
         run one at a time, and a step's output is cloned before anything else runs), kept for
         the engine's life by an anchor graph captured into it first. That first capture also
-        allocates cuBLAS's workspace for the engine's one capture stream inside this pool, so evicting a
-        cache (which destroys the graphs bound to it) never frees a workspace that graphs still
-        alive point at."""
+        allocates cuBLAS's workspace for the engine's capture stream inside this pool (nothing
+        runs on that stream outside a capture), so evicting a cache (which destroys the graphs
+        bound to it) never frees a workspace that graphs still alive point at."""
         if self._pool is None:
             with on_device(self.device):  # the pool and the anchor on the models' device
                 pool = torch.cuda.graph_pool_handle()
                 a = torch.ones(64, 64, dtype=self.pipe.dtype, device=self.device)
                 cur = torch.cuda.current_stream(self.device)
-                side = self.capture_stream()
+                side, cap = self.streams()
                 side.wait_stream(cur)
                 with torch.cuda.stream(side):  # the cuBLAS handle exists before the capture
                     a @ a
                 cur.wait_stream(side)
                 torch.cuda.synchronize(self.device)
                 anchor = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(anchor, pool=pool, stream=side):
+                with torch.cuda.graph(anchor, pool=pool, stream=cap):
                     b = a @ a
             self._anchor = (anchor, a, b)
             self._pool = pool
