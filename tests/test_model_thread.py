@@ -49,3 +49,17 @@ def test_two_in_process_jobs_run_on_one_model_thread_and_still_stop(tiny_cfg_kwa
     assert ran_on[0] != threading.get_ident()
     names = {t.ident: t.name for t in threading.enumerate()}
     assert names.get(ran_on[0], "").startswith("c2c-model")  # alive, kept for the next job
+
+
+def test_a_forked_child_makes_its_own_model_thread(monkeypatch):
+    """ZeroGPU runs each call in a forked child, where the parent's thread does not exist: a
+    new process id gets a model thread of its own (one that runs), the same id keeps its own."""
+    pytest.importorskip("gradio")
+    from c2c_core.frontends.ui import jobs
+    first = jobs.model_thread()
+    assert jobs.model_thread() is first
+    parent_thread = first.submit(threading.get_ident).result()
+    monkeypatch.setattr(jobs.os, "getpid", lambda: -1)  # as in a child
+    child = jobs.model_thread()
+    assert child is not first and jobs.model_thread() is child
+    assert child.submit(threading.get_ident).result() != parent_thread

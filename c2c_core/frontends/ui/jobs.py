@@ -99,13 +99,14 @@ def model_thread():
     """The app's one model thread (a single-thread executor, made on first use and kept for
     the process): every job's `work` runs on it, one at a time (RUN_LOCK), so state that
     torch keeps per thread (torch.compile's CUDA-graph trees) is made once, not again inside
-    the first timed spans of each job."""
+    the first timed spans of each job. A forked child (ZeroGPU runs each call in one) makes its
+    own: the parent's thread does not exist there."""
     with _MODEL_THREAD_LOCK:
-        if not _MODEL_THREAD:
+        if not _MODEL_THREAD or _MODEL_THREAD[0][0] != os.getpid():
             import concurrent.futures
-            _MODEL_THREAD.append(concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="c2c-model"))
-        return _MODEL_THREAD[0]
+            _MODEL_THREAD[:] = [(os.getpid(), concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="c2c-model"))]
+        return _MODEL_THREAD[0][1]
 
 
 class Job:
