@@ -239,7 +239,7 @@ def test_out_of_memory_keeps_written_records(tmp_path, tiny_pipe, monkeypatch):
     from c2c_core.spec.errors import OutOfMemory
     from c2c_core.io.records import JsonlWriter
     pipe, cfg = tiny_pipe
-    real, calls = runner.generate, []
+    real, calls = runner.generate_many, []  # the job loop's generation, per batch
 
     def flaky(*a, **k):
         calls.append(1)
@@ -247,7 +247,7 @@ def test_out_of_memory_keeps_written_records(tmp_path, tiny_pipe, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **k)
 
-    monkeypatch.setattr(runner, "generate", flaky)
+    monkeypatch.setattr(runner, "generate_many", flaky)
     path = tmp_path / "oom.jsonl"
     with pytest.raises(OutOfMemory, match="reduce --max_new_tokens or use shorter prompts"):
         with JsonlWriter(path) as w:

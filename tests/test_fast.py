@@ -307,7 +307,7 @@ def test_stacked_projector_is_built_before_any_timed_span(loud, monkeypatch):
             timing[0] = False
 
     monkeypatch.setattr(stacked.StackedFuser, "__init__", init)
-    monkeypatch.setattr(fast.batch, "generate_batch", gen)  # run_many_fast's own reference
+    monkeypatch.setattr(fast, "generate_batch", gen)  # what the job loop calls per batch
     c = replace(cfg, engine="fast", warmup=0)
     recs = run_many(pipe, c, [PROMPTS[0]])
     assert built == [False] and recs[0]["timing"]["projector_calls"] > 0
@@ -329,3 +329,22 @@ def test_a_row_that_stops_early_is_timed_to_its_own_end():
     alone = timing_fields(Generation(tokens=[5, 6, 7, 8], stages={"decode": steps}, ttft_ns=25 * ms,
                                      e2e_ns=55 * ms, prompt_tokens=3))[0]
     assert alone["tpot_ms"] == pytest.approx(10.0, abs=1e-3)  # batch size 1: unchanged
+
+
+def test_the_one_job_loop_streams_fast_batches_with_keep_false(loud, tmp_path):
+    """keep=False on the fast engine: nothing is returned (nothing held), and the writer and
+    the progress callback got every record, batch by batch, in the job order."""
+    from c2c_core.io.records import JsonlWriter, read_records
+    pipe, cfg = loud
+    c = replace(cfg, engine="fast", batch_size=2, repeats=2, mode="receiver", warmup=0)
+    seen = []
+    with JsonlWriter(tmp_path / "run.jsonl") as w:
+        out = run_many(pipe, c, PROMPTS, writer=w, keep=False,
+                       on_progress=lambda k, n, rec: seen.append((k, n, rec is None)))
+    assert out == []
+    recs = read_records(tmp_path / "run.jsonl")
+    # batches of two, each repeat of a batch before the next batch
+    assert [(r["id"], r["repeat"], r["batch_size"]) for r in recs] == [
+        (1, 0, 2), (2, 0, 2), (1, 1, 2), (2, 1, 2), (3, 0, 1), (3, 1, 1)]
+    assert seen == [(0, 6, True)] + [(k, 6, False) for k in range(1, 7)]
+    assert all(check_record(r) == [] for r in recs)

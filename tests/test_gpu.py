@@ -1,8 +1,12 @@
 """CUDA checks of the fast engine (`pytest -m gpu`; skipped without a CUDA GPU): CUDA-graph
 decode gives the eager engine's first tokens, event and sync-per-stage spans each read a known
 GPU delay, a generation's spans fit in its wall time, the bf16 golden vectors hold on the GPU,
-batches run. No test asserts how fast a model runs; figures come from `python -m c2c_core
-engines`."""
+batches run; and on the tiny CPU-test models moved to the GPU (fp32, loud weights, open gates):
+the EOS check one step late gives the tokens of the check at once, a sharer with its own
+tokenizer runs its padded plan, batch 4 gives batch 1's 32 tokens, a shape the cache cap freed
+is prepared again and gives the same tokens, and the engine runs on `cuda:1` while the current
+device is another (skipped without a second GPU). No test asserts how fast a model runs;
+figures come from `python -m c2c_core engines`."""
 
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+#: "The CUDA Graph is empty" (a capture whose kernels ran on another device or stream: every
+#: replay would do nothing, silently) fails every test here.
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="needs a CUDA GPU")]
+                                                  reason="needs a CUDA GPU"),
+              pytest.mark.filterwarnings("error:.*CUDA Graph is empty")]
 
 PRESET = os.environ.get("C2C_GPU_PRESET", "qwen3-0.6b+qwen3-4b-base-dummy")
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat watches quietly."
@@ -187,3 +194,188 @@ def test_batches_on_gpu(gpu_pipe):
     assert [r["batch_index"] for r in recs] == [0, 1, 2, 3]
     assert all(check_record(r) == [] for r in recs)
     assert recs[0]["run"]["compile_s"] > 0 and recs[0]["run"]["engine"] == "fast"
+
+
+# --- the fast engine on the tiny test models, on the GPU (issue 25 item 8) -----------------
+
+TINY_PROMPTS = ["What is the capital of France?", "Say hello.",
+                "Explain machine learning in simple terms, please, with an example.",
+                "Name three colours and one number: 42."]
+
+
+def _tiny(kw: dict, device: str = "cuda", **over):
+    """A tiny pipeline (conftest's models) on `device`, weights scaled up and gates open, so
+    tokens vary and the projection matters; the fast engine with its GPU defaults (compiled
+    step, captured prefills and projection, EOS check one step late)."""
+    from conftest import loud_weights, open_fuser
+    from c2c_core.models.loading import load_pipeline
+    from c2c_core.spec.config import build_run_config
+    cfg = build_run_config(**{**kw, "device": device, "max_new_tokens": 32,
+                              "t2t_note_tokens": 4, **over}, engine="fast", ignore_eos=True)
+    pipe = load_pipeline(cfg)
+    loud_weights(pipe)
+    open_fuser(pipe, 1)
+    return pipe, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu(tiny_cfg_kwargs):
+    return _tiny(tiny_cfg_kwargs)
+
+
+def _items(n: int = 4):
+    from c2c_core.bench.runner import Item
+    return [Item(i + 1, p) for i, p in enumerate(TINY_PROMPTS[:n])]
+
+
+def _batch_tokens(pipe, cfg, items, mode="c2c"):
+    from c2c_core.engines import fast
+    from c2c_core.measure.timing import Timer
+    return [g.tokens for g in fast.generate_batch(pipe, cfg, items, mode, Timer(pipe.device))]
+
+
+def _eager_tokens(pipe, cfg, items, mode="c2c"):
+    from c2c_core.bench.runner import generate
+    from c2c_core.measure.timing import Timer
+    c = replace(cfg, engine="eager")
+    return [generate(pipe, c, it, mode, Timer(pipe.device)).tokens for it in items]
+
+
+def _graphs_are_captured(eng) -> None:
+    """Every prepared fill and projection is a CUDA graph (a failed capture runs op by op)."""
+    prepared = [k for k in eng._ready if isinstance(k[3], tuple)]
+    assert prepared and all(hasattr(eng._steps[k], "graph") for k in prepared), prepared
+
+
+def test_the_eos_check_one_step_late_gives_the_tokens_of_the_check_at_once(tiny_gpu,
+                                                                           monkeypatch):
+    """EOS on (every row ends early, at a token it says anyway): the check one step late
+    (CUDA's default) and at once give the same tokens, the eager engine's, and the late one
+    runs exactly one step more, in no row's decode steps."""
+    from c2c_core.engines import fast
+    from c2c_core.engines.fast import batch as fast_batch
+    from c2c_core.engines.generation import timing_fields
+    from c2c_core.measure.timing import Timer
+    import warnings
+    pipe, cfg = tiny_gpu
+    items = _items()
+    eng = fast.engine_for(pipe)
+    assert eng.cuda and eng.graphs and eng.eos_lag == 1
+    fast.prepare_plan(pipe, cfg, [items], ["c2c"])
+    free = _batch_tokens(pipe, cfg, items)
+    eos = {row[2] for row in free}  # every row says it by its 3rd token
+    real = fast_batch.build_plan
+
+    def plan_with_eos(*a, **k):
+        p = real(*a, **k)
+        p.eos = set(eos)
+        return p
+
+    monkeypatch.setattr(fast_batch, "build_plan", plan_with_eos)
+    c = replace(cfg, gen=replace(cfg.gen, ignore_eos=False))
+    key, = [k for k in eng._steps if k[:2] == ("receiver", 4) and isinstance(k[3], bool)]
+    step = eng._steps[key]
+    out, runs = {}, {}
+    for lag in (1, 0):
+        eng.eos_lag = lag
+        calls = []
+        eng._steps[key] = lambda *a, calls=calls: (calls.append(1), step(*a))[1]  # counted
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*outside warm-up")  # all prepared
+                out[lag] = fast.generate_batch(pipe, c, items, "c2c", Timer(pipe.device))
+        finally:
+            eng.eos_lag, eng._steps[key] = 1, step
+        runs[lag] = len(calls)
+    tokens = {lag: [g.tokens for g in gens] for lag, gens in out.items()}
+    assert tokens[1] == tokens[0], tokens
+    assert all(t[-1] in eos and len(t) < 32 for t in tokens[1])  # each row ended at EOS
+    longest = max(len(t) for t in tokens[1])
+    # the last prompt token and a step per further token; one step more when checked late
+    assert runs[0] == longest and runs[1] == longest + 1, runs
+    for g in out[1]:
+        t, steps = timing_fields(g)
+        assert len(steps) == len(g.tokens) - 1 and t["late_prepare_ms"] == 0
+    _graphs_are_captured(eng)
+
+
+def test_batch_4_gives_batch_1s_32_tokens(tiny_gpu):
+    from c2c_core.engines import fast
+    pipe, cfg = tiny_gpu
+    items = _items()
+    fast.prepare_plan(pipe, cfg, [items] + [[it] for it in items], ["c2c"])
+    ones = [_batch_tokens(pipe, cfg, [it])[0] for it in items]
+    assert all(len(t) == 32 for t in ones) and len({tuple(t) for t in ones}) > 1
+    assert _batch_tokens(pipe, cfg, items) == ones
+    assert _eager_tokens(pipe, cfg, items) == ones
+    _graphs_are_captured(fast.engine_for(pipe))
+
+
+def test_a_sharer_with_its_own_tokenizer_runs_its_padded_plan(tiny_cfg_kwargs, other_sharer):
+    """The reference's sectioned plan (template sections padded, inner padding in the rows)
+    through captured fills and projections: the eager engine's tokens, at batch 1 and 4."""
+    from c2c_core.engines import fast
+    from c2c_core.plan.item import build_plan
+    pipe, cfg = _tiny(tiny_cfg_kwargs, teacher_model=other_sharer)
+    items = _items()
+    plans = [build_plan(pipe, cfg, it, "c2c") for it in items]
+    padded = [any(p.pad or []) or any(any(f.pad or []) for f in p.feeds) for p in plans]
+    assert all(padded)  # template sections padded to equal length
+    fast.prepare_plan(pipe, cfg, [items] + [[it] for it in items], ["c2c"])
+    eager = _eager_tokens(pipe, cfg, items)
+    assert [_batch_tokens(pipe, cfg, [it])[0] for it in items] == eager
+    assert _batch_tokens(pipe, cfg, items) == eager
+    eng = fast.engine_for(pipe)
+    assert eng.late == 0
+    _graphs_are_captured(eng)
+
+
+def test_a_shape_the_cap_freed_is_prepared_again_and_gives_the_same_tokens(tiny_cfg_kwargs,
+                                                                           monkeypatch):
+    """A cap that holds one generation's caches, not two shapes': a run over two shapes frees
+    the first for the second; generating the first again prepares it again (its record pays
+    late_prepare_ms) and gives the tokens it gave before, with no step left from the freed
+    caches."""
+    from c2c_core.bench.runner import Item, run_many
+    from c2c_core.engines import fast
+    from c2c_core.io.records import check_record
+    long = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
+    pipe, cfg = _tiny(tiny_cfg_kwargs, max_new_tokens=8, mode="c2c")
+    first = run_many(pipe, cfg, [TINY_PROMPTS[0]])
+    eng = fast.engine_for(pipe)
+
+    def need(prompt):  # the bytes of one generation's caches
+        keys = fast.shapes_of(pipe, cfg, [[Item(1, prompt)]], ["c2c"])
+        return sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
+
+    small, big = sorted((need(TINY_PROMPTS[0]), need(long)))
+    pipe._fast_engine = None
+    monkeypatch.setenv(fast.CACHE_CAP_ENV, str((big + small / 2) / 2**20))  # one, not both
+    eng = fast.engine_for(pipe)
+    with pytest.warns(UserWarning, match="exceed"):
+        recs = run_many(pipe, replace(cfg, repeats=1), [TINY_PROMPTS[0], long, TINY_PROMPTS[0]])
+    assert eng.cache_evictions > 0 and eng.late > 0
+    assert recs[0]["response"] == recs[2]["response"] == first[0]["response"]
+    assert any(r["timing"]["late_prepare_ms"] > 0 for r in recs)
+    assert all(check_record(r) == [] for r in recs)
+    _graphs_are_captured(eng)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU (cuda:1)")
+def test_the_engines_run_on_cuda_1_while_the_current_device_is_cuda_0(tiny_cfg_kwargs):
+    """--device cuda:1 outside torchrun: the current device stays cuda:0, yet every capture,
+    event and step runs on cuda:1 (an empty graph would fail the test), with eager's tokens."""
+    from c2c_core.engines import fast
+    torch.cuda.set_device(0)
+    pipe, cfg = _tiny(tiny_cfg_kwargs, device="cuda:1")
+    items = _items()
+    c = replace(cfg, gen=replace(cfg.gen, ignore_eos=False))  # the late EOS check's events too
+    fast.prepare_plan(pipe, c, [items], ["c2c"])
+    assert torch.cuda.current_device() == 0
+    eager = _eager_tokens(pipe, c, items)
+    assert _batch_tokens(pipe, c, items) == eager
+    eng = fast.engine_for(pipe)
+    assert eng.late == 0 and torch.cuda.current_device() == 0
+    _graphs_are_captured(eng)
+    assert all(b.device == torch.device("cuda:1") for b in eng._anchor[1:])
+    assert all(st.device == torch.device("cuda:1") for st in eng.streams())

@@ -24,7 +24,7 @@ import torch
 from ..io.prompts import PromptItem as Item
 from ..measure import cancel
 from ..measure.memory import DeviceMemory
-from ..measure.timing import Timer, now_ns
+from ..measure.timing import Timer, now_ns, on_device
 from ..models.fusion import decode_step, fused_prefill, plain_prefill, sample
 from ..models.loading import Pipeline
 from ..spec.config import MODES, RunConfig
@@ -84,11 +84,12 @@ def _decode_loop(model, cache, logits, n_max: int, eos: set[int], cfg: RunConfig
 def generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,
              repeat: int = 0) -> Generation:
     """One timed generation of `item` in `mode`. The clock starts before tokenization."""
-    mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
-    try:
-        return _generate(pipe, cfg, item, mode, timer, mem, repeat)
-    finally:
-        mem.__exit__(None, None, None)
+    with on_device(pipe.device):  # the models' device, not the thread's current one
+        mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
+        try:
+            return _generate(pipe, cfg, item, mode, timer, mem, repeat)
+        finally:
+            mem.__exit__(None, None, None)
 
 
 def _generate(pipe: Pipeline, cfg: RunConfig, item: Item, mode: str, timer: Timer,

@@ -73,6 +73,7 @@ class Generation:
     energy_j: float | None = None           # NVML energy of the generation (batch: the whole batch)
     energy_tokens: int | None = None        # tokens that energy produced (batch: all rows)
     sections: list[dict] | None = None      # c2c: the prefill's sections (plan.sections_record)
+    late_prepare_ms: float = 0.0  # preparation inside this generation's clock (fast engine)
 
 
 def engine_of(pipe: Pipeline, cfg: RunConfig) -> str:
@@ -137,6 +138,8 @@ def timing_fields(g: Generation) -> tuple[dict, list[float]]:
         "e2e_ms": e2e,
         "other_ms": e2e - sum(tot.values()) - wait,
         "batch_wait_ms": wait,
+        # shapes prepared inside this generation's clock (in other_ms; 0 when all were ready)
+        "late_prepare_ms": g.late_prepare_ms,
         # from the row's own last token: a row that stopped early in a batch does not count
         # the steps it waited through for its batch mates (batch_wait_ms; 0 at batch size 1)
         "tpot_ms": (e2e - wait - ttft) / (n - 1) if n > 1 else 0.0,

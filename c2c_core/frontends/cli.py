@@ -473,7 +473,9 @@ def cmd_report(args) -> int:
     df = _frames(args.files, args.skip_bad_lines, summaries if args.html else None)
     _warn_duplicates(df)
     _warn_contention(df)
-    table, ratios = compare_modes(df)
+    table, ratios = compare_modes(df, include_late=args.include_late)
+    if table.attrs.get("late_note"):
+        print(f"Note: {table.attrs['late_note']}", file=sys.stderr)
     print(_report_table(table).to_string(index=False))
     for name, r in ratios.items():
         print(ratio_line(name, r))
@@ -547,7 +549,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 def _compare_files(args, state: dict) -> tuple[int, dict]:
     from ..report.analysis import (COMPARE_METRICS, compare_runs, contended, contention_reason,
         has_timing, mark_contended, pair_on, prompt_mismatch, regressions, source_differences,
-        split_runs, to_frame)
+        paid_late, split_runs, to_frame, without_late)
     from ..io.records import read_records
     recs = {}
     for path in (args.a, args.b):
@@ -576,6 +578,12 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
         raise UserError(f"{args.a} and {args.b} share no mode{f' {args.mode}' if args.mode else ''}"
                         " to compare; pick --mode from the modes both files hold.")
     a, b = a[a["mode"].isin(modes)], b[b["mode"].isin(modes)]
+    late = {"a": int(paid_late(a).sum()), "b": int(paid_late(b).sum())}
+    a, late_a = without_late(a, args.include_late)
+    b, late_b = without_late(b, args.include_late)
+    for path, note in ((args.a, late_a), (args.b, late_b)):
+        if note:
+            print(f"Note: {path}: {note}", file=sys.stderr)
     differ, shared = prompt_mismatch(a, b)
     if differ:
         raise UserError(f"{differ} of the {shared} prompt id(s) found in both {args.a} and"
@@ -620,6 +628,7 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
         print(f"{mode}: {n} pair(s) by ({what}, mode, repeat), of {int((a['mode'] == mode).sum())}"
               f" record(s) in A and {int((b['mode'] == mode).sum())} in B{judged}.")
     summary = {"pairs": state["pairs"], "paired_by": on, "min_pairs": args.min_pairs,
+               "late_records": late, "late_included": bool(args.include_late),
                "regressions": [], "not_judged": state["not_judged"], "metrics": state["metrics"]}
     if contention:
         print(f"INCONCLUSIVE: {contention}")
@@ -648,6 +657,11 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
 
 
 # --- entry ---------------------------------------------------------------------------------
+
+#: --include_late of report and compare.
+LATE_HELP = ("count the records that paid for late preparation (timing.late_prepare_ms > 0: a"
+             " shape compiled or captured inside their own clock); left out of medians by default")
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m c2c_core",
@@ -697,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="JSONL result files")
     p.add_argument("--html", help="write the charts as one HTML file")
     p.add_argument("--skip_bad_lines", action="store_true")
+    p.add_argument("--include_late", action="store_true", help=LATE_HELP)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="an experiment from a YAML file: a command's options, any"
@@ -717,6 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_pairs", type=int, default=5,
                    help="fewest paired records (same input digest, mode, repeat) to judge a metric")
     p.add_argument("--skip_bad_lines", action="store_true")
+    p.add_argument("--include_late", action="store_true", help=LATE_HELP)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")

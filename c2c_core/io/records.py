@@ -99,6 +99,10 @@ TIMING: dict[str, TimingField] = {
     "energy_j": TimingField("energy", "J"),
     # energy_j / the tokens it produced (a batch's: every row's tokens)
     "joules_per_token": TimingField("energy per token", "J/token"),
+    # fast engine: compile, capture or allocation this generation paid for inside its own
+    # clock (a shape its run did not prepare before timing began, or one the cache cap freed);
+    # part of other_ms; 0 when every shape was ready, and always 0 on the eager engine
+    "late_prepare_ms": TimingField("late preparation", "ms"),
 }
 
 #: `timing` fields of the seed's format (units in the names; counts are plain ints).
@@ -149,7 +153,7 @@ LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alig
                 "run.rank", "run.engine", "run.compile_s", "run.frontend",
                 "timing.cpu_share", "timing.batch_wait_ms", "input_digest", "run.settings",
                 "run.settings_digest", "timing.decode_floor_ms", "timing.decode_floor_ratio",
-                "timing.energy_j", "timing.joules_per_token"}
+                "timing.energy_j", "timing.joules_per_token", "timing.late_prepare_ms"}
 #: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
 #: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower): its
 #: times are inflated; `compare` calls such a run inconclusive.
@@ -554,6 +558,11 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
         problems.append("ttft_ms > e2e_ms")
     if t["other_ms"] < -tol_ms:
         problems.append("other_ms < 0")
+    late = t.get("late_prepare_ms")  # older files: absent
+    if late is not None and late < 0:
+        problems.append("timing.late_prepare_ms < 0")
+    elif late is not None and late > t["other_ms"] + tol_ms:  # prepared outside every span
+        problems.append(f"timing.late_prepare_ms {late:.3f} > other_ms {t['other_ms']:.3f}")
     problems += _check_sharers(t, tol_ms)
     problems += _check_sections(t)
     problems += _check_limits(t, rec.get("batch_size"))

@@ -112,3 +112,14 @@ class Timer:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def on_device(device: torch.device):
+    """A context that makes `device` the current CUDA device (torch.cuda.device), so that
+    everything which uses the *current* device or stream (graph capture, events recorded
+    without a stream, new streams, allocations by index) uses the models' device, whatever
+    device the thread had (`--device cuda:1` outside torchrun); nothing on a CPU."""
+    import contextlib
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

@@ -320,8 +320,41 @@ def _round(key: str, x: float) -> float:
     return round(x, 1 if unit == "tok/s" else 4 if unit == "J/token" else 2)
 
 
-def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.DataFrame:
-    """Per group: count, TTFT / E2E / decode ms/token / tok/s statistics, accuracy, n_scored."""
+# --- preparation a record paid for (timing.late_prepare_ms) ---------------------------------
+
+#: How the CLI's report and compare count such records anyway (late_note's default remedy).
+INCLUDE_LATE = "--include_late counts them"
+
+
+def paid_late(df: pd.DataFrame) -> pd.Series:
+    """True for the rows whose generation paid for preparing a shape inside its own clock
+    (timing.late_prepare_ms > 0: a compile, capture or cache allocation in its TTFT and E2E)."""
+    if "late_prepare_ms" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return pd.to_numeric(df["late_prepare_ms"], errors="coerce").fillna(0) > 0
+
+
+def without_late(df: pd.DataFrame, include: bool = False,
+                 fix: str = INCLUDE_LATE) -> tuple[pd.DataFrame, str]:
+    """`df` without the records that paid for late preparation (all of it when `include`), and
+    one sentence saying how many there are and what was done with them ('' when none)."""
+    late = paid_late(df)
+    n = int(late.sum())
+    if not n:
+        return df, ""
+    what = (f"{n} record(s) paid for late preparation (timing.late_prepare_ms > 0: a shape"
+            " prepared inside their own clock)")
+    if include:
+        return df, f"{what} and are counted in the medians."
+    return df[~late], f"{what} and are left out of the medians; {fix}."
+
+
+def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode"),
+              include_late: bool = False) -> pd.DataFrame:
+    """Per group: count, TTFT / E2E / decode ms/token / tok/s statistics, accuracy, n_scored.
+    Records that paid for late preparation are left out unless `include_late`; the table's
+    attrs["late_note"] says how many (without_late)."""
+    df, late_note = without_late(df, include_late)
     keys = [k for k in by if k in df.columns]
     stat_cols = [column(m, s) for m, stats in _SUMMARY_STATS for s in stats]
     # the numbers people look for first lead (visible without scrolling sideways), then the rest
@@ -344,7 +377,9 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("source", "mode")) -> pd.Da
     # the limit columns only where some record knows them (a GPU in the table, NVML)
     unknown = [column(m, s) for m, stats in _SUMMARY_STATS if m in _WHEN_KNOWN for s in stats
                if out[column(m, s)].isna().all()]
-    return out.drop(columns=unknown)
+    out = out.drop(columns=unknown)
+    out.attrs["late_note"] = late_note
+    return out
 
 
 def slowest(df: pd.DataFrame, n: int = 10, by: str = "decode_total_ms") -> pd.DataFrame:
@@ -419,18 +454,26 @@ def devices(df: pd.DataFrame) -> list[str]:
     return [str(d) for d in dict.fromkeys(df["device"].dropna())]
 
 
-def compare_modes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+def compare_modes(df: pd.DataFrame, include_late: bool = False) -> tuple[pd.DataFrame, dict]:
     """Summary per mode, and the ratios c2c over t2t / receiver / sharer: the median of the
-    per-prompt ratios, paired by (id, repeat) (`_ratio`).
+    per-prompt ratios, paired by (id, repeat) (`_ratio`). Records that paid for late
+    preparation are left out of both unless `include_late` (the table's attrs["late_note"]).
 
     When the records come from several devices (a multi-GPU or multi-node run), the table has
     one row per (device, mode) and each ratio is also given per device ("... on <device>").
     When a `run` column names several runs (a file holding runs of other settings, split by
     split_runs), the same holds per run ("... in <run>")."""
+    df, late_note = without_late(df, include_late)
+    table, ratios = _compare_modes(df)
+    table.attrs["late_note"] = late_note
+    return table, ratios
+
+
+def _compare_modes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     if df.empty or "mode" not in df.columns:
-        return summarize(df, by=["mode"]), {}
+        return summarize(df, by=["mode"], include_late=True), {}
     order = ordered_modes(df["mode"])
-    table = summarize(df, by=["mode"]).set_index("mode").loc[order].reset_index()
+    table = summarize(df, by=["mode"], include_late=True).set_index("mode").loc[order].reset_index()
     ratios = {k: _ratio(df, a, b) for k, (a, b) in _RATIO_PAIRS.items()
               if a in order and b in order}
     runs = [r for r in dict.fromkeys(df["run"]) if isinstance(r, str)] if "run" in df.columns else []
@@ -439,7 +482,7 @@ def compare_modes(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         parts = []
         for d in groups:
             g = df[df[col] == d]
-            t = summarize(g, by=["mode"])
+            t = summarize(g, by=["mode"], include_late=True)
             t = t.set_index("mode").loc[ordered_modes(g["mode"])].reset_index()
             parts.append(t.assign(**{col: d}))
             gm = set(g["mode"])

@@ -65,6 +65,7 @@ class RunningSummary:
         self.truncated = 0
         self.caps: set = set()                   # max_new_tokens of the cut-off records
         self.shares = array("d")                 # timing.cpu_share of CPU records
+        self.late = 0                            # records with timing.late_prepare_ms > 0
         for r in records:
             self.add(r)
 
@@ -77,6 +78,9 @@ class RunningSummary:
             v = t.get(m)
             arr.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
                        else math.nan)
+        late = t.get("late_prepare_ms")
+        if isinstance(late, (int, float)) and not isinstance(late, bool) and late > 0:
+            self.late += 1
         share = t.get("cpu_share")
         if isinstance(share, (int, float)) and not isinstance(share, bool):
             self.shares.append(float(share))
@@ -98,6 +102,15 @@ class RunningSummary:
         cap = f" ({', '.join(map(str, sorted(self.caps)))})" if self.caps else ""
         return (f"{self.truncated} of {self.count} answer(s) were cut off by max_new_tokens{cap}"
                 " before they ended; pass a larger --max_new_tokens to let them finish.")
+
+    def late_note(self) -> str:
+        """One sentence when records paid for preparing a shape inside their own clock, else
+        ''. This running summary counts them; `report` and `compare` leave them out."""
+        if not self.late:
+            return ""
+        return (f"{self.late} of {self.count} record(s) paid for late preparation"
+                " (timing.late_prepare_ms: a shape prepared inside their own clock, so their TTFT"
+                " and E2E include it); report and compare leave them out of their medians.")
 
     def contention_note(self) -> str:
         """One sentence when the generations did not get their CPU threads' time (another
@@ -142,13 +155,14 @@ class RunningSummary:
 
 def print_summary(records, out=None) -> None:
     """count, mean/p50/p90 of decode ms/token and tok/s, ttft, per mode (records or a
-    RunningSummary), and its truncation and contention notes: what the CLI prints after a run."""
+    RunningSummary), and its truncation, late-preparation and contention notes: what the CLI
+    prints after a run."""
     out = out or sys.stdout
     summary = records if isinstance(records, RunningSummary) else RunningSummary(records)
     if not summary.count:
         print("No records.", file=out)
         return
     print(summary.table().round(2).to_string(index=False), file=out)
-    for note in (summary.truncation_note(), summary.contention_note()):
+    for note in (summary.truncation_note(), summary.late_note(), summary.contention_note()):
         if note:
             print(note, file=out)

@@ -33,7 +33,7 @@ The package: engine.py (caches, masks, the compiled step, prefill and projection
 """
 
 from .batch import (answer_len, first_logits, generate_batch, prepare_plan,  # noqa: F401
-                    run_many_fast, shapes_of)
+                    shapes_of)
 from .engine import (BUCKET_MIN, CACHE_CAP_ENV, COMPILE_ENV, GRAPHS_ENV,  # noqa: F401
                      SHARER_ROUND, FastEngine, Rows, bucket, cache_cap_bytes, engine_for, layout,
                      prompt_bucket, sharer_len, sharer_role)

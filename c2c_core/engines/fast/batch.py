@@ -1,6 +1,6 @@
-"""The fast engine over a batch of items (the driver's `generate` for B >= 1, and run_many):
-every shape a run needs prepared before anything is timed, then one timed generation per batch
-and mode, one Generation (and record) per item."""
+"""The fast engine over a batch of items: every shape a run needs prepared before anything is
+timed (prepare_plan), and one timed generation of a batch in one mode (generate_batch, one
+Generation per item), which the one job loop (bench/runner.run_many) calls per job."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ import warnings
 
 import torch
 
-from ...io.records import is_done
 from ...measure import cancel
-from ...measure.timing import Timer
+from ...measure.timing import Timer, on_device
 from ...models.stacked import stacked_for
 from ...plan.item import build_plan, t2t_answer_bound, t2t_answer_ids
 from ...spec.errors import UserError
-from ..generation import (Generation, make_record, modes_of, out_of_memory, run_metadata,
-                          sharers_of, start_generation, to_item)
+from ..generation import Generation, sharers_of, start_generation
 from .engine import (CACHE_CAP_ENV, bucket, engine_for, layout, prompt_bucket, sharer_len,
                      sharer_role)
 
@@ -98,7 +96,13 @@ def check_one_generation_fits(pipe, cfg, batches: list[list], modes: list[str]) 
 
 
 def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
-    """Compile/capture/allocate everything the run needs; returns the seconds it took now."""
+    """Compile/capture/allocate everything the run needs, on the models' device; returns the
+    seconds it took now."""
+    with on_device(pipe.device):
+        return _prepare_plan(pipe, cfg, batches, modes)
+
+
+def _prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     eng = engine_for(pipe)
     before = eng.compile_s
     if pipe.fuser is not None and "c2c" in modes:
@@ -114,7 +118,8 @@ def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
         warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
                       f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
                       " least recently used are freed as shapes change, and a shape needed again"
-                      " is prepared again between generations.")
+                      " is prepared again inside the generation that needs it (its records'"
+                      " timing.late_prepare_ms).")
     # steps first (a fill's and a projection's warm-up writes into caches a step shares)
     keys.sort(key=lambda k: ({"step": 0, "cache": 1, "fill": 2, "proj": 3}[k[0]], str(k)))
     ready = {"step": lambda k: tuple(k[1:]), "fill": lambda k: eng.fill_key(*k[1:]),
@@ -155,11 +160,13 @@ def generate_batch(pipe, cfg, items: list, mode: str, timer: Timer,
     from ...io.records import MODES
     if mode not in MODES:
         raise UserError(f"Unknown mode {mode}; use one of {', '.join(MODES)}.")
-    mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
-    try:
-        return _generate_batch(pipe, cfg, items, mode, timer, mem, repeats or [0] * len(items))
-    finally:
-        mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
+    with on_device(pipe.device):  # the models' device, not the thread's current one
+        mem = DeviceMemory(pipe.device, enabled=timer.method != "off").__enter__()
+        try:
+            return _generate_batch(pipe, cfg, items, mode, timer, mem,
+                                   repeats or [0] * len(items))
+        finally:
+            mem.__exit__(None, None, None)  # stops the RSS sampler on any exit
 
 
 def cut_columns(plans, T: int) -> tuple[list[int], list[list[int | None]]]:
@@ -206,7 +213,7 @@ def _feeds(plans, pipe, eng, dev, T: int, cuts: list[int], starts: list) -> list
 def first_logits(pipe, cfg, items: list) -> torch.Tensor:
     """The c2c prefill of a batch of items (as _generate_batch runs it) and its first-token
     logits [B, V], no decode: what tests compare with the reference's forward."""
-    from ...measure.timing import Timer
+    from ...measure.timing import Timer, on_device
     eng = engine_for(pipe)
     eng.begin()
     plans = [build_plan(pipe, cfg, it, "c2c") for it in items]
@@ -214,7 +221,7 @@ def first_logits(pipe, cfg, items: list) -> torch.Tensor:
     T = eng.prompt_len(max(len(p.ids) for p in plans))
     rows = layout([p.ids for p in plans], [p.pad for p in plans], eng.pad_id(), dev, T)
     L = bucket(T + cfg.gen.max_new_tokens)
-    with torch.inference_mode():
+    with torch.inference_mode(), on_device(dev):
         eng.ensure("receiver", B, L, False)
         cuts, starts = cut_columns(plans, T)
         feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts)
@@ -243,6 +250,7 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     from ..floor import floor_for
     eng = engine_for(pipe)
     eng.begin()  # the caches this generation takes are not evicted under it
+    late0 = eng.late_s  # what this generation pays below to prepare a shape not ready
     dev = pipe.device
     g = cfg.gen
     greedy = not g.do_sample
@@ -311,6 +319,7 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
         gen.batch_size, gen.batch_index, gen.batch_tokens_per_second = B, i, batch_tps
         gen.cpu_share = mem.cpu_share
         gen.batch_wait = list(wait)
+        gen.late_prepare_ms = (eng.late_s - late0) * 1000.0  # the batch's clock: every row's
         gen.kv_context_tokens, gen.energy_j, gen.energy_tokens = kv_ctx, mem.energy_j, all_tokens
         gen.decode_floor_ms = floor_for(pipe, gen, pipe.sharer if mode == "sharer" else None)
         if mode == "c2c":
@@ -318,59 +327,3 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
         out.append(gen)
     return out
 
-
-def run_many_fast(pipe, cfg, items, writer=None, on_progress=None, should_stop=None, skip=None,
-                  meta=None) -> list[dict]:
-    """runner.run_many on the fast engine: items in batches of cfg.batch_size (per batch: each
-    repeat, modes interleaved), every shape prepared before anything is timed, then
-    `cfg.warmup` unrecorded generations of the first batch per mode. One record per item."""
-    items = [to_item(x) for x in items]
-    for i, it in enumerate(items):
-        if it.id is None:
-            it.id = i + 1
-    modes = modes_of(cfg)
-    B = max(int(cfg.batch_size), 1)
-    chunks = [items[k:k + B] for k in range(0, len(items), B)]
-    jobs = []
-    for ch in chunks:  # the eager order at batch 1: item, repeat, mode
-        for r in range(cfg.repeats):
-            for m in modes:
-                todo = [it for it in ch if not is_done(skip, it, m, r)]
-                if todo:
-                    jobs.append((todo, r, m))
-    if meta is None:
-        meta = run_metadata(pipe, cfg, Timer(pipe.device, cfg.timing).method_name)
-    out: list[dict] = []
-    total = sum(len(j[0]) for j in jobs)
-    if on_progress:
-        on_progress(0, total, None)
-    try:
-        with cancel.scope(should_stop):  # a stop also ends the running generation
-            if jobs:
-                spent = prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
-                meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
-                cancel.check()
-                cancel.say("warming up" if cfg.warmup else "timed run")
-                for m in modes:
-                    for _ in range(cfg.warmup):
-                        generate_batch(pipe, cfg, jobs[0][0], m, Timer(pipe.device, cfg.timing))
-            if cfg.warmup:
-                cancel.say("timed run")
-            for todo, r, m in jobs:
-                if should_stop and should_stop():
-                    break
-                gens = generate_batch(pipe, cfg, todo, m, Timer(pipe.device, cfg.timing),
-                                      [r] * len(todo))
-                for it, g in zip(todo, gens):
-                    rec = make_record(pipe, it, m, r, g, meta)
-                    if writer:
-                        writer.write(rec)
-                    out.append(rec)
-                    if on_progress:
-                        on_progress(len(out), total, rec)
-    except cancel.Cancelled:
-        pass  # stopped mid-generation: that batch has no records; the others are kept
-    except torch.OutOfMemoryError:
-        raise out_of_memory(pipe, len(out), "reduce --batch_size or --max_new_tokens, or use"
-                            " shorter prompts") from None
-    return out

@@ -19,7 +19,7 @@ from ...measure import cancel
 from ...spec.errors import UserError
 from ...models.fusion import decoder, project_sharers, sample, section_mask
 from ...models.stacked import stacked_for
-from ...measure.timing import Timer
+from ...measure.timing import Timer, on_device
 from .graphs import Ended, capture
 from ..shapes import BUCKET_MIN, SHARER_ROUND, bucket, prompt_bucket, sharer_len  # noqa: F401
 
@@ -137,6 +137,10 @@ class FastEngine:
         self.eos_lag = 1 if self.cuda else 0
         self.compile_s = 0.0          # seconds spent in prepare() (compile, capture, allocation)
         self.late = 0                 # prepare() calls that happened outside warm-up
+        #: seconds spent preparing inside generations: late prepare()s and caches a generation
+        #: had to allocate (batch.py puts the difference over a generation in its records'
+        #: late_prepare_ms)
+        self.late_s = 0.0
         self._caches = _lru()         # (role, B, L) -> StaticCache, least recently used first
         self._steps: dict = {}        # (role, B, L, what) -> compiled step / fill / projection
         self._binds: dict = {}        # ... -> the caches it holds (when more than its own)
@@ -150,6 +154,7 @@ class FastEngine:
         self._used: dict = {}         # touched is never evicted under it
         self._born: dict = {}         # (role, B, L) -> the epoch that allocated it
         self._pool = None             # the captured graphs' memory pool (_graph_pool)
+        self._streams = None          # (warm-up, capture) streams of every capture (streams())
         self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
         for m in {id(m): m for m in models}.values():
@@ -233,6 +238,7 @@ class FastEngine:
             self.cache_requests += 1
             self.cache_reuses += c is not None and self._born.get(key) != self._epoch
         if c is None:
+            t0 = time.perf_counter()
             need = self.cache_nbytes(role, B, L)
             self._evict_for(need)
             m = self.model(role)
@@ -243,6 +249,8 @@ class FastEngine:
             self._caches[key] = c
             self._born[key] = self._epoch
             self.cache_bytes += need
+            if use:  # allocated inside a generation's clock: preparation it paid for
+                self.late_s += time.perf_counter() - t0
         self._caches.move_to_end(key)
         self._used[key] = self._epoch
         for layer in c.layers:
@@ -262,7 +270,8 @@ class FastEngine:
     def _compiled(self, fn):
         if not self.compile:
             return fn
-        return torch.compile(fn, mode="reduce-overhead" if self.cuda else None, dynamic=False)
+        return torch.compile(fn, mode="reduce-overhead" if self.cuda else None, dynamic=False,
+                             fullgraph=True)  # a graph break is an error, not a slow step
 
     def _run(self, fn, *args):
         """Call a prepared callable; on CUDA graphs, a new step of the graph trees first."""
@@ -327,13 +336,24 @@ class FastEngine:
         if not self.compile:
             return fn
         if not self.cuda:
-            return torch.compile(fn, dynamic=False)
+            return torch.compile(fn, dynamic=False, fullgraph=True)
         return self._captured(fn, static, what, self._graph_pool(), reset)
+
+    def streams(self) -> tuple:
+        """The engine's (warm-up, capture) streams, made once on its device: every capture
+        warms up on the first and is captured on the second (graphs.capture), so the engine
+        holds two cuBLAS workspaces, not one per capture; the capture stream's lives in the
+        graph pool (_graph_pool)."""
+        if self._streams is None:
+            with on_device(self.device):
+                self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return self._streams
 
     def _captured(self, fn, static: tuple, what: str, pool, reset=None):
         """capture() with a fallback: a capture that fails warns and leaves `fn` op by op."""
         try:
-            return capture(fn, static, self.device, pool, reset)
+            warm, cap = self.streams()
+            return capture(fn, static, self.device, pool, reset, cap, warm)
         except Exception as e:  # noqa: BLE001 - the shape still runs, only slower
             torch.cuda.synchronize(self.device)
             warnings.warn(f"fast engine: could not capture the {what} in a CUDA graph"
@@ -344,22 +364,23 @@ class FastEngine:
         """One memory pool for every captured graph (fills, projections, captured steps: they
         run one at a time, and a step's output is cloned before anything else runs), kept for
         the engine's life by an anchor graph captured into it first. That first capture also
-        allocates cuBLAS's workspace for the capture stream inside this pool, so evicting a
-        cache (which destroys the graphs bound to it) never frees a workspace that graphs still
-        alive point at."""
+        allocates cuBLAS's workspace for the engine's capture stream inside this pool (nothing
+        runs on that stream outside a capture), so evicting a cache (which destroys the graphs
+        bound to it) never frees a workspace that graphs still alive point at."""
         if self._pool is None:
-            pool = torch.cuda.graph_pool_handle()
-            a = torch.ones(64, 64, dtype=self.pipe.dtype, device=self.device)
-            cur = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(cur)
-            with torch.cuda.stream(side):  # the cuBLAS handle exists before the capture
-                a @ a
-            cur.wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            anchor = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(anchor, pool=pool):
-                b = a @ a
+            with on_device(self.device):  # the pool and the anchor on the models' device
+                pool = torch.cuda.graph_pool_handle()
+                a = torch.ones(64, 64, dtype=self.pipe.dtype, device=self.device)
+                cur = torch.cuda.current_stream(self.device)
+                side, cap = self.streams()
+                side.wait_stream(cur)
+                with torch.cuda.stream(side):  # the cuBLAS handle exists before the capture
+                    a @ a
+                cur.wait_stream(side)
+                torch.cuda.synchronize(self.device)
+                anchor = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(anchor, pool=pool, stream=cap):
+                    b = a @ a
             self._anchor = (anchor, a, b)
             self._pool = pool
         return self._pool
@@ -383,7 +404,7 @@ class FastEngine:
         if self.compile_cache is not None:
             from ..compile_cache import counts
             hits0, misses0 = counts()
-        with torch.inference_mode():
+        with torch.inference_mode(), on_device(self.device):
             warm()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -483,7 +504,8 @@ class FastEngine:
         """A shape this generation needs. Ready: its caches count as in use by this generation
         (a shape prepared next never evicts them). Not ready (warm-up did not cover it, e.g. a
         longer t2t note than planned, or the cap freed it): prepare it now, outside any span,
-        and say so; its cost lands in this generation's `other_ms`."""
+        and say so; its cost lands in this generation's `other_ms`, and its seconds in
+        `late_s` (the records' late_prepare_ms)."""
         if key in self._ready:
             for ck in self._binds.get(key, (key[:3],)):
                 if ck in self._caches:
@@ -495,7 +517,9 @@ class FastEngine:
         if how != "preparing":
             warnings.warn(f"fast engine: {how} the {what} for batch {key[1]}, bucket"
                           f" {key[2]} outside warm-up; this generation's e2e includes it.")
+        t0 = time.perf_counter()
         prepare()
+        self.late_s += time.perf_counter() - t0
 
     def ensure(self, role: str, B: int, L: int, greedy: bool) -> None:
         self._late(f"{role} step", (role, B, L, greedy), lambda: self.prepare(role, B, L, greedy))

@@ -7,32 +7,49 @@ from __future__ import annotations
 import torch
 
 
-def capture(fn, static: tuple, device, pool, reset=None):
-    """fn(*static) as one CUDA graph: two warm-up runs on a side stream (lazy initialisations,
-    cuBLAS workspaces), then the capture. The returned callable copies its arguments into the
+def capture(fn, static: tuple, device, pool, reset=None, stream=None, warm_stream=None):
+    """fn(*static) as one CUDA graph on `device`: two warm-up runs on `warm_stream` (lazy
+    initialisations), then the capture on `stream`. Everything runs under
+    torch.cuda.device(device), so nothing uses another current device (a capture whose kernels
+    ran elsewhere would be an empty graph whose replays do nothing). `stream` and
+    `warm_stream`: the engine's one capture stream and one warm-up stream of `device` (default:
+    new ones). They differ so that nothing ever runs on the capture stream outside a capture:
+    its cuBLAS workspace is then always allocated inside a capture, in `pool`, where the graphs
+    that use it keep it. The returned callable copies its arguments into the
     graph's input buffers (`static`), replays it and returns the captured call's output: the
     same tensors every replay, overwritten by the next one (a decode step's token: clone it;
     fills and the projection return nothing, they write into the static caches, whose
     addresses are fixed). `pool`: a memory pool shared with graphs that never run at once (an
     output must be cloned before another of them runs)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            if reset is not None:
-                reset()
-            fn(*static)
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    if reset is not None:
-        reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn(*static)
+    with torch.cuda.device(device):
+        side = warm_stream if warm_stream is not None else torch.cuda.Stream(device)
+        stream = stream if stream is not None else torch.cuda.Stream(device)
+        for st in (side, stream):
+            assert st.device == torch.device(device) or torch.device(device).index is None, (
+                f"a stream on {st.device}, a graph for {device}")
+        cur = torch.cuda.current_stream(device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                if reset is not None:
+                    reset()
+                fn(*static)
+        cur.wait_stream(side)
+        torch.cuda.synchronize(device)
+        if reset is not None:
+            reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = fn(*static)
 
     def replay(*args):
+        if len(args) != len(static):
+            raise TypeError(f"a captured graph takes {len(static)} inputs, not {len(args)}")
         for buf, a in zip(static, args):
             if a is not buf:
+                if a.shape != buf.shape:  # copy_ would broadcast a wrong shape silently
+                    raise ValueError(f"captured for an input of shape {tuple(buf.shape)},"
+                                     f" given {tuple(a.shape)}")
                 buf.copy_(a)
         graph.replay()
         return out
@@ -67,8 +84,8 @@ class Ended:
         flag = done.all()
         if self.cuda:
             host, ev = self.slots[k]
-            host.copy_(flag, non_blocking=True)
-            ev.record()
+            host.copy_(flag, non_blocking=True)  # on the current stream of flag's device ...
+            ev.record(torch.cuda.current_stream(flag.device))  # ... so the event goes there
         else:
             self.slots[k] = flag
         self.count += 1

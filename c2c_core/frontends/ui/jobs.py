@@ -91,11 +91,31 @@ RUN_LOCK = threading.Lock()
 JOB_LOG: "collections.deque[tuple[float, float]]" = collections.deque(maxlen=256)
 
 
+_MODEL_THREAD: list = []
+_MODEL_THREAD_LOCK = threading.Lock()
+
+
+def model_thread():
+    """The app's one model thread (a single-thread executor, made on first use and kept for
+    the process): every job's `work` runs on it, one at a time (RUN_LOCK), so state that
+    torch keeps per thread (torch.compile's CUDA-graph trees) is made once, not again inside
+    the first timed spans of each job. A forked child (ZeroGPU runs each call in one) makes its
+    own: the parent's thread does not exist there."""
+    with _MODEL_THREAD_LOCK:
+        if not _MODEL_THREAD or _MODEL_THREAD[0][0] != os.getpid():
+            import concurrent.futures
+            _MODEL_THREAD[:] = [(os.getpid(), concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="c2c-model"))]
+        return _MODEL_THREAD[0][1]
+
+
 class Job:
     """Runs `work(job)` in a thread so a callback can keep yielding (records as they
     arrive, progress ticks) while the model works. With the worker process (the default),
     `work` hands the job to it (`in_worker`) and relays what it sends; the thread then only
-    waits, and the job ends when the worker has ended it. `work` passes `job.on_progress` and
+    waits, and the job ends when the worker has ended it. The job's thread takes RUN_LOCK
+    (and notices a Stop while it waits); `work` itself runs on the app's one model thread
+    (model_thread()). `work` passes `job.on_progress` and
     `job.stop.is_set` to `run_many`, and may point `job.tokens` at a token counter. The work
     runs under RUN_LOCK and a cancel scope: setting `job.stop` ends it within one decode
     step."""
@@ -158,8 +178,6 @@ class Job:
         self.phase = "running" if phase == "timed run" else phase
 
     def _run(self) -> None:
-        from ...bench.runner import FRONTEND
-        FRONTEND.set("app")  # this thread's records (the in-process path) say so
         try:
             if not RUN_LOCK.acquire(blocking=False):
                 self.phase = "waiting"
@@ -169,8 +187,7 @@ class Job:
             t0 = time.perf_counter()
             self.phase = "loading models"
             try:
-                with cancel.scope(self.stop.is_set), cancel.reporting(self.set_phase):
-                    self.result = self.work(self)
+                self.result = model_thread().submit(self._work).result()
             finally:
                 JOB_LOG.append((t0, time.perf_counter()))
                 RUN_LOCK.release()
@@ -181,6 +198,14 @@ class Job:
         finally:
             self.ended = time.perf_counter()
             self.q.put(self._END)
+
+    def _work(self) -> Any:
+        """`work` on the model thread, with this job's Stop and progress line (both
+        thread-local, so set there)."""
+        from ...bench.runner import FRONTEND
+        FRONTEND.set("app")  # this thread's records (the in-process path) say so
+        with cancel.scope(self.stop.is_set), cancel.reporting(self.set_phase):
+            return self.work(self)
 
     def events(self, tick: float = 0.25) -> Iterator[list[dict]]:
         """Yields lists of new records (empty lists as ticks); re-raises the worker's error."""

@@ -204,16 +204,22 @@ def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame,
     return df, sf, per
 
 
+#: What counts the records that paid for late preparation, from the Results tab's notes.
+LATE_FIX = "the command line's report and compare --include_late count them"
+
+
 def compare_table(df_a: pd.DataFrame, df_b: pd.DataFrame) -> pd.DataFrame:
     """B against A as shown, by the CLI compare's rules: paired by (input digest, mode,
     repeat); other prompts under the same ids: one row saying it cannot compare; either run
     contended for its CPU: every verdict "inconclusive: CPU contention". A metric not judged
-    (too few pairs, contention) says regression "n/a", never False."""
+    (too few pairs, contention) says regression "n/a", never False. Records that paid for late
+    preparation are left out, as everywhere in this tab (the status line says how many)."""
     differ, shared = analysis.prompt_mismatch(df_a, df_b)
     if differ:
         return pd.DataFrame([{"metric": "all", "verdict": (
             f"cannot compare: {differ} of the {shared} prompt id(s) found in both files name"
             " different prompts in the two; run both on the same prompts")}])
+    df_a, df_b = analysis.without_late(df_a)[0], analysis.without_late(df_b)[0]
     table = analysis.compare_runs(df_a, df_b, analysis.COMPARE_METRICS)
     if analysis.contended(df_a) is not None or analysis.contended(df_b) is not None:
         table = analysis.mark_contended(table)
@@ -321,6 +327,8 @@ def analyze(files, runs, skip_bad_lines, request: gr.Request):
         n = sum(len(r) for r in sources.values())
         status = f"**{n} record(s)** from {len(sources)} file(s): {md_text(', '.join(names))}."
         notes = analysis.source_differences(sources) + check_notes(sources)
+        late = analysis.without_late(df, fix=LATE_FIX)[1]  # left out of every median below
+        notes += [late] if late else []
         if notes:
             status += "  \n" + "  \n".join(status_md(md_text(x), "warn") for x in notes)
         if errors:
