@@ -41,22 +41,90 @@ def test_records_without_ids_are_numbered_from_one(tmp_path):
     assert list(df["id"]) == ["1", "2"]
 
 
-def test_the_dataset_tab_opens_offline_on_the_shipped_sample_prompts(monkeypatch):
-    pytest.importorskip("gradio")
+def _offline_env(monkeypatch, endpoint: str | None = None):
+    """No HF_*_OFFLINE variable; the hub endpoint `endpoint`, checked afresh."""
+    from c2c_core.io import hub
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    if endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(hub, "_reachable_cache", {})
+
+
+def _dataset_tab():
     import gradio as gr
 
     from c2c_core.frontends.ui import dataset_tab
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with gr.Blocks():
-        tab = dataset_tab.build_dataset_tab()
+        return dataset_tab.build_dataset_tab()
+
+
+def test_the_dataset_tab_opens_offline_on_the_shipped_sample_prompts(monkeypatch):
+    pytest.importorskip("gradio")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tab = _dataset_tab()
     assert tab.source.value == "file"
     assert tab.prompt_file.value["orig_name"] == "sample_prompts.jsonl"
-    monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with gr.Blocks():
-        online = dataset_tab.build_dataset_tab()
+
+
+def test_the_dataset_tab_opens_on_the_sample_where_the_hub_cannot_be_reached(monkeypatch):
+    """No offline variable set, but nothing answers at the hub's address (the discard port
+    refuses): the tab still opens on prompts it can run. Where the hub answers (a local
+    listener stands in for it), it opens on the hub dataset."""
+    pytest.importorskip("gradio")
+    import socket
+
+    from c2c_core.io import hub
+    _offline_env(monkeypatch, "http://127.0.0.1:9")
+    tab = _dataset_tab()
+    assert tab.source.value == "file"
+    assert tab.prompt_file.value["orig_name"] == "sample_prompts.jsonl"
+    assert hub._reachable_cache == {"http://127.0.0.1:9": False}  # checked once, remembered
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        _offline_env(monkeypatch, f"http://127.0.0.1:{srv.getsockname()[1]}")
+        online = _dataset_tab()
     assert online.source.value == "hf" and online.prompt_file.value is None
+
+
+def test_an_address_that_never_answers_counts_as_offline(monkeypatch):
+    """A connect that hangs (here: name resolution that never returns) is given up after the
+    probe's timeout rather than waited for."""
+    import threading
+
+    from c2c_core.io import hub
+    release = threading.Event()
+
+    def hang(*_a, **_k):
+        release.wait()
+        raise OSError("name resolution gave up")
+
+    monkeypatch.setattr(hub.socket, "create_connection", hang)
+    try:
+        assert hub.probe("https://huggingface.co", timeout_s=0.05) is False
+    finally:
+        release.set()
+
+
+def test_the_hub_error_in_the_page_has_a_clean_link(monkeypatch):
+    """The unreachable-hub sentence as the Dataset tab's status line shows it: the address is
+    left whole for the page to link (no backslash inside it), the rest stays escaped."""
+    pytest.importorskip("gradio")
+    import re
+
+    from c2c_core.io.prompts import load_hf_dataset
+    from c2c_core.frontends.ui.texts import md_text, status_md, ui_message
+    from c2c_core.spec.errors import UserError
+    _offline_env(monkeypatch, "http://127.0.0.1:9")
+    with pytest.raises(UserError) as err:
+        load_hf_dataset("gsm8k", split="test", num_rows=2)
+    line = status_md(md_text(ui_message(err.value)), "error")
+    assert "cannot be reached" in line and "upload a prompts file" in line, line
+    link = re.search(r"http\S*", line).group(0)
+    assert link.rstrip(",.)") == "http://127.0.0.1:9", line
+    assert "(https:" not in line and "\\" not in link
+    assert md_text("a_b (see https://x.org/a_b)") == "a\\_b \\(see https://x.org/a_b)"
 
 
 def test_sweep_batch_rows_are_numbered_from_one(tiny_pipe):

@@ -109,6 +109,8 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
     build_run_config's keyword names (preset, base_model, teacher_model, fuser, device, dtype,
     hidden_dim, intermediate_dim, num_layers, mode, max_new_tokens, warmup, repeats, ...)."""
     defaults = dict(defaults or {})
+    from ...io.hub import check_in_background
+    check_in_background()  # the Dataset tab's default follows it; it runs while the panel builds
     purge_old_sessions()
     with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes=["c2c-header"])
