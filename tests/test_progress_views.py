@@ -135,3 +135,39 @@ def test_sweep_batch_rows_are_numbered_from_one(tiny_pipe):
     rows = batch_items(pipe.tokenizer, item, 4, 2, 3)
     assert [r.id for r in rows] == ["in4-out2-b3.1", "in4-out2-b3.2", "in4-out2-b3.3"]
     assert rows[0].input_ids == item.input_ids and isinstance(rows[0], Item)
+
+
+def test_profile_after_a_stop_does_not_show_the_previous_response(tiny_models, monkeypatch):
+    """A finished Profile, then one stopped before it recorded anything: the page then shows no
+    response, stage table, charts or files (before, the previous run's stayed as if current);
+    the new run's first update already clears them."""
+    pytest.importorskip("gradio")
+    from c2c_core.frontends.ui import profile_tab, sessions
+    monkeypatch.setenv("C2C_APP_WORKER", "0")  # in this process: the tiny pair loads in seconds
+    monkeypatch.setenv("C2C_ALLOW_LOCAL_PATHS", "1")  # as app.py sets it for a local server
+    settings = dict(receiver=tiny_models["receiver"], sharer=tiny_models["sharer"],
+                    device="cpu", dtype="float32", fuser_hidden_dim=32,
+                    fuser_intermediate_dim=32, max_new_tokens=8, ignore_eos=True, warmup=0,
+                    mode="c2c")
+
+    from types import SimpleNamespace
+    page = SimpleNamespace(cookies={})  # one page's requests (its session key sticks to it)
+
+    def run(stop_at_start: bool):
+        outs = []
+        for out in profile_tab.run_profile("Say hello.", page, lambda *a, **k: None,
+                                           **settings):
+            if stop_at_start and not outs:
+                sessions.request_stop(page)  # Stop pressed as the job starts
+            outs.append(out)
+        return outs
+
+    done = run(False)[-1]
+    assert "Done" in done[0] and len(done[2]) and done[5]  # (the tiny model may say nothing)
+    stopped = run(True)
+    first, last = stopped[0], stopped[-1]
+    assert "Stopped" in last[0] and "nothing was recorded" in last[0]
+    for out in (first, last):
+        status, response, stages, breakdown, steps, files = out
+        assert response == "" and len(stages) == 0 and files is None, status
+        assert not breakdown.data and not steps.data

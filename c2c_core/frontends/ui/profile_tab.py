@@ -177,6 +177,14 @@ def limits_line(t: dict) -> str:
     return f" {text[:1].upper()}{text[1:]}." if parts else ""
 
 
+def cleared_outputs() -> tuple:
+    """Response, stage table, both charts and the files as before any run: a new or stopped run
+    never shows the previous run's results as its own."""
+    return ("", pd.DataFrame(columns=list(STAGE_HEADS.values())),
+            sized(plots.stage_breakdown_fig({}), 360),
+            sized(plots.decode_steps_fig(pd.DataFrame()), 360), None)
+
+
 def check_profile(prompt: str, **settings):
     """The profile's checks that need no model (also its validator: run before it queues)."""
     guard.check_prompt_text(prompt)
@@ -215,6 +223,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         swap = swap_note(cfg)
         job = Job(work, stop)
         said, last, t0 = None, time.perf_counter(), time.perf_counter()
+        # the previous run's response, stages, charts and files go as this one starts
+        rest: tuple = cleared_outputs()
         try:
             for _ in job.events():
                 now = time.perf_counter()
@@ -225,7 +235,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
                     text = profile_phase_line(job, now - t0)
                     if swap:
                         text = swap + "  \n" + text
-                    yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
+                    yield (status_md(text, "run"),) + rest
+                    rest = tuple(gr.skip() for _ in range(5))
                 if about and job.phase not in ("loading models", "waiting"):
                     progress(min(job.tokens[0] / about, 0.99),
                              desc=f"token {job.tokens[0]} of about {about} (warm-up, timed run,"
@@ -238,8 +249,7 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         if job.cancelled or job.result is None:
             from .jobs import stopped_during
             yield (status_md(f"**Stopped**{stopped_during(job.phase)} before the profile"
-                             " finished; nothing was recorded."),) \
-                + tuple(gr.skip() for _ in range(5))
+                             " finished; nothing was recorded."),) + cleared_outputs()
             return
         done = job.result
     except UserError as e:
