@@ -67,6 +67,18 @@ def batch_items(tokenizer, item: Item, n: int, m: int, batch: int, seed: int = 0
                     synthetic_ids(tokenizer, n, seed + 100003 * i)) for i in range(batch)]
 
 
+def sweep_plan(cfg, input_lens: list[int], output_lens: list[int],
+               batch_sizes: list[int] | None = None) -> list:
+    """The sweep's shapes in the order `run_sweep` runs them, for a progress ETA by size: each
+    row's size is its prompt + output tokens, and a shape of batch B has B rows per mode and
+    repeat (its records per mode)."""
+    from ..measure.progress import Shape
+    return [Shape((n, m, b), float(n + m), float(cfg.repeats * b),
+                  f"{n} tokens in, {m} out" + (f", batch {b}" if b > 1 else ""))
+            for m in output_lens for b in (batch_sizes or [cfg.batch_size])
+            for n in input_lens]
+
+
 def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
               on_progress: Callable | None = None, should_stop: Callable | None = None,
               skip: set[tuple] | None = None, keep: bool = True,
