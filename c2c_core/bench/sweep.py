@@ -12,6 +12,7 @@ import torch
 from ..spec.errors import UserError
 from ..io.records import sweep_id
 from .runner import Item, modes_of, run_many, run_metadata, sweep_settings, with_settings
+from ..measure import cancel
 from ..measure.timing import Timer
 
 
@@ -105,6 +106,8 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
     done = [0]
     if on_progress:
         on_progress(0, total, None)
+    shapes = sweep_plan(cfg, input_lens, output_lens, batch_sizes)
+    k = 0
     for m in output_lens:
         for b in batch_sizes:
             c = shape_config(cfg, m, b)
@@ -112,6 +115,7 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
                 if should_stop and should_stop():
                     return out
                 base = done[0]
+                k += 1
 
                 def report(k, _t, rec, base=base):
                     if rec is not None:
@@ -119,7 +123,9 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
                         if on_progress:
                             on_progress(base + k, total, rec)
                 rows = batch_items(pipe.tokenizer, it, n, m, b, cfg.gen.seed)
-                out += run_many(pipe, c, rows, writer=writer, on_progress=report,
-                                should_stop=should_stop, skip=skip,
-                                meta={**meta, "max_new_tokens": m}, keep=keep)
+                # each phase of the shape (warm-up, compile, timed run) says which shape it is
+                with cancel.within(f"sweep shape {k} of {len(shapes)} ({shapes[k - 1].label})"):
+                    out += run_many(pipe, c, rows, writer=writer, on_progress=report,
+                                    should_stop=should_stop, skip=skip,
+                                    meta={**meta, "max_new_tokens": m}, keep=keep)
     return out

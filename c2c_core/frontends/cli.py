@@ -23,6 +23,10 @@ from ..io.prompts import BUILTIN_PROMPTS
 from ..report.summary import print_summary
 
 DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_timing_results.jsonl"}
+#: Commands that say each phase on stderr as they enter it, with the time since they started:
+#: the long ones (a cold `align` assembles a GGUF, `engines` compiles shape by shape, `sweep`
+#: warms up every shape), which otherwise sat silent for minutes.
+PHASED_COMMANDS = {"align", "engines", "sweep"}
 
 
 # --- shared flags --------------------------------------------------------------------------
@@ -687,6 +691,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so it ends like Ctrl-C (records kept, one line)."""
 
 
+def phases_on_stderr(t0: float | None = None):
+    """A cancel.reporting function that writes "[12 s] Compiling … shape 2 of 4…" on stderr
+    (above a progress bar, when one is drawn), the time counted from `t0` (default: now)."""
+    import time
+
+    from ..measure.progress import fmt_seconds
+    t0 = time.perf_counter() if t0 is None else t0
+
+    def say(phase: str) -> None:
+        line = f"[{fmt_seconds(time.perf_counter() - t0)}] {phase[:1].upper()}{phase[1:]}…"
+        try:
+            from tqdm import tqdm
+            tqdm.write(line, file=sys.stderr)
+        except ImportError:  # pragma: no cover - tqdm comes with transformers
+            print(line, file=sys.stderr, flush=True)
+    return say
+
+
 def _raise_terminated(signum, frame):
     raise Terminated()
 
@@ -702,8 +724,10 @@ def main(argv: list[str] | None = None) -> int:
     saved = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         from .distributed import check_command
+        from ..measure import cancel
         check_command(args.command)
-        return args.func(args)
+        with cancel.reporting(phases_on_stderr() if args.command in PHASED_COMMANDS else None):
+            return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -146,7 +146,8 @@ class Job:
         """What the job does now, as the run says it (cancel.say): "timed run" is the records'
         phase ("running"), anything else ("loading the receiver …", "compiling … shape 2 of
         4", "profiled run for the trace") is shown as it is, without server paths."""
-        self.phase = "running" if phase == "timed run" else guard.scrub_paths(phase)
+        timed = phase == "timed run" or phase.endswith(": timed run")  # a sweep shape's too
+        self.phase = "running" if timed else guard.scrub_paths(phase)
 
     def _run(self) -> None:
         from ...bench.runner import FRONTEND
@@ -241,6 +242,9 @@ LOADING_PHASES = ("loading the", "assembling the", "converting the", "reading th
 
 def stopped_during(phase: str) -> str:
     """' during …' for a stop that ended a run outside its timed generations."""
+    if phase.startswith("sweep shape") and ": " in phase:  # "sweep shape 2 of 6 (…): warming up"
+        shape, phase = phase.split(": ", 1)
+        return stopped_during(phase) + f" of {shape}" if stopped_during(phase) else ""
     if phase.startswith(("compiling", "preparing")):
         m = re.search(r"shape \d+ of \d+", phase)
         return " during the fast engine's compile" + (f" (at {m.group(0)})" if m else "")
