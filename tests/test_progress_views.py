@@ -171,3 +171,57 @@ def test_profile_after_a_stop_does_not_show_the_previous_response(tiny_models, m
         status, response, stages, breakdown, steps, files = out
         assert response == "" and len(stages) == 0 and files is None, status
         assert not breakdown.data and not steps.data
+
+
+def test_a_run_says_its_phase_and_one_clock_from_the_first_update(tiny_cfg_kwargs, tmp_path,
+                                                                  monkeypatch):
+    """Batch, Dataset and Sweep: the status line leads with the phase and the time since the
+    run started from its first update on, and moves on while no record arrives (a compile, a
+    long warm-up); gradio's own timer is hidden beside such a line (the .c2c-live mark)."""
+    pytest.importorskip("gradio")
+    import threading
+
+    from conftest import HANG_S
+    from c2c_core.bench.runner import run_many
+    from c2c_core.frontends.ui import jobs
+    from c2c_core.io.prompts import resolve_prompts
+    from c2c_core.measure import cancel
+    from c2c_core.spec.config import build_run_config
+    monkeypatch.setenv("C2C_APP_WORKER", "0")
+    monkeypatch.setattr(jobs, "ALIVE_EVERY_S", 0.0)  # every tick updates the line
+    compiling = "compiling the receiver step for shape 1 of 2 (batch 1, 16 tokens)"
+    seen = threading.Event()
+    lines: list[str] = []
+
+    def progress(*_a, **_k):
+        pass
+
+    def runner(pipe, cfg, items, **kw):
+        cancel.say(compiling)
+        seen.wait(HANG_S)  # until the page has been told about the compile
+        return run_many(pipe, cfg, items, **kw)
+
+    def render(recs, status, file, summary=None):
+        return status, len(recs), file
+
+    cfg = build_run_config(**tiny_cfg_kwargs)
+    outs = []
+    for out in jobs.stream_records(cfg, resolve_prompts(prompts=["a", "b"]),
+                                   str(tmp_path / "r.jsonl"), progress, render,
+                                   stop=threading.Event(), runner=runner):
+        outs.append(out)
+        lines.append(out[0])
+        if "Compiling the receiver step" in out[0]:
+            seen.set()
+    assert lines[0].startswith(jobs.LIVE + "Loading models… · ") and "elapsed" in lines[0]
+    ticking = [o for o in outs[1:] if o[1] == gr_skip()]
+    said = [o[0] for o in ticking if "Compiling the receiver step for shape 1 of 2" in o[0]]
+    assert said and all(s.startswith(jobs.LIVE) and s.endswith(" elapsed") for s in said)
+    assert jobs.LIVE not in lines[-1] and "Done" in lines[-1]
+    from c2c_core.frontends.ui import CSS
+    assert ':has(.c2c-live) > [data-testid="status-tracker"] .progress-text' in CSS
+
+
+def gr_skip():
+    import gradio as gr
+    return gr.skip()

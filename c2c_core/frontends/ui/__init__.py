@@ -51,6 +51,10 @@ footer { display: none !important; }
 .block.c2c-status > [data-testid="status-tracker"].hide { min-height: 0; padding: 0 !important; }
 /* and the line stays readable while the job runs (gradio fades a pending markdown to 0.2) */
 .block.c2c-status [data-testid="markdown-wrapper"].pending { opacity: 1 !important; }
+/* a running job's line (it holds a .c2c-live mark) carries the one elapsed clock, counted from
+   the start: gradio's own timer beside it, which restarts at every update, is hidden */
+.block.c2c-status:has(.c2c-live) > [data-testid="status-tracker"] .progress-text {
+  display: none !important; }
 /* a failed run says why in its status line and in a toast: no "Error" badge over the line */
 :is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
   > [data-testid="status-tracker"]:has(> .error) { display: none !important; }

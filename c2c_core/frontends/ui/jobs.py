@@ -240,6 +240,22 @@ class Job:
 LOADING_PHASES = ("loading the", "assembling the", "converting the", "reading the tokenizer")
 
 
+#: Leads a running job's status line: the page's CSS hides gradio's own timer beside a line
+#: that holds it (gradio's restarts at every update; the line's clock counts from the start).
+LIVE = '<span class="c2c-live"></span>'
+
+
+def live_line(job: Job, unit: str = "generation") -> str:
+    """'Compiling the receiver step for shape 2 of 4 (…)… · 12 s elapsed', as Markdown."""
+    text = job.describe(unit)
+    return LIVE + md_text(text[:1].upper() + text[1:])
+
+
+def after(status: Any, head: str) -> str:
+    """What a rendered status line says after its live line (kept while the clock ticks)."""
+    return status[len(head):] if isinstance(status, str) and status.startswith(head) else ""
+
+
 def stopped_during(phase: str) -> str:
     """' during …' for a stop that ended a run outside its timed generations."""
     if phase.startswith("sweep shape") and ": " in phase:  # "sweep shape 2 of 6 (…): warming up"
@@ -332,10 +348,13 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
     summary = RunningSummary()
     swap = swap_note(cfg)
-    first = render([], status_md((swap + "  \n" if swap else "")
-                                 + "Started: loading models and warming up if needed…", "run"),
-                   gr.skip(), summary=summary)
-    alive = tuple(gr.skip() for _ in first)
+    # the status line leads with the job's phase and its one elapsed clock (live_line), from
+    # the first second; `tail` is what the last full update said under it (records, accuracy)
+    head = live_line(job, unit)
+    first = render([], status_md(head + (("  \n" + swap) if swap else ""), "run"), gr.skip(),
+                   summary=summary)
+    tail = after(first[0], head)
+    rest = tuple(gr.skip() for _ in first[1:])
     yield first
     last_table = last_yield = last_disk = time.perf_counter()
     try:
@@ -343,7 +362,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
             recs.extend(batch)
             for r in batch:
                 summary.add(r)
-            progress(job.fraction(per_item), desc=job.describe(unit))
+            # the bar and its share (the words are in the status line: said once)
+            progress(job.fraction(per_item), desc=None)
             now = time.perf_counter()
             if now - last_disk >= DISK_EVERY_S:
                 last_disk = now
@@ -352,13 +372,18 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                     job.stop.set()
             if batch and now - last_table >= TABLE_EVERY_S:
                 last_table = last_yield = now
-                msg = f"Running: {summary.count} of {job.total} record(s) done… {summary.line()}"
-                yield render(list(recs), status_md(msg, "run"), gr.skip(), summary=summary)
+                head = live_line(job, unit)
+                msg = f"{summary.count} of {job.total} record(s) done. {summary.line()}"
+                out = render(list(recs), status_md(f"{head}  \n{msg}", "run"), gr.skip(),
+                             summary=summary)
+                tail = after(out[0], head)
+                yield out
                 # a yield turns the page's progress bar into a "generating" border: redraw it
-                progress(job.fraction(per_item), desc=job.describe(unit))
+                progress(job.fraction(per_item), desc=None)
             elif now - last_yield >= ALIVE_EVERY_S:
                 last_yield = now
-                yield alive  # lets gradio notice a client that went away
+                # the phase and the clock move on; this also lets gradio notice a client gone
+                yield (live_line(job, unit) + tail,) + rest
     except UserError as e:
         kept = f" {summary.count} finished record(s) are in the download." if recs else ""
         yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),

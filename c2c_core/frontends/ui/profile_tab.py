@@ -140,9 +140,9 @@ PROFILE_ORDER = ("loading the models · warm-up · compile (fast engine) · time
 
 def profile_phase_line(job, elapsed: float) -> str:
     """'**Profiling** · now: the timed run · 12 s' (the steps in order under it)."""
-    from .jobs import fmt_seconds
-    now = PROFILE_PHASES.get(job.phase, job.phase)
-    return (f"**Profiling** · now: {now} · {fmt_seconds(elapsed)} elapsed  \n"
+    from .jobs import LIVE, fmt_seconds
+    now = md_text(PROFILE_PHASES.get(job.phase, job.phase))
+    return (f"{LIVE}**Profiling** · now: {now} · {fmt_seconds(elapsed)} elapsed  \n"
             f"<small>Steps: {PROFILE_ORDER}.</small>")
 
 
