@@ -373,7 +373,7 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
             if batch and now - last_table >= TABLE_EVERY_S:
                 last_table = last_yield = now
                 head = live_line(job, unit)
-                msg = f"{summary.count} of {job.total} record(s) done. {summary.line()}"
+                msg = f"Running: {summary.count} of {job.total} record(s) done… {summary.line()}"
                 out = render(list(recs), status_md(f"{head}  \n{msg}", "run"), gr.skip(),
                              summary=summary)
                 tail = after(out[0], head)
