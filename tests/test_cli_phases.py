@@ -40,6 +40,9 @@ def test_sweep_says_loading_then_each_shape_before_its_warm_up(capsys, tmp_path,
     assert index_of(lines, "[") < index_of(lines, "Loaded:")
     assert said[:4] == ["Loading the tokenizers", f"Loading the receiver {model_args[1]}",
                         f"Loading the sharer {model_args[3]}", "Loading the fuser"]
+    # its bar gives the ETA by shape, not tqdm's count of records ("<00:02")
+    bars = [b for line in err.splitlines() for b in line.split("\r") if "gen" in b or "|" in b]
+    assert bars and not any("<" in b for b in bars), bars
     shapes = [p for p in said if p.startswith("Sweep shape")]
     assert shapes == ["Sweep shape 1 of 2 (4 tokens in, 2 out): warming up",
                       "Sweep shape 1 of 2 (4 tokens in, 2 out): timed run",

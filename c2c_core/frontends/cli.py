@@ -344,13 +344,26 @@ def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
     from ..report.summary import RunningSummary
+    from ..bench.runner import modes_of
+    from ..bench.sweep import sweep_plan
+    from ..measure.progress import Eta, fmt_seconds, shape_key
     summary = RunningSummary()
-    with writer, tqdm(unit="gen", file=sys.stderr) as bar:
+    # tqdm's own time left counts records as equal (it fell to 0 with the largest shape still
+    # to run): the bar shows the ETA by shape and mode instead
+    eta = Eta(list(modes_of(cfg)), sweep_plan(cfg, ins, outs, bss))
+    shape = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+    with writer, tqdm(unit="gen", file=sys.stderr, bar_format=shape) as bar:
         def on_progress(done, total, rec):
             bar.total = total
-            bar.update(done - bar.n)
-            if rec is not None:
+            if rec is None:
+                eta.start(total)
+            else:
                 summary.add(rec)
+                eta.record(rec.get("mode"), shape_key(rec), rec.get("batch_size") or 1)
+            left = eta.left()
+            bar.set_postfix_str("" if left is None else f"ETA {fmt_seconds(left)}",
+                                refresh=False)
+            bar.update(done - bar.n)
         run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
                   keep=False, batch_sizes=bss)
     print_summary(summary)

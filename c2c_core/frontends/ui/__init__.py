@@ -55,6 +55,9 @@ footer { display: none !important; }
    the start: gradio's own timer beside it, which restarts at every update, is hidden */
 .block.c2c-status:has(.c2c-live) > [data-testid="status-tracker"] .progress-text {
   display: none !important; }
+/* and the bar's words repeat that line: the bar alone is shown */
+.block.c2c-status:has(.c2c-live) > [data-testid="status-tracker"] .progress-level-inner {
+  display: none !important; }
 /* a failed run says why in its status line and in a toast: no "Error" badge over the line */
 :is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
   > [data-testid="status-tracker"]:has(> .error) { display: none !important; }

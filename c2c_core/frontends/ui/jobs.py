@@ -205,8 +205,11 @@ class Job:
         part = min(self.tokens[0] / per_item_tokens, 0.99) if per_item_tokens else 0.0
         return min((self.done + part) / self.total, 1.0)
 
-    def describe(self, unit: str = "generation") -> str:
-        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+    def describe(self, unit: str = "generation", clock: bool = True) -> str:
+        """The phase, and while records come the generation, shape and ETA; with `clock`, the
+        time since the job was created (the page's status line holds the one clock; the
+        progress box's words, for API clients, go without it)."""
+        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed" if clock else ""
         if self.phase == "waiting":
             return "Waiting for the previous job to end…" + took
         if self.phase == "loading models":
@@ -225,7 +228,7 @@ class Job:
         eta = self.eta()
         if eta is not None:
             text += f" · ETA {fmt_seconds(eta)}"
-        return text + f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+        return text + took
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds left (measure.progress.Eta): per mode and per shape, its own seconds per
@@ -362,8 +365,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
             recs.extend(batch)
             for r in batch:
                 summary.add(r)
-            # the bar and its share (the words are in the status line: said once)
-            progress(job.fraction(per_item), desc=None)
+            # the bar (its words are the status line's, without the clock; the page shows the
+            # line, an API client the words)
+            progress(job.fraction(per_item), desc=job.describe(unit, clock=False))
             now = time.perf_counter()
             if now - last_disk >= DISK_EVERY_S:
                 last_disk = now
@@ -379,7 +383,7 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                 tail = after(out[0], head)
                 yield out
                 # a yield turns the page's progress bar into a "generating" border: redraw it
-                progress(job.fraction(per_item), desc=None)
+                progress(job.fraction(per_item), desc=job.describe(unit, clock=False))
             elif now - last_yield >= ALIVE_EVERY_S:
                 last_yield = now
                 # the phase and the clock move on; this also lets gradio notice a client gone
