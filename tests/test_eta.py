@@ -19,7 +19,8 @@ def cost(mode: str, n: int) -> float:
 
 
 def plan(batch: int = 1) -> list[Shape]:
-    return [Shape((n, OUT, batch), float(n + OUT), float(REPEATS * batch)) for n in INS]
+    return [Shape((n, OUT, batch), float(n + OUT), float(REPEATS * batch), batch=batch)
+            for n in INS]
 
 
 def timeline(batch: int = 1):
@@ -90,13 +91,28 @@ def test_the_next_shape_counts_its_warm_up_and_size():
     for m, s, secs in timeline()[:4]:  # the first shape, both rounds
         t += secs
         eta.record(m, s, 1, now=t)
-    # left: three shapes, each scaled from the first by size, and each one's first generation
+    # left: three shapes, each scaled from the first by size: its first generation (warm-up
+    # and a c2c row), then the other c2c row and both receiver rows
     w0 = INS[0] + OUT
-    per_round = sum(cost(m, INS[0]) for m in MODES)
-    want = sum(REPEATS * per_round * (n + OUT) / w0 + (WARM + cost("c2c", INS[0])) * (n + OUT) / w0
+    c2c, rcv = cost("c2c", INS[0]), cost("receiver", INS[0])
+    want = sum(((WARM + c2c) + (REPEATS - 1) * c2c + REPEATS * rcv) * (n + OUT) / w0
                for n in INS[1:])
     assert eta.left(now=t) == pytest.approx(want)
     assert eta.shape_at() == (2, plan()[1])
+
+
+def test_one_record_per_shape_still_gets_an_eta():
+    """A sweep of one mode and one repeat: every record is its shape's first generation (it
+    also pays the warm-up), so no record is ever "timed"; the next shapes are still estimated
+    from the first generations, scaled by size."""
+    shapes = [Shape((n, OUT, 1), float(n + OUT), 1.0) for n in INS]
+    eta = Eta(["c2c"], shapes, clock=lambda: 0.0)
+    eta.start(len(INS), now=0.0)
+    eta.record("c2c", shapes[0].key, 1, now=WARM + cost("c2c", INS[0]))
+    w0 = INS[0] + OUT
+    want = sum((WARM + cost("c2c", INS[0])) * (n + OUT) / w0 for n in INS[1:])
+    assert eta.left(now=WARM + cost("c2c", INS[0])) == pytest.approx(want)
+    assert want >= sum(WARM + cost("c2c", n) for n in INS[1:])  # not below the work left
 
 
 def test_no_guess_before_every_mode_is_timed():

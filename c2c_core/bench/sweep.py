@@ -75,7 +75,7 @@ def sweep_plan(cfg, input_lens: list[int], output_lens: list[int],
     repeat (its records per mode)."""
     from ..measure.progress import Shape
     return [Shape((n, m, b), float(n + m), float(cfg.repeats * b),
-                  f"{n} tokens in, {m} out" + (f", batch {b}" if b > 1 else ""))
+                  f"{n} tokens in, {m} out" + (f", batch {b}" if b > 1 else ""), b)
             for m in output_lens for b in (batch_sizes or [cfg.batch_size])
             for n in input_lens]
 

@@ -28,12 +28,14 @@ def fmt_seconds(s: float) -> str:
 
 @dataclass(frozen=True)
 class Shape:
-    """One shape of a run, in run order: `key` (what `shape_of` gives for its records), its size
-    per row (`weight`, e.g. prompt + output tokens) and its records per mode."""
+    """One shape of a run, in run order: `key` (what `shape_key` gives for its records), its
+    size per row (`weight`, e.g. prompt + output tokens), its records per mode, and the rows of
+    one generation (`batch`: the first generation's rows are its first mode's)."""
     key: Hashable
     weight: float
     per_mode: float
     label: str = ""
+    batch: int = 1
 
 
 class Eta:
@@ -147,17 +149,18 @@ class Eta:
         now = self.clock() if now is None else now
         todo = 0.0
         for s in self.plan:
-            for m in self.modes:
-                n = self.left_of(m, s.key, s.per_mode)
+            fresh = not self.seen[s.key] and any(self.left_of(m, s.key, s.per_mode)
+                                                 for m in self.modes)
+            if fresh:  # its first generation (warm-up, compile and its first mode's rows)
+                todo += self.first_generation(s.key)
+            for i, m in enumerate(self.modes):
+                n = self.left_of(m, s.key, s.per_mode) - (s.batch if fresh and i == 0 else 0)
                 if n <= 0:
                     continue
                 rate = self.per_record(m, s.key)
                 if rate is None:
                     return None
                 todo += rate * n
-            if not self.seen[s.key] and any(self.left_of(m, s.key, s.per_mode) for m in
-                                            self.modes):
-                todo += self.first_generation(s.key)
         nxt = self.next_record()
         if nxt is None or self.last_at is None:
             return max(todo, 0.0)
