@@ -67,6 +67,14 @@ def test_dataset_tab_opens_on_the_sample_where_the_hub_is_unreachable(page):
     assert "sample_prompts" in page.inner_text("#dataset-file")
 
 
+def hidden(page, selector: str) -> None:
+    """Waits until gradio's element `selector` is on the page (it comes and goes with each
+    update) and hidden; a shown one keeps this waiting until it fails."""
+    page.wait_for_function("(sel) => { const e = document.querySelector(sel);"
+                           " return e !== null && getComputedStyle(e).display === 'none'; }",
+                           arg=selector, timeout=RUN_TIMEOUT_MS)
+
+
 ELAPSED = re.compile(r"(\d+(?:\.\d)? s|\d+ min \d\d s) elapsed")
 
 
@@ -91,9 +99,7 @@ def test_the_warm_up_shows_its_phase_and_a_clock_that_counts_up(page):
     assert ELAPSED.search(first).group(1) != ELAPSED.search(later).group(1)  # it counts on
     # the line carries its mark, and gradio's timer (it restarts at each update) is hidden
     assert page.locator("#batch-status .c2c-live").count() >= 1
-    timers = page.locator("#batch-status [data-testid=status-tracker] .progress-text")
-    assert timers.count() >= 1 and not any(timers.nth(i).is_visible()
-                                           for i in range(timers.count()))
+    hidden(page, "#batch-status [data-testid=status-tracker] .progress-text")
     page.screenshot(path=str(SHOTS / "progress_warm_up.png"))
     page.click("#batch-stop")
     status = page.wait_for_function(
@@ -101,3 +107,19 @@ def test_the_warm_up_shows_its_phase_and_a_clock_that_counts_up(page):
         timeout=RUN_TIMEOUT_MS)
     assert status
     page.fill("#warmup input", "0")
+
+
+def test_a_sweep_names_its_shape_and_an_eta(page):
+    """A sweep's line names the generation, the shape running (k of n, its tokens) and an ETA
+    once one is known, with the one clock; the bar's own words are hidden beside it."""
+    page.get_by_role("tab", name="Sweep").click()
+    page.fill("#sweep-in textarea", "8,16,32,64,128")
+    page.fill("#sweep-out textarea", "64")
+    page.click("#sweep-run")
+    page.wait_for_function("() => / · shape [2-5] of 5 \\(.* tokens in, 64 out\\) · ETA .* elapsed/"
+                           ".test(document.querySelector('#sweep-status').innerText)",
+                           timeout=RUN_TIMEOUT_MS)
+    hidden(page, "#sweep-status [data-testid=status-tracker] .progress-level-inner")
+    page.screenshot(path=str(SHOTS / "progress_sweep_eta.png"))
+    page.wait_for_function("() => /Done/.test(document.querySelector('#sweep-status')"
+                           ".innerText)", timeout=RUN_TIMEOUT_MS)
