@@ -112,3 +112,21 @@ def test_eta_in_mode_all_uses_each_modes_own_rate_and_does_not_jump(monkeypatch)
             assert eta is None  # no guessed rate for a mode not timed yet
     assert seen == sorted(seen, reverse=True)  # it only counts down
     assert "elapsed" in job.describe()
+
+
+def test_loading_says_each_model_and_a_stop_then_says_so(tiny_cfg_kwargs):
+    """Loading says what loads, in order, before the first generation; a stop in any of those
+    phases reads "while the models loaded"."""
+    from c2c_core.spec.config import build_run_config
+    from c2c_core.models.loading import load_pipeline
+    said = []
+    cfg = build_run_config(**tiny_cfg_kwargs)
+    with cancel.reporting(said.append):
+        load_pipeline(cfg)
+    assert said == ["loading the tokenizers", f"loading the receiver {cfg.receiver.source}",
+                    f"loading the sharer {cfg.sharers[0].source}", "loading the fuser"]
+    pytest.importorskip("gradio")
+    from c2c_core.frontends.ui.jobs import stopped_during
+    assert {stopped_during(p) for p in said} == {" while the models loaded"}
+    assert stopped_during("assembling the Gemma GGUF from its packages") == \
+        " while the models loaded"

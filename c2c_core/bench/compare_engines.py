@@ -18,6 +18,7 @@ from ..io.prompts import BUILTIN_PROMPTS
 from ..io.records import percentile
 from ..report.summary import contention_note
 from .runner import Item, generate, timing_fields
+from ..measure import cancel
 from ..measure.timing import Timer
 
 
@@ -77,6 +78,7 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     items = [Item(i + 1, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]) for i in range(batch)]
     eng = fast.engine_for(pipe)
     compile_s = fast.prepare_plan(pipe, fastc, [[item], items[:1], items], ["c2c"])
+    cancel.say("warming up both engines (not recorded)")
     for c in (eager, fastc):  # warm-up, unrecorded
         for _ in range(max(cfg.warmup, 1)):
             generate(pipe, c, item, "c2c", Timer(pipe.device, cfg.timing))
@@ -92,6 +94,8 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     prompt_tokens = None
     shares: list[float] = []  # timing.cpu_share of every timed generation (CPU)
     for r in range(repeats):
+        cancel.say(f"timed repeat {r + 1} of {repeats} (eager and fast interleaved, batch 1 and"
+                   f" {batch})")
         order = (("eager", eager), ("fast", fastc)) if r % 2 == 0 else (("fast", fastc), ("eager", eager))
         toks = {}
         for name, c in order:
@@ -187,6 +191,8 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               "cache_evictions": cs["evictions"],
               "payback_generations": round(payback, 1) if payback is not None else None,
               "cpu_share": round(_med(shares), 3) if shares else None}
+    if pipe.fuser is not None:
+        cancel.say("timing the receiver prefill in segments against one fill")
     cost = section_cost(pipe, eager, item, repeats) if pipe.fuser is not None else None
     if cost:
         out(f"receiver prefill in {cost['segments']} segments (the reference's order):"

@@ -12,6 +12,7 @@ import torch
 from ..spec.errors import UserError
 from ..io.records import sweep_id
 from .runner import Item, modes_of, run_many, run_metadata, sweep_settings, with_settings
+from ..measure import cancel
 from ..measure.timing import Timer
 
 
@@ -67,6 +68,18 @@ def batch_items(tokenizer, item: Item, n: int, m: int, batch: int, seed: int = 0
                     synthetic_ids(tokenizer, n, seed + 100003 * i)) for i in range(batch)]
 
 
+def sweep_plan(cfg, input_lens: list[int], output_lens: list[int],
+               batch_sizes: list[int] | None = None) -> list:
+    """The sweep's shapes in the order `run_sweep` runs them, for a progress ETA by size: each
+    row's size is its prompt + output tokens, and a shape of batch B has B rows per mode and
+    repeat (its records per mode)."""
+    from ..measure.progress import Shape
+    return [Shape((n, m, b), float(n + m), float(cfg.repeats * b),
+                  f"{n} tokens in, {m} out" + (f", batch {b}" if b > 1 else ""), b)
+            for m in output_lens for b in (batch_sizes or [cfg.batch_size])
+            for n in input_lens]
+
+
 def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=None,
               on_progress: Callable | None = None, should_stop: Callable | None = None,
               skip: set[tuple] | None = None, keep: bool = True,
@@ -93,6 +106,8 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
     done = [0]
     if on_progress:
         on_progress(0, total, None)
+    shapes = sweep_plan(cfg, input_lens, output_lens, batch_sizes)
+    k = 0
     for m in output_lens:
         for b in batch_sizes:
             c = shape_config(cfg, m, b)
@@ -100,6 +115,7 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
                 if should_stop and should_stop():
                     return out
                 base = done[0]
+                k += 1
 
                 def report(k, _t, rec, base=base):
                     if rec is not None:
@@ -107,7 +123,9 @@ def run_sweep(pipe, cfg, input_lens: list[int], output_lens: list[int], writer=N
                         if on_progress:
                             on_progress(base + k, total, rec)
                 rows = batch_items(pipe.tokenizer, it, n, m, b, cfg.gen.seed)
-                out += run_many(pipe, c, rows, writer=writer, on_progress=report,
-                                should_stop=should_stop, skip=skip,
-                                meta={**meta, "max_new_tokens": m}, keep=keep)
+                # each phase of the shape (warm-up, compile, timed run) says which shape it is
+                with cancel.within(f"sweep shape {k} of {len(shapes)} ({shapes[k - 1].label})"):
+                    out += run_many(pipe, c, rows, writer=writer, on_progress=report,
+                                    should_stop=should_stop, skip=skip,
+                                    meta={**meta, "max_new_tokens": m}, keep=keep)
     return out

@@ -24,6 +24,10 @@ from ..report.summary import print_summary
 from .reporting import write_run_summary
 
 DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_timing_results.jsonl"}
+#: Commands that say each phase on stderr as they enter it, with the time since they started:
+#: the long ones (a cold `align` assembles a GGUF, `engines` compiles shape by shape, `sweep`
+#: warms up every shape), which otherwise sat silent for minutes.
+PHASED_COMMANDS = {"align", "engines", "sweep"}
 
 
 # --- shared flags --------------------------------------------------------------------------
@@ -366,14 +370,27 @@ def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
     from ..report.summary import RunningSummary
+    from ..bench.runner import modes_of
+    from ..bench.sweep import sweep_plan
+    from ..measure.progress import Eta, fmt_seconds, shape_key
     summary = RunningSummary()
+    # tqdm's own time left counts records as equal (it fell to 0 with the largest shape still
+    # to run): the bar shows the ETA by shape and mode instead
+    eta = Eta(list(modes_of(cfg)), sweep_plan(cfg, ins, outs, bss))
+    shape = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
     try:
-        with writer, tqdm(unit="gen", file=sys.stderr) as bar:
+        with writer, tqdm(unit="gen", file=sys.stderr, bar_format=shape) as bar:
             def on_progress(done, total, rec):
                 bar.total = total
-                bar.update(done - bar.n)
-                if rec is not None:
+                if rec is None:
+                    eta.start(total)
+                else:
                     summary.add(rec)
+                    eta.record(rec.get("mode"), shape_key(rec), rec.get("batch_size") or 1)
+                left = eta.left()
+                bar.set_postfix_str("" if left is None else f"ETA {fmt_seconds(left)}",
+                                    refresh=False)
+                bar.update(done - bar.n)
             run_sweep(pipe, cfg, ins, outs, writer=writer, on_progress=on_progress, skip=skip,
                       keep=False, batch_sizes=bss)
     except BaseException:  # stopped or failed: the records so far get their summary too
@@ -767,6 +784,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so it ends like Ctrl-C (records kept, one line)."""
 
 
+def phases_on_stderr(t0: float | None = None):
+    """A cancel.reporting function that writes "[12 s] Compiling … shape 2 of 4…" on stderr
+    (above a progress bar, when one is drawn), the time counted from `t0` (default: now)."""
+    import time
+
+    from ..measure.progress import fmt_seconds
+    t0 = time.perf_counter() if t0 is None else t0
+
+    def say(phase: str) -> None:
+        line = f"[{fmt_seconds(time.perf_counter() - t0)}] {phase[:1].upper()}{phase[1:]}…"
+        try:
+            from tqdm import tqdm
+            tqdm.write(line, file=sys.stderr)
+        except ImportError:  # pragma: no cover - tqdm comes with transformers
+            print(line, file=sys.stderr, flush=True)
+    return say
+
+
 def _raise_terminated(signum, frame):
     raise Terminated()
 
@@ -782,8 +817,10 @@ def main(argv: list[str] | None = None) -> int:
     saved = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         from .distributed import check_command
+        from ..measure import cancel
         check_command(args.command)
-        return args.func(args)
+        with cancel.reporting(phases_on_stderr() if args.command in PHASED_COMMANDS else None):
+            return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,18 @@ def reporting(say_fn: Callable[[str], None] | None) -> Iterator[None]:
         _local.say = prev
 
 
+@contextmanager
+def within(prefix: str) -> Iterator[None]:
+    """Within this block, each phase said is said as "<prefix>: <phase>" (a sweep's shape
+    before its warm-up and compile); nothing changes without a reporter."""
+    prev = getattr(_local, "say", None)
+    if prev is None:
+        yield
+        return
+    with reporting(lambda phase: prev(f"{prefix}: {phase}")):
+        yield
+
+
 def say(phase: str) -> None:
     """The running job's phase, for the person waiting on it (nothing without a reporter)."""
     fn = getattr(_local, "say", None)

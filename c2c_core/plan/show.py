@@ -156,6 +156,8 @@ def tokenizers_for(cfg) -> tuple[object, list]:
     with _LOCK:
         hit = _TOKENIZERS.pop(key, None)
         if hit is None:
+            from ..measure import cancel
+            cancel.say("reading the tokenizers")
             tok, _, stoks = load_tokenizers(cfg)
             hit = (tok, [t for t, _ in stoks])
         _TOKENIZERS[key] = hit  # most recent last

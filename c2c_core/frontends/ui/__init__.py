@@ -51,6 +51,13 @@ footer { display: none !important; }
 .block.c2c-status > [data-testid="status-tracker"].hide { min-height: 0; padding: 0 !important; }
 /* and the line stays readable while the job runs (gradio fades a pending markdown to 0.2) */
 .block.c2c-status [data-testid="markdown-wrapper"].pending { opacity: 1 !important; }
+/* a running job's line (it holds a .c2c-live mark) carries the one elapsed clock, counted from
+   the start: gradio's own timer beside it, which restarts at every update, is hidden */
+.block.c2c-status:has(.c2c-live) > [data-testid="status-tracker"] .progress-text {
+  display: none !important; }
+/* and the bar's words repeat that line: the bar alone is shown */
+.block.c2c-status:has(.c2c-live) > [data-testid="status-tracker"] .progress-level-inner {
+  display: none !important; }
 /* a failed run says why in its status line and in a toast: no "Error" badge over the line */
 :is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
   > [data-testid="status-tracker"]:has(> .error) { display: none !important; }
@@ -109,6 +116,8 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
     build_run_config's keyword names (preset, base_model, teacher_model, fuser, device, dtype,
     hidden_dim, intermediate_dim, num_layers, mode, max_new_tokens, warmup, repeats, ...)."""
     defaults = dict(defaults or {})
+    from ...io.hub import check_in_background
+    check_in_background()  # the Dataset tab's default follows it; it runs while the panel builds
     purge_old_sessions()
     with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes=["c2c-header"])

@@ -53,10 +53,12 @@ class DatasetTab:
 
 
 def build_dataset_tab() -> DatasetTab:
-    # offline, a hub dataset can only be refused: open on the shipped sample prompts instead
+    # where the hub cannot be used (HF_*_OFFLINE set, or its endpoint unreachable: checked once
+    # per process, in at most hub.PROBE_TIMEOUT_S), a hub dataset can only be refused: open on
+    # the shipped sample prompts instead
     from ...spec.config import ASSETS
-    from ...io.hub import hub_offline
-    offline = hub_offline(datasets=True)
+    from ...io.hub import hub_online
+    offline = not hub_online(datasets=True)
     sample = os.path.join(ASSETS, "sample_prompts.jsonl") if offline else None
     source = gr.Radio(SOURCES, value="file" if offline else "hf", label="Prompts from",
                       elem_id="dataset-source")

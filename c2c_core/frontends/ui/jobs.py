@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from ...measure import cancel
+from ...measure.progress import Eta, Shape, fmt_seconds, shape_key
 from ...spec.config import ALL_MODES, RunConfig
 from ...spec.errors import UserError
 from .. import worker
@@ -134,14 +135,11 @@ class Job:
         self.error: BaseException | None = None
         self.started = time.perf_counter()
         self.created = time.perf_counter()  # the elapsed time counts from here
-        self.record_at: list[float] = []   # when each record arrived (for the ETA)
-        self.first_batch = 1                # rows in the first generation (its batch size)
         #: the run's modes in their interleaved order (the ETA adds each mode's own rate)
         self.modes: list[str] = []
-        self.mode_done: collections.Counter = collections.Counter()
-        self.mode_secs: collections.Counter = collections.Counter()  # timed seconds per mode
-        self.mode_timed: collections.Counter = collections.Counter()  # records in mode_secs
-        self.last_mode: str | None = None
+        #: the run's shapes in run order (a sweep's), for an ETA by size; None: one shape
+        self.plan: list[Shape] | None = None
+        self.estimate: Eta | None = None
         self.tokens = [0]
         self.cancelled = False
         self.ended: float | None = None
@@ -153,29 +151,23 @@ class Job:
         if rec is None:  # run_many starts: the models are loaded
             self.phase = "warming up" if self.warmup else "running"
             self.started = time.perf_counter()
+            if self.estimate is None:  # a sweep's shapes report their start once, not per shape
+                self.estimate = Eta(self.modes, self.plan, clock=lambda: time.perf_counter())
+                self.estimate.start(total)
         else:
             self.phase = "running"
-            if not self.record_at:
+            if self.estimate is not None:
                 b = rec.get("batch_size") if isinstance(rec, dict) else None
-                self.first_batch = b if isinstance(b, int) and b > 0 else 1
-            now = time.perf_counter()
-            mode = rec.get("mode") if isinstance(rec, dict) else None
-            if len(self.record_at) >= self.first_batch:
-                # the time since the previous record went to this one (a batch's rows arrive
-                # together: its time spreads over them); the first generation is left out, it
-                # also paid the warm-up and the fast engine's compile
-                self.mode_secs[mode] += now - self.record_at[-1]
-                self.mode_timed[mode] += 1
-            self.mode_done[mode] += 1
-            self.last_mode = mode
-            self.record_at.append(now)
+                self.estimate.record(rec.get("mode") if isinstance(rec, dict) else None,
+                                     shape_key(rec) if self.plan else None, b or 1)
             self.q.put(rec)
 
     def set_phase(self, phase: str) -> None:
         """What the job does now, as the run says it (cancel.say): "timed run" is the records'
-        phase ("running"), anything else ("compiling … shape 2 of 4", "profiled run for the
-        trace") is shown as it is."""
-        self.phase = "running" if phase == "timed run" else phase
+        phase ("running"), anything else ("loading the receiver …", "compiling … shape 2 of
+        4", "profiled run for the trace") is shown as it is, without server paths."""
+        timed = phase == "timed run" or phase.endswith(": timed run")  # a sweep shape's too
+        self.phase = "running" if timed else guard.scrub_paths(phase)
 
     def _run(self) -> None:
         try:
@@ -238,8 +230,11 @@ class Job:
         part = min(self.tokens[0] / per_item_tokens, 0.99) if per_item_tokens else 0.0
         return min((self.done + part) / self.total, 1.0)
 
-    def describe(self, unit: str = "generation") -> str:
-        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+    def describe(self, unit: str = "generation", clock: bool = True) -> str:
+        """The phase, and while records come the generation, shape and ETA; with `clock`, the
+        time since the job was created (the page's status line holds the one clock; the
+        progress box's words, for API clients, go without it)."""
+        took = f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed" if clock else ""
         if self.phase == "waiting":
             return "Waiting for the previous job to end…" + took
         if self.phase == "loading models":
@@ -251,49 +246,57 @@ class Job:
         text = f"{unit} {min(self.done + 1, self.total)} of {self.total}"
         if self.tokens[0]:
             text += f", token {self.tokens[0]}"
+        at = self.estimate.shape_at() if self.estimate is not None else None
+        if at is not None:
+            text += f" · shape {at[0]} of {len(self.plan or [])}" + (
+                f" ({at[1].label})" if at[1].label else "")
         eta = self.eta()
         if eta is not None:
             text += f" · ETA {fmt_seconds(eta)}"
-        return text + f" · {fmt_seconds(time.perf_counter() - self.created)} elapsed"
+        return text + took
 
     def eta(self, now: float | None = None) -> float | None:
-        """Seconds left: per mode, its own seconds per record x its records still to come (mode
-        `all` interleaves modes of very different speeds); less the time the record in flight
-        has run, at most its mode's expected time (so the ETA does not fall to 0 between
-        records and jump back). None until every mode has a timed record."""
-        now = time.perf_counter() if now is None else now
-        modes = self.modes or [m for m in self.mode_done]
-        if not modes or not self.total or self.done >= self.total or not self.record_at:
+        """Seconds left (measure.progress.Eta): per mode and per shape, its own seconds per
+        record x its records still to come, a shape not timed yet scaled from one that was by
+        its size; None until every mode has a timed record."""
+        if self.estimate is None or self.done >= self.total:
             return None
-        if any(not self.mode_timed[m] for m in modes):
-            return None
-        rate = {m: self.mode_secs[m] / self.mode_timed[m] for m in modes}
-        each = self.total / len(modes)
-        left = {m: max(each - self.mode_done[m], 0.0) for m in modes}
-        todo = sum(rate[m] * left[m] for m in modes)
-        i = modes.index(self.last_mode) if self.last_mode in modes else -1
-        nxt = next((modes[(i + k) % len(modes)] for k in range(1, len(modes) + 1)
-                    if left[modes[(i + k) % len(modes)]] > 0), modes[0])
-        return max(todo - min(now - self.record_at[-1], rate[nxt]), 0.0)
+        return self.estimate.left(now)
+
+
+#: How the phases said while models load begin (models.loading's cancel.say).
+LOADING_PHASES = ("loading the", "assembling the", "converting the", "reading the tokenizer")
+
+
+#: Leads a running job's status line: the page's CSS hides gradio's own timer beside a line
+#: that holds it (gradio's restarts at every update; the line's clock counts from the start).
+LIVE = '<span class="c2c-live"></span>'
+
+
+def live_line(job: Job, unit: str = "generation") -> str:
+    """'Compiling the receiver step for shape 2 of 4 (…)… · 12 s elapsed', as Markdown."""
+    text = job.describe(unit)
+    return LIVE + md_text(text[:1].upper() + text[1:])
+
+
+def after(status: Any, head: str) -> str:
+    """What a rendered status line says after its live line (kept while the clock ticks)."""
+    return status[len(head):] if isinstance(status, str) and status.startswith(head) else ""
 
 
 def stopped_during(phase: str) -> str:
     """' during …' for a stop that ended a run outside its timed generations."""
+    if phase.startswith("sweep shape") and ": " in phase:  # "sweep shape 2 of 6 (…): warming up"
+        shape, phase = phase.split(": ", 1)
+        return stopped_during(phase) + f" of {shape}" if stopped_during(phase) else ""
     if phase.startswith(("compiling", "preparing")):
         m = re.search(r"shape \d+ of \d+", phase)
         return " during the fast engine's compile" + (f" (at {m.group(0)})" if m else "")
-    if phase == "loading models":
+    if phase == "loading models" or phase.startswith(LOADING_PHASES):
         return " while the models loaded"
     if phase == "warming up":
         return " during the warm-up"
     return ""
-
-
-def fmt_seconds(s: float) -> str:
-    if s < 10:
-        return f"{max(s, 0):.1f} s"
-    s = int(round(s))
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def tokens_per_item(cfg: RunConfig) -> int | None:
@@ -328,7 +331,8 @@ def space_runtime() -> bool:
 
 def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
                    stop: threading.Event | None = None, unit: str = "generation",
-                   runner: Callable | None = None, request: gr.Request | None = None):
+                   runner: Callable | None = None, request: gr.Request | None = None,
+                   plan: list[Shape] | None = None):
     """Run `items` into `path` in the worker process (or, on the in-process path, a thread) and
     yield `render(records, status, file)` as
     records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
@@ -336,7 +340,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     A UserError is said in the status line and raised as gr.Error. Every finished record is in
     the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
     (same arguments after the items), e.g. a length sweep; it must pickle (a module-level
-    function, or a partial of one) to travel to the worker process.
+    function, or a partial of one) to travel to the worker process. `plan`: the run's shapes in
+    order (a sweep's), so that the ETA weighs what is left by size.
 
     Streams: only the newest LIVE_ROWS records and a running summary stay in memory; `render`
     gets those rows and, as `summary=`, the RunningSummary of every record so far."""
@@ -367,13 +372,17 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     job = Job(work, stop, cfg.warmup)
     from ...bench.runner import modes_of
     job.modes = list(modes_of(cfg))
+    job.plan = plan
     recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
     summary = RunningSummary()
     swap = swap_note(cfg)
-    first = render([], status_md((swap + "  \n" if swap else "")
-                                 + "Started: loading models and warming up if needed…", "run"),
-                   gr.skip(), summary=summary)
-    alive = tuple(gr.skip() for _ in first)
+    # the status line leads with the job's phase and its one elapsed clock (live_line), from
+    # the first second; `tail` is what the last full update said under it (records, accuracy)
+    head = live_line(job, unit)
+    first = render([], status_md(head + (("  \n" + swap) if swap else ""), "run"), gr.skip(),
+                   summary=summary)
+    tail = after(first[0], head)
+    rest = tuple(gr.skip() for _ in first[1:])
     yield first
     last_table = last_yield = last_disk = time.perf_counter()
     try:
@@ -381,7 +390,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
             recs.extend(batch)
             for r in batch:
                 summary.add(r)
-            progress(job.fraction(per_item), desc=job.describe(unit))
+            # the bar (its words are the status line's, without the clock; the page shows the
+            # line, an API client the words)
+            progress(job.fraction(per_item), desc=job.describe(unit, clock=False))
             now = time.perf_counter()
             if now - last_disk >= DISK_EVERY_S:
                 last_disk = now
@@ -390,13 +401,18 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                     job.stop.set()
             if batch and now - last_table >= TABLE_EVERY_S:
                 last_table = last_yield = now
+                head = live_line(job, unit)
                 msg = f"Running: {summary.count} of {job.total} record(s) done… {summary.line()}"
-                yield render(list(recs), status_md(msg, "run"), gr.skip(), summary=summary)
+                out = render(list(recs), status_md(f"{head}  \n{msg}", "run"), gr.skip(),
+                             summary=summary)
+                tail = after(out[0], head)
+                yield out
                 # a yield turns the page's progress bar into a "generating" border: redraw it
-                progress(job.fraction(per_item), desc=job.describe(unit))
+                progress(job.fraction(per_item), desc=job.describe(unit, clock=False))
             elif now - last_yield >= ALIVE_EVERY_S:
                 last_yield = now
-                yield alive  # lets gradio notice a client that went away
+                # the phase and the clock move on; this also lets gradio notice a client gone
+                yield (live_line(job, unit) + tail,) + rest
     except UserError as e:
         if recs:
             write_app_summary(cfg, path, runner)

@@ -142,9 +142,9 @@ PROFILE_ORDER = ("loading the models · warm-up · compile (fast engine) · time
 
 def profile_phase_line(job, elapsed: float) -> str:
     """'**Profiling** · now: the timed run · 12 s' (the steps in order under it)."""
-    from .jobs import fmt_seconds
-    now = PROFILE_PHASES.get(job.phase, job.phase)
-    return (f"**Profiling** · now: {now} · {fmt_seconds(elapsed)} elapsed  \n"
+    from .jobs import LIVE, fmt_seconds
+    now = md_text(PROFILE_PHASES.get(job.phase, job.phase))
+    return (f"{LIVE}**Profiling** · now: {now} · {fmt_seconds(elapsed)} elapsed  \n"
             f"<small>Steps: {PROFILE_ORDER}.</small>")
 
 
@@ -177,6 +177,14 @@ def limits_line(t: dict) -> str:
         parts.append(f"energy {t['energy_j']:.2f} J ({t.get('joules_per_token') or 0:.4f} J/token)")
     text = " · ".join(parts)
     return f" {text[:1].upper()}{text[1:]}." if parts else ""
+
+
+def cleared_outputs() -> tuple:
+    """Response, stage table, both charts and the files as before any run: a new or stopped run
+    never shows the previous run's results as its own."""
+    return ("", pd.DataFrame(columns=list(STAGE_HEADS.values())),
+            sized(plots.stage_breakdown_fig({}), 360),
+            sized(plots.decode_steps_fig(pd.DataFrame()), 360), None)
 
 
 def check_profile(prompt: str, **settings):
@@ -217,6 +225,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         swap = swap_note(cfg)
         job = Job(work, stop)
         said, last, t0 = None, time.perf_counter(), time.perf_counter()
+        # the previous run's response, stages, charts and files go as this one starts
+        rest: tuple = cleared_outputs()
         try:
             for _ in job.events():
                 now = time.perf_counter()
@@ -227,7 +237,8 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
                     text = profile_phase_line(job, now - t0)
                     if swap:
                         text = swap + "  \n" + text
-                    yield (status_md(text, "run"),) + tuple(gr.skip() for _ in range(5))
+                    yield (status_md(text, "run"),) + rest
+                    rest = tuple(gr.skip() for _ in range(5))
                 if about and job.phase not in ("loading models", "waiting"):
                     progress(min(job.tokens[0] / about, 0.99),
                              desc=f"token {job.tokens[0]} of about {about} (warm-up, timed run,"
@@ -240,8 +251,7 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
         if job.cancelled or job.result is None:
             from .jobs import stopped_during
             yield (status_md(f"**Stopped**{stopped_during(job.phase)} before the profile"
-                             " finished; nothing was recorded."),) \
-                + tuple(gr.skip() for _ in range(5))
+                             " finished; nothing was recorded."),) + cleared_outputs()
             return
         done = job.result
     except UserError as e:

@@ -114,5 +114,6 @@ def run_sweep_ui(input_lens: str, output_lens: str, batch_sizes: str = "1",
         raise user_error(e) from None
     path = new_run_path(request, "sweep")
     runner = partial(sweep_grid, ins=ins, outs=outs, bss=bss)  # pickles: it travels to the worker
+    from ...bench.sweep import sweep_plan
     yield from stream_records(cfg, [], path, progress, render, unit="generation", runner=runner,
-                              request=request)
+                              request=request, plan=sweep_plan(cfg, ins, outs, bss))

@@ -75,12 +75,23 @@ def html_text(value: Any) -> str:
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+#: A bare web address: the page turns it into a link as it is, so it is left unescaped (a
+#: backslash inside it would become part of the link). No brackets, backticks, asterisks or
+#: backslashes in it: nothing around it can form Markdown syntax with it.
+_URL = re.compile(r"https?://[A-Za-z0-9\-._~:/?#@!$&'()+,;=%]+")
 
 
 def md_text(value: Any) -> str:
     """A value shown inside Markdown (status and ratio lines), as text: its HTML escaped and its
-    Markdown syntax (images, links, emphasis) backslash-escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", html_text(value))
+    Markdown syntax (images, links, emphasis) backslash-escaped; web addresses stay as they are
+    (the page links them)."""
+    text = html_text(value)
+    out, at = [], 0
+    for m in _URL.finditer(text):
+        out += [_MD_SPECIAL.sub(r"\\\1", text[at:m.start()]), m.group(0)]
+        at = m.end()
+    out.append(_MD_SPECIAL.sub(r"\\\1", text[at:]))
+    return "".join(out)
 
 
 def validator(check: Callable) -> Callable:
