@@ -19,7 +19,7 @@ from . import (batch_tab, dataset_tab, fairqueue, gate, guard, model_panel, prof
 from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
 from .render import enable_download, show_files
 from .runcfg import MODELS, load_models, models_status
-from .sessions import end_session, purge_old_sessions
+from .sessions import PageConnections, purge_old_sessions
 from .texts import WAITING_JS, validator
 
 #: Jobs waiting in gradio's queue at most (a full queue refuses new ones at once).
@@ -66,12 +66,14 @@ def launch_kwargs() -> dict:
             # outermost first: every body capped before anything reads it (gate.BodyLimit);
             # every request carries a session key the server minted (guard.SessionCookie); a
             # session hash is used only under the cookie that first named it
-            # (gate.StreamOwners); total bytes per upload request (max_file_size is per file),
+            # (gate.StreamOwners); the pages (tabs) each session has open, so that it ends only
+            # once the last has gone (sessions.PageConnections); total bytes per upload request (max_file_size is per file),
             # charged to the session the cookie names; the fair queue notes which clients have
             # their message stream open
             "app_kwargs": {"middleware": [Middleware(gate.BodyLimit),
                                           Middleware(guard.SessionCookie),
                                           Middleware(gate.StreamOwners),
+                                          Middleware(PageConnections),
                                           Middleware(guard.UploadLimit),
                                           Middleware(fairqueue.Connections)]}}
 
@@ -211,7 +213,7 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     for dd in (res.file_a, res.file_b):
         dd.input(results_tab.compare_pair, [*res.inputs(), res.file_a, res.file_b],
                  res.compare_outputs(), api_visibility="private")
-    demo.unload(end_session)
+    # no demo.unload: a session ends when the last of its pages has gone (sessions.PageConnections)
 
 
 __all__ = ["build_app", "launch_kwargs", "preload"]

@@ -22,7 +22,7 @@ from ...spec.errors import UserError
 from .. import worker
 from . import guard
 from .runcfg import MODELS, swap_note
-from .sessions import clear_stop, stop_flag
+from .sessions import clear_stop, page_gone, stop_flag
 from .texts import md_text, status_md, ui_message, user_error
 
 
@@ -307,7 +307,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     """Run `items` into `path` in the worker process (or, on the in-process path, a thread) and
     yield `render(records, status, file)` as
     records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
-    that goes away ends the run within one decode step; the session's disk quota ends it too.
+    that goes away ends the run within one decode step (a page closed or reloaded while another
+    page of its session is open lets it run on); the session's disk quota ends it too.
     A UserError is said in the status line and raised as gr.Error. Every finished record is in
     the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
     (same arguments after the items), e.g. a length sweep; it must pickle (a module-level
@@ -377,8 +378,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),
                      path if recs else None, summary=summary)
         raise user_error(e) from None
-    except GeneratorExit:  # the client went away: its generation stops within a decode step
-        job.stop.set()
+    except GeneratorExit:  # the page went away: its generation stops within a decode step,
+        # unless another page of its session is open (then it runs on into the session's folder)
+        page_gone(request, job.stop, lambda: job.ended is not None)
         raise
     finally:
         if own_stop:
