@@ -19,7 +19,7 @@ from . import (batch_tab, dataset_tab, fairqueue, gate, guard, model_panel, prof
 from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
 from .render import enable_download, show_files
 from .runcfg import MODELS, load_models, models_status
-from .sessions import PageConnections, purge_old_sessions
+from .sessions import PageConnections, purge_old_sessions, sweep_sessions
 from .texts import WAITING_JS, validator
 
 #: Jobs waiting in gradio's queue at most (a full queue refuses new ones at once).
@@ -213,7 +213,10 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     for dd in (res.file_a, res.file_b):
         dd.input(results_tab.compare_pair, [*res.inputs(), res.file_a, res.file_b],
                  res.compare_outputs(), api_visibility="private")
-    # no demo.unload: a session ends when the last of its pages has gone (sessions.PageConnections)
+    # a page's close ends no session: sessions.PageConnections ends one once the last of its
+    # pages has gone for the grace period. (An unload event is also what makes gradio's page
+    # open the heartbeat stream that PageConnections counts.)
+    demo.unload(sweep_sessions)
 
 
 __all__ = ["build_app", "launch_kwargs", "preload"]

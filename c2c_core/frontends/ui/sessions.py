@@ -210,6 +210,11 @@ def end_expired(pages: Pages | None = None) -> list[str]:
     return gone
 
 
+def sweep_sessions() -> None:
+    """End the sessions whose grace has passed (the app's unload event: a page left)."""
+    end_expired()
+
+
 # --- stop flags (Stop button; the session's end) ---------------------------------------------
 
 _STOPS: dict[str, set[threading.Event]] = {}
