@@ -21,6 +21,7 @@ from ..spec.config import CONFIGS, DTYPES as DTYPE_NAMES, FuserSpec, ModelSpec, 
 from ..spec.errors import UserError
 from ..io.fileio import build_once
 from ..io.hub import require_hub
+from ..measure import cancel
 from .projector import Fuser, check_fuser_fits, load_fuser, untrained_fuser
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -501,20 +502,26 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     dtype = resolve_dtype(cfg.dtype, device, cfg.cpu_dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # a Stop (the job's cancel scope) is honoured between the load's steps: a step itself (one
+    # model's weights) runs to its end
     tok, tok_src, stoks = load_tokenizers(cfg)
+    cancel.check()
     aligners = plan_alignment(cfg, tok, tok_src, stoks)
     n_sh = len(cfg.sharers)
     try:
+        cancel.check()
         receiver, rinfo = load_model(cfg.receiver, "Receiver", device, dtype, cfg.attn_implementation)
         loaded = {(cfg.receiver.source, cfg.receiver.revision): (receiver, rinfo)}
         smodels = []
         for k, spec in enumerate(cfg.sharers, start=1):
             key = (spec.source, spec.revision)
             if key not in loaded:
+                cancel.check()
                 loaded[key] = load_model(spec, "Sharer" if n_sh == 1 else f"Sharer {k}", device,
                                          dtype, cfg.attn_implementation)
             smodels.append(loaded[key])
         sharer, sinfo = smodels[0]
+        cancel.check()
         fuser = load_fuser_spec(cfg.fuser, receiver, [m for m, _ in smodels]).to(device, dtype)
     except torch.OutOfMemoryError:
         from ..spec.errors import OutOfMemory

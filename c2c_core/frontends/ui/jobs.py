@@ -124,6 +124,7 @@ class Job:
         self.last_mode: str | None = None
         self.tokens = [0]
         self.cancelled = False
+        self.cancel_note = ""  # what a stop also did ("the model worker was restarted, …")
         self.ended: float | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="c2c-job")
 
@@ -174,8 +175,9 @@ class Job:
             finally:
                 JOB_LOG.append((t0, time.perf_counter()))
                 RUN_LOCK.release()
-        except cancel.Cancelled:
+        except cancel.Cancelled as e:
             self.cancelled = True
+            self.cancel_note = str(e)
         except BaseException as e:  # noqa: BLE001 - handed to the callback's thread
             self.error = e
         finally:
@@ -262,6 +264,12 @@ def stopped_during(phase: str) -> str:
     if phase == "warming up":
         return " during the warm-up"
     return ""
+
+
+def stop_note(job: "Job") -> str:
+    """' The model worker was restarted, …' when stopping the job also replaced the worker."""
+    note = job.cancel_note.strip()
+    return f" {note[:1].upper()}{note[1:].rstrip('.')}." if note else ""
 
 
 def fmt_seconds(s: float) -> str:
@@ -390,10 +398,11 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                         f" ({guard.limit('session_disk_mb')} MB, C2C_SESSION_DISK_MB) after"
                         f" {summary.count} record(s); download them and reload the page for a new"
                         " session.", "warn")
-    elif (job.stop.is_set() or job.cancelled) and summary.count < job.total:
+    elif (job.stop.is_set() or job.cancelled) and (not job.total or summary.count < job.total):
         during = stopped_during(job.phase)
         msg = status_md(f"**Stopped**{during} after {summary.count} of {job.total or '?'}"
-                        " record(s); the finished ones are in the download.")
+                        " record(s); the finished ones are in the download."
+                        + stop_note(job))
     else:
         secs = time.perf_counter() - job.started
         msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"

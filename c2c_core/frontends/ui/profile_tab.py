@@ -237,9 +237,9 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
             page_gone(request, stop, lambda: job.ended is not None)
             raise
         if job.cancelled or job.result is None:
-            from .jobs import stopped_during
+            from .jobs import stop_note, stopped_during
             yield (status_md(f"**Stopped**{stopped_during(job.phase)} before the profile"
-                             " finished; nothing was recorded."),) \
+                             " finished; nothing was recorded." + stop_note(job)),) \
                 + tuple(gr.skip() for _ in range(5))
             return
         done = job.result
