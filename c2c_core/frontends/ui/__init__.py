@@ -112,6 +112,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
     hidden_dim, intermediate_dim, num_layers, mode, max_new_tokens, warmup, repeats, ...)."""
     defaults = dict(defaults or {})
     purge_old_sessions()
+    gate.file_refusals_in_words()  # a file input naming a path no upload stored: a sentence
     with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes=["c2c-header"])
         with gr.Sidebar(width=370, label="Settings"):
