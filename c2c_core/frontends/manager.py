@@ -74,6 +74,7 @@ class ModelManager:
             if self.pipe is not None and self.key == key:
                 return self.pipe
             configs = preflight(cfg)  # configs, tokenizer, fuser files: nothing dropped yet
+            cancel.check()  # a Stop while those downloaded keeps the pair that is loaded
             if self.before_load is not None:
                 self.before_load(cfg, configs)
             old = self.cfg

@@ -10,7 +10,9 @@ integer (no lock, no message per token).
 
 Stop: the UI process sets a multiprocessing.Event; the worker's cancel scope checks it before
 every decode step and prefill, so a Stop or a client gone ends the generation within one step.
-A job ends, for the UI, only when the worker says so: the next job never overlaps it.
+A job ends, for the UI, only when the worker says so: the next job never overlaps it. A worker
+that has not ended a stopped job within `stop_wait_s()` (a model load or a fast-engine compile
+checks only between its steps) is killed, and the next job starts a fresh one (WorkerReplaced).
 
 If the worker dies (killed for memory, a segfault), the job fails with one sentence
 (WorkerDied) and the next job starts a fresh worker; the records it wrote stay in the file.
@@ -48,6 +50,29 @@ POLL_S = 0.02
 
 class WorkerDied(UserError):
     """The worker process ended in the middle of a job (killed, out of memory, a crash)."""
+
+
+#: Seconds a worker has, once told to stop, before it is killed and replaced (a model load or
+#: a fast-engine compile checks for a stop only between its steps, which can take minutes).
+STOP_WAIT_DEFAULT_S = 3.0
+
+RESTARTED = "the model worker was restarted, so the next run loads its models again"
+
+
+def stop_wait_s() -> float:
+    try:
+        v = float(os.environ.get("C2C_WORKER_STOP_S", "").strip() or STOP_WAIT_DEFAULT_S)
+    except ValueError:
+        return STOP_WAIT_DEFAULT_S
+    return max(v, 0.0)
+
+
+class WorkerReplaced(cancel.Cancelled):
+    """A stopped job whose worker did not end it within `stop_wait_s()` (stuck in a model load
+    or a compile): the worker was killed; a fresh one starts with the next job."""
+
+    def __str__(self) -> str:
+        return RESTARTED
 
 
 def _death_sentence(code: int | None) -> str:
@@ -317,6 +342,16 @@ class WorkerClient:
         if box is not None:  # a job was in flight: it fails with one sentence
             box[1].put(("dead", box[0], proc.exitcode))
 
+    def _replace(self) -> None:
+        """Kill the worker at once (its job was stopped and it did not end it in time); the
+        next job starts a fresh one. Its status line says so, not that it was killed."""
+        proc, self._proc = self._proc, None
+        self.died = f"Stopped: {RESTARTED}."
+        self.loading, self.held_cfg, self.status_text = False, None, None
+        if proc is not None:
+            proc.kill()
+            proc.join(5.0)
+
     def close(self, timeout: float = 5.0) -> None:
         proc = self._proc
         if proc is None:
@@ -356,14 +391,17 @@ class WorkerClient:
                 on_start(self)
             try:
                 self.req_q.put((kind, jid, payload, fixed))
-                told = False
+                told = None  # when the worker was told to stop
                 while True:
-                    if not told and should_stop and should_stop():
+                    if told is None and should_stop and should_stop():
                         self.stop.set()
-                        told = True
+                        told = time.monotonic()
                     try:
                         msg = inbox.get(timeout=POLL_S)
                     except queue.Empty:
+                        if told is not None and time.monotonic() - told > stop_wait_s():
+                            self._replace()  # stuck between its stop checks: kill it
+                            raise WorkerReplaced() from None
                         if _ended(self._proc_of_job):  # died while we were not looking
                             try:
                                 msg = inbox.get(timeout=1.0)  # a last "end" or "dead"

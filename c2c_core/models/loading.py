@@ -508,11 +508,15 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
     dtype = resolve_dtype(cfg.dtype, device, cfg.cpu_dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # a Stop (the job's cancel scope) is honoured between the load's steps: a step itself (one
+    # model's weights) runs to its end
     cancel.say("loading the tokenizers")
     tok, tok_src, stoks = load_tokenizers(cfg)
+    cancel.check()
     aligners = plan_alignment(cfg, tok, tok_src, stoks)
     n_sh = len(cfg.sharers)
     try:
+        cancel.check()
         cancel.say(f"loading the receiver {cfg.receiver.source}")
         receiver, rinfo = load_model(cfg.receiver, "Receiver", device, dtype, cfg.attn_implementation)
         loaded = {(cfg.receiver.source, cfg.receiver.revision): (receiver, rinfo)}
@@ -520,11 +524,13 @@ def load_pipeline(cfg: RunConfig) -> Pipeline:
         for k, spec in enumerate(cfg.sharers, start=1):
             key = (spec.source, spec.revision)
             if key not in loaded:
+                cancel.check()
                 cancel.say(f"loading the sharer {spec.source}")
                 loaded[key] = load_model(spec, "Sharer" if n_sh == 1 else f"Sharer {k}", device,
                                          dtype, cfg.attn_implementation)
             smodels.append(loaded[key])
         sharer, sinfo = smodels[0]
+        cancel.check()
         cancel.say("loading the fuser")
         fuser = load_fuser_spec(cfg.fuser, receiver, [m for m, _ in smodels]).to(device, dtype)
     except torch.OutOfMemoryError:

@@ -19,7 +19,7 @@ from . import (batch_tab, dataset_tab, fairqueue, gate, guard, model_panel, prof
 from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
 from .render import enable_download, offer_summary, show_files
 from .runcfg import MODELS, load_models, models_status
-from .sessions import end_session, purge_old_sessions
+from .sessions import PageConnections, purge_old_sessions, sweep_sessions
 from .texts import WAITING_JS, validator
 
 #: Jobs waiting in gradio's queue at most (a full queue refuses new ones at once).
@@ -73,12 +73,14 @@ def launch_kwargs() -> dict:
             # outermost first: every body capped before anything reads it (gate.BodyLimit);
             # every request carries a session key the server minted (guard.SessionCookie); a
             # session hash is used only under the cookie that first named it
-            # (gate.StreamOwners); total bytes per upload request (max_file_size is per file),
+            # (gate.StreamOwners); the pages (tabs) each session has open, so that it ends only
+            # once the last has gone (sessions.PageConnections); total bytes per upload request (max_file_size is per file),
             # charged to the session the cookie names; the fair queue notes which clients have
             # their message stream open
             "app_kwargs": {"middleware": [Middleware(gate.BodyLimit),
                                           Middleware(guard.SessionCookie),
                                           Middleware(gate.StreamOwners),
+                                          Middleware(PageConnections),
                                           Middleware(guard.UploadLimit),
                                           Middleware(fairqueue.Connections)]}}
 
@@ -119,6 +121,7 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
     from ...io.hub import check_in_background
     check_in_background()  # the Dataset tab's default follows it; it runs while the panel builds
     purge_old_sessions()
+    gate.file_refusals_in_words()  # a file input naming a path no upload stored: a sentence
     with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes=["c2c-header"])
         with gr.Sidebar(width=370, label="Settings"):
@@ -222,7 +225,10 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     for dd in (res.file_a, res.file_b):
         dd.input(results_tab.compare_pair, [*res.inputs(), res.file_a, res.file_b],
                  res.compare_outputs(), api_visibility="private")
-    demo.unload(end_session)
+    # a page's close ends no session: sessions.PageConnections ends one once the last of its
+    # pages has gone for the grace period. (An unload event is also what makes gradio's page
+    # open the heartbeat stream that PageConnections counts.)
+    demo.unload(sweep_sessions)
 
 
 __all__ = ["build_app", "launch_kwargs", "preload"]

@@ -10,6 +10,8 @@
   with another cookie get a 403 and a sentence, and reach nothing: a stranger who learns a hash
   can neither read its stream (it used to take the owner's messages and break its client) nor
   stop, close or join under it.
+- `file_refusals_in_words()`: a file input naming a server path no upload stored is refused in
+  a sentence (gradio said a bare `{"error": null}`).
 - `bound_logs()` / `bound_output()`: no log record and no line the server prints is longer
   than `LOG_LINE_CHARS` (gradio prints a malformed event's whole input, and logs values in
   warnings and tracebacks: one request, one 200 MB log line).
@@ -213,6 +215,37 @@ class StreamOwners:
         return await self.app(scope, receive, send)
 
 
+# --- file inputs naming server paths ----------------------------------------------------------
+
+NOT_UPLOADED = ("Refused: a file input names a server path that was not uploaded to this app;"
+                " upload the file (the page's file box, or gradio_client's handle_file) and"
+                " send the path the upload returned.")
+
+
+def file_refusals_in_words() -> None:
+    """gradio refuses a file input naming a path it did not store from an upload (another
+    server file, one no upload made) with a bare `{"error": null}` (its InvalidPathError is not
+    shown to clients) and logs the path. Said instead in one sentence, as a gr.Error every
+    client shows; the path is not echoed. Installed once, around gradio's own check."""
+    if _INSTALLED.get("files"):
+        return
+    _INSTALLED["files"] = True
+    import gradio as gr
+    from gradio import processing_utils
+    from gradio.exceptions import InvalidPathError
+    check = processing_utils._check_allowed
+
+    def check_allowed(path, check_in_upload_folder):
+        try:
+            return check(path, check_in_upload_folder)
+        except InvalidPathError:
+            if not check_in_upload_folder:  # the app's own output: its error, not the client's
+                raise
+            raise gr.Error(NOT_UPLOADED, title="File refused") from None
+
+    processing_utils._check_allowed = check_allowed
+
+
 # --- bounded logs -----------------------------------------------------------------------------
 
 _INSTALLED = {"logs": False, "output": False}
@@ -318,4 +351,5 @@ def _forget_owners() -> None:
 
 
 __all__ = ["BodyLimit", "StreamOwners", "body_cap", "bound_logs", "bound_output", "claim",
-           "BoundedLines", "LOG_LINE_CHARS", "NOT_YOURS"]
+           "BoundedLines", "LOG_LINE_CHARS", "NOT_UPLOADED", "NOT_YOURS",
+           "file_refusals_in_words"]

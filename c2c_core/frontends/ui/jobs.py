@@ -23,7 +23,7 @@ from ...spec.errors import UserError
 from .. import worker
 from . import guard
 from .runcfg import MODELS, swap_note
-from .sessions import clear_stop, stop_flag
+from .sessions import clear_stop, page_gone, stop_flag
 from .texts import md_text, status_md, ui_message, user_error
 
 
@@ -142,6 +142,7 @@ class Job:
         self.estimate: Eta | None = None
         self.tokens = [0]
         self.cancelled = False
+        self.cancel_note = ""  # what a stop also did ("the model worker was restarted, …")
         self.ended: float | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="c2c-job")
 
@@ -183,8 +184,9 @@ class Job:
             finally:
                 JOB_LOG.append((t0, time.perf_counter()))
                 RUN_LOCK.release()
-        except cancel.Cancelled:
+        except cancel.Cancelled as e:
             self.cancelled = True
+            self.cancel_note = str(e)
         except BaseException as e:  # noqa: BLE001 - handed to the callback's thread
             self.error = e
         finally:
@@ -299,6 +301,12 @@ def stopped_during(phase: str) -> str:
     return ""
 
 
+def stop_note(job: "Job") -> str:
+    """' The model worker was restarted, …' when stopping the job also replaced the worker."""
+    note = job.cancel_note.strip()
+    return f" {note[:1].upper()}{note[1:].rstrip('.')}." if note else ""
+
+
 def tokens_per_item(cfg: RunConfig) -> int | None:
     """Forwards per record for per-token progress; None for short generations (no hook)."""
     if cfg.gen.max_new_tokens < LONG_GENERATION:
@@ -336,7 +344,8 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     """Run `items` into `path` in the worker process (or, on the in-process path, a thread) and
     yield `render(records, status, file)` as
     records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
-    that goes away ends the run within one decode step; the session's disk quota ends it too.
+    that goes away ends the run within one decode step (a page closed or reloaded while another
+    page of its session is open lets it run on); the session's disk quota ends it too.
     A UserError is said in the status line and raised as gr.Error. Every finished record is in
     the file (written and flushed by run_many) whatever happens. `runner` replaces run_many
     (same arguments after the items), e.g. a length sweep; it must pickle (a module-level
@@ -420,8 +429,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),
                      path if recs else None, summary=summary)
         raise user_error(e) from None
-    except GeneratorExit:  # the client went away: its generation stops within a decode step
-        job.stop.set()
+    except GeneratorExit:  # the page went away: its generation stops within a decode step,
+        # unless another page of its session is open (then it runs on into the session's folder)
+        page_gone(request, job.stop, lambda: job.ended is not None)
         raise
     finally:
         if own_stop:
@@ -431,10 +441,11 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                         f" ({guard.limit('session_disk_mb')} MB, C2C_SESSION_DISK_MB) after"
                         f" {summary.count} record(s); download them and reload the page for a new"
                         " session.", "warn")
-    elif (job.stop.is_set() or job.cancelled) and summary.count < job.total:
+    elif (job.stop.is_set() or job.cancelled) and (not job.total or summary.count < job.total):
         during = stopped_during(job.phase)
         msg = status_md(f"**Stopped**{during} after {summary.count} of {job.total or '?'}"
-                        " record(s); the finished ones are in the download.")
+                        " record(s); the finished ones are in the download."
+                        + stop_note(job))
     else:
         secs = time.perf_counter() - job.started
         msg = status_md(f"**Done:** {summary.count} record(s) in {fmt_seconds(secs)}, written to"

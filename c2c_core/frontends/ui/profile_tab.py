@@ -20,7 +20,7 @@ from .jobs import (ALIVE_EVERY_S, Job, in_worker, token_counter, tokens_per_item
     write_app_summary)
 from .render import plot, sized, stop_button
 from .runcfg import MODELS, swap_note, run_config
-from .sessions import clear_stop, new_run_path, session_dir, stop_flag
+from .sessions import clear_stop, new_run_path, page_gone, session_dir, stop_flag
 from .texts import error_outputs, md_text, status_md, ui_message, user_error
 
 TRACE_NOTE = ("The trace (`…_trace.json.gz`) comes from a separate warm run under torch.profiler:"
@@ -245,13 +245,15 @@ def run_profile(prompt: str, request: gr.Request, progress=gr.Progress(), **sett
                                   " profiled run)")
                 else:
                     progress(None, desc=PROFILE_PHASES.get(job.phase, job.phase))
-        except GeneratorExit:  # the client went away: stop within a decode step
-            stop.set()
+        except GeneratorExit:  # the page went away: stop within a decode step, unless
+            # another page of the session is open (then the profile's files land in its folder)
+            page_gone(request, stop, lambda: job.ended is not None)
             raise
         if job.cancelled or job.result is None:
-            from .jobs import stopped_during
+            from .jobs import stop_note, stopped_during
             yield (status_md(f"**Stopped**{stopped_during(job.phase)} before the profile"
-                             " finished; nothing was recorded."),) + cleared_outputs()
+                             " finished; nothing was recorded." + stop_note(job)),) \
+                + cleared_outputs()
             return
         done = job.result
     except UserError as e:

@@ -1,15 +1,19 @@
 """Per-session state: the server-minted session id, its results folder (quota and age
-limits), its Stop flag, and what is cleared when the tab closes.
+limits), its Stop flags, the pages (tabs) it has open, and what is cleared once the last of
+them has gone.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import secrets
 import shutil
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import gradio as gr
 
@@ -97,44 +101,194 @@ def purge_old_sessions(max_age_s: float = SESSION_MAX_AGE_S) -> None:
             pass
 
 
-# --- stop flags (Stop button; closing the tab) ---------------------------------------------
+# --- pages: the tabs of one session open now ------------------------------------------------
+
+#: Seconds a session outlives its last open page (a reload, a tab opened again): its runs stay
+#: listed and its running job runs on until then (C2C_SESSION_GRACE_S).
+GRACE_DEFAULT_S = 30.0
+
+
+def grace_s() -> float:
+    try:
+        return max(float(os.environ.get("C2C_SESSION_GRACE_S", "").strip() or GRACE_DEFAULT_S),
+                   0.0)
+    except ValueError:
+        return GRACE_DEFAULT_S
+
+
+class Pages:
+    """Which pages of each session are open (a page: one tab, known by gradio's session hash
+    and its open heartbeat connections), and since when a session has had none. All tabs of a
+    browser share one session (its cookie); the session ends only once its last page has been
+    gone for `grace_s` seconds, so closing or reloading one tab never ends another's work. The
+    clock is injected (tests move it by hand)."""
+
+    def __init__(self, grace: Callable[[], float] = grace_s,
+                 clock: Callable[[], float] = time.monotonic):
+        self.grace, self.clock = grace, clock
+        self._open: dict[str, collections.Counter] = {}   # session -> page -> connections
+        self._left: dict[str, float] = {}                  # session -> when its last page left
+        self._lock = threading.Lock()
+
+    def arrive(self, session: str, page: str) -> None:
+        with self._lock:
+            self._open.setdefault(session, collections.Counter())[page] += 1
+            self._left.pop(session, None)
+
+    def leave(self, session: str, page: str) -> None:
+        with self._lock:
+            pages = self._open.get(session)
+            if pages is None or pages[page] <= 0:
+                return
+            pages[page] -= 1
+            if pages[page] <= 0:
+                del pages[page]
+            if not pages:
+                del self._open[session]
+                self._left[session] = self.clock()
+
+    def pages(self, session: str) -> set[str]:
+        with self._lock:
+            return set(self._open.get(session, ()))
+
+    def known(self, session: str) -> bool:
+        """Whether the session has a page open, or had one within the grace period (a session
+        only API clients use has none: its jobs stop when their client goes)."""
+        with self._lock:
+            if session in self._open:
+                return True
+            left = self._left.get(session)
+            return left is not None and self.clock() - left < self.grace()
+
+    def expired(self) -> list[str]:
+        """The sessions whose last page left at least `grace` seconds ago (each said once)."""
+        now, grace = self.clock(), self.grace()
+        with self._lock:
+            gone = [s for s, t in self._left.items() if now - t >= grace]
+            for s in gone:
+                del self._left[s]
+        return gone
+
+
+PAGES = Pages()
+
+_HEARTBEAT = re.compile(r"/heartbeat/([^/]+)/?$")
+
+
+class PageConnections:
+    """ASGI middleware (inside guard.SessionCookie): each page holds its heartbeat stream
+    (`GET …/heartbeat/<session hash>`) open while it is shown; here those streams are counted
+    per session, and a session whose pages are all gone ends once the grace period has passed
+    with none back (`end_session`)."""
+
+    def __init__(self, app, pages: Pages | None = None):
+        self.app, self.pages = app, pages or PAGES
+
+    async def __call__(self, scope, receive, send):
+        m = _HEARTBEAT.search(scope.get("path", "")) if scope["type"] == "http" and \
+            scope.get("method") == "GET" else None
+        key = guard.session_key(guard._cookies(list(scope.get("headers") or []))
+                                .get(guard.SESSION_COOKIE)) if m else None
+        if key is None:
+            return await self.app(scope, receive, send)
+        self.pages.arrive(key, m.group(1))
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.pages.leave(key, m.group(1))
+            if not self.pages.pages(key):
+                t = threading.Timer(self.pages.grace() + 0.5, end_expired, (self.pages,))
+                t.daemon = True
+                t.start()
+
+
+def end_expired(pages: Pages | None = None) -> list[str]:
+    """End every session whose last page has been gone for the grace period."""
+    gone = (pages or PAGES).expired()
+    for key in gone:
+        _end(key)
+    return gone
+
+
+def sweep_sessions() -> None:
+    """End the sessions whose grace has passed (the app's unload event: a page left)."""
+    end_expired()
+
+
+# --- stop flags (Stop button; the session's end) ---------------------------------------------
 
 _STOPS: dict[str, set[threading.Event]] = {}
 _STOPS_LOCK = threading.Lock()
+#: Flags of jobs whose page went away while another page of the session stayed: they run on
+#: until done (the callable says so) or the session ends. Their page's own cleanup leaves them.
+_ORPHANS: dict[threading.Event, Callable[[], bool]] = {}
 
 
 def stop_flag(request: gr.Request | None) -> threading.Event:
-    """A fresh stop flag for one of the session's runs (Stop and closing the tab set it)."""
+    """A fresh stop flag for one of the session's runs (Stop and the session's end set it)."""
     ev = threading.Event()
     with _STOPS_LOCK:
         _STOPS.setdefault(session_id(request), set()).add(ev)
     return ev
 
 
+def _discard(sid: str, ev: threading.Event) -> None:
+    flags = _STOPS.get(sid)
+    if flags is not None:
+        flags.discard(ev)
+        if not flags:
+            del _STOPS[sid]
+
+
 def clear_stop(request: gr.Request | None, ev: threading.Event) -> None:
     """The run that owned `ev` is over: a later Stop has nothing to stop."""
     sid = session_id(request)
     with _STOPS_LOCK:
-        flags = _STOPS.get(sid)
-        if flags is not None:
-            flags.discard(ev)
-            if not flags:
-                del _STOPS[sid]
+        if ev not in _ORPHANS:
+            _discard(sid, ev)
+        for o, done in list(_ORPHANS.items()):  # orphaned runs that have ended since
+            if done():
+                del _ORPHANS[o]
+                for s in list(_STOPS):
+                    _discard(s, o)
+
+
+def page_gone(request: gr.Request | None, ev: threading.Event,
+              done: Callable[[], bool], pages: Pages | None = None) -> bool:
+    """The page that started a run went away (closed, reloaded) while it ran. When another page
+    of its session is open, or one was within the grace period, the run goes on (its records
+    land in the session's folder, listed in the other pages) until it ends or the session does;
+    otherwise it stops now, within one decode step. True when it goes on."""
+    if (pages or PAGES).known(session_id(request)):
+        with _STOPS_LOCK:
+            _ORPHANS[ev] = done
+        return True
+    ev.set()
+    return False
 
 
 def request_stop(request: gr.Request | None) -> bool:
     """Stop every run of this session; False when none was running."""
     with _STOPS_LOCK:
-        flags = list(_STOPS.get(session_id(request), ()))
+        flags = [ev for ev in _STOPS.get(session_id(request), ())
+                 if not (ev in _ORPHANS and _ORPHANS[ev]())]
     for ev in flags:
         ev.set()
     return bool(flags)
 
 
-def end_session(request: gr.Request | None) -> None:
-    """The tab was closed: stop its runs and remove its folder."""
-    request_stop(request)
+def _end(key: str) -> None:
     with _STOPS_LOCK:
-        _STOPS.pop(session_id(request), None)
-    guard.forget_session(session_id(request))
-    shutil.rmtree(os.path.join(SESSION_ROOT, session_id(request)), ignore_errors=True)
+        flags = _STOPS.pop(key, set())
+        for ev in flags:
+            _ORPHANS.pop(ev, None)
+    for ev in flags:
+        ev.set()
+    guard.forget_session(key)
+    shutil.rmtree(os.path.join(SESSION_ROOT, key), ignore_errors=True)
+
+
+def end_session(request: gr.Request | None) -> None:
+    """The session is over: stop its runs and remove its folder (PageConnections calls it once
+    the last page of the session has been gone for the grace period)."""
+    _end(session_id(request))
