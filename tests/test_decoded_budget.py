@@ -87,6 +87,11 @@ def test_compact_steps_read_the_same_numbers_as_json(tmp_path):
     assert len(compact[3]["decode_step_times_ms"]) == 0
     # the record checks judge a compact record as they judge its list form
     assert check_record(compact[0]) == check_record(plain[0])
+    # numbers without their comma are no JSON with a budget either (not read as one number)
+    bad = _write(tmp_path / "bad.jsonl", ['{"id": 1, "decode_step_times_ms": [1 2]}\n'])
+    for budget in (None, DecodedBudget(None)):
+        with pytest.raises(UserError, match="bad.jsonl line 1 is not valid JSON"):
+            read_records(bad, budget=budget)
 
 
 def test_analysis_of_compact_steps_matches_the_list_form(tmp_path):

@@ -371,6 +371,8 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
 _STEPS_KEY = re.compile(rb'"decode_step_times_ms"\s*:\s*\[')
 #: Bytes a list of plain JSON numbers is made of (no strings, nulls, bools or nesting).
 _NUMBER_BYTES = b"0123456789+-.eE, \t\r\nNaIfinity"
+#: Two numbers with only white space between them (numpy would read the first and stop).
+_GAP = re.compile(rb"[0-9.]\s+[0-9.+\-NI]")
 #: Bytes of Python objects a parsed record holds per byte of its text, and per value in it
 #: (a float, an int or a short string: 24-50 bytes, plus the list or dict slot pointing at it).
 COST_PER_CHAR, COST_PER_VALUE = 4, 32
@@ -394,8 +396,8 @@ def _compact_steps(raw: bytes, budget: Any) -> tuple[bytes, "np.ndarray | None"]
     if end < 0 or _STEPS_KEY.search(raw, end) is not None:
         return raw, None
     body = raw[m.end():end]
-    if body.translate(None, _NUMBER_BYTES):  # text, null, true or a nested list: parse whole
-        return raw, None
+    if body.translate(None, _NUMBER_BYTES) or _GAP.search(body):  # text, null, true, a nested
+        return raw, None  # list or "1 2" (numbers without their comma): the line is parsed whole
     n = body.count(b",") + 1 if body.strip() else 0
     budget.add(8 * n)
     arr = np.fromstring(body, dtype=np.float64, sep=",") if n else np.empty(0)
