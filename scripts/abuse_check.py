@@ -57,6 +57,7 @@ class Result:
     detail: str = ""
     secs: float = 0.0
     full: str = ""   # the whole answer (detail is shortened for the table)
+    rss_mb: tuple[float, float, float] | None = None  # server (app + worker): before, peak, after
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Ctx:
     results: list[Result] = field(default_factory=list)
     server_pid: int = 0
     growth_mb: dict[str, float] = field(default_factory=dict)  # probe -> server RSS growth
+    timeline: "RssTimeline | None" = None  # the server's RSS, sampled all along
 
     def client(self):
         from gradio_client import Client
@@ -120,6 +122,14 @@ def judge_refusal(ctx: Ctx, name: str, fn, must_say: str | None = None,
     if (bad := leaks(ctx, text)):
         return Result(name, "LEAK", "; ".join(bad) + f" | {short(text)}", secs)
     return Result(name, "NOT REFUSED", short(text), secs)
+
+
+def first_words(r: Result, n: int = 14) -> str:
+    """The answer's first words (the detail when the answer was not kept, or the probe failed:
+    then the detail says why)."""
+    good = r.outcome in ("ok", "refused")
+    words = short(r.full if good and r.full else r.detail, 400).split()
+    return " ".join(words[:n]) + (" …" if len(words) > n else "")
 
 
 def short(text: str, n: int = 150) -> str:
@@ -614,21 +624,69 @@ def models_kept_probe(ctx: Ctx) -> Result:
 
 # --- uploads, sessions, escaping (issue 16 parts 1, 4, 5) ----------------------------------------
 
-class MemoryWatch:
-    """The server process's peak RSS growth while a probe runs (sampled every 20 ms)."""
+def tree_rss(pid: int) -> int:
+    """RSS of the server: the app process and its descendants (its worker) together."""
+    import psutil
+    if not pid:
+        return 0
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class RssTimeline:
+    """The server's RSS (app + worker) sampled every 0.2 s for the whole check: each probe's
+    before (at the end of the one before it), peak and after (when it answered)."""
 
     def __init__(self, pid: int):
-        import psutil
-        self.proc = psutil.Process(pid) if pid else None
-        self.base = self.peak = self._rss()
+        self.pid = pid
+        self.now = self.peak = tree_rss(pid)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.2):
+            v = tree_rss(self.pid)
+            with self._lock:
+                self.now, self.peak = v, max(self.peak, v)
+
+    def mark(self) -> tuple[float, float, float]:
+        """(before, peak, after) in MB since the last mark; the next probe starts here."""
+        v = tree_rss(self.pid)
+        with self._lock:
+            out = (self.before_mb if hasattr(self, "before_mb") else v / 2**20,
+                   max(self.peak, v) / 2**20, v / 2**20)
+            self.peak = self.now = v
+            self.before_mb = v / 2**20
+        return out
+
+    def stop(self):
+        self._stop.set()
+
+
+class MemoryWatch:
+    """The server's (app + worker) RSS while a probe runs, sampled every 20 ms: before, peak,
+    and after (once the answer came and 0.3 s more)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.base = self.peak = self.after = self._rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._poll, daemon=True)
 
     def _rss(self) -> int:
-        try:
-            return self.proc.memory_info().rss if self.proc else 0
-        except Exception:  # noqa: BLE001 - the server died: the probe says so
-            return 0
+        return tree_rss(self.pid)
 
     def _poll(self):
         while not self._stop.wait(0.02):
@@ -642,10 +700,16 @@ class MemoryWatch:
         time.sleep(0.3)  # growth that comes just after the answer counts too
         self._stop.set()
         self._t.join()
+        self.after = self._rss()
+        self.peak = max(self.peak, self.after)
 
     @property
     def growth_mb(self) -> float:
         return max(self.peak - self.base, 0) / 2**20
+
+    @property
+    def rss_mb(self) -> tuple[float, float, float]:
+        return self.base / 2**20, self.peak / 2**20, self.after / 2**20
 
 
 def _parquet_bomb(path: str, rows: int, width: int, arrow_schema: bool) -> None:
@@ -678,6 +742,7 @@ def watched(ctx: Ctx, name: str, fn, must_say: str, limit_mb: float = 500) -> Re
     with MemoryWatch(ctx.server_pid) as w:
         r = judge_refusal(ctx, name, fn, must_say=must_say)
     ctx.growth_mb[name] = round(w.growth_mb, 1)
+    r.rss_mb = w.rss_mb
     r.detail = f"server +{w.growth_mb:.0f} MB | {r.detail}"
     if r.outcome == "refused" and w.growth_mb >= limit_mb:
         r.outcome, r.detail = "FAILED", f"server memory grew {w.growth_mb:.0f} MB | {r.detail}"
@@ -720,8 +785,193 @@ def upload_guard_probes(ctx: Ctx, fast: bool) -> list[Result]:
     out += session_probes(ctx)
     out.append(html_probe(ctx))
     out.append(long_steps_probe(ctx))
+    out += budget_probes(ctx, fast)
     if not fast:
         out.append(direct_upload_quota_probe(ctx))
+    return out
+
+
+# --- decoded budgets, request bodies, owned streams (issue 29) ----------------------------------
+
+#: Server growth an analysis of one file under the upload cap may cause, and what it may keep
+#: once it has answered (issue 29: 300 MB each, two at once 600 MB; back within 50 MB).
+ANALYSIS_GROWTH_MB, ANALYSIS_KEPT_MB = 300, 50
+
+
+def _list_bomb(path: str, refs: int = 1_000_000, width: int = 1024) -> None:
+    """One row: a list of `refs` references to one `width`-char string, dictionary encoded."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = pa.DictionaryArray.from_arrays(pa.array(np.zeros(refs, dtype=np.int32)),
+                                       pa.array(["a" * width]))
+    lst = pa.ListArray.from_arrays(pa.array([0, refs], type=pa.int32()), d)
+    pq.write_table(pa.table({"prompt": ["hi"], "options": lst}), path, compression="zstd")
+
+
+def _long_steps_file(path: str, records: int = 3, steps: int = 3_900_000) -> None:
+    """A results file of about 45 MB: `records` records of `steps` decode steps each."""
+    head = json.dumps({"mode": "c2c", "prompt": "p", "response": "r", "run": {"device": "cpu"},
+                       "timing": {"ttft_ms": 5.0, "decode_avg_ms": 1.0}})[:-1]
+    body = ",".join(["1.0"] * steps)
+    with open(path, "w") as f:
+        for i in range(records):
+            f.write(f'{head}, "id": {i}, "decode_step_times_ms": [{body}]}}\n')
+
+
+def analysis_memory_probe(ctx: Ctx, path: str, clients: int) -> Result:
+    """`clients` sessions upload the same long-steps file and analyse it at once: every one
+    gets its summary, the server grows by at most ANALYSIS_GROWTH_MB per client and is back
+    within ANALYSIS_KEPT_MB of its start once they have their answers."""
+    mb = os.path.getsize(path) / 2**20
+    name = (f"{mb:.0f} MB of long decode-step arrays analysed "
+            + ("alone" if clients == 1 else f"by {clients} sessions at once"))
+    said, errors = [], []
+
+    def one():
+        try:
+            said.append(str(_analyze(ctx.client(), [path])[0]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e))
+
+    t = time.perf_counter()
+    with MemoryWatch(ctx.server_pid) as w:
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(HANG_S)
+        time.sleep(1.0)  # memory handed back just after the answer counts as handed back
+    secs = time.perf_counter() - t
+    before, peak, after = w.rss_mb
+    ctx.growth_mb[name] = round(w.growth_mb, 1)
+    answer = said[0] if said else (errors[0] if errors else "no answer")
+    problems = []
+    if errors or len(said) != clients or not all("3 record(s)" in x for x in said):
+        problems.append(f"{len(said)} of {clients} analyses answered with the 3 records")
+    if peak - before > ANALYSIS_GROWTH_MB * clients:
+        problems.append(f"the server grew {peak - before:.0f} MB (at most"
+                        f" {ANALYSIS_GROWTH_MB * clients})")
+    if after - before > ANALYSIS_KEPT_MB:
+        problems.append(f"the server kept {after - before:.0f} MB after (at most"
+                        f" {ANALYSIS_KEPT_MB})")
+    r = Result(name, "FAILED" if problems else "ok",
+               "; ".join(problems + [short(answer, 90)]), secs, full=answer)
+    r.rss_mb = w.rss_mb
+    return r
+
+
+def _send_body(ctx: Ctx, path: str, size: int, chunked: bool) -> tuple[int, str]:
+    """POST a `size`-byte JSON-looking body to `path` over a raw socket, a MB at a time, and
+    stop sending as soon as the server answers: (HTTP status, the answer's text); (0, why)
+    when none came. With `chunked` the body has no Content-Length (counted as it streams)."""
+    import select
+    host, port = ctx.url.split("//")[1].rstrip("/").split(":")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            + ("Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {size}\r\n")
+            + "Connection: close\r\n\r\n").encode()
+    chunk = b'{"data": ["' + b"x" * (2**20 - 11)
+    sent, answer = 0, b""
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head)
+        try:
+            while sent < size:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server answered: it takes no more
+                part = chunk[:size - sent]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+                sent += len(part)
+            if chunked and sent >= size:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # it closed the connection on us: its answer is already there
+        try:
+            while (got := sock.recv(65536)):
+                answer += got
+        except OSError:
+            pass
+    text = answer.decode("utf-8", "replace")
+    m = re.match(r"HTTP/1\.[01] (\d+)", text)
+    body = text.split("\r\n\r\n", 1)[-1]
+    return (int(m.group(1)) if m else 0), (body if m else f"no answer after {sent:,} bytes")
+
+
+def body_probe(ctx: Ctx, path: str, chunked: bool) -> Result:
+    name = (f"200 MB {'chunked ' if chunked else ''}JSON body to {path}"
+            + (" (no Content-Length)" if chunked else ""))
+    t = time.perf_counter()
+    with MemoryWatch(ctx.server_pid) as w:
+        try:
+            code, text = _send_body(ctx, path, 200 * 2**20, chunked)
+        except OSError as e:
+            code, text = 0, f"{type(e).__name__}: {e}"
+    secs = time.perf_counter() - t
+    ctx.growth_mb[name] = round(w.growth_mb, 1)
+    ok = code == 413 and "C2C_MAX_BODY_MB" in text
+    r = Result(name, "refused" if ok else "NOT REFUSED" if code == 200 else "FAILED",
+               f"HTTP {code}: {short(text, 100)}", secs, full=text)
+    r.rss_mb = w.rss_mb
+    return r
+
+
+def foreign_stream_probe(ctx: Ctx) -> Result:
+    """A client with its own cookie asks for another session's event stream while that
+    session's batch runs: it gets a 403 and a sentence and reads nothing, and the owner's
+    batch ends with its result."""
+    name = "foreign queue/data: another session's event stream"
+    secret = f"{SENTINEL} the owner's prompt"
+    t = time.perf_counter()
+    owner = ctx.client()
+    job = owner.submit(prompts=secret, max_new_tokens=24, ignore_eos=True, warmup=0,
+                       api_name="/batch")
+    deadline = time.time() + HANG_S
+    while time.time() < deadline and job.status().code.name in ("STARTING", "JOINING_QUEUE"):
+        time.sleep(0.1)
+    with httpx.Client(timeout=30) as stranger:
+        stranger.get(ctx.url)  # its own session cookie, as a browser gets one
+        with stranger.stream("GET", f"{ctx.url}gradio_api/queue/data",
+                             params={"session_hash": owner.session_hash}) as r:
+            code, text = r.status_code, ""
+            for part in r.iter_text():
+                text += part
+                if len(text) > 4000 or code == 200 and "process_completed" in text:
+                    break
+    try:
+        status = str(job.result(timeout=HANG_S)[0])
+    except Exception as e:  # noqa: BLE001
+        status = f"the owner's batch failed: {e}"
+    secs = time.perf_counter() - t
+    problems = []
+    if SENTINEL in text or code == 200:
+        problems.append(f"the stranger read the stream (HTTP {code})")
+    if "belongs to another session" not in text:
+        problems.append(f"no sentence for the stranger (HTTP {code})")
+    if "Done" not in status:
+        problems.append(f"the owner's batch did not finish: {short(status, 80)}")
+    return Result(name, "FAILED" if problems else "refused",
+                  "; ".join(problems) or f"HTTP {code}: {short(text, 70)}; owner: {short(status, 40)}",
+                  secs, full=text)
+
+
+def budget_probes(ctx: Ctx, fast: bool) -> list[Result]:
+    """Issue 29: a tiny Parquet list bomb, 200 MB request bodies, a foreign event stream, and
+    (full run) a 45 MB upload of long decode-step arrays analysed alone and by two at once."""
+    out = []
+    bomb = os.path.join(ctx.tmp, "list-bomb.parquet")
+    _list_bomb(bomb)
+    c = ctx.client()
+    out.append(watched(ctx, f"parquet list bomb: {os.path.getsize(bomb):,} bytes -> 1 GB (one"
+                       " row, 1 M refs to a 1 KB string)", _dataset_file(c, bomb),
+                       "C2C_MAX_FILE_MB"))
+    out.append(body_probe(ctx, "/gradio_api/queue/join", chunked=False))
+    out.append(body_probe(ctx, "/gradio_api/run/predict", chunked=True))
+    out.append(foreign_stream_probe(ctx))
+    if not fast:
+        path = os.path.join(ctx.tmp, "long-45mb.jsonl")
+        _long_steps_file(path)
+        out.append(analysis_memory_probe(ctx, path, 1))
+        out.append(analysis_memory_probe(ctx, path, 2))
+        os.remove(path)
     return out
 
 
@@ -938,6 +1188,36 @@ def stop_app(app: subprocess.Popen | None, grace: float = 20) -> None:
         pass
 
 
+WATCHDOG = textwrap.dedent("""
+    import os, shutil, signal, sys, time
+    check, group, tmp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the check ended it: all is done
+    while os.getppid() == check:  # reparented: the check died without cleaning up (kill -9)
+        time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        for _ in range(100):
+            try:
+                os.killpg(group, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.2)
+    shutil.rmtree(tmp, ignore_errors=True)
+""")
+
+
+def start_watchdog(app: subprocess.Popen, tmp: str) -> subprocess.Popen:
+    """A process that outlives this check only to clean up after it: if the check is killed
+    where no handler runs (SIGKILL), it stops the app's process group (the app and its worker)
+    and removes the temporary folder. It runs in a session of its own, so killing the check's
+    group does not take it too; the check's own cleanup ends it."""
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(app.pid), tmp],
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+
+
 def _exit_on_signal(signum, _frame):
     """SIGTERM / SIGHUP / SIGINT: unwind main() so its finally stops the app and removes the
     temporary folder (a second signal while that runs is ignored: cleanup must finish)."""
@@ -969,16 +1249,21 @@ def main(argv=None) -> int:
         signal.signal(sig, _exit_on_signal)
     tmp = tempfile.mkdtemp(prefix="c2c-abuse-")
     app: subprocess.Popen | None = None
+    watchdog: subprocess.Popen | None = None
     tree: set[int] = set()
 
     def cleanup():
         tree.update(app_tree(app))
         stop_app(app)
         shutil.rmtree(tmp, ignore_errors=True)
+        if watchdog is not None and watchdog.poll() is None:
+            watchdog.terminate()
+            watchdog.wait(timeout=30)
 
     atexit.register(cleanup)  # also on an exception that escapes main
     try:
         app = start_app(tmp, (port := free_port()), os.path.join(tmp, "server.log"))
+        watchdog = start_watchdog(app, tmp)
         return _run(args, tmp, port, app, tree)
     finally:
         cleanup()
@@ -999,8 +1284,14 @@ def _run(args, tmp: str, port: int, app: subprocess.Popen, tree: set[int]) -> in
                 print(json.dumps({"probes": 0, "app_alive": False, "error": "app did not start"}))
                 return 1
             time.sleep(0.5)
+        ctx.timeline = RssTimeline(app.pid)
+        ctx.timeline.mark()
 
         def record(r: Result):
+            time.sleep(0.3)  # what the answer freed counts as freed
+            mark = ctx.timeline.mark()
+            if r.rss_mb is None:  # since the probe before it ended (probes that watch
+                r.rss_mb = mark  # their own memory say it more closely)
             results.append(r)
             tree.update(app_tree(app))  # the worker's pid too, while it is the app's child
             if not alive(ctx):
@@ -1045,9 +1336,14 @@ def _run(args, tmp: str, port: int, app: subprocess.Popen, tree: set[int]) -> in
         ends[last[:160]] = ends.get(last[:160], 0) + 1
     width = max(len(r.probe) for r in results)
     print()
-    print(f"{'probe':<{width}}  {'outcome':<11}  {'secs':>6}  detail")
+    print("Server RSS (the app process and its worker together), MB: before the probe, its peak,"
+          " and after its answer; then the answer's first words.")
+    print(f"{'probe':<{width}}  {'outcome':<11}  {'secs':>6}  {'before':>6}  {'peak':>6}"
+          f"  {'after':>6}  answer / detail")
     for r in results:
-        print(f"{r.probe:<{width}}  {r.outcome:<11}  {r.secs:6.2f}  {r.detail}")
+        b, p, a = r.rss_mb or (0.0, 0.0, 0.0)
+        print(f"{r.probe:<{width}}  {r.outcome:<11}  {r.secs:6.2f}  {b:6.0f}  {p:6.0f}  {a:6.0f}"
+              f"  {first_words(r)}")
     counts = {
         "probes": len(results),
         "refused_cleanly": sum(r.outcome == "refused" for r in results),

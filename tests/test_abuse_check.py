@@ -77,6 +77,14 @@ def test_abuse_check_fast_subset():
     assert counts["bare_refusals"] == 0, report
     assert counts["crashes"] == 0, report
     assert counts["server_growth_mb_max"] < 500, report
-    for probe in ("parquet bomb", "sessions: hashes 'x' and 'x!'", "<img> tags", "1.5 M steps"):
+    for probe in ("parquet bomb", "sessions: hashes 'x' and 'x!'", "<img> tags", "1.5 M steps",
+                  # issue 29: a tiny list bomb, 200 MB bodies, another session's event stream
+                  "parquet list bomb", "200 MB JSON body to /gradio_api/queue/join",
+                  "200 MB chunked JSON body", "foreign queue/data"):
         assert probe in report or probe in stdout, (probe, report)
+    # every probe's row says the server's RSS before, at its peak and after
+    table = stdout[stdout.index("Server RSS"):]
+    bomb = next(ln for ln in table.splitlines() if ln.startswith("parquet list bomb"))
+    before, peak, after = (float(x) for x in bomb.split("refused", 1)[1].split()[1:4])
+    assert 0 < before <= peak and after > 0, bomb
     assert proc.returncode == 0, report

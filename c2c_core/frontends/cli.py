@@ -256,13 +256,14 @@ def cmd_batch(args) -> int:
 
 
 def cmd_dataset(args) -> int:
-    from ..io.prompts import resolve_prompts, skipped_note
+    from ..io.prompts import cli_file_caps, resolve_prompts, skipped_note
     if not args.dataset and not args.dataset_file:
         raise UserError("dataset needs --dataset NAME or --dataset_file PATH.")
     items = resolve_prompts(dataset=args.dataset, dataset_config=args.dataset_config,
                             split=args.split, dataset_file=args.dataset_file, field=args.field,
                             offset=args.offset, num_samples=args.num_samples, shard=args.shard,
-                            skip_bad_lines=args.skip_bad_lines, encoding=args.encoding)
+                            skip_bad_lines=args.skip_bad_lines, encoding=args.encoding,
+                            caps=cli_file_caps() if args.dataset_file else None)
     print(f"{len(items)} prompt(s) selected. {skipped_note(items)}".strip(), file=sys.stderr)
     if args.max_new_tokens is None:
         from ..io.prompts import default_max_new_tokens
@@ -414,6 +415,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def results_budget():
+    """The decoded-size budget of the results files one `report` or `compare` reads:
+    C2C_MAX_RESULTS_MB, by default room for any real run's files (decode steps as 8-byte
+    floats), still refusing a file that would decode to gigabytes."""
+    from ..io.decoded import RESULTS_MB_CLI, RESULTS_SETTING, DecodedBudget, env_mb
+    return DecodedBudget(env_mb(RESULTS_SETTING, RESULTS_MB_CLI), RESULTS_SETTING)
+
+
 def _frames(paths: list[str], skip_bad_lines: bool, summaries: dict | None = None):
     """One frame of the files' records, each run of other settings in a file (an --append of
     another run) as its own source, said on stderr. `summaries`, when given, gets each
@@ -423,8 +432,9 @@ def _frames(paths: list[str], skip_bad_lines: bool, summaries: dict | None = Non
     from ..report.analysis import split_runs, to_frame
     from ..io.records import read_records
     frames = []
+    budget = results_budget()
     for p in paths:
-        recs = read_records(p, skip_bad_lines=skip_bad_lines)
+        recs = read_records(p, skip_bad_lines=skip_bad_lines, budget=budget)
         if not recs:
             raise UserError(f"{p} holds no records; run a benchmark into it first.")
         runs = split_runs(os.path.basename(p), recs)
@@ -569,8 +579,9 @@ def _compare_files(args, state: dict) -> tuple[int, dict]:
         paid_late, split_runs, to_frame, without_late)
     from ..io.records import read_records
     recs = {}
+    budget = results_budget()
     for path in (args.a, args.b):
-        recs[path] = read_records(path, skip_bad_lines=args.skip_bad_lines)
+        recs[path] = read_records(path, skip_bad_lines=args.skip_bad_lines, budget=budget)
         if not recs[path]:
             raise UserError(f"{path} holds no records; run a benchmark into it first.")
         runs = split_runs(os.path.basename(path), recs[path])

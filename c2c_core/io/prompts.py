@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from . import hub
 from ..spec.errors import UserError
+from .decoded import env_mb
 from .fileio import read_text
 from .records import digest_input, iter_jsonl
 
@@ -274,6 +275,22 @@ def _mb_text(n: int) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
+#: The CLI's caps on a prompts file (its user's own file): far above any real prompts file,
+#: still refusing one that decodes to gigabytes. The app's variables raise them here too.
+CLI_FILE_ROWS, CLI_FILE_MB = 10_000_000, 512
+
+
+def cli_file_caps() -> FileCaps:
+    """The caps `dataset --dataset_file` reads a prompts file under (C2C_MAX_FILE_ROWS and
+    C2C_MAX_FILE_MB when set, else CLI_FILE_ROWS and CLI_FILE_MB)."""
+    try:
+        rows = int(os.environ.get("C2C_MAX_FILE_ROWS", "").strip() or CLI_FILE_ROWS)
+    except ValueError:
+        rows = CLI_FILE_ROWS
+    return FileCaps(max(rows, 1), env_mb("C2C_MAX_FILE_MB", CLI_FILE_MB), "C2C_MAX_FILE_ROWS",
+                    "C2C_MAX_FILE_MB")
+
+
 class _Budget:
     """Rows and decoded bytes read so far from one file, checked against its caps."""
 
@@ -289,6 +306,28 @@ class _Budget:
             raise self.caps.too_many_rows(self.name)
         if self.bytes > self.caps.bytes:
             raise self.caps.too_big(self.name)
+
+
+class _Bytes:
+    """A _Budget as records.iter_jsonl counts a line: bytes only, before the line is parsed."""
+
+    def __init__(self, budget: _Budget):
+        self.budget = budget
+
+    def add(self, nbytes: int) -> None:  # decode steps read as an array: 8 bytes a value
+        self.budget.add(nbytes=nbytes)
+
+    def count_line(self, raw: bytes) -> None:
+        self.budget.add(nbytes=_text_data_bytes(raw, 0, len(raw)))
+
+
+def _text_data_bytes(text: str | bytes, start: int, end: int) -> int:
+    """The data a JSON text holds, measured before it is parsed as _arrow_bytes measures a
+    Parquet row: its characters, and 8 bytes for each value (one per ',' or ':', so a list of
+    a million one-digit numbers counts 10 MB, not 2)."""
+    sep = (b",", b":") if isinstance(text, bytes) else (",", ":")
+    return end - start + _VALUE_BYTES * (text.count(sep[0], start, end)
+                                         + text.count(sep[1], start, end))
 
 
 #: Parquet encodings whose decoded size the reader can bound (DELTA_BYTE_ARRAY stores each value
@@ -336,34 +375,75 @@ def _parquet_rows(path: str, name: str, caps: FileCaps | None) -> Iterator[dict]
             width = _PARQUET_WIDTH.get(col.physical_type)
             if width is not None:  # fixed width: the decoded size is exact
                 known += col.num_values * width
-            else:  # a value is at most its column chunk (a dictionary entry lies in it)
-                known += col.total_uncompressed_size
+            else:  # text: at least 8 bytes a value (a dictionary-encoded value is an index of
+                #    a bit or two: 1 M values of one 1 KB string fit in 5 KB), and the chunk
+                known += max(col.total_uncompressed_size, col.num_values * _VALUE_BYTES)
                 longest = max(longest, col.total_uncompressed_size)
     if caps is not None and known > caps.bytes:
         raise caps.too_big(name, known)
     batch = max(1, min(1024, _PARQUET_BATCH_BYTES // longest))
+    # text columns stay dictionaries while they are counted (list elements included): read
+    # plain, one row of a million references to one string decodes to a million copies
+    text = [md.schema.column(i).path for i in range(md.num_columns)
+            if md.schema.column(i).physical_type == "BYTE_ARRAY"]
     try:
-        for rb in pf.iter_batches(batch_size=batch):
-            budget.add(nbytes=rb.nbytes)
-            rows = rb.to_pylist()
-            # a dictionary column (Arrow's own files keep the type) shares one value between
-            # rows: nbytes above counts it once; the text the rows carry counts each row's
-            for row in rows:
-                budget.add(rows=1, nbytes=_value_bytes(row))
+        pf = pq.ParquetFile(path, read_dictionary=text)
+        # one row group at a time (Arrow reads a nested dictionary column of one group only)
+        for rb in (rb for g in range(md.num_row_groups)
+                   for rb in pf.iter_batches(batch_size=batch, row_groups=[g])):
+            # what the batch's rows hold once they are Python values, counted on the Arrow
+            # arrays (a dictionary's value once per row that refers to it), before they exist
+            budget.add(nbytes=sum(_arrow_bytes(c) for c in rb.columns))
+            for row in rb.to_pylist():
+                budget.add(rows=1)
                 yield row
-    except (pa.ArrowException, OSError):
+    except (pa.ArrowException, OSError, KeyError):
         raise UserError(unreadable) from None
 
 
-def _value_bytes(v: Any) -> int:
-    """The size of a decoded row's data: its text and bytes, 8 per other value."""
-    if isinstance(v, (str, bytes)):
-        return len(v)
-    if isinstance(v, dict):
-        return sum(len(str(k)) + _value_bytes(x) for k, x in v.items())
-    if isinstance(v, (list, tuple)):
-        return sum(_value_bytes(x) for x in v)
-    return 8
+#: Bytes a decoded value that is not text counts (and the least a text value counts in the
+#: footer's bound: a Python object and the slot that points at it).
+_VALUE_BYTES = 8
+
+
+def _arrow_bytes(arr: Any) -> int:
+    """The size of an Arrow array's values once they are Python values (text by its length, 8
+    bytes any other value and each list), computed on the arrays: a dictionary
+    value counts once per reference, a list's elements and a struct's fields each."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if isinstance(arr, pa.ChunkedArray):
+        return sum(_arrow_bytes(c) for c in arr.chunks)
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        per = _text_lengths(arr.dictionary)  # bytes of each dictionary value
+        idx = arr.indices
+        nulls = idx.null_count
+        idx = idx.drop_null().to_numpy(zero_copy_only=False)
+        return int(per[idx].sum()) + _VALUE_BYTES * nulls if len(per) else _VALUE_BYTES * nulls
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) \
+            or pa.types.is_map(t):
+        return _VALUE_BYTES * len(arr) + _arrow_bytes(arr.flatten())
+    if pa.types.is_struct(t):
+        return sum(_arrow_bytes(arr.field(i)) + len(t.field(i).name) * len(arr)
+                   for i in range(t.num_fields))
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+            or pa.types.is_large_binary(t):
+        return int(pc.sum(pc.binary_length(arr)).as_py() or 0) + _VALUE_BYTES * arr.null_count
+    return _VALUE_BYTES * len(arr)
+
+
+def _text_lengths(values: Any) -> "Any":
+    """Bytes each value of a dictionary counts (text: its length; others: 8), as numpy."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    t = values.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+            or pa.types.is_large_binary(t):
+        return pc.binary_length(values).fill_null(_VALUE_BYTES).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+    return np.full(len(values), _VALUE_BYTES, dtype=np.int64)
 
 
 #: The largest single element of a JSON array (one prompt row) the streaming reader takes.
@@ -377,6 +457,9 @@ def _json_array_rows(path: str, name: str, encoding: str | None, budget: _Budget
     value): a bounded buffer of text, each element decoded with raw_decode as it completes."""
     decoder = json.JSONDecoder()
     ws = re.compile(r"[\s,]*")
+    # an element is decoded before it is counted: its text may cost up to 16x in objects
+    element_cap = _JSON_ELEMENT_CAP if budget.caps is None else \
+        max(_JSON_CHUNK, min(_JSON_ELEMENT_CAP, budget.caps.bytes // 16))
     line = 1  # line of the buffer's start, for error messages
 
     def bad(e: json.JSONDecodeError) -> UserError:
@@ -414,9 +497,9 @@ def _json_array_rows(path: str, name: str, encoding: str | None, budget: _Budget
             except json.JSONDecodeError as e:
                 if eof:
                     raise bad(e) from None
-                if len(buf) - pos > _JSON_ELEMENT_CAP:
+                if len(buf) - pos > element_cap:
                     raise UserError(f"{name} has one row longer than"
-                                    f" {_mb_text(_JSON_ELEMENT_CAP)}; a prompt row is far"
+                                    f" {_mb_text(element_cap)}; a prompt row is far"
                                     " shorter: check the file.") from None
                 refill(need)  # the element continues: read as much again
                 need *= 2
@@ -425,7 +508,7 @@ def _json_array_rows(path: str, name: str, encoding: str | None, budget: _Budget
                 raise UserError(f"{name} nests too deeply to read; write one flat object per"
                                 " prompt (one per line as .jsonl).") from None
             need = _JSON_CHUNK
-            budget.add(rows=1, nbytes=end - pos)
+            budget.add(rows=1, nbytes=_text_data_bytes(buf, pos, end))
             if not isinstance(obj, dict):
                 raise UserError(f"{name} must be a list of {{...}} objects, one per prompt.")
             pos = end
@@ -485,7 +568,7 @@ def _csv_rows(path: str, name: str, encoding: str | None, budget: _Budget) -> It
             if any("\x00" in v for v in values) or any("\x00" in k for k in row if k):
                 raise UserError(f"{name} line {reader.line_num:,} holds a NUL character, which"
                                 " no text prompt has: save the file as plain-text CSV.")
-            budget.add(rows=1, nbytes=sum(len(v) for v in values))
+            budget.add(rows=1, nbytes=sum(len(v) for v in values) + _VALUE_BYTES * len(values))
             yield row
 
 
@@ -511,7 +594,8 @@ def _read_rows(path: str, ext: str, skip_bad_lines: bool,
         yield from _json_array_rows(path, name, encoding, budget)
     else:  # .jsonl, or .json holding JSON lines
         for row in iter_jsonl(path, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines,
-                              cut_tail_ok=False, encoding=encoding or "utf-8-sig"):
+                              cut_tail_ok=False, encoding=encoding or "utf-8-sig",
+                              budget=_Bytes(budget)):
             budget.add(rows=1)
             yield row
 

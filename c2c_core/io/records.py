@@ -276,8 +276,13 @@ def _ensure_ends_with_newline(path: str) -> None:
 
 def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
                bad_lines: list[int] | None = None, cut_tail_ok: bool = True,
-               encoding: str | None = None) -> Iterator[dict]:
+               encoding: str | None = None, budget: Any = None) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file.
+
+    With `budget` (anything with `add(nbytes)`, e.g. decoded.DecodedBudget) each line's decoded
+    cost is counted before it is parsed (`line_cost`), and a record's `decode_step_times_ms`
+    list of plain numbers comes back as a float64 numpy array (8 bytes a step, not a Python
+    float of 32), parsed straight from its text.
 
     A last line without its newline that does not parse is a record cut mid-write: with
     `cut_tail_ok` (results files) it is skipped silently, everything before it being intact;
@@ -310,6 +315,13 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
         first = True
         for i, raw in enumerate(f):
             last = not raw.endswith(b"\n")  # the text after the final newline
+            steps, whole = None, raw
+            if budget is not None:
+                raw, steps = _compact_steps(raw, budget)
+                if hasattr(budget, "count_line"):  # the budget measures lines its own way
+                    budget.count_line(raw)
+                else:
+                    budget.add(line_cost(raw))
             if encoding is None:
                 line = raw.decode("utf-8", errors="replace")
             else:  # input files: decoded strictly, a bad byte named by its line
@@ -349,7 +361,54 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False,
                 raise UserError(
                     f"{name} line {i + 1} is not a JSON object; each line must be"
                     " one {...} record.")
+            if steps is not None:
+                if obj.get("decode_step_times_ms") == []:
+                    obj["decode_step_times_ms"] = steps
+                else:  # the key stood in a nested object: the line is parsed whole after all
+                    budget.add(line_cost(whole) - 8 * len(steps))
+                    del steps
+                    obj = json.loads(whole.decode(encoding or "utf-8", errors="replace"))
             yield obj
+
+
+#: A record's decode steps as its text holds them: the key, then a flat list.
+_STEPS_KEY = re.compile(rb'"decode_step_times_ms"\s*:\s*\[')
+#: Bytes a list of plain JSON numbers is made of (no strings, nulls, bools or nesting).
+_NUMBER_BYTES = b"0123456789+-.eE, \t\r\nNaIfinity"
+#: Two numbers with only white space between them (numpy would read the first and stop).
+_GAP = re.compile(rb"[0-9.]\s+[0-9.+\-NI]")
+#: Bytes of Python objects a parsed record holds per byte of its text, and per value in it
+#: (a float, an int or a short string: 24-50 bytes, plus the list or dict slot pointing at it).
+COST_PER_CHAR, COST_PER_VALUE = 4, 32
+
+
+def line_cost(raw: bytes) -> int:
+    """An upper estimate of the memory one JSON line takes once parsed into Python objects
+    (4x its text, measured on full records, plus 32 bytes per value: a list of one-digit
+    numbers costs 16x its text)."""
+    return COST_PER_CHAR * len(raw) + COST_PER_VALUE * (raw.count(b",") + raw.count(b":"))
+
+
+def _compact_steps(raw: bytes, budget: Any) -> tuple[bytes, "np.ndarray | None"]:
+    """(the line without its decode steps' numbers, those numbers as a float64 array) when the
+    line holds `"decode_step_times_ms": [<plain numbers>]` once; else (raw, None) and the line is
+    parsed whole. The array's 8 bytes a step are charged to `budget` before it is made."""
+    m = _STEPS_KEY.search(raw)
+    if m is None:
+        return raw, None
+    end = raw.find(b"]", m.end())
+    if end < 0 or _STEPS_KEY.search(raw, end) is not None:
+        return raw, None
+    body = raw[m.end():end]
+    if body.translate(None, _NUMBER_BYTES) or _GAP.search(body):  # text, null, true, a nested
+        return raw, None  # list or "1 2" (numbers without their comma): the line is parsed whole
+    n = body.count(b",") + 1 if body.strip() else 0
+    budget.add(8 * n)
+    arr = np.fromstring(body, dtype=np.float64, sep=",") if n else np.empty(0)
+    if len(arr) != n:  # "1,,2" or "1e": not numbers after all; the whole line is parsed
+        budget.add(-8 * n)
+        return raw, None
+    return raw[:m.end()] + raw[end:], arr
 
 
 def _splits_on_newline_bytes(encoding: str) -> bool:
@@ -364,8 +423,13 @@ def _no_bom(encoding: str) -> str:
     return "utf-8" if encoding.lower().replace("_", "-") == "utf-8-sig" else encoding
 
 
-def read_records(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[dict]:
-    return list(iter_jsonl(path, skip_bad_lines=skip_bad_lines))
+def read_records(path: str | os.PathLike, skip_bad_lines: bool = False,
+                 budget: Any = None) -> list[dict]:
+    """A results file's records; with `budget` (decoded.DecodedBudget) counted as they are
+    parsed, and their decode steps as numpy arrays (see iter_jsonl)."""
+    if budget is not None and hasattr(budget, "reading"):
+        budget.reading(os.path.basename(os.fspath(path)))
+    return list(iter_jsonl(path, skip_bad_lines=skip_bad_lines, budget=budget))
 
 
 # --- what ran: input and settings digests, and what --resume finds done -------------------
@@ -527,8 +591,9 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
                  if k in SEED_TIMING_FIELDS + EXT_TIMING_FIELDS and v is not None and not num(v)]
     steps = rec.get("decode_step_times_ms")
     # (types first: a record may hold a million steps; JSON numbers are int or float)
-    if not isinstance(steps, list) or not (set(map(type, steps)) <= {int, float}
-                                           or all(num(x) for x in steps)):
+    compact = isinstance(steps, np.ndarray) and steps.ndim == 1  # read with a budget
+    if not compact and (not isinstance(steps, list) or not (
+            set(map(type, steps)) <= {int, float} or all(num(x) for x in steps))):
         problems.append("decode_step_times_ms is not a list of numbers")
     d = rec.get("input_digest")
     if d is not None and not (isinstance(d, str) and re.fullmatch(r"[0-9a-f]{16}", d)):
@@ -548,7 +613,8 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
     n = t["num_generated_tokens"]
     if len(steps) != max(n - 1, 0):
         problems.append(f"{len(steps)} decode steps for {n} tokens (want N-1)")
-    if abs(sum(steps) - t["decode_total_ms"]) > tol_ms:
+    total = float(steps.sum()) if isinstance(steps, np.ndarray) else sum(steps)
+    if abs(total - t["decode_total_ms"]) > tol_ms:
         problems.append("decode_total_ms != sum(decode_step_times_ms)")
     # a stage an older file lacks: 0; a row's wait for its batch is part of its e2e too
     stage_sum = sum(t.get(k) or 0 for k in STAGE_FIELDS + ["batch_wait_ms"])

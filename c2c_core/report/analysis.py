@@ -123,8 +123,15 @@ def _bool(x: Any) -> bool | None:
 _LONG_STEPS = 4096
 
 
+def _is_array(v: Any) -> bool:
+    return type(v).__name__ == "ndarray"
+
+
 def _steps(rec: dict, timing: dict) -> list[float] | None:
-    """Decode step times in ms from whichever field the record has; None if it has none."""
+    """Decode step times in ms from whichever field the record has; None if it has none (a
+    float array as read with a decoded-size budget, records.iter_jsonl)."""
+    if _is_array(rec.get("decode_step_times_ms")):
+        return rec["decode_step_times_ms"]
     if isinstance(rec.get("decode_step_times_ms"), list):
         vals = rec["decode_step_times_ms"]
         if len(vals) > _LONG_STEPS and set(map(type, vals)) <= {float, int}:
@@ -158,17 +165,21 @@ def normalize(rec: dict, index: int) -> dict:
                 timing[k] = v
 
     steps = _steps(rec, t_in)
-    if steps is not None and len(steps) > _LONG_STEPS:
-        # a long generation (a million steps): the same numbers from numpy, in C
+    compact = steps is not None and (len(steps) > _LONG_STEPS or _is_array(steps))
+    if compact:
+        # a long generation (a million steps): the same numbers from numpy, in C, kept as
+        # one float array (8 bytes a step; a list of Python floats took 32)
         import numpy as np
         arr = np.asarray(steps, dtype=float)
-        arr = arr[~np.isnan(arr)]
-        clean = arr.tolist()
+        if np.isnan(arr).any():
+            arr = arr[~np.isnan(arr)]
+        clean = arr  # the record's own array when it had no NaN: no copy
         if len(arr):
             timing.setdefault("decode_total_ms", float(arr.sum()))
             timing.setdefault("decode_avg_ms", float(arr.mean()))
-            for q, v in zip((50, 90, 99), np.percentile(arr, [50, 90, 99])):
-                timing.setdefault(f"decode_p{q}_ms", float(v))
+            wanted = [q for q in (50, 90, 99) if f"decode_p{q}_ms" not in timing]
+            for q, v in zip(wanted, np.percentile(arr, wanted) if wanted else []):
+                timing[f"decode_p{q}_ms"] = float(v)
     else:
         clean = [s for s in steps or [] if not math.isnan(s)]
     legacy_steps = timing.pop("num_decode_steps", None)
@@ -178,7 +189,10 @@ def normalize(rec: dict, index: int) -> dict:
         if n > 0:
             timing["num_generated_tokens"] = int(n) + 1
 
-    if steps is not None:
+    if compact and not len(clean):
+        timing.setdefault("decode_total_ms", 0.0)
+        timing.setdefault("decode_avg_ms", 0.0)
+    elif steps is not None and not compact:
         timing.setdefault("decode_total_ms", sum(clean))
         timing.setdefault("decode_avg_ms", sum(clean) / len(clean) if clean else 0.0)
         if clean:
@@ -304,6 +318,22 @@ def steps_frame(records: Iterable[dict], source: str = "") -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(columns=_KEYS + ["step", "ms"])
     return pd.concat(parts, ignore_index=True)[_KEYS + ["step", "ms"]]
+
+
+def step_runs(records: Iterable[dict], source: str = "") -> list[tuple[tuple, Any]]:
+    """Each record's decode steps, compact: ((source, id, mode, repeat), float array of ms),
+    step i being the array's (i+1)-th value. 8 bytes a step and no per-step rows (a steps
+    frame repeats four keys on every one of millions of rows); plots.decode_steps_fig draws
+    them."""
+    import numpy as np
+    out = []
+    for i, r in enumerate(records):
+        n = normalize(r, i)
+        ms = n["decode_step_times_ms"]
+        if len(ms):
+            out.append(((source, str(n["id"]), n["mode"], n["repeat"]),
+                        ms if _is_array(ms) else np.asarray(ms, dtype=float)))
+    return out
 
 
 # --- summaries ----------------------------------------------------------------------------

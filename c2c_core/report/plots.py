@@ -140,17 +140,23 @@ def _step_runs(df: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, np.ndarra
             for key, (i,) in merged.items()]
 
 
-def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20,
-                     max_points: int = 2_000) -> go.Figure:
+def decode_steps_fig(steps, max_lines: int = 20, max_points: int = 2_000) -> go.Figure:
     """Step latency per decode step, one line per run (at most `max_lines`), p50/p90 marked
-    (over every step). A run longer than `max_points` steps is drawn as the mean of each k
-    steps, and the title says so."""
+    (over every step). `steps`: a steps frame (analysis.steps_frame) or the compact runs of
+    analysis.step_runs ((key, float array) per record: no per-step rows). A run longer than
+    `max_points` steps is drawn as the mean of each k steps, and the title says so."""
     title = "Decode step latency"
-    if not _has(steps_df, "ms") or "step" not in steps_df.columns:
-        return _empty(title)
-    df = steps_df.dropna(subset=["ms"])
-    keys = [k for k in ("source", "id", "mode", "repeat") if k in df.columns]
-    groups = _step_runs(df, keys)
+    keys = ["source", "id", "mode", "repeat"]
+    if isinstance(steps, pd.DataFrame):
+        if not _has(steps, "ms") or "step" not in steps.columns:
+            return _empty(title)
+        df = steps.dropna(subset=["ms"])
+        keys = [k for k in keys if k in df.columns]
+        groups = _step_runs(df, keys)
+    else:  # compact runs: step i of a run is its (i+1)-th value
+        groups = [(k, None, np.asarray(y, dtype=float)) for k, y in steps or [] if len(y)]
+        if not groups:
+            return _empty(title)
     heads = pd.DataFrame([k for k, _, _ in groups], columns=keys) if keys else pd.DataFrame(
         index=[0])
     labels = list(_sample_labels(heads))
@@ -168,25 +174,40 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20,
     for i in shown:
         _, x, y = groups[i]
         color = SOURCE_COLORS[sources.index(src_of[i]) % len(SOURCE_COLORS)] if several else None
-        if len(x) > max_points:  # a million steps would be a million points in the page
-            k = -(-len(x) // max_points)
+        if len(y) > max_points:  # a million steps would be a million points in the page
+            k = -(-len(y) // max_points)
             thinned = max(thinned, k)
-            cut = len(x) // k * k
-            xs, ys = x[:cut:k], y[:cut].reshape(-1, k).mean(axis=1)
-            if cut < len(x):
-                xs, ys = np.append(xs, x[cut]), np.append(ys, y[cut:].mean())
+            cut = len(y) // k * k
+            xs = np.arange(1, cut + 1, k) if x is None else x[:cut:k]
+            ys = y[:cut].reshape(-1, k).mean(axis=1)
+            if cut < len(y):
+                xs = np.append(xs, cut + 1 if x is None else x[cut])
+                ys = np.append(ys, y[cut:].mean())
             x, y = xs, ys
+        elif x is None:
+            x = np.arange(1, len(y) + 1)
         fig.add_scatter(x=x, y=y, name=f"sample {labels[i]}",
                         mode="lines+markers" if len(x) <= 50 else "lines",
                         line=dict(color=color, width=1) if color else None,
                         opacity=0.55 if several else 1.0,
                         hovertemplate="step %{x}: %{y:.2f} ms<extra></extra>")
+
+    def quantiles(ys: list) -> list[float]:
+        # one float32 copy of the steps (4 bytes a step: the lines are labelled to 0.01 ms),
+        # partitioned in place (np.percentile would copy it again)
+        every = np.empty(sum(len(y) for y in ys), dtype=np.float32)
+        at = 0
+        for y in ys:
+            every[at:at + len(y)] = y
+            at += len(y)
+        return [float(v) for v in np.percentile(every, [50, 90], overwrite_input=True)]
+
     if several:  # one p50 / p90 per file: files from different machines must not be mixed
-        lo, hi = float(df["step"].min()), float(df["step"].max())
+        lo = min(float(x[0]) if x is not None else 1.0 for _, x, _ in groups)
+        hi = max(float(x[-1]) if x is not None else float(len(y)) for _, x, y in groups)
         for i, src in enumerate(sources):
-            ms = np.concatenate([g[2] for g, s in zip(groups, src_of) if s == src])
-            for q, dash in ((50, "dash"), (90, "dot")):
-                v = float(np.percentile(ms, q))
+            qs = quantiles([g[2] for g, s in zip(groups, src_of) if s == src])
+            for q, dash, v in ((50, "dash", qs[0]), (90, "dot", qs[1])):
                 fig.add_scatter(x=[lo, hi], y=[v, v], mode="lines", name=f"{src} p{q} {v:.2f} ms",
                                 legendrank=1,  # listed before the samples
                                 line=dict(color=SOURCE_COLORS[i % len(SOURCE_COLORS)], dash=dash,
@@ -194,9 +215,9 @@ def decode_steps_fig(steps_df: pd.DataFrame, max_lines: int = 20,
                                 hovertemplate=f"{src} p{q}: {v:.2f} ms<extra></extra>")
     else:
         # p50 labelled at the left, p90 at the right: close values must not overprint
-        all_ms = df["ms"].to_numpy(dtype=float)
-        for q, dash, where in ((50, "dash", "bottom left"), (90, "dot", "top right")):
-            v = float(np.percentile(all_ms, q))
+        qs = quantiles([g[2] for g in groups])
+        for q, dash, where, v in ((50, "dash", "bottom left", qs[0]),
+                                  (90, "dot", "top right", qs[1])):
             fig.add_hline(y=v, line_dash=dash, line_color="#444",
                           annotation_text=f"p{q} {v:.2f} ms", annotation_position=where)
     if len(groups) > len(shown):

@@ -30,6 +30,7 @@ import secrets
 from typing import Any
 
 from ...engines import budget as _budget
+from ...io import decoded as _decoded
 from ...spec.errors import UserError
 
 
@@ -83,6 +84,12 @@ LIMITS = {
     "session_upload_mb": ("C2C_SESSION_UPLOAD_MB", 200, "MB uploaded by one session"),
     "file_rows": ("C2C_MAX_FILE_ROWS", 100_000, "rows read from an uploaded prompts file"),
     "file_mb": ("C2C_MAX_FILE_MB", 64, "MB of data read from an uploaded prompts file (decoded)"),
+    "results_mb": (_decoded.RESULTS_SETTING, _decoded.RESULTS_MB_APP,
+                   "MB of data one Results analysis decodes from its files (8 bytes a decode"
+                   " step)"),
+    "analyses_mb": ("C2C_ANALYSES_MB", 2 * _decoded.RESULTS_MB_APP,
+                    "MB of decoded data all Results analyses running at once may hold (more"
+                    " wait their turn)"),
     "session_disk_mb": ("C2C_SESSION_DISK_MB", 200, "MB of results kept for one session"),
     "sharers": ("C2C_MAX_SHARERS", 2, "sharers in one pipeline (the published setups use 1-2)"),
     "cpu_params_m": ("C2C_MAX_CPU_PARAMS_M", _budget.CPU_PARAMS_M,
@@ -324,6 +331,21 @@ def file_caps():
     from ...io.prompts import FileCaps
     return FileCaps(limit("file_rows"), limit("file_mb") * 2**20, "C2C_MAX_FILE_ROWS",
                     "C2C_MAX_FILE_MB")
+
+
+def results_budget():
+    """The decoded-size budget of one Results analysis (C2C_MAX_RESULTS_MB)."""
+    return _decoded.DecodedBudget(limit("results_mb") * 2**20, _decoded.RESULTS_SETTING)
+
+
+_POOLS: dict[int, Any] = {}
+
+
+def analyses_pool():
+    """The memory all Results analyses running at once share (C2C_ANALYSES_MB): a byte-count
+    semaphore each analysis reserves its budget from (one pool per configured size)."""
+    total = limit("analyses_mb") * 2**20
+    return _POOLS.setdefault(total, _decoded.MemoryPool(total))
 
 
 def forget_session(session: str) -> None:

@@ -5,6 +5,7 @@ modes compared, and two files side by side. Reads older (seed) records too."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import gradio as gr
@@ -156,9 +157,12 @@ def _paths(files) -> list[str]:
     return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
 
 
-def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
-                 ) -> tuple[dict[str, list[dict]], list[str]]:
-    """{source name: records} of every readable file, and one message per unreadable one."""
+def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None,
+                 budget=None) -> tuple[dict[str, list[dict]], list[str]]:
+    """{source name: records} of every readable file, and one message per unreadable one.
+    With `budget` (guard.results_budget) the files are read against it as they are parsed,
+    their decode steps as arrays; a file past it is refused in a sentence and its records
+    dropped, the files before it kept."""
     found: list[tuple[str, str]] = [(os.path.basename(p), p) for p in _paths(files)]
     errors: list[str] = []
     for name in runs or []:
@@ -180,9 +184,12 @@ def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
         while key in sources:
             n += 1
             key = f"{short} ({n})"
+        before = budget.used if budget is not None else 0
         try:
-            recs = read_records(path, skip_bad_lines=bool(skip_bad_lines))
+            recs = read_records(path, skip_bad_lines=bool(skip_bad_lines), budget=budget)
         except UserError as e:
+            if budget is not None:  # what the refused file decoded is freed with it
+                budget.used = before
             errors.append(ui_message(e))
             continue
         if not recs:
@@ -193,15 +200,14 @@ def load_sources(files, runs, skip_bad_lines: bool, request: gr.Request | None
     return sources, errors
 
 
-def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """The records and decode-steps frames of all files, and {file: (records, steps)} of each
+def _frames(sources: dict[str, list[dict]]) -> tuple[pd.DataFrame, list, dict]:
+    """The records frame of all files, their decode steps as compact runs (analysis.step_runs:
+    one float array per record, the records' own), and {file: (records, step runs)} of each
     (built once: a file may hold millions of decode steps)."""
-    per = {s: (analysis.to_frame(r, s), analysis.steps_frame(r, s)) for s, r in sources.items()}
+    per = {s: (analysis.to_frame(r, s), analysis.step_runs(r, s)) for s, r in sources.items()}
     dfs = [d for d, _ in per.values()]
-    sfs = [f for _, f in per.values()]
     df = pd.concat(dfs, ignore_index=True) if dfs else analysis.to_frame([])
-    sf = pd.concat(sfs, ignore_index=True) if sfs else analysis.steps_frame([])
-    return df, sf, per
+    return df, [run for _, runs in per.values() for run in runs], per
 
 
 #: What counts the records that paid for late preparation, from the Results tab's notes.
@@ -235,7 +241,7 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None,
     for who in (a, b):
         if who in sources and who not in per:
             per[who] = (analysis.to_frame(sources[who], who),
-                        analysis.steps_frame(sources[who], who))
+                         analysis.step_runs(sources[who], who))
     ra, rb = sources.get(a or ""), sources.get(b or "")
     table = _empty_df(["metric"])
     if ra is not None and rb is not None:
@@ -247,7 +253,7 @@ def _compare(sources: dict[str, list[dict]], a: str | None, b: str | None,
         bars.update_layout(title_text=f"{html_text(who)}: stage times" if recs else "Stage times")
         side.append(sized(bars, 320))
     for recs, who in ((ra, a), (rb, b)):
-        fig = plots.decode_steps_fig(shown(per[who][1]) if recs else pd.DataFrame())
+        fig = plots.decode_steps_fig(shown_runs(per[who][1]) if recs else [])
         if recs:
             fig.update_layout(title_text=f"{html_text(who)}: decode step latency")
         side.append(sized(fig, 320))
@@ -279,6 +285,12 @@ def shown(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def shown_runs(runs: list) -> list:
+    """Compact step runs (analysis.step_runs) for the charts: their keys' texts HTML-escaped."""
+    return [(tuple(html_text(k) if isinstance(k, str) else k for k in key), ms)
+            for key, ms in runs]
+
+
 def check_notes(sources: dict[str, list[dict]], examples: int = 2) -> list[str]:
     """One sentence per file whose records break the record checks (records.check_record),
     naming the first problems. Files of the seed scripts (no `run` object) are read in their
@@ -307,17 +319,75 @@ def contention_notes(sources: dict[str, list[dict]]) -> list[str]:
     return [note] if note else []  # one sentence for the view, naming its files
 
 
+#: Bytes of decoded data one byte of a results file can become at most (records.line_cost:
+#: a list of one-digit numbers, 2 bytes a value, 40 bytes once parsed).
+COST_PER_FILE_BYTE = 20
+
+
+def _reservation(files, runs, request, limit: int) -> int:
+    """The memory an analysis of these files reserves from the shared pool: what they can
+    decode to at most (COST_PER_FILE_BYTE a byte, 1 MB for the rest), at most its budget."""
+    paths = _paths(files)
+    for name in runs or []:
+        try:
+            paths.append(session_run_path(request, name))
+        except UserError:
+            pass
+    size = 0
+    for p in paths:
+        try:
+            size += os.path.getsize(p)
+        except OSError:
+            pass
+    return min(limit, COST_PER_FILE_BYTE * size + 2**20)
+
+
+@contextmanager
+def _analysis_memory(files, runs, request):
+    """A decoded-size budget for one analysis, its bytes reserved from the pool all analyses
+    share (waiting while others hold it); a wait past its bound is said in a sentence."""
+    budget = guard.results_budget()
+    try:
+        held = guard.analyses_pool().reserve(_reservation(files, runs, request, budget.limit))
+        held.__enter__()
+    except UserError as e:
+        raise gr.Error(html_text(ui_message(e)), print_exception=False) from None
+    try:
+        yield budget
+    finally:
+        held.__exit__(None, None, None)
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the memory an analysis freed back to the system: glibc keeps freed blocks of a
+    thread's heap (and raises its mmap threshold after a large free), so a server's RSS stayed
+    1.7 GB up after one large analysis. malloc_trim(0) returns them; elsewhere a no-op."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def analyze(files, runs, skip_bad_lines, request: gr.Request):
     """Summary table, histogram, stage bars, decode steps, 10 slowest, modes, and A vs B."""
     try:
         guard.count_upload(session_id(request), _paths(files))
     except UserError as e:
         raise gr.Error(html_text(ui_message(e)), print_exception=False) from None
-    sources, errors = load_sources(files, runs, skip_bad_lines, request)
+    with _analysis_memory(files, runs, request) as budget:
+        return _analyze(files, runs, skip_bad_lines, request, budget)
+
+
+def _analyze(files, runs, skip_bad_lines, request, budget):
+    sources, errors = load_sources(files, runs, skip_bad_lines, request, budget)
     if errors:
         gr.Warning(html_text(" ".join(errors)))
     df, sf, per = _frames(sources)
-    pdf, psf = shown(df), shown(sf)  # what the charts draw: a file's texts as text
+    pdf, psf = shown(df), shown_runs(sf)  # what the charts draw: a file's texts as text
     names = list(sources)
     if not sources:
         msg = md_text(" ".join(errors)) if errors else ("Upload a JSONL file or pick a run of"
@@ -357,8 +427,9 @@ def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_pair(files, runs, skip_bad_lines, a, b, request: gr.Request):
-    sources, _ = load_sources(files, runs, skip_bad_lines, request)
-    return _compare(sources, a, b)
+    with _analysis_memory(files, runs, request) as budget:
+        sources, _ = load_sources(files, runs, skip_bad_lines, request, budget)
+        return _compare(sources, a, b)
 
 
 def refresh_runs(request: gr.Request):
