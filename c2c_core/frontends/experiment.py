@@ -81,7 +81,7 @@ def load_config(path: str) -> dict:
                         " fix the file (key: value, one per line).") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of settings (key: value lines), not"
-                        f" {type(data).__name__}; see README 'run: experiments from a file'.")
+                        f" {type(data).__name__}; see the `run` command in README.md.")
     return data
 
 

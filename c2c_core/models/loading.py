@@ -111,7 +111,7 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_bf16_native() -> bool:
     """Whether this CPU computes bf16 natively (x86 avx512_bf16 or AMX). Where it does, bf16 is
-    the faster dtype for the default pair (README, "Engines and batch size"); where it does not,
+    the faster dtype for the default pair (docs/engines.md); where it does not,
     bf16 is emulated and usually slower than fp32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:

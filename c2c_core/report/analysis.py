@@ -61,7 +61,7 @@ _SUMMARY_STATS = [
 ]
 #: Summary metrics shown only when some record in the table has them (null on a CPU).
 _WHEN_KNOWN = {"decode_floor_ratio", "joules_per_token"}
-#: C2C against each baseline (README "What the ratios mean"): receiver = the cost of fusion over
+#: C2C against each baseline (docs/numbers.md): receiver = the cost of fusion over
 #: the small model alone; t2t = cache vs text hand-over; sharer = against the large model alone.
 _RATIO_PAIRS = {"c2c_over_t2t": ("c2c", "t2t"), "c2c_over_receiver": ("c2c", "receiver"),
                 "c2c_over_sharer": ("c2c", "sharer")}

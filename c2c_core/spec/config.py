@@ -154,7 +154,7 @@ class RunConfig:
                        " default) or project one after another (sequential)", default="parallel")
     engine: str = _opt("fast: static caches, compiled decode, one batched projection; eager: the"
                        " faithful per-layer baseline; auto: fast on CUDA and for batches, else the"
-                       " CPU default (README, Engines)", default="auto")
+                       " CPU default (docs/engines.md)", default="auto")
     batch_size: int = _opt("prompts generated together (fast engine; one record per prompt)",
                            default=1)
 
@@ -326,7 +326,7 @@ def validate_run_config(cfg: RunConfig) -> None:
 #: Eager: on the CI CPU the fast engine decodes at 0.81-0.90x (bf16) / 0.89-0.93x (fp32) of
 #: eager's ms/token, but compiles each shape first (12 s with a warm inductor cache, up to 75 s
 #: cold), which pays back only after ~50-300 generations of 32 tokens in one process
-#: (`python -m c2c_core engines`; README, "Engines and batch size").
+#: (`python -m c2c_core engines`; docs/engines.md).
 CPU_AUTO_ENGINE = "eager"
 
 
