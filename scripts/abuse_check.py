@@ -962,7 +962,7 @@ def budget_probes(ctx: Ctx, fast: bool) -> list[Result]:
     c = ctx.client()
     out.append(watched(ctx, f"parquet list bomb: {os.path.getsize(bomb):,} bytes -> 1 GB (one"
                        " row, 1 M refs to a 1 KB string)", _dataset_file(c, bomb),
-                       "C2C_MAX_FILE_MB"))
+                       "text values"))
     out.append(body_probe(ctx, "/gradio_api/queue/join", chunked=False))
     out.append(body_probe(ctx, "/gradio_api/run/predict", chunked=True))
     out.append(foreign_stream_probe(ctx))

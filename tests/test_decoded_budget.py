@@ -209,16 +209,47 @@ def test_a_small_parquet_list_bomb_is_refused_before_it_is_materialised(tmp_path
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, capture_output=True,
                        timeout=600)
     said, peak_mb = r.stdout.strip().splitlines()[-2:]
-    assert "bomb.parquet holds more than 64.0 MB of data once decoded" in said, r.stderr[-2000:]
-    assert "C2C_MAX_FILE_MB" in said
+    # refused from the footer: Arrow's reader never sees it (under load it was seen to
+    # materialise the list, 0.5-1.1 GB, even while reading dictionaries)
+    assert ("bomb.parquet's list column 'options' holds 1,000,000 text values in 1 row(s)"
+            in said), r.stderr[-2000:]
     assert int(peak_mb) < 500, peak_mb  # 1.1 GB when the rows were counted after decoding
+
+
+def _list_rows(path, rows: int, refs: int, width: int = 1024) -> str:
+    """`rows` rows, each a list of `refs` references to one `width`-char string (dictionary
+    encoded): a few KB that decode to rows x refs x width bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows * refs, dtype=np.int32)),
+                                       pa.array(["a" * width]))
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * refs)
+    lst = pa.ListArray.from_arrays(offsets, d)
+    pq.write_table(pa.table({"prompt": ["hi"] * rows, "notes": lst}), str(path),
+                   compression="zstd")
+    return str(path)
+
+
+def test_short_lists_of_one_long_string_are_counted_before_they_are_rows(tmp_path):
+    """300 rows of 250 references to one 1 KB string (under the footer's per-row bound):
+    75 MB once decoded, refused by the count on Arrow's arrays, naming the budget."""
+    path = _list_rows(tmp_path / "rows.parquet", 300, 250)
+    assert os.path.getsize(path) < 100_000
+    caps = FileCaps(100_000, 64 * 2**20, "C2C_MAX_FILE_ROWS", "C2C_MAX_FILE_MB")
+    with pytest.raises(UserError, match=r"rows.parquet holds more than 64.0 MB of data once"
+                                        r" decoded.*C2C_MAX_FILE_MB"):
+        load_prompt_file(path, caps=caps)
+    # the same lists under a larger budget are read (the footer rule leaves them alone)
+    rows = load_prompt_file(path, caps=FileCaps(100_000, 256 * 2**20, "C2C_MAX_FILE_ROWS",
+                                                "C2C_MAX_FILE_MB"))
+    assert len(rows) == 300
 
 
 def test_dataset_cli_refuses_the_parquet_list_bomb_in_one_sentence(tmp_path):
     path = _list_bomb(tmp_path / "bomb.parquet")
     r = _cli(["dataset", "--dataset_file", path], {"C2C_MAX_FILE_MB": "64"})
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "bomb.parquet holds more than 64.0 MB of data once decoded" in r.stderr
+    assert "bomb.parquet's list column 'options' holds 1,000,000 text values" in r.stderr
 
 
 def test_a_jsonl_row_of_many_numbers_counts_each_value(tmp_path):

@@ -337,6 +337,10 @@ _PARQUET_ENCODINGS = {"PLAIN", "RLE", "BIT_PACKED", "PLAIN_DICTIONARY", "RLE_DIC
 _PARQUET_WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
 #: Bytes of decoded values one Parquet batch may hold at most.
 _PARQUET_BATCH_BYTES = 4 * 2**20
+#: Text values in list columns of a Parquet prompts file: past both the total and the mean per
+#: row, the file is refused from its footer.
+_PARQUET_LIST_TEXT_TOTAL, _PARQUET_LIST_TEXT_PER_ROW = 65_536, 256
+
 #: Row groups and columns a Parquet prompts file may have (its footer is read whole).
 _PARQUET_MAX_GROUPS, _PARQUET_MAX_COLUMNS = 10_000, 1_000
 
@@ -363,6 +367,19 @@ def _parquet_rows(path: str, name: str, caps: FileCaps | None) -> Iterator[dict]
                         f" columns; at most {_PARQUET_MAX_GROUPS:,} and {_PARQUET_MAX_COLUMNS:,}"
                         " are read: re-export it with the columns you need.")
     known, longest = 0, 1
+    # text inside lists: how many values a row may hold is bounded from the footer, before
+    # Arrow decodes anything (a dictionary-encoded list of a million references to one string
+    # is a few KB on disk; how Arrow's reader materialises it is not ours to bound)
+    for i in range(md.num_columns):
+        col_schema = md.schema.column(i)
+        if col_schema.physical_type != "BYTE_ARRAY" or col_schema.max_repetition_level == 0:
+            continue
+        n = sum(md.row_group(g).column(i).num_values for g in range(md.num_row_groups))
+        if n > _PARQUET_LIST_TEXT_TOTAL and n > _PARQUET_LIST_TEXT_PER_ROW * max(1, md.num_rows):
+            raise UserError(f"{name}'s list column {col_schema.path.split('.')[0]!r} holds"
+                            f" {n:,} text values in {md.num_rows:,} row(s); at most"
+                            f" {_PARQUET_LIST_TEXT_PER_ROW} per row are read: re-export the file"
+                            " without that column or with shorter lists.")
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
         for c in range(rg.num_columns):
