@@ -56,8 +56,9 @@ def synthetic_run(n: int, keep: bool, path: str | None, every: int = 500) -> lis
             gc.collect()
             samples.append((done, tracemalloc.get_traced_memory()[0] / MB, (rss_bytes() or 0) / MB))
 
-    saved = runner.generate
-    runner.generate = _fake_generate
+    saved = runner.generate_many  # the one job loop's call for each (batch of) item(s)
+    runner.generate_many = lambda pipe, cfg, items, mode, timer, repeats: [
+        _fake_generate(pipe, cfg, it, mode, timer, r) for it, r in zip(items, repeats)]
     tracemalloc.start()
     try:
         items = [f"prompt {i}" for i in range(n)]
@@ -70,7 +71,7 @@ def synthetic_run(n: int, keep: bool, path: str | None, every: int = 500) -> lis
         del kept
     finally:
         tracemalloc.stop()
-        runner.generate = saved
+        runner.generate_many = saved
     return samples
 
 

@@ -53,7 +53,9 @@ def test_batch_profile_and_sweep_run_in_the_worker_process(url, ui_never_generat
     assert w.alive() and w.pid != os.getpid()
     status, response, _stages, _b, _s, files = c.predict(prompt="What is 25 * 17?",
                                                          max_new_tokens=6, api_name="/profile")
-    assert "TTFT" in status and " cpu " in status and len(files) == 4
+    # the JSONL, TSV, trace and op stats, and the run's summary.json
+    assert "TTFT" in status and " cpu " in status and len(files) == 5
+    assert any(f.endswith(".summary.json") for f in files), files
     prof = [f for f in files if f.endswith(".jsonl")][0]
     assert read_records(prof)[0]["run"]["frontend"] == "app"
     status, _t, _p, path, _b = c.predict(input_lens="4,8", output_lens="3", warmup=0,
