@@ -628,7 +628,7 @@ class FastEngine:
         return 0
 
     def c2c_prefill(self, rows: Rows, feeds: list, L: int, with_sharer: bool, timer: Timer,
-                    greedy: bool, cuts: list[int] | None = None):
+                    greedy: bool, cuts: list[int] | None = None, last: bool = True):
         """Sectioned prefill of a left-padded batch rows.ids [B, T] in the reference's order
         (fusion.fused_prefill): the receiver fills the sections before each cut in turn, and
         at each cut every sharer has filled its positions up to the last cut (its caches do not
@@ -638,7 +638,12 @@ class FastEngine:
         split); without the sharer: the receiver alone, one fill (the honest baseline).
         `feeds`: per sharer (k, its Rows, per cut its projection mask [B, cut] bool, or None
         for every position before it). Returns the receiver cache, first() of the last token
-        and the projector calls per sharer."""
+        and the projector calls per sharer.
+
+        `last` False (continuous batching, slots.py): the cache is filled up to the last token
+        and nothing is prepared (no compile or capture while a server serves: a shape without a
+        prepared callable runs op by op); the last token goes through the slots' shared step,
+        and first() is None."""
         B, T = rows.ids.shape
         n = T - 1
         if not (with_sharer and feeds and n > 0):
@@ -653,11 +658,11 @@ class FastEngine:
             segs.append((a, n, False))
         ns = cuts[-1] if cuts else 0  # the sharers read [0, ns)
         r_model = self.pipe.receiver
-        for a, c, _ in segs:  # outside every span: a late compile is `other`
+        for a, c, _ in (segs if last else []):  # outside every span: a late compile is `other`
             self.ensure_fill("receiver", B, L, c - a, a)
-        for k, _, _ in (feeds if cuts else []):
+        for k, _, _ in (feeds if cuts and last else []):
             self.ensure_fill(sharer_role(k), B, sharer_len(ns), ns)
-        if cuts and len(feeds) == 1:
+        if cuts and len(feeds) == 1 and last:
             for c in cuts:
                 self.ensure_proj(B, L, c, ns)
         with timer.span("base_embedding"):
@@ -688,6 +693,8 @@ class FastEngine:
             for k, v in self.project(r_cache, s_caches, c, masks, timer, ns).items():
                 calls[k] = calls.get(k, 0) + v
         del s_caches
+        if not last:
+            return r_cache, None, calls
         with timer.span("base_prefill"):
             first = self.first("receiver", r_cache, rows, greedy)
         return r_cache, first, calls
