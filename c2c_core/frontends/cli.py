@@ -1,4 +1,4 @@
-"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|overhead|engines>`:
+"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|overhead|engines|serve>`:
 each subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
@@ -539,6 +539,12 @@ def cmd_run(args) -> int:
         _SHARED_MODELS.clear()
 
 
+def cmd_serve(args) -> int:
+    """`serve`: an OpenAI-compatible HTTP server over the scheduler (frontends.serve)."""
+    from .serve import serve_main
+    return serve_main(args, run_config(args))
+
+
 def _json_safe(v):
     """NaN -> None and numpy scalars -> Python, so the JSON line is strict JSON."""
     if hasattr(v, "item"):
@@ -788,6 +794,34 @@ def build_parser() -> argparse.ArgumentParser:
     for act in p._actions:  # its own default, said where --help says the shared one
         if act.dest == "max_new_tokens":
             act.help += "; this benchmark's own default: 32, EOS ignored"
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions,"
+                       " /v1/chat/completions, one model per mode) over the continuous-batching"
+                       " scheduler; every answer says its queue, TTFT and stage times")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the"
+                   " network; the server has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="requests waiting for a slot before a 429")
+    p.add_argument("--max_prompt_tokens", type=int, default=1024,
+                   help="longest prompt accepted, in receiver tokens")
+    p.add_argument("--records", help="also write every served request's JSONL record here")
+    add_model_args(p)
+    g = p.add_argument_group("decoding (every request)")
+    _config_arg(g, "max_new_tokens", type=int)
+    _config_arg(g, "ignore_eos", action="store_true")
+    _config_arg(g, "do_sample", action="store_true")
+    _config_arg(g, "temperature", type=float)
+    _config_arg(g, "top_p", type=float)
+    _config_arg(g, "top_k", type=int)
+    _config_arg(g, "seed", type=int)
+    _config_arg(g, "t2t_note_tokens", type=int)
+    g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
+    p.set_defaults(func=cmd_serve, engine="fast", max_new_tokens=256)
+    for act in p._actions:
+        if act.dest == "max_new_tokens":
+            act.help += "; serve: the cap on a request's max_tokens, default 256"
     return ap
 
 
