@@ -494,6 +494,25 @@ def test_chat_shapes_other_than_system_then_user_are_refused(url):
         assert "one user message" in msg or "string or a list" in msg, (messages, msg)
 
 
+def test_bad_sampling_values_and_model_prefix(tok):
+    with serve.start_server(FakeScheduler(tok), name_prefix="smol/") as h:
+        assert [m["id"] for m in httpx.get(f"{h.url}/v1/models").json()["data"]] == [
+            f"smol/{m}" for m in MODES]
+        r = httpx.post(f"{h.url}/v1/completions", json={"model": "smol/t2t", "prompt": "x",
+                                                        "max_tokens": 2})
+        assert r.json()["c2c"]["mode"] == "t2t" and r.json()["model"] == "smol/t2t"
+        assert "smol/c2c" in _error(httpx.post(f"{h.url}/v1/completions", json={
+            "model": "c2c", "prompt": "x"}), 400)
+        for bad in ({"top_p": "high"}, {"top_p": 0}, {"top_k": 1.5}, {"temperature": -1},
+                    {"temperature": "hot"}, {"max_tokens": True}, {"stream": "yes"},
+                    {"stream_options": {"include_usage": True, "x": 1}},
+                    {"ignore_eos": "no"}):
+            r = httpx.post(f"{h.url}/v1/completions", json={"model": "smol/c2c", "prompt": "x",
+                                                            **bad})
+            _error(r, 400)
+            assert r.json()["error"]["param"] == next(iter(bad)), bad
+
+
 def test_queue_full_is_429(tok):
     sched = FakeScheduler(tok)
     sched.full = True

@@ -113,8 +113,8 @@ def _check_decoding(body: dict, dec: Decoding) -> None:
         v = body.get(name)
         if v is None:
             continue
-        ok = (0 < v <= 1) if name == "top_p" else (isinstance(v, int) and v >= -1)
-        if not _is_num(v) or not ok:
+        if not _is_num(v) or not ((0 < v <= 1) if name == "top_p"
+                                  else (isinstance(v, int) and v >= -1)):
             raise bad_request(f"{name}={v!r} is out of range.", name)
         if dec.do_sample and v != server and not (name == "top_k" and v in (-1, 0)
                                                   and server == 0):
