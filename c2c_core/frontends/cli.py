@@ -1,4 +1,4 @@
-"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|overhead|engines>`:
+"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|load|overhead|engines>`:
 each subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
@@ -495,7 +495,10 @@ def cmd_report(args) -> int:
     import json
 
     from ..report.analysis import compare_modes
+    from .load import load_files, report_load
     _check_html(args)
+    if load_files(args.files):  # `load` runs: their per-point table
+        return report_load(args)
     summaries: dict = {}
     df = _frames(args.files, args.skip_bad_lines, summaries if args.html else None)
     _warn_duplicates(df)
@@ -529,6 +532,13 @@ def _write_report_html(path: str, df, summaries: dict, ratios: dict) -> None:
     write_text(path, html_report(summaries, figs, notes, lines))
 
 
+def cmd_load(args) -> int:
+    """`load`: the sweep of frontends.load; the model flags' config for its own server."""
+    from .load import run_load
+    _lock_output(args)
+    return run_load(args, make_config=lambda: run_config(args))
+
+
 def cmd_run(args) -> int:
     """`run CONFIG.yaml`: every point of the experiment (frontends.experiment)."""
     from .experiment import Cli, run_experiment
@@ -555,6 +565,9 @@ def cmd_compare(args) -> int:
     the pairs per mode, and per mode and metric the ratio, interval, verdict and regression
     (null where too few pairs left it unjudged)."""
     import json
+    from .load import compare_load, load_files
+    if load_files([args.a, args.b]):  # `load` runs: per-point differences
+        return compare_load(args)
     state: dict = {"pairs": {}, "metrics": {}}  # what is known when a UserError ends the run
     try:
         code, summary = _compare_files(args, state)
@@ -762,6 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_bad_lines", action="store_true")
     p.add_argument("--include_late", action="store_true", help=LATE_HELP)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("load", help="an open-loop load sweep (rates x modes) against an"
+                       " OpenAI-compatible server (--url, or our own with the model flags):"
+                       " per-request JSONL, per-point statistics, goodput, overload")
+    from .load import add_args as add_load_args
+    add_load_args(p)
+    add_model_args(p)
+    p.set_defaults(func=cmd_load, no_chat_template=False)
 
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")
     p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats per variant (>= 5)")
