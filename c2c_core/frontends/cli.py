@@ -1,4 +1,4 @@
-"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|overhead|engines>`:
+"""`python -m c2c_core <profile|batch|dataset|sweep|align|report|run|compare|load|serve|overhead|engines>`:
 each subcommand is `add_args(parser)` + `main(args)`; heavy imports happen inside `main`.
 
 Input errors are found before any model loads; every UserError is one line on stderr and a
@@ -495,7 +495,10 @@ def cmd_report(args) -> int:
     import json
 
     from ..report.analysis import compare_modes
+    from .load import load_files, report_load
     _check_html(args)
+    if load_files(args.files):  # `load` runs: their per-point table
+        return report_load(args)
     summaries: dict = {}
     df = _frames(args.files, args.skip_bad_lines, summaries if args.html else None)
     _warn_duplicates(df)
@@ -529,6 +532,13 @@ def _write_report_html(path: str, df, summaries: dict, ratios: dict) -> None:
     write_text(path, html_report(summaries, figs, notes, lines))
 
 
+def cmd_load(args) -> int:
+    """`load`: the sweep of frontends.load; the model flags' config for its own server."""
+    from .load import run_load
+    _lock_output(args)
+    return run_load(args, make_config=lambda: run_config(args))
+
+
 def cmd_run(args) -> int:
     """`run CONFIG.yaml`: every point of the experiment (frontends.experiment)."""
     from .experiment import Cli, run_experiment
@@ -537,6 +547,12 @@ def cmd_run(args) -> int:
         return run_experiment(Cli(build_parser, run_config, main), args.config, html=args.html)
     finally:
         _SHARED_MODELS.clear()
+
+
+def cmd_serve(args) -> int:
+    """`serve`: an OpenAI-compatible HTTP server over the scheduler (frontends.serve)."""
+    from .serve import serve_main
+    return serve_main(args, run_config(args))
 
 
 def _json_safe(v):
@@ -555,6 +571,9 @@ def cmd_compare(args) -> int:
     the pairs per mode, and per mode and metric the ratio, interval, verdict and regression
     (null where too few pairs left it unjudged)."""
     import json
+    from .load import compare_load, load_files
+    if load_files([args.a, args.b]):  # `load` runs: per-point differences
+        return compare_load(args)
     state: dict = {"pairs": {}, "metrics": {}}  # what is known when a UserError ends the run
     try:
         code, summary = _compare_files(args, state)
@@ -763,6 +782,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include_late", action="store_true", help=LATE_HELP)
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("load", help="an open-loop load sweep (rates x modes) against an"
+                       " OpenAI-compatible server (--url, or our own with the model flags):"
+                       " per-request JSONL, per-point statistics, goodput, overload")
+    from .load import add_args as add_load_args
+    add_load_args(p)
+    add_model_args(p)
+    p.set_defaults(func=cmd_load, no_chat_template=False)
+
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")
     p.add_argument("--bench_repeats", type=int, default=5, help="interleaved repeats per variant (>= 5)")
     p.add_argument("--prompt", default=BUILTIN_PROMPTS[0])
@@ -788,6 +815,34 @@ def build_parser() -> argparse.ArgumentParser:
     for act in p._actions:  # its own default, said where --help says the shared one
         if act.dest == "max_new_tokens":
             act.help += "; this benchmark's own default: 32, EOS ignored"
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions,"
+                       " /v1/chat/completions, one model per mode) over the continuous-batching"
+                       " scheduler; every answer says its queue, TTFT and stage times")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the"
+                   " network; the server has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="requests waiting for a slot before a 429")
+    p.add_argument("--max_prompt_tokens", type=int, default=1024,
+                   help="longest prompt accepted, in receiver tokens")
+    p.add_argument("--records", help="also write every served request's JSONL record here")
+    add_model_args(p)
+    g = p.add_argument_group("decoding (every request)")
+    _config_arg(g, "max_new_tokens", type=int)
+    _config_arg(g, "ignore_eos", action="store_true")
+    _config_arg(g, "do_sample", action="store_true")
+    _config_arg(g, "temperature", type=float)
+    _config_arg(g, "top_p", type=float)
+    _config_arg(g, "top_k", type=int)
+    _config_arg(g, "seed", type=int)
+    _config_arg(g, "t2t_note_tokens", type=int)
+    g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
+    p.set_defaults(func=cmd_serve, engine="fast", max_new_tokens=256)
+    for act in p._actions:
+        if act.dest == "max_new_tokens":
+            act.help += "; serve: the cap on a request's max_tokens, default 256"
     return ap
 
 

@@ -1,0 +1,122 @@
+"""One outside load generator beside ours: GuideLLM (`guidellm run`, requirements-dev.txt) and
+`python -m c2c_core load` drive the same server at the same point (a constant 4 requests/s, 6
+requests, 8 output tokens), and both tables are printed side by side. Asserts only that both
+completed every request without an error: the numbers are for a person to read (`pytest -s`).
+
+The server is `_target`'s; today the fake streaming server of test_load (known delays), so
+that this test runs without models. To compare against our real server, make `_target` start
+`serve` instead (c2c_core.bench.serving.load_scheduler + c2c_core.frontends.serve.start_server)
+and yield its URL: nothing else here changes.
+
+GuideLLM runs offline: HF_HUB_OFFLINE=1, the SmolLM2 tokenizer saved into tmp_path as its
+processor, `validate_backend=false` (it would GET /health, which an OpenAI server need not
+have), `request_format=/v1/completions` (its default is chat completions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_openai import FakeServer  # noqa: E402
+
+from c2c_core.frontends.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+RATE, REQUESTS, OUTPUT_TOKENS, MODEL = 4.0, 6, 8, "c2c"
+
+
+@contextlib.contextmanager
+def _target(tmp_path):
+    """The server both generators drive: yields its base URL (http://host:port)."""
+    with FakeServer(ttft_s=0.05, itl_s=0.01, tokens=OUTPUT_TOKENS) as srv:
+        yield srv.url
+
+
+def _guidellm() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "guidellm")
+    if not os.path.exists(exe):
+        exe = shutil.which("guidellm") or ""
+    if not exe:
+        pytest.skip("guidellm is not installed (pip install -r requirements-dev.txt)")
+    return exe
+
+
+def _processor(tmp_path) -> str:
+    """The SmolLM2 tokenizer the project loads offline, saved as a folder GuideLLM can read."""
+    from c2c_core.models.loading import load_tokenizer
+    from c2c_core.spec.config import ModelSpec
+    from c2c_core.spec.errors import UserError
+    try:
+        tok, _ = load_tokenizer(ModelSpec("smollm2"))
+    except UserError as e:
+        pytest.skip(f"no SmolLM2 tokenizer offline: {e}")
+    out = tmp_path / "tokenizer"
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _run_guidellm(url: str, processor: str, out: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [_guidellm(), "run",
+           "--backend", f"kind=openai_http,target={url},model={MODEL},"
+                        "request_format=/v1/completions,validate_backend=false",
+           "--profile", f"kind=constant,rate={RATE:g}",
+           "--constraint", f"kind=max_requests,count={REQUESTS}",
+           "--tokenizer", f"kind=huggingface_auto,model={processor}",
+           "--data", f"kind=synthetic_text,prompt_tokens=16,output_tokens={OUTPUT_TOKENS}",
+           "--output", f"kind=json,path={out}",
+           "--disable-console-interactive"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)
+    assert r.returncode == 0, f"guidellm failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)["benchmarks"][0]["metrics"]
+
+
+def _gl(m: dict, key: str, stat: str = "median"):
+    return m[key]["successful"].get(stat)
+
+
+def test_guidellm_and_our_load_at_one_point(tmp_path, capsys):
+    processor = _processor(tmp_path)
+    ours = tmp_path / "ours.jsonl"
+    with _target(tmp_path) as url:
+        gl = _run_guidellm(url, processor, str(tmp_path / "guidellm.json"))
+        rc = main(["load", "--url", url, "--modes", MODEL, "--rates", f"{RATE:g}",
+                   "--burstiness", "1000", "--num_requests", str(REQUESTS),
+                   "--max_tokens", str(OUTPUT_TOKENS), "--output", str(ours)])
+    assert rc == 0
+    (pt,) = json.loads((tmp_path / "ours.summary.json").read_text())["points"]
+    totals = gl["request_totals"]
+    # the same quantity under each tool's name: GuideLLM's ITL is vLLM's TPOT
+    # ((E2E - TTFT) / (tokens - 1)); its TPOT is E2E / tokens
+    rows = [
+        ("requests completed", pt["completed"], totals["successful"]),
+        ("errors", pt["errors"], totals["errored"]),
+        ("requests/s", pt["achieved_rps"], _gl(gl, "requests_per_second", "mean")),
+        ("TTFT p50 ms", pt["ttft_ms"]["p50"], _gl(gl, "time_to_first_token_ms")),
+        ("TPOT p50 ms (GuideLLM: ITL)", pt["tpot_ms"]["p50"],
+         _gl(gl, "inter_token_latency_ms")),
+        ("E2E p50 ms", pt["e2e_ms"]["p50"], 1000 * _gl(gl, "request_latency")),
+        ("output tokens/request (mean)", pt["output_tokens"] / max(pt["completed"], 1),
+         _gl(gl, "output_token_count", "mean")),
+    ]
+    with capsys.disabled():
+        print(f"\nOne point, constant {RATE:g} req/s, {REQUESTS} requests:")
+        print(f"{'metric':32}{'c2c_core load':>16}{'guidellm':>16}")
+        for name, a, b in rows:
+            fa = "-" if a is None else f"{a:.4g}"
+            fb = "-" if b is None else f"{b:.4g}"
+            print(f"{name:32}{fa:>16}{fb:>16}")
+    assert pt["requests"] == REQUESTS and pt["completed"] == REQUESTS and pt["errors"] == 0
+    assert totals["successful"] == REQUESTS and totals["errored"] == 0
+    assert totals["incomplete"] == 0
