@@ -36,6 +36,7 @@ from ..engines.generation import run_metadata, sharers_of
 from ..engines.shapes import bucket
 from ..io.prompts import PromptItem
 from ..io.records import MODES, percentile, r3
+from ..measure import cancel
 from ..measure.timing import Timer
 from ..models.fusion import generators
 from ..plan.item import build_plan, row_seed, t2t_answer_bound, t2t_answer_ids
@@ -169,6 +170,9 @@ class Scheduler:
         self._queue: collections.deque = collections.deque()
         self._answers: collections.deque = collections.deque()   # t2t notes done
         self._cv = threading.Condition()
+        #: a fast tokenizer used from two threads at once can fail ("Already borrowed"):
+        #: callers' submits and the engine's t2t answers and records take turns
+        self.tok_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -181,6 +185,11 @@ class Scheduler:
     def tokenizer(self, mode: str):
         """The tokenizer of the model that writes `mode`'s answer."""
         return self.pipe.sharers[0].tokenizer if mode == "sharer" else self.pipe.tokenizer
+
+    def decode(self, mode: str, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """`mode`'s answer ids as text (under the tokenizer lock)."""
+        with self.tok_lock:
+            return self.tokenizer(mode).decode(ids, skip_special_tokens=skip_special_tokens)
 
     def submit(self, mode: str, item: PromptItem | str, max_new_tokens: int | None = None,
                on_token=None, on_done=None) -> Ticket:
@@ -199,11 +208,13 @@ class Scheduler:
         if not self.running:
             raise UserError("The server is not running (it was closed or its engine failed);"
                             " restart it.")
-        plan = build_plan(self.pipe, self.cfg, item, mode)
+        with self.tok_lock:
+            plan = build_plan(self.pipe, self.cfg, item, mode)
         over = len(plan.ids) - self.extra[mode] > self.max_prompt_tokens
         if mode == "t2t":
-            over |= (t2t_answer_bound(self.pipe, self.cfg, item) - self._answer_extra
-                     > self.max_prompt_tokens)
+            with self.tok_lock:
+                bound = t2t_answer_bound(self.pipe, self.cfg, item)
+            over |= bound - self._answer_extra > self.max_prompt_tokens
         if over:
             raise UserError(f"The prompt is {len(plan.ids) - self.extra[mode]} tokens, over this"
                             f" server's --max_prompt_tokens {self.max_prompt_tokens}; send a"
@@ -394,7 +405,8 @@ class Scheduler:
                 if end:
                     req.served.stages["sharer_decode_ms"] = r3((t - req.note_t0) / 1e6)
                     req.served.note_tokens = len(req.note)
-                    req.ids = t2t_answer_ids(self.pipe, self.cfg, req.item, req.note)
+                    with self.tok_lock:
+                        req.ids = t2t_answer_ids(self.pipe, self.cfg, req.item, req.note)
                     req.phase, req.slot = "queued-answer", None
                     with self._cv:
                         self._answers.append(req)
@@ -453,7 +465,6 @@ class Scheduler:
             self._meta = run_metadata(self.pipe, self.cfg, Timer(self.pipe.device).method)
             self._meta["slots"] = self.slots
             self._meta["max_queue"] = self.max_queue
-        tok = self.tokenizer(req.mode)
         itl = [r3(x) for x in sv.itl_ms]
         timing = {"queue_ms": r3(sv.queue_ms or 0.0), "ttft_ms": r3(sv.ttft_ms or 0.0),
                   "e2e_ms": r3(sv.e2e_ms or 0.0),
@@ -465,7 +476,7 @@ class Scheduler:
         if req.mode == "t2t":
             timing["sharer_tokens"] = sv.note_tokens
         rec = {"kind": SERVED_KIND, "id": sv.rid, "mode": req.mode, "prompt": req.item.prompt,
-               "response": tok.decode(sv.tokens, skip_special_tokens=True),
+               "response": self.decode(req.mode, sv.tokens),
                "finish_reason": sv.finish_reason, "input_digest": req.item.digest,
                "timing": timing, "itl_ms": itl, "run": self._meta}
         if req.mode == "c2c":
@@ -499,7 +510,8 @@ def load_scheduler(cfg, slots: int = 8, max_queue: int = 64, max_prompt_tokens: 
     if warm:
         w, sched.writer = sched.writer, None
         try:
-            for mode in sched.modes:  # the first call of each path (allocations, lazy inits)
+            for k, mode in enumerate(sched.modes, 1):  # each path's first call (allocations)
+                cancel.say(f"warm-up request {k} of {len(sched.modes)} ({mode}, not recorded)")
                 t = sched.submit(mode, PromptItem(id="warm-up", prompt="Hello.",
                                                   source="serve"), 2)
                 while not t._req.done.is_set():

@@ -27,7 +27,7 @@ DEFAULT_OUTPUTS = {"batch": "batch_timing_results.jsonl", "dataset": "dataset_ti
 #: Commands that say each phase on stderr as they enter it, with the time since they started:
 #: the long ones (a cold `align` assembles a GGUF, `engines` compiles shape by shape, `sweep`
 #: warms up every shape), which otherwise sat silent for minutes.
-PHASED_COMMANDS = {"align", "engines", "sweep"}
+PHASED_COMMANDS = {"align", "engines", "sweep", "serve", "load"}
 
 
 # --- shared flags --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...measure import cancel
 from ...spec.errors import UserError
 from ...measure.timing import Timer
 from ...models.fusion import sample
@@ -62,6 +63,7 @@ class SlotGroup:
                             " --max_prompt_tokens or --max_new_tokens.")
         m = eng.model(role)
         t0 = time.perf_counter()
+        cancel.say(f"{eng.verb('step')} the {role} step for {slots} slots x {columns} positions")
         # the group's own cache, outside the engine's LRU: nothing a batch run or an arrival's
         # prefill allocates can evict it or reset its write position
         self.cache = StaticCache(config=_full_attention(m.config), max_cache_len=columns)
