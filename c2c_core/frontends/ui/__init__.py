@@ -14,8 +14,8 @@ import threading
 import gradio as gr
 
 from ...spec.config import build_run_config, default_preset
-from . import (batch_tab, dataset_tab, fairqueue, gate, guard, model_panel, profile_tab,
-    results_tab, sweep_tab)
+from . import (batch_tab, dataset_tab, fairqueue, gate, guard, load_tab, model_panel,
+    profile_tab, results_tab, sweep_tab)
 from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
 from .render import enable_download, offer_summary, show_files
 from .runcfg import MODELS, load_models, models_status
@@ -59,7 +59,8 @@ footer { display: none !important; }
 .block.c2c-status:has(.c2c-live) > [data-testid="status-tracker"] .progress-level-inner {
   display: none !important; }
 /* a failed run says why in its status line and in a toast: no "Error" badge over the line */
-:is(#model-status, #profile-status, #batch-status, #dataset-status, #results-status)
+:is(#model-status, #profile-status, #batch-status, #dataset-status, #load-status,
+     #results-status)
   > [data-testid="status-tracker"]:has(> .error) { display: none !important; }
 """
 
@@ -138,15 +139,18 @@ def build_app(defaults: dict | None = None) -> gr.Blocks:
                 data = dataset_tab.build_dataset_tab()
             with gr.Tab("Sweep", id="sweep"):
                 sweep = sweep_tab.build_sweep_tab()
+            with gr.Tab("Load", id="load"):
+                load = load_tab.build_load_tab()
             with gr.Tab("Results", id="results") as results_tab_item:
                 res = results_tab.build_results_tab()
-        _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item)
+        _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item, load)
     demo.queue(default_concurrency_limit=4, max_size=MAX_QUEUE)
     fairqueue.install(demo)  # model jobs: clients that are there, one waiting per session
     return demo
 
 
-def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item) -> None:
+def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item,
+          load) -> None:
     """Every event of the app, in one place."""
     model_kw = {**panel.inputs(), **settings.inputs()}
     model_job = dict(concurrency_limit=1, concurrency_id=MODEL_QUEUE)
@@ -198,7 +202,11 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
         **model_job)
-    for tab in (prof, batch, data, sweep):  # Stop ends this session's running job, any tab's,
+    ev_load = waiting(load.run, load.status).then(
+        gpu(600)(load_tab.run_load_ui), inputs=load.inputs(), inputs_kwargs=model_kw,
+        outputs=load.outputs(), api_name="load", show_progress_on=[load.status],
+        validator=validator(load_tab.check_load), **model_job)
+    for tab in (prof, batch, data, sweep, load):  # Stop ends this session's running job, any tab's,
         # and removes its job still waiting in the queue
         tab.stop.click(fairqueue.stop_run, None, tab.status, api_visibility="private",
                        concurrency_limit=None, show_progress="hidden")
@@ -211,9 +219,10 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     ev_batch.then(enable_download, batch.file, batch.file, **private)
     ev_data.then(enable_download, data.file, data.file, **private)
     ev_sweep.then(enable_download, sweep.file, sweep.file, **private)
-    for ev, tab in ((ev_batch, batch), (ev_data, data), (ev_sweep, sweep)):  # its summary.json
+    ev_load.then(enable_download, load.file, load.file, **private)
+    for ev, tab in ((ev_batch, batch), (ev_data, data), (ev_sweep, sweep), (ev_load, load)):
         ev.then(offer_summary, tab.file, tab.summary, **private)
-    for ev in (ev_prof, ev_batch, ev_data, ev_sweep):
+    for ev in (ev_prof, ev_batch, ev_data, ev_sweep, ev_load):
         ev.then(model_panel.model_status, None, panel.status, api_visibility="private",
                 queue=False)
         ev.then(results_tab.refresh_runs, None, res.runs, api_visibility="private", queue=False)

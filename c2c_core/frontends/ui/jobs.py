@@ -340,7 +340,7 @@ def space_runtime() -> bool:
 def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
                    stop: threading.Event | None = None, unit: str = "generation",
                    runner: Callable | None = None, request: gr.Request | None = None,
-                   plan: list[Shape] | None = None):
+                   plan: list[Shape] | None = None, modes: list[str] | None = None):
     """Run `items` into `path` in the worker process (or, on the in-process path, a thread) and
     yield `render(records, status, file)` as
     records arrive (throttled), then once more at the end. A Stop, closing the tab or a client
@@ -380,7 +380,7 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
 
     job = Job(work, stop, cfg.warmup)
     from ...bench.runner import modes_of
-    job.modes = list(modes_of(cfg))
+    job.modes = list(modes or modes_of(cfg))  # `modes`: a runner's own (the Load tab's)
     job.plan = plan
     recs: deque = deque(maxlen=LIVE_ROWS)  # the newest rows; every record is in the file
     summary = RunningSummary()
@@ -423,7 +423,7 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
                 # the phase and the clock move on; this also lets gradio notice a client gone
                 yield (live_line(job, unit) + tail,) + rest
     except UserError as e:
-        if recs:
+        if recs and not writes_summary(runner):
             write_app_summary(cfg, path, runner)
         kept = f" {summary.count} finished record(s) are in the download." if recs else ""
         yield render(list(recs), status_md(md_text(ui_message(e)) + kept, "error"),
@@ -458,9 +458,15 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     busy = contention_files({os.path.basename(path): list(summary.shares)})
     if busy:
         msg += "  \n" + status_md(busy, "warn")
-    if summary.count:
+    if summary.count and not writes_summary(runner):
         write_app_summary(cfg, path, runner)
     yield render(list(recs), msg, path if os.path.exists(path) else None, summary=summary)
+
+
+def writes_summary(runner: Callable | None) -> bool:
+    """A runner that writes its run's own summary.json (the Load tab's app_load), which the
+    generic one must not overwrite."""
+    return bool(getattr(getattr(runner, "func", runner), "writes_summary", False))
 
 
 def write_app_summary(cfg: RunConfig, path: str, runner: Callable | None = None) -> str | None:
