@@ -261,9 +261,9 @@ class Scheduler:
         self._queue.clear()
         self._answers.clear()
         for g in self.groups.values():
-            for s in g.active:
-                self._finish(g.rows[s].owner, "abort")
-                g.release(s)
+            for req in g.owners():
+                g.release(g.slot_of(req))
+                self._finish(req, "abort")
 
     def _wake(self) -> None:
         with self._cv:
@@ -310,10 +310,9 @@ class Scheduler:
                 dq.clear()
                 dq.extend(keep)
         for g in self.groups.values():
-            for s in g.active:
-                req = g.rows[s].owner
+            for req in g.owners():
                 if req.cancelled:
-                    g.release(s)
+                    g.release(g.slot_of(req))
                     self._finish(req, "abort")
 
     def _target(self, req: _Request) -> tuple[str, int]:
@@ -450,9 +449,9 @@ class Scheduler:
             self._queue.clear()
             self._answers.clear()
         for g in self.groups.values():
-            for s in g.active:
-                reqs.append(g.rows[s].owner)
-                g.release(s)
+            for req in g.owners():
+                reqs.append(req)
+                g.release(g.slot_of(req))
         for r in reqs:
             self._finish(r, "error", msg)
 

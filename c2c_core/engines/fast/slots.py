@@ -63,7 +63,6 @@ class SlotGroup:
                             " --max_prompt_tokens or --max_new_tokens.")
         m = eng.model(role)
         t0 = time.perf_counter()
-        cancel.say(f"{eng.verb('step')} the {role} step for {slots} slots x {columns} positions")
         # the group's own cache, outside the engine's LRU: nothing a batch run or an arrival's
         # prefill allocates can evict it or reset its write position
         self.cache = StaticCache(config=_full_attention(m.config), max_cache_len=columns)
@@ -77,13 +76,42 @@ class SlotGroup:
         self.rows: list[Placed | None] = [None] * slots
         self.steps = 0
         self.shifts = 0                              # block moves (make_room)
+        self.moves = 0                               # rows moved down to keep them packed
+        #: the step's batch sizes: powers of two up to S, and S. Occupied slots are always the
+        #: first n (release() packs them), and a step runs the first k >= n rows only, so a
+        #: lone request does not pay for empty slots (on a CPU a step costs about its rows)
+        self.sizes = sorted({1 << i for i in range(slots.bit_length()) if 1 << i <= slots}
+                            | {slots})
+        self._steps: dict[int, object] = {}
+        for i, k in enumerate(self.sizes, 1):
+            cancel.say(f"{eng.verb('step')} the {role} step for {k} of {slots} slots x"
+                       f" {columns} positions ({i} of {len(self.sizes)})")
+            with torch.inference_mode():
+                self._steps[k] = eng._make_step(role, self._rows_view(k, m, heads, hd),
+                                                columns, greedy)
+                ids = torch.full((k, 1), self.pad, dtype=torch.long, device=self.dev)
+                for j in range(4):  # compile (or not) now, on the step's real shapes
+                    eng._run(self._steps[k], ids, eng._scalar(j), self.lp[:k],
+                             self.ok[:k]).clone()
         with torch.inference_mode():
-            self._step = eng._make_step(role, self.cache, columns, greedy)
-            ids = torch.full((slots, 1), self.pad, dtype=torch.long, device=self.dev)
-            for k in range(4):  # compile (or not) now, on the step's real shapes and strides
-                eng._run(self._step, ids, eng._scalar(k), self.lp, self.ok).clone()
             self._set_column(0)
         eng.compile_s += time.perf_counter() - t0
+
+    def _rows_view(self, k: int, m, heads: int, hd: int):
+        """A static cache over the first k slots of the group's cache (views: a step on it
+        writes the group's own tensors, at the group's write position)."""
+        if k == self.S:
+            return self.cache
+        from transformers import StaticCache
+        c = StaticCache(config=_full_attention(m.config), max_cache_len=self.L)
+        c.early_initialization(1, heads, hd, self.pipe.dtype, self.dev)
+        for view, whole in zip(c.layers, self.cache.layers):
+            view.keys, view.values = whole.keys[:k], whole.values[:k]
+            view.cumulative_length = whole.cumulative_length
+            view.batch_size = k
+            torch._dynamo.mark_static_address(view.keys)
+            torch._dynamo.mark_static_address(view.values)
+        return c
 
     # --- occupancy ----------------------------------------------------------------------------
 
@@ -190,29 +218,53 @@ class SlotGroup:
         self.rows[s] = Placed(owner, a, self.c + n_max - 1, n_max, frozenset(eos), [], gen)
         return s
 
+    def slot_of(self, owner) -> int:
+        return next(i for i, r in enumerate(self.rows) if r is not None and r.owner is owner)
+
+    def owners(self) -> list:
+        return [r.owner for r in self.rows if r is not None]
+
     def release(self, s: int) -> None:
+        """Free slot s; the last occupied slot moves into it, so the occupied ones stay the
+        first n (step() runs only those)."""
         self.rows[s] = None
+        act = self.active
+        h = act[-1] if act else -1
+        if h > s:
+            with torch.inference_mode():
+                for layer in self.cache.layers:
+                    layer.keys[s] = layer.keys[h]
+                    layer.values[s] = layer.values[h]
+                self.ok[s] = self.ok[h]
+                self.lp[s] = self.lp[h]
+            self.tok[s], self.rows[s], self.rows[h] = self.tok[h], self.rows[h], None
+            self.moves += 1
+            s = h
         self._clear(s)
 
     # --- the shared step ----------------------------------------------------------------------
 
     def step(self, gen_cfg) -> list[tuple[object, int, str | None]]:
-        """One decode step of every slot: per occupied slot (its owner, its new token, why it
-        ended: "stop" at an EOS id, "length" at n_max, None while it goes on). Ended slots are
-        free when this returns."""
+        """One decode step of every occupied slot (the first n; the step of the smallest
+        prepared size k >= n runs): per slot (its owner, its new token, why it ended: "stop"
+        at an EOS id, "length" at n_max, None while it goes on). Ended slots are free when
+        this returns."""
         eng = self.eng
+        n = len(self.active)
+        k = next(x for x in self.sizes if x >= n)
         with torch.inference_mode():
-            tok = torch.tensor(self.tok, dtype=torch.long, device=self.dev)[:, None]
-            out = eng._run(self._step, tok, eng._scalar(self.c), self.lp, self.ok).clone()
+            tok = torch.tensor(self.tok[:k], dtype=torch.long, device=self.dev)[:, None]
+            out = eng._run(self._steps[k], tok, eng._scalar(self.c), self.lp[:k],
+                           self.ok[:k]).clone()
             if not self.greedy:
                 gens = [r.gen if r is not None and r.gen is not None else self._spare()
-                        for r in self.rows]
+                        for r in self.rows[:k]]
                 out = sample(out, gen_cfg, gens)
             new = out[:, 0].tolist()  # one read per step: each token reaches the host now
         self.c += 1  # the cache's write position moved on in the step itself
         self.steps += 1
-        res = []
-        for s, r in enumerate(self.rows):
+        res, ended = [], []
+        for s, r in enumerate(self.rows[:k]):
             if r is None:
                 continue
             t = int(new[s])
@@ -221,7 +273,9 @@ class SlotGroup:
             self.tok[s] = t
             res.append((r.owner, t, end))
             if end:
-                self.release(s)
+                ended.append(r)
+        for r in ended:
+            self.release(self.slot_of(r.owner))
         if not self.active:
             self._set_column(0)
         return res
