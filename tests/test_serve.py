@@ -135,8 +135,8 @@ class FakeScheduler:
                             f" --max_new_tokens {self.cap}.")
         if self.full:
             raise QueueFull("the queue already holds 2 requests (--max_queue 2).")
-        ticket = FakeTicket(f"r{len(self.tickets) + 1}")
         with self.lock:
+            ticket = FakeTicket(f"r{len(self.tickets) + 1}")
             self.items.append(item)
             self.tickets.append(ticket)
         threading.Thread(target=self._run, args=(ticket, mode, item, max_new_tokens, on_token,
@@ -357,6 +357,38 @@ def test_openai_client_streams_and_reads_c2c(url, sched):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="nope", prompt="x")
     assert "c2c, t2t, receiver, sharer" in str(e.value)
+
+
+def test_concurrent_streams_each_get_their_own_text(tok):
+    """12 streams at once over every mode, each scheduler thread calling back at its own pace:
+    every stream gets its whole reply, its own mode and rid, and its usage."""
+    sched = FakeScheduler(tok, delay=0.004)
+    results: dict = {}
+
+    def one(i):
+        mode = MODES[i % len(MODES)]
+        r = httpx.post(f"{h.url}/v1/chat/completions", timeout=30, json={
+            "model": mode, "messages": [{"role": "developer", "content": f"s{i}"},
+                                        {"role": "user", "content": f"q{i}"}],
+            "stream": True, "stream_options": {"include_usage": True}})
+        results[i] = (mode, _events(r.text))
+
+    with serve.start_server(sched, gen=serve.Decoding(max_new_tokens=64)) as h:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(results) == 12
+    rids = set()
+    for mode, ev in results.values():
+        chunks, usage = ev[:-2], ev[-2]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == REPLY
+        assert usage["c2c"]["mode"] == mode
+        assert usage["usage"]["completion_tokens"] == len(sched.reply_ids) + 1
+        rids.add(usage["c2c"]["rid"])
+    assert len(rids) == 12
+    assert sorted(it.prompt for it in sched.items) == sorted(f"s{i}\n\nq{i}" for i in range(12))
 
 
 def test_text_stream_holds_back_split_characters(tok):

@@ -103,12 +103,14 @@ def _check_decoding(body: dict, dec: Decoding) -> None:
         if not _is_num(t) or t < 0:
             raise bad_request(f"temperature={t!r} is not a number >= 0.", "temperature")
         if not dec.do_sample and t > 0:
-            raise bad_request(f"temperature={t} asks for sampling, but this server decodes greedily"
-                       f" (its run settings); send temperature 0 or leave it out, or {restart}.",
-                       "temperature")
+            raise bad_request(
+                f"temperature={t} asks for sampling, but this server decodes greedily"
+                f" (its run settings); send temperature 0 or leave it out, or {restart}.",
+                "temperature")
         if dec.do_sample and t != dec.temperature:
-            raise bad_request(f"temperature={t}: this server {dec.how()} for every request; leave"
-                       f" temperature out or send {dec.temperature}, or {restart}.", "temperature")
+            raise bad_request(
+                f"temperature={t}: this server {dec.how()} for every request; leave"
+                f" temperature out or send {dec.temperature}, or {restart}.", "temperature")
     for name, server in (("top_p", dec.top_p), ("top_k", dec.top_k)):
         v = body.get(name)
         if v is None:
@@ -119,28 +121,31 @@ def _check_decoding(body: dict, dec: Decoding) -> None:
         if dec.do_sample and v != server and not (name == "top_k" and v in (-1, 0)
                                                   and server == 0):
             raise bad_request(f"{name}={v}: this server {dec.how()} for every request; leave {name}"
-                       f" out or send {server}, or {restart}.", name)
+                              f" out or send {server}, or {restart}.", name)
     seed = body.get("seed")
     if seed is not None and dec.do_sample and seed != dec.seed:
-        raise bad_request(f"seed={seed!r}: this server samples with seed {dec.seed} (its run settings);"
-                   " leave seed out, or restart it with --seed.", "seed")
+        raise bad_request(
+            f"seed={seed!r}: this server samples with seed {dec.seed} (its run settings);"
+            " leave seed out, or restart it with --seed.", "seed")
     ie = body.get("ignore_eos")
     if ie is not None and not isinstance(ie, bool):
         raise bad_request(f"ignore_eos={ie!r} is not a boolean.", "ignore_eos")
     if ie and not dec.ignore_eos:
-        raise bad_request("ignore_eos=true asks for exactly max_tokens tokens, but this server stops at"
-                   " EOS (its run settings); leave ignore_eos out, or restart it with"
-                   " `python -m c2c_core serve --ignore_eos` (every request then runs to its"
-                   " max_tokens).", "ignore_eos")
+        raise bad_request(
+            "ignore_eos=true asks for exactly max_tokens tokens, but this server stops at"
+            " EOS (its run settings); leave ignore_eos out, or restart it with"
+            " `python -m c2c_core serve --ignore_eos` (every request then runs to its"
+            " max_tokens).", "ignore_eos")
     mt = body.get("min_tokens")
     if mt is not None:
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 0:
             raise bad_request(f"min_tokens={mt!r} is not an integer >= 0.", "min_tokens")
         if mt > 0 and not dec.ignore_eos:
-            raise bad_request(f"min_tokens={mt}: this server stops at EOS and cannot hold it back; leave"
-                       " min_tokens out, or restart it with `python -m c2c_core serve"
-                       " --ignore_eos` (every request then runs to its max_tokens).",
-                       "min_tokens")
+            raise bad_request(
+                f"min_tokens={mt}: this server stops at EOS and cannot hold it back; leave"
+                " min_tokens out, or restart it with `python -m c2c_core serve"
+                " --ignore_eos` (every request then runs to its max_tokens).",
+                "min_tokens")
 
 
 #: field -> (accepted, what the server does instead): values that change nothing are accepted.
@@ -177,7 +182,7 @@ def _check_fields(body: dict, allowed: set[str], endpoint: str) -> None:
     unknown = sorted(k for k in body if k not in allowed)
     if unknown:
         raise bad_request(f"{endpoint} does not support the field(s) {', '.join(unknown)}; the"
-                   f" supported fields are {', '.join(sorted(allowed))}.", unknown[0])
+                          f" supported fields are {', '.join(sorted(allowed))}.", unknown[0])
     for name, (ok, why) in _UNSUPPORTED.items():
         if name in body and not ok(body[name]):
             raise bad_request(f"{name}={json.dumps(body[name])[:80]}: {why}.", name)
@@ -216,9 +221,10 @@ def _max_tokens(body: dict, names: tuple[str, ...], default: int, cap: int | Non
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise bad_request(f"{name}={json.dumps(v)[:40]} is not an integer >= 1.", name)
         if cap is not None and v > cap:
-            raise bad_request(f"{name}={v} is above this server's cap of {cap} tokens (serve"
-                       f" --max_new_tokens); ask for at most {cap}, or restart the server with a"
-                       " larger --max_new_tokens.", name)
+            raise bad_request(
+                f"{name}={v} is above this server's cap of {cap} tokens (serve"
+                f" --max_new_tokens); ask for at most {cap}, or restart the server with a"
+                " larger --max_new_tokens.", name)
         return v
     return default if cap is None else min(default, cap)
 
@@ -232,7 +238,7 @@ def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
         return bool(stream), False, False
     if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
         raise bad_request("stream_options supports only include_usage and continuous_usage_stats"
-                   " (booleans).", "stream_options")
+                          " (booleans).", "stream_options")
     return (bool(stream), bool(opts.get("include_usage")),
             bool(opts.get("continuous_usage_stats")))
 
@@ -245,8 +251,9 @@ def _text_of(content, where: str) -> str:
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
             for p in content):
         return "\n".join(p["text"] for p in content)
-    raise bad_request(f"{where} content must be a string or a list of {{\"type\": \"text\", \"text\":"
-               " ...}} parts; images and other parts are not supported.", "messages")
+    raise bad_request(
+        f"{where} content must be a string or a list of {{\"type\": \"text\", \"text\":"
+        " ...}} parts; images and other parts are not supported.", "messages")
 
 
 _CHAT_SHAPE = ("this server supports an optional system message followed by exactly one user"
@@ -260,17 +267,18 @@ def parse_chat_prompt(messages) -> str:
         raise bad_request(f"messages must be a non-empty list; {_CHAT_SHAPE}.", "messages")
     if not all(isinstance(m, dict) for m in messages):
         raise bad_request(f"each message must be an object with role and content; {_CHAT_SHAPE}.",
-                   "messages")
+                          "messages")
     roles = [m.get("role") for m in messages]
     system = None
     if roles[0] in ("system", "developer") and len(messages) >= 2:
         system = _text_of(messages[0].get("content"), f"the {roles[0]} message's")
         messages, roles = messages[1:], roles[1:]
     if roles != ["user"]:
-        raise bad_request(f"messages has roles {', '.join(map(str, [m.get('role') for m in messages]))}"
-                   f" after the system message; {_CHAT_SHAPE}." if system is not None else
-                   f"messages has roles {', '.join(map(str, roles))}; {_CHAT_SHAPE}.",
-                   "messages")
+        raise bad_request(
+            f"messages has roles {', '.join(map(str, [m.get('role') for m in messages]))}"
+            f" after the system message; {_CHAT_SHAPE}." if system is not None else
+            f"messages has roles {', '.join(map(str, roles))}; {_CHAT_SHAPE}.",
+            "messages")
     user = _text_of(messages[0].get("content"), "the user message's")
     return f"{system}\n\n{user}" if system else user
 
@@ -290,8 +298,8 @@ def parse_request(body, kind: str, models: dict[str, str], dec: Decoding) -> Par
             p = p[0]
         if not isinstance(p, str):
             raise bad_request("prompt must be a string or a list of exactly one string (token-id"
-                       " prompts and batches of prompts are not supported: send one request"
-                       " per prompt).", "prompt")
+                              " prompts and batches of prompts are not supported: send one request"
+                              " per prompt).", "prompt")
         prompt = p
         max_tokens = _max_tokens(body, ("max_tokens",), COMPLETIONS_DEFAULT_MAX_TOKENS,
                                  dec.max_new_tokens)
@@ -302,7 +310,7 @@ def parse_request(body, kind: str, models: dict[str, str], dec: Decoding) -> Par
                                  dec.max_new_tokens)
     if not prompt.strip():
         raise bad_request("the prompt is empty; send some text.",
-                   "prompt" if kind == "completion" else "messages")
+                          "prompt" if kind == "completion" else "messages")
     return Params(mode, model, prompt, max_tokens, stream, include_usage, continuous)
 
 

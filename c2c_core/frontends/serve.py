@@ -85,8 +85,9 @@ async def _read_json(request, cap: int):
     try:
         return json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:120]});"
-                   " send a JSON object.") from None
+        raise bad_request(
+            f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:120]});"
+            " send a JSON object.") from None
 
 
 def make_app(scheduler, name_prefix: str = "", gen=None, max_body: int = MAX_BODY_BYTES):
