@@ -321,13 +321,21 @@ class TextStream:
     emitted, a trailing U+FFFD (a character whose bytes have not all arrived) held back, so a
     character split over tokens, or tokens merged into one character, comes out whole."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, lock=None):
         self.tok = tokenizer
         self.ids: list[int] = []
         self.sent = ""
+        #: the scheduler's tokenizer lock (a fast tokenizer used from two threads at once can
+        #: fail); none: this thread is its only user
+        self.lock = lock
 
     def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if self.lock is None:
+            return self.tok.decode(ids, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+        with self.lock:
+            return self.tok.decode(ids, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
 
     def push(self, ids) -> str:
         self.ids.extend(int(i) for i in ids)

@@ -21,6 +21,7 @@ loop with `loop.call_soon_threadsafe(queue.put_nowait, ...)`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import sys
@@ -149,8 +150,11 @@ def make_app(scheduler, name_prefix: str = "", gen=None, max_body: int = MAX_BOD
         item = PromptItem(id=f"{rid}", prompt=p.prompt, source="serve")
         bridge = _Bridge(asyncio.get_running_loop())
         try:
-            ticket = scheduler.submit(p.mode, item, p.max_tokens, on_token=bridge.on_token,
-                                      on_done=bridge.on_done)
+            # off the event loop: a submit tokenizes (and aligns) the prompt, and may wait for
+            # the tokenizer lock while the engine uses it
+            ticket = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                scheduler.submit, p.mode, item, p.max_tokens, on_token=bridge.on_token,
+                on_done=bridge.on_done))
         except QueueFull as e:
             raise ApiError(429, f"{e} Retry later, or start the server with a larger"
                            " --max_queue or --slots." if str(e) else
@@ -159,7 +163,8 @@ def make_app(scheduler, name_prefix: str = "", gen=None, max_body: int = MAX_BOD
                            "queue_full") from None
         except UserError as e:
             raise bad_request(str(e)) from None
-        req = _Request(kind, rid, p, ticket, bridge, scheduler.tokenizer(p.mode), dec)
+        req = _Request(kind, rid, p, ticket, bridge, scheduler.tokenizer(p.mode), dec,
+                       getattr(scheduler, "tok_lock", None))
         if p.stream:
             return _SSEResponse(req)
         return await req.complete(request)
@@ -181,9 +186,9 @@ class _Request:
     """One accepted request: builds its chunks or its one answer from the bridge's events."""
 
     def __init__(self, kind, rid, params: Params, ticket, bridge: _Bridge, tokenizer,
-                 dec: Decoding):
+                 dec: Decoding, lock=None):
         self.kind, self.rid, self.p, self.ticket, self.bridge = kind, rid, params, ticket, bridge
-        self.text = TextStream(tokenizer)
+        self.text = TextStream(tokenizer, lock)
         self.dec = dec
         self.created = int(time.time())
         self.finished = False
