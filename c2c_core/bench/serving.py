@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engines.fast.slots import SlotGroup, prefill_c2c, prefill_plain, row_columns
+from ..engines.fast.slots import SlotGroup, prefill_c2c, prefill_plain, row_columns, slot_group
 from ..engines.generation import run_metadata, sharers_of
 from ..engines.shapes import bucket
 from ..io.prompts import PromptItem
@@ -165,7 +165,7 @@ class Scheduler:
         if has_sharer:
             groups["sharer"] = bucket(max_prompt_tokens + self.extra.get("t2t", 0)
                                       + max(self.max_new_tokens, g.t2t_note_tokens))
-        self.groups = {role: SlotGroup(pipe, role, slots, L, self.greedy)
+        self.groups = {role: slot_group(pipe, role, slots, L, self.greedy)
                        for role, L in groups.items()}
         self._queue: collections.deque = collections.deque()
         self._answers: collections.deque = collections.deque()   # t2t notes done
@@ -264,6 +264,7 @@ class Scheduler:
             for req in g.owners():
                 g.release(g.slot_of(req))
                 self._finish(req, "abort")
+            g.in_use = False
 
     def _wake(self) -> None:
         with self._cv:

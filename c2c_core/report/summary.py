@@ -71,7 +71,8 @@ class RunningSummary:
 
     def add(self, rec: dict) -> None:
         self.count += 1
-        t = rec.get("timing") if isinstance(rec.get("timing"), dict) else {}
+        t = rec.get("timing") if isinstance(rec.get("timing"), dict) else (
+            rec if rec.get("kind") == "load_request" else {})  # a load request: its own TTFT
         per = self.values.setdefault(str(rec.get("mode") or "c2c"),
                                      {m: array("d") for m in METRICS})
         for m, arr in per.items():
@@ -149,7 +150,8 @@ class RunningSummary:
             dec, ttft = _q(self.series(mode, "decode_avg_ms"), 0.5), _q(self.series(mode, "ttft_ms"), 0.5)
             bits = [f"decode {dec:.2f} ms/token" if not math.isnan(dec) else "",
                     f"TTFT {ttft:.1f} ms" if not math.isnan(ttft) else ""]
-            parts.append(f"{mode}: " + ", ".join(b for b in bits if b) + " (medians)")
+            if any(bits):
+                parts.append(f"{mode}: " + ", ".join(b for b in bits if b) + " (medians)")
         return " · ".join(parts)
 
 

@@ -77,6 +77,7 @@ class SlotGroup:
         self.steps = 0
         self.shifts = 0                              # block moves (make_room)
         self.moves = 0                               # rows moved down to keep them packed
+        self.in_use = False                          # a server holds it (slot_group)
         #: the step's batch sizes: powers of two up to S, and S. Occupied slots are always the
         #: first n (release() packs them), and a step runs the first k >= n rows only, so a
         #: lone request does not pay for empty slots (on a CPU a step costs about its rows)
@@ -112,6 +113,14 @@ class SlotGroup:
             torch._dynamo.mark_static_address(view.keys)
             torch._dynamo.mark_static_address(view.values)
         return c
+
+    def reset(self) -> None:
+        """Every slot free, the write position at 0 (a new server on the same models)."""
+        self.rows = [None] * self.S
+        for s in range(self.S):
+            self._clear(s)
+        with torch.inference_mode():
+            self._set_column(0)
 
     # --- occupancy ----------------------------------------------------------------------------
 
@@ -284,6 +293,24 @@ class SlotGroup:
         if not hasattr(self, "_spare_gen"):
             self._spare_gen = torch.Generator(device=self.dev).manual_seed(0)
         return self._spare_gen
+
+
+def slot_group(pipe, role: str, slots: int, columns: int, greedy: bool) -> SlotGroup:
+    """The pipeline's slot group of this shape: kept on its engine from one server to the next
+    (the app's Load tab makes a server per sweep), so its steps are prepared once; the group of
+    another shape replaces it (one group per role is held)."""
+    eng = engine_for(pipe)
+    held = eng.__dict__.setdefault("_slot_groups", {})
+    g = held.get(role)
+    if g is not None and g.in_use:  # another server still runs on it: a group of its own
+        g = SlotGroup(pipe, role, slots, columns, greedy)
+    elif g is None or (g.S, g.L, g.greedy) != (slots, columns, greedy):
+        held.pop(role, None)  # its cache goes before the new one is allocated
+        g = held[role] = SlotGroup(pipe, role, slots, columns, greedy)
+    else:
+        g.reset()
+    g.in_use = True  # until its server closes (Scheduler.close)
+    return g
 
 
 # --- an arrival's prefill (everything but its last token), batched across arrivals -----------
