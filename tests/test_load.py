@@ -340,3 +340,48 @@ def test_report_refuses_mixing_load_and_timing_files(tmp_path, capsys):
     b.write_text(json.dumps({"id": 1, "mode": "c2c", "timing": {"ttft_ms": 1.0}}) + "\n")
     assert main(["report", str(a), str(b)]) == 2
     assert "load runs only with load runs" in capsys.readouterr().err
+
+
+def test_without_url_starts_and_closes_our_own_server(tmp_path, monkeypatch):
+    """No --url: serve's load_scheduler(cfg, slots, max_queue, max_prompt_tokens) and
+    start_server(scheduler, host, port=0) are called with the model flags' config, the sweep
+    runs against the handle's URL, and both are closed at the end (stand-ins for serve's API)."""
+    import types
+    calls = {}
+
+    class Sched:
+        def close(self):
+            calls["sched_closed"] = True
+
+    def load_scheduler(cfg, slots, max_queue, max_prompt_tokens, writer=None):
+        calls["sched"] = (cfg, slots, max_queue, max_prompt_tokens)
+        return Sched()
+
+    fake = FakeServer(ttft_s=0.01, itl_s=0.005, tokens=2)
+
+    class Handle:
+        url = fake.url
+
+        def close(self):
+            calls["server_closed"] = True
+            fake.__exit__(None, None, None)
+
+    def start_server(scheduler, host="127.0.0.1", port=0):
+        calls["server"] = (type(scheduler).__name__, host, port)
+        fake.__enter__()
+        return Handle()
+
+    monkeypatch.setitem(sys.modules, "c2c_core.bench.serving",
+                        types.SimpleNamespace(load_scheduler=load_scheduler))
+    monkeypatch.setitem(sys.modules, "c2c_core.frontends.serve",
+                        types.SimpleNamespace(start_server=start_server))
+    out = tmp_path / "own.jsonl"
+    rc = main(["load", "--modes", "c2c", "--rates", "20", "--num_requests", "3", "--slots", "2",
+               "--max_queue", "7", "--output", str(out), "--preset", "smollm2-demo"])
+    assert rc == 0
+    cfg, slots, max_queue, max_prompt = calls["sched"]
+    assert (slots, max_queue, max_prompt) == (2, 7, 2048)
+    assert cfg.receiver.source == "smollm2"
+    assert calls["server"] == ("Sched", "127.0.0.1", 0)
+    assert calls["server_closed"] and calls["sched_closed"]
+    assert len(_lines(out)) == 3
