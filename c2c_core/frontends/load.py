@@ -201,7 +201,10 @@ class LoadRun:
                                  else "")
                         print(f"{mode} is overloaded at {what} ({st['overload_reason']}){later}.",
                               file=sys.stderr)
-            if a.find_max_goodput and not a.concurrency:
+            if a.find_max_goodput and a.concurrency:
+                print("--find_max_goodput searches rates; with --concurrency it is skipped.",
+                      file=sys.stderr)
+            elif a.find_max_goodput:
                 await self._find_max(client)
 
     async def _find_max(self, client) -> None:
