@@ -234,6 +234,10 @@ def test_run_measures_known_delays_and_writes_jsonl_summary_html(tmp_path, capsy
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "TTFT p50" in printed and json.loads(printed.strip().splitlines()[-1])["kind"] == "load"
+    page2 = tmp_path / "report.html"
+    assert main(["report", str(out), "--html", str(page2)]) == 0
+    assert "Latency against achieved throughput" in page2.read_text()
+    capsys.readouterr()
     assert main(["compare", str(out), str(out)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["kind"] == "load" and last["status"] == "ok"
@@ -386,3 +390,21 @@ def test_without_url_starts_and_closes_our_own_server(tmp_path, monkeypatch):
     assert calls["server"] == ("Sched", "127.0.0.1", 0)
     assert calls["server_closed"] and calls["sched_closed"]
     assert len(_lines(out)) == 3
+
+
+def test_prompts_file_and_timeouts(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "first"}\n{"prompt": "second"}\n')
+    with FakeServer.process(ttft_s=1.5, itl_s=0.01, tokens=2) as srv:
+        rc, out = _run(tmp_path, srv.url, "--modes", "c2c", "--rates", "50",
+                       "--num_requests", "3", "--prompts_file", str(prompts), "--timeout", "0.3")
+    assert rc == 0
+    recs = _lines(out)
+    # two prompts in the file (the built-in five would give 0, 1, 2)
+    assert sorted(r["prompt_index"] for r in recs) == [0, 0, 1]
+    assert all(r["error"] == "timeout after 0.3 s" and r["ttft_ms"] is None for r in recs)
+    assert all(r["e2e_ms"] >= 300 for r in recs)
+    summary = json.loads((tmp_path / "load.summary.json").read_text())
+    (p,) = summary["points"]
+    assert p["errors"] == 3 and p["completed"] == 0 and p["overloaded"]
+    assert p["ttft_ms"]["p50"] is None and p["achieved_rps"] == 0
