@@ -782,6 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .load import add_args as add_load_args
     add_load_args(p)
     add_model_args(p)
+    g = p.add_argument_group("run (--engine, --timing: the own server's; --seed: also the arrivals)")
+    _config_arg(g, "engine", choices=ENGINES)
+    _config_arg(g, "timing", choices=TIMING_METHODS)
+    _config_arg(g, "seed", type=int)  # also seeds the arrival times
     p.set_defaults(func=cmd_load, no_chat_template=False)
 
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")

@@ -384,7 +384,6 @@ def add_args(p) -> None:
     g.add_argument("--num_requests", type=int,
                    help=f"requests per point (default {DEFAULT_NUM_REQUESTS} when no --duration)")
     g.add_argument("--max_tokens", type=int, default=64, help="max_tokens of every request")
-    g.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--slo", help="goodput bounds, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=5000")
     g.add_argument("--max_error_rate", type=float, default=L.DEFAULT_MAX_ERROR_RATE,
