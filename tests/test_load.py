@@ -408,3 +408,15 @@ def test_prompts_file_and_timeouts(tmp_path):
     (p,) = summary["points"]
     assert p["errors"] == 3 and p["completed"] == 0 and p["overloaded"]
     assert p["ttft_ms"]["p50"] is None and p["achieved_rps"] == 0
+
+
+def test_a_hostile_first_line_is_left_to_the_reader(tmp_path, capsys):
+    """The load sniff reads 4 KiB and no JSON: a deeply nested first line gets report's own
+    one-sentence refusal; the sniff looks past a BOM and blank lines before the first record."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert not F.load_files([str(deep)])
+    assert main(["report", str(deep)]) == 2
+    lead = tmp_path / "lead.jsonl"
+    lead.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(_req(sent=0, ttft=10, e2e=30)).encode() + b"\n")
+    assert F.load_files([str(lead)])

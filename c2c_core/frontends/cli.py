@@ -498,7 +498,7 @@ def cmd_report(args) -> int:
     from .load import load_files, report_load
     _check_html(args)
     if load_files(args.files):  # `load` runs: their per-point table
-        return report_load(args)
+        return report_load(args, results_budget())
     summaries: dict = {}
     df = _frames(args.files, args.skip_bad_lines, summaries if args.html else None)
     _warn_duplicates(df)
@@ -567,7 +567,7 @@ def cmd_compare(args) -> int:
     import json
     from .load import compare_load, load_files
     if load_files([args.a, args.b]):  # `load` runs: per-point differences
-        return compare_load(args)
+        return compare_load(args, results_budget())
     state: dict = {"pairs": {}, "metrics": {}}  # what is known when a UserError ends the run
     try:
         code, summary = _compare_files(args, state)
