@@ -420,3 +420,27 @@ def test_a_hostile_first_line_is_left_to_the_reader(tmp_path, capsys):
     lead = tmp_path / "lead.jsonl"
     lead.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(_req(sent=0, ttft=10, e2e=30)).encode() + b"\n")
     assert F.load_files([str(lead)])
+
+
+def test_modes_take_turns_per_rate_with_the_same_arrivals(tmp_path, monkeypatch):
+    schedules = []
+    real = F.send_times
+
+    def recorded(*a, **kw):
+        schedules.append(real(*a, **kw))
+        return schedules[-1]
+    monkeypatch.setattr(F, "send_times", recorded)
+    with FakeServer.process(ttft_s=0.01, itl_s=0.005, tokens=2) as srv:
+        rc, out = _run(tmp_path, srv.url, "--modes", "c2c,t2t", "--rates", "30,60",
+                       "--num_requests", "4", "--burstiness", "0.5")
+    assert rc == 0
+    points = json.loads((tmp_path / "load.summary.json").read_text())["points"]
+    order = [(p["mode"], p["rate"]) for p in points]
+    assert order[:2] == [("c2c", 30.0), ("t2t", 30.0)]
+    if len(order) == 4:  # neither mode judged overloaded at 30/s on this machine
+        assert order[2:] == [("c2c", 60.0), ("t2t", 60.0)]
+    # both modes at 30/s were sent on one seeded schedule; another rate draws its own
+    assert len(schedules) == len(order) and schedules[0] == schedules[1]
+    assert len(schedules[0]) == 4 and schedules[0][0] == 0
+    if len(order) == 4:
+        assert schedules[2] == schedules[3] and schedules[2] != schedules[0]
