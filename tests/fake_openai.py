@@ -4,14 +4,19 @@
 `ttft_s` and each next `itl_s` later, then a usage chunk (with the `c2c` object of our `serve`
 when `c2c=True`) and `data: [DONE]`. `slots=1` serves one request at a time (the others wait
 on a semaphore: a queue that grows when requests come faster than `ttft_s + tokens*itl_s`);
-`status=429` refuses every request as a full queue. Runs uvicorn in a thread on a free port.
+`status=429` refuses every request as a full queue. Runs uvicorn on a free port in a process of
+its own (`FakeServer.process`), so that the client under test does not share its interpreter
+lock: a client stalled by the server's thread would read chunks late and together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +30,8 @@ MODELS = ("c2c", "t2t", "receiver", "sharer")
 
 
 class FakeServer:
+    """In-process server (a thread); use `FakeServer.process(...)` for one in its own process."""
+
     def __init__(self, ttft_s: float = 0.08, itl_s: float = 0.02, tokens: int = 4,
                  slots: int | None = None, status: int = 200, c2c: bool = True,
                  chat: bool = False):
@@ -139,3 +146,49 @@ class FakeServer:
             return JSONResponse({"id": rid, "object": "text_completion", "model": model,
                                  "choices": [choice], "usage": usage})
         return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+class _ServerProcess:
+    """A FakeServer in a child process: `.url`, a context manager; stopped at exit."""
+
+    def __init__(self, **kw):
+        self.kw = kw
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> "_ServerProcess":
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(self.kw)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("http://"):
+            self.proc.kill()
+            raise RuntimeError(f"fake server did not start: {line!r}")
+        self.url = line
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+
+
+def process(**kw) -> _ServerProcess:
+    """FakeServer(**kw) in a process of its own."""
+    return _ServerProcess(**kw)
+
+
+FakeServer.process = staticmethod(process)
+
+
+if __name__ == "__main__":  # the child of _ServerProcess: serve until terminated
+    import signal
+    srv = FakeServer(**json.loads(sys.argv[1]))
+    signal.signal(signal.SIGTERM, lambda *a: setattr(srv.server, "should_exit", True))
+    with srv:
+        print(srv.url, flush=True)
+        srv.thread.join()

@@ -37,7 +37,7 @@ RATE, REQUESTS, OUTPUT_TOKENS, MODEL = 4.0, 6, 8, "c2c"
 @contextlib.contextmanager
 def _target(tmp_path):
     """The server both generators drive: yields its base URL (http://host:port)."""
-    with FakeServer(ttft_s=0.05, itl_s=0.01, tokens=OUTPUT_TOKENS) as srv:
+    with FakeServer.process(ttft_s=0.05, itl_s=0.01, tokens=OUTPUT_TOKENS) as srv:
         yield srv.url
 
 

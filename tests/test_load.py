@@ -200,7 +200,7 @@ def _lines(path):
 
 def test_run_measures_known_delays_and_writes_jsonl_summary_html(tmp_path, capsys):
     html = tmp_path / "load.html"
-    with FakeServer(ttft_s=0.08, itl_s=0.02, tokens=4) as srv:
+    with FakeServer.process(ttft_s=0.08, itl_s=0.02, tokens=4) as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "c2c,t2t", "--rates", "20",
                        "--num_requests", "6", "--html", str(html), "--slo", "ttft_ms=5000")
     assert rc == 0
@@ -234,6 +234,10 @@ def test_run_measures_known_delays_and_writes_jsonl_summary_html(tmp_path, capsy
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "TTFT p50" in printed and json.loads(printed.strip().splitlines()[-1])["kind"] == "load"
+    page2 = tmp_path / "report.html"
+    assert main(["report", str(out), "--html", str(page2)]) == 0
+    assert "Latency against achieved throughput" in page2.read_text()
+    capsys.readouterr()
     assert main(["compare", str(out), str(out)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["kind"] == "load" and last["status"] == "ok"
@@ -242,7 +246,7 @@ def test_run_measures_known_delays_and_writes_jsonl_summary_html(tmp_path, capsy
 
 
 def test_429_counts_errors_and_stops_raising_the_rate(tmp_path, capsys):
-    with FakeServer(status=429) as srv:
+    with FakeServer.process(status=429) as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "c2c", "--rates", "20,40",
                        "--num_requests", "5")
     assert rc == 0
@@ -258,25 +262,26 @@ def test_429_counts_errors_and_stops_raising_the_rate(tmp_path, capsys):
 
 
 def test_growing_queue_is_overloaded_and_the_sweep_stops(tmp_path, capsys):
-    # one request at a time, 70 ms each (~14/s at most): 40 req/s makes the queue grow
-    with FakeServer(ttft_s=0.05, itl_s=0.01, tokens=3, slots=1) as srv:
+    # one request at a time, 80 ms each (12.5/s at most): 40 req/s makes the queue grow, the
+    # k-th request waiting about k x 55 ms
+    with FakeServer.process(ttft_s=0.06, itl_s=0.01, tokens=3, slots=1) as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "c2c,t2t", "--rates", "40,80",
-                       "--num_requests", "12", "--burstiness", "50")
+                       "--num_requests", "20", "--burstiness", "50")
     assert rc == 0
     summary = json.loads((tmp_path / "load.summary.json").read_text())
     assert [(p["mode"], p["rate"]) for p in summary["points"]] == [("c2c", 40.0), ("t2t", 40.0)]
     for p in summary["points"]:
         assert p["overloaded"] and p["errors"] == 0, p
-        assert p["ttft_p50_second_half_ms"] > 2 * p["ttft_p50_first_half_ms"]
+        assert p["ttft_p50_second_half_ms"] > p["ttft_p50_first_half_ms"]
         assert p["ttft_split_p50_ms"]["queue_ms"] > 0
     assert set(summary["stopped"]) == {"c2c", "t2t"}
     err = capsys.readouterr().err
     assert "its higher rates are skipped" in err
-    assert len(_lines(out)) == 24
+    assert len(_lines(out)) == 40
 
 
 def test_find_max_goodput_bisects_between_sustained_and_not(tmp_path, capsys):
-    with FakeServer(ttft_s=0.04, itl_s=0.005, tokens=3, slots=1) as srv:
+    with FakeServer.process(ttft_s=0.04, itl_s=0.005, tokens=3, slots=1) as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "c2c", "--rates", "4,100",
                        "--num_requests", "6", "--burstiness", "100", "--find_max_goodput")
     assert rc == 0
@@ -301,7 +306,7 @@ def test_ctrl_c_keeps_finished_requests_and_writes_the_finished_points(tmp_path,
             raise KeyboardInterrupt
         return await real(self, client, p, k, n)
     monkeypatch.setattr(F.LoadRun, "_point", stop_at_second)
-    with FakeServer(ttft_s=0.01, itl_s=0.005, tokens=2) as srv:
+    with FakeServer.process(ttft_s=0.01, itl_s=0.005, tokens=2) as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "c2c,t2t", "--rates", "30",
                        "--num_requests", "4")
     assert rc == 130
@@ -312,7 +317,7 @@ def test_ctrl_c_keeps_finished_requests_and_writes_the_finished_points(tmp_path,
 
 
 def test_closed_loop_concurrency(tmp_path):
-    with FakeServer(ttft_s=0.02, itl_s=0.005, tokens=2, c2c=False) as srv:
+    with FakeServer.process(ttft_s=0.02, itl_s=0.005, tokens=2, c2c=False) as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "receiver", "--concurrency", "2",
                        "--num_requests", "6")
     assert rc == 0
@@ -324,7 +329,7 @@ def test_closed_loop_concurrency(tmp_path):
 
 
 def test_refusals_before_any_request(tmp_path, capsys):
-    with FakeServer() as srv:
+    with FakeServer.process() as srv:
         rc, out = _run(tmp_path, srv.url, "--modes", "nope")
     assert rc == 2 and "serves the models" in capsys.readouterr().err
     for bad in (["--rates", "1,x"], ["--rates", "0"], ["--slo", "ttft=1"],
@@ -340,3 +345,102 @@ def test_report_refuses_mixing_load_and_timing_files(tmp_path, capsys):
     b.write_text(json.dumps({"id": 1, "mode": "c2c", "timing": {"ttft_ms": 1.0}}) + "\n")
     assert main(["report", str(a), str(b)]) == 2
     assert "load runs only with load runs" in capsys.readouterr().err
+
+
+def test_without_url_starts_and_closes_our_own_server(tmp_path, monkeypatch):
+    """No --url: serve's load_scheduler(cfg, slots, max_queue, max_prompt_tokens) and
+    start_server(scheduler, host, port=0) are called with the model flags' config, the sweep
+    runs against the handle's URL, and both are closed at the end (stand-ins for serve's API)."""
+    import types
+    calls = {}
+
+    class Sched:
+        def close(self):
+            calls["sched_closed"] = True
+
+    def load_scheduler(cfg, slots, max_queue, max_prompt_tokens, writer=None):
+        calls["sched"] = (cfg, slots, max_queue, max_prompt_tokens)
+        return Sched()
+
+    fake = FakeServer(ttft_s=0.01, itl_s=0.005, tokens=2)
+
+    class Handle:
+        url = fake.url
+
+        def close(self):
+            calls["server_closed"] = True
+            fake.__exit__(None, None, None)
+
+    def start_server(scheduler, host="127.0.0.1", port=0):
+        calls["server"] = (type(scheduler).__name__, host, port)
+        fake.__enter__()
+        return Handle()
+
+    monkeypatch.setitem(sys.modules, "c2c_core.bench.serving",
+                        types.SimpleNamespace(load_scheduler=load_scheduler))
+    monkeypatch.setitem(sys.modules, "c2c_core.frontends.serve",
+                        types.SimpleNamespace(start_server=start_server))
+    out = tmp_path / "own.jsonl"
+    rc = main(["load", "--modes", "c2c", "--rates", "20", "--num_requests", "3", "--slots", "2",
+               "--max_queue", "7", "--output", str(out), "--preset", "smollm2-demo"])
+    assert rc == 0
+    cfg, slots, max_queue, max_prompt = calls["sched"]
+    assert (slots, max_queue, max_prompt) == (2, 7, 2048)
+    assert cfg.receiver.source == "smollm2"
+    assert calls["server"] == ("Sched", "127.0.0.1", 0)
+    assert calls["server_closed"] and calls["sched_closed"]
+    assert len(_lines(out)) == 3
+
+
+def test_prompts_file_and_timeouts(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "first"}\n{"prompt": "second"}\n')
+    with FakeServer.process(ttft_s=1.5, itl_s=0.01, tokens=2) as srv:
+        rc, out = _run(tmp_path, srv.url, "--modes", "c2c", "--rates", "50",
+                       "--num_requests", "3", "--prompts_file", str(prompts), "--timeout", "0.3")
+    assert rc == 0
+    recs = _lines(out)
+    # two prompts in the file (the built-in five would give 0, 1, 2)
+    assert sorted(r["prompt_index"] for r in recs) == [0, 0, 1]
+    assert all(r["error"] == "timeout after 0.3 s" and r["ttft_ms"] is None for r in recs)
+    assert all(r["e2e_ms"] >= 300 for r in recs)
+    summary = json.loads((tmp_path / "load.summary.json").read_text())
+    (p,) = summary["points"]
+    assert p["errors"] == 3 and p["completed"] == 0 and p["overloaded"]
+    assert p["ttft_ms"]["p50"] is None and p["achieved_rps"] == 0
+
+
+def test_a_hostile_first_line_is_left_to_the_reader(tmp_path, capsys):
+    """The load sniff reads 4 KiB and no JSON: a deeply nested first line gets report's own
+    one-sentence refusal; the sniff looks past a BOM and blank lines before the first record."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert not F.load_files([str(deep)])
+    assert main(["report", str(deep)]) == 2
+    lead = tmp_path / "lead.jsonl"
+    lead.write_bytes(b"\xef\xbb\xbf\n" + json.dumps(_req(sent=0, ttft=10, e2e=30)).encode() + b"\n")
+    assert F.load_files([str(lead)])
+
+
+def test_modes_take_turns_per_rate_with_the_same_arrivals(tmp_path, monkeypatch):
+    schedules = []
+    real = F.send_times
+
+    def recorded(*a, **kw):
+        schedules.append(real(*a, **kw))
+        return schedules[-1]
+    monkeypatch.setattr(F, "send_times", recorded)
+    with FakeServer.process(ttft_s=0.01, itl_s=0.005, tokens=2) as srv:
+        rc, out = _run(tmp_path, srv.url, "--modes", "c2c,t2t", "--rates", "30,60",
+                       "--num_requests", "4", "--burstiness", "0.5")
+    assert rc == 0
+    points = json.loads((tmp_path / "load.summary.json").read_text())["points"]
+    order = [(p["mode"], p["rate"]) for p in points]
+    assert order[:2] == [("c2c", 30.0), ("t2t", 30.0)]
+    if len(order) == 4:  # neither mode judged overloaded at 30/s on this machine
+        assert order[2:] == [("c2c", 60.0), ("t2t", 60.0)]
+    # both modes at 30/s were sent on one seeded schedule; another rate draws its own
+    assert len(schedules) == len(order) and schedules[0] == schedules[1]
+    assert len(schedules[0]) == 4 and schedules[0][0] == 0
+    if len(order) == 4:
+        assert schedules[2] == schedules[3] and schedules[2] != schedules[0]

@@ -498,7 +498,7 @@ def cmd_report(args) -> int:
     from .load import load_files, report_load
     _check_html(args)
     if load_files(args.files):  # `load` runs: their per-point table
-        return report_load(args)
+        return report_load(args, results_budget())
     summaries: dict = {}
     df = _frames(args.files, args.skip_bad_lines, summaries if args.html else None)
     _warn_duplicates(df)
@@ -573,7 +573,7 @@ def cmd_compare(args) -> int:
     import json
     from .load import compare_load, load_files
     if load_files([args.a, args.b]):  # `load` runs: per-point differences
-        return compare_load(args)
+        return compare_load(args, results_budget())
     state: dict = {"pairs": {}, "metrics": {}}  # what is known when a UserError ends the run
     try:
         code, summary = _compare_files(args, state)
@@ -788,6 +788,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .load import add_args as add_load_args
     add_load_args(p)
     add_model_args(p)
+    g = p.add_argument_group("run (--engine, --timing: the own server's; --seed: also the arrivals)")
+    _config_arg(g, "engine", choices=ENGINES)
+    _config_arg(g, "timing", choices=TIMING_METHODS)
+    _config_arg(g, "seed", type=int)  # also seeds the arrival times
     p.set_defaults(func=cmd_load, no_chat_template=False)
 
     p = sub.add_parser("overhead", help="benchmark: cost of timing, and C2C vs receiver decode")

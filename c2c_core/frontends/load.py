@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import sys
 import time
 import uuid
@@ -107,15 +108,17 @@ class LoadRun:
                 "max_tokens": a.max_tokens, "slo": self.slo, "max_error_rate": a.max_error_rate,
                 "url": self.url}
 
-    async def _point(self, client, p: Point, k: int, n: int) -> dict:
+    async def _point(self, client, p: Point, k: int, n: int, what: str = "Load point") -> dict:
+        """Run one point; `what` {k} of {n} names it in the progress lines. The arrival times
+        are seeded by --seed and the rate alone: every mode at a rate gets the same ones."""
         a = self.args
-        rng = np.random.default_rng([a.seed, p.index, int((p.rate or 0) * 1000)])
+        rng = np.random.default_rng([a.seed, int(round((p.rate or 0) * 1000))])
         endpoint = f"{self.url}/v1/completions"
         base = self._record_base(p)
         recs: list[dict] = []
         start = time.perf_counter()
         last_line = [start]
-        self._line(f"Load point {k} of {n}: {p.label()}…")
+        self._line(f"{what} {k} of {n}: {p.label()}…")
 
         async def one(i: int) -> None:
             prompt = self.prompts[i % len(self.prompts)]
@@ -127,7 +130,7 @@ class LoadRun:
             now = time.perf_counter()
             if now - last_line[0] >= PROGRESS_EVERY_S:
                 last_line[0] = now
-                self._line(f"Load point {k} of {n}: {p.label()}: {len(recs)} request(s) done,"
+                self._line(f"{what} {k} of {n}: {p.label()}: {len(recs)} request(s) done,"
                            f" {fmt_seconds(now - start)} into the point")
 
         if p.rate is not None:
@@ -155,7 +158,7 @@ class LoadRun:
         st = L.point_stats(recs, self.slo, a.max_error_rate)
         self.points.append(st)
         ttft = (st.get("ttft_ms") or {}).get("p50")
-        self._line(f"Load point {k} of {n}: {p.label()} done: {st['requests']} request(s),"
+        self._line(f"{what} {k} of {n}: {p.label()} done: {st['requests']} request(s),"
                    f" {st['errors']} error(s), {st['achieved_rps']:.3g} req/s achieved, TTFT p50"
                    f" {'-' if ttft is None else f'{ttft:.0f} ms'}")
         return st
@@ -201,7 +204,10 @@ class LoadRun:
                                  else "")
                         print(f"{mode} is overloaded at {what} ({st['overload_reason']}){later}.",
                               file=sys.stderr)
-            if a.find_max_goodput and not a.concurrency:
+            if a.find_max_goodput and a.concurrency:
+                print("--find_max_goodput searches rates; with --concurrency it is skipped.",
+                      file=sys.stderr)
+            elif a.find_max_goodput:
                 await self._find_max(client)
 
     async def _find_max(self, client) -> None:
@@ -221,7 +227,7 @@ class LoadRun:
                     if mid <= 0:
                         break
                     st = await self._point(client, Point(len(self.points), mode, mid), step + 1,
-                                           FIND_STEPS)
+                                           FIND_STEPS, what=f"Max-goodput search ({mode})")
                     steps.append(mid)
                     if L.sustains(st):
                         floor = lo = mid
@@ -381,7 +387,6 @@ def add_args(p) -> None:
     g.add_argument("--num_requests", type=int,
                    help=f"requests per point (default {DEFAULT_NUM_REQUESTS} when no --duration)")
     g.add_argument("--max_tokens", type=int, default=64, help="max_tokens of every request")
-    g.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--slo", help="goodput bounds, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=5000")
     g.add_argument("--max_error_rate", type=float, default=L.DEFAULT_MAX_ERROR_RATE,
@@ -409,26 +414,26 @@ def add_args(p) -> None:
 
 # --- report / compare of load files -----------------------------------------------------------
 
-def _first_record(path: str) -> dict | None:
+#: A load record's first key, as JsonlWriter writes it (the sniff reads no JSON: a hostile first
+#: line, deeply nested or huge, is left to the records' reader and its limits).
+_LOAD_KIND = re.compile(rb'^\s*\{\s*"kind"\s*:\s*"' + L.KIND.encode() + rb'"')
+_SNIFF_BYTES = 4096
+
+
+def _starts_as_load(path: str) -> bool:
+    """Does the file's first non-blank line open a load record? (its first 4 KiB only)"""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        return None
-                    return obj if isinstance(obj, dict) else None
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
     except OSError:
-        return None
-    return None
+        return False  # the reader says what is wrong with the file
+    return bool(_LOAD_KIND.match(head.lstrip(b"\xef\xbb\xbf\r\n\t ")))
 
 
 def load_files(paths: list[str]) -> bool:
     """True when every file is a load run (its first record `kind: "load_request"`); a mix of
     load runs and timing records is refused."""
-    kinds = [L.is_load_record(_first_record(p)) for p in paths]
+    kinds = [_starts_as_load(p) for p in paths]
     if any(kinds) and not all(kinds):
         load = [p for p, k in zip(paths, kinds) if k]
         raise UserError(f"{', '.join(load)} hold(s) load runs and the other files timing records;"
@@ -436,8 +441,8 @@ def load_files(paths: list[str]) -> bool:
     return bool(kinds) and all(kinds)
 
 
-def _points_of(path: str, skip_bad_lines: bool) -> list[dict]:
-    recs = read_records(path, skip_bad_lines=skip_bad_lines)
+def _points_of(path: str, skip_bad_lines: bool, budget=None) -> list[dict]:
+    recs = read_records(path, skip_bad_lines=skip_bad_lines, budget=budget)
     loads = [r for r in recs if L.is_load_record(r)]
     if len(loads) != len(recs):
         print(f"Note: {path}: {len(recs) - len(loads)} record(s) that are not load requests are"
@@ -447,11 +452,12 @@ def _points_of(path: str, skip_bad_lines: bool) -> list[dict]:
     return L.points_from_records(loads)
 
 
-def report_load(args) -> int:
-    """`report` of load runs: the per-point table of each file, and a last line of JSON."""
+def report_load(args, budget=None) -> int:
+    """`report` of load runs: the per-point table of each file, and a last line of JSON.
+    `budget`: the decoded-size budget of the files read (cli.results_budget)."""
     out = {}
     for path in args.files:
-        points = _points_of(path, args.skip_bad_lines)
+        points = _points_of(path, args.skip_bad_lines, budget)
         print(f"{path}:")
         print(L.format_table(points))
         out[os.path.basename(path)] = points
@@ -465,11 +471,11 @@ def report_load(args) -> int:
     return 0
 
 
-def compare_load(args) -> int:
+def compare_load(args, budget=None) -> int:
     """`compare` of two load runs: per matched point (mode and rate or concurrency) and metric,
     A, B, B - A and B / A; no regression verdict (points are not paired request by request)."""
-    a = _points_of(args.a, args.skip_bad_lines)
-    b = _points_of(args.b, args.skip_bad_lines)
+    a = _points_of(args.a, args.skip_bad_lines, budget)
+    b = _points_of(args.b, args.skip_bad_lines, budget)
     if args.mode:
         a = [p for p in a if p["mode"] == args.mode]
         b = [p for p in b if p["mode"] == args.mode]

@@ -14,6 +14,8 @@ The definitions follow vLLM's `bench serve` (and agree with GuideLLM's), measure
   more than one output token; percentiles are over requests.
 - **output tokens**: the server's `usage.completion_tokens` when it sends usage, else the
   number of text chunks (one token a chunk, as OpenAI servers stream).
+- **sent rate** (`sent_rps`): (requests - 1) / (last sent - first sent), the rate the arrival
+  process actually drew (a short Poisson point may send faster or slower than offered).
 - **achieved rate** (`achieved_rps`): successful requests / (last end - first sent) of the
   point; output tokens/s likewise (`output_tps`).
 - **goodput** (`goodput_rps`): successful requests meeting every SLO given (`ttft_ms`,
@@ -308,7 +310,8 @@ def points_from_records(records: Iterable[dict], slo: dict | None = None,
 #: The printed per-point table: column -> (stat dict key, sub key or None).
 TABLE_COLUMNS = (
     ("mode", "mode", None), ("rate", "rate", None), ("conc", "concurrency", None),
-    ("n", "requests", None), ("err", "errors", None), ("req/s", "achieved_rps", None),
+    ("n", "requests", None), ("err", "errors", None), ("sent/s", "sent_rps", None),
+    ("req/s", "achieved_rps", None),
     ("good/s", "goodput_rps", None), ("out tok/s", "output_tps", None),
     ("TTFT p50", "ttft_ms", "p50"), ("TTFT p99", "ttft_ms", "p99"),
     ("TPOT p50", "tpot_ms", "p50"), ("ITL p50", "itl_ms", "p50"), ("E2E p50", "e2e_ms", "p50"),

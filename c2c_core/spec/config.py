@@ -104,7 +104,8 @@ class GenerationConfig:
     top_p: float = _opt("sampling: keep the most likely tokens up to this total probability"
                         " (default {default} = all)", default=1.0)
     top_k: int = _opt("sampling: keep the k most likely tokens (default {default} = off)", default=0)
-    seed: int = _opt("seed of the sampler and of the sweep's synthetic prompts (default {default})",
+    seed: int = _opt("seed of the sampler, of the sweep's synthetic prompts and of load's arrival"
+                     " times (default {default})",
                      default=0)
     ignore_eos: bool = _opt("always generate max_new_tokens", default=False)
     t2t_note_tokens: int = _opt("t2t: cap on the sharer's note (default {default})", default=64)
