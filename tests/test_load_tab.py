@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from c2c_core.frontends.load import app_load, html_path
+from c2c_core.frontends.load_app import app_load, html_path
 from c2c_core.io.prompts import PromptItem
 from c2c_core.io.records import JsonlWriter, iter_jsonl
 from c2c_core.measure import cancel

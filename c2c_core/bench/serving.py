@@ -42,72 +42,7 @@ from ..models.fusion import generators
 from ..plan.item import build_plan, row_seed, t2t_answer_bound, t2t_answer_ids
 from ..spec.errors import UserError
 
-#: The record kind of one served request (the JSONL family's `kind` field).
-SERVED_KIND = "served"
-
-
-class QueueFull(UserError):
-    """The queue already holds max_queue requests (HTTP 429)."""
-
-
-@dataclass
-class Served:
-    """One request's outcome and clock (module doc for what each time means)."""
-    rid: str
-    mode: str
-    prompt_tokens: int
-    tokens: list = field(default_factory=list)
-    finish_reason: str = "length"          # "stop" | "length" | "abort" | "error"
-    arrival_ns: int = 0
-    admitted_ns: int = 0
-    first_ns: int = 0
-    end_ns: int = 0
-    token_ns: list = field(default_factory=list)
-    stages: dict = field(default_factory=dict)
-    error: str | None = None
-    record: dict | None = None
-    note_tokens: int = 0
-    batch: int = 1                          # arrivals that shared its prefill
-
-    @property
-    def queue_ms(self) -> float:
-        return (self.admitted_ns - self.arrival_ns) / 1e6 if self.admitted_ns else None
-
-    @property
-    def ttft_ms(self) -> float | None:
-        return (self.first_ns - self.arrival_ns) / 1e6 if self.first_ns else None
-
-    @property
-    def e2e_ms(self) -> float:
-        return (self.end_ns - self.arrival_ns) / 1e6 if self.end_ns else None
-
-    @property
-    def itl_ms(self) -> list[float]:
-        t = self.token_ns
-        return [(b - a) / 1e6 for a, b in zip(t, t[1:])]
-
-    @property
-    def tpot_ms(self) -> float | None:
-        if len(self.token_ns) < 2:
-            return None
-        return (self.token_ns[-1] - self.token_ns[0]) / 1e6 / (len(self.token_ns) - 1)
-
-
-class Ticket:
-    """A submitted request: cancel() it (a client gone), or wait() for its Served."""
-
-    def __init__(self, req: "_Request"):
-        self._req = req
-        self.rid = req.served.rid
-
-    def cancel(self) -> None:
-        self._req.cancelled = True
-        self._req.sched._wake()
-
-    def wait(self, timeout: float | None = None) -> Served:
-        if not self._req.done.wait(timeout):
-            raise TimeoutError(f"request {self.rid} did not finish within {timeout} s")
-        return self._req.served
+from .served import SERVED_KIND, QueueFull, Served, Ticket  # noqa: F401 (the server's API)
 
 
 @dataclass
@@ -505,6 +440,9 @@ def load_scheduler(cfg, slots: int = 8, max_queue: int = 64, max_prompt_tokens: 
     if cfg.engine == "eager":
         raise UserError("The server batches requests on the fast engine; drop --engine eager"
                         " (or use --engine fast).")
+    if cfg.engine != "fast":  # auto: what the scheduler runs is the fast engine, say so
+        from dataclasses import replace
+        cfg = replace(cfg, engine="fast")
     pipe = load_announced(cfg)
     sched = Scheduler(pipe, cfg, slots, max_queue, writer, max_prompt_tokens)
     if warm:

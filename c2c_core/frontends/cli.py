@@ -843,7 +843,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(g, "seed", type=int)
     _config_arg(g, "t2t_note_tokens", type=int)
     g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
-    p.set_defaults(func=cmd_serve, engine="fast", max_new_tokens=256)
+    g = p.add_argument_group("run (the scheduler batches on the fast engine: eager is refused)")
+    _config_arg(g, "engine", choices=ENGINES)
+    _config_arg(g, "timing", choices=TIMING_METHODS)
+    p.set_defaults(func=cmd_serve, max_new_tokens=256)
     for act in p._actions:
         if act.dest == "max_new_tokens":
             act.help += "; serve: the cap on a request's max_tokens, default 256"

@@ -16,7 +16,8 @@ from ...io.prompts import BUILTIN_PROMPTS, PromptItem
 from ...report import load as L
 from ...report import load_plots
 from ...spec.errors import UserError
-from ..load import _parse_list, app_load, html_path
+from ..load import _parse_list
+from ..load_app import app_load, html_path
 from . import guard
 from .jobs import stream_records
 from .render import download_button, plot, sized, stop_button, summary_button
