@@ -1,12 +1,10 @@
 """One outside load generator beside ours: GuideLLM (`guidellm run`, requirements-dev.txt) and
-`python -m c2c_core load` drive the same server at the same point (a constant 4 requests/s, 6
+`python -m c2c_core load` drive the same server at the same point (a constant 1 request/s, 6
 requests, 8 output tokens), and both tables are printed side by side. Asserts only that both
 completed every request without an error: the numbers are for a person to read (`pytest -s`).
 
-The server is `_target`'s; today the fake streaming server of test_load (known delays), so
-that this test runs without models. To compare against our real server, make `_target` start
-`serve` instead (c2c_core.bench.serving.load_scheduler + c2c_core.frontends.serve.start_server)
-and yield its URL: nothing else here changes.
+The server is `_target`'s: our `serve` (scheduler + HTTP server) on the offline default pair,
+smollm2-demo, in this process.
 
 GuideLLM runs offline: HF_HUB_OFFLINE=1, the SmolLM2 tokenizer saved into tmp_path as its
 processor, `validate_backend=false` (it would GET /health, which an OpenAI server need not
@@ -24,21 +22,32 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fake_openai import FakeServer  # noqa: E402
-
-from c2c_core.frontends.cli import main  # noqa: E402
+from c2c_core.frontends.cli import main
 
 pytestmark = pytest.mark.slow
 
-RATE, REQUESTS, OUTPUT_TOKENS, MODEL = 4.0, 6, 8, "c2c"
+RATE, REQUESTS, OUTPUT_TOKENS, MODEL = 1.0, 6, 8, "c2c"
 
 
 @contextlib.contextmanager
 def _target(tmp_path):
-    """The server both generators drive: yields its base URL (http://host:port)."""
-    with FakeServer.process(ttft_s=0.05, itl_s=0.01, tokens=OUTPUT_TOKENS) as srv:
-        yield srv.url
+    """The server both generators drive: our `serve` (the continuous-batching scheduler and the
+    HTTP server) on the offline default pair, EOS ignored (GuideLLM's synthetic requests ask
+    for exactly their output tokens); yields its base URL (http://host:port)."""
+    from c2c_core.bench.serving import load_scheduler
+    from c2c_core.frontends.serve import start_server
+    from c2c_core.spec.config import build_run_config
+    cfg = build_run_config("smollm2-demo", None, None, None, max_new_tokens=OUTPUT_TOKENS,
+                           ignore_eos=True)
+    sched = load_scheduler(cfg, slots=4, max_queue=64, max_prompt_tokens=256)
+    try:
+        handle = start_server(sched, host="127.0.0.1", port=0)
+        try:
+            yield handle.url
+        finally:
+            handle.close()
+    finally:
+        sched.close()
 
 
 def _guidellm() -> str:
