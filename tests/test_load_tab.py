@@ -98,3 +98,15 @@ def test_tab_caps_are_sentences(args, words):
     from c2c_core.frontends.ui.load_tab import check_load
     with pytest.raises(UserError, match=words):
         check_load(*args)
+
+
+def test_the_end_says_how_many_requests_failed(tmp_path):
+    from c2c_core.frontends.ui.load_tab import render
+    path = tmp_path / "load-3.jsonl"
+    base = {"kind": L.KIND, "point": 0, "mode": "c2c", "rate": 1.0, "slo": {}, "sent_s": 0.0}
+    recs = [{**base, "request": 0, "error": None, "status": 200, "ttft_ms": 10.0,
+             "e2e_ms": 20.0, "token_times_ms": [10.0, 20.0], "output_tokens": 2, "end_s": 0.02},
+            {**base, "request": 1, "error": "no text streamed", "status": 200, "end_s": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    status = render([], "**Done:** 2 record(s)", str(path))[0]
+    assert "1 of 2 request(s) failed" in status and "no text streamed" in status

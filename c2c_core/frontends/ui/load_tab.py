@@ -154,6 +154,13 @@ def render(recs: list[dict], status: str, file, summary=None, path: str | None =
     for c in rows.columns:
         if rows[c].dtype == float:
             rows[c] = rows[c].round(2)
+    failed = sum(p.get("errors") or 0 for p in points)
+    if isinstance(file, str) and failed:  # the run's end: say what failed, not only "Done"
+        first = next((r.get("error") for r in recs if r.get("error")), None)
+        status += "  \n" + status_md(
+            f"{failed} of {sum(p.get('requests') or 0 for p in points)} request(s) failed"
+            + (f" (the first: {md_text(str(first)[:160])})" if first else "") + "; they count"
+            " as errors in the table and against goodput.", "warn")
     page = html_path(file) if isinstance(file, str) else None
     import os
     html = (gr.DownloadButton(value=page, visible=True) if page and os.path.exists(page)
