@@ -168,6 +168,8 @@ def test_thread_streams_tokens_and_writes_records(loud, tmp_path):
     assert tm["projector_total_ms"] > 0 and tm["teacher_prefill_ms"] > 0
     assert len(recs[0]["itl_ms"]) == len(sv.tokens) - 1
     assert recs[0]["run"]["slots"] == 2
+    from c2c_core.frontends.cli import main
+    assert main(["report", str(out)]) == 0  # report reads served records
 
 
 @pytest.mark.slow

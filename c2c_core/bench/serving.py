@@ -406,11 +406,16 @@ class Scheduler:
                   "tpot_ms": r3(sv.tpot_ms) if sv.tpot_ms is not None else None,
                   "itl_p50_ms": r3(percentile(itl, 50)) if itl else None,
                   "itl_p99_ms": r3(percentile(itl, 99)) if itl else None,
+                  # decode per token as this request saw it: its TPOT (steps shared with the
+                  # other requests decoding beside it, and admissions between them)
+                  "decode_avg_ms": r3(sv.tpot_ms) if sv.tpot_ms is not None else None,
+                  "tokens_per_second": (r3(1000.0 / sv.tpot_ms) if sv.tpot_ms else None),
                   "prompt_tokens": sv.prompt_tokens, "num_generated_tokens": len(sv.tokens),
                   "prefill_batch": sv.batch, **sv.stages}
         if req.mode == "t2t":
             timing["sharer_tokens"] = sv.note_tokens
-        rec = {"kind": SERVED_KIND, "id": sv.rid, "mode": req.mode, "prompt": req.item.prompt,
+        rec = {"kind": SERVED_KIND, "id": sv.rid, "mode": req.mode, "repeat": 0,
+               "prompt": req.item.prompt,
                "response": self.decode(req.mode, sv.tokens),
                "finish_reason": sv.finish_reason, "input_digest": req.item.digest,
                "timing": timing, "itl_ms": itl, "run": self._meta}
