@@ -94,11 +94,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     _config_arg(g, "attn_implementation")
 
 
-def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs: bool = True) -> None:
-    g = p.add_argument_group("run")
-    _config_arg(g, "mode")
-    # None: the dataset command picks it by answer kind (config: GenerationConfig's default)
-    _config_arg(g, "max_new_tokens", default=False, type=int)
+def add_decoding_args(g, **max_new) -> None:
+    """The generation flags (GenerationConfig's) and --no_chat_template; `max_new`: keyword
+    arguments for --max_new_tokens (the run commands' default=False: a command picks it)."""
+    _config_arg(g, "max_new_tokens", type=int, **max_new)
     _config_arg(g, "ignore_eos", action="store_true")
     _config_arg(g, "do_sample", action="store_true")
     _config_arg(g, "temperature", type=float)
@@ -107,6 +106,13 @@ def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs
     _config_arg(g, "seed", type=int)
     _config_arg(g, "t2t_note_tokens", type=int)
     g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
+
+
+def add_run_args(p: argparse.ArgumentParser, output_default: str | None, outputs: bool = True) -> None:
+    g = p.add_argument_group("run")
+    _config_arg(g, "mode")
+    # None: the dataset command picks it by answer kind (config: GenerationConfig's default)
+    add_decoding_args(g, default=False)
     _config_arg(g, "warmup", type=int)
     _config_arg(g, "repeats", type=int)
     _config_arg(g, "timing", choices=TIMING_METHODS)
@@ -833,16 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt accepted, in receiver tokens")
     p.add_argument("--records", help="also write every served request's JSONL record here")
     add_model_args(p)
-    g = p.add_argument_group("decoding (every request)")
-    _config_arg(g, "max_new_tokens", type=int)
-    _config_arg(g, "ignore_eos", action="store_true")
-    _config_arg(g, "do_sample", action="store_true")
-    _config_arg(g, "temperature", type=float)
-    _config_arg(g, "top_p", type=float)
-    _config_arg(g, "top_k", type=int)
-    _config_arg(g, "seed", type=int)
-    _config_arg(g, "t2t_note_tokens", type=int)
-    g.add_argument("--no_chat_template", action="store_true", help="feed the raw prompt text")
+    add_decoding_args(p.add_argument_group("decoding (every request)"))
     g = p.add_argument_group("run (the scheduler batches on the fast engine: eager is refused)")
     _config_arg(g, "engine", choices=ENGINES)
     _config_arg(g, "timing", choices=TIMING_METHODS)
