@@ -92,7 +92,9 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
     gen = stream_records(cfg, items, path, progress, render, stop=stop)
     t0 = time.perf_counter()
     for _ in gen:
-        assert time.perf_counter() - t0 < 300
+        # a hang guard only: whether the stop reached the worker is judged below by what was
+        # written (record 2 cut short), never by how soon
+        assert time.perf_counter() - t0 < 5 * HANG_S
     ended = time.perf_counter()
     recs = read_records(path)
     assert "at" in seen, seen
@@ -214,5 +216,7 @@ def test_a_worker_that_died_while_idle_is_replaced_not_waited_on(url, monkeypatc
     t0 = time.time()
     status, *_, path = c.predict(prompts="What is 25 * 17?", max_new_tokens=4, warmup=0,
                                  api_name="/batch")
-    assert "Done" in status and time.time() - t0 < 120
+    assert "Done" in status
+    # a hang guard only: the next job starts a new worker process, which loads its models
+    assert time.time() - t0 < 5 * HANG_S
     assert worker.last_worker().pid not in (None, old)
