@@ -265,6 +265,8 @@ def test_report_groups_by_device_when_they_differ():
 
 # --- real torchrun, gloo, 2 CPU processes ---------------------------------------------------
 
+# slow: torchrun ranks end to end (~1 min under load); quick: the merge/resume/plan unit tests above
+@pytest.mark.slow
 @pytest.mark.timeout(1200)  # a shared 2-core machine under heavy load starts torchrun slowly
 def test_two_ranks_merge_equals_one_process(tiny_models, tmp_path):
     data = _prompts_file(tmp_path / "p.jsonl", 8)
@@ -312,7 +314,7 @@ def _rank_process(pid, rank):
     return None
 
 
-@pytest.mark.slow  # torchrun ranks end to end (tens of s); the quick suite keeps test_two_ranks_*
+@pytest.mark.slow  # torchrun ranks end to end (tens of s); quick: the unit tests above
 @pytest.mark.timeout(1800)
 def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_path):
     n = 60
@@ -354,7 +356,7 @@ def test_killed_rank_resume_runs_only_the_missing_exactly_once(tiny_models, tmp_
     assert not os.path.exists(D.parts_dir(out))
 
 
-@pytest.mark.slow  # torchrun ranks end to end (tens of s); the quick suite keeps test_two_ranks_*
+@pytest.mark.slow  # torchrun ranks end to end (tens of s); quick: the unit tests above
 @pytest.mark.timeout(1200)
 def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_path, capsys):
     """A torchrun run holds the output: a second torchrun launch and a one-process --resume are
@@ -406,7 +408,7 @@ def test_one_writer_per_output_across_torchrun_and_single_runs(tiny_models, tmp_
     assert open(out, "rb").read() == before and not D.part_files(out)
 
 
-@pytest.mark.slow  # torchrun ranks end to end (tens of s); the quick suite keeps test_two_ranks_*
+@pytest.mark.slow  # torchrun ranks end to end (tens of s); quick: the unit tests above
 @pytest.mark.timeout(1200)
 def test_batch_size_under_torchrun_runs_batches(tiny_models, tmp_path):
     data = _prompts_file(tmp_path / "p.jsonl", 10)
@@ -425,7 +427,7 @@ def test_batch_size_under_torchrun_runs_batches(tiny_models, tmp_path):
     assert sorted(map(_content, read_records(one))) == sorted(map(_content, recs))
 
 
-@pytest.mark.slow  # torchrun ranks end to end (tens of s); the quick suite keeps test_two_ranks_*
+@pytest.mark.slow  # torchrun ranks end to end (tens of s); quick: the unit tests above
 @pytest.mark.timeout(1200)
 def test_two_nodes_on_one_host_sweep(tiny_models, tmp_path):
     out = str(tmp_path / "sweep.jsonl")

@@ -163,6 +163,8 @@ def test_one_waiting_job_per_session_and_stop_removes_it(app_server, monkeypatch
         other.close()
 
 
+# slow: a REST client streaming a whole run (~35 s under load); quick: the other fair-queue tests
+@pytest.mark.slow
 def test_a_rest_api_client_reading_its_call_stream_counts_as_connected(app_server, monkeypatch):
     """`POST call/<api>` then `GET call/<api>/<event id>`: that stream is the client's."""
     demo, url = app_server

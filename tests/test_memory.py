@@ -110,6 +110,8 @@ def test_running_summary_matches_pandas():
         pd.Series([2.0 * i for i in range(10) if i != 3]).mean())
 
 
+# slow: 5000 records (~1 min under load); quick: test_running_summary_matches_pandas
+@pytest.mark.slow
 def test_5000_record_run_keeps_flat_memory(capsys):
     """run_many(keep=False) holds no record: the heap grows by the running summary's 24 bytes
     per record, not by the records (keep=True, the control, grows by megabytes)."""
@@ -141,6 +143,9 @@ print(m.cpu_share)
 """
 
 
+# slow: pinned-thread subprocess (~45 s under load);
+# quick: test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_cpu_share_reports_threads_that_did_not_get_their_cores():
     """Two torch threads squeezed onto one core can get at most half their threads' time: the

@@ -66,6 +66,9 @@ def test_batch_profile_and_sweep_run_in_the_worker_process(url, ui_never_generat
     assert "Models:" in models_status() and "loaded in" in models_status()
 
 
+# slow: a 3000-step record through the worker (a minute under load);
+# quick: test_cancel's stop within a step, test_worker_stop's kept worker
+@pytest.mark.slow
 def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkeypatch):
     """The Stop flag (set in the UI process) ends the worker's generation mid-way: a long
     record is cut off, the records before it are kept, and the worker stays up."""
@@ -107,6 +110,9 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
     assert worker.last_worker().alive()
 
 
+# slow: kills a worker mid-job (~30 s under load);
+# quick: test_a_worker_that_died_while_idle_is_replaced_not_waited_on
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_job_in_one_sentence_and_the_next_job_works(url, monkeypatch):
     from c2c_core.frontends.ui import runcfg, sessions
     monkeypatch.setenv("C2C_APP_WORKER", "1")
