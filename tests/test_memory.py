@@ -30,7 +30,13 @@ def test_poller_catches_a_peak_between_start_and_end():
         before = rss_bytes()
         buf = np.ones(256 * MB // 8)  # touched pages: resident
         during = rss_bytes()
+        n = p.samples
         time.sleep(0.1)
+        # and until the poller has read twice since: on a loaded machine its thread may not
+        # have run in those 100 ms (a hang guard only bounds the wait)
+        deadline = time.monotonic() + 60
+        while p.samples < n + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del buf
         time.sleep(0.01)
     after = rss_bytes()
