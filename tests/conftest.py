@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # cores); tests/test_fast.py::test_compiled_step_equals_eager compiles explicitly
 os.environ.setdefault("C2C_FAST_COMPILE", "0")
 
+import atexit  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -110,6 +111,48 @@ SEED_RECORD = {
 HANG_S = 60
 
 
+#: Process groups (their leaders' pids) that tests started and have not yet ended: killed at
+#: exit, so no server, worker or torchrun rank outlives pytest even where a test's own
+#: `finally` never ran (an exit from a fixture's setup, a KeyboardInterrupt between steps).
+_GROUPS: set[int] = set()
+
+
+def _kill_groups() -> None:
+    for pgid in list(_GROUPS):
+        end_group_id(pgid)
+
+
+def end_group_id(pgid: int) -> None:
+    """SIGKILL a process group (a leader started with start_new_session=True); no error if it
+    is gone already."""
+    _GROUPS.discard(pgid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+atexit.register(_kill_groups)
+
+
+def start_group(cmd, **popen_kw) -> subprocess.Popen:
+    """subprocess.Popen(cmd, ...) in a process group of its own, killed at exit if still
+    there; end it with end_group (in a `finally`)."""
+    p = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+    _GROUPS.add(p.pid)
+    return p
+
+
+def end_group(p: subprocess.Popen, wait_s: float = 30) -> None:
+    """SIGKILL the whole group of a start_group process, even when its leader has exited
+    (whatever it started may still run), and reap the leader."""
+    end_group_id(p.pid)
+    try:
+        p.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def run_group(cmd, *, timeout: float, capture_output: bool = True, text: bool = True,
               **popen_kw) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, capture_output=True, text=True, timeout=...) for a command that starts
@@ -117,15 +160,11 @@ def run_group(cmd, *, timeout: float, capture_output: bool = True, text: bool = 
     group of its own, and the whole group is SIGKILLed on a timeout or any exception, and
     after it ends (nothing it started may outlive it). subprocess.run kills only the child."""
     assert capture_output and text, "run_group always captures text"
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, **popen_kw)
+    p = start_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kw)
     try:
         out, err = p.communicate(timeout=timeout)
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        end_group_id(p.pid)
         if p.returncode is None:  # timed out or interrupted: reap it (and close its pipes)
             p.communicate()
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)

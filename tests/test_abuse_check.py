@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
+
+from conftest import end_group_id, start_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: A hang guard only: the fast subset takes about two minutes on an idle 2-core machine.
@@ -31,10 +32,7 @@ def _end(proc: subprocess.Popen) -> None:
         proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    end_group_id(proc.pid)
     for k in kids:
         try:
             k.kill()
@@ -44,14 +42,18 @@ def _end(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+# past HANG_S, so the check's own timeout (and _end, up to a minute more) comes before
+# pytest-timeout's 600 s default, which would cut the cleanup short
+@pytest.mark.timeout(HANG_S + 300)
 def test_abuse_check_fast_subset():
     pytest.importorskip("gradio")
     psutil = pytest.importorskip("psutil")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("C2C_ALLOW_LOCAL_PATHS", None)
-    proc = subprocess.Popen([sys.executable, "scripts/abuse_check.py", "--fast"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # its own group, SIGKILLed at exit if still there (conftest): the script's watchdog then
+    # stops the app's group and its worker
+    proc = start_group([sys.executable, "scripts/abuse_check.py", "--fast"], cwd=ROOT, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=HANG_S)
     finally:

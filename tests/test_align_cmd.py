@@ -96,6 +96,9 @@ def test_bad_input_is_one_sentence_exit_2(capsys, argv, says):
     assert len(err.strip().splitlines()) == 1 and says in err and err.startswith("error: ")
 
 
+# slow: a subprocess loading the real tokenizer (~20 s under load);
+# quick: the in-process align tests here, test_cli's test_module_entry_point_runs
+@pytest.mark.slow
 def test_same_tokenizer_pair_from_the_command_line():
     """As a new user types it: the module entry point, offline, the same-tokenizer plan."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -19,7 +19,10 @@ sync_api = need_browser()
 from c2c_core.io.records import check_record, read_records  # noqa: E402
 
 RUN_TIMEOUT_MS = 90_000
-pytestmark = pytest.mark.browser
+# slow: end-to-end in Chromium (about a minute; its tests build on each other, so the module
+# runs whole); the quick suite keeps one browser test (tests/test_browser_alignment.py) and
+# tests each tab's logic without a browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

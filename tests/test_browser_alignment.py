@@ -12,6 +12,8 @@ from conftest import CHROMIUM_ARGS as ARGS
 
 sync_api = need_browser()
 
+# Not slow: the quick suite's one real-browser test (about 15 s: the page opens, Profile is
+# pressed, a panel opens); the other browser files are marked slow.
 pytestmark = pytest.mark.browser
 
 

@@ -15,7 +15,9 @@ sync_api = need_browser()
 
 OUTSIDE = "http://127.0.0.1:9/x"
 TAG = f"<img src={OUTSIDE}>"
-pytestmark = pytest.mark.browser
+# slow: end-to-end in Chromium (tens of seconds); the quick suite keeps one browser test
+# (tests/test_browser_alignment.py), and this file's logic is tested without a browser too
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

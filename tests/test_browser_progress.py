@@ -16,7 +16,9 @@ from conftest import CHROMIUM_ARGS as ARGS
 sync_api = need_browser()
 
 RUN_TIMEOUT_MS = 90_000
-pytestmark = pytest.mark.browser
+# slow: end-to-end in Chromium (tens of seconds); the quick suite keeps one browser test
+# (tests/test_browser_alignment.py), and this file's logic is tested without a browser too
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -246,6 +246,9 @@ def _wait_for_records(path, n, proc, timeout=240):
     pytest.fail("no records appeared")
 
 
+# slow: a CLI subprocess run to its SIGTERM (~1 min under load);
+# quick: the output lock tests here, test_cancel's kept records
+@pytest.mark.slow
 def test_sigterm_is_like_ctrl_c_and_the_output_is_locked_meanwhile(tmp_path, tiny_models, capsys):
     out = tmp_path / "o.jsonl"
     argv = [sys.executable, "-m", "c2c_core", "batch", "--output", str(out),

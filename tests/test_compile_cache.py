@@ -59,6 +59,9 @@ def test_cache_states_and_the_line_engines_prints():
         == "compile: 12.3 s (cache warm, /c/torch-compile)"
 
 
+# slow: a whole `engines` run (~25 s under load);
+# quick: test_cache_states_and_the_line_engines_prints, the cold/warm compile above
+@pytest.mark.slow
 def test_engines_prints_floor_ratio_compile_cache_and_reuse_ratio(tiny_pipe, tmp_cache, monkeypatch):
     from c2c_core.engines import fast
     from c2c_core.measure import hardware

@@ -79,8 +79,18 @@ def graphs(pipe, on: bool = True, lag: int = 1):
         eng.graphs, eng.eos_lag = was
 
 
-@pytest.mark.parametrize("pair", PAIRS)
-@pytest.mark.parametrize("mode", MODES)
+def _matrix():
+    """Every (mode, pair). The quick suite keeps every mode on the one-sharer pair and c2c (the
+    mode where the pairs differ) on the other tokenizer and two parallel sharers; the rest of
+    the matrix (up to ~25 s a case under load) is marked slow and runs with `-m slow` and CI."""
+    for mode in MODES:
+        for pair in PAIRS:
+            quick = pair == "same" or (mode == "c2c" and pair in ("own_tokenizer", "two_parallel"))
+            yield pytest.param(mode, pair, marks=() if quick else pytest.mark.slow,
+                               id=f"{mode}-{pair}")
+
+
+@pytest.mark.parametrize("mode,pair", list(_matrix()))
 def test_eager_fast_and_batches_give_the_same_tokens(pairs, pair, mode):
     pipe, cfg = pairs[pair]
     eager = _tokens(pipe, cfg, mode, "eager", 1)

@@ -54,7 +54,12 @@ def test_tokens_vary(loud):
     assert c.tokens != g.tokens  # the open gates matter
 
 
-@pytest.mark.parametrize("mode", MODES)
+#: MODES, t2t marked slow (25-40 s a test under load: the sharer writes its note first); the
+#: quick suite keeps t2t's fast == eager in tests/test_equivalence.py (t2t-same)
+MODES_T2T_SLOW = [pytest.param(m, marks=pytest.mark.slow) if m == "t2t" else m for m in MODES]
+
+
+@pytest.mark.parametrize("mode", MODES_T2T_SLOW)
 def test_fast_equals_eager(loud, mode):
     pipe, cfg = loud
     _plan(pipe, cfg, [[Item(1, p)] for p in PROMPTS[:2]], [mode])
@@ -72,7 +77,7 @@ def test_fast_equals_eager(loud, mode):
                 assert f.projector_calls == len(pipe.fuser.mapping)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_T2T_SLOW)
 def test_batch_rows_equal_batch_of_one(loud, mode):
     pipe, cfg = loud
     c = replace(cfg, engine="fast", batch_size=len(PROMPTS))

@@ -47,6 +47,9 @@ def test_prompt_buckets():
         [16, 16, 32, 128, 192, 1024, 1024, 1280]
 
 
+# slow: every shape of a mixed run prepared (~28 s under load);
+# quick: test_late_prepare (a prepared shape pays nothing, an unplanned one its own record)
+@pytest.mark.slow
 def test_every_shape_is_prepared_in_warm_up(loud):
     """Under graphs a run lists its fills and its projection among its shapes, prepares them
     before anything is timed (t2t's answer too, whose length is known only after the note),

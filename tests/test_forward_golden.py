@@ -91,8 +91,18 @@ def test_golden_covers_every_case(golden):
     assert [b for _, _, b in secs] == [1, 3, -1]
 
 
-@pytest.mark.parametrize("engine,batch", [("eager", 1), ("fast", 1), ("fast", 4)])
-@pytest.mark.parametrize("name", TINY_CASES)
+def _tiny_matrix():
+    """Every tiny case on every engine. The quick suite keeps the first case on all three and
+    every case on the fast engine at batch 4 (the left-padded batch: the path with the most
+    to get wrong); the rest (10-25 s a case under load) is marked slow: `-m slow` and CI."""
+    for name in TINY_CASES:
+        for engine, batch in [("eager", 1), ("fast", 1), ("fast", 4)]:
+            quick = name == TINY_CASES[0] or (engine, batch) == ("fast", 4)
+            yield pytest.param(name, engine, batch, marks=() if quick else pytest.mark.slow,
+                               id=f"{name}-{engine}-{batch}")
+
+
+@pytest.mark.parametrize("name,engine,batch", list(_tiny_matrix()))
 def test_tiny_cases_equal_the_reference(name, engine, batch, folders, golden):
     _check(name, folders, golden, engine, batch)
 

@@ -105,6 +105,9 @@ def test_resume_with_another_dtype_is_refused_before_loading(tmp_path, model_arg
     assert out.read_bytes() == before  # nothing written, nothing lost
 
 
+# slow: two CLI runs and a report (~22 s under load);
+# quick: the digest and resume tests here
+@pytest.mark.slow
 def test_append_with_other_settings_is_a_second_run_that_report_shows_apart(tmp_path,
                                                                              model_args, capsys):
     out = tmp_path / "o.jsonl"

@@ -245,7 +245,8 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("where", ["worker", "in-process"])
+# the in-process variant is slow (~35 s under load); the worker one (the default) stays quick
+@pytest.mark.parametrize("where", ["worker", pytest.param("in-process", marks=pytest.mark.slow)])
 def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_path,
                                                                 monkeypatch, where):
     """Client A starts a long batch and is killed (SIGKILL) mid-run; its job must end cut

@@ -66,6 +66,9 @@ def test_batch_profile_and_sweep_run_in_the_worker_process(url, ui_never_generat
     assert "Models:" in models_status() and "loaded in" in models_status()
 
 
+# slow: a 3000-step record through the worker (a minute under load);
+# quick: test_cancel's stop within a step, test_worker_stop's kept worker
+@pytest.mark.slow
 def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkeypatch):
     """The Stop flag (set in the UI process) ends the worker's generation mid-way: a long
     record is cut off, the records before it are kept, and the worker stays up."""
@@ -92,7 +95,9 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
     gen = stream_records(cfg, items, path, progress, render, stop=stop)
     t0 = time.perf_counter()
     for _ in gen:
-        assert time.perf_counter() - t0 < 300
+        # a hang guard only: whether the stop reached the worker is judged below by what was
+        # written (record 2 cut short), never by how soon
+        assert time.perf_counter() - t0 < 5 * HANG_S
     ended = time.perf_counter()
     recs = read_records(path)
     assert "at" in seen, seen
@@ -105,6 +110,9 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
     assert worker.last_worker().alive()
 
 
+# slow: kills a worker mid-job (~30 s under load);
+# quick: test_a_worker_that_died_while_idle_is_replaced_not_waited_on
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_job_in_one_sentence_and_the_next_job_works(url, monkeypatch):
     from c2c_core.frontends.ui import runcfg, sessions
     monkeypatch.setenv("C2C_APP_WORKER", "1")
@@ -214,5 +222,7 @@ def test_a_worker_that_died_while_idle_is_replaced_not_waited_on(url, monkeypatc
     t0 = time.time()
     status, *_, path = c.predict(prompts="What is 25 * 17?", max_new_tokens=4, warmup=0,
                                  api_name="/batch")
-    assert "Done" in status and time.time() - t0 < 120
+    assert "Done" in status
+    # a hang guard only: the next job starts a new worker process, which loads its models
+    assert time.time() - t0 < 5 * HANG_S
     assert worker.last_worker().pid not in (None, old)

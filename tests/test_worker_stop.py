@@ -41,6 +41,9 @@ def _run(cfg, items, path, stop, on_desc=lambda d: None, runner=None):
     return seen["status"].replace("*", "")
 
 
+# slow: waits out a stuck step's grace (~40 s under load);
+# quick: test_a_worker_that_ends_its_stopped_job_is_kept
+@pytest.mark.slow
 def test_stop_during_a_stuck_step_replaces_the_worker(tiny_cfg_kwargs, tmp_path, monkeypatch):
     from c2c_core.spec.config import build_run_config
     from c2c_core.io.prompts import resolve_prompts
