@@ -13,7 +13,7 @@ from conftest import CHROMIUM, SHOTS, need_browser
 from conftest import CHROMIUM_ARGS as ARGS
 
 sync_api = need_browser()
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # test_browser_alignment: the quick one
 
 RUN_TIMEOUT_MS = 240_000
 
