@@ -91,7 +91,19 @@ def test_ttft_split_medians():
     st = L.point_stats(recs)
     split = st["ttft_split_p50_ms"]
     assert split == {"queue_ms": 10.0, "sharer_prefill_ms": 30.0, "projection_ms": 5.0,
-                     "receiver_prefill_ms": 20.0, "other_ms": 35.0}
+                     "note_ms": 0.0, "receiver_prefill_ms": 20.0, "other_ms": 35.0}
+    # t2t: the sharer's note is its own part, not "other"
+    t2t = {"teacher_prefill_ms": 30.0, "sharer_decode_ms": 40.0, "base_prefill_ms": 20.0}
+    st = L.point_stats([_req(sent=0, ttft=100.0, e2e=200, queue=0.0, stages=t2t)])
+    assert st["ttft_split_p50_ms"]["note_ms"] == 40.0 and st["ttft_split_p50_ms"]["other_ms"] == 10.0
+
+
+def test_sustained_is_judged_against_the_rate_sent():
+    """A short point's Poisson arrivals stray from the nominal rate: goodput is compared with
+    the rate the requests were actually sent at."""
+    st = {"rate": 0.0875, "sent_rps": 0.068, "goodput_rps": 0.075, "overloaded": False}
+    assert L.sustains(st)
+    assert not L.sustains({**st, "sent_rps": 0.2})
     assert L.point_stats([_req(sent=0, ttft=10, e2e=20)])["ttft_split_p50_ms"] is None
 
 

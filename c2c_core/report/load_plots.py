@@ -20,6 +20,7 @@ SPLIT_LOOK = {
     "queue_ms": ("queue", "#dadaeb"),
     "sharer_prefill_ms": ("sharer prefill", STAGE_COLORS["teacher_prefill_ms"]),
     "projection_ms": ("projection", STAGE_COLORS["projector_total_ms"]),
+    "note_ms": ("sharer note (t2t)", "#9e9ac8"),
     "receiver_prefill_ms": ("receiver prefill", STAGE_COLORS["base_prefill_ms"]),
     "other_ms": ("other", STAGE_COLORS["other_ms"]),
 }
