@@ -200,10 +200,46 @@ class FastEngine:
 
     def cache_nbytes(self, role: str, B: int, L: int) -> int:
         """Bytes of the (role, B, L) static cache: layers x B x kv heads x L x head_dim x
-        (keys, values) x dtype bytes."""
+        (keys, values) x dtype bytes; under graphs plus its prepared callables' one shared
+        input set (inputs())."""
         from ...models.projector import kv_shape
         layers, heads, hd = kv_shape(self.model(role).config)
-        return layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
+        kv = layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
+        return kv + (self.inputs_nbytes(role, B, L) if self.graphs else 0)
+
+    def inputs_nbytes(self, role: str, B: int, L: int) -> int:
+        """Bytes of inputs()'s set for a (role, B, L) cache: embeddings [B, L, H] in the run's
+        dtype, the padding mask [B, L] (bool), left padding [B], the step's token [B, 1] and
+        position (int64)."""
+        H = self.model(role).get_input_embeddings().weight.shape[1]
+        return B * L * H * self.pipe.dtype.itemsize + B * L + (2 * B + 1) * 8
+
+    def inputs(self, role: str, cache, B: int, L: int) -> dict:
+        """The one set of input buffers every prepared callable of this cache reads (its fills,
+        its captured step), made once with the cache and freed with it: on CUDA a captured
+        graph reads its inputs from fixed addresses, and one set per cache (sized for its
+        longest fill, L positions) replaces one per captured shape, as vLLM keeps one set per
+        engine. A fill of q positions reads the first B x q x H elements of `emb`, viewed as
+        [B, q, H] (contiguous). Per cache rather than per engine: a set sized for the largest
+        shape a run may meet is not known before the run, and a graph cannot move to a new,
+        larger buffer; a cache's own shapes are bounded by its L. Counted in cache_nbytes."""
+        inp = getattr(cache, "_c2c_inputs", None)
+        if inp is None:
+            H = self.model(role).get_input_embeddings().weight.shape[1]
+            dev = self.device
+            inp = {"emb": torch.zeros(B * L * H, dtype=self.pipe.dtype, device=dev),
+                   "H": H,
+                   "ok": torch.ones(B, L, dtype=torch.bool, device=dev),
+                   "lp": torch.zeros(B, dtype=torch.long, device=dev),
+                   "ids": torch.zeros(B, 1, dtype=torch.long, device=dev),
+                   "c": torch.zeros((), dtype=torch.long, device=dev)}
+            cache._c2c_inputs = inp
+        return inp
+
+    @staticmethod
+    def emb_input(inp: dict, B: int, q: int) -> torch.Tensor:
+        """A fill's embeddings input: the first B x q x H elements of the cache's shared buffer."""
+        return inp["emb"][:B * q * inp["H"]].view(B, q, inp["H"])
 
     def _evict_for(self, need: int) -> None:
         """Free least recently used caches (and the compiled steps bound to them) until `need`
@@ -296,23 +332,28 @@ class FastEngine:
 
         return step if self.step_mode == "capture" else self._compiled(step)
 
-    def _make_fill(self, role: str, cache, q: int, L: int, s: int = 0):
+    def _make_fill(self, role: str, cache, q: int, L: int, s: int = 0, whole: bool = False):
         """Run emb [B, q, H] at cache positions [s, s + q) to fill the cache (no LM head; the
         cache's write position is s: the sections before it are filled). A query sees earlier
         real positions (and itself: a padding query is never fully masked); positions count
         from the row's first real token, inner padding included (as the reference numbers
-        them)."""
+        them). The fill attends over the cache's first s + q positions only (cache_view):
+        nothing after them is visible to any of its queries, so a prefill's cost does not grow
+        with the room the cache keeps for new tokens (--max_new_tokens). `whole`: attend over
+        all L positions instead (the same result; scripts/bench_fill_view.py times both)."""
         m = self.model(role)
         body = decoder(m)
         mask_for = self._mask_for
+        V = L if whole else s + q
+        view = cache if whole else cache_view(cache, V)
 
         def fill(emb: torch.Tensor, ok: torch.Tensor, lp: torch.Tensor) -> None:
             i = torch.arange(s, s + q, device=emb.device)[:, None]                 # [q, 1]
-            j = torch.arange(L, device=emb.device)[None]                           # [1, L]
-            keep = (j <= i)[None] & (ok[:, None, :] | (j == i)[None])             # [B, q, L]
+            j = torch.arange(V, device=emb.device)[None]                           # [1, V]
+            keep = (j <= i)[None] & (ok[:, None, :V] | (j == i)[None])            # [B, q, V]
             pos = (i.T - lp[:, None]).clamp(min=0)                                  # [B, q]
             body(inputs_embeds=emb, attention_mask=mask_for(m, keep, i - j), position_ids=pos,
-                 past_key_values=cache, use_cache=True)
+                 past_key_values=view, use_cache=True)
 
         return fill
 
@@ -422,16 +463,16 @@ class FastEngine:
 
         def warm():
             cache = self.cache(role, B, L, use=False)
-            ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-            lp = torch.zeros(B, dtype=torch.long, device=self.device)
-            ok = torch.ones(B, L, dtype=torch.bool, device=self.device)
+            inp = self.inputs(role, cache, B, L)
+            ids, lp, ok = inp["ids"], inp["lp"], inp["ok"]
             if key not in self._steps:
                 step = self._make_step(role, cache, L, greedy)
                 if self.step_mode == "capture" and self.cuda and self.compile:
-                    c0 = torch.zeros((), dtype=torch.long, device=self.device)
+                    static = (ids, inp["c"], lp, ok)
+                    _expect(static, [(B, 1), (), (B,), (B, L)], f"the {role} step")
                     reset = lambda: self.cache(role, B, L, use=False)  # noqa: E731
-                    step = self._captured(step, (ids, c0, lp, ok), f"{role} step",
-                                          self._graph_pool(), reset)
+                    step = self._captured(step, static, f"{role} step", self._graph_pool(),
+                                          reset)
                 self._steps[key] = step
             for k in range(0, 4):
                 self._run(self._steps[key], ids, torch.tensor(k, device=self.device), lp,
@@ -447,10 +488,9 @@ class FastEngine:
 
         def warm():
             cache = self.cache(role, B, L, use=False)
-            H = self.model(role).get_input_embeddings().weight.shape[1]
-            static = (torch.zeros(B, q, H, dtype=self.pipe.dtype, device=self.device),
-                      torch.ones(B, L, dtype=torch.bool, device=self.device),
-                      torch.zeros(B, dtype=torch.long, device=self.device))
+            inp = self.inputs(role, cache, B, L)
+            static = (self.emb_input(inp, B, q), inp["ok"], inp["lp"])
+            _expect(static, [(B, q, inp["H"]), (B, L), (B,)], f"the {role} prefill")
 
             def reset():  # the cache as the sections before this one leave it: s written
                 c = self.cache(role, B, L, use=False)
@@ -750,6 +790,39 @@ class FastEngine:
             self.fill(role, cache, emb, rows)
             first = self.first(role, cache, rows, greedy)
         return cache, first
+
+
+def _expect(static: tuple, shapes: list, what: str) -> None:
+    """Assert once, when a callable is prepared, that its input buffers have the shapes its key
+    names (a replay then checks each argument against these buffers: graphs.capture)."""
+    got = [tuple(t.shape) for t in static]
+    if got != [tuple(x) for x in shapes]:
+        raise AssertionError(f"{what} would be prepared for inputs {got}, its shape says {shapes}")
+
+
+def cache_view(cache, V: int):
+    """The first V positions of a static cache as a cache of its own: every layer's keys and
+    values are views of the cache's (what a fill writes through it lands in `cache`), and its
+    write position is the cache's own tensor (advanced by the fill as the cache's would be).
+    Attention through it reads V positions, not max_cache_len. Made once per V and kept on the
+    cache (freed with it); the cache itself when V covers it."""
+    if V >= cache.layers[0].max_cache_len:
+        return cache
+    views = cache.__dict__.setdefault("_c2c_views", {})
+    v = views.get(V)
+    if v is None:
+        import copy
+        v = copy.copy(cache)
+        v.__dict__.pop("_c2c_views", None)
+        v.__dict__.pop("_c2c_inputs", None)
+        v.layers = []
+        for layer in cache.layers:
+            lv = copy.copy(layer)  # shares cumulative_length (the same tensor)
+            lv.keys, lv.values = layer.keys[:, :, :V], layer.values[:, :, :V]
+            lv.max_cache_len = V
+            v.layers.append(lv)
+        views[V] = v
+    return v
 
 
 def _window(config) -> int | None:
