@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,14 @@ class FastEngine:
         self._used: dict = {}         # touched is never evicted under it
         self._born: dict = {}         # (role, B, L) -> the epoch that allocated it
         self._pool = None             # the captured graphs' memory pool (_graph_pool)
+        #: bytes the preparations added to the device's reserved memory that are no static cache
+        #: (_measured): the shared graph pool (captured fills, projections and steps, the
+        #: anchor and the capture stream's cuBLAS workspace), torch.compile's CUDA-graph trees,
+        #: the warm-up stream's workspace and cached blocks. Held for the engine's life: the
+        #: pool is shared, and a graph evicted with its cache leaves its blocks in the pool
+        #: (for later captures) or in its graph tree (_evict_for). 0 on a CPU (no graphs).
+        self.graph_bytes = 0
+        self._measuring = False       # a _measured() block is open (an inner one adds nothing)
         self._streams = None          # (warm-up, capture) streams of every capture (streams())
         self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
@@ -205,11 +214,25 @@ class FastEngine:
         layers, heads, hd = kv_shape(self.model(role).config)
         return layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
 
+    def held_bytes(self) -> int:
+        """What the cap counts as held: the static caches plus the graph memory (graph_bytes)."""
+        return self.cache_bytes + self.graph_bytes
+
     def _evict_for(self, need: int) -> None:
         """Free least recently used caches (and the compiled steps bound to them) until `need`
-        more bytes fit under the cap; a cache the current generation took stays."""
+        more bytes fit under the cap with what is held (held_bytes: the caches and the graph
+        memory); a cache the current generation took stays.
+
+        Only the caches' bytes come back: graph_bytes is never lowered here. A captured fill,
+        projection or step dropped with its cache leaves its blocks in the engine's one graph
+        pool (_graph_pool), which later captures reuse but the allocator never returns while
+        the pool lives. A torch.compile'd step (mode="reduce-overhead") dropped here still has
+        its CUDA-graph recordings in torch's cudagraph trees, which are per device and thread,
+        not per callable: dynamo keeps the compiled entry on the step's code object, and the
+        trees free their recordings only on torch._dynamo.reset() (which would drop every
+        compiled step). So both stay counted as held."""
         for key in list(self._caches):
-            if self.cache_bytes + need <= self.cache_cap:
+            if self.held_bytes() + need <= self.cache_cap:
                 return
             if self._used.get(key) == self._epoch:
                 continue
@@ -223,10 +246,13 @@ class FastEngine:
                 self._binds.pop(k, None)
                 self._ready.discard(k)
             self._ready -= {k for k in self._ready if k[:3] == key}
-        if self.cache_bytes + need > self.cache_cap:
+        if self.held_bytes() + need > self.cache_cap:
+            graphs = (f" with {self.graph_bytes / 2**20:,.0f} MB of graph memory"
+                      if self.graph_bytes else "")
             warnings.warn(f"fast engine: the static caches one generation needs"
-                          f" ({(self.cache_bytes + need) / 2**20:,.0f} MB) exceed the cache cap"
-                          f" ({self.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}); allocating anyway.")
+                          f" ({(self.cache_bytes + need) / 2**20:,.0f} MB){graphs} exceed the"
+                          f" cache cap ({self.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV});"
+                          " allocating anyway.")
 
     def cache(self, role: str, B: int, L: int, use: bool = True):
         """The (role, B, L) static cache with its write position reset to 0. `use`: a
@@ -258,9 +284,11 @@ class FastEngine:
         return c
 
     def cache_stats(self) -> dict:
-        """What the static caches hold and how often a generation found its cache allocated."""
+        """What the static caches hold (held_mb), the graph memory counted beside them under
+        the cap (graph_mb, graph_bytes) and how often a generation found its cache allocated."""
         req = self.cache_requests
         return {"held_mb": round(self.cache_bytes / 2**20, 3),
+                "graph_mb": round(self.graph_bytes / 2**20, 3),
                 "cap_mb": round(self.cache_cap / 2**20, 3), "caches": len(self._caches),
                 "requests": req, "reuses": self.cache_reuses, "evictions": self.cache_evictions,
                 "reuse_ratio": round(self.cache_reuses / req, 4) if req else None}
@@ -368,7 +396,8 @@ class FastEngine:
         runs on that stream outside a capture), so evicting a cache (which destroys the graphs
         bound to it) never frees a workspace that graphs still alive point at."""
         if self._pool is None:
-            with on_device(self.device):  # the pool and the anchor on the models' device
+            # the pool and the anchor on the models' device; its bytes in graph_bytes
+            with on_device(self.device), self._measured():
                 pool = torch.cuda.graph_pool_handle()
                 a = torch.ones(64, 64, dtype=self.pipe.dtype, device=self.device)
                 cur = torch.cuda.current_stream(self.device)
@@ -395,6 +424,35 @@ class FastEngine:
         (ns: where the sharer stops, the plan's last section; n by default)."""
         return ("receiver", B, L, ("proj", n, sharer_len(n if ns is None else ns)))
 
+    def _reserved(self) -> int:
+        """The bytes the device's caching allocator reserves now (torch.cuda.memory_reserved:
+        graph pools included, which max_memory_allocated misses); 0 on a CPU, where nothing is
+        captured. Tests replace it to stand for a GPU's growth."""
+        if not self.cuda:
+            return 0
+        return int(torch.cuda.memory_reserved(self.device))
+
+    @contextmanager
+    def _measured(self):
+        """Add to graph_bytes what the block adds to the device's reserved memory beyond what
+        it adds to the static caches (cache_bytes, which counts them): the graph pool's growth,
+        compiled steps' graph trees, cuBLAS workspaces, and blocks the warm-up runs leave cached
+        on the warm-up stream. The caches' net growth is subtracted: a cache evicted in the
+        block leaves its blocks reserved, where the next cache is allocated (so a cache
+        that does not fit them counts the difference as graph memory: more held, never
+        less). Never negative; a block inside another adds nothing of its own (the outer one
+        counts it once)."""
+        if self._measuring:
+            yield
+            return
+        self._measuring = True
+        try:
+            r0, c0 = self._reserved(), self.cache_bytes
+            yield
+        finally:
+            self._measuring = False
+        self.graph_bytes += max(self._reserved() - r0 - max(self.cache_bytes - c0, 0), 0)
+
     def _prepared(self, key: tuple, warm) -> None:
         """Allocate, compile and (on CUDA) capture the callable `key` by running `warm()`, then
         reset the caches it wrote; the seconds go to compile_s."""
@@ -404,7 +462,7 @@ class FastEngine:
         if self.compile_cache is not None:
             from ..compile_cache import counts
             hits0, misses0 = counts()
-        with torch.inference_mode(), on_device(self.device):
+        with torch.inference_mode(), on_device(self.device), self._measured():
             warm()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
