@@ -218,6 +218,28 @@ class FastEngine:
         """What the cap counts as held: the static caches plus the graph memory (graph_bytes)."""
         return self.cache_bytes + self.graph_bytes
 
+    def graph_need(self, keys, sampling: bool = False) -> int:
+        """The graph memory held once a plan's shapes (batch.shapes_of keys) are prepared:
+        graph_bytes now, or budget.graph_bytes of the largest capture still to make when that
+        is more (the captures share one pool: a new one reuses what earlier ones left there).
+        Only graph_bytes where nothing is captured (a CPU, compile off): 0 there."""
+        if not (self.cuda and self.compile):
+            return self.graph_bytes
+        from .. import budget
+        est = 0
+        for k in keys:
+            if k[0] == "fill" and self.fill_key(*k[1:]) not in self._ready:
+                role, B, L, q = k[1], k[2], k[3], k[4]
+            elif k[0] == "step" and tuple(k[1:]) not in self._ready:
+                role, B, L, q = k[1], k[2], k[3], 0  # its graph tree: the logits
+            else:
+                continue
+            c = self.model(role).config
+            est = max(est, budget.graph_bytes(
+                c.to_dict(), B, q, L, self.pipe.dtype.itemsize,
+                getattr(c, "_attn_implementation", None) or "eager", sampling))
+        return max(self.graph_bytes, est)
+
     def _evict_for(self, need: int) -> None:
         """Free least recently used caches (and the compiled steps bound to them) until `need`
         more bytes fit under the cap with what is held (held_bytes: the caches and the graph
