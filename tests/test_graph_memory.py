@@ -227,3 +227,44 @@ def test_the_refusal_names_the_graph_memory(monkeypatch):
     assert msg.count(". ") == 0 and msg.endswith(".") and "C2C_FAST_PREFILL_GRAPHS=0" in msg
     budget.check_fits(cfg, 8, 2000, free=int(est.total / budget.USABLE_SHARE) + 1,
                       configs=configs)
+
+
+# --- peak memory reserved beside allocated ------------------------------------------------
+
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_both_engines_record_the_reserved_peak(pipe_cfg, monkeypatch, engine):
+    """On CUDA (faked: the allocator's peaks) the eager and the fast engine both put the
+    reserved peak in their records beside the allocated one: the fast engine's graph pools show
+    only there, so it is the field to compare across engines."""
+    from c2c_core.bench.runner import generate
+    from c2c_core.engines.generation import make_record
+    from c2c_core.measure import memory
+    pipe, cfg, eng = pipe_cfg
+
+    def exit_(self, *exc):
+        if self._open:
+            self._open = False
+            self.allocated_mb, self.reserved_mb = 100.0, 164.0
+
+    monkeypatch.setattr(memory.DeviceMemory, "__exit__", exit_)
+    c = replace(cfg, engine=engine)
+    item = Item(1, PROMPTS[0])
+    g = generate(pipe, c, item, "c2c", Timer(pipe.device))
+    t = make_record(pipe, item, "c2c", 0, g, {})["timing"]
+    assert (t["peak_memory_mb"], t["peak_memory_reserved_mb"]) == (100.0, 164.0)
+
+
+def test_the_results_table_shows_reserved_beside_allocated():
+    pytest.importorskip("gradio")
+    from c2c_core.frontends.ui.render import records_table
+    recs = [{"id": "a", "mode": "c2c", "repeat": 0, "prompt": "p", "response": "r",
+             "timing": {"ttft_ms": 1.0, "e2e_ms": 2.0, "peak_memory_mb": 100.0,
+                        "peak_memory_reserved_mb": 164.0}},
+            {"id": "b", "mode": "c2c", "repeat": 0, "prompt": "p", "response": "r",
+             "timing": {"ttft_ms": 1.0, "e2e_ms": 2.0, "peak_memory_mb": 90.0}}]  # older file
+    df = records_table(recs)
+    cols = list(df.columns)
+    assert cols.index("peak memory reserved (MB)") == cols.index("peak memory (MB)") + 1
+    assert df["peak memory reserved (MB)"].iloc[0] == 164.0
+    assert df["peak memory reserved (MB)"].isna().iloc[1]
+    assert list(records_table([]).columns) == cols
