@@ -268,3 +268,31 @@ def test_the_results_table_shows_reserved_beside_allocated():
     assert df["peak memory reserved (MB)"].iloc[0] == 164.0
     assert df["peak memory reserved (MB)"].isna().iloc[1]
     assert list(records_table([]).columns) == cols
+
+
+def test_engines_sets_the_peaks_side_by_side_and_says_to_compare_reserved():
+    from c2c_core.bench.compare_engines import memory_line
+    gpu = {"eager": {"peak_memory_mb": [100.0, 102.0, 101.0], "peak_memory_reserved_mb": [120.0]},
+           "fast": {"peak_memory_mb": [98.0], "peak_memory_reserved_mb": [180.0, 182.0, 181.0]}}
+    line = memory_line(gpu)
+    assert ("eager 101.0 MB allocated, 120.0 MB reserved; fast 98.0 MB allocated,"
+            " 181.0 MB reserved; compare reserved across engines") in line
+    cpu = {"eager": {"peak_memory_mb": [300.0], "peak_memory_reserved_mb": []},
+           "fast": {"peak_memory_mb": [310.0], "peak_memory_reserved_mb": []}}
+    line = memory_line(cpu)
+    assert "eager 300.0 MB allocated, reserved null; fast 310.0 MB allocated, reserved null" \
+        in line and "compare reserved" not in line
+
+
+@pytest.mark.slow  # a whole `engines` run (~25 s under load)
+def test_engines_reports_both_peaks_and_the_graph_memory(tiny_pipe):
+    from c2c_core.bench.compare_engines import engines_bench
+    pipe, cfg = tiny_pipe
+    fast.engine_for(pipe, compile=False)
+    lines = []
+    res = engines_bench(pipe, replace(cfg, gen=replace(cfg.gen, max_new_tokens=4)), repeats=3,
+                        batch=2, out=lines.append)
+    text = "\n".join(lines)
+    assert "+ 0.0 MB of graph memory" in text and "peak memory (medians): eager" in text
+    assert res["cache_graph_mb"] == 0 and res["fast_peak_memory_mb"] > 0
+    assert res["eager_peak_memory_reserved_mb"] is None  # a CPU
