@@ -248,11 +248,13 @@ class FastEngine:
         Only the caches' bytes come back: graph_bytes is never lowered here. A captured fill,
         projection or step dropped with its cache leaves its blocks in the engine's one graph
         pool (_graph_pool), which later captures reuse but the allocator never returns while
-        the pool lives. A torch.compile'd step (mode="reduce-overhead") dropped here still has
-        its CUDA-graph recordings in torch's cudagraph trees, which are per device and thread,
-        not per callable: dynamo keeps the compiled entry on the step's code object, and the
-        trees free their recordings only on torch._dynamo.reset() (which would drop every
-        compiled step). So both stay counted as held."""
+        the pool lives. A torch.compile'd step (mode="reduce-overhead") dropped here keeps its
+        CUDA-graph recordings: torch's cudagraph trees have one tree manager and one private
+        pool per device and thread, whose manager keeps every function it recorded
+        (torch/_inductor/cudagraph_trees.py, CUDAGraphTreeManager.ids_to_funcs, never pruned)
+        until every compiled function of that device is gone or torch._dynamo.reset() (which
+        would drop every compiled step) clears the trees. Freeing one step's recordings is not
+        possible, so both stay counted as held."""
         for key in list(self._caches):
             if self.held_bytes() + need <= self.cache_cap:
                 return
