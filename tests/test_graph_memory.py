@@ -296,3 +296,15 @@ def test_engines_reports_both_peaks_and_the_graph_memory(tiny_pipe):
     assert "+ 0.0 MB of graph memory" in text and "peak memory (medians): eager" in text
     assert res["cache_graph_mb"] == 0 and res["fast_peak_memory_mb"] > 0
     assert res["eager_peak_memory_reserved_mb"] is None  # a CPU
+
+
+def test_a_slot_groups_steps_count_as_graph_memory(pipe_cfg, monkeypatch):
+    """The continuous-batching slot group compiles (on CUDA records) one step per batch size
+    outside prepare(): those recordings are graph memory too; its own cache (allocated before,
+    outside the engine's LRU) is not counted as such."""
+    from c2c_core.engines.fast.slots import SlotGroup
+    pipe, cfg, eng = pipe_cfg
+    made = _fake_gpu(monkeypatch, eng)
+    g = SlotGroup(pipe, "receiver", 3, 64, True)
+    assert made["steps"] == len(g.sizes) == 3  # batch sizes 1, 2 and 3
+    assert eng.graph_bytes == 3 * G
