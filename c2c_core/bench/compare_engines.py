@@ -63,6 +63,23 @@ def section_cost(pipe, cfg, item, repeats: int) -> dict | None:
             "ratio": round(a / b, 4) if b else None}
 
 
+#: The memory fields compare_engines sets side by side: on the fast engine the allocated peak
+#: misses the CUDA-graph pools, which only the reserved peak counts (docs/numbers.md).
+MEMORY_FIELDS = ("peak_memory_mb", "peak_memory_reserved_mb")
+
+
+def memory_line(mem: dict) -> str:
+    """The engines' peak memory, medians: mem[engine][field] is a list of the records' values
+    (None left out). Reserved is null on a CPU."""
+    def one(e):
+        a, r = (mem[e][k] for k in MEMORY_FIELDS)
+        return (f"{e} {_med(a):,.1f} MB allocated" if a else f"{e} allocated null") + (
+            f", {_med(r):,.1f} MB reserved" if r else ", reserved null")
+    note = ("; compare reserved across engines (the fast engine's CUDA-graph pools are not in"
+            " allocated)" if mem["fast"][MEMORY_FIELDS[1]] else "")
+    return f"peak memory (medians): {one('eager')}; {one('fast')}{note}"
+
+
 def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | None = None,
                   out=print, reference: str | None = None) -> dict:
     from ..engines import fast
@@ -89,6 +106,7 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     from ..engines.floor import floor_for
     limits = {e: {"decode_floor_ms": [], "decode_floor_ratio": [], "joules_per_token": []}
               for e in ("eager", "fast")}
+    mem = {e: {k: [] for k in MEMORY_FIELDS} for e in ("eager", "fast")}
     tps = {1: [], batch: []}
     same_tokens = True
     prompt_tokens = None
@@ -108,6 +126,9 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
             for k in limits[name]:
                 if t[k] is not None:
                     limits[name][k].append(t[k])
+            for k in MEMORY_FIELDS:
+                if t.get(k) is not None:
+                    mem[name][k].append(t[k])
             toks[name] = g.tokens
             prompt_tokens = t.get("prompt_tokens")
             if t.get("cpu_share") is not None:
@@ -155,9 +176,11 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
     out(describe(compile_s, eng.compile_cache) + (" (the fast engine runs uncompiled)"
                                                   if not eng.compile else ""))
     cs = eng.cache_stats()
-    out(f"static caches: {cs['held_mb']:,.1f} MB held of a {cs['cap_mb']:,.0f} MB cap"
-        f" ({cs['caches']} caches); cache reuse ratio {cs['reuse_ratio']}"
-        f" ({cs['reuses']} of {cs['requests']} requests reused, {cs['evictions']} evictions)")
+    out(f"static caches: {cs['held_mb']:,.1f} MB held (+ {cs['graph_mb']:,.1f} MB of graph"
+        f" memory) of a {cs['cap_mb']:,.0f} MB cap ({cs['caches']} caches); cache reuse ratio"
+        f" {cs['reuse_ratio']} ({cs['reuses']} of {cs['requests']} requests reused,"
+        f" {cs['evictions']} evictions)")
+    out(memory_line(mem))
     saved_ms = _med(m["eager"]["e2e_ms"]) - _med(m["fast"]["e2e_ms"])
     payback = compile_s * 1000.0 / saved_ms if saved_ms > 0 else None
     if payback is None:
@@ -188,7 +211,9 @@ def engines_bench(pipe, cfg, repeats: int = 5, batch: int = 8, prompt: str | Non
               "compile_cache": state(eng.compile_cache),
               "compile_cache_dir": (eng.compile_cache or {}).get("dir"),
               "cache_reuse_ratio": cs["reuse_ratio"], "cache_held_mb": cs["held_mb"],
-              "cache_evictions": cs["evictions"],
+              "cache_evictions": cs["evictions"], "cache_graph_mb": cs["graph_mb"],
+              **{f"{e}_{k}": (round(_med(mem[e][k]), 1) if mem[e][k] else None)
+                 for e in ("eager", "fast") for k in MEMORY_FIELDS},
               "payback_generations": round(payback, 1) if payback is not None else None,
               "cpu_share": round(_med(shares), 3) if shares else None}
     if pipe.fuser is not None:

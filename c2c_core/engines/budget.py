@@ -6,6 +6,9 @@
   sequence, for the receiver and every sharer; on the fast engine per position of the longest
   static cache it may allocate (shapes.cache_len_at_most: the prompt padded to its bucket, then
   a power of two), not per token;
+- graph memory (the fast engine on CUDA with its prefills captured as CUDA graphs): the one
+  shared graph pool, about the largest captured prefill's activations, the decode step's
+  logits, and the cuBLAS workspaces of the engine's two streams (graph_bytes below);
 - the device's memory now: a CPU's available RAM (psutil, and the container's cgroup limit when
   one is set), a GPU's free memory (torch.cuda.mem_get_info).
 
@@ -138,6 +141,59 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
     return _int(d, "num_hidden_layers", "n_layer", "num_layers") * kv * hd * 2 * dtype_bytes
 
 
+#: Activations of one decoder layer live at once in a prefill, per position, in units of the
+#: hidden size: the residual stream, the normed input, queries, keys, values (each counted at
+#: the hidden size: an upper bound under grouped-query attention) and the attention output.
+ACT_HIDDEN = 6
+#: ... and in units of the MLP's intermediate size: the gate, the up projection, their product.
+ACT_INTERMEDIATE = 3
+#: cuBLAS workspace per stream: PyTorch's default when CUBLAS_WORKSPACE_CONFIG is unset
+#: (aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize: 4096 KiB x 8 = 32 MiB on
+#: Hopper, 4096 KiB x 2 + 16 KiB x 8 elsewhere); the larger, as the GPU is not known here.
+CUBLAS_WORKSPACE_BYTES = 4096 * 8 * 1024
+#: The fast engine's streams that get a cuBLAS workspace of their own for its graphs: one
+#: warm-up stream and one capture stream per engine (FastEngine.streams()).
+GRAPH_STREAMS = 2
+
+
+def graph_bytes(config: dict, batch: int, q: int, cache_len: int, dtype_bytes: int,
+                attn: str = "sdpa", sampling: bool = False) -> int:
+    """The fast engine's graph memory for a model (config), estimated: its captured graphs share
+    one pool, which holds about the largest capture's working memory (a prefill of `batch` x
+    `q` positions into a cache of `cache_len`), plus the streams' cuBLAS workspaces.
+
+    - activations: batch x q x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate) x dtype
+      bytes (one layer's live tensors; the pool reuses them layer after layer);
+    - the attention mask: batch x q x cache_len, as bools and in the dtype (sdpa and eager);
+    - eager attention only (it materialises the scores): batch x heads x q x cache_len in the
+      dtype plus the softmax's float32 copy (sdpa's kernels do not);
+    - the decode step's logits: batch x vocab in the dtype, and in float32 when sampling (the
+      step returns them for the sampler);
+    - GRAPH_STREAMS x CUBLAS_WORKSPACE_BYTES."""
+    d = _text(config)
+    hidden = _int(d, "hidden_size", "n_embd", "d_model")
+    heads = _int(d, "num_attention_heads", "n_head", default=1)
+    inter = _int(d, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    vocab = _int(d, "vocab_size", default=32000)
+    b, q, L = max(batch, 1), max(q, 0), max(cache_len, q, 0)
+    act = b * q * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter) * dtype_bytes
+    mask = b * q * L * (1 + dtype_bytes)
+    scores = b * heads * q * L * (dtype_bytes + 4) if attn == "eager" else 0
+    logits = b * vocab * (dtype_bytes + (4 if sampling else 0))
+    return act + mask + scores + logits + GRAPH_STREAMS * CUBLAS_WORKSPACE_BYTES
+
+
+def graphs_on(device: str) -> bool:
+    """Whether the fast engine captures its prefills as CUDA graphs on `device`
+    (C2C_FAST_PREFILL_GRAPHS: auto = on CUDA; and torch.compile on, C2C_FAST_COMPILE)."""
+    if not device.startswith("cuda"):
+        return False
+    if os.environ.get("C2C_FAST_COMPILE", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    v = os.environ.get("C2C_FAST_PREFILL_GRAPHS", "auto").strip().lower()
+    return v in ("", "auto") or v not in ("0", "false", "no")
+
+
 # --- devices -----------------------------------------------------------------------------------
 
 def canonical_device(name: str | None) -> str:
@@ -215,10 +271,11 @@ class Estimate:
     params: int           # parameters of all models
     unknown: list[str]    # models whose config is not on this machine (not counted)
     positions: int = 0    # cache positions per sequence counted (the fast engine's bucket)
+    graphs: int = 0       # the fast engine's graph memory on CUDA (graph_bytes); 0 otherwise
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv
+        return self.weights + self.kv + self.graphs
 
 
 def dtype_name(cfg, device: str) -> str:
@@ -233,10 +290,20 @@ def estimate(cfg, batch: int = 1, tokens: int = 0, configs: dict | None = None) 
     device = canonical_device(cfg.device)
     nbytes = DTYPE_BYTES.get(dtype_name(cfg, device), 4)
     positions = tokens
-    if tokens > 0 and _fast(cfg, device):  # its static caches: padded prompt, length bucket
+    fast = tokens > 0 and _fast(cfg, device)
+    if fast:  # its static caches: padded prompt, length bucket
         from .shapes import cache_len_at_most
         positions = cache_len_at_most(tokens)
-    weights = kv = params = 0
+    # graphs: on CUDA (auto: when a GPU is visible), the largest prefill a graph may capture:
+    # every token a prompt (padded to its bucket), into the longest cache
+    cuda = device.startswith("cuda") or (device == "auto" and _cuda())
+    q = 0
+    if fast and graphs_on("cuda" if cuda else "cpu"):
+        from .shapes import prompt_bucket
+        q = prompt_bucket(tokens)
+    attn = getattr(cfg, "attn_implementation", None) or "sdpa"
+    sampling = bool(getattr(getattr(cfg, "gen", None), "do_sample", False))
+    weights = kv = params = graphs = 0
     unknown: list[str] = []
     for spec in (cfg.receiver, *cfg.sharers):
         c = (configs or {}).get(spec.source) or spec_config(spec)
@@ -247,7 +314,9 @@ def estimate(cfg, batch: int = 1, tokens: int = 0, configs: dict | None = None) 
         params += n
         weights += n * nbytes
         kv += kv_bytes_per_token(c, nbytes) * max(positions, 0) * max(batch, 1)
-    return Estimate(weights, kv, params, unknown, positions)
+        if q:  # one pool for every model's graphs: the largest capture
+            graphs = max(graphs, graph_bytes(c, batch, q, positions, nbytes, attn, sampling))
+    return Estimate(weights, kv, params, unknown, positions, graphs)
 
 
 def _fast(cfg, device: str) -> bool:
@@ -285,9 +354,12 @@ def check_fits(cfg, batch: int = 1, tokens: int = 0, held_bytes: int = 0,
         kv = (f" + a KV cache of {_gb(est.kv)} for {batch:,} x {tokens:,} tokens"
               + (f" (the fast engine's static caches hold up to {est.positions:,} positions)"
                  if est.positions > tokens else "") if est.kv else "")
+        graphs = (f" + {_gb(est.graphs)} of CUDA-graph memory (the fast engine's captured"
+                  " prefills; C2C_FAST_PREFILL_GRAPHS=0 runs without)" if est.graphs else "")
         fix = ("pick smaller models (or dtype bfloat16)" if est.weights > have
                else "use a smaller batch or shorter lengths")
-        raise UserError(f"{what} needs about {_gb(est.total)} (weights {_gb(est.weights)}{kv}),"
+        raise UserError(f"{what} needs about {_gb(est.total)} (weights {_gb(est.weights)}{kv}"
+                        f"{graphs}),"
                         f" more than the {_gb(have)} of {where} {host} can give it now:"
                         f" {fix}.")
     return est

@@ -9,7 +9,9 @@ way each stage runs differs:
   The c2c sharer's cache holds its prompt only (it never decodes; rounded up to 64 positions).
   Together they are held under a cap in bytes (C2C_CACHE_CAP_MB; default half the free memory):
   when a new shape needs room the least recently used caches (and the compiled steps bound to
-  them) are freed. `cache_stats()` counts requests, reuses and evictions.
+  them) are freed. `cache_stats()` counts requests, reuses and evictions. The graph memory
+  (on CUDA: what preparations add to the reserved memory beyond the caches, `graph_bytes`) is
+  held under the same cap beside them for the engine's life (docs/engines.md).
 - Our own 4-D attention mask (left padding: row b's first `pad[b]` positions are padding; a
   padding query sees only itself, so no row is fully masked) and explicit position ids, so every
   step has fixed shapes and nothing is recomputed from Python state.

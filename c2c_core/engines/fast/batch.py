@@ -77,22 +77,32 @@ def answer_len(eng, pipe, cfg, items) -> int:
     return prompt_bucket(bound) if eng.graphs else bound
 
 
+def _graphs_said(graphs: int) -> str:
+    return (f" plus {graphs / 2**20:,.1f} MB of CUDA-graph memory held beside them"
+            if graphs else "")
+
+
 def check_one_generation_fits(pipe, cfg, batches: list[list], modes: list[str]) -> None:
-    """Every cache one generation uses is held at once (it is never evicted under it): refuse,
-    before anything runs, a run whose largest generation needs more than the cache cap."""
+    """Every cache one generation uses is held at once (it is never evicted under it), beside
+    the graph memory the engine holds for its life (engine.graph_need: measured so far, or
+    estimated for the run's captures still to make; 0 on a CPU): refuse, before anything runs,
+    a run whose largest generation needs more than the cache cap with it."""
     eng = engine_for(pipe)
-    worst, where = 0, None
+    worst, where, keys = 0, None, set()
     for items in batches:
         for mode in modes:
-            need = sum(eng.cache_nbytes(*c) for c in
-                       {tuple(k[1:4]) for k in shapes_of(pipe, cfg, [items], [mode])})
+            ks = shapes_of(pipe, cfg, [items], [mode])
+            keys |= ks
+            need = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in ks})
             if need > worst:
                 worst, where = need, (len(items), mode)
-    if worst > eng.cache_cap:
+    graphs = eng.graph_need(keys, cfg.gen.do_sample)
+    if worst + graphs > eng.cache_cap:
         raise UserError(f"One generation of this run (batch {where[0]}, {where[1]} mode) needs"
-                        f" {worst / 2**20:,.1f} MB of static caches, more than the fast engine's"
-                        f" cache cap ({eng.cache_cap / 2**20:,.1f} MB); raise {CACHE_CAP_ENV},"
-                        " or use a smaller --batch_size or shorter prompts or outputs.")
+                        f" {worst / 2**20:,.1f} MB of static caches{_graphs_said(graphs)}, more"
+                        f" than the fast engine's cache cap ({eng.cache_cap / 2**20:,.1f} MB);"
+                        f" raise {CACHE_CAP_ENV}, or use a smaller --batch_size or shorter"
+                        " prompts or outputs.")
 
 
 def prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
@@ -114,9 +124,12 @@ def _prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     keys = list(shapes_of(pipe, cfg, batches, modes))
     check_one_generation_fits(pipe, cfg, batches, modes)
     planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
-    if planned > eng.cache_cap:
-        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB) exceed"
-                      f" the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}): the"
+    graphs = eng.graph_need(keys, cfg.gen.do_sample)
+    if planned + graphs > eng.cache_cap:
+        said = f" with {graphs / 2**20:,.0f} MB of CUDA-graph memory" if graphs else ""
+        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB){said}"
+                      f" exceed the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}):"
+                      " the"
                       " least recently used are freed as shapes change, and a shape needed again"
                       " is prepared again inside the generation that needs it (its records'"
                       " timing.late_prepare_ms).")

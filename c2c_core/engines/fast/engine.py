@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,14 @@ class FastEngine:
         self._used: dict = {}         # touched is never evicted under it
         self._born: dict = {}         # (role, B, L) -> the epoch that allocated it
         self._pool = None             # the captured graphs' memory pool (_graph_pool)
+        #: bytes the preparations added to the device's reserved memory that are no static cache
+        #: (_measured): the shared graph pool (captured fills, projections and steps, the
+        #: anchor and the capture stream's cuBLAS workspace), torch.compile's CUDA-graph trees,
+        #: the warm-up stream's workspace and cached blocks. Held for the engine's life: the
+        #: pool is shared, and a graph evicted with its cache leaves its blocks in the pool
+        #: (for later captures) or in its graph tree (_evict_for). 0 on a CPU (no graphs).
+        self.graph_bytes = 0
+        self._measuring = False       # a _measured() block is open (an inner one adds nothing)
         self._streams = None          # (warm-up, capture) streams of every capture (streams())
         self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
@@ -241,11 +250,49 @@ class FastEngine:
         """A fill's embeddings input: the first B x q x H elements of the cache's shared buffer."""
         return inp["emb"][:B * q * inp["H"]].view(B, q, inp["H"])
 
+    def held_bytes(self) -> int:
+        """What the cap counts as held: the static caches plus the graph memory (graph_bytes)."""
+        return self.cache_bytes + self.graph_bytes
+
+    def graph_need(self, keys, sampling: bool = False) -> int:
+        """The graph memory held once a plan's shapes (batch.shapes_of keys) are prepared:
+        graph_bytes now, or budget.graph_bytes of the largest capture still to make when that
+        is more (the captures share one pool: a new one reuses what earlier ones left there).
+        Only graph_bytes where nothing is captured (a CPU, compile off): 0 there."""
+        if not (self.cuda and self.compile):
+            return self.graph_bytes
+        from .. import budget
+        est = 0
+        for k in keys:
+            if k[0] == "fill" and self.fill_key(*k[1:]) not in self._ready:
+                role, B, L, q = k[1], k[2], k[3], k[4]
+            elif k[0] == "step" and tuple(k[1:]) not in self._ready:
+                role, B, L, q = k[1], k[2], k[3], 0  # its graph tree: the logits
+            else:
+                continue
+            c = self.model(role).config
+            est = max(est, budget.graph_bytes(
+                c.to_dict(), B, q, L, self.pipe.dtype.itemsize,
+                getattr(c, "_attn_implementation", None) or "eager", sampling))
+        return max(self.graph_bytes, est)
+
     def _evict_for(self, need: int) -> None:
         """Free least recently used caches (and the compiled steps bound to them) until `need`
-        more bytes fit under the cap; a cache the current generation took stays."""
+        more bytes fit under the cap with what is held (held_bytes: the caches and the graph
+        memory); a cache the current generation took stays.
+
+        Only the caches' bytes come back: graph_bytes is never lowered here. A captured fill,
+        projection or step dropped with its cache leaves its blocks in the engine's one graph
+        pool (_graph_pool), which later captures reuse but the allocator never returns while
+        the pool lives. A torch.compile'd step (mode="reduce-overhead") dropped here keeps its
+        CUDA-graph recordings: torch's cudagraph trees have one tree manager and one private
+        pool per device and thread, whose manager keeps every function it recorded
+        (torch/_inductor/cudagraph_trees.py, CUDAGraphTreeManager.ids_to_funcs, never pruned)
+        until every compiled function of that device is gone or torch._dynamo.reset() (which
+        would drop every compiled step) clears the trees. Freeing one step's recordings is not
+        possible, so both stay counted as held."""
         for key in list(self._caches):
-            if self.cache_bytes + need <= self.cache_cap:
+            if self.held_bytes() + need <= self.cache_cap:
                 return
             if self._used.get(key) == self._epoch:
                 continue
@@ -259,10 +306,13 @@ class FastEngine:
                 self._binds.pop(k, None)
                 self._ready.discard(k)
             self._ready -= {k for k in self._ready if k[:3] == key}
-        if self.cache_bytes + need > self.cache_cap:
+        if self.held_bytes() + need > self.cache_cap:
+            graphs = (f" with {self.graph_bytes / 2**20:,.0f} MB of graph memory"
+                      if self.graph_bytes else "")
             warnings.warn(f"fast engine: the static caches one generation needs"
-                          f" ({(self.cache_bytes + need) / 2**20:,.0f} MB) exceed the cache cap"
-                          f" ({self.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}); allocating anyway.")
+                          f" ({(self.cache_bytes + need) / 2**20:,.0f} MB){graphs} exceed the"
+                          f" cache cap ({self.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV});"
+                          " allocating anyway.")
 
     def cache(self, role: str, B: int, L: int, use: bool = True):
         """The (role, B, L) static cache with its write position reset to 0. `use`: a
@@ -294,9 +344,11 @@ class FastEngine:
         return c
 
     def cache_stats(self) -> dict:
-        """What the static caches hold and how often a generation found its cache allocated."""
+        """What the static caches hold (held_mb), the graph memory counted beside them under
+        the cap (graph_mb, graph_bytes) and how often a generation found its cache allocated."""
         req = self.cache_requests
         return {"held_mb": round(self.cache_bytes / 2**20, 3),
+                "graph_mb": round(self.graph_bytes / 2**20, 3),
                 "cap_mb": round(self.cache_cap / 2**20, 3), "caches": len(self._caches),
                 "requests": req, "reuses": self.cache_reuses, "evictions": self.cache_evictions,
                 "reuse_ratio": round(self.cache_reuses / req, 4) if req else None}
@@ -409,7 +461,8 @@ class FastEngine:
         runs on that stream outside a capture), so evicting a cache (which destroys the graphs
         bound to it) never frees a workspace that graphs still alive point at."""
         if self._pool is None:
-            with on_device(self.device):  # the pool and the anchor on the models' device
+            # the pool and the anchor on the models' device; its bytes in graph_bytes
+            with on_device(self.device), self._measured():
                 pool = torch.cuda.graph_pool_handle()
                 a = torch.ones(64, 64, dtype=self.pipe.dtype, device=self.device)
                 cur = torch.cuda.current_stream(self.device)
@@ -436,6 +489,35 @@ class FastEngine:
         (ns: where the sharer stops, the plan's last section; n by default)."""
         return ("receiver", B, L, ("proj", n, sharer_len(n if ns is None else ns)))
 
+    def _reserved(self) -> int:
+        """The bytes the device's caching allocator reserves now (torch.cuda.memory_reserved:
+        graph pools included, which max_memory_allocated misses); 0 on a CPU, where nothing is
+        captured. Tests replace it to stand for a GPU's growth."""
+        if not self.cuda:
+            return 0
+        return int(torch.cuda.memory_reserved(self.device))
+
+    @contextmanager
+    def _measured(self):
+        """Add to graph_bytes what the block adds to the device's reserved memory beyond what
+        it adds to the static caches (cache_bytes, which counts them): the graph pool's growth,
+        compiled steps' graph trees, cuBLAS workspaces, and blocks the warm-up runs leave cached
+        on the warm-up stream. The caches' net growth is subtracted: a cache evicted in the
+        block leaves its blocks reserved, where the next cache is allocated (so a cache
+        that does not fit them counts the difference as graph memory: more held, never
+        less). Never negative; a block inside another adds nothing of its own (the outer one
+        counts it once)."""
+        if self._measuring:
+            yield
+            return
+        self._measuring = True
+        try:
+            r0, c0 = self._reserved(), self.cache_bytes
+            yield
+        finally:
+            self._measuring = False
+        self.graph_bytes += max(self._reserved() - r0 - max(self.cache_bytes - c0, 0), 0)
+
     def _prepared(self, key: tuple, warm) -> None:
         """Allocate, compile and (on CUDA) capture the callable `key` by running `warm()`, then
         reset the caches it wrote; the seconds go to compile_s."""
@@ -445,7 +527,7 @@ class FastEngine:
         if self.compile_cache is not None:
             from ..compile_cache import counts
             hits0, misses0 = counts()
-        with torch.inference_mode(), on_device(self.device):
+        with torch.inference_mode(), on_device(self.device), self._measured():
             warm()
             if self.cuda:
                 torch.cuda.synchronize(self.device)

@@ -87,7 +87,8 @@ class SlotGroup:
         for i, k in enumerate(self.sizes, 1):
             cancel.say(f"{eng.verb('step')} the {role} step for {k} of {slots} slots x"
                        f" {columns} positions ({i} of {len(self.sizes)})")
-            with torch.inference_mode():
+            # the step's CUDA-graph recordings are graph memory under the engine's cap
+            with torch.inference_mode(), eng._measured():
                 self._steps[k] = eng._make_step(role, self._rows_view(k, m, heads, hd),
                                                 columns, greedy)
                 ids = torch.full((k, 1), self.pad, dtype=torch.long, device=self.dev)

@@ -14,9 +14,12 @@ from ...report import analysis
 
 # --- tables --------------------------------------------------------------------------------
 
-#: Columns of the live results table: raw key → heading with unit.
+#: Columns of the live results table: raw key → heading with unit. Peak memory reserved beside
+#: peak memory (allocated): on the fast engine the CUDA-graph pools show only in the reserved
+#: peak, so that is the one to compare across engines (docs/numbers.md); empty on a CPU.
 RESULT_COLUMNS = ["id", "mode", "repeat", "prompt_tokens", "num_generated_tokens", "ttft_ms",
-                  "decode_avg_ms", "tokens_per_second", "e2e_ms", "peak_memory_mb"]
+                  "decode_avg_ms", "tokens_per_second", "e2e_ms", "peak_memory_mb",
+                  "peak_memory_reserved_mb"]
 
 
 def _short(text: Any, n: int = 70) -> str:
