@@ -179,13 +179,13 @@ def test_graph_bytes_grow_with_batch_and_prompt_length():
     assert ws == 64 * 2**20  # two streams, PyTorch's default workspace on Hopper each
     # the activations term, by hand: batch x q x (6 hidden + 3 intermediate) x bytes
     act = 4 * 64 * (6 * 1024 + 3 * 3072) * 2
-    mask = 4 * 64 * 128 * 3
+    mask = 4 * (64 * 64 + 128) * 3  # the prefill's q x q (it sees no further), the step's L
     logits = 4 * 151936 * 2
     assert f(CONFIG, 4, 64, 128, 2) == act + mask + logits + ws
     # eager attention materialises the scores (and softmax's float32 copy); sampling keeps
     # the step's float32 logits
     assert f(CONFIG, 4, 64, 128, 2, attn="eager") - f(CONFIG, 4, 64, 128, 2) == \
-        4 * 16 * 64 * 128 * (2 + 4)
+        4 * 16 * 64 * 64 * (2 + 4)
     assert f(CONFIG, 4, 64, 128, 2, sampling=True) - f(CONFIG, 4, 64, 128, 2) == 4 * 151936 * 4
 
 

@@ -164,9 +164,12 @@ def graph_bytes(config: dict, batch: int, q: int, cache_len: int, dtype_bytes: i
 
     - activations: batch x q x (ACT_HIDDEN x hidden + ACT_INTERMEDIATE x intermediate) x dtype
       bytes (one layer's live tensors; the pool reuses them layer after layer);
-    - the attention mask: batch x q x cache_len, as bools and in the dtype (sdpa and eager);
-    - eager attention only (it materialises the scores): batch x heads x q x cache_len in the
-      dtype plus the softmax's float32 copy (sdpa's kernels do not);
+    - the attention masks, as bools and in the dtype (sdpa and eager): a prefill's queries
+      attend over the positions up to their own (engine.cache_view), batch x q x q; the decode
+      step's one query over the whole cache, batch x cache_len;
+    - eager attention only (it materialises the scores): the larger of the prefill's batch x
+      heads x q x q and the step's batch x heads x cache_len, in the dtype plus the softmax's
+      float32 copy (sdpa's kernels do not);
     - the decode step's logits: batch x vocab in the dtype, and in float32 when sampling (the
       step returns them for the sampler);
     - GRAPH_STREAMS x CUBLAS_WORKSPACE_BYTES."""
@@ -177,8 +180,8 @@ def graph_bytes(config: dict, batch: int, q: int, cache_len: int, dtype_bytes: i
     vocab = _int(d, "vocab_size", default=32000)
     b, q, L = max(batch, 1), max(q, 0), max(cache_len, q, 0)
     act = b * q * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter) * dtype_bytes
-    mask = b * q * L * (1 + dtype_bytes)
-    scores = b * heads * q * L * (dtype_bytes + 4) if attn == "eager" else 0
+    mask = b * (q * q + L) * (1 + dtype_bytes)
+    scores = b * heads * max(q * q, L) * (dtype_bytes + 4) if attn == "eager" else 0
     logits = b * vocab * (dtype_bytes + (4 if sampling else 0))
     return act + mask + scores + logits + GRAPH_STREAMS * CUBLAS_WORKSPACE_BYTES
 
