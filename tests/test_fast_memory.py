@@ -192,3 +192,35 @@ def test_a_generation_larger_than_the_cap_is_refused_before_it_runs(pipe_cfg):
         fast.prepare_plan(pipe, cfg, [items], ["c2c"])
     assert "C2C_CACHE_CAP_MB" in str(e.value) and "\n" not in str(e.value)
     assert not eng._ready  # nothing was prepared
+
+
+def test_a_slot_group_is_held_under_the_cap_beside_the_caches(pipe_cfg):
+    """A server's slot group keeps its own cache outside the LRU: it counts in what the cap
+    holds while it lives (a batch run's caches make room for it, then evict around it), a
+    second group that would not fit beside it is refused in one sentence, and its bytes are
+    given back when it goes."""
+    import gc
+    from c2c_core.engines.fast.slots import SlotGroup
+    from c2c_core.spec.errors import UserError
+    pipe, cfg, eng = pipe_cfg
+    _gen(pipe, cfg, PROMPTS[:1], mode="receiver")
+    from c2c_core.plan.item import build_plan
+    n = len(build_plan(pipe, cfg, Item(3, PROMPTS[2]), "receiver").ids)
+    big = eng.cache_nbytes("receiver", 1, fast.bucket(n + cfg.gen.max_new_tokens))
+    group = SlotGroup(pipe, "receiver", 2, 64, True)
+    assert eng.group_bytes() == group.nbytes > 0
+    assert eng.cache_stats()["slots_mb"] == round(group.nbytes / 2**20, 3)
+    eng.cache_cap = group.nbytes + big  # the group and one batch cache, no more
+    evicted = eng.cache_evictions
+    _gen(pipe, cfg, PROMPTS[2:3], mode="receiver")  # another bucket: the first cache goes
+    assert eng.held_bytes() <= eng.cache_cap, eng.cache_stats()
+    assert eng.cache_evictions > evicted
+    eng.cache_cap = 2 * group.nbytes - 1  # a second group would not fit beside the first
+    with pytest.raises(UserError, match=r"The receiver's 2 slots of 64 positions need .* MB of"
+                                        r" cache beside .* MB held already, more than the fast"
+                                        r" engine's cap .*; use fewer --slots"):
+        SlotGroup(pipe, "receiver", 2, 64, True)
+    del group
+    gc.collect()
+    assert eng.group_bytes() == 0
+    SlotGroup(pipe, "receiver", 2, 64, True)  # fits once the first is gone

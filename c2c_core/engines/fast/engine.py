@@ -163,6 +163,8 @@ class FastEngine:
         #: (for later captures) or in its graph tree (_evict_for). 0 on a CPU (no graphs).
         self.graph_bytes = 0
         self._measuring = False       # a _measured() block is open (an inner one adds nothing)
+        import weakref
+        self._groups = weakref.WeakSet()  # live slot groups (group_bytes)
         self._streams = None          # (warm-up, capture) streams of every capture (streams())
         self.compile_cache = None     # compile_cache.setup()'s state once something compiled
         models = [pipe.receiver] + [sl.model for sl in pipe.sharers]
@@ -251,8 +253,14 @@ class FastEngine:
         return inp["emb"][:B * q * inp["H"]].view(B, q, inp["H"])
 
     def held_bytes(self) -> int:
-        """What the cap counts as held: the static caches plus the graph memory (graph_bytes)."""
-        return self.cache_bytes + self.graph_bytes
+        """What the cap counts as held: the static caches, the graph memory (graph_bytes) and
+        the continuous-batching slot groups' caches (group_bytes)."""
+        return self.cache_bytes + self.graph_bytes + self.group_bytes()
+
+    def group_bytes(self) -> int:
+        """Bytes of the live slot groups' caches (slots.SlotGroup: outside the LRU, never
+        evicted; gone with their group)."""
+        return sum(g.nbytes for g in self._groups)
 
     def graph_need(self, keys, sampling: bool = False) -> int:
         """The graph memory held once a plan's shapes (batch.shapes_of keys) are prepared:
@@ -349,6 +357,7 @@ class FastEngine:
         req = self.cache_requests
         return {"held_mb": round(self.cache_bytes / 2**20, 3),
                 "graph_mb": round(self.graph_bytes / 2**20, 3),
+                "slots_mb": round(self.group_bytes() / 2**20, 3),
                 "cap_mb": round(self.cache_cap / 2**20, 3), "caches": len(self._caches),
                 "requests": req, "reuses": self.cache_reuses, "evictions": self.cache_evictions,
                 "reuse_ratio": round(self.cache_reuses / req, 4) if req else None}

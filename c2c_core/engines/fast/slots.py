@@ -55,19 +55,26 @@ class SlotGroup:
         self.eng = eng = engine_for(pipe)
         self.pipe, self.role, self.S, self.L, self.greedy = pipe, role, slots, columns, greedy
         self.dev = pipe.device
-        need = eng.cache_nbytes(role, slots, columns)
-        if need > eng.cache_cap:
+        layers, heads, hd = kv_shape(eng.model(role).config)
+        need = layers * slots * heads * columns * hd * 2 * pipe.dtype.itemsize
+        kept = eng.graph_bytes + eng.group_bytes()  # what no eviction gives back
+        if need + kept > eng.cache_cap:
+            other = f" beside {kept / 2**20:,.0f} MB held already" if kept else ""
             raise UserError(f"The {role}'s {slots} slots of {columns} positions need"
-                            f" {need / 2**20:,.0f} MB of cache, more than the fast engine's cap"
-                            f" ({eng.cache_cap / 2**20:,.0f} MB); use fewer --slots or a lower"
-                            " --max_prompt_tokens or --max_new_tokens.")
+                            f" {need / 2**20:,.0f} MB of cache{other}, more than the fast"
+                            f" engine's cap ({eng.cache_cap / 2**20:,.0f} MB); use fewer --slots"
+                            " or a lower --max_prompt_tokens or --max_new_tokens.")
+        eng.begin()
+        eng._evict_for(need)  # batch runs' least recently used caches make room
+        #: the group's cache bytes, held under the engine's cap while the group lives
+        self.nbytes = need
         m = eng.model(role)
         t0 = time.perf_counter()
         # the group's own cache, outside the engine's LRU: nothing a batch run or an arrival's
         # prefill allocates can evict it or reset its write position
         self.cache = StaticCache(config=_full_attention(m.config), max_cache_len=columns)
-        _, heads, hd = kv_shape(m.config)
         self.cache.early_initialization(slots, heads, hd, pipe.dtype, self.dev)
+        eng._groups.add(self)
         self.pad = eng.pad_id(role)
         self.c = 0                                   # the column the next step writes
         self.tok = [self.pad] * slots                # each slot's input at the next step
