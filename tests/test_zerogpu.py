@@ -1,0 +1,185 @@
+"""ZeroGPU (issue 25 item 9): with `spaces` installed and SPACES_ZERO_GPU set, the fast engine
+uses its captured step and never calls inductor; an explicit C2C_FAST_STEP=compile is refused;
+the app asks `spaces.GPU` for a duration computed from the job's size; records say whether a
+run paid for preparation (run.fresh_process, run.prepared_shapes). A CPU or ordinary GPU Space
+(the package installed, SPACES_ZERO_GPU unset) changes nothing.
+
+No GPU and no real `spaces` here: a fake module stands in for it (sys.modules)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import replace
+
+import pytest
+import torch
+
+from c2c_core.bench.runner import Item, generate, run_many
+from c2c_core.engines import fast
+from c2c_core.engines import generation
+from c2c_core.io.records import check_record
+from c2c_core.measure import zerogpu
+from c2c_core.measure.timing import Timer
+from c2c_core.spec.errors import UserError
+
+PROMPT = "Say hello."
+
+
+class FakeSpaces(types.ModuleType):
+    """`spaces` as far as the app uses it: GPU(duration=...) returns a decorator; the
+    durations asked for are kept."""
+
+    def __init__(self):
+        super().__init__("spaces")
+        self.durations: list = []
+
+    def GPU(self, task=None, *, duration=None, size=None):  # noqa: N802 - the package's name
+        def wrap(fn):
+            def call(*args, **kwargs):
+                d = duration(*args, **kwargs) if callable(duration) else duration
+                self.durations.append(d)
+                return fn(*args, **kwargs)
+            call.duration = duration
+            return call
+        return wrap(task) if callable(task) else wrap
+
+
+@pytest.fixture
+def spaces_installed(monkeypatch):
+    fake = FakeSpaces()
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.delenv("C2C_FAST_STEP", raising=False)
+    return fake
+
+
+@pytest.fixture
+def zero(spaces_installed, monkeypatch):
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    return spaces_installed
+
+
+@pytest.fixture
+def no_inductor(monkeypatch):
+    """torch.compile and the inductor cache set-up fail the test if anything calls them."""
+    def refuse(*a, **k):
+        raise AssertionError("torch.compile called on ZeroGPU")
+    monkeypatch.setattr(torch, "compile", refuse)
+    from c2c_core.engines import compile_cache
+    monkeypatch.setattr(compile_cache, "setup", refuse)
+
+
+def test_zerogpu_needs_the_package_and_the_variable(spaces_installed, monkeypatch):
+    assert not zerogpu.on_zerogpu()  # an ordinary Space: spaces installed, no variable
+    for v in ("1", "true", "True", "t"):
+        monkeypatch.setenv("SPACES_ZERO_GPU", v)
+        assert zerogpu.on_zerogpu()
+    monkeypatch.setenv("SPACES_ZERO_GPU", "0")
+    assert not zerogpu.on_zerogpu()
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    monkeypatch.setitem(sys.modules, "spaces", None)  # the variable without the package
+    assert not zerogpu.on_zerogpu()
+
+
+def test_on_zerogpu_the_engine_captures_and_never_compiles(tiny_pipe, zero, no_inductor):
+    """The captured step (a CPU has no graphs: the step runs as it is), prefills prepared as
+    callables without inductor, the same tokens as the eager engine."""
+    pipe, cfg = tiny_pipe
+    old = getattr(pipe, "_fast_engine", None)
+    eng = pipe._fast_engine = fast.FastEngine(pipe, compile=True, graphs=True)
+    try:
+        assert eng.step_mode == "capture" and not eng.inductor and eng.compile_cache is None
+        assert eng.name == "fast-capture"
+        assert eng.verb("step") == "preparing" and eng.verb("graph") == "preparing"
+        c = replace(cfg, engine="fast", gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=4))
+        item = Item(1, PROMPT)
+        fast.prepare_plan(pipe, c, [[item]], ["c2c"])
+        got = fast.generate_batch(pipe, c, [item], "c2c", Timer(pipe.device))[0].tokens
+        assert eng.prepared > 0 and eng.late == 0
+        assert not any(hasattr(s, "_torchdynamo_orig_callable") for s in eng._steps.values())
+    finally:
+        pipe._fast_engine = old
+    want = generate(pipe, replace(c, engine="eager"), item, "c2c", Timer(pipe.device)).tokens
+    assert got == want
+
+
+def test_an_explicit_compile_step_is_refused_on_zerogpu(tiny_pipe, zero, monkeypatch):
+    pipe, _ = tiny_pipe
+    monkeypatch.setenv("C2C_FAST_STEP", "compile")
+    with pytest.raises(UserError, match=r"C2C_FAST_STEP=compile cannot run on ZeroGPU.*unset"
+                                        r" C2C_FAST_STEP or set C2C_FAST_STEP=capture\."):
+        fast.FastEngine(pipe, compile=True)
+    monkeypatch.setenv("C2C_FAST_STEP", "capture")  # what the sentence says works
+    assert fast.FastEngine(pipe, compile=True).step_mode == "capture"
+
+
+def test_an_ordinary_space_keeps_the_compiled_step(tiny_pipe, spaces_installed):
+    pipe, _ = tiny_pipe
+    assert fast.engine.step_mode() == "compile"
+    eng = fast.FastEngine(pipe, compile=False)
+    assert eng.step_mode == "compile" and not eng.inductor and eng.name == "fast-nocompile"
+
+
+# --- records: did this run pay for preparation? --------------------------------------------
+
+def test_the_first_run_in_a_process_pays_for_preparation_the_second_does_not(tiny_pipe,
+                                                                             monkeypatch):
+    """A fresh process (the pid count reset, as in a forked ZeroGPU worker) and a new engine:
+    the first run prepares its shapes and says so; the same run again finds them ready."""
+    pipe, cfg = tiny_pipe
+    c = replace(cfg, engine="fast", mode="receiver",
+                gen=replace(cfg.gen, ignore_eos=True, max_new_tokens=4))
+    monkeypatch.setattr(generation, "_PROCESS_RUNS", {"pid": None, "runs": 0})
+    old = getattr(pipe, "_fast_engine", None)
+    pipe._fast_engine = fast.FastEngine(pipe, compile=False)
+    try:
+        first = run_many(pipe, c, [PROMPT])
+        second = run_many(pipe, c, [PROMPT])
+    finally:
+        pipe._fast_engine = old
+    r1, r2 = first[0]["run"], second[0]["run"]
+    assert r1["fresh_process"] is True and r1["prepared_shapes"] > 0 and r1["compile_s"] >= 0
+    assert r2["fresh_process"] is False and r2["prepared_shapes"] == 0
+    assert first[0]["timing"]["late_prepare_ms"] == 0 == second[0]["timing"]["late_prepare_ms"]
+    assert check_record(first[0]) == [] and check_record(second[0]) == []
+    eager = run_many(pipe, replace(c, engine="eager"), [PROMPT])[0]
+    assert eager["run"]["prepared_shapes"] == 0 and eager["run"]["fresh_process"] is False
+    assert check_record(eager) == []
+
+    from c2c_core.report.runreport import ENV_KEYS, build_summary
+    assert {"fresh_process", "prepared_shapes"} <= set(ENV_KEYS)  # X.summary.json carries them
+    flat = str(build_summary(first + second))
+    assert "'fresh_process': [True, False]" in flat, flat[:2000]
+
+
+def test_the_record_fields_are_checked(tiny_pipe):
+    pipe, cfg = tiny_pipe
+    rec = run_many(pipe, replace(cfg, engine="eager", mode="receiver",
+                                 gen=replace(cfg.gen, max_new_tokens=2)), [PROMPT])[0]
+    assert check_record(rec) == []
+    bad = {**rec, "run": {**rec["run"], "fresh_process": "yes", "prepared_shapes": -1}}
+    assert set(check_record(bad)) == {"run.fresh_process is not true or false",
+                                      "run.prepared_shapes is not a whole number >= 0"}
+    old = {**rec, "run": {k: v for k, v in rec["run"].items()
+                          if k not in ("fresh_process", "prepared_shapes")}}
+    assert check_record(old) == []  # files written before the fields are still valid
+
+
+# --- the duration asked for ---------------------------------------------------------------
+
+def test_the_estimate_grows_with_the_job_and_is_clamped(monkeypatch):
+    monkeypatch.delenv(zerogpu.MAX_ENV, raising=False)
+    small = zerogpu.estimate_seconds(1, 50, shapes=2)
+    assert zerogpu.MIN_S <= small < zerogpu.MAX_S
+    assert zerogpu.estimate_seconds(0) == max(zerogpu.MIN_S,
+                                              math.ceil(zerogpu.BASE_S * zerogpu.MARGIN))
+    mid = zerogpu.estimate_seconds(10, 100, shapes=4)
+    assert small < mid
+    assert zerogpu.estimate_seconds(10, 100, shapes=8) > mid  # more shapes to prepare
+    assert zerogpu.estimate_seconds(10_000, 4096, shapes=50) == zerogpu.MAX_S
+    monkeypatch.setenv(zerogpu.MAX_ENV, "600")
+    assert zerogpu.estimate_seconds(10_000, 4096, shapes=50) == 600
+    monkeypatch.setenv(zerogpu.MAX_ENV, "5")  # never below the floor
+    assert zerogpu.estimate_seconds(10_000, 4096) == zerogpu.MIN_S
