@@ -171,15 +171,89 @@ def test_the_record_fields_are_checked(tiny_pipe):
 
 def test_the_estimate_grows_with_the_job_and_is_clamped(monkeypatch):
     monkeypatch.delenv(zerogpu.MAX_ENV, raising=False)
-    small = zerogpu.estimate_seconds(1, 50, shapes=2)
+    small = zerogpu.estimate_seconds(50, shapes=2)
     assert zerogpu.MIN_S <= small < zerogpu.MAX_S
     assert zerogpu.estimate_seconds(0) == max(zerogpu.MIN_S,
                                               math.ceil(zerogpu.BASE_S * zerogpu.MARGIN))
-    mid = zerogpu.estimate_seconds(10, 100, shapes=4)
+    mid = zerogpu.estimate_seconds(1000, shapes=4)
     assert small < mid
-    assert zerogpu.estimate_seconds(10, 100, shapes=8) > mid  # more shapes to prepare
-    assert zerogpu.estimate_seconds(10_000, 4096, shapes=50) == zerogpu.MAX_S
+    assert zerogpu.estimate_seconds(1000, shapes=8) > mid  # more shapes to prepare
+    assert zerogpu.estimate_seconds(10_000_000, shapes=50) == zerogpu.MAX_S
     monkeypatch.setenv(zerogpu.MAX_ENV, "600")
-    assert zerogpu.estimate_seconds(10_000, 4096, shapes=50) == 600
+    assert zerogpu.estimate_seconds(10_000_000, shapes=50) == 600
     monkeypatch.setenv(zerogpu.MAX_ENV, "5")  # never below the floor
-    assert zerogpu.estimate_seconds(10_000, 4096) == zerogpu.MIN_S
+    assert zerogpu.estimate_seconds(10_000_000) == zerogpu.MIN_S
+    monkeypatch.delenv(zerogpu.MAX_ENV)
+    assert zerogpu.estimate_seconds(1000, wait_s=60) > zerogpu.estimate_seconds(1000)
+
+
+# --- each endpoint's duration, from the job's own arguments ------------------------------------
+
+SETTINGS = dict(mode="c2c", max_new_tokens=64, warmup=1, repeats=1, engine="auto", batch_size=1)
+
+
+def test_each_job_asks_more_as_it_grows(monkeypatch):
+    from c2c_core.frontends.ui import durations as d
+    monkeypatch.setenv(zerogpu.MAX_ENV, "100000")  # unclamped: only growth is looked at
+    one = d.batch({"prompts": "What is 2+2?", **SETTINGS})
+    assert d.batch({"prompts": "What is 2+2?\n" * 20, **SETTINGS}) > one
+    assert d.batch({"prompts": "What is 2+2?", **SETTINGS, "max_new_tokens": 512}) > one
+    assert d.batch({"prompts": "What is 2+2?", **SETTINGS, "mode": "all"}) > one
+    assert d.batch({"prompts": "What is 2+2?", **SETTINGS, "repeats": 5}) > one
+    assert d.batch({"prompts": "x" * 3000, **SETTINGS}) > one  # a longer prompt
+    # the eager engine prepares no shapes
+    assert d.batch({"prompts": "What is 2+2?", **SETTINGS, "engine": "eager"}) < one
+    assert d.profile({"prompt": "What is 2+2?", **SETTINGS}) > one  # its profiled runs
+    assert d.dataset({"num_samples": 40, **SETTINGS}) > d.dataset({"num_samples": 4, **SETTINGS})
+    assert d.sweep({"input_lens": "16,64", "output_lens": "32", "batch_sizes": "1", **SETTINGS}) \
+        < d.sweep({"input_lens": "16,64,256", "output_lens": "32,128", "batch_sizes": "1,4",
+                    **SETTINGS})
+    small = dict(modes=["c2c"], rates="1", requests=4, max_tokens=32, slots=4, slo="")
+    assert d.load(small) < d.load({**small, "rates": "0.5"})  # arrivals take longer
+    assert d.load(small) < d.load({**small, "modes": ["c2c", "t2t"]})
+
+
+def test_each_job_is_clamped(monkeypatch):
+    from c2c_core.frontends.ui import durations as d
+    monkeypatch.delenv(zerogpu.MAX_ENV, raising=False)
+    assert d.batch({"prompts": "hi", **SETTINGS}) >= zerogpu.MIN_S
+    assert d.batch({"prompts": "hi\n" * 500, **SETTINGS, "max_new_tokens": 4096}) == zerogpu.MAX_S
+    assert d.dataset({"num_samples": None, **SETTINGS}) == zerogpu.MAX_S  # every row: unknown
+    assert d.load_models({}) == zerogpu.MAX_S  # a download's time is not in the arguments
+
+
+def test_gpu_hands_spaces_a_duration_function_of_the_call(zero):
+    """gpu(f) wraps with spaces.GPU(duration=<callable>); spaces calls it with the call's own
+    arguments (positional and keyword, the run settings as **settings), and a function that
+    fails asks for the longest duration instead of failing the call."""
+    from c2c_core.frontends.ui import durations as d
+    from c2c_core.frontends.ui.jobs import gpu, space_runtime
+
+    def run_batch(prompts: str, request=None, progress=None, **settings):
+        return f"ran {len(prompts.splitlines())}"
+
+    wrapped = gpu(d.batch)(run_batch)
+    assert callable(wrapped.duration)
+    assert wrapped("a\nb", None, None, **SETTINGS) == "ran 2"
+    assert wrapped(prompts="a\nb\nc", **{**SETTINGS, "max_new_tokens": 2048}) == "ran 3"
+    small, big = zero.durations
+    assert small == d.batch({"prompts": "a\nb", **SETTINGS}) and big > small
+
+    def broken(a):
+        raise ValueError("bad input")
+    gpu(broken)(run_batch)("a", **SETTINGS)
+    assert zero.durations[-1] == zerogpu.max_seconds()
+    assert gpu(45)(run_batch).duration == 45  # a fixed duration still passes as is
+    assert space_runtime()
+
+
+def test_an_ordinary_space_and_no_spaces(spaces_installed, monkeypatch):
+    """Without SPACES_ZERO_GPU the package is still used as it was (it returns the function
+    unchanged on such hardware); without the package gpu() returns the function itself."""
+    from c2c_core.frontends.ui.jobs import gpu, space_runtime
+    assert not space_runtime()
+
+    def f(prompts, **settings):
+        return 1
+    monkeypatch.setitem(sys.modules, "spaces", None)
+    assert gpu(lambda a: 10)(f) is f

@@ -613,11 +613,11 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
         elif run.get("settings_digest") != settings_digest(st):
             problems.append("run.settings_digest does not match run.settings")
     if isinstance(run, dict):
-        if "fresh_process" in run and not isinstance(run["fresh_process"], bool):
+        # (null: not known, e.g. a record rebuilt from an older file's fields)
+        fp, ps = run.get("fresh_process"), run.get("prepared_shapes")
+        if fp is not None and not isinstance(fp, bool):
             problems.append("run.fresh_process is not true or false")
-        ps = run.get("prepared_shapes")
-        if "prepared_shapes" in run and (not isinstance(ps, int) or isinstance(ps, bool)
-                                         or ps < 0):
+        if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
             problems.append("run.prepared_shapes is not a whole number >= 0")
     fe = run.get("frontend", "cli") if isinstance(run, dict) else "cli"
     if fe not in FRONTENDS:

@@ -99,13 +99,13 @@ def max_seconds() -> int:
         return MAX_S
 
 
-def estimate_seconds(generations: float = 0, tokens_per_generation: float = 0,
-                     shapes: int = 0, wait_s: float = 0.0) -> int:
-    """GPU seconds to ask for a job: BASE_S (worker start, weights to the GPU) + `shapes` x
-    PREPARE_S_PER_SHAPE + `generations` x `tokens_per_generation` x S_PER_TOKEN + `wait_s`
-    (time the job spends waiting by design, e.g. a load test's arrivals), times MARGIN, rounded
-    up and clamped to [MIN_S, max_seconds()]. Pure: no torch, no `spaces`."""
-    work = (BASE_S + max(shapes, 0) * PREPARE_S_PER_SHAPE
-            + max(generations, 0) * max(tokens_per_generation, 0) * S_PER_TOKEN
+def estimate_seconds(tokens: float = 0, shapes: int = 0, wait_s: float = 0.0) -> int:
+    """GPU seconds to ask for a job: (BASE_S (worker start, weights to the GPU) + `shapes` x
+    PREPARE_S_PER_SHAPE + `tokens` x S_PER_TOKEN + `wait_s`) x MARGIN, rounded up and clamped to
+    [MIN_S, max_seconds()]. `tokens`: the sum over the job's generations of their prompt + new
+    tokens (a batch's rows share their steps: its longest row counts once); `shapes`: the shapes
+    the fast engine prepares for it; `wait_s`: time the job waits by design (a load test's
+    arrivals). Pure: no torch, no `spaces`."""
+    work = (BASE_S + max(shapes, 0) * PREPARE_S_PER_SHAPE + max(tokens, 0) * S_PER_TOKEN
             + max(wait_s, 0.0))
     return int(min(max(math.ceil(work * MARGIN), MIN_S), max_seconds()))
