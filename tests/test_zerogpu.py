@@ -257,3 +257,43 @@ def test_an_ordinary_space_and_no_spaces(spaces_installed, monkeypatch):
         return 1
     monkeypatch.setitem(sys.modules, "spaces", None)
     assert gpu(lambda a: 10)(f) is f
+
+
+# --- only the shapes the call needs --------------------------------------------------------------
+
+def test_a_load_job_prepares_only_its_modes_slot_groups(tiny_cfg_kwargs):
+    """The Load tab's scheduler gets the job's modes: a c2c/receiver sweep makes no sharer slot
+    group (a t2t or sharer one does), and its served records say what the groups prepared."""
+    from c2c_core.bench.serving import Scheduler
+    from c2c_core.models.loading import load_pipeline
+    from c2c_core.spec.config import build_run_config
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 4}, engine="fast")
+    pipe = load_pipeline(cfg)
+    eng = fast.engine_for(pipe, compile=False)
+    s = Scheduler(pipe, cfg, slots=2, max_queue=4, max_prompt_tokens=32,
+                  modes=["c2c", "receiver"])
+    try:
+        assert set(s.groups) == {"receiver"} and s.modes == ["c2c", "receiver"]
+        assert s._prepared[0] == len(s.groups["receiver"].sizes) == 2  # steps of 1 and 2 slots
+        with pytest.raises(UserError, match="serves c2c, receiver"):
+            s.submit("t2t", "hi")
+    finally:
+        s.close()
+    s = Scheduler(pipe, cfg, slots=2, max_queue=4, max_prompt_tokens=32, modes=["t2t"])
+    try:
+        assert set(s.groups) == {"receiver", "sharer"}
+        # the receiver's columns grow by the t2t answer's room: both groups are new
+        assert s._prepared[0] == 4
+    finally:
+        s.close()
+    s = Scheduler(pipe, cfg, slots=2, max_queue=4, max_prompt_tokens=32, modes=["t2t"])
+    try:
+        assert s._prepared[0] == 0  # the same job again: its groups were kept, nothing to pay
+    finally:
+        s.close()
+    every = Scheduler(pipe, cfg, slots=2, max_queue=4, max_prompt_tokens=32)  # `serve`
+    try:
+        assert set(every.groups) == {"receiver", "sharer"} and len(every.modes) == 4
+    finally:
+        every.close()
+    assert eng.prepared >= 4
