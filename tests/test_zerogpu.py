@@ -297,3 +297,21 @@ def test_a_load_job_prepares_only_its_modes_slot_groups(tiny_cfg_kwargs):
     finally:
         every.close()
     assert eng.prepared >= 4
+
+
+def test_the_app_wraps_every_model_job_with_its_duration(zero):
+    """Built on (fake) ZeroGPU, each model endpoint is a spaces.GPU function whose duration is
+    computed from the call: e.g. the batch endpoint's grows with its prompt list."""
+    from c2c_core.frontends.ui import build_app
+    from c2c_core.frontends.ui import durations as d
+    demo = build_app()
+    fns = {bf.api_name: bf.fn for bf in demo.fns.values()
+           if getattr(bf, "api_name", None) in ("load_models", "profile", "batch", "dataset",
+                                                 "sweep", "load")}
+    assert set(fns) == {"load_models", "profile", "batch", "dataset", "sweep", "load"}
+    assert all(callable(f.duration) for f in fns.values())
+    batch = fns["batch"].duration
+    assert batch("a\nb", None, None, **SETTINGS) == d.batch({"prompts": "a\nb", **SETTINGS})
+    assert batch("a\n" * 40, None, None, **SETTINGS) > batch("a", None, None, **SETTINGS)
+    assert fns["sweep"].duration("16,64", "32", "1", **SETTINGS) == d.sweep(
+        {"input_lens": "16,64", "output_lens": "32", "batch_sizes": "1", **SETTINGS})
