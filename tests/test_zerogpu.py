@@ -315,3 +315,14 @@ def test_the_app_wraps_every_model_job_with_its_duration(zero):
     assert batch("a\n" * 40, None, None, **SETTINGS) > batch("a", None, None, **SETTINGS)
     assert fns["sweep"].duration("16,64", "32", "1", **SETTINGS) == d.sweep(
         {"input_lens": "16,64", "output_lens": "32", "batch_sizes": "1", **SETTINGS})
+
+
+def test_the_app_refuses_a_compile_step_before_the_job_queues(zero, monkeypatch):
+    """The endpoints' validators (run_config) say the sentence, so no GPU time is asked for."""
+    from c2c_core.frontends.ui.runcfg import run_config
+    settings = {"preset": "smollm2-demo", "device": "cpu", "dtype": "float32", **SETTINGS}
+    assert run_config(settings).engine == "auto"
+    monkeypatch.setenv("C2C_FAST_STEP", "compile")
+    with pytest.raises(UserError, match="C2C_FAST_STEP=compile cannot run on ZeroGPU"):
+        run_config(settings)
+    assert run_config({**settings, "engine": "eager"}).engine == "eager"

@@ -51,8 +51,9 @@ def step_mode() -> str:
     refused rather than overridden: torch.compile is not supported there, and every call runs in
     a fresh worker process, so a compiled step would be compiled again inside every call's GPU
     time. A silent switch would record a run under another engine name ("fast-capture") than the
-    one its operator set; a refusal says which setting to change, once, before any GPU time is
-    spent."""
+    one its operator set; a refusal says which setting to change, before anything is prepared
+    (the app's validators call this on ZeroGPU, so a job is refused before it queues for the
+    GPU)."""
     zero = on_zerogpu()
     step = os.environ.get(STEP_ENV, "").strip().lower() or ("capture" if zero else "compile")
     if step not in ("compile", "capture"):
@@ -354,9 +355,9 @@ class FastEngine:
         """A fill or the projection as it will run in every generation of its shape: on CUDA one
         CUDA graph of `fn` as it is (captured in warm-up in about the time of one run: no
         inductor compile, which is what made the first result wait), on a CPU torch.compile'd
-        (inductor); `fn` itself with compile off, and on a CPU on ZeroGPU (no inductor there). `static`: example inputs (on CUDA, the
-        graph's input buffers); `reset()` before each warm-up run (a fill writes from its
-        cache's position 0). A capture that fails leaves `fn` op by op, with a warning."""
+        (inductor); `fn` itself with compile off, and on a CPU on ZeroGPU (no inductor there).
+        `static`: example inputs (on CUDA, the graph's input buffers); `reset()` before each
+        warm-up run (a fill writes from its cache's position 0). A capture that fails leaves `fn` op by op, with a warning."""
         if not self.compile:
             return fn
         if not self.cuda:
