@@ -326,3 +326,14 @@ def test_the_app_refuses_a_compile_step_before_the_job_queues(zero, monkeypatch)
     with pytest.raises(UserError, match="C2C_FAST_STEP=compile cannot run on ZeroGPU"):
         run_config(settings)
     assert run_config({**settings, "engine": "eager"}).engine == "eager"
+
+
+def test_the_done_line_says_what_the_job_paid():
+    from c2c_core.frontends.ui.jobs import prepare_note
+    paid = prepare_note({"engine": "fast", "prepared_shapes": 6, "compile_s": 4.2,
+                         "fresh_process": True})
+    assert paid.startswith("Preparation in a fresh process: 6 shape(s) in 4.2 s")
+    assert "none" in prepare_note({"engine": "fast", "prepared_shapes": 0, "compile_s": 0.0,
+                                   "fresh_process": False})
+    assert prepare_note({"engine": "eager", "prepared_shapes": 0}) == ""
+    assert prepare_note({"engine": "fast"}) == "" == prepare_note(None)  # an older record
