@@ -13,7 +13,7 @@ if __name__ != "__mp_main__":
     from c2c_core.measure.zerogpu import import_spaces
     import_spaces()
     from c2c_core.frontends.ui import build_app, launch_kwargs, preload
-    from c2c_core.frontends.ui.jobs import space_runtime
+    from c2c_core.frontends.ui.durations import space_runtime
 
     demo = build_app()
 

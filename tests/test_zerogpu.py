@@ -227,7 +227,7 @@ def test_gpu_hands_spaces_a_duration_function_of_the_call(zero):
     arguments (positional and keyword, the run settings as **settings), and a function that
     fails asks for the longest duration instead of failing the call."""
     from c2c_core.frontends.ui import durations as d
-    from c2c_core.frontends.ui.jobs import gpu, space_runtime
+    from c2c_core.frontends.ui.durations import gpu, space_runtime
 
     def run_batch(prompts: str, request=None, progress=None, **settings):
         return f"ran {len(prompts.splitlines())}"
@@ -250,7 +250,7 @@ def test_gpu_hands_spaces_a_duration_function_of_the_call(zero):
 def test_an_ordinary_space_and_no_spaces(spaces_installed, monkeypatch):
     """Without SPACES_ZERO_GPU the package is still used as it was (it returns the function
     unchanged on such hardware); without the package gpu() returns the function itself."""
-    from c2c_core.frontends.ui.jobs import gpu, space_runtime
+    from c2c_core.frontends.ui.durations import gpu, space_runtime
     assert not space_runtime()
 
     def f(prompts, **settings):

@@ -16,7 +16,8 @@ import gradio as gr
 from ...spec.config import build_run_config, default_preset
 from . import (batch_tab, dataset_tab, durations, fairqueue, gate, guard, load_tab,
     model_panel, profile_tab, results_tab, sweep_tab)
-from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
+from .durations import gpu
+from .jobs import MAX_UPLOAD, MODEL_QUEUE
 from .render import enable_download, offer_summary, show_files
 from .runcfg import MODELS, load_models, models_status
 from .sessions import PageConnections, purge_old_sessions, sweep_sessions

@@ -1,4 +1,5 @@
-"""The GPU seconds each app job asks ZeroGPU for, from the job's own arguments (issue 25 item 9).
+"""The GPU seconds each app job asks ZeroGPU for, from the job's own arguments (issue 25 item 9),
+and the decorator that asks for them (`gpu`).
 
 `spaces.GPU(duration=f)` calls `f` with the arguments of the call it wraps, before the GPU is
 scheduled, in the web server's process: so these functions read only those arguments (prompt
@@ -19,7 +20,7 @@ here is only what a job is made of:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from ...engines.shapes import bucket
 from ...io.prompts import BUILTIN_PROMPTS
@@ -149,3 +150,50 @@ def load(a: dict) -> int:
     sizes = slots.bit_length() + 1
     shapes = sizes * 2 + len(modes) * 2  # both decoding models' slot steps, prefills per mode
     return estimate_seconds(tokens, shapes, wait_s=wait)
+
+
+# --- the decorator ------------------------------------------------------------------------
+
+def gpu(duration: int | Callable[[dict], int] = 120) -> Callable:
+    """`spaces.GPU(duration=...)` where the `spaces` package is installed (on a CPU or ordinary
+    GPU Space the package itself returns the function unchanged); a no-op elsewhere.
+
+    `duration`: seconds, or a function of the wrapped call's arguments by name (the run
+    settings passed as **settings merged in; this module has one per endpoint) that spaces
+    calls before each call to ask ZeroGPU for that many seconds. It never fails the call: a
+    function that raises (arguments the job's own checks will refuse) asks for the longest
+    duration, zerogpu.max_seconds()."""
+    import inspect
+
+    from ...measure import zerogpu
+
+    def wrap(fn: Callable) -> Callable:
+        if not zerogpu.spaces_installed():
+            return fn
+        import spaces  # type: ignore
+        if not callable(duration):
+            return spaces.GPU(duration=duration)(fn)
+        sig = inspect.signature(fn)
+
+        def seconds(*args, **kwargs) -> int:
+            try:
+                bound = sig.bind_partial(*args, **kwargs).arguments
+                named = {k: v for k, v in bound.items()
+                         if sig.parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
+                for k, p in sig.parameters.items():
+                    if p.kind is inspect.Parameter.VAR_KEYWORD:
+                        named.update(bound.get(k) or {})
+                return int(duration(named))
+            except Exception:  # noqa: BLE001 - the job's own checks say what is wrong
+                return zerogpu.max_seconds()
+
+        return spaces.GPU(duration=seconds)(fn)
+
+    return wrap
+
+
+def space_runtime() -> bool:
+    """True on ZeroGPU hardware (the `spaces` package installed and SPACES_ZERO_GPU set, as
+    Hugging Face sets it there); a CPU or ordinary GPU Space has the package too: False."""
+    from ...measure.zerogpu import on_zerogpu
+    return on_zerogpu()

@@ -330,53 +330,6 @@ def tokens_per_item(cfg: RunConfig) -> int | None:
     return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", ALL_MODES) else n
 
 
-# --- ZeroGPU -------------------------------------------------------------------------------
-
-def gpu(duration: int | Callable[[dict], int] = 120) -> Callable:
-    """`spaces.GPU(duration=...)` where the `spaces` package is installed (on a CPU or ordinary
-    GPU Space the package itself returns the function unchanged); a no-op elsewhere.
-
-    `duration`: seconds, or a function of the wrapped call's arguments by name (the run
-    settings passed as **settings merged in; durations.py has one per endpoint) that spaces
-    calls before each call to ask ZeroGPU for that many seconds. It never fails the call: a
-    function that raises (arguments the job's own checks will refuse) asks for the longest
-    duration, zerogpu.max_seconds()."""
-    import inspect
-
-    from ...measure import zerogpu
-
-    def wrap(fn: Callable) -> Callable:
-        if not zerogpu.spaces_installed():
-            return fn
-        import spaces  # type: ignore
-        if not callable(duration):
-            return spaces.GPU(duration=duration)(fn)
-        sig = inspect.signature(fn)
-
-        def seconds(*args, **kwargs) -> int:
-            try:
-                bound = sig.bind_partial(*args, **kwargs).arguments
-                named = {k: v for k, v in bound.items()
-                         if sig.parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
-                for k, p in sig.parameters.items():
-                    if p.kind is inspect.Parameter.VAR_KEYWORD:
-                        named.update(bound.get(k) or {})
-                return int(duration(named))
-            except Exception:  # noqa: BLE001 - the job's own checks say what is wrong
-                return zerogpu.max_seconds()
-
-        return spaces.GPU(duration=seconds)(fn)
-
-    return wrap
-
-
-def space_runtime() -> bool:
-    """True on ZeroGPU hardware (the `spaces` package installed and SPACES_ZERO_GPU set, as
-    Hugging Face sets it there); a CPU or ordinary GPU Space has the package too: False."""
-    from ...measure.zerogpu import on_zerogpu
-    return on_zerogpu()
-
-
 # --- streaming a run into the page ---------------------------------------------------------
 
 def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Callable,
