@@ -4,7 +4,7 @@ and the decorator that asks for them (`gpu`).
 `spaces.GPU(duration=f)` calls `f` with the arguments of the call it wraps, before the GPU is
 scheduled, in the web server's process: so these functions read only those arguments (prompt
 text, dataset row count, sweep lists, load settings and the run settings) and load nothing;
-on arguments the job's own checks will refuse they may raise, and jobs.gpu() then asks for the
+on arguments the job's own checks will refuse they may raise, and gpu() then asks for the
 longest duration (the job itself says what is wrong). The arithmetic and its
 constants (estimates, with where they come from) are measure/zerogpu.py's `estimate_seconds`;
 here is only what a job is made of:
