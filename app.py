@@ -8,8 +8,12 @@ models are the offline smollm2-demo pair, or the published Qwen3 pair when SPACE
 # The models' worker process (multiprocessing "spawn", c2c_core/frontends/worker.py) imports this file
 # again as __mp_main__: it must neither import gradio nor build a second app there.
 if __name__ != "__mp_main__":
+    # ZeroGPU: `spaces` refuses to import once CUDA is initialised; import it before anything
+    # else can touch CUDA (a no-op elsewhere)
+    from c2c_core.measure.zerogpu import import_spaces
+    import_spaces()
     from c2c_core.frontends.ui import build_app, launch_kwargs, preload
-    from c2c_core.frontends.ui.jobs import space_runtime
+    from c2c_core.frontends.ui.durations import space_runtime
 
     demo = build_app()
 

@@ -120,8 +120,12 @@ def run_many(pipe: Pipeline, cfg: RunConfig, items: Iterable, writer: JsonlWrite
     try:
         with cancel.scope(should_stop):  # a stop also ends the running generation
             if jobs and is_fast:
+                eng = fast.engine_for(pipe)
+                n0 = eng.prepared
                 spent = fast.prepare_plan(pipe, cfg, [j[0] for j in jobs], modes)
                 meta["compile_s"] = round(float(meta.get("compile_s") or 0.0) + spent, 3)
+                meta["prepared_shapes"] = int(meta.get("prepared_shapes") or 0) + (
+                    eng.prepared - n0)  # 0: every shape was ready (an earlier run prepared it)
                 cancel.check()
             if jobs and cfg.warmup:
                 cancel.say("warming up")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engines.fast.engine import engine_for
 from ..engines.fast.slots import SlotGroup, prefill_c2c, prefill_plain, row_columns, slot_group
 from ..engines.generation import run_metadata, sharers_of
 from ..engines.shapes import bucket
@@ -69,7 +70,10 @@ class Scheduler:
     """Continuous batching of requests in every mode over one loaded pipeline (module doc)."""
 
     def __init__(self, pipe, cfg, slots: int = 8, max_queue: int = 64, writer=None,
-                 max_prompt_tokens: int = 512):
+                 max_prompt_tokens: int = 512, modes: list[str] | None = None):
+        """`modes`: serve only these (of those the pipeline can): only their slot groups are
+        made, so a job that knows its modes (the app's Load tab) prepares no step it will not
+        use; every mode the pipeline can serve by default (`serve`)."""
         if slots < 1 or slots > 256:
             raise UserError(f"--slots {slots} is out of range; use 1 to 256.")
         if max_queue < 0:
@@ -86,6 +90,8 @@ class Scheduler:
         self.modes = [m for m in MODES if m == "receiver"
                       or (m == "c2c" and has_sharer and pipe.fuser is not None)
                       or (m in ("t2t", "sharer") and has_sharer)]
+        if modes is not None:
+            self.modes = [m for m in self.modes if m in modes]
         # what t2t adds to a prompt: the note instruction (sharer) and the answer template with
         # the note (receiver); measured on a one-word prompt
         self.extra = {m: 0 for m in self.modes}
@@ -96,12 +102,20 @@ class Scheduler:
             self._answer_extra = max(t2t_answer_bound(pipe, cfg, x) - one, 0)
         else:
             self._answer_extra = 0
-        groups = {"receiver": bucket(max_prompt_tokens + self._answer_extra + self.max_new_tokens)}
-        if has_sharer:
+        groups = {}
+        if {"c2c", "receiver", "t2t"} & set(self.modes):  # t2t answers on the receiver
+            groups["receiver"] = bucket(max_prompt_tokens + self._answer_extra
+                                        + self.max_new_tokens)
+        if has_sharer and {"sharer", "t2t"} & set(self.modes):
             groups["sharer"] = bucket(max_prompt_tokens + self.extra.get("t2t", 0)
                                       + max(self.max_new_tokens, g.t2t_note_tokens))
+        eng = engine_for(pipe)
+        n0, s0 = eng.prepared, eng.compile_s
         self.groups = {role: slot_group(pipe, role, slots, L, self.greedy)
                        for role, L in groups.items()}
+        #: what making the groups prepared (0 when groups of this shape were kept from an
+        #: earlier server in this process): the records' run.prepared_shapes and compile_s
+        self._prepared = (eng.prepared - n0, round(eng.compile_s - s0, 3))
         self._queue: collections.deque = collections.deque()
         self._answers: collections.deque = collections.deque()   # t2t notes done
         self._cv = threading.Condition()
@@ -398,6 +412,7 @@ class Scheduler:
         sv = req.served
         if self._meta is None:
             self._meta = run_metadata(self.pipe, self.cfg, Timer(self.pipe.device).method)
+            self._meta["prepared_shapes"], self._meta["compile_s"] = self._prepared
             self._meta["slots"] = self.slots
             self._meta["max_queue"] = self.max_queue
         itl = [r3(x) for x in sv.itl_ms]

@@ -269,6 +269,22 @@ def with_settings(meta: dict, settings: dict) -> dict:
     return {**meta, "settings": settings, "settings_digest": settings_digest(settings)}
 
 
+#: Runs that took their `run` metadata in this process (pid: a forked process starts at 0).
+_PROCESS_RUNS = {"pid": None, "runs": 0}
+
+
+def fresh_process() -> bool:
+    """True for the first run of this process (run.fresh_process), False for every later one.
+    Counted per pid, so a forked process (a ZeroGPU call's worker) starts fresh, and a worker
+    the `spaces` package reuses for a later call reads False: what that call found prepared is
+    read, not assumed."""
+    pid = os.getpid()
+    if _PROCESS_RUNS["pid"] != pid:
+        _PROCESS_RUNS.update(pid=pid, runs=0)
+    _PROCESS_RUNS["runs"] += 1
+    return _PROCESS_RUNS["runs"] == 1
+
+
 def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
     """The flat `run` object written into every record of one invocation."""
     import transformers
@@ -314,6 +330,8 @@ def run_metadata(pipe: Pipeline, cfg: RunConfig, timer_method: str) -> dict:
         "rank": 0,
         "engine": engine_of(pipe, cfg),
         "compile_s": 0.0,   # the fast engine's compile/capture in warm-up (set by run_many)
+        "fresh_process": fresh_process(),  # the first run in this process
+        "prepared_shapes": 0,  # shapes prepared before the first timed generation (run_many)
         "settings": settings,
         "settings_digest": settings_digest(settings),
     }

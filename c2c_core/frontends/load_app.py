@@ -25,7 +25,9 @@ def app_load(pipe, cfg, items, *, writer, on_progress, should_stop, keep=False, 
     prompts = [getattr(it, "prompt", it) for it in items]
     total = len(modes) * len(rates) * num_requests
     cancel.say(f"preparing {slots} slots for the sweep")
-    sched = Scheduler(pipe, cfg, slots, max_queue, None, max_prompt_tokens).start()
+    # only the slot groups of this sweep's modes (a sharer group for t2t or sharer only)
+    sched = Scheduler(pipe, cfg, slots, max_queue, None, max_prompt_tokens,
+                      modes=list(modes)).start()
     handle = run = None
     args = argparse.Namespace(
         modes=list(modes), rates=list(rates), concurrency=None, burstiness=burstiness,

@@ -475,10 +475,11 @@ def enabled() -> bool:
     """The app runs jobs in a worker process unless C2C_APP_WORKER=0, or on ZeroGPU hardware
     (SPACES_ZERO_GPU set, as Hugging Face sets it there), where the @spaces.GPU function already
     runs in a process of its own. A CPU or ordinary GPU Space has `spaces` installed too: it
-    keeps the worker."""
+    keeps the worker. ZeroGPU is measure/zerogpu.py's one rule (the `spaces` package's own)."""
     if os.environ.get("C2C_APP_WORKER", "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("1", "true", "yes")
+    from ..measure.zerogpu import on_zerogpu
+    return not on_zerogpu()
 
 
 def wait_status(w: WorkerClient, timeout: float = 10.0) -> None:

@@ -135,6 +135,13 @@ RUN_FIELDS = [
     "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed", "ignore_eos",
     "world_size", "rank",
     "engine", "compile_s",
+    # whether this run paid for preparation: `fresh_process` (bool) is true when the run was the
+    # first in its process (on ZeroGPU, a new GPU worker: weights moved to the GPU, every shape
+    # prepared again); `prepared_shapes` (int >= 0) counts the shapes (decode steps, prefills,
+    # projections, a server's slot steps) this run prepared before its first timed generation,
+    # 0 when every shape it needed was ready in this process and always 0 on the eager engine;
+    # their seconds are `compile_s`
+    "fresh_process", "prepared_shapes",
     # the settings that change the numbers (SETTINGS_KEYS) and their digest: --resume refuses
     # a file made with other settings, and compare/report tell runs apart by them
     "settings", "settings_digest",
@@ -153,7 +160,8 @@ LATER_FIELDS = {"timing.peak_memory_reserved_mb", "run.weights_mb", "timing.alig
                 "run.rank", "run.engine", "run.compile_s", "run.frontend",
                 "timing.cpu_share", "timing.batch_wait_ms", "input_digest", "run.settings",
                 "run.settings_digest", "timing.decode_floor_ms", "timing.decode_floor_ratio",
-                "timing.energy_j", "timing.joules_per_token", "timing.late_prepare_ms"}
+                "timing.energy_j", "timing.joules_per_token", "timing.late_prepare_ms",
+                "run.fresh_process", "run.prepared_shapes"}
 #: A CPU run whose median timing.cpu_share is below this competed for its cores (about 1.0 on
 #: an idle machine; 0.65 with one busy core beside a 2-thread run, decode 3.8x slower): its
 #: times are inflated; `compare` calls such a run inconclusive.
@@ -604,6 +612,13 @@ def check_record(rec: dict, tol_ms: float = 0.5) -> list[str]:
             problems.append("run.settings is not an object")
         elif run.get("settings_digest") != settings_digest(st):
             problems.append("run.settings_digest does not match run.settings")
+    if isinstance(run, dict):
+        # (null: not known, e.g. a record rebuilt from an older file's fields)
+        fp, ps = run.get("fresh_process"), run.get("prepared_shapes")
+        if fp is not None and not isinstance(fp, bool):
+            problems.append("run.fresh_process is not true or false")
+        if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
+            problems.append("run.prepared_shapes is not a whole number >= 0")
     fe = run.get("frontend", "cli") if isinstance(run, dict) else "cli"
     if fe not in FRONTENDS:
         problems.append(f"run.frontend is {fe!r}, not one of {FRONTENDS}")

@@ -31,7 +31,7 @@ SUMMARY_STATS = ("mean", "p50", "p90", "p99")
 #: `run` keys that describe the machine and software (the rest are settings).
 ENV_KEYS = ("tool_version", "git_commit", "python", "torch", "transformers", "device", "cuda",
             "cpu", "threads", "frontend", "world_size", "attn_implementation", "timing_method",
-            "engine", "compile_s")
+            "engine", "compile_s", "fresh_process", "prepared_shapes")
 #: `run` keys that describe what ran, beside run.settings.
 RUN_SETTING_KEYS = ("preset", "receiver", "sharer", "fuser", "fuser_hash", "weights", "dtype",
                     "warmup", "max_new_tokens", "ignore_eos", "do_sample", "seed")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...measure import cancel
+from ...measure.zerogpu import on_zerogpu
 from ...spec.errors import UserError
 from ...models.fusion import decoder, project_sharers, sample, section_mask
 from ...models.stacked import stacked_for
@@ -34,12 +35,35 @@ CACHE_SHARE = 0.5
 #: How the decode step becomes one launch on CUDA: "compile" (default), torch.compile with CUDA
 #: graphs (inductor fuses the small ops; every shape compiles, ~30 s each the first time), or
 #: "capture", one CUDA graph of the step as it is (no compile: ready in about one step's time;
-#: more, unfused kernels per step). On a CPU "capture" runs the step uncompiled.
+#: more, unfused kernels per step). On a CPU "capture" runs the step uncompiled. The default is
+#: "capture" on ZeroGPU (measure/zerogpu.py), where torch.compile is not supported (see
+#: step_mode()).
 STEP_ENV = "C2C_FAST_STEP"
 #: Compile (and on CUDA graph-capture) the prefills and the projection too, per (batch, prompt
 #: length bucket): "auto" (default) on CUDA only, where a prefill is bound by kernel launches;
 #: "1" everywhere; "0" never (then prompts are not padded to a bucket either).
 GRAPHS_ENV = "C2C_FAST_PREFILL_GRAPHS"
+
+
+def step_mode() -> str:
+    """The decode step mode STEP_ENV asks for: "compile" by default, "capture" on ZeroGPU.
+
+    On ZeroGPU (SPACES_ZERO_GPU with the `spaces` package) an explicit C2C_FAST_STEP=compile is
+    refused rather than overridden: torch.compile is not supported there, and every call runs in
+    a fresh worker process, so a compiled step would be compiled again inside every call's GPU
+    time. A silent switch would record a run under another engine name ("fast-capture") than the
+    one its operator set; a refusal says which setting to change, before anything is prepared
+    (the app's validators call this on ZeroGPU, so a job is refused before it queues for the
+    GPU)."""
+    zero = on_zerogpu()
+    step = os.environ.get(STEP_ENV, "").strip().lower() or ("capture" if zero else "compile")
+    if step not in ("compile", "capture"):
+        raise UserError(f"{STEP_ENV}={step[:20]} is not a decode step mode; set"
+                        f" {STEP_ENV}=compile (default) or {STEP_ENV}=capture.")
+    if zero and step == "compile":
+        raise UserError(f"{STEP_ENV}=compile cannot run on ZeroGPU, where torch.compile is not"
+                        f" supported; unset {STEP_ENV} or set {STEP_ENV}=capture.")
+    return step
 
 
 def sharer_role(k: int) -> str:
@@ -125,18 +149,19 @@ class FastEngine:
         #: prefills and projection as prepared callables per (batch, prompt bucket): compiled
         #: when `compile`, the prompt left-padded to prompt_bucket() either way
         self.graphs = graphs
-        step = os.environ.get(STEP_ENV, "compile").strip().lower() or "compile"
-        if step not in ("compile", "capture"):
-            raise UserError(f"{STEP_ENV}={step[:20]} is not a decode step mode; set"
-                            f" {STEP_ENV}=compile (default) or {STEP_ENV}=capture.")
-        #: "compile" or "capture" (STEP_ENV): how the decode step is prepared
-        self.step_mode = step
+        #: "compile" or "capture" (STEP_ENV, step_mode()): how the decode step is prepared
+        self.step_mode = step_mode()
+        #: whether anything goes through torch.compile (inductor): never on ZeroGPU, where the
+        #: step is captured and the prefills and projection are plain CUDA graphs (on a CPU
+        #: there, uncompiled)
+        self.inductor = compile and not on_zerogpu()
         #: decode steps the EOS check trails by: on CUDA the host reads "every row ended" one
         #: step late (a copy that does not wait for the step just queued), so the device always
         #: has the next step; at most one step runs past the end (its time is the record's
         #: other_ms). 0 on a CPU, where nothing runs ahead of the host anyway.
         self.eos_lag = 1 if self.cuda else 0
         self.compile_s = 0.0          # seconds spent in prepare() (compile, capture, allocation)
+        self.prepared = 0             # shapes prepare() made ready (steps, fills, projections)
         self.late = 0                 # prepare() calls that happened outside warm-up
         #: seconds spent preparing inside generations: late prepare()s and caches a generation
         #: had to allocate (batch.py puts the difference over a generation in its records'
@@ -174,7 +199,7 @@ class FastEngine:
                 raise UserError(f"The fast engine supports the sdpa and eager attention"
                                 f" implementations, not {impl}; use --attn_implementation sdpa"
                                 " or --engine eager.")
-        if compile:
+        if self.inductor:
             from .. import compile_cache  # inductor's caches under C2C_CACHE, before any compile
             self.compile_cache = compile_cache.setup()
             import torch._dynamo
@@ -365,14 +390,14 @@ class FastEngine:
     # --- prepared callables: the decode step, the prefills ("fills"), the projection ----------
 
     def _compiled(self, fn):
-        if not self.compile:
+        if not self.inductor:
             return fn
         return torch.compile(fn, mode="reduce-overhead" if self.cuda else None, dynamic=False,
                              fullgraph=True)  # a graph break is an error, not a slow step
 
     def _run(self, fn, *args):
         """Call a prepared callable; on CUDA graphs, a new step of the graph trees first."""
-        if self.cuda and self.compile:
+        if self.cuda and self.inductor and self.step_mode == "compile":
             torch.compiler.cudagraph_mark_step_begin()
         return fn(*args)
 
@@ -432,13 +457,13 @@ class FastEngine:
         """A fill or the projection as it will run in every generation of its shape: on CUDA one
         CUDA graph of `fn` as it is (captured in warm-up in about the time of one run: no
         inductor compile, which is what made the first result wait), on a CPU torch.compile'd
-        (inductor); `fn` itself with compile off. `static`: example inputs (on CUDA, the
-        graph's input buffers); `reset()` before each warm-up run (a fill writes from its
-        cache's position 0). A capture that fails leaves `fn` op by op, with a warning."""
+        (inductor); `fn` itself with compile off, and on a CPU on ZeroGPU (no inductor there).
+        `static`: example inputs (on CUDA, the graph's input buffers); `reset()` before each
+        warm-up run (a fill writes from its cache's position 0). A capture that fails leaves `fn` op by op, with a warning."""
         if not self.compile:
             return fn
         if not self.cuda:
-            return torch.compile(fn, dynamic=False, fullgraph=True)
+            return torch.compile(fn, dynamic=False, fullgraph=True) if self.inductor else fn
         return self._captured(fn, static, what, self._graph_pool(), reset)
 
     def streams(self) -> tuple:
@@ -541,6 +566,7 @@ class FastEngine:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
         self._ready.add(key)
+        self.prepared += 1
         self.compile_s += time.perf_counter() - t0
         if self.compile_cache is not None:  # from inductor's FX graph cache, or compiled now
             hits, misses = counts()
@@ -628,7 +654,9 @@ class FastEngine:
             return "preparing"
         capture = kind != "step" or self.step_mode == "capture"
         if capture:
-            return "capturing" if self.cuda else ("compiling" if kind != "step" else "preparing")
+            inductor = getattr(self, "inductor", True)  # a CPU on ZeroGPU: uncompiled
+            return "capturing" if self.cuda else (
+                "compiling" if kind != "step" and inductor else "preparing")
         return "compiling"
 
     def _late(self, what: str, key: tuple, prepare) -> None:

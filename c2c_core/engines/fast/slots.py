@@ -105,6 +105,7 @@ class SlotGroup:
         with torch.inference_mode():
             self._set_column(0)
         eng.compile_s += time.perf_counter() - t0
+        eng.prepared += len(self.sizes)
 
     def _rows_view(self, k: int, m, heads: int, hd: int):
         """A static cache over the first k slots of the group's cache (views: a step on it

@@ -14,9 +14,10 @@ import threading
 import gradio as gr
 
 from ...spec.config import build_run_config, default_preset
-from . import (batch_tab, dataset_tab, fairqueue, gate, guard, load_tab, model_panel,
-    profile_tab, results_tab, sweep_tab)
-from .jobs import MAX_UPLOAD, MODEL_QUEUE, gpu
+from . import (batch_tab, dataset_tab, durations, fairqueue, gate, guard, load_tab,
+    model_panel, profile_tab, results_tab, sweep_tab)
+from .durations import gpu
+from .jobs import MAX_UPLOAD, MODEL_QUEUE
 from .render import enable_download, offer_summary, show_files
 from .runcfg import MODELS, load_models, models_status
 from .sessions import PageConnections, purge_old_sessions, sweep_sessions
@@ -158,7 +159,9 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
     panel.preset.change(model_panel.on_preset, panel.preset,
                         [panel.receiver, panel.sharer, panel.fuser, panel.note],
                         api_visibility="private", queue=False)
-    panel.load.click(gpu()(model_panel.load_models), inputs_kwargs=panel.inputs(),
+    # on ZeroGPU each job asks for GPU seconds computed from its own size (durations.py)
+    panel.load.click(gpu(durations.load_models)(model_panel.load_models),
+                     inputs_kwargs=panel.inputs(),
                      outputs=panel.status, api_name="load_models", show_progress_on=panel.status,
                      validator=validator(model_panel.check_load), **model_job)
     # the status line follows a background load (app start) until the models are in
@@ -181,7 +184,8 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
                             queue=False, show_progress="hidden")
 
     ev_prof = waiting(prof.run, prof.status).then(
-        gpu()(profile_tab.run_profile), inputs=[prof.prompt], inputs_kwargs=model_kw,
+        gpu(durations.profile)(profile_tab.run_profile), inputs=[prof.prompt],
+        inputs_kwargs=model_kw,
         outputs=prof.outputs(), api_name="profile", show_progress_on=[prof.status],
         validator=validator(profile_tab.check_profile), **model_job)
     # the Profile tab's token alignment (tokenizers only): beside the job, not in its endpoint
@@ -189,21 +193,23 @@ def _wire(demo, panel, settings, prof, batch, data, sweep, res, results_tab_item
                    outputs=prof.align_outputs(), api_visibility="private",
                    show_progress="hidden", concurrency_limit=2, concurrency_id="alignment")
     ev_batch = waiting(batch.run, batch.status).then(
-        gpu()(batch_tab.run_batch), inputs=[batch.prompts], inputs_kwargs=model_kw,
+        gpu(durations.batch)(batch_tab.run_batch), inputs=[batch.prompts],
+        inputs_kwargs=model_kw,
         outputs=batch.outputs(), api_name="batch", show_progress_on=[batch.status],
         validator=validator(batch_tab.check_batch), **model_job)
     ev_data = waiting(data.run, data.status).then(
-        gpu(600)(dataset_tab.run_dataset), inputs=list(data.inputs().values()),
+        gpu(durations.dataset)(dataset_tab.run_dataset), inputs=list(data.inputs().values()),
         inputs_kwargs=model_kw, outputs=data.outputs(), api_name="dataset",
         show_progress_on=[data.status], validator=validator(dataset_tab.check_dataset),
         **model_job)
     ev_sweep = waiting(sweep.run, sweep.status).then(
-        gpu(600)(sweep_tab.run_sweep_ui), inputs=[sweep.input_lens, sweep.output_lens, sweep.batch_sizes],
+        gpu(durations.sweep)(sweep_tab.run_sweep_ui),
+        inputs=[sweep.input_lens, sweep.output_lens, sweep.batch_sizes],
         inputs_kwargs=model_kw, outputs=sweep.outputs(), api_name="sweep",
         show_progress_on=[sweep.status], validator=validator(sweep_tab.check_sweep),
         **model_job)
     ev_load = waiting(load.run, load.status).then(
-        gpu(600)(load_tab.run_load_ui), inputs=load.inputs(), inputs_kwargs=model_kw,
+        gpu(durations.load)(load_tab.run_load_ui), inputs=load.inputs(), inputs_kwargs=model_kw,
         outputs=load.outputs(), api_name="load", show_progress_on=[load.status],
         validator=validator(load_tab.check_load), **model_job)
     for tab in (prof, batch, data, sweep, load):  # Stop ends this session's running job, any tab's,

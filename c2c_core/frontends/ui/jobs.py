@@ -307,32 +307,27 @@ def stop_note(job: "Job") -> str:
     return f" {note[:1].upper()}{note[1:].rstrip('.')}." if note else ""
 
 
+def prepare_note(run: dict | None) -> str:
+    """What the job paid for preparation before its first record, from that record's `run`
+    (run.prepared_shapes, run.compile_s, run.fresh_process); '' on the eager engine and for
+    records without the fields."""
+    if not isinstance(run, dict) or run.get("engine") == "eager" \
+            or run.get("prepared_shapes") is None:
+        return ""
+    fresh = " in a fresh process" if run.get("fresh_process") else ""
+    n = run["prepared_shapes"]
+    if not n:
+        return f"Preparation: none{fresh}, every shape was ready (`run.prepared_shapes` 0)."
+    return (f"Preparation{fresh}: {n} shape(s) in {fmt_seconds(float(run.get('compile_s') or 0))}"
+            " before the first record (`run.prepared_shapes`, `run.compile_s`).")
+
+
 def tokens_per_item(cfg: RunConfig) -> int | None:
     """Forwards per record for per-token progress; None for short generations (no hook)."""
     if cfg.gen.max_new_tokens < LONG_GENERATION:
         return None
     n = cfg.gen.max_new_tokens
     return n + cfg.gen.t2t_note_tokens if cfg.mode in ("t2t", ALL_MODES) else n
-
-
-# --- ZeroGPU -------------------------------------------------------------------------------
-
-def gpu(duration: int = 120) -> Callable:
-    """`spaces.GPU(duration=...)` on a Hugging Face ZeroGPU Space; a no-op elsewhere."""
-    try:
-        import spaces  # type: ignore
-    except ImportError:
-        return lambda fn: fn
-    return spaces.GPU(duration=duration)
-
-
-def space_runtime() -> bool:
-    """True when the `spaces` package is importable (ZeroGPU hardware)."""
-    try:
-        import spaces  # type: ignore  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 # --- streaming a run into the page ---------------------------------------------------------
@@ -394,11 +389,14 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
     rest = tuple(gr.skip() for _ in first[1:])
     yield first
     last_table = last_yield = last_disk = time.perf_counter()
+    first_run = None  # the first record's `run`: what the job paid for preparation
     try:
         for batch in job.events():
             recs.extend(batch)
             for r in batch:
                 summary.add(r)
+                if first_run is None and isinstance(r, dict):
+                    first_run = r.get("run")
             # the bar (its words are the status line's, without the clock; the page shows the
             # line, an API client the words)
             progress(job.fraction(per_item), desc=job.describe(unit, clock=False))
@@ -454,6 +452,9 @@ def stream_records(cfg: RunConfig, items: list, path: str, progress, render: Cal
         msg += f" The table shows the last {LIVE_ROWS}; the file holds them all."
     if summary.count:
         msg += f"  \n{summary.line()}"
+    note = prepare_note(first_run)
+    if note:
+        msg += f"  \n{note}"
     from ...report.summary import contention_files
     busy = contention_files({os.path.basename(path): list(summary.shares)})
     if busy:

@@ -54,6 +54,10 @@ def run_config(settings: dict, **fixed) -> RunConfig:
     cfg = replace(cfg, device=canonical_device(cfg.device))  # one spelling per device
     MODELS.check_allowed(cfg)
     check_memory(cfg, cfg.batch_size)  # models and KV cache within the device's memory
+    from ...measure.zerogpu import on_zerogpu
+    if on_zerogpu() and cfg.engine != "eager":  # C2C_FAST_STEP=compile: refused before the
+        from ...engines.fast.engine import step_mode  # job asks ZeroGPU for a GPU
+        step_mode()
     return cfg
 
 
