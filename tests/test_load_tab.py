@@ -110,3 +110,23 @@ def test_the_end_says_how_many_requests_failed(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     status = render([], "**Done:** 2 record(s)", str(path))[0]
     assert "1 of 2 request(s) failed" in status and "no text streamed" in status
+
+
+@pytest.mark.parametrize("args, box, words", [
+    ((["c2c"], "1e9", 3, 8, 2, ""), 1, "Offered rate"),
+    ((["c2c"], "x" * 300, 3, 8, 2, ""), 1, "Offered rates is 300 characters"),
+    ((["c2c"], "1", 10**9, 8, 2, ""), 2, "Requests per point"),
+    ((["c2c"], "1", 3, 10**9, 2, ""), 3, "Max tokens"),
+    ((["c2c"], "1", 3, 8, -5, ""), 4, "Slots"),
+    ((["c2c"], "1", 3, 8, 2, "ttft_ms=nan"), 5, "SLO ttft_ms=nan"),
+    ((["c2c"], "1", 3, 8, 2, "speed=3"), 5, "SLO part 'speed=3'"),
+])
+def test_the_validator_marks_the_box_that_was_refused(args, box, words):
+    """The page turns the refused box red with the sentence under it, not the first box; the
+    SLO's sentence names the box, not the CLI's --slo flag."""
+    from c2c_core.frontends.ui.load_tab import check_load
+    from c2c_core.frontends.ui.texts import validator
+    out = validator(check_load)(*args)
+    bad = [i for i, v in enumerate(out) if not v["is_valid"]]
+    assert bad == [box], out
+    assert words in out[box]["message"] and "--slo" not in out[box]["message"]

@@ -6,6 +6,8 @@ and receiver prefill. Caps keep one stranger's sweep from holding a public Space
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dataclasses import dataclass
 from functools import partial
 
@@ -102,6 +104,19 @@ def build_load_tab() -> LoadTab:
                    lat, good, split, file, summary, html)
 
 
+@contextmanager
+def _field(name: str):
+    """A refusal inside the block belongs to the input `name` (the page marks that box)."""
+    try:
+        yield
+    except guard.FieldError as e:
+        if e.field == name:
+            raise
+        raise guard.FieldError(str(e), name) from None
+    except UserError as e:
+        raise guard.FieldError(str(e), name) from None
+
+
 def check_load(modes, rates: str, requests, max_tokens, slots, slo: str, **settings):
     """The sweep's checks that need no model (also its validator): modes, caps, the SLO."""
     if not modes:
@@ -110,30 +125,38 @@ def check_load(modes, rates: str, requests, max_tokens, slots, slo: str, **setti
     if bad:
         raise UserError(f"Unknown mode {str(bad[0])[:20]!r}; pick among"
                         f" {', '.join(MODES_OFFERED)}.")
-    guard.check_short(rates, "Offered rates")
-    guard.check_short(slo, "SLO")
-    rs = _parse_list(rates or "", "Offered rates", float)
-    if max(rs) > MAX_RATE:
-        raise UserError(f"Offered rate {max(rs):g} req/s is above this app's cap of {MAX_RATE};"
-                        " use lower rates (the CLI's `load` has no cap).")
+    with _field("rates"):
+        guard.check_short(rates, "Offered rates")
+        rs = _parse_list(rates or "", "Offered rates", float)
+        if max(rs) > MAX_RATE:
+            raise UserError(f"Offered rate {max(rs):g} req/s is above this app's cap of"
+                            f" {MAX_RATE}; use lower rates (the CLI's `load` has no cap).")
     n = int(requests or 0)
     if not 1 <= n <= MAX_REQUESTS:
-        raise UserError(f"Requests per point must be 1 to {MAX_REQUESTS}, not {n}.")
+        raise guard.FieldError(f"Requests per point must be 1 to {MAX_REQUESTS}, not {n}.",
+                               "requests")
     if len(modes) * len(rs) > MAX_POINTS:
-        raise UserError(f"{len(modes)} mode(s) x {len(rs)} rate(s) is {len(modes) * len(rs)}"
-                        f" points; this app runs at most {MAX_POINTS}. Drop a rate or a mode.")
+        raise guard.FieldError(f"{len(modes)} mode(s) x {len(rs)} rate(s) is"
+                               f" {len(modes) * len(rs)} points; this app runs at most"
+                               f" {MAX_POINTS}. Drop a rate or a mode.", "rates")
     if n / min(rs) > MAX_ARRIVAL_S:
-        raise UserError(f"{n} requests at {min(rs):g} req/s take {n / min(rs):.0f} s to arrive;"
-                        f" the cap is {MAX_ARRIVAL_S} s a point. Raise the lowest rate or send"
-                        " fewer requests.")
+        raise guard.FieldError(f"{n} requests at {min(rs):g} req/s take {n / min(rs):.0f} s to"
+                               f" arrive; the cap is {MAX_ARRIVAL_S} s a point. Raise the lowest"
+                               " rate or send fewer requests.", "rates")
     t = int(max_tokens or 0)
-    if not 1 <= t <= MAX_TOKENS:
-        raise UserError(f"Max tokens must be 1 to {MAX_TOKENS}, not {t}.")
-    guard.check_new_tokens(t)
+    with _field("max_tokens"):
+        if not 1 <= t <= MAX_TOKENS:
+            raise UserError(f"Max tokens must be 1 to {MAX_TOKENS}, not {t}.")
+        guard.check_new_tokens(t)
     s = int(slots or 0)
     if not 1 <= s <= MAX_SLOTS:
-        raise UserError(f"Slots must be 1 to {MAX_SLOTS}, not {s}.")
-    slo_d = L.parse_slo(slo)
+        raise guard.FieldError(f"Slots must be 1 to {MAX_SLOTS}, not {s}.", "slots")
+    with _field("slo"):
+        guard.check_short(slo, "SLO")
+        try:
+            slo_d = L.parse_slo(slo)
+        except UserError as e:  # the CLI's sentence names its flag; here the box is "SLO"
+            raise UserError(str(e).replace("--slo ", "SLO ")) from None
     cfg = run_config(settings)
     if cfg.engine == "eager":
         raise UserError("The load sweep batches requests on the fast engine; pick engine fast"

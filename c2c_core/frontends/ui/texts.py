@@ -98,6 +98,13 @@ def validator(check: Callable) -> Callable:
     """An endpoint's validator (gradio runs it before the job enters the queue, so a refusal
     comes back at once even while another job holds the model): `check` takes the endpoint's
     inputs and raises UserError."""
+    import inspect
+    try:
+        positional = [p.name for p in inspect.signature(check).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        positional = []
+
     def validate(*args, **kwargs):
         # gradio wants one answer per input, in input order (the positional ones, then the
         # keyword ones); the refused input says why, else the first one does
@@ -109,6 +116,8 @@ def validator(check: Callable) -> Callable:
             field = getattr(e, "field", None)
             if field in kwargs:
                 at = len(args) + list(kwargs).index(field)
+            elif field is not None and field in positional[:len(args)]:
+                at = positional.index(field)  # an input given by position, named by check
         except Exception as e:  # noqa: BLE001 - a validator must never show a traceback
             msg = f"These settings could not be read ({type(e).__name__}); check them."
         else:
