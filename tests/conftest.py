@@ -311,3 +311,16 @@ def reference_clone(tmp_path_factory):
     if r.returncode != 0:
         pytest.skip(f"the mirror {C2C_MIRROR} could not be cloned: {r.stderr.strip()[:200]}")
     return dest
+
+
+@pytest.fixture()
+def pipe_cfg(tiny_cfg_kwargs):
+    """A fresh tiny pipeline per test (fast engine, compile off, 6 new tokens, EOS ignored):
+    each test gets its own engine, counters and cap."""
+    from c2c_core.engines import fast
+    from c2c_core.models.loading import load_pipeline
+    from c2c_core.spec.config import build_run_config
+    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6}, engine="fast",
+                           ignore_eos=True)
+    pipe = load_pipeline(cfg)
+    return pipe, cfg, fast.engine_for(pipe, compile=False)

@@ -79,6 +79,9 @@ def test_engines_prints_floor_ratio_compile_cache_and_reuse_ratio(tiny_pipe, tmp
     assert "cache reuse ratio 1.0" in text
     assert res["decode_floor_ms"] is None and res["fast_decode_floor_ratio"] is None
     assert res["compile_cache"] == "unused" and res["cache_reuse_ratio"] == 1.0
+    # both engines' peaks side by side (compare reserved: the fast engine's graphs are there),
+    # and the graph memory beside the caches
+    assert "+ 0.0 MB of graph memory" in text and "peak memory (medians): eager" in text
     # with a bandwidth given, the ratio is printed
     monkeypatch.setenv(hardware.BANDWIDTH_ENV, "10")
     lines.clear()

@@ -11,22 +11,11 @@ import pytest
 import torch
 
 from c2c_core.engines import fast
-from c2c_core.spec.config import build_run_config
-from c2c_core.models.loading import load_pipeline
 from c2c_core.bench.runner import Item, generate
 from c2c_core.measure.timing import Timer
 
 PROMPTS = ["Say hello.", "What is the capital of France?",
            "Explain machine learning in simple terms, please, with an example. " * 4]
-
-
-@pytest.fixture()
-def pipe_cfg(tiny_cfg_kwargs):
-    """A fresh pipeline per test: each gets its own fast engine and counters."""
-    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6}, engine="fast",
-                           ignore_eos=True)
-    pipe = load_pipeline(cfg)
-    return pipe, cfg, fast.engine_for(pipe, compile=False)
 
 
 def _gen(pipe, cfg, prompts, mode="c2c", engine="fast", **gen):

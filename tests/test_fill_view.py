@@ -21,7 +21,7 @@ PROMPT = "Name three primary colours and say why they are primary."
 
 
 @pytest.fixture(scope="module")
-def pipe_cfg(tiny_cfg_kwargs):
+def view_pipe(tiny_cfg_kwargs):
     cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 4}, engine="fast",
                            ignore_eos=True)
     return load_pipeline(cfg), cfg
@@ -42,13 +42,13 @@ def _keys_seen(monkeypatch):
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_a_prefill_reads_its_prompt_not_the_room_kept_for_new_tokens(pipe_cfg, monkeypatch,
+def test_a_prefill_reads_its_prompt_not_the_room_kept_for_new_tokens(view_pipe, monkeypatch,
                                                                       graphs):
     """The same c2c generation with 4 and with 900 new tokens allowed (caches of 64 and 1,024
     positions): every prefill query block attends over the same number of positions (its
     section's end), the first token and the receiver cache's prompt positions are identical,
     and only the one-token steps read the whole cache."""
-    pipe, cfg = pipe_cfg
+    pipe, cfg = view_pipe
     seen_by_L, firsts, prompt_kv = {}, {}, {}
     for new in (4, 900):
         c = cfg.__class__(**{**cfg.__dict__, "gen": cfg.gen.__class__(
@@ -73,8 +73,8 @@ def test_a_prefill_reads_its_prompt_not_the_room_kept_for_new_tokens(pipe_cfg, m
     assert torch.allclose(prompt_kv[a], prompt_kv[b], atol=1e-6)
 
 
-def test_a_view_writes_into_its_cache_and_moves_its_write_position(pipe_cfg):
-    pipe, _ = pipe_cfg
+def test_a_view_writes_into_its_cache_and_moves_its_write_position(view_pipe):
+    pipe, _ = view_pipe
     eng = fast.FastEngine(pipe, compile=False, graphs=False)
     cache = eng.cache("receiver", 1, 128, use=False)
     v = cache_view(cache, 40)
@@ -89,10 +89,10 @@ def test_a_view_writes_into_its_cache_and_moves_its_write_position(pipe_cfg):
     assert torch.equal(lc.keys[:, :, 10:13], k) and torch.equal(lc.values[:, :, 10:13], k)
 
 
-def test_prepared_callables_of_one_cache_share_one_input_set(pipe_cfg, monkeypatch):
+def test_prepared_callables_of_one_cache_share_one_input_set(view_pipe, monkeypatch):
     """Two fills of one cache (the c2c sections) and its step read views of one buffer set,
     made with the cache, counted in cache_nbytes and gone when the cache is evicted."""
-    pipe, cfg = pipe_cfg
+    pipe, cfg = view_pipe
     eng = fast.FastEngine(pipe, compile=False, graphs=True)
     statics = []
     real = eng._ready_callable
@@ -130,10 +130,10 @@ def test_a_wrong_input_shape_is_refused_when_the_callable_is_prepared():
         _expect((torch.zeros(2, 3),), [(2, 4)], "the receiver prefill")
 
 
-def test_the_same_tokens_with_a_long_output_room(pipe_cfg):
+def test_the_same_tokens_with_a_long_output_room(view_pipe):
     """End to end through the runner: greedy tokens of the first 4 are the same whether the
     cache keeps room for 4 or for 300 new tokens (EOS ignored)."""
-    pipe, cfg = pipe_cfg
+    pipe, cfg = view_pipe
     out = {}
     for new in (4, 300):
         c = cfg.__class__(**{**cfg.__dict__, "gen": cfg.gen.__class__(

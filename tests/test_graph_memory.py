@@ -24,14 +24,6 @@ PROMPTS = ["Say hello.", "What is the capital of France?",
 G = 3 * 2**20  # what each faked preparation adds to the reserved memory beyond its caches
 
 
-@pytest.fixture()
-def pipe_cfg(tiny_cfg_kwargs):
-    cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 6}, engine="fast",
-                           ignore_eos=True)
-    pipe = load_pipeline(cfg)
-    return pipe, cfg, fast.engine_for(pipe, compile=False)
-
-
 def _fake_gpu(monkeypatch, eng) -> dict:
     """The reserved memory of a device whose every prepared step grows it by G beyond the
     caches (a CUDA graph's pool): the caches' bytes plus G per step made so far."""
@@ -282,20 +274,6 @@ def test_engines_sets_the_peaks_side_by_side_and_says_to_compare_reserved():
     line = memory_line(cpu)
     assert "eager 300.0 MB allocated, reserved null; fast 310.0 MB allocated, reserved null" \
         in line and "compare reserved" not in line
-
-
-@pytest.mark.slow  # a whole `engines` run (~25 s under load)
-def test_engines_reports_both_peaks_and_the_graph_memory(tiny_pipe):
-    from c2c_core.bench.compare_engines import engines_bench
-    pipe, cfg = tiny_pipe
-    fast.engine_for(pipe, compile=False)
-    lines = []
-    res = engines_bench(pipe, replace(cfg, gen=replace(cfg.gen, max_new_tokens=4)), repeats=3,
-                        batch=2, out=lines.append)
-    text = "\n".join(lines)
-    assert "+ 0.0 MB of graph memory" in text and "peak memory (medians): eager" in text
-    assert res["cache_graph_mb"] == 0 and res["fast_peak_memory_mb"] > 0
-    assert res["eager_peak_memory_reserved_mb"] is None  # a CPU
 
 
 def test_a_slot_groups_steps_count_as_graph_memory(pipe_cfg, monkeypatch):
