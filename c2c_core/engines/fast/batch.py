@@ -223,6 +223,19 @@ def _feeds(plans, pipe, eng, dev, T: int, cuts: list[int], starts: list) -> list
     return out
 
 
+def c2c_rows(pipe, eng, plans, T: int, with_sharer: bool = True) -> tuple:
+    """A batch of plans left-padded to T as c2c_prefill takes it: (rows, cuts, feeds); cuts
+    None and no feeds without the sharer (receiver mode, t2t answers) or without a position
+    before the last token. The one set-up of the batch path, its first-token check and the
+    continuous-batching arrivals (slots.prefill_c2c)."""
+    dev = pipe.device
+    rows = layout([p.ids for p in plans], [p.pad for p in plans], eng.pad_id(), dev, T)
+    if not (with_sharer and T > 1):
+        return rows, None, []
+    cuts, starts = cut_columns(plans, T)
+    return rows, cuts, _feeds(plans, pipe, eng, dev, T, cuts, starts)
+
+
 def first_logits(pipe, cfg, items: list) -> torch.Tensor:
     """The c2c prefill of a batch of items (as _generate_batch runs it) and its first-token
     logits [B, V], no decode: what tests compare with the reference's forward."""
@@ -232,12 +245,10 @@ def first_logits(pipe, cfg, items: list) -> torch.Tensor:
     plans = [build_plan(pipe, cfg, it, "c2c") for it in items]
     B, dev = len(plans), pipe.device
     T = eng.prompt_len(max(len(p.ids) for p in plans))
-    rows = layout([p.ids for p in plans], [p.pad for p in plans], eng.pad_id(), dev, T)
     L = bucket(T + cfg.gen.max_new_tokens)
     with torch.inference_mode(), on_device(dev):
         eng.ensure("receiver", B, L, False)
-        cuts, starts = cut_columns(plans, T)
-        feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts)
+        rows, cuts, feeds = c2c_rows(pipe, eng, plans, T)
         _, logits, _ = eng.c2c_prefill(rows, feeds, L, True, Timer(dev), False, cuts)
     return logits
 
@@ -276,11 +287,9 @@ def _generate_batch(pipe, cfg, items: list, mode: str, timer: Timer, mem, repeat
     with torch.inference_mode():
         if mode in ("c2c", "receiver"):
             T = eng.prompt_len(max(len(r) for r in rows_ids))
-            rows = layout(rows_ids, [p.pad for p in plans], eng.pad_id(), dev, T)
             L = bucket(T + g.max_new_tokens)
             eng.ensure("receiver", B, L, greedy)
-            cuts, starts = cut_columns(plans, T) if mode == "c2c" else (None, None)
-            feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts) if mode == "c2c" else []
+            rows, cuts, feeds = c2c_rows(pipe, eng, plans, T, mode == "c2c")
             cache, first, calls = eng.c2c_prefill(rows, feeds, L, mode == "c2c", timer, greedy,
                                                   cuts)
             dec = eng.decode("receiver", cache, L, first, rows, T, g.max_new_tokens, g, eos,

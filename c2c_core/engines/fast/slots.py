@@ -332,17 +332,12 @@ def prefill_c2c(pipe, cfg, plans: list, with_sharer: bool, timer: Timer):
     """The batch path's sectioned c2c prefill (receiver sections, each sharer, each projection
     in the reference's order) of arrivals' plans, or the receiver alone (`with_sharer` False:
     receiver mode and t2t answers), without the last token. Returns (cache, rows, calls)."""
-    from .batch import _feeds, cut_columns
+    from .batch import c2c_rows
     eng = engine_for(pipe)
     eng.begin()
-    dev = pipe.device
     T = max(len(p.ids) for p in plans)
-    rows = layout([p.ids for p in plans], [p.pad for p in plans], eng.pad_id(), dev, T)
     L = _scratch_len(T)
-    cuts, feeds = None, []
-    if with_sharer and T > 1:
-        cuts, starts = cut_columns(plans, T)
-        feeds = _feeds(plans, pipe, eng, dev, T, cuts, starts)
+    rows, cuts, feeds = c2c_rows(pipe, eng, plans, T, with_sharer)
     with torch.inference_mode():
         cache, _, calls = eng.c2c_prefill(rows, feeds, L, with_sharer, timer, True, cuts,
                                           last=False)
