@@ -115,11 +115,16 @@ def test_prepared_callables_of_one_cache_share_one_input_set(view_pipe, monkeypa
     assert other[1] is not a[1]                               # another cache: its own set
     cache = eng._caches[("receiver", 2, 128)]
     assert cache._c2c_inputs["ok"] is a[1]
-    kv_only = fast.FastEngine(pipe, compile=False, graphs=False).cache_nbytes("receiver", 2, 128)
     H = a[0].shape[2]
-    assert eng.cache_nbytes("receiver", 2, 128) - kv_only == eng.inputs_nbytes("receiver", 2, 128)
-    assert eng.inputs_nbytes("receiver", 2, 128) >= 2 * 128 * H * 4 + 2 * 128
+    assert cache._c2c_inputs["emb"].numel() == 2 * 128 * H  # sized for the cache's L
+    assert eng.inputs_nbytes("receiver", 2, 128) == 2 * 128 * H * 4 + 2 * 128 + 5 * 8
     assert eng.cache_bytes == sum(eng.cache_nbytes(*k) for k in eng._caches)
+    # without prepared fills no embeddings buffer is made, and none is counted
+    plain = fast.FastEngine(pipe, compile=False, graphs=False)
+    plain.prepare("receiver", 2, 128, True)
+    assert plain._caches[("receiver", 2, 128)]._c2c_inputs["emb"] is None
+    assert eng.cache_nbytes("receiver", 2, 128) - plain.cache_nbytes("receiver", 2, 128) == \
+        2 * 128 * H * 4
 
 
 def test_a_wrong_input_shape_is_refused_when_the_callable_is_prepared():

@@ -241,14 +241,16 @@ class FastEngine:
         from ...models.projector import kv_shape
         layers, heads, hd = kv_shape(self.model(role).config)
         kv = layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
-        return kv + (self.inputs_nbytes(role, B, L) if self.graphs else 0)
+        return kv + self.inputs_nbytes(role, B, L)
 
     def inputs_nbytes(self, role: str, B: int, L: int) -> int:
-        """Bytes of inputs()'s set for a (role, B, L) cache: embeddings [B, L, H] in the run's
-        dtype, the padding mask [B, L] (bool), left padding [B], the step's token [B, 1] and
-        position (int64)."""
+        """Bytes of inputs()'s set for a (role, B, L) cache: the padding mask [B, L] (bool),
+        left padding [B], the step's token [B, 1] and position (int64), and under graphs the
+        fills' embeddings [B, L, H] in the run's dtype (emb_input: made by the first prepared
+        fill; without graphs no fill is prepared)."""
         H = self.model(role).get_input_embeddings().weight.shape[1]
-        return B * L * H * self.pipe.dtype.itemsize + B * L + (2 * B + 1) * 8
+        emb = B * L * H * self.pipe.dtype.itemsize if self.graphs else 0
+        return emb + B * L + (2 * B + 1) * 8
 
     def inputs(self, role: str, cache, B: int, L: int) -> dict:
         """The one set of input buffers every prepared callable of this cache reads (its fills,
@@ -263,8 +265,7 @@ class FastEngine:
         if inp is None:
             H = self.model(role).get_input_embeddings().weight.shape[1]
             dev = self.device
-            inp = {"emb": torch.zeros(B * L * H, dtype=self.pipe.dtype, device=dev),
-                   "H": H,
+            inp = {"emb": None, "H": H, "L": L, "dtype": self.pipe.dtype,
                    "ok": torch.ones(B, L, dtype=torch.bool, device=dev),
                    "lp": torch.zeros(B, dtype=torch.long, device=dev),
                    "ids": torch.zeros(B, 1, dtype=torch.long, device=dev),
@@ -274,7 +275,11 @@ class FastEngine:
 
     @staticmethod
     def emb_input(inp: dict, B: int, q: int) -> torch.Tensor:
-        """A fill's embeddings input: the first B x q x H elements of the cache's shared buffer."""
+        """A fill's embeddings input: the first B x q x H elements of the cache's shared buffer
+        of B x L x H (made by the first fill that asks)."""
+        if inp["emb"] is None:
+            inp["emb"] = torch.zeros(B * inp["L"] * inp["H"], dtype=inp["dtype"],
+                                     device=inp["ok"].device)
         return inp["emb"][:B * q * inp["H"]].view(B, q, inp["H"])
 
     def held_bytes(self) -> int:
