@@ -33,7 +33,7 @@ step() { echo "== [${SECONDS}s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 step "pytest -m gpu (~40 s)"
-"$PY" -m pytest -m gpu tests/test_gpu.py -q -x 2>&1 | tail -15 || echo "GPU TESTS FAILED"
+"$PY" -m pytest -m gpu tests/test_gpu.py tests/test_graph_memory.py -q -x -rA 2>&1 | tail -25 || echo "GPU TESTS FAILED"
 # decode, projection, TTFT (short prompt) of both engines, batch 64 / batch 1, floor ratio,
 # compile_s: interleaved in one process (~100 s: ~60-90 s compile cold, 3 repeats of 128 tokens)
 step "engines (~100 s)"
