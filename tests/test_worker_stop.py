@@ -5,6 +5,7 @@ next job runs on a fresh worker."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -93,7 +94,9 @@ def test_a_worker_that_ends_its_stopped_job_is_kept(tiny_cfg_kwargs, tmp_path, m
     stop = threading.Event()
 
     def on_desc(desc):
-        if "token" in desc:
+        # a decode step's progress (", token N"), not the load's "loading the tokenizers": a
+        # stop during the load would end the job before its JSONL is opened
+        if re.search(r", token \d+", desc):
             stop.set()
 
     status = _run(cfg, items, str(tmp_path / "kept.jsonl"), stop, on_desc)
