@@ -289,7 +289,27 @@ def size_probes(ctx: Ctx) -> list[tuple[str, object, dict]]:
          {"must_say": "KV cache"}),
         ("device = meta", lambda: call(c, prompts="hi", device="meta", api_name="/batch"),
          {"must_say": "use auto, cpu or cuda"}),
+        # the Load tab: its caps, before a server starts or a request is sent
+        ("load rate 1e9 req/s", lambda: load_call(c, rates="1e9"), {"must_say": "cap of"}),
+        ("load mode = ../../etc/passwd", lambda: load_call(c, modes=["../../etc/passwd"]),
+         {"must_say": "'Modes", "sent": "../../etc/passwd"}),
+        ("load 10^9 requests per point", lambda: load_call(c, requests=10**9),
+         {"must_say": "Requests per point"}),
+        ("load 10^9 tokens per request", lambda: load_call(c, max_tokens=10**9),
+         {"must_say": "Max tokens"}),
+        ("load -5 slots", lambda: load_call(c, slots=-5), {"must_say": "'Slots"}),
+        ("load rates of 100,000 characters", lambda: load_call(c, rates="1," * 50_000),
+         {"must_say": "Offered rates is"}),
+        ("load SLO ttft_ms=nan", lambda: load_call(c, slo="ttft_ms=nan"),
+         {"must_say": "SLO ttft_ms=nan"}),
+        ("load SLO nan,inf", lambda: load_call(c, slo="nan,inf"), {"must_say": "SLO part"}),
     ]
+
+
+def load_call(c, **kw):
+    """The Load tab's endpoint with small, valid settings but `kw`."""
+    args = dict(modes=["c2c"], rates="1", requests=2, max_tokens=4, slots=2, slo="")
+    return call(c, api_name="/load", **{**args, **kw})
 
 
 def upload(ctx: Ctx, files: list[tuple[str, bytes]]) -> httpx.Response:

@@ -82,7 +82,9 @@ def test_abuse_check_fast_subset():
     for probe in ("parquet bomb", "sessions: hashes 'x' and 'x!'", "<img> tags", "1.5 M steps",
                   # issue 29: a tiny list bomb, 200 MB bodies, another session's event stream
                   "parquet list bomb", "200 MB JSON body to /gradio_api/queue/join",
-                  "200 MB chunked JSON body", "foreign queue/data"):
+                  "200 MB chunked JSON body", "foreign queue/data",
+                  # the Load tab's caps
+                  "load rate 1e9 req/s", "load mode = ../../etc/passwd", "load SLO nan,inf"):
         assert probe in report or probe in stdout, (probe, report)
     # every probe's row says the server's RSS before, at its peak and after
     table = stdout[stdout.index("Server RSS"):]

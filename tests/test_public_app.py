@@ -436,7 +436,7 @@ def test_a_queue_join_without_a_session_hash_is_refused_in_a_sentence(public_ser
 @pytest.mark.parametrize("kw, says", [
     (dict(repeats=1_000_000), "'repeats' is 1000000; this input takes at most"),
     (dict(batch_size=0), "'batch size' is 0; this input takes at least 1"),
-    (dict(mode="../../x"), "which is not one of its choices"),
+    (dict(mode="../../x"), "'Mode' is ../../x, which is not one of its choices"),
 ])
 def test_out_of_range_api_values_get_a_sentence_not_a_bare_400(public_server, kw, says):
     """gradio refuses a value outside an input's range or choices with a 400 that
@@ -444,6 +444,14 @@ def test_out_of_range_api_values_get_a_sentence_not_a_bare_400(public_server, kw
     url = public_server
     msg, secs = _refused(url, "/batch", prompts="hi", **kw)
     assert says in msg and "400 Bad Request" not in msg, msg
+
+
+def test_a_refused_choice_in_a_list_names_its_box(public_server):
+    """A multi-choice input (the Load tab's modes) holding a value it does not offer: the
+    sentence names that box, not "a setting"."""
+    msg, _ = _refused(public_server, "/load", modes=["../../x"], rates="1", requests=2,
+                      max_tokens=4, slots=2, slo="")
+    assert "'Modes (one sweep each" in msg and "which is not one of its choices" in msg, msg
 
 
 def test_a_chunked_upload_past_the_quota_is_removed_unless_another_session_holds_it(

@@ -581,15 +581,19 @@ def _range_sentence(scope, body: bytes, raw: bytes) -> tuple[str, str] | None:
         return None
     if not m:
         return None
+    # gradio says a refused choice as "'x' (type: <class 'str'>)": the value is 'x'
+    choice = re.sub(r" \(type: <class '[^']*'>\)$", "", m.group(4) or "")
     label = "a setting"
     try:  # the input whose value was refused, by its label
         req = json.loads(body)
         fn = scope["app"].get_blocks().fns[req["fn_index"]]
-        value = m.group(1) or m.group(4)
+        value = m.group(1) or choice
         edge = "minimum" if m.group(2) == "less" else "maximum"
         found = []  # inputs holding that value; the one whose bound it breaks first
         for comp, v in zip(fn.inputs, req.get("data") or []):
-            if str(v) == value or repr(v) == value:
+            # a multi-choice input (CheckboxGroup) holds a list: the refused one is in it
+            held = v if isinstance(v, list) else [v]
+            if any(str(x) == value or repr(x) == value for x in held):
                 bound = getattr(comp, edge, None) if m.group(2) else None
                 breaks = bound is not None and str(float(bound)) == str(float(m.group(3)))
                 found.insert(0 if breaks or not m.group(2) else len(found), comp)
@@ -601,7 +605,7 @@ def _range_sentence(scope, body: bytes, raw: bytes) -> tuple[str, str] | None:
         bound = "at least" if m.group(2) == "less" else "at most"
         return label, (f"{label[0].upper()}{label[1:]} is {m.group(1)}; this input takes"
                        f" {bound} {m.group(3)}: give a value in its range.")
-    return label, (f"{label[0].upper()}{label[1:]} is {m.group(4)}, which is not one of its"
+    return label, (f"{label[0].upper()}{label[1:]} is {choice}, which is not one of its"
                    " choices; pick one the page lists (see /gradio_api/info).")
 
 
