@@ -135,6 +135,33 @@ def test_a_run_of_a_session_without_pages_stops_when_its_client_goes(pages, monk
     sessions.clear_stop(req, ev)
 
 
+def test_a_run_stops_when_its_own_page_was_the_only_one(pages, clock, monkeypatch):
+    """A client with a heartbeat (a page, or gradio_client, which holds one too) that is killed:
+    its heartbeat closes a moment before its run's stream. Its own leaving never keeps its run
+    going; another page that left within the grace period (reloading) does."""
+    monkeypatch.setattr(sessions, "PAGES", pages)
+    cookie = guard.mint_session()
+    a, b = Req("tab-a", cookie), Req("tab-b", cookie)
+    key = sessions.session_id(a)
+    pages.arrive(key, "tab-b")
+    ev = sessions.stop_flag(b)
+    pages.leave(key, "tab-b")  # its heartbeat went first
+    assert pages.known(key)  # the session itself lives on for the grace period
+    assert not sessions.page_gone(b, ev, done=lambda: False) and ev.is_set()
+    sessions.clear_stop(b, ev)
+    # tab A (reloading) left a second before tab B's run lost its page: B's run goes on
+    pages.arrive(key, "tab-a")
+    pages.arrive(key, "tab-b")
+    ev2 = sessions.stop_flag(b)
+    pages.leave(key, "tab-b")
+    pages.leave(key, "tab-a")
+    clock.t += 1
+    assert sessions.page_gone(b, ev2, done=lambda: False) and not ev2.is_set()
+    sessions.clear_stop(b, ev2)
+    clock.t += 30
+    assert sessions.end_expired(pages) == [key] and ev2.is_set()
+
+
 def test_heartbeat_streams_are_counted_per_cookie(pages, clock):
     """The middleware counts a page from its heartbeat's opening to its end, under the cookie
     that holds it; other routes and cookie-less requests are not pages."""

@@ -128,12 +128,14 @@ class Pages:
         self.grace, self.clock = grace, clock
         self._open: dict[str, collections.Counter] = {}   # session -> page -> connections
         self._left: dict[str, float] = {}                  # session -> when its last page left
+        self._last: dict[str, str] = {}                    # session -> which page that was
         self._lock = threading.Lock()
 
     def arrive(self, session: str, page: str) -> None:
         with self._lock:
             self._open.setdefault(session, collections.Counter())[page] += 1
             self._left.pop(session, None)
+            self._last.pop(session, None)
 
     def leave(self, session: str, page: str) -> None:
         with self._lock:
@@ -146,6 +148,7 @@ class Pages:
             if not pages:
                 del self._open[session]
                 self._left[session] = self.clock()
+                self._last[session] = page
 
     def pages(self, session: str) -> set[str]:
         with self._lock:
@@ -160,6 +163,18 @@ class Pages:
             left = self._left.get(session)
             return left is not None and self.clock() - left < self.grace()
 
+    def others(self, session: str, page: str | None) -> bool:
+        """Whether a page of the session other than `page` is open, or was the session's last
+        page and left within the grace period (it may be reloading). The page that started a
+        run never counts for it: its own heartbeat closes a moment before its run's stream, and
+        an API client (gradio_client holds a heartbeat too) has no other page."""
+        with self._lock:
+            if set(self._open.get(session, ())) - {page}:
+                return True
+            left = self._left.get(session)
+            return (left is not None and self._last.get(session) != page
+                    and self.clock() - left < self.grace())
+
     def expired(self) -> list[str]:
         """The sessions whose last page left at least `grace` seconds ago (each said once)."""
         now, grace = self.clock(), self.grace()
@@ -167,6 +182,7 @@ class Pages:
             gone = [s for s, t in self._left.items() if now - t >= grace]
             for s in gone:
                 del self._left[s]
+                self._last.pop(s, None)
         return gone
 
 
@@ -256,10 +272,11 @@ def clear_stop(request: gr.Request | None, ev: threading.Event) -> None:
 def page_gone(request: gr.Request | None, ev: threading.Event,
               done: Callable[[], bool], pages: Pages | None = None) -> bool:
     """The page that started a run went away (closed, reloaded) while it ran. When another page
-    of its session is open, or one was within the grace period, the run goes on (its records
-    land in the session's folder, listed in the other pages) until it ends or the session does;
-    otherwise it stops now, within one decode step. True when it goes on."""
-    if (pages or PAGES).known(session_id(request)):
+    of its session is open, or was its last page within the grace period, the run goes on (its
+    records land in the session's folder, listed in the other pages) until it ends or the
+    session does; otherwise (its own page was the only one, an API client) it stops now, within
+    one decode step. True when it goes on."""
+    if (pages or PAGES).others(session_id(request), getattr(request, "session_hash", None)):
         with _STOPS_LOCK:
             _ORPHANS[ev] = done
         return True
