@@ -33,6 +33,23 @@ def url(tmp_path_factory):
     sessions.SESSION_ROOT = saved
 
 
+def open_accordion(page, box: str, inside: str, tries: int = 3) -> None:
+    """Open the accordion `box` until `inside` shows. Its header is a button that toggles; a
+    click that lands while the page redraws (the stopped job's last update) can be lost, so the
+    header's own `open` class is checked and the click repeated, never toggled back."""
+    header = page.locator(f"{box} > button.label-wrap")
+    for _ in range(tries):
+        if "open" not in (header.get_attribute("class") or "").split():
+            header.click()
+        try:
+            page.wait_for_selector(inside, state="visible", timeout=20_000)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"{inside} never showed; {box}'s header class:"
+                         f" {header.get_attribute('class')!r}")
+
+
 def test_profile_shows_the_token_alignment_collapsed(url):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -46,8 +63,7 @@ def test_profile_shows_the_token_alignment_collapsed(url):
         page.wait_for_selector("#profile-alignment", state="visible")
         page.click("#profile-stop")  # the model job is not what this test is about
         assert not page.locator("#profile-alignment-table").is_visible()  # collapsed
-        page.click("#profile-alignment button, #profile-alignment .label-wrap")
-        page.wait_for_selector("#profile-alignment-table [role=grid]", state="visible")
+        open_accordion(page, "#profile-alignment", "#profile-alignment-table [role=grid]")
         page.wait_for_function(
             "() => document.querySelector('#profile-alignment-table').innerText"
             ".includes('<|im_start|>')")

@@ -1,7 +1,8 @@
 """One outside load generator beside ours: GuideLLM (`guidellm run`, requirements-dev.txt) and
 `python -m c2c_core load` drive the same server at the same point (a constant 1 request/s, 6
-requests, 8 output tokens), and both tables are printed side by side. Asserts only that both
-completed every request without an error: the numbers are for a person to read (`pytest -s`).
+requests, 8 output tokens), and both tables are printed side by side. Asserts only that ours
+completed every request and neither saw an error (GuideLLM may leave the last one uncounted, see
+below): the numbers are for a person to read (`pytest -s`).
 
 The server is `_target`'s: our `serve` (scheduler + HTTP server) on the offline default pair,
 smollm2-demo, in this process.
@@ -127,5 +128,9 @@ def test_guidellm_and_our_load_at_one_point(tmp_path, capsys):
             fb = "-" if b is None else f"{b:.4g}"
             print(f"{name:32}{fa:>16}{fb:>16}")
     assert pt["requests"] == REQUESTS and pt["completed"] == REQUESTS and pt["errors"] == 0
-    assert totals["successful"] == REQUESTS and totals["errored"] == 0
-    assert totals["incomplete"] == 0
+    # GuideLLM's side: no request errored. Its max_requests constraint stops each of its worker
+    # processes once they count enough processed requests; on a loaded machine one request in
+    # flight at that moment can end cancelled ("incomplete") or uncounted (seen in CI: 5 of 6),
+    # which says nothing about the server. Ours above must complete all of them.
+    assert totals["errored"] == 0, totals
+    assert totals["successful"] >= REQUESTS - 1, totals
