@@ -126,8 +126,8 @@ def _prepare_plan(pipe, cfg, batches: list[list], modes: list[str]) -> float:
     planned = sum(eng.cache_nbytes(*c) for c in {tuple(k[1:4]) for k in keys})
     graphs = eng.graph_need(keys, cfg.gen.do_sample)
     if planned + graphs > eng.cache_cap:
-        said = f" with {graphs / 2**20:,.0f} MB of CUDA-graph memory" if graphs else ""
-        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB){said}"
+        warnings.warn(f"fast engine: this run's static caches ({planned / 2**20:,.0f} MB)"
+                      f"{_graphs_said(graphs)}"
                       f" exceed the cache cap ({eng.cache_cap / 2**20:,.0f} MB, {CACHE_CAP_ENV}):"
                       " the"
                       " least recently used are freed as shapes change, and a shape needed again"

@@ -235,13 +235,16 @@ class FastEngine:
         self._epoch += 1
 
     def cache_nbytes(self, role: str, B: int, L: int) -> int:
-        """Bytes of the (role, B, L) static cache: layers x B x kv heads x L x head_dim x
-        (keys, values) x dtype bytes; under graphs plus its prepared callables' one shared
-        input set (inputs())."""
+        """Bytes of the (role, B, L) static cache: its keys and values (kv_nbytes) and its
+        prepared callables' one shared input set (inputs())."""
+        return self.kv_nbytes(role, B, L) + self.inputs_nbytes(role, B, L)
+
+    def kv_nbytes(self, role: str, B: int, L: int) -> int:
+        """Bytes of the keys and values of a (role, B, L) static cache: layers x B x kv heads
+        x L x head_dim x (keys, values) x dtype bytes (a batch's cache and a slot group's)."""
         from ...models.projector import kv_shape
         layers, heads, hd = kv_shape(self.model(role).config)
-        kv = layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
-        return kv + self.inputs_nbytes(role, B, L)
+        return layers * B * heads * L * hd * 2 * self.pipe.dtype.itemsize
 
     def inputs_nbytes(self, role: str, B: int, L: int) -> int:
         """Bytes of inputs()'s set for a (role, B, L) cache: the padding mask [B, L] (bool),

@@ -55,8 +55,8 @@ class SlotGroup:
         self.eng = eng = engine_for(pipe)
         self.pipe, self.role, self.S, self.L, self.greedy = pipe, role, slots, columns, greedy
         self.dev = pipe.device
-        layers, heads, hd = kv_shape(eng.model(role).config)
-        need = layers * slots * heads * columns * hd * 2 * pipe.dtype.itemsize
+        _, heads, hd = kv_shape(eng.model(role).config)
+        need = eng.kv_nbytes(role, slots, columns)
         kept = eng.graph_bytes + eng.group_bytes()  # what no eviction gives back
         if need + kept > eng.cache_cap:
             other = f" beside {kept / 2**20:,.0f} MB held already" if kept else ""
