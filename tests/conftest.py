@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("C2C_FAST_COMPILE", "0")
 
 import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -185,6 +186,10 @@ def app_server(tiny_cfg_kwargs, tmp_path_factory):
     # the tiny models are local folders: this server's operator allows server paths
     mp = pytest.MonkeyPatch()
     mp.setenv("C2C_ALLOW_LOCAL_PATHS", "1")
+    # a gradio_client job whose stream opens more than the 5 s default after its join is
+    # dropped as a client that never came; a loaded test machine can be that slow (the
+    # fair-queue tests set their own grace)
+    mp.setenv("C2C_CONNECT_GRACE_S", "30")
     demo = build_app(defaults=tiny_cfg_kwargs)
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
@@ -214,6 +219,25 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+
+
+@contextlib.contextmanager
+def long_generations(page, tokens: int = 300):
+    """For a test that stops a job while it runs: the page's generations ignore EOS and make
+    `tokens` new tokens until the block ends, so the job outlasts any status update on a fast
+    machine (a Stop ends it within one step: it costs nothing). The page's own settings are put
+    back after (a module shares one page)."""
+    box = "#max-new-tokens input"
+    before = page.input_value(box)
+    eos = page.get_by_label("ignore EOS", exact=True)
+    was = eos.is_checked()
+    page.fill(box, str(tokens))
+    eos.set_checked(True)
+    try:
+        yield
+    finally:
+        page.fill(box, before)
+        eos.set_checked(was)
 
 
 def need_browser():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHROMIUM, HANG_S, SHOTS, need_browser
+from conftest import CHROMIUM, HANG_S, SHOTS, long_generations, need_browser
 from conftest import CHROMIUM_ARGS as ARGS
 
 sync_api = need_browser()
@@ -142,12 +142,14 @@ def test_every_run_tab_has_a_stop_that_ends_its_job(page, tmp_path):
     step, keeps its finished records, and the status says so."""
     page.get_by_role("tab", name="Batch").click()
     page.fill("#batch-prompts textarea", "\n".join(f"Count to {i}." for i in range(60)))
-    page.click("#batch-run")
-    # a record of this run is in (the table may still show the previous run's rows)
-    page.wait_for_function("() => /Running: [1-9]/.test((document.querySelector('#batch-status')"
-                           " || {}).innerText || '')", timeout=RUN_TIMEOUT_MS)
-    page.click("#batch-stop")
-    status = wait_text(page, "#batch-status", "Stopped")
+    with long_generations(page):  # never done before the Stop, however fast the machine
+        page.click("#batch-run")
+        # a record of this run is in (the table may still show the previous run's rows)
+        page.wait_for_function("() => /Running: [1-9]/.test((document.querySelector("
+                               "'#batch-status') || {}).innerText || '')",
+                               timeout=RUN_TIMEOUT_MS)
+        page.click("#batch-stop")
+        status = wait_text(page, "#batch-status", "Stopped")
     n = int(status.split("after ")[1].split(" of")[0])
     assert 1 <= n < 60
     valid_records(download(page, "#batch-file", None, tmp_path), n)

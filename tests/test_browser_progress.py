@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from conftest import CHROMIUM, SHOTS, free_port, need_browser
+from conftest import CHROMIUM, SHOTS, free_port, long_generations, need_browser
 from conftest import CHROMIUM_ARGS as ARGS
 
 sync_api = need_browser()
@@ -86,28 +86,28 @@ def test_the_warm_up_shows_its_phase_and_a_clock_that_counts_up(page):
     shown beside it. Stop then ends the run."""
     page.get_by_role("tab", name="Batch").click()
     page.fill("#batch-prompts textarea", "Count to ten.\nName three colours.")
-    page.fill("#warmup input", "8")
-    page.fill("#max-new-tokens input", "120")
-    page.click("#batch-run")
-    page.wait_for_function("() => /Warm-up \\(not recorded\\)… · .* elapsed/.test("
-                           "document.querySelector('#batch-status').innerText)",
-                           timeout=RUN_TIMEOUT_MS)
-    first = page.inner_text("#batch-status")
-    page.wait_for_function("(before) => { const t = document.querySelector('#batch-status')"
-                           ".innerText; return /Warm-up/.test(t) && t !== before; }", arg=first,
-                           timeout=RUN_TIMEOUT_MS)
-    later = page.inner_text("#batch-status")
-    assert ELAPSED.search(first) and ELAPSED.search(later), (first, later)
-    assert ELAPSED.search(first).group(1) != ELAPSED.search(later).group(1)  # it counts on
-    # the line carries its mark, and gradio's timer (it restarts at each update) is hidden
-    assert page.locator("#batch-status .c2c-live").count() >= 1
-    hidden(page, "#batch-status [data-testid=status-tracker] .progress-text")
-    page.screenshot(path=str(SHOTS / "progress_warm_up.png"))
-    page.click("#batch-stop")
-    status = page.wait_for_function(
-        "() => /Stopped/.test(document.querySelector('#batch-status').innerText)",
-        timeout=RUN_TIMEOUT_MS)
-    assert status
+    page.fill("#warmup input", "20")  # 20 warm-ups of 300 tokens: still warming up at the Stop
+    with long_generations(page):
+        page.click("#batch-run")
+        page.wait_for_function("() => /Warm-up \\(not recorded\\)… · .* elapsed/.test("
+                               "document.querySelector('#batch-status').innerText)",
+                               timeout=RUN_TIMEOUT_MS)
+        first = page.inner_text("#batch-status")
+        page.wait_for_function("(before) => { const t = document.querySelector('#batch-status')"
+                               ".innerText; return /Warm-up/.test(t) && t !== before; }",
+                               arg=first, timeout=RUN_TIMEOUT_MS)
+        later = page.inner_text("#batch-status")
+        assert ELAPSED.search(first) and ELAPSED.search(later), (first, later)
+        assert ELAPSED.search(first).group(1) != ELAPSED.search(later).group(1)  # it counts on
+        # the line carries its mark, and gradio's timer (it restarts at each update) is hidden
+        assert page.locator("#batch-status .c2c-live").count() >= 1
+        hidden(page, "#batch-status [data-testid=status-tracker] .progress-text")
+        page.screenshot(path=str(SHOTS / "progress_warm_up.png"))
+        page.click("#batch-stop")
+        status = page.wait_for_function(
+            "() => /Stopped/.test(document.querySelector('#batch-status').innerText)",
+            timeout=RUN_TIMEOUT_MS)
+        assert status
     page.fill("#warmup input", "0")
 
 
@@ -116,12 +116,13 @@ def test_a_sweep_names_its_shape_and_an_eta(page):
     once one is known, with the one clock; the bar's own words are hidden beside it."""
     page.get_by_role("tab", name="Sweep").click()
     page.fill("#sweep-in textarea", "8,16,32,64,128")
-    page.fill("#sweep-out textarea", "64")
+    page.fill("#sweep-out textarea", "256")  # long enough to be seen between two updates
     page.click("#sweep-run")
-    page.wait_for_function("() => / · shape [2-5] of 5 \\(.* tokens in, 64 out\\) · ETA .* elapsed/"
+    page.wait_for_function("() => / · shape [2-5] of 5 \\(.* tokens in, 256 out\\) · ETA .* elapsed/"
                            ".test(document.querySelector('#sweep-status').innerText)",
                            timeout=RUN_TIMEOUT_MS)
     hidden(page, "#sweep-status [data-testid=status-tracker] .progress-level-inner")
     page.screenshot(path=str(SHOTS / "progress_sweep_eta.png"))
-    page.wait_for_function("() => /Done/.test(document.querySelector('#sweep-status')"
+    page.click("#sweep-stop")  # what is left is not what this test is about
+    page.wait_for_function("() => /Stopped|Done/.test(document.querySelector('#sweep-status')"
                            ".innerText)", timeout=RUN_TIMEOUT_MS)
