@@ -163,7 +163,7 @@ def test_cpu_share_reports_threads_that_did_not_get_their_cores():
                          cwd=root, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-2000:]
     share = float(out.stdout.strip().splitlines()[-1])
-    assert 0.05 < share < 0.6, share
+    assert 0 < share < 0.6, share  # no lower bound: a busy machine lowers it further
 
 
 def test_cpu_records_carry_cpu_share_and_a_busy_run_is_called_out(tiny_pipe, capsys, tmp_path):

@@ -258,6 +258,8 @@ def test_a_killed_client_frees_the_model_and_jobs_never_overlap(app_server, tmp_
     from c2c_core.frontends import worker
     from c2c_core.frontends.ui import jobs, runcfg, sessions
     monkeypatch.setenv("C2C_APP_WORKER", "1" if where == "worker" else "0")
+    # the stop must end the job, not the worker: no restart on a machine slow to end it
+    monkeypatch.setenv("C2C_WORKER_STOP_S", "600")
     _, url = app_server
     script = tmp_path / "client.py"
     script.write_text(CLIENT)

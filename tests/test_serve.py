@@ -44,7 +44,7 @@ except ImportError:  # before: a stand-in module with the contract's exception
     serving_mod.QueueFull = QueueFull
     sys.modules["c2c_core.bench.serving"] = serving_mod
 
-from conftest import build_tokenizer  # noqa: E402
+from conftest import HANG_S, build_tokenizer  # noqa: E402
 
 from c2c_core.frontends import serve  # noqa: E402
 
@@ -580,7 +580,8 @@ def test_scheduler_user_error_is_400_and_unknown_path_is_an_error_object(tok):
 
 # --- clients that leave ---------------------------------------------------------------------------
 
-def _wait(cond, timeout=5.0):
+def _wait(cond, timeout=HANG_S):
+    """Until cond() holds (True) or a hang (False): judged by what happened, not by seconds."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():

@@ -76,6 +76,9 @@ def test_stop_reaches_the_worker_within_a_step(tiny_cfg_kwargs, tmp_path, monkey
     from c2c_core.io.prompts import resolve_prompts
     from c2c_core.frontends.ui.jobs import stream_records
     monkeypatch.setenv("C2C_APP_WORKER", "1")
+    # a worker that has not ended a stopped job in C2C_WORKER_STOP_S is replaced: a loaded
+    # machine must not turn this stop into a restart (test_worker_stop tests that path)
+    monkeypatch.setenv("C2C_WORKER_STOP_S", "600")
     cfg = build_run_config(**{**tiny_cfg_kwargs, "max_new_tokens": 3000, "ignore_eos": True})
     items = resolve_prompts(prompts=["a", "b", "c"])
     stop = threading.Event()
